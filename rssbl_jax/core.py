@@ -1,0 +1,308 @@
+"""Pure functions on arrays: the rank-space update, shape checks, merge math, parameter counts.
+
+Every front-end (linen, NNX, injection, merge, baselines) calls :func:`rss_update`; nothing else in
+the library computes the adapter.
+
+Shapes use Flax's kernel convention (inputs on the left, ``x @ kernel``)::
+
+    kernel (d_in, d_out)   bias (d_out,)
+    lora_a (d_in, r)       lora_b (r, d_out)
+    lora_c (d_p, r)        lora_s (d_p, r)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s")
+"""Leaf names of the trainable adapter parameters; anything else is frozen base."""
+
+PrecisionLike = Any
+
+
+def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
+    """Check an operating-parameter shape against an input shape and return its number of lead axes.
+
+    ``p`` is either ``[d_p]`` (one condition shared by every row of ``x``) or ``[*lead, d_p]`` where
+    ``lead`` equals a prefix of ``x.shape[:-1]`` (one condition per example, broadcast over the remaining
+    axes, e.g. tokens or pixels). Sizes must match exactly: a lead axis of size 1 is not broadcast.
+
+    Args:
+      x_shape: shape of the input, ``[..., d_in]``.
+      p_shape: shape of the operating parameters.
+      d_p: the number of operating parameters the layer was built for.
+
+    Returns:
+      ``len(lead)``: 0 for a shared condition.
+
+    Raises:
+      ValueError: naming ``d_p`` and both shapes, when ``p`` does not fit.
+
+    >>> lead_axes((4, 16, 32), (4, 3), d_p=3)
+    1
+    >>> lead_axes((4, 16, 32), (3,), d_p=3)
+    0
+    """
+    x_shape, p_shape = tuple(x_shape), tuple(p_shape)
+    if len(p_shape) == 0 or p_shape[-1] != d_p:
+        raise ValueError(
+            f"operating_params must have last axis d_p={d_p}; got operating_params.shape={p_shape} "
+            f"for x.shape={x_shape}."
+        )
+    lead = p_shape[:-1]
+    if len(x_shape) < 1 or len(lead) > len(x_shape) - 1 or x_shape[: len(lead)] != lead:
+        raise ValueError(
+            f"operating_params of shape {p_shape} (d_p={d_p}) must be [d_p] or [*lead, d_p] with lead a "
+            f"prefix of x's leading axes {x_shape[:-1]}; x.shape={x_shape}."
+        )
+    return len(lead)
+
+
+def rss_update(
+    x: Float[ArrayLike, "*batch d_in"],
+    operating_params: Float[ArrayLike, "*lead d_p"],
+    lora_a: Float[ArrayLike, "d_in r"],
+    lora_b: Float[ArrayLike, "r d_out"],
+    lora_c: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"],
+    *,
+    scale: float,
+    gate_offset: float = 0.0,
+    precision: PrecisionLike = None,
+) -> Float[Array, "*batch d_out"]:
+    r"""The rank-space update of RSSBilinearLoRA, without the base layer.
+
+    .. math::
+
+        \Delta y = \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big), \qquad \alpha = \text{scale}
+
+    written in the kernel convention as
+    ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``. ``gate_offset = 0`` is the seed's formula;
+    ``gate_offset = 1`` gives the gate ``1 + C p`` that starts as plain LoRA.
+
+    The input is flattened to 2-D for the two matmuls (XLA differentiates a 2-D ``x @ A`` faster than a
+    3-D one); the per-example gate is applied on a ``[lead, rest, r]`` view, so no ``[..., r]`` copy of
+    ``p`` is materialised. All arrays must already be in the compute dtype.
+
+    Args:
+      x: inputs ``[..., d_in]``.
+      operating_params: ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``x.shape[:-1]``.
+      lora_a, lora_b, lora_c, lora_s: the adapter factors.
+      scale: ``lora_alpha / rank``.
+      gate_offset: constant added to the gate ``C p``.
+      precision: passed to the matmuls.
+
+    Returns:
+      ``[..., d_out]``, the update to add to the base layer's output.
+
+    Raises:
+      ValueError: at trace time, when ``x`` or ``operating_params`` does not fit the factors.
+
+    >>> import numpy as np
+    >>> x, p = np.ones((2, 3)), np.array([2.0])
+    >>> a, b = np.ones((3, 1)), np.ones((1, 4))
+    >>> c, s = np.array([[0.5]]), np.array([[1.0]])
+    >>> rss_update(x, p, a, b, c, s, scale=2.0).tolist()[0]   # 2 * (3 * (0.5*2) + 1*2)
+    [10.0, 10.0, 10.0, 10.0]
+    """
+    x, p = jnp.asarray(x), jnp.asarray(operating_params)
+    d_in, rank = jnp.shape(lora_a)
+    d_p = jnp.shape(lora_c)[0]
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x must be [..., d_in] with d_in={d_in} (lora_a.shape={jnp.shape(lora_a)}); got x.shape={x.shape}.")
+    if jnp.shape(lora_b)[0] != rank or jnp.shape(lora_c) != (d_p, rank) or jnp.shape(lora_s) != (d_p, rank):
+        raise ValueError(
+            "adapter factors do not fit: expected lora_a (d_in, r), lora_b (r, d_out), lora_c and lora_s (d_p, r); "
+            f"got lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)}, lora_c {jnp.shape(lora_c)}, "
+            f"lora_s {jnp.shape(lora_s)}."
+        )
+    n_lead = lead_axes(x.shape, p.shape, d_p)
+
+    batch_shape = x.shape[:-1]
+    lead_size = math.prod(batch_shape[:n_lead])
+    rest_size = math.prod(batch_shape[n_lead:])
+    p2 = p.reshape(lead_size if n_lead else 1, d_p)
+    gate = jnp.matmul(p2, lora_c, precision=precision)
+    if gate_offset:
+        gate = gate + jnp.asarray(gate_offset, gate.dtype)
+    shift = jnp.matmul(p2, lora_s, precision=precision)
+
+    h = jnp.matmul(x.reshape(-1, d_in), lora_a, precision=precision)
+    h = h.reshape(p2.shape[0], rest_size, rank) * gate[:, None, :] + shift[:, None, :]
+    delta = jnp.matmul(h.reshape(-1, rank), lora_b, precision=precision)
+    return (delta * jnp.asarray(scale, delta.dtype)).reshape(*batch_shape, delta.shape[-1])
+
+
+def rss_dense(
+    x: Float[ArrayLike, "*batch d_in"],
+    operating_params: Float[ArrayLike, "*lead d_p"],
+    kernel: Float[ArrayLike, "d_in d_out"],
+    bias: Float[ArrayLike, " d_out"] | None,
+    lora_a: Float[ArrayLike, "d_in r"],
+    lora_b: Float[ArrayLike, "r d_out"],
+    lora_c: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"],
+    *,
+    scale: float,
+    gate_offset: float = 0.0,
+    precision: PrecisionLike = None,
+) -> Float[Array, "*batch d_out"]:
+    r"""A dense layer with the RSSBilinearLoRA update: ``x @ kernel + bias + rss_update(...)``.
+
+    .. math::
+
+        y = W x + b + \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big)
+
+    Args:
+      x, operating_params, lora_*: as in :func:`rss_update`.
+      kernel: frozen base kernel ``(d_in, d_out)``; bias: ``(d_out,)`` or ``None``.
+      scale, gate_offset, precision: as in :func:`rss_update`.
+
+    >>> import numpy as np
+    >>> x, p = np.ones((1, 2)), np.ones((1,))
+    >>> w, b = np.eye(2), np.zeros(2)
+    >>> a, bb, c, s = np.ones((2, 1)), np.zeros((1, 2)), np.ones((1, 1)), np.zeros((1, 1))
+    >>> rss_dense(x, p, w, b, a, bb, c, s, scale=1.0).tolist()   # B = 0: the base layer
+    [[1.0, 1.0]]
+    """
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2 or x.shape[-1:] != kernel.shape[:1]:
+        raise ValueError(f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}.")
+    delta = rss_update(
+        x, operating_params, lora_a, lora_b, lora_c, lora_s, scale=scale, gate_offset=gate_offset, precision=precision
+    )
+    y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision).reshape(delta.shape) + delta
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class MergedDense(NamedTuple):
+    """Kernel and bias of a Dense layer equal to an adapted one at one operating point."""
+
+    kernel: Array
+    bias: Array
+
+
+def merge_dense(
+    kernel: Float[ArrayLike, "d_in d_out"],
+    bias: Float[ArrayLike, " d_out"] | None,
+    lora_a: Float[ArrayLike, "d_in r"],
+    lora_b: Float[ArrayLike, "r d_out"],
+    lora_c: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"],
+    operating_params: Float[ArrayLike, " d_p"],
+    *,
+    scale: float,
+    gate_offset: float = 0.0,
+    precision: PrecisionLike = None,
+) -> MergedDense:
+    r"""Fold the adapter into the base weights at one operating point ``p0``.
+
+    .. math::
+
+        W' = W + \alpha\, A \,\mathrm{diag}(g_0 + C p_0)\, B, \qquad b' = b + \alpha\, (S p_0)\, B
+
+    (kernel convention). The result computes the same outputs as :func:`rss_dense` at ``p0`` at the cost of
+    a plain Dense layer. A layer without bias gets one (its shift term is a constant), so it merges into a
+    Dense with ``use_bias=True``. Vectorise over many operating points with ``jax.vmap``.
+
+    Raises:
+      ValueError: when ``operating_params`` is not ``[d_p]``.
+    """
+    p0 = jnp.asarray(operating_params)
+    d_p = jnp.shape(lora_c)[0]
+    if p0.shape != (d_p,):
+        raise ValueError(
+            f"merge needs one operating point of shape (d_p,)=({d_p},); got operating_params.shape={p0.shape}. "
+            "Use jax.vmap to merge a batch of operating points."
+        )
+    kernel = jnp.asarray(kernel)
+    gate = jnp.matmul(p0, lora_c, precision=precision) + gate_offset
+    shift = jnp.matmul(p0, lora_s, precision=precision)
+    kernel_delta = jnp.matmul(jnp.asarray(lora_a) * gate[None, :], lora_b, precision=precision)
+    bias_delta = jnp.matmul(shift, lora_b, precision=precision)
+    base_bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias is None else jnp.asarray(bias)
+    return MergedDense(
+        kernel=(kernel + scale * kernel_delta).astype(kernel.dtype),
+        bias=(base_bias + scale * bias_delta).astype(base_bias.dtype),
+    )
+
+
+def is_adapter_path(path: Sequence[Any]) -> bool:
+    """Whether a pytree key path ends in one of the adapter leaf names ``lora_a/b/c/s``."""
+    if not path:
+        return False
+    key = path[-1]
+    name = getattr(key, "key", getattr(key, "name", key))
+    return isinstance(name, str) and name in ADAPTER_NAMES
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    parts = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(name))
+    return "/".join(parts)
+
+
+class ParameterCount(NamedTuple):
+    """Base (frozen) and trainable (adapter) parameter counts, per layer and in total.
+
+    ``per_layer`` maps a layer path (``"Dense_0"``, ``"block/attn/query"``) to ``(base, trainable)``.
+    ``str()`` renders a table.
+    """
+
+    per_layer: dict[str, tuple[int, int]]
+    base: int
+    trainable: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.trainable
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        width = max([len("layer"), *(len(k) for k in self.per_layer)])
+        lines = [f"{'layer':<{width}}  {'base':>12}  {'trainable':>12}"]
+        for name, (base, trainable) in self.per_layer.items():
+            lines.append(f"{name:<{width}}  {base:>12,}  {trainable:>12,}")
+        lines.append(f"{'total':<{width}}  {self.base:>12,}  {self.trainable:>12,}")
+        lines.append(f"trainable fraction: {self.trainable_fraction:.4%} of {self.total:,}")
+        return "\n".join(lines)
+
+
+def count_parameters(params: Any) -> ParameterCount:
+    """Count frozen base and trainable adapter parameters in any params tree, per layer and in total.
+
+    A leaf is trainable when its name is one of ``lora_a``, ``lora_b``, ``lora_c``, ``lora_s``; its layer is
+    the path of its parent.
+
+    >>> import numpy as np
+    >>> tree = {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3),
+    ...                   "lora_a": np.zeros((4, 2)), "lora_b": np.zeros((2, 3)),
+    ...                   "lora_c": np.zeros((1, 2)), "lora_s": np.zeros((1, 2))}}
+    >>> count_parameters(tree).per_layer
+    {'dense': (15, 18)}
+    """
+    per_layer: dict[str, list[int]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        layer = _path_str(path[:-1]) or "(root)"
+        counts = per_layer.setdefault(layer, [0, 0])
+        counts[1 if is_adapter_path(path) else 0] += int(math.prod(jnp.shape(leaf)))
+    table = {k: (v[0], v[1]) for k, v in per_layer.items()}
+    return ParameterCount(
+        per_layer=table,
+        base=sum(v[0] for v in table.values()),
+        trainable=sum(v[1] for v in table.values()),
+    )
