@@ -64,6 +64,53 @@ def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
     return len(lead)
 
 
+def modulate(
+    h: Float[ArrayLike, "*batch r"],
+    operating_params: Float[ArrayLike, "*lead d_p"],
+    lora_c: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"],
+    *,
+    gate_offset: float = 0.0,
+    precision: PrecisionLike = None,
+) -> Float[Array, "*batch r"]:
+    r"""The rank-space modulation: ``h ⊙ (g_0 + C p) + S p`` for rank-space activations ``h = A x``.
+
+    This is the one place the operating parameters act; :func:`rss_update` and every adapted layer kind
+    (Dense, DenseGeneral, Einsum, Conv) apply their own ``A`` and ``B`` around it.
+
+    Args:
+      h: rank-space activations ``[..., r]``.
+      operating_params: ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``h.shape[:-1]``.
+      lora_c, lora_s: gate and shift weights ``(d_p, r)``.
+      gate_offset: constant added to the gate (0.0: the seed's ``C p``; 1.0: ``1 + C p``).
+      precision: passed to the two small matmuls with ``p``.
+
+    Raises:
+      ValueError: at trace time, naming ``d_p`` and both shapes, when ``p`` does not fit ``h``.
+
+    >>> import numpy as np
+    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), np.array([[2.0]]), np.array([[1.0]]))[:, 0, 0].tolist()
+    [3.0, 6.0]
+    """
+    h, p = jnp.asarray(h), jnp.asarray(operating_params)
+    d_p, rank = jnp.shape(lora_c)
+    if jnp.shape(lora_s) != (d_p, rank) or h.ndim < 1 or h.shape[-1] != rank:
+        raise ValueError(
+            f"rank-space shapes do not fit: h.shape={h.shape} must end in r={rank}, lora_c {jnp.shape(lora_c)} and "
+            f"lora_s {jnp.shape(lora_s)} must both be (d_p, r)."
+        )
+    n_lead = lead_axes((*h.shape[:-1], rank), p.shape, d_p)
+    lead_size = math.prod(h.shape[:n_lead]) if n_lead else 1
+    rest_size = math.prod(h.shape[n_lead:-1])
+    p2 = p.reshape(lead_size, d_p)
+    gate = jnp.matmul(p2, lora_c, precision=precision)
+    if gate_offset:
+        gate = gate + jnp.asarray(gate_offset, gate.dtype)
+    shift = jnp.matmul(p2, lora_s, precision=precision)
+    out = h.reshape(lead_size, rest_size, rank) * gate[:, None, :] + shift[:, None, :]
+    return out.reshape(h.shape)
+
+
 def rss_update(
     x: Float[ArrayLike, "*batch d_in"],
     operating_params: Float[ArrayLike, "*lead d_p"],
@@ -87,8 +134,8 @@ def rss_update(
     ``gate_offset = 1`` gives the gate ``1 + C p`` that starts as plain LoRA.
 
     The input is flattened to 2-D for the two matmuls (XLA differentiates a 2-D ``x @ A`` faster than a
-    3-D one); the per-example gate is applied on a ``[lead, rest, r]`` view, so no ``[..., r]`` copy of
-    ``p`` is materialised. All arrays must already be in the compute dtype.
+    3-D one); :func:`modulate` applies the per-example gate on a ``[lead, rest, r]`` view, so no
+    ``[..., r]`` copy of ``p`` is materialised. All arrays must already be in the compute dtype.
 
     Args:
       x: inputs ``[..., d_in]``.
@@ -122,19 +169,11 @@ def rss_update(
             f"got lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)}, lora_c {jnp.shape(lora_c)}, "
             f"lora_s {jnp.shape(lora_s)}."
         )
-    n_lead = lead_axes(x.shape, p.shape, d_p)
+    lead_axes(x.shape, p.shape, d_p)  # report shapes in terms of x, before any reshape
 
     batch_shape = x.shape[:-1]
-    lead_size = math.prod(batch_shape[:n_lead])
-    rest_size = math.prod(batch_shape[n_lead:])
-    p2 = p.reshape(lead_size if n_lead else 1, d_p)
-    gate = jnp.matmul(p2, lora_c, precision=precision)
-    if gate_offset:
-        gate = gate + jnp.asarray(gate_offset, gate.dtype)
-    shift = jnp.matmul(p2, lora_s, precision=precision)
-
-    h = jnp.matmul(x.reshape(-1, d_in), lora_a, precision=precision)
-    h = h.reshape(p2.shape[0], rest_size, rank) * gate[:, None, :] + shift[:, None, :]
+    h = jnp.matmul(x.reshape(-1, d_in), lora_a, precision=precision).reshape(*batch_shape, rank)
+    h = modulate(h, p, lora_c, lora_s, gate_offset=gate_offset, precision=precision)
     delta = jnp.matmul(h.reshape(-1, rank), lora_b, precision=precision)
     return (delta * jnp.asarray(scale, delta.dtype)).reshape(*batch_shape, delta.shape[-1])
 
