@@ -1,0 +1,167 @@
+"""partition / combine / freeze_base on a whole model, and merge at an operating point."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import rssbl_jax
+from tests import reference
+
+
+class AdaptedMLP(nn.Module):
+    """A two-layer network whose layers both see the operating parameters."""
+
+    hidden: int = 32
+    out: int = 3
+    use_bias_out: bool = True
+    gate_offset: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, p):
+        kw = dict(rank=4, lora_alpha=8.0, gate_offset=self.gate_offset)
+        x = nn.tanh(rssbl_jax.RSSBilinearLoRADense(self.hidden, name="hidden", **kw)(x, p))
+        return rssbl_jax.RSSBilinearLoRADense(self.out, use_bias=self.use_bias_out, name="head", **kw)(x, p)
+
+
+class PlainMLP(nn.Module):
+    """The same architecture built from nn.Dense: what a merged model loads into."""
+
+    hidden: int = 32
+    out: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.out, name="head")(nn.tanh(nn.Dense(self.hidden, name="hidden")(x)))
+
+
+def randomized(params, key):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)])
+
+
+@pytest.fixture
+def model_and_data():
+    model = AdaptedMLP()
+    x = jax.random.normal(jax.random.key(0), (64, 5))
+    p = jax.random.normal(jax.random.key(1), (64, 2))
+    params = model.init(jax.random.key(2), x, p)["params"]
+    return model, params, x, p
+
+
+def test_partition_combine_roundtrip(model_and_data):
+    _, params, _, _ = model_and_data
+    trainable, frozen = rssbl_jax.partition(params)
+    for layer in ("hidden", "head"):
+        assert set(k for k, v in trainable[layer].items() if v is not None) == {"lora_a", "lora_b", "lora_c", "lora_s"}
+        assert set(k for k, v in frozen[layer].items() if v is not None) == {"kernel", "bias"}
+    restored = rssbl_jax.combine(trainable, frozen)
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, restored, params))
+    # Works on other containers too (lists, tuples, nested) and on an empty selection.
+    tree = [{"lora_a": 1.0, "w": (2.0, {"lora_s": 3.0})}]
+    t, f = rssbl_jax.partition(tree)
+    assert t == [{"lora_a": 1.0, "w": (None, {"lora_s": 3.0})}]
+    assert rssbl_jax.combine(t, f) == tree
+
+
+def real_training(model, params, x, p, tx, steps):
+    target = jnp.sin(x[:, :3] * (1.0 + p[:, :1]))
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(lambda q: jnp.mean((model.apply({"params": q}, x, p) - target) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    return params, opt_state, losses
+
+
+def test_freeze_base_trains_only_adapters(model_and_data):
+    model, params, x, p = model_and_data
+    tx = rssbl_jax.freeze_base(optax.adamw(1e-2, weight_decay=0.1))
+    new, opt_state, losses = real_training(model, params, x, p, tx, steps=30)
+    assert losses[-1] < 0.8 * losses[0], losses
+    for layer in ("hidden", "head"):
+        for name in ("kernel", "bias"):
+            # bit-identical, despite weight decay and non-zero gradients for these leaves
+            np.testing.assert_array_equal(np.asarray(new[layer][name]).view(np.uint32), np.asarray(params[layer][name]).view(np.uint32))
+        for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
+            assert np.abs(new[layer][name] - params[layer][name]).min() > 0, (layer, name)
+    # No optimizer state for frozen leaves: adam's two moments cover exactly the adapter parameters.
+    state_size = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+    assert state_size == 2 * rssbl_jax.count_parameters(params).trainable
+
+
+def test_grads_wrt_trainable_match_full_grads(model_and_data):
+    model, params, x, p = model_and_data
+    params = randomized(params, jax.random.key(3))
+    trainable, frozen = rssbl_jax.partition(params)
+
+    def loss(params):
+        return jnp.mean(model.apply({"params": params}, x, p) ** 2)
+
+    g_part = jax.grad(lambda t: loss(rssbl_jax.combine(t, frozen)))(trainable)
+    g_full = jax.grad(loss)(params)
+    for layer in ("hidden", "head"):
+        assert g_part[layer]["kernel"] is None
+        for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
+            np.testing.assert_allclose(g_part[layer][name], g_full[layer][name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("gate_offset", [0.0, 1.0])
+def test_merge_single_layer_matches_float64_reference(gate_offset):
+    layer = rssbl_jax.RSSBilinearLoRADense(6, rank=3, lora_alpha=5.0, gate_offset=gate_offset)
+    x = jax.random.normal(jax.random.key(4), (10, 7))
+    p0 = jax.random.normal(jax.random.key(5), (4,))
+    params = randomized(layer.init(jax.random.key(6), x, p0)["params"], jax.random.key(7))
+    merged = rssbl_jax.merge(params, p0, lora_alpha=5.0, gate_offset=gate_offset)
+    assert set(merged) == {"kernel", "bias"}
+    y_dense = nn.Dense(6).apply({"params": merged}, x)
+    expected = reference.rss_dense(x, p0, *(params[k] for k in ("kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s")),
+                                   scale=5.0 / 3, gate_offset=gate_offset)  # fmt: skip
+    np.testing.assert_allclose(y_dense, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_dense, layer.apply({"params": params}, x, p0), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_whole_model_loads_into_dense_architecture(model_and_data):
+    model, params, x, _ = model_and_data
+    params = randomized(params, jax.random.key(8))
+    p0 = jnp.array([0.7, -1.3])
+    merged = rssbl_jax.merge(params, p0, lora_alpha=8.0)
+    plain = PlainMLP()
+    assert jax.tree.structure(merged) == jax.tree.structure(plain.init(jax.random.key(0), x)["params"])
+    np.testing.assert_allclose(plain.apply({"params": merged}, x), model.apply({"params": params}, x, p0), rtol=1e-5, atol=1e-5)
+    # Per-example p equal to p0 everywhere gives the same outputs as the merged model.
+    p_rows = jnp.broadcast_to(p0, (x.shape[0], 2))
+    np.testing.assert_allclose(plain.apply({"params": merged}, x), model.apply({"params": params}, x, p_rows), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_vmap_over_operating_points_and_no_bias(model_and_data):
+    _, params, x, _ = model_and_data
+    model = AdaptedMLP(use_bias_out=False)
+    params = randomized(model.init(jax.random.key(9), x, jnp.ones(2))["params"], jax.random.key(10))
+    assert "bias" not in params["head"]
+    points = jax.random.normal(jax.random.key(11), (5, 2))
+    merged = jax.jit(jax.vmap(lambda q: rssbl_jax.merge(params, q, lora_alpha=8.0)))(points)
+    assert merged["head"]["kernel"].shape == (5, 32, 3) and merged["head"]["bias"].shape == (5, 3)
+    plain = PlainMLP()  # use_bias=True: the shift S p0 becomes the head's bias
+    for k in range(5):
+        one = jax.tree.map(lambda t, k=k: t[k], merged)
+        np.testing.assert_allclose(plain.apply({"params": one}, x), model.apply({"params": params}, x, points[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_errors(model_and_data):
+    _, params, _, _ = model_and_data
+    with pytest.raises(ValueError, match=r"\(d_p,\)=\(2,\).*\(3, 2\)"):
+        rssbl_jax.merge(params, jnp.ones((3, 2)), lora_alpha=8.0)
+    with pytest.raises(ValueError, match="no adapted layer"):
+        rssbl_jax.merge({"dense": {"kernel": jnp.ones((2, 2))}}, jnp.ones(2), lora_alpha=8.0)
