@@ -2,11 +2,11 @@
 
     python -m experiments.demo --config configs/demo.py [--config.seed=3]
 
-A teacher network has a planted conditional update of rank ``k`` in its first layer,
-``W1 + U diag(G p) V`` (the structure RSSBilinearLoRA assumes). A student is pretrained at the nominal
-condition ``p = 0`` (here: it is the nominal teacher) and frozen; then adapters are trained on 16 conditions and evaluated on those, on
-held-out conditions inside the range and on extrapolated ones. The demo prints the errors and what the
-adapter learned: how well its update ``ΔW(p) = α A diag(C p) B`` aligns with the planted one.
+A teacher network has a planted conditional update of rank ``k`` in its first layer, ``W1 + U diag(G p) V``
+(the structure RSSBilinearLoRA assumes). The frozen base is the nominal network (the teacher at ``p = 0``, as
+a model pretrained on nominal conditions); adapters are trained on 16 conditions and evaluated on those, on
+held-out conditions inside the range and on extrapolated ones. The demo prints the errors and what the adapter
+learned: how well its update ``ΔW(p) = α A diag(C p) B`` aligns with the planted one.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def make_teacher(config: ml_collections.ConfigDict, key: jax.Array) -> dict[str,
 
 def planted_update(teacher: dict[str, jax.Array], p: jax.Array) -> jax.Array:
     """The teacher's first-layer update U diag(G p) V at one condition, in kernel convention (d_in, hidden)."""
-    return (teacher["u"] * (p @ teacher["g"])) @ teacher["v"]
+    return (teacher["u"] * (p @ teacher["g"])[None, :]) @ teacher["v"]
 
 
 def teacher_apply(teacher: dict[str, jax.Array], x: jax.Array, p: jax.Array) -> jax.Array:
@@ -140,7 +140,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     keys = jax.random.split(jax.random.key(config.seed), 5)
     teacher = make_teacher(config, keys[0])
     conds = conditions(config, keys[1])
-    zero = jnp.zeros((1, config.d_p))
 
     # 1. The frozen base is the nominal network (the teacher at p = 0), as a model pretrained on
     #    nominal conditions would be; it has never seen p, and neither has its architecture.
@@ -161,10 +160,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return jnp.mean((model.apply({"params": q}, x, p_used) - y) ** 2)
 
     rss_params, rss_losses = fit(lambda q: mse(q, p), start_params, tx, config.adapt_steps)
-    only_ab = optax.partition(
-        {"train": optax.adam(config.adapt_lr), "freeze": optax.set_to_zero()},
-        lambda q: jax.tree_util.tree_map_with_path(lambda path, _: "train" if path[-1].key in ("lora_a", "lora_b") else "freeze", q),
-    )  # fmt: skip
+
+    def lora_labels(q):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if path[-1].key in ("lora_a", "lora_b") else "freeze", q
+        )
+
+    only_ab = optax.partition({"train": optax.adam(config.adapt_lr), "freeze": optax.set_to_zero()}, lora_labels)
     ones = jnp.ones((x.shape[0], 1))
     lora_params, lora_losses = fit(lambda q: mse(q, ones), lora_view(start_params), only_ab, config.adapt_steps)
 
@@ -187,7 +189,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     scale = config.lora_alpha / config.rank
 
     def cosine(q):
-        learned = scale * (layer["lora_a"] * (q @ layer["lora_c"])) @ layer["lora_b"]
+        learned = scale * (layer["lora_a"] * (q @ layer["lora_c"])[None, :]) @ layer["lora_b"]
         planted = planted_update(teacher, q)
         return jnp.sum(learned * planted) / (jnp.linalg.norm(learned) * jnp.linalg.norm(planted))
 
@@ -198,7 +200,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "adapt_final_mse": {"LoRA": float(lora_losses[-1]), "RSSBilinearLoRA": float(rss_losses[-1])},
         "update_cosine": {"median": float(np.median(cosines)), "min": float(cosines.min())},
         "trainable": {
-            "LoRA": sum(v.size for k, v in rssbl_jax.partition(rss_params)[0]["hidden"].items() if k in ("lora_a", "lora_b"))
+            "LoRA": sum(
+                v.size for k, v in rssbl_jax.partition(rss_params)[0]["hidden"].items() if k in ("lora_a", "lora_b")
+            )
             + sum(v.size for k, v in rssbl_jax.partition(rss_params)[0]["out"].items() if k in ("lora_a", "lora_b")),
             "RSSBilinearLoRA": counts.trainable,
         },

@@ -162,7 +162,9 @@ def rss_update(
     d_in, rank = jnp.shape(lora_a)
     d_p = jnp.shape(lora_c)[0]
     if x.ndim < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"x must be [..., d_in] with d_in={d_in} (lora_a.shape={jnp.shape(lora_a)}); got x.shape={x.shape}.")
+        raise ValueError(
+            f"x must be [..., d_in] with d_in={d_in} (lora_a.shape={jnp.shape(lora_a)}); got x.shape={x.shape}."
+        )
     if jnp.shape(lora_b)[0] != rank or jnp.shape(lora_c) != (d_p, rank) or jnp.shape(lora_s) != (d_p, rank):
         raise ValueError(
             "adapter factors do not fit: expected lora_a (d_in, r), lora_b (r, d_out), lora_c and lora_s (d_p, r); "
@@ -213,7 +215,9 @@ def rss_dense(
     x = jnp.asarray(x)
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 2 or x.shape[-1:] != kernel.shape[:1]:
-        raise ValueError(f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}.")
+        raise ValueError(
+            f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}."
+        )
     delta = rss_update(
         x, operating_params, lora_a, lora_b, lora_c, lora_s, scale=scale, gate_offset=gate_offset, precision=precision
     )

@@ -14,7 +14,9 @@ def _is_adapted_layer(node: Any) -> bool:
     return isinstance(node, Mapping) and "kernel" in node and all(name in node for name in core.ADAPTER_NAMES)
 
 
-def merge(params: Any, operating_params: Float[ArrayLike, " d_p"], lora_alpha: float, *, gate_offset: float = 0.0) -> Any:
+def merge(
+    params: Any, operating_params: Float[ArrayLike, " d_p"], lora_alpha: float, *, gate_offset: float = 0.0
+) -> Any:
     r"""Reduce every adapted layer in ``params`` to ``kernel``/``bias`` at one operating point ``p0``.
 
     .. math::
@@ -53,7 +55,9 @@ def merge(params: Any, operating_params: Float[ArrayLike, " d_p"], lora_alpha: f
     def visit(node: Any, path: str) -> Any:
         if _is_adapted_layer(node):
             if node["kernel"].ndim != 2:
-                raise ValueError(f"merge supports 2-D Dense kernels; {path or 'params'} has kernel.shape={node['kernel'].shape}.")
+                raise ValueError(
+                    f"merge supports 2-D Dense kernels; {path or 'params'} has kernel.shape={node['kernel'].shape}."
+                )
             found.append(path)
             merged = core.merge_dense(
                 node["kernel"],

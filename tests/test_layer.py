@@ -30,7 +30,9 @@ def random_layer(key, x_shape, p_shape, features, rank, **kwargs):
     params = layer.init(ki, x, p)["params"]
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(kr, len(leaves))
-    params = jax.tree.unflatten(treedef, [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
+    params = jax.tree.unflatten(
+        treedef, [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)]
+    )
     return layer, {"params": params}, x, p
 
 
@@ -62,7 +64,9 @@ def test_matches_float64_reference(x_shape, p_shape, features, rank, gate_offset
 def test_no_bias_matches_reference():
     layer, variables, x, p = random_layer(jax.random.key(2), (4, 6, 8), (4, 2), 5, 3, use_bias=False)
     assert "bias" not in variables["params"]
-    np.testing.assert_allclose(layer.apply(variables, x, p), ref_apply(layer, variables["params"], x, p), rtol=2e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        layer.apply(variables, x, p), ref_apply(layer, variables["params"], x, p), rtol=2e-5, atol=1e-4
+    )
 
 
 def test_param_layout_and_default_init_equals_base():
@@ -257,7 +261,9 @@ def test_bad_p_at_init_and_bad_x_width():
     with pytest.raises(ValueError, match=r"d_in=8.*\(4, 7\)"):
         layer.apply(variables, jnp.ones((4, 7)), jnp.ones(2))
     with pytest.raises(ValueError, match="rank"):
-        rssbl_jax.RSSBilinearLoRADense(features=3, rank=0, lora_alpha=2.0).init(jax.random.key(0), jnp.ones(8), jnp.ones(2))
+        rssbl_jax.RSSBilinearLoRADense(features=3, rank=0, lora_alpha=2.0).init(
+            jax.random.key(0), jnp.ones(8), jnp.ones(2)
+        )
 
 
 def test_count_parameters_per_layer_and_total():

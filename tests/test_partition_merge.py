@@ -40,7 +40,7 @@ class PlainMLP(nn.Module):
 def randomized(params, key):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves, strict=True)])
 
 
 @pytest.fixture
@@ -93,7 +93,9 @@ def test_freeze_base_trains_only_adapters(model_and_data):
     for layer in ("hidden", "head"):
         for name in ("kernel", "bias"):
             # bit-identical, despite weight decay and non-zero gradients for these leaves
-            np.testing.assert_array_equal(np.asarray(new[layer][name]).view(np.uint32), np.asarray(params[layer][name]).view(np.uint32))
+            np.testing.assert_array_equal(
+                np.asarray(new[layer][name]).view(np.uint32), np.asarray(params[layer][name]).view(np.uint32)
+            )
         for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
             assert np.abs(new[layer][name] - params[layer][name]).min() > 0, (layer, name)
     # No optimizer state for frozen leaves: adam's two moments cover exactly the adapter parameters.
@@ -126,8 +128,8 @@ def test_merge_single_layer_matches_float64_reference(gate_offset):
     merged = rssbl_jax.merge(params, p0, lora_alpha=5.0, gate_offset=gate_offset)
     assert set(merged) == {"kernel", "bias"}
     y_dense = nn.Dense(6).apply({"params": merged}, x)
-    expected = reference.rss_dense(x, p0, *(params[k] for k in ("kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s")),
-                                   scale=5.0 / 3, gate_offset=gate_offset)  # fmt: skip
+    names = ("kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s")
+    expected = reference.rss_dense(x, p0, *(params[k] for k in names), scale=5.0 / 3, gate_offset=gate_offset)
     np.testing.assert_allclose(y_dense, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_dense, layer.apply({"params": params}, x, p0), rtol=1e-5, atol=1e-5)
 
@@ -139,10 +141,14 @@ def test_merge_whole_model_loads_into_dense_architecture(model_and_data):
     merged = rssbl_jax.merge(params, p0, lora_alpha=8.0)
     plain = PlainMLP()
     assert jax.tree.structure(merged) == jax.tree.structure(plain.init(jax.random.key(0), x)["params"])
-    np.testing.assert_allclose(plain.apply({"params": merged}, x), model.apply({"params": params}, x, p0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        plain.apply({"params": merged}, x), model.apply({"params": params}, x, p0), rtol=1e-5, atol=1e-5
+    )
     # Per-example p equal to p0 everywhere gives the same outputs as the merged model.
     p_rows = jnp.broadcast_to(p0, (x.shape[0], 2))
-    np.testing.assert_allclose(plain.apply({"params": merged}, x), model.apply({"params": params}, x, p_rows), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        plain.apply({"params": merged}, x), model.apply({"params": params}, x, p_rows), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_merge_vmap_over_operating_points_and_no_bias(model_and_data):
@@ -156,7 +162,9 @@ def test_merge_vmap_over_operating_points_and_no_bias(model_and_data):
     plain = PlainMLP()  # use_bias=True: the shift S p0 becomes the head's bias
     for k in range(5):
         one = jax.tree.map(lambda t, k=k: t[k], merged)
-        np.testing.assert_allclose(plain.apply({"params": one}, x), model.apply({"params": params}, x, points[k]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            plain.apply({"params": one}, x), model.apply({"params": params}, x, points[k]), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_merge_errors(model_and_data):
