@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.methods = list(METHODS)
     config.num_seeds = 5
     config.learning_rates = [1e-3, 3e-3, 1e-2]  # the same grid for every method, chosen on validation rows
-    config.steps = 1000
+    config.steps = 600
     config.batch_size = 256
     # Adapters (the same rank and alpha for every method; lora_wide's rank is matched to RSS's parameters).
     config.rank = 4

@@ -60,5 +60,5 @@ def random_initial_conditions(key: jax.Array, n: int, points: int, modes: int = 
     """``n`` smooth periodic fields ``Σ_m (a_m cos mx + b_m sin mx) / m`` with ``a, b ~ N(0, 0.5²)``."""
     x = grid(points)
     m = jnp.arange(1, modes + 1)
-    coeffs = 0.5 * jax.random.normal(key, (n, 2, modes)) / m
+    coeffs = 0.5 * jax.random.normal(key, (n, 2, modes)) / m[None, None, :]
     return coeffs[:, 0] @ jnp.cos(m[:, None] * x[None, :]) + coeffs[:, 1] @ jnp.sin(m[:, None] * x[None, :])

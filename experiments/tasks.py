@@ -83,6 +83,8 @@ def _sweep_conditions(d_p: int, points: int = 41) -> jax.Array:
 
 
 def _build(name, config, d_p, system, sample_x, widths, base_params, p_names, p_physical, key) -> Task:
+    system = jax.jit(system)
+    sample_x = jax.jit(sample_x, static_argnums=1)
     k_cond, k_train, k_eval, k_sweep = jax.random.split(key, 4)
     conds = condition_sets(d_p, config.train_grid, config.n_test_conditions, k_cond)
     n = config.points_per_condition
@@ -170,7 +172,7 @@ def planted(config: ml_collections.ConfigDict, key: jax.Array, moving: bool) -> 
 
 
 def pendulum_trajectory(theta0: jax.Array, omega0: jax.Array, zeta: jax.Array, omega: jax.Array, times: jax.Array):
-    """θ(t) of ``θ'' + 2ζω θ' + ω² sin θ = 0`` at ``times``, integrated with diffrax (Tsit5, adaptive steps)."""
+    """``(θ(t), θ'(t))`` of ``θ'' + 2ζω θ' + ω² sin θ = 0`` at ``times``, integrated with diffrax (Tsit5)."""
 
     def field(t, state, args):
         del t
@@ -190,17 +192,23 @@ def pendulum_trajectory(theta0: jax.Array, omega0: jax.Array, zeta: jax.Array, o
         stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
         max_steps=100_000,
     )
-    return solution.ys[0]
+    return solution.ys
 
 
 PENDULUM_RANGE = {"zeta": (0.05, 0.35), "omega": (0.8, 1.2)}
 
 
+def _to_physical(p: jax.Array, ranges: dict[str, tuple[float, float]]) -> jax.Array:
+    """Map standardised p in [-1, 1]^d_p linearly onto the physical ``ranges`` (in order)."""
+    shape = (1,) * (p.ndim - 1) + (len(ranges),)
+    lows = jnp.array([lo for lo, _ in ranges.values()]).reshape(shape)
+    highs = jnp.array([hi for _, hi in ranges.values()]).reshape(shape)
+    return lows + (p + 1.0) / 2.0 * (highs - lows)
+
+
 def pendulum_physical(p: jax.Array) -> jax.Array:
     """Standardised p in [-1, 1]^2 -> (ζ, ω)."""
-    lows = jnp.array([PENDULUM_RANGE["zeta"][0], PENDULUM_RANGE["omega"][0]])
-    highs = jnp.array([PENDULUM_RANGE["zeta"][1], PENDULUM_RANGE["omega"][1]])
-    return lows + (p + 1.0) / 2.0 * (highs - lows)
+    return _to_physical(p, PENDULUM_RANGE)
 
 
 def pretrain(widths, x, y, d_p, config, key) -> Any:
@@ -225,14 +233,15 @@ def pendulum(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
 
     def system(x, p):
         phys = pendulum_physical(p)
-        return jax.vmap(pendulum_trajectory, in_axes=(0, 0, 0, 0, None))(x[:, 0], x[:, 1], phys[:, 0], phys[:, 1], times)
+        trajectory = jax.vmap(pendulum_trajectory, in_axes=(0, 0, 0, 0, None))
+        return trajectory(x[:, 0], x[:, 1], phys[:, 0], phys[:, 1], times)[0]
 
     def sample_x(k, n):
-        return jax.random.uniform(k, (n, 2), minval=jnp.array([-2.0, -1.0]), maxval=jnp.array([2.0, 1.0]))
+        return jax.random.uniform(k, (n, 2), minval=-1.0, maxval=1.0) * jnp.array([[2.0, 1.0]])
 
     k_pre, k_x, k_rest = jax.random.split(key, 3)
     x0 = sample_x(k_x, config.pretrain_points)
-    y0 = system(x0, jnp.zeros((x0.shape[0], 2)))
+    y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
     widths = (config.pde_hidden, config.pde_hidden, times.shape[0])
     base = pretrain(widths, x0, y0, 2, config, k_pre)
     return _build("pendulum", config, 2, system, sample_x, widths, {"params": base}, ("ζ", "ω"), pendulum_physical, k_rest)
@@ -243,9 +252,7 @@ BURGERS_RANGE = {"log10_nu": (-1.6, -0.8), "forcing": (-0.5, 0.5)}
 
 def burgers_physical(p: jax.Array) -> jax.Array:
     """Standardised p in [-1, 1]^2 -> (log10 ν, f)."""
-    lows = jnp.array([BURGERS_RANGE["log10_nu"][0], BURGERS_RANGE["forcing"][0]])
-    highs = jnp.array([BURGERS_RANGE["log10_nu"][1], BURGERS_RANGE["forcing"][1]])
-    return lows + (p + 1.0) / 2.0 * (highs - lows)
+    return _to_physical(p, BURGERS_RANGE)
 
 
 def burgers(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
@@ -261,7 +268,7 @@ def burgers(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
 
     k_pre, k_x, k_rest = jax.random.split(key, 3)
     x0 = sample_x(k_x, config.pretrain_points)
-    y0 = system(x0, jnp.zeros((x0.shape[0], 2)))
+    y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
     widths = (config.pde_hidden, config.pde_hidden, config.burgers_points)
     base = pretrain(widths, x0, y0, 2, config, k_pre)
     return _build("burgers", config, 2, system, sample_x, widths, {"params": base}, ("log10 ν", "f"), burgers_physical, k_rest)

@@ -115,7 +115,7 @@ def update_ranks(task: Task, method: str, params: Any, config: ml_collections.Co
         return on - off - first["kernel"]
 
     conditions = np.unique(np.asarray(task.sweep.p), axis=0)
-    deltas = np.asarray(jax.vmap(delta)(jnp.asarray(conditions)))  # [K, d_in, d_out]
+    deltas = np.asarray(jax.jit(jax.vmap(delta))(jnp.asarray(conditions)))  # [K, d_in, d_out]
     norm = float(np.linalg.norm(first["kernel"]))
     return {
         "rank_single": float(np.median([effective_rank(d, reference_norm=norm) for d in deltas])),
@@ -131,7 +131,7 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     k_init, k_train = jax.random.split(key)
     model, trainer = make_trainer(task, method, config)
     # Seeds vary the adapter initialisation and the mini-batch order; every lr gets the same seeds.
-    inits = jax.vmap(lambda k: init_params(task, method, config, k))(jax.random.split(k_init, seeds))
+    inits = jax.jit(jax.vmap(lambda k: init_params(task, method, config, k)))(jax.random.split(k_init, seeds))
     pair_params = jax.tree.map(lambda t: jnp.repeat(t, len(lrs), axis=0), inits)
     pair_lrs = jnp.tile(jnp.asarray(lrs), seeds)
     pair_keys = jnp.repeat(jax.random.split(k_train, seeds), len(lrs), axis=0)
@@ -142,12 +142,19 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
 
     base_model = MLP(task.widths, "frozen")
     base_params = task.base_params["params"]
-    evaluate = jax.jit(jax.vmap(lambda q, split: _mse_rows(model, q, split), in_axes=(0, None)))
-    base_rows = {name: _mse_rows(base_model, base_params, split) for name, split in task.splits.items()}
+
+    @jax.jit
+    def evaluate_all(trained):
+        splits = {**task.splits, "sweep": task.sweep}
+        errors = {name: jax.vmap(lambda q, s=s: _mse_rows(model, q, s))(trained) for name, s in splits.items()}
+        bases = {name: _mse_rows(base_model, base_params, s) for name, s in splits.items()}
+        return errors, bases
+
+    errors, base_rows = jax.tree.map(np.asarray, evaluate_all(trained))  # [pairs, rows], [rows]
 
     def relative(split_name: str, rows_mask: np.ndarray | None = None) -> np.ndarray:
-        err = np.asarray(evaluate(trained, task.splits[split_name]))  # [pairs, rows]
-        base = np.asarray(base_rows[split_name])
+        err = errors[split_name]
+        base = base_rows[split_name]
         if rows_mask is not None:
             err, base = err[:, rows_mask], base[rows_mask]
         return (err.mean(axis=1) / base.mean()).reshape(seeds, len(lrs))
@@ -173,8 +180,8 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
         rows = (distance > lo) & (distance <= hi)
         if rows.any():
             result["extrapolation_by_distance"].append([float(lo), float(hi), *mean_ci(relative("extrapolation", rows)[:, best])])
-    sweep_err = np.asarray(evaluate(chosen, task.sweep))  # [seeds, rows]
-    sweep_base = np.asarray(_mse_rows(base_model, base_params, task.sweep))
+    sweep_err = errors["sweep"].reshape(seeds, len(lrs), -1)[:, best]  # [seeds, rows]
+    sweep_base = base_rows["sweep"]
     conditions, inverse = np.unique(np.asarray(task.sweep.p), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     result["sweep_p"] = [float(c) for c in np.asarray(task.p_physical(jnp.asarray(conditions)))[:, 0]]
