@@ -298,10 +298,9 @@ def slope(xs, ys) -> float:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     except OSError:
         pass
     import flax
@@ -368,7 +367,12 @@ def main(argv: list[str] | None = None) -> str:
         shape, mem_shape, sweep_shape, rounds = (2, 16, 32, 4, 3), (2, 16, 64, 4, 3), (2, 8, 32, 4, 3), 2
         sweep_ks, scaling = (4, 8), {"r": [2, 4], "d_p": [1, 4], "tokens": [16, 32]}
     else:
-        shape, mem_shape, sweep_shape, rounds = (32, 128, 1024, 16, 8), (8, 128, 4096, 16, 8), (4, 64, 1024, 16, 8), args.rounds
+        shape, mem_shape, sweep_shape, rounds = (
+            (32, 128, 1024, 16, 8),
+            (8, 128, 4096, 16, 8),
+            (4, 64, 1024, 16, 8),
+            args.rounds,
+        )
         sweep_ks, scaling = (16, 256), {"r": [4, 16, 64], "d_p": [1, 8, 64], "tokens": [2048, 4096, 16384]}
 
     out: list[str] = []

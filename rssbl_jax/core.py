@@ -279,6 +279,84 @@ def merge_dense(
     )
 
 
+def merge_kernel(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    lora_a: ArrayLike,
+    lora_b: ArrayLike,
+    lora_c: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"] | None,
+    operating_params: Float[ArrayLike, " d_p"],
+    *,
+    scale: float,
+    gate_offset: float = 0.0,
+    precision: PrecisionLike = None,
+) -> MergedDense:
+    r"""Fold the adapter of any kernel kind (Dense, DenseGeneral, Einsum, Conv) into it at one operating point.
+
+    .. math::
+
+        W' = W + \alpha \sum_k (g_0 + C p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}, \qquad
+        b' = b + \alpha\, (S p_0)\, B
+
+    Two factor layouts are understood, told apart by their number of axes:
+
+    - compact: ``lora_a (*in, r)``, ``lora_b (r, *out)`` with ``kernel.shape == (*in, *out)`` (Dense,
+      DenseGeneral, Conv with ``in = (*window, c_in)``, Einsum with input axes first);
+    - aligned: ``lora_a`` and ``lora_b`` both have the kernel's axes, each with the other factor's axes set
+      to 1 (Einsum kernels whose input and output axes interleave); the outer product broadcasts.
+
+    The bias update is ``(S p0) B`` reshaped to the bias; a layer without bias gets one of ``B``'s output
+    shape. ``lora_s=None`` means no shift. Kernel and bias dtypes are preserved.
+
+    Raises:
+      ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
+
+    >>> import numpy as np
+    >>> kernel = np.zeros((3, 2, 4))                   # DenseGeneral: in (3,), features (2, 4)
+    >>> a, b = np.ones((3, 1)), np.ones((1, 2, 4))
+    >>> merged = merge_kernel(kernel, None, a, b, np.ones((1, 1)), None, np.array([2.0]), scale=0.5)
+    >>> merged.kernel.shape, float(merged.kernel[0, 0, 0]), merged.bias.shape
+    ((3, 2, 4), 1.0, (2, 4))
+    """
+    p0 = jnp.asarray(operating_params)
+    d_p, rank = jnp.shape(lora_c)
+    if p0.shape != (d_p,):
+        raise ValueError(
+            f"merge needs one operating point of shape (d_p,)=({d_p},); got operating_params.shape={p0.shape}. "
+            "Use jax.vmap to merge a batch of operating points."
+        )
+    kernel, lora_a, lora_b = jnp.asarray(kernel), jnp.asarray(lora_a), jnp.asarray(lora_b)
+    if lora_a.shape[-1] != rank or lora_b.shape[0] != rank:
+        raise ValueError(f"lora_a {lora_a.shape} must end and lora_b {lora_b.shape} must start with r={rank}.")
+    gate = jnp.matmul(p0, lora_c, precision=precision) + gate_offset
+    scaled_a = lora_a * gate.reshape((1,) * (lora_a.ndim - 1) + (rank,))
+    n_a, n_b = lora_a.ndim - 1, lora_b.ndim - 1
+    if n_a + n_b == kernel.ndim and lora_a.shape[:-1] + lora_b.shape[1:] == kernel.shape:
+        kernel_delta = jnp.tensordot(scaled_a, lora_b, axes=1, precision=precision)
+        out_shape = lora_b.shape[1:]
+    elif n_a == n_b == kernel.ndim:
+        kernel_delta = jnp.einsum("...r,r...->...", scaled_a, lora_b, precision=precision)
+        out_shape = tuple(d for d, a_dim in zip(lora_b.shape[1:], lora_a.shape[:-1], strict=True) if a_dim == 1)
+    else:
+        kernel_delta = None
+    if kernel_delta is None or kernel_delta.shape != kernel.shape:
+        raise ValueError(
+            f"adapter factors lora_a {lora_a.shape} and lora_b {lora_b.shape} do not fit kernel {kernel.shape}."
+        )
+    if lora_s is None:
+        bias_delta = jnp.zeros(out_shape, kernel_delta.dtype)
+    else:
+        shift = jnp.matmul(p0, lora_s, precision=precision)
+        bias_delta = jnp.matmul(shift, lora_b.reshape(rank, -1), precision=precision)
+        bias_delta = bias_delta.reshape(out_shape if bias is None else jnp.shape(bias))
+    base_bias = jnp.zeros(out_shape, kernel.dtype) if bias is None else jnp.asarray(bias)
+    return MergedDense(
+        kernel=(kernel + scale * kernel_delta).astype(kernel.dtype),
+        bias=(base_bias + scale * bias_delta).astype(base_bias.dtype),
+    )
+
+
 def is_adapter_path(path: Sequence[Any]) -> bool:
     """Whether a pytree key path ends in one of the adapter leaf names ``lora_a/b/c/s``."""
     if not path:

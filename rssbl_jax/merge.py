@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
 from rssbl_jax import core
 
+_REQUIRED = ("kernel", "lora_a", "lora_b", "lora_c")
+
 
 def _is_adapted_layer(node: Any) -> bool:
-    return isinstance(node, Mapping) and "kernel" in node and all(name in node for name in core.ADAPTER_NAMES)
+    """A mapping with a ``kernel`` and the adapter factors (``lora_s`` is optional: no shift term)."""
+    return isinstance(node, Mapping) and all(name in node for name in _REQUIRED)
+
+
+def _layer_alpha(
+    path: str, lora_alpha: float | Mapping[str, float], alpha_pattern: Mapping[str, float] | None
+) -> float:
+    if isinstance(lora_alpha, Mapping):
+        if path not in lora_alpha:
+            raise ValueError(f"lora_alpha has no entry for adapted layer {path!r}; it has {sorted(lora_alpha)}.")
+        return float(lora_alpha[path])
+    for pattern, alpha in (alpha_pattern or {}).items():
+        if re.fullmatch(pattern, path):
+            return float(alpha)
+    return float(lora_alpha)
 
 
 def merge(
-    params: Any, operating_params: Float[ArrayLike, " d_p"], lora_alpha: float, *, gate_offset: float = 0.0
+    params: Any,
+    operating_params: Float[ArrayLike, " d_p"],
+    lora_alpha: float | Mapping[str, float],
+    *,
+    gate_offset: float = 0.0,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> Any:
     r"""Reduce every adapted layer in ``params`` to ``kernel``/``bias`` at one operating point ``p0``.
 
@@ -25,17 +48,24 @@ def merge(
         b' = b + \tfrac{\alpha_{\text{lora}}}{r}\, (S p_0)\, B
 
     ``params`` is one layer's params or a whole model's tree (nested mappings); every mapping that holds a
-    ``kernel`` and all four ``lora_*`` leaves is replaced by ``{"kernel", "bias"}`` (rank ``r`` read from
-    ``lora_a``), everything else is returned unchanged, so the result loads into the same architecture built
-    with ``nn.Dense``. A layer built with ``use_bias=False`` gains a bias (its shift ``S p0`` is a constant
-    output offset), so it merges into ``nn.Dense(use_bias=True)``. ``merge`` is a pure function of arrays:
-    ``jax.vmap(lambda p: merge(params, p, alpha))(ps)`` merges a batch of operating points.
+    ``kernel`` and ``lora_a``, ``lora_b``, ``lora_c`` (and ``lora_s`` when the layer has a shift) is
+    replaced by ``{"kernel", "bias"}`` (rank ``r`` read from ``lora_c``), everything else is returned
+    unchanged, so the result loads into the same architecture built with ``nn.Dense`` — or, for a model
+    adapted with :func:`rssbl_jax.inject`, into the unmodified model (Dense, DenseGeneral, Einsum and
+    Conv kernels, see :func:`rssbl_jax.core.merge_kernel`). A layer built with ``use_bias=False`` and a
+    shift gains a bias (its shift ``S p0`` is a constant output offset), so it merges into
+    ``nn.Dense(use_bias=True)``; a bias-free layer without shift stays bias-free. ``merge`` is a pure
+    function of arrays: ``jax.vmap(lambda p: merge(params, p, alpha))(ps)`` merges a batch of operating
+    points.
 
     Args:
       params: a params tree with adapted layers.
       operating_params: one operating point ``p0`` of shape ``[d_p]``.
-      lora_alpha: the layers' ``lora_alpha``.
+      lora_alpha: the layers' ``lora_alpha``, or a mapping from each adapted layer's path (``"a/b"``)
+        to its ``lora_alpha``.
       gate_offset: the layers' ``gate_offset`` (0.0 for the seed's gate ``C p``, 1.0 for ``1 + C p``).
+      alpha_pattern: ``{regex: lora_alpha}`` overrides by layer path (first full match wins), as given
+        to :func:`rssbl_jax.inject`.
 
     Returns:
       The tree with adapted layers merged.
@@ -54,23 +84,40 @@ def merge(
 
     def visit(node: Any, path: str) -> Any:
         if _is_adapted_layer(node):
-            if node["kernel"].ndim != 2:
-                raise ValueError(
-                    f"merge supports 2-D Dense kernels; {path or 'params'} has kernel.shape={node['kernel'].shape}."
-                )
             found.append(path)
-            merged = core.merge_dense(
-                node["kernel"],
-                node.get("bias"),
-                node["lora_a"],
-                node["lora_b"],
-                node["lora_c"],
-                node["lora_s"],
-                operating_params,
-                scale=lora_alpha / node["lora_a"].shape[-1],
-                gate_offset=gate_offset,
-            )
+            rank = node["lora_c"].shape[-1]
+            scale = _layer_alpha(path, lora_alpha, alpha_pattern) / rank
+            lora_s = node.get("lora_s")
+            if node["kernel"].ndim == 2 and node["lora_a"].ndim == 2 and node["lora_b"].ndim == 2:
+                merged = core.merge_dense(
+                    node["kernel"],
+                    node.get("bias"),
+                    node["lora_a"],
+                    node["lora_b"],
+                    node["lora_c"],
+                    jnp.zeros_like(node["lora_c"]) if lora_s is None else lora_s,
+                    operating_params,
+                    scale=scale,
+                    gate_offset=gate_offset,
+                )
+            else:
+                try:
+                    merged = core.merge_kernel(
+                        node["kernel"],
+                        node.get("bias"),
+                        node["lora_a"],
+                        node["lora_b"],
+                        node["lora_c"],
+                        lora_s,
+                        operating_params,
+                        scale=scale,
+                        gate_offset=gate_offset,
+                    )
+                except ValueError as error:
+                    raise ValueError(f"{path or 'params'}: {error}") from None
             rest = {k: v for k, v in node.items() if k not in ("kernel", "bias", *core.ADAPTER_NAMES)}
+            if "bias" not in node and lora_s is None:
+                return {**rest, "kernel": merged.kernel}
             return {**rest, "kernel": merged.kernel, "bias": merged.bias}
         if isinstance(node, Mapping):
             return {k: visit(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}

@@ -1,0 +1,325 @@
+"""Partition specs for adapter params that follow their base kernel; batch specs; placing trees on a mesh.
+
+Given the base model's partition specs (the ones a user already has for ``kernel`` and ``bias``), each
+adapted layer's factors get specs that follow its kernel, so no factor is ever gathered more than the kernel
+itself:
+
+=============  ==========================================  ===================================
+leaf           shape (Dense)                               spec, for ``kernel: P(i, o)``
+=============  ==========================================  ===================================
+``kernel``     ``(d_in, d_out)``                           ``P(i, o)`` (given)
+``bias``       ``(d_out,)``                                ``P(o)`` unless given
+``lora_a``     ``(d_in, r)``                               ``P(i, None)``
+``lora_b``     ``(r, d_out)``                              ``P(None, o)``
+``lora_c``     ``(d_p, r)``                                ``P()`` replicated
+``lora_s``     ``(d_p, r)``                                ``P()`` replicated
+=============  ==========================================  ===================================
+
+Kernels with more axes (``DenseGeneral``, ``Conv``) work the same way: ``lora_a``'s leading axes take the
+kernel's leading (input) specs and ``lora_b``'s trailing axes its trailing (output) specs, wherever the sizes
+agree; an axis whose size does not match the kernel's is replicated. Per-example inputs, targets and
+operating parameters ``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``); a shared ``p [d_p]``
+is replicated.
+
+Everything here returns ordinary ``jax.sharding.PartitionSpec`` trees for ``jax.jit``'s
+``in_shardings``/``out_shardings`` or ``jax.device_put``; nothing replaces JAX's own partitioner.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rssbl_jax.core import _path_str, is_adapter_path
+
+PyTree = Any
+SpecRules = Sequence[tuple[str, PartitionSpec]]
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def _padded(spec: PartitionSpec, ndim: int, path: str) -> tuple[Any, ...]:
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(f"partition spec {spec} for '{path}' has {len(entries)} entries but the leaf has {ndim} axes.")
+    return entries + (None,) * (ndim - len(entries))
+
+
+def _is_rules(base_specs: Any) -> bool:
+    return (
+        isinstance(base_specs, (list, tuple))
+        and len(base_specs) > 0
+        and all(
+            isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str) and _is_spec(rule[1])
+            for rule in base_specs
+        )
+    )
+
+
+def _base_lookup(base_specs: PyTree | SpecRules):
+    """A function ``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
+    if _is_rules(base_specs):
+        rules = [(re.compile(pattern), spec) for pattern, spec in base_specs]
+
+        def by_rule(path: str) -> PartitionSpec | None:
+            return next((spec for pattern, spec in rules if pattern.search(path)), None)
+
+        return by_rule
+    flat = jax.tree_util.tree_flatten_with_path(base_specs, is_leaf=_is_spec)[0]
+    table = {_path_str(path): spec for path, spec in flat}
+    bad = [path for path, spec in table.items() if not _is_spec(spec)]
+    if bad:
+        raise TypeError(f"base_specs must hold PartitionSpec leaves; '{bad[0]}' holds {type(table[bad[0]]).__name__}.")
+    return table.get
+
+
+def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, mesh: Mesh | None = None) -> PyTree:
+    """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
+
+    Args:
+      params: a params tree (arrays or ``jax.ShapeDtypeStruct``), e.g. ``variables["params"]``.
+      base_specs: the base model's specs, either a tree of ``PartitionSpec`` with the paths of the base
+        leaves (the same tree as ``params`` with or without the ``lora_*`` leaves; extra entries are
+        ignored), or a sequence of ``(regex, PartitionSpec)`` rules searched, first match wins, in each base
+        leaf's ``/``-joined path (``"block_0/mlp/kernel"``). A base leaf without a spec is an error; a
+        ``bias`` without one follows its kernel's output axes.
+      mesh: when given, every spec is checked against the mesh with :func:`validate_specs`.
+
+    Returns:
+      A tree with ``params``' structure and a ``PartitionSpec`` at every leaf: ``lora_a`` takes the kernel's
+      input-axis specs, ``lora_b`` its output-axis specs, ``lora_c`` and ``lora_s`` are replicated.
+
+    Raises:
+      ValueError: naming the path, when a base leaf has no spec, a spec has more entries than the leaf has
+        axes, an adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import rssbl_jax
+    >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
+    >>> params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8)), jnp.ones((2, 3)))["params"]
+    >>> specs = adapter_partition_specs(params, [("kernel", P(None, "model"))])
+    >>> specs["lora_a"], specs["lora_b"], specs["lora_c"], specs["bias"]
+    (P(None, None), P(None, 'model'), P(), P('model',))
+    """
+    lookup = _base_lookup(base_specs)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    shapes = {_path_str(path): tuple(leaf.shape) for path, leaf in flat}
+    base: dict[str, tuple[Any, ...]] = {}
+    given: dict[str, tuple[Any, Any, PartitionSpec]] = {}
+    for path, leaf in flat:
+        if is_adapter_path(path):
+            continue
+        name = _path_str(path)
+        spec = lookup(name)
+        if spec is None and getattr(path[-1], "key", None) == "bias":
+            continue  # derived from the kernel below
+        if spec is None:
+            raise ValueError(f"no partition spec for base parameter '{name}' of shape {tuple(leaf.shape)}.")
+        base[name] = _padded(spec, len(leaf.shape), name)
+        given[name] = (path, leaf, spec)
+
+    def kernel_of(path: Sequence[Any], what: str) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        kernel = _path_str((*path[:-1], jax.tree_util.DictKey("kernel")))
+        if kernel not in base:
+            raise ValueError(f"'{_path_str(path)}' ({what}) has no 'kernel' beside it to take its partition spec from.")
+        return base[kernel], shapes[kernel]
+
+    def spec_for(path: Sequence[Any], leaf: Any) -> PartitionSpec:
+        name, shape = _path_str(path), tuple(leaf.shape)
+        key = getattr(path[-1], "key", None)
+        if name in given:
+            return given[name][2]
+        if key in ("lora_c", "lora_s"):
+            return PartitionSpec()
+        if key == "lora_a":  # (*in, r): leading axes follow the kernel's leading axes
+            kspec, kshape = kernel_of(path, "lora_a")
+            lead = [
+                s if i < len(kshape) and kshape[i] == n else None
+                for i, (n, s) in enumerate(zip(shape[:-1], kspec, strict=False))
+            ]
+            return PartitionSpec(*lead, *(None,) * (len(shape) - len(lead)))
+        if key in ("lora_b", "bias"):  # (r, *out) / (*out): trailing axes follow the kernel's trailing axes
+            kspec, kshape = kernel_of(path, key)
+            n_out = len(shape) - 1 if key == "lora_b" else len(shape)
+            trail = [
+                kspec[len(kshape) - n_out + i]
+                if n_out <= len(kshape) and kshape[len(kshape) - n_out + i] == n
+                else None
+                for i, n in enumerate(shape[len(shape) - n_out :])
+            ]
+            return PartitionSpec(*(None,) * (len(shape) - n_out), *trail)
+        raise ValueError(f"no partition spec for '{name}'.")
+
+    specs = jax.tree.unflatten(treedef, [spec_for(path, leaf) for path, leaf in flat])
+    if mesh is not None:
+        for path, leaf, spec in given.values():  # the user's specs first, then the derived ones
+            _check_one(path, leaf, spec, mesh)
+        validate_specs(params, specs, mesh)
+    return specs
+
+
+def validate_specs(tree: PyTree, specs: PyTree, mesh: Mesh) -> None:
+    """Check that every spec names axes of ``mesh`` whose sizes divide the leaf's dimensions.
+
+    Args:
+      tree: arrays or ``jax.ShapeDtypeStruct``.
+      specs: a ``PartitionSpec`` tree with ``tree``'s structure (or a prefix of it).
+      mesh: the mesh the specs are meant for.
+
+    Raises:
+      ValueError: naming the path, the leaf's shape, the spec and the mesh axis sizes, for the first spec that
+        does not fit.
+
+    >>> import numpy as np, jax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",))
+    >>> validate_specs({"kernel": np.ones((4, 6))}, {"kernel": P(None, "model")}, mesh)
+    """
+    flat_specs, spec_tree = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)
+    subtrees = jax.tree.structure(specs, is_leaf=_is_spec).flatten_up_to(tree)
+    for (prefix, spec), subtree in zip(flat_specs, subtrees, strict=True):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+            _check_one((*prefix, *path), leaf, spec, mesh)
+
+
+def _check_one(path: Sequence[Any], leaf: Any, spec: PartitionSpec | None, mesh: Mesh) -> None:
+    if spec is None:
+        return
+    shape = tuple(getattr(leaf, "shape", ()))
+    name = _path_str(path) or "(root)"
+    for axis, entry in enumerate(_padded(spec, len(shape), name)):
+        if entry is None:
+            continue
+        names = entry if isinstance(entry, tuple) else (entry,)
+        unknown = [n for n in names if n not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"partition spec {spec} for '{name}' of shape {shape} names mesh axis {unknown[0]!r}, not in the mesh "
+                f"axes {dict(mesh.shape)}."
+            )
+        size = math.prod(mesh.shape[n] for n in names)
+        if shape[axis] % size:
+            raise ValueError(
+                f"partition spec {spec} does not fit '{name}' of shape {shape}: axis {axis} has size {shape[axis]}, "
+                f"not divisible by the {size} devices of mesh axes {names} (mesh {dict(mesh.shape)})."
+            )
+
+
+def batch_spec(data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
+    """The spec of a per-example array (inputs, targets, per-example ``p``): leading axis over ``data_axis``.
+
+    >>> batch_spec("data")
+    P('data',)
+    """
+    return PartitionSpec(data_axis)
+
+
+def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
+    """The spec of the operating parameters: sharded with the batch when per-example, replicated when shared.
+
+    Args:
+      operating_params: ``p`` (an array or anything with ``.shape``): ``[d_p]`` or ``[batch, ..., d_p]``.
+      data_axis: the mesh axis (or axes) the batch is sharded over.
+
+    >>> import numpy as np
+    >>> operating_params_spec(np.ones((32, 3))), operating_params_spec(np.ones(3))
+    (P('data',), P())
+    """
+    return PartitionSpec() if len(operating_params.shape) <= 1 else PartitionSpec(data_axis)
+
+
+def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
+    """A tree of ``NamedSharding(mesh, spec)`` for a tree of specs (``None`` entries stay ``None``)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
+
+
+def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
+    """Place a params tree on ``mesh`` with ``jax.device_put``, after checking the specs fit.
+
+    Every process must pass the same values (the usual case for parameters built from the same seed or
+    loaded from the same checkpoint).
+
+    Args:
+      params: arrays.
+      mesh: the device mesh.
+      specs: a ``PartitionSpec`` tree with ``params``' structure, e.g. from :func:`adapter_partition_specs`.
+
+    Returns:
+      ``params`` as ``jax.Array``s sharded by ``NamedSharding(mesh, spec)``.
+
+    >>> import numpy as np, jax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",))
+    >>> shard_params({"kernel": np.ones((4, 6))}, mesh, {"kernel": P(None, "model")})["kernel"].sharding.spec
+    P(None, 'model')
+    """
+    validate_specs(params, specs, mesh)
+    return jax.device_put(params, named_shardings(mesh, specs))
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None = None) -> PyTree:
+    """Global arrays from each process's part of a batch (``jax.make_array_from_process_local_data``).
+
+    In a single process the local part is the whole batch; with several processes each passes its own rows
+    and the result is one global array per leaf, sharded over the mesh.
+
+    Args:
+      batch: a tree of host arrays, this process's rows.
+      mesh: the (global) device mesh.
+      specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading
+        axis over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
+
+    Returns:
+      ``batch`` as global ``jax.Array``s.
+
+    >>> import numpy as np, jax
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> shard_batch({"x": np.ones((4, 2))}, mesh)["x"].sharding.spec
+    P('data',)
+    """
+    if specs is None:
+        specs = batch_spec(mesh.axis_names[0])
+    shardings = named_shardings(mesh, specs)
+    return jax.tree.map(
+        lambda sharding, leaf: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), leaf),
+        shardings,
+        batch,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple[str, ...] = "data") -> slice:
+    """The rows of a global batch that this process feeds to :func:`shard_batch` (its devices' rows).
+
+    Args:
+      mesh: the global mesh.
+      global_batch_size: rows of the global batch.
+      data_axis: the mesh axis (or axes) the batch is sharded over.
+
+    Returns:
+      ``slice(start, stop)``: in one process, all rows.
+
+    >>> import jax
+    >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
+    slice(0, 16, None)
+    """
+    sharding = NamedSharding(mesh, batch_spec(data_axis))
+    index = sharding.addressable_devices_indices_map((global_batch_size,))
+    starts = [idx[0].indices(global_batch_size)[0] for idx in index.values()]
+    stops = [idx[0].indices(global_batch_size)[1] for idx in index.values()]
+    start, stop = min(starts), max(stops)
+    covered = {r for idx in index.values() for r in range(*idx[0].indices(global_batch_size)[:2])}
+    if covered != set(range(start, stop)):
+        raise ValueError(
+            f"this process's devices hold rows {sorted(covered)} of the batch, not a contiguous range; "
+            "order the mesh's devices by process (jax.make_mesh does)."
+        )
+    return slice(start, stop)

@@ -1,0 +1,508 @@
+r"""A small training loop for adapters: a pure train step, resumable orbax checkpoints, non-finite guards.
+
+The same code runs on one device, under ``jax.jit`` with shardings on a mesh (data-, tensor- or
+FSDP-parallel; see :mod:`rssbl_jax.sharding`), under ``jax.pmap`` and in several processes of JAX's
+multi-controller runtime (``jax.distributed.initialize``): the step is one pure function, the caller chooses the
+transformation.
+
+Only the trainable half of the params (:func:`rssbl_jax.partition`) is differentiated and updated:
+
+.. math::
+
+    \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
+    \qquad \text{batch}_t = \text{batch\_fn}(t), \quad k_t = \mathrm{fold\_in}(k, t)
+
+so the data and randomness of step ``t`` are functions of ``t`` alone and a run resumed at step ``t`` replays
+exactly what an uninterrupted run would have done. A checkpoint holds the adapters, the optimizer state, the
+step (which is also the data position) and the rng key; the frozen base ``W`` is the caller's and is not
+stored, only its shapes (checked on restore).
+
+Every checkpoint also stores, per leaf, its shape, dtype and a SHA-256 of its bytes: orbax/tensorstore read a
+flipped bit inside an array file back without complaint, so the digest is what keeps a damaged checkpoint
+from being restored silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
+
+from rssbl_jax.core import _path_str
+from rssbl_jax.partition import combine, partition
+
+PyTree = Any
+Batch = Any
+LossFn = Callable[[PyTree, Batch, jax.Array], jax.Array]
+StepFn = Callable[["TrainState", Batch], tuple["TrainState", dict[str, Any]]]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "rssbl_jax.training/1"
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step.
+
+    Attributes:
+      step: int32 scalar, the number of steps taken; also the data position (step ``t`` trains on
+        ``batch_fn(t)``).
+      trainable: the ``lora_*`` half of the params (``None`` at frozen leaves), see :func:`rssbl_jax.partition`.
+      frozen: the base half (``None`` at adapter leaves); never updated and not checkpointed.
+      opt_state: the optimizer state of ``trainable``.
+      rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
+    """
+
+    step: jax.Array
+    trainable: PyTree
+    frozen: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped because the loss, the gradients or the batch (e.g. ``p``) held NaN or inf.
+
+    Attributes:
+      step: the step whose loss/gradients/batch was not finite (its update was not applied).
+      names: what was not finite: ``"loss"``, ``"grads"`` or ``"batch/<path>"``.
+      last_checkpoint: the step of the last good checkpoint, or ``None``.
+    """
+
+    def __init__(self, message: str, *, step: int, names: tuple[str, ...], last_checkpoint: int | None):
+        super().__init__(message)
+        self.step, self.names, self.last_checkpoint = step, names, last_checkpoint
+
+
+def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """Split ``params`` into trainable adapters and frozen base and initialise ``tx`` on the adapters only.
+
+    Args:
+      params: a whole params tree (base + ``lora_*`` leaves), e.g. ``variables["params"]``.
+      tx: the optimizer of the adapters (plain, e.g. ``optax.adamw(1e-3)``: it only ever sees the
+        trainable half, so no :func:`rssbl_jax.freeze_base` is needed).
+      rng: a PRNG key (typed or raw) for the loss function's randomness.
+
+    Returns:
+      A :class:`TrainState` at step 0. Float32 params give float32 optimizer state, whatever the model's
+      compute ``dtype``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> state = init_train_state({"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1))}, optax.sgd(0.1),
+    ...                          jax.random.key(0))
+    >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
+    (0, None, None, dtype('uint32'))
+    """
+    trainable, frozen = partition(params)
+    if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=tx.init(trainable),
+        rng=jnp.asarray(rng, jnp.uint32),
+    )
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+) -> StepFn:
+    r"""A pure train step ``(state, batch) -> (state, metrics)`` that updates only the adapters.
+
+    The step differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies
+    ``tx`` and checks that the loss, the gradients and every floating leaf of ``batch`` (the operating
+    parameters ``p`` included) are finite. If any is not, the returned state is the input state unchanged and
+    ``metrics["finite"]`` says which; :func:`train` then stops with a :class:`NonFiniteError`.
+
+    Wrap the step in ``jax.jit`` (with ``in_shardings``/``out_shardings`` for a mesh; the loss is then a
+    mean over the global batch and XLA inserts the reductions) or in ``jax.pmap(step, axis_name=...)`` with
+    the same ``axis_name`` given here (loss, gradients and checks are ``pmean``-ed/combined over it).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> scalar``, with the whole params tree (adapters and base).
+        For mixed precision build the model with ``dtype=jnp.bfloat16`` and keep the params float32: the
+        gradients and optimizer state stay float32.
+      tx: the adapters' optimizer, the one given to :func:`init_train_state`.
+      axis_name: the ``pmap`` axis name, or ``None`` under ``jit``/single device.
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)`` with ``metrics = {"loss": float32 scalar, "finite":
+      {"loss": bool, "grads": bool, "batch/<path>": bool, ...}}``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> tx = optax.sgd(0.5)
+    >>> state = init_train_state({"w": jnp.zeros(2), "lora_b": jnp.ones(2)}, tx, jax.random.key(0))
+    >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch["y"]) ** 2)
+    >>> step = jax.jit(make_train_step(loss, tx))
+    >>> state, metrics = step(state, {"y": jnp.zeros(2)})
+    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"])
+    (1, [0.0, 0.0], 2.0)
+    >>> state, metrics = step(state, {"y": jnp.array([0.0, jnp.nan])})   # not applied
+    >>> int(state.step), bool(metrics["finite"]["batch/y"])
+    (1, False)
+    """
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def objective(trainable: PyTree) -> jax.Array:
+            return loss_fn(combine(trainable, state.frozen), batch, rng)
+
+        loss, grads = jax.value_and_grad(objective)(state.trainable)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+
+        finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
+                finite["batch/" + (_path_str(path) or "(root)")] = jnp.all(jnp.isfinite(leaf))
+        if axis_name is not None:
+            finite = {k: jax.lax.pmin(v.astype(jnp.int32), axis_name) > 0 for k, v in finite.items()}
+        ok = jnp.all(jnp.stack(list(finite.values())))
+
+        new = TrainState(state.step + 1, trainable, state.frozen, opt_state, state.rng)
+        state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return state, {"loss": loss.astype(jnp.float32), "finite": finite}
+
+    return step
+
+
+def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: PyTree) -> TrainState:
+    """Partition specs for a whole :class:`TrainState`, given the specs of the params.
+
+    The adapters and the optimizer's copies of them (e.g. Adam's moments, found with
+    ``optax.tree_map_params``) take the params' specs; the frozen base takes its own; the step, the rng and
+    the optimizer's scalars are replicated. Map with :func:`rssbl_jax.sharding.named_shardings` for
+    ``jax.jit``'s ``in_shardings``/``out_shardings``.
+
+    Args:
+      state: the state (arrays or ``jax.ShapeDtypeStruct``).
+      tx: its optimizer.
+      param_specs: a ``PartitionSpec`` tree over the whole params (e.g.
+        :func:`rssbl_jax.sharding.adapter_partition_specs`).
+
+    Returns:
+      A :class:`TrainState` of ``PartitionSpec``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> tx = optax.adam(1e-3)
+    >>> state = init_train_state({"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1))}, tx, jax.random.key(0))
+    >>> specs = state_partition_specs(state, tx, {"kernel": P("model", None), "lora_a": P("model", None)})
+    >>> specs.opt_state[0].mu["lora_a"], specs.opt_state[0].count, specs.frozen["kernel"]
+    (P('model', None), P(), P('model', None))
+    """
+    trainable_specs, frozen_specs = partition(param_specs)
+    opt_specs = optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        state.opt_state,
+        trainable_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return TrainState(PartitionSpec(), trainable_specs, frozen_specs, opt_specs, PartitionSpec())
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The global value of an array on this host (gathered across processes when it is not addressable)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _saved_tree(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _describe(tree: PyTree, *, digest: bool) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+        entry: dict[str, Any] = {"shape": list(np.shape(leaf)), "dtype": str(dtype)}
+        if digest:
+            entry["sha256"] = hashlib.sha256(np.ascontiguousarray(_to_host(leaf)).tobytes()).hexdigest()
+        out[_path_str(path)] = entry
+    return out
+
+
+def _meta(state: TrainState) -> dict[str, Any]:
+    return {
+        "format": _FORMAT,
+        "leaves": _describe(_saved_tree(state), digest=True),
+        "frozen": _describe(state.frozen, digest=False),
+    }
+
+
+def _compare(kind: str, saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first path whose presence, shape or dtype differs."""
+    for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("trainable/"), p)):
+        if path not in expected:
+            raise ValueError(
+                f"checkpoint {where} does not fit this model: {kind} '{path}' is in the checkpoint but not here."
+            )
+        if path not in saved:
+            raise ValueError(
+                f"checkpoint {where} does not fit this model: {kind} '{path}' is here but not in the checkpoint."
+            )
+        a, b = saved[path], expected[path]
+        if list(a["shape"]) != list(b["shape"]) or a["dtype"] != b["dtype"]:
+            raise ValueError(
+                f"checkpoint {where} does not fit this model: {kind} '{path}' is {a['dtype']}{tuple(a['shape'])} in "
+                f"the checkpoint but {b['dtype']}{tuple(b['shape'])} here."
+            )
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _manager(directory: str, *, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) -> TrainState:
+    where = f"{manager.directory}/{step}"
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as error:  # orbax/tensorstore raise many kinds; all mean "cannot read this step"
+        raise _Corrupt(f"metadata could not be read: {type(error).__name__}: {str(error)[:300]}") from error
+    if not (
+        isinstance(meta, dict)
+        and meta.get("format") == _FORMAT
+        and isinstance(meta.get("leaves"), dict)
+        and isinstance(meta.get("frozen"), dict)
+    ):
+        raise _Corrupt("metadata is not a rssbl_jax training checkpoint's (damaged or written by something else)")
+    expected = _describe(_saved_tree(state), digest=False)
+    _compare("parameter", meta["leaves"], expected, where)
+    _compare("frozen base parameter", meta["frozen"], _describe(state.frozen, digest=False), where)
+
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        _saved_tree(state),
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as error:
+        raise _Corrupt(f"arrays could not be read: {type(error).__name__}: {str(error)[:300]}") from error
+    got = _describe(restored, digest=True)
+    for path, entry in meta["leaves"].items():
+        if got[path]["sha256"] != entry["sha256"]:
+            raise _Corrupt(f"'{path}' does not match its SHA-256 digest (the data file is damaged)")
+    return TrainState(restored["step"], restored["trainable"], state.frozen, restored["opt_state"], restored["rng"])
+
+
+def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, int | None]:
+    """Restore the newest good checkpoint in ``checkpoint_dir`` into the layout (shardings) of ``state``.
+
+    Checkpoints are tried newest first. One that cannot be read or whose arrays do not match their stored
+    SHA-256 digests is skipped with a logged warning and renamed ``<step>.corrupt`` (so later saves are not
+    blocked by it). A checkpoint of another architecture (a path missing, added, or with another shape or
+    dtype, adapters, optimizer state or frozen base) is never skipped: it raises.
+
+    Args:
+      checkpoint_dir: the directory :func:`train` saves into.
+      state: a :class:`TrainState` of the model being trained (e.g. from :func:`init_train_state`, placed on
+        its devices); its frozen half is kept, its shapes, dtypes and shardings are the expected ones.
+
+    Returns:
+      ``(state, step)``: the restored state and its step, or ``(state, None)`` when there is no checkpoint
+      (the directory is created if missing). In several processes, every process calls it.
+
+    Raises:
+      ValueError: naming the mismatched path and both shapes/dtypes, for a checkpoint of another architecture.
+      RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
+    """
+    manager = _manager(checkpoint_dir)
+    try:
+        return _restore_newest(manager, state)
+    finally:
+        manager.close()
+
+
+def _restore_newest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, int | None]:
+    """:func:`restore_latest` with an open manager (every process makes the same calls in the same order)."""
+    checkpoint_dir = str(manager.directory)
+    failures = []
+    restored, step = None, None
+    for candidate in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored, step = _restore_step(manager, candidate, state), candidate
+        except _Corrupt as error:
+            logger.warning("skipping checkpoint %s/%d: %s", checkpoint_dir, candidate, error)
+            failures.append((candidate, str(error)))
+            continue
+        break
+    if failures:
+        _quarantine(checkpoint_dir, [s for s, _ in failures])
+        manager.reload()
+    if restored is None:
+        if failures:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in failures)
+            raise RuntimeError(f"no intact checkpoint in {checkpoint_dir} (renamed to <step>.corrupt): {reasons}")
+        return state, None
+    if failures:
+        logger.warning("resuming %s from step %d, the newest intact checkpoint", checkpoint_dir, step)
+    return restored, step
+
+
+def _quarantine(checkpoint_dir: str, steps: list[int]) -> None:
+    if jax.process_count() > 1:  # every process is done reading before one renames
+        multihost_utils.sync_global_devices("rssbl_jax.training.quarantine.start")
+    if jax.process_index() == 0:
+        for step in steps:
+            source = os.path.join(checkpoint_dir, str(step))
+            target, n = source + ".corrupt", 1
+            while os.path.exists(target):
+                target, n = f"{source}.corrupt{n}", n + 1
+            os.rename(source, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("rssbl_jax.training.quarantine.end")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _replicate(tree: PyTree, n: int) -> PyTree:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
+
+
+def _unreplicate(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def train(
+    state: TrainState,
+    train_step: StepFn,
+    batch_fn: Callable[[int], Batch],
+    num_steps: int,
+    *,
+    checkpoint_dir: str | None = None,
+    save_every: int = 100,
+    max_to_keep: int | None = 3,
+    replicated: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainState:
+    """Run ``train_step`` until ``num_steps`` steps are done, saving and resuming orbax checkpoints.
+
+    With ``checkpoint_dir`` the run first restores the newest intact checkpoint there
+    (:func:`restore_latest`), so re-running the same command after a crash or preemption continues where it
+    left off and, the data being ``batch_fn(step)``, ends with the same params as an uninterrupted run.
+    Checkpoints (adapters, optimizer state, step, rng; see the module docstring) are written every
+    ``save_every`` steps and at the end, keeping the newest ``max_to_keep``. In several processes every
+    process runs this same call (orbax coordinates the writes).
+
+    Args:
+      state: the initial state (:func:`init_train_state`), placed as ``train_step`` expects it.
+      train_step: :func:`make_train_step`'s step, jitted (with shardings) or pmapped.
+      batch_fn: ``batch_fn(step) -> batch``, deterministic in ``step`` (e.g. drawn from
+        ``fold_in(key, step)``); in several processes it returns global arrays
+        (:func:`rssbl_jax.sharding.shard_batch`); with ``replicated`` it has a leading device axis.
+      num_steps: total number of steps of the run (not steps to add).
+      checkpoint_dir: where to save and resume from; ``None`` for no checkpoints.
+      save_every: checkpoint interval in steps.
+      max_to_keep: how many checkpoints to keep (``None`` keeps all).
+      replicated: ``True`` when ``train_step`` is a ``jax.pmap``: ``state`` is given unreplicated, is
+        replicated over the local devices for the steps, and checkpoints hold one copy.
+      on_step: called as ``on_step(step, loss)`` after each step (``step`` counts steps done).
+
+    Returns:
+      The final state (unreplicated when ``replicated``).
+
+    Raises:
+      NonFiniteError: when the loss, gradients or batch (``p`` included) held NaN/inf; nothing of that step is
+        saved and the last good checkpoint is kept.
+      ValueError, RuntimeError: from :func:`restore_latest`.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> tx = optax.sgd(0.1)
+    >>> state = init_train_state({"lora_b": jnp.ones(3)}, tx, jax.random.key(0))
+    >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
+    >>> final = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.zeros(3), num_steps=50)
+    >>> int(final.step), bool(jnp.abs(final.trainable["lora_b"]).max() < 0.1)
+    (50, True)
+    """
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1; got {save_every}.")
+    n_local = jax.local_device_count()
+    manager, last_saved = None, None
+    if checkpoint_dir is not None:
+        manager = _manager(checkpoint_dir, max_to_keep=max_to_keep)
+        try:
+            state, last_saved = _restore_newest(manager, state)
+        except BaseException:
+            manager.close()
+            raise
+    step = int(_to_host(state.step))
+    if replicated:
+        state = _replicate(state, n_local)
+
+    def save(current: TrainState, at: int) -> None:
+        snapshot = _unreplicate(current) if replicated else current
+        manager.save(
+            at,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_saved_tree(snapshot)), meta=ocp.args.JsonSave(_meta(snapshot))
+            ),
+        )
+
+    try:
+        while step < num_steps:
+            state, metrics = train_step(state, batch_fn(step))
+            finite = {k: bool(np.all(_to_host(v))) for k, v in metrics["finite"].items()}
+            if not all(finite.values()):
+                bad = tuple(k for k, v in finite.items() if not v)
+                if manager is not None:
+                    manager.wait_until_finished()
+                    last_saved = manager.latest_step()
+                where = f"step {last_saved} in {checkpoint_dir}" if last_saved is not None else "none"
+                raise NonFiniteError(
+                    f"non-finite values in {', '.join(bad)} at step {step}; training stopped before applying that "
+                    f"step's update. Last good checkpoint: {where}.",
+                    step=step,
+                    names=bad,
+                    last_checkpoint=last_saved,
+                )
+            step += 1
+            if on_step is not None:
+                on_step(step, float(np.ravel(_to_host(metrics["loss"]))[0]))
+            if manager is not None and (step % save_every == 0 or step == num_steps) and step != last_saved:
+                save(state, step)
+                last_saved = step
+    finally:
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return _unreplicate(state) if replicated else state

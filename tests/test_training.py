@@ -1,0 +1,220 @@
+"""rssbl_jax.training in one process: layouts give the same params, runs resume exactly, faults are caught.
+
+The model, data and layouts are in tests/workers/common.py, shared with the subprocess tests.
+"""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rssbl_jax import training
+from tests.workers import common
+
+N = 20
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """20 steps on one device: what every other way of running must reproduce."""
+    state, step, batch_fn = common.single_device_setup()
+    return common.flat_params(training.train(state, step, batch_fn, N))
+
+
+def report(name, diffs):
+    abs_diff, rel, bitwise = diffs
+    print(f"{name}: max|Δ| = {abs_diff:.3g}, max relative Δ = {rel:.3g}, bitwise = {bitwise}")
+
+
+@pytest.mark.parametrize("layout", ["data", "model"])
+def test_mesh_of_8_devices_matches_one_device(reference, layout):
+    state, step, batch_fn, mesh = common.sharded_setup(layout)
+    assert mesh.size == 8
+    out = training.train(state, step, batch_fn, N)
+    # The layout really is the one asked for: tensor-parallel factors follow their kernels.
+    lora_b = out.trainable["hidden"]["lora_b"]
+    if layout == "model":
+        assert lora_b.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+        assert lora_b.addressable_shards[0].data.shape == (common.RANK, common.HIDDEN // 4)
+        assert out.trainable["head"]["lora_a"].addressable_shards[0].data.shape == (common.HIDDEN // 4, common.RANK)
+        assert out.opt_state[0].mu["hidden"]["lora_b"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    else:
+        assert lora_b.sharding.is_fully_replicated
+    got = common.flat_params(out)
+    diffs = common.differences(got, reference)
+    report(f"1 device vs 8-device mesh ({layout})", diffs)
+    assert diffs[1] < 1e-5, diffs
+    # and training did something: the adapters moved, the frozen base did not
+    params0 = common.init_params(0)
+    assert np.abs(got["hidden/lora_a"] - params0["hidden"]["lora_a"]).max() > 1e-2
+    np.testing.assert_array_equal(got["hidden/kernel"], params0["hidden"]["kernel"])
+
+
+def test_pmap_matches_one_device(reference):
+    n = jax.local_device_count()
+    tx = common.optimizer()
+    state = training.init_train_state(common.init_params(0), tx, jax.random.key(0))
+    step = jax.pmap(training.make_train_step(common.loss_fn(common.AdaptedMLP()), tx, axis_name="i"), axis_name="i")
+
+    def batch_fn(i):
+        return jax.tree.map(lambda v: v.reshape(n, common.BATCH // n, *v.shape[1:]), common.global_batch(i, 0))
+
+    out = training.train(state, step, batch_fn, N, replicated=True)
+    assert out.trainable["hidden"]["lora_a"].shape == (common.D_IN, common.RANK)  # unreplicated
+    diffs = common.differences(common.flat_params(out), reference)
+    report(f"1 device vs pmap over {n}", diffs)
+    assert diffs[1] < 1e-5, diffs
+
+
+def test_bfloat16_compute_float32_state(reference):
+    state, step, batch_fn = common.single_device_setup(dtype=jnp.bfloat16)
+    hlo = step.lower(state, batch_fn(0)).as_text()
+    assert "bf16" in hlo  # the matmuls run in bfloat16
+    losses = []
+    out = training.train(state, step, batch_fn, N, on_step=lambda i, loss: losses.append(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves((out.trainable, out.frozen, out.opt_state)) if leaf.ndim}
+    assert dtypes == {jnp.dtype(jnp.float32)}  # params, moments: float32
+    diffs = common.differences(common.flat_params(out), reference)
+    report("float32 vs bfloat16 compute", diffs)
+    assert diffs[0] < 0.15, diffs  # 20 Adam steps of lr 3e-2 move each weight by up to 0.6
+    # The float32 run's losses, for comparison: the same curve within bfloat16's resolution.
+    state, step, batch_fn = common.single_device_setup()
+    losses32 = []
+    training.train(state, step, batch_fn, N, on_step=lambda i, loss: losses32.append(loss))
+    rel = np.abs(np.array(losses) - np.array(losses32)) / np.array(losses32)
+    print(f"bfloat16 vs float32 loss curve: max relative Δ = {rel.max():.3g}")
+    assert rel.max() < 0.05, rel
+
+
+def test_resume_is_bitwise(tmp_path):
+    state, step, batch_fn = common.single_device_setup()
+    uninterrupted = common.flat_params(training.train(state, step, batch_fn, N))
+    ckpt = str(tmp_path / "ckpt")
+    first = training.train(state, step, batch_fn, 12, checkpoint_dir=ckpt, save_every=5)
+    assert int(first.step) == 12
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [5, 10, 12]
+    # A fresh start with the same command resumes from step 12 and finishes the run.
+    seen = []
+    resumed = training.train(
+        state, step, batch_fn, N, checkpoint_dir=ckpt, save_every=5, on_step=lambda i, _: seen.append(i)
+    )
+    assert seen[0] == 13 and seen[-1] == N
+    diffs = common.differences(common.flat_params(resumed), uninterrupted)
+    report("interrupted (in-process) vs uninterrupted", diffs)
+    assert diffs[2], diffs  # bitwise
+    # Restoring the final checkpoint gives the final state, opt_state and step included.
+    restored, at = training.restore_latest(ckpt, state)
+    assert at == N and int(restored.step) == N
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def big_leaf_run():
+    """A state with an 8 KiB adapter leaf: orbax stores arrays this size in plain data files that it reads
+    back without a checksum, so a flipped bit there is restored silently unless the digest catches it."""
+    tx = optax.sgd(0.1)
+    params = {"layer": {"kernel": jnp.ones((256, 4)), "lora_a": jnp.linspace(0.0, 1.0, 2048).reshape(256, 8)}}
+    state = training.init_train_state(params, tx, jax.random.key(0))
+    step = jax.jit(training.make_train_step(lambda q, b, r: jnp.mean((q["layer"]["lora_a"] - b) ** 2), tx))
+    return state, step, lambda i: jnp.full((256, 8), i / 10.0)
+
+
+def _array_file(step_dir):
+    return max((step_dir / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+
+
+def _flip_bit(step_dir):
+    f = _array_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+    for f in (step_dir / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _garble_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [_flip_bit, _truncate, _garble_meta], ids=["bitflip", "truncate", "meta"])
+def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog, damage):
+    state, step, batch_fn = big_leaf_run()
+    ckpt = tmp_path / "ckpt"
+    training.train(state, step, batch_fn, 10, checkpoint_dir=str(ckpt), save_every=5)
+    damage(ckpt / "10")
+    with caplog.at_level(logging.WARNING, logger="rssbl_jax.training"):
+        restored, at = training.restore_latest(str(ckpt), state)
+    assert at == 5 and int(restored.step) == 5
+    skipped = [r.message for r in caplog.records if r.name == "rssbl_jax.training" and "skipping" in r.message]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipping checkpoint {ckpt}/10:"), skipped
+    if damage is _flip_bit:  # orbax reads this flipped bit back without complaint; the digest catches it
+        assert "does not match its SHA-256 digest" in skipped[0], skipped
+    assert (ckpt / "10.corrupt").is_dir() and not (ckpt / "10").exists()
+    # Training goes on from step 5 and saves step 10 again; the result is the uninterrupted one, bitwise.
+    final = training.train(state, step, batch_fn, 10, checkpoint_dir=str(ckpt), save_every=5)
+    expected = training.train(state, step, batch_fn, 10)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert training.restore_latest(str(ckpt), state)[1] == 10
+
+
+def test_no_intact_checkpoint_is_an_error(tmp_path):
+    state, step, batch_fn = big_leaf_run()
+    ckpt = tmp_path / "ckpt"
+    training.train(state, step, batch_fn, 5, checkpoint_dir=str(ckpt), save_every=5)
+    _flip_bit(ckpt / "5")
+    with pytest.raises(RuntimeError, match=r"no intact checkpoint.*step 5: .*SHA-256"):
+        training.train(state, step, batch_fn, 10, checkpoint_dir=str(ckpt), save_every=5)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    state, step, batch_fn = common.single_device_setup()
+    ckpt = str(tmp_path / "ckpt")
+    training.train(state, step, batch_fn, 3, checkpoint_dir=ckpt, save_every=3)
+    tx = common.optimizer()
+    other = training.init_train_state(common.init_params(0, rank=2), tx, jax.random.key(0))
+    with pytest.raises(
+        ValueError, match=r"'trainable/head/lora_a' is float32\(16, 4\) in the checkpoint but float32\(16, 2\)"
+    ):
+        training.restore_latest(ckpt, other)
+    # A different optimizer (other state tree) is refused too, naming the path.
+    sgd_state = training.init_train_state(common.init_params(0), optax.sgd(0.1), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"'opt_state/0/count' is in the checkpoint but not here"):
+        training.restore_latest(ckpt, sgd_state)
+    assert sorted(os.listdir(ckpt)) == ["3"]  # nothing renamed or deleted
+
+
+def test_nan_in_operating_params_stops_and_keeps_last_good_checkpoint(tmp_path):
+    state, step, batch_fn = common.single_device_setup()
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(
+        training.NonFiniteError, match=r"values in batch/p.* at step 7.*Last good checkpoint: step 5"
+    ) as info:
+        training.train(state, step, lambda i: batch_fn(i, nan_at=7), N, checkpoint_dir=ckpt, save_every=5)
+    assert "batch/p" in info.value.names and info.value.step == 7 and info.value.last_checkpoint == 5
+    assert "batch/x" not in info.value.names
+    assert isinstance(info.value, FloatingPointError)
+    restored, at = training.restore_latest(ckpt, state)
+    assert at == 5 and all(np.isfinite(x).all() for x in jax.tree.leaves(restored.trainable))
+    expected = training.train(state, step, batch_fn, 5)
+    assert common.differences(common.flat_params(restored), common.flat_params(expected))[2]
+
+
+def test_diverging_loss_stops_training(tmp_path):
+    tx = optax.sgd(1e8)
+    state = training.init_train_state(common.init_params(0), tx, jax.random.key(0))
+    step = jax.jit(training.make_train_step(common.loss_fn(common.AdaptedMLP()), tx))
+    with pytest.raises(training.NonFiniteError, match=r"non-finite values in .*loss at step") as info:
+        training.train(state, step, common.global_batch, N, checkpoint_dir=str(tmp_path / "ckpt"), save_every=1)
+    bad = info.value.step
+    assert 0 < bad < N and info.value.last_checkpoint == bad
+    restored, at = training.restore_latest(str(tmp_path / "ckpt"), state)
+    assert at == bad and all(np.isfinite(x).all() for x in jax.tree.leaves(restored.trainable))
