@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv run demo test test-slow bench lint clean
 
 venv: $(VENV)/.installed
 
@@ -13,9 +13,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-## The main job: adapt a frozen network to operating conditions and print what it learned.
+## The main job: every method on every task (configs/default.py); prints the tables, writes runs/default/.
+run: venv
+	$(PY) -m experiments.run --config configs/default.py --workdir runs/default
+
+## A 10-second demo: adapt a frozen network to operating conditions and print what it learned.
 demo: venv
 	$(PY) -m experiments.demo --config configs/demo.py
+
+## Speed and memory ratios (quick mode); writes BENCHMARKS.md.
+bench: venv
+	$(PY) -m benchmarks.run
 
 ## The test suite (unit tests + doctests), < 10 minutes on 2 CPU cores.
 test: venv

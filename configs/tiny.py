@@ -1,6 +1,6 @@
 """A tiny configuration of the whole pipeline, for tests and smoke runs (seconds).
 
-    python -m experiments.run --config configs/tiny.py --workdir runs/tiny
+python -m experiments.run --config configs/tiny.py --workdir runs/tiny
 """
 
 import ml_collections

@@ -30,7 +30,8 @@ def tables(summary: dict[str, Any]) -> str:
             "Ranks: effective rank (99% energy) of the first layer's ΔW(p): median single p; all p stacked "
             "(input span / output span).",
             "",
-            "| method | trainable | lr | seen | interpolation | extrapolation | ms/step | rank ΔW(p) | stacked in/out |",
+            "| method | trainable | lr | seen | interpolation | extrapolation | ms/step/run | rank ΔW(p) "
+            "| stacked in/out |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:

@@ -244,7 +244,9 @@ def pendulum(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
     widths = (config.pde_hidden, config.pde_hidden, times.shape[0])
     base = pretrain(widths, x0, y0, 2, config, k_pre)
-    return _build("pendulum", config, 2, system, sample_x, widths, {"params": base}, ("ζ", "ω"), pendulum_physical, k_rest)
+    return _build(
+        "pendulum", config, 2, system, sample_x, widths, {"params": base}, ("ζ", "ω"), pendulum_physical, k_rest
+    )
 
 
 BURGERS_RANGE = {"log10_nu": (-1.6, -0.8), "forcing": (-0.5, 0.5)}
@@ -271,7 +273,9 @@ def burgers(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
     widths = (config.pde_hidden, config.pde_hidden, config.burgers_points)
     base = pretrain(widths, x0, y0, 2, config, k_pre)
-    return _build("burgers", config, 2, system, sample_x, widths, {"params": base}, ("log10 ν", "f"), burgers_physical, k_rest)
+    return _build(
+        "burgers", config, 2, system, sample_x, widths, {"params": base}, ("log10 ν", "f"), burgers_physical, k_rest
+    )
 
 
 def make_task(name: str, config: ml_collections.ConfigDict, key: jax.Array) -> Task:

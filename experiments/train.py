@@ -99,24 +99,26 @@ def effective_rank(matrix: np.ndarray, energy: float = 0.99, reference_norm: flo
 def update_ranks(task: Task, method: str, params: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
     """Effective rank of the first layer's update ΔW(p) (its action on x, minus the base kernel) over the sweep.
 
-    Every method's layer is affine in ``x`` at fixed ``p``, so ``ΔW(p) = f(I, p) - f(0, p) - W``. Reports the
+    Every method's layer is affine in ``x`` at fixed ``p``, so ``ΔW(p) = f(I, p) - f(0, p) - W`` with ``W`` the
+    frozen base kernel (full fine-tuning's change of the kernel counts as its update). Reports the
     median rank of a single ΔW(p), and the rank of all ΔW(p) stacked along the output axis (their common
     input-space span) and along the input axis (their output-space span).
     """
     layer = make_layer(method, task.widths[0], config.rank, config.lora_alpha, config.hyper_hidden)
     first = params["dense_0"]
-    d_in = first["kernel"].shape[0]
+    base_kernel = task.base_params["params"]["dense_0"]["kernel"]
+    d_in = base_kernel.shape[0]
     eye = jnp.eye(d_in)
 
     def delta(p):
         rows = jnp.broadcast_to(p, (d_in, p.shape[-1]))
         on = layer.apply({"params": first}, eye, rows)
         off = layer.apply({"params": first}, jnp.zeros_like(eye), rows)
-        return on - off - first["kernel"]
+        return on - off - base_kernel
 
     conditions = np.unique(np.asarray(task.sweep.p), axis=0)
     deltas = np.asarray(jax.jit(jax.vmap(delta))(jnp.asarray(conditions)))  # [K, d_in, d_out]
-    norm = float(np.linalg.norm(first["kernel"]))
+    norm = float(np.linalg.norm(base_kernel))
     return {
         "rank_single": float(np.median([effective_rank(d, reference_norm=norm) for d in deltas])),
         "rank_stacked_in": effective_rank(np.concatenate(list(deltas), axis=1), reference_norm=norm),
@@ -160,7 +162,9 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
         return (err.mean(axis=1) / base.mean()).reshape(seeds, len(lrs))
 
     validation = relative("validation").mean(axis=0)
-    best = int(np.nanargmin(np.where(np.isfinite(validation), validation, np.nan))) if np.isfinite(validation).any() else 0
+    best = (
+        int(np.nanargmin(np.where(np.isfinite(validation), validation, np.nan))) if np.isfinite(validation).any() else 0
+    )
     chosen = jax.tree.map(lambda t: t.reshape(seeds, len(lrs), *t.shape[1:])[:, best], trained)
 
     result: dict[str, Any] = {
@@ -179,7 +183,9 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         rows = (distance > lo) & (distance <= hi)
         if rows.any():
-            result["extrapolation_by_distance"].append([float(lo), float(hi), *mean_ci(relative("extrapolation", rows)[:, best])])
+            result["extrapolation_by_distance"].append(
+                [float(lo), float(hi), *mean_ci(relative("extrapolation", rows)[:, best])]
+            )
     sweep_err = errors["sweep"].reshape(seeds, len(lrs), -1)[:, best]  # [seeds, rows]
     sweep_base = base_rows["sweep"]
     conditions, inverse = np.unique(np.asarray(task.sweep.p), axis=0, return_inverse=True)
@@ -218,7 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     metrics = open(workdir / "metrics.jsonl", "w")
-    with metrics, tqdm(total=len(config.tasks) * len(config.methods), desc="task x method", disable=not config.progress) as bar:
+    with (
+        metrics,
+        tqdm(total=len(config.tasks) * len(config.methods), desc="task x method", disable=not config.progress) as bar,
+    ):
         for t, task_name in enumerate(config.tasks):
             bar.set_postfix_str(f"{task_name}: building data")
             task = make_task(task_name, config, jax.random.fold_in(key, t))
