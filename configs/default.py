@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.progress = True
-    config.tasks = ["planted_shared", "planted_moving", "pendulum", "burgers"]
+    config.tasks = ["planted_shared", "planted_moving", "pendulum", "burgers", "transformer"]
+    # The transformer task runs the methods that can be injected into an unmodified model.
+    config.transformer_methods = ["frozen", "lora", "rss", "rss_one_plus", "rss_gate_only", "rss_shift_only"]
     config.methods = list(METHODS)
     config.num_seeds = 5
     # The same learning-rate grid for every method; each method's lr is chosen on validation rows (fresh inputs
@@ -48,6 +50,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.burgers_points = 64
     config.burgers_time = 1.0
     config.burgers_steps = 100
+    # The transformer: 1 block, d_model 32, 4 heads, sequences of 8 tokens; adapted in attention query/value.
+    config.tf_d_model = 32
+    config.tf_heads = 4
+    config.tf_mlp = 64
+    config.tf_layers = 1
+    config.tf_d_out = 4
+    config.tf_seq = 8
     # Error vs number of training conditions (2x2, 3x3, 4x4 grids).
     config.conditions_task = "planted_shared"
     config.conditions_grids = [2, 3, 4]

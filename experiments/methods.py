@@ -146,6 +146,8 @@ def trainable_mask(params: Any, method: str) -> Any:
             return True
         if method == "rss_gate_only" and name == "lora_s":
             return False
+        if method == "lora" and name in ("lora_c", "lora_s"):  # injected LoRA: gate 1 + C p with C = S = 0
+            return False
         if method == "rss_shift_only" and name == "lora_c":
             return False
         return name.startswith(_ADAPTER_PREFIXES)

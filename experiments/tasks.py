@@ -1,6 +1,6 @@
 """Tasks: a frozen network of nominal conditions, and data of the same system under other operating conditions.
 
-Every task returns a :class:`Task`: the network's widths and its frozen base params, a training set at a grid of
+Every task returns a :class:`Task`: how to build each method's network and the frozen base params, a training set at a grid of
 conditions (per-example ``p``, standardised so the training range is [-1, 1]^d_p), and evaluation splits:
 ``seen`` (fresh inputs at the training conditions), ``interpolation`` (held-out conditions inside the range),
 ``extrapolation`` (conditions outside it, each row tagged with its distance from the range), plus a ``sweep``
@@ -12,6 +12,8 @@ along the first operating parameter for plots.
   while the span over all ``p`` is larger): a case where RSSBilinearLoRA's fixed subspace should not suffice.
 * ``pendulum``: a damped nonlinear pendulum ``θ'' + 2ζω θ' + ω² sin θ = 0`` integrated with diffrax; the network
   maps the initial state ``(θ0, θ'0)`` to ``θ`` at 16 times; operating parameters ``(ζ, ω)``.
+* ``transformer``: a small linen transformer whose query and value projections carry a planted conditional
+  update; methods are injected into the unmodified model with ``rssbl_jax.inject`` (:mod:`experiments.transformer`).
 * ``burgers``: viscous Burgers' equation with forcing, ``u_t + u u_x = ν u_xx + f sin x`` on a periodic grid of 64
   points, solved by :mod:`experiments.pde`; the network maps ``u(·, 0)`` to ``u(·, T)``; parameters ``(log ν, f)``.
 
@@ -29,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import pde
+from experiments import pde, transformer
 from experiments.methods import MLP
 
 
@@ -44,7 +46,7 @@ class Split(NamedTuple):
 
 class Task(NamedTuple):
     name: str
-    widths: tuple[int, ...]
+    build: Any  # (method, config) -> a model with init(key, x, p) and apply(variables, x, p)
     base_params: Any
     train: Split
     splits: dict[str, Split]  # validation (lr selection), seen, interpolation, extrapolation
@@ -82,7 +84,12 @@ def _sweep_conditions(d_p: int, points: int = 41) -> jax.Array:
     return jnp.concatenate([line[:, None], jnp.zeros((points, d_p - 1))], axis=-1)
 
 
-def _build(name, config, d_p, system, sample_x, widths, base_params, p_names, p_physical, key) -> Task:
+def mlp_builder(widths: tuple[int, ...]):
+    """The MLP of :mod:`experiments.methods` with the given widths, for any method."""
+    return lambda method, config: MLP(widths, method, config.rank, config.lora_alpha, config.hyper_hidden)
+
+
+def _build(name, config, d_p, system, sample_x, build, base_params, p_names, p_physical, key) -> Task:
     system = jax.jit(system)
     sample_x = jax.jit(sample_x, static_argnums=1)
     k_cond, k_train, k_eval, k_sweep = jax.random.split(key, 4)
@@ -97,7 +104,7 @@ def _build(name, config, d_p, system, sample_x, widths, base_params, p_names, p_
         "extrapolation": _split(system, conds["extrapolation"], n, keys[2], sample_x),
     }
     sweep = _split(system, _sweep_conditions(d_p), config.sweep_points, k_sweep, sample_x)
-    return Task(name, widths, base_params, train, splits, sweep, p_names, p_physical)
+    return Task(name, build, base_params, train, splits, sweep, p_names, p_physical)
 
 
 # --------------------------------------------------------------------------------------------- planted teachers
@@ -159,7 +166,7 @@ def planted(config: ml_collections.ConfigDict, key: jax.Array, moving: bool) -> 
         config.d_p,
         lambda x, p: planted_apply(teacher, x, p),
         sample_x,
-        (config.hidden, config.d_out),
+        mlp_builder((config.hidden, config.d_out)),
         base_params,
         tuple(f"p{i}" for i in range(config.d_p)),
         lambda p: p,
@@ -245,7 +252,16 @@ def pendulum(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     widths = (config.pde_hidden, config.pde_hidden, times.shape[0])
     base = pretrain(widths, x0, y0, 2, config, k_pre)
     return _build(
-        "pendulum", config, 2, system, sample_x, widths, {"params": base}, ("ζ", "ω"), pendulum_physical, k_rest
+        "pendulum",
+        config,
+        2,
+        system,
+        sample_x,
+        mlp_builder(widths),
+        {"params": base},
+        ("ζ", "ω"),
+        pendulum_physical,
+        k_rest,
     )
 
 
@@ -274,8 +290,36 @@ def burgers(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     widths = (config.pde_hidden, config.pde_hidden, config.burgers_points)
     base = pretrain(widths, x0, y0, 2, config, k_pre)
     return _build(
-        "burgers", config, 2, system, sample_x, widths, {"params": base}, ("log10 ν", "f"), burgers_physical, k_rest
+        "burgers",
+        config,
+        2,
+        system,
+        sample_x,
+        mlp_builder(widths),
+        {"params": base},
+        ("log10 ν", "f"),
+        burgers_physical,
+        k_rest,
     )
+
+
+def transformer_task(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
+    """A small transformer whose query/value projections carry a planted conditional update (see
+    :mod:`experiments.transformer`); methods are injected into the unmodified model."""
+    k_system, k_rest = jax.random.split(key)
+    base, (teacher, planted_vars) = transformer.planted_system(config, k_system)
+
+    def system(x, p):
+        return teacher.apply(planted_vars, x, p=p)
+
+    def sample_x(k, n):
+        return jax.random.normal(k, (n, config.tf_seq, config.tf_d_model))
+
+    def build(method, config):
+        return transformer.InjectedModel(transformer.model(config), method, config.rank, config.lora_alpha)
+
+    names = tuple(f"p{i}" for i in range(config.d_p))
+    return _build("transformer", config, config.d_p, system, sample_x, build, base, names, lambda p: p, k_rest)
 
 
 def make_task(name: str, config: ml_collections.ConfigDict, key: jax.Array) -> Task:
@@ -288,4 +332,8 @@ def make_task(name: str, config: ml_collections.ConfigDict, key: jax.Array) -> T
         return pendulum(config, key)
     if name == "burgers":
         return burgers(config, key)
-    raise ValueError(f"unknown task {name!r}; expected planted_shared, planted_moving, pendulum or burgers.")
+    if name == "transformer":
+        return transformer_task(config, key)
+    raise ValueError(
+        f"unknown task {name!r}; expected planted_shared, planted_moving, pendulum, burgers or transformer."
+    )

@@ -25,29 +25,35 @@ import ml_collections
 import numpy as np
 import optax
 import scipy.stats
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 from experiments import report as report_lib
-from experiments.methods import MLP, count_trainable, make_layer, trainable_mask
+from experiments import transformer
+from experiments.methods import count_trainable, make_layer, trainable_mask
 from experiments.tasks import Split, Task, make_task
 
 
 def init_params(task: Task, method: str, config: ml_collections.ConfigDict, key: jax.Array) -> Any:
     """The method's params with the task's frozen base loaded at the base's paths."""
-    model = MLP(task.widths, method, config.rank, config.lora_alpha, config.hyper_hidden)
-    params = model.init(key, task.train.x[:2], task.train.p[:2])["params"]
-    base = task.base_params["params"]
-    return {layer: {**params[layer], **base[layer]} for layer in params}
+    params = task.build(method, config).init(key, task.train.x[:2], task.train.p[:2])["params"]
+    flat = traverse_util.flatten_dict(params)
+    base = traverse_util.flatten_dict(task.base_params["params"])
+    missing = set(base) - set(flat)
+    if missing:
+        raise ValueError(f"{method} on {task.name} has no leaves {sorted(missing)} of the base network.")
+    return traverse_util.unflatten_dict({**flat, **base})
 
 
-def _mse_rows(model: MLP, params: Any, split: Split) -> jax.Array:
-    """Per-row squared error, averaged over outputs."""
-    return jnp.mean((model.apply({"params": params}, split.x, split.p) - split.y) ** 2, axis=-1)
+def _mse_rows(model: Any, params: Any, split: Split) -> jax.Array:
+    """Per-row squared error, averaged over all output axes."""
+    err = (model.apply({"params": params}, split.x, split.p) - split.y) ** 2
+    return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
 def make_trainer(task: Task, method: str, config: ml_collections.ConfigDict):
     """The model and a jit-compiled ``(params [R, ...], lrs [R], keys [R]) -> (params, losses)`` for R runs."""
-    model = MLP(task.widths, method, config.rank, config.lora_alpha, config.hyper_hidden)
+    model = task.build(method, config)
     train = task.train
     n = train.x.shape[0]
     batch = min(config.batch_size, n)
@@ -104,10 +110,15 @@ def update_ranks(task: Task, method: str, params: Any, config: ml_collections.Co
     median rank of a single ΔW(p), and the rank of all ΔW(p) stacked along the output axis (their common
     input-space span) and along the input axis (their output-space span).
     """
-    layer = make_layer(method, task.widths[0], config.rank, config.lora_alpha, config.hyper_hidden)
+    conditions = np.unique(np.asarray(task.sweep.p), axis=0)
+    if task.name == "transformer":
+        deltas = np.asarray(jax.vmap(lambda p: transformer.first_update(params, p, method, config))(conditions))
+        norm = float(np.linalg.norm(transformer.first_base_kernel(task.base_params["params"])))
+        return _ranks(deltas, norm)
     first = params["dense_0"]
     base_kernel = task.base_params["params"]["dense_0"]["kernel"]
     d_in = base_kernel.shape[0]
+    layer = make_layer(method, first["kernel"].shape[1], config.rank, config.lora_alpha, config.hyper_hidden)
     eye = jnp.eye(d_in)
 
     def delta(p):
@@ -116,9 +127,12 @@ def update_ranks(task: Task, method: str, params: Any, config: ml_collections.Co
         off = layer.apply({"params": first}, jnp.zeros_like(eye), rows)
         return on - off - base_kernel
 
-    conditions = np.unique(np.asarray(task.sweep.p), axis=0)
     deltas = np.asarray(jax.jit(jax.vmap(delta))(jnp.asarray(conditions)))  # [K, d_in, d_out]
-    norm = float(np.linalg.norm(base_kernel))
+    return _ranks(deltas, float(np.linalg.norm(base_kernel)))
+
+
+def _ranks(deltas: np.ndarray, norm: float) -> dict[str, float]:
+    """Median single-p rank and the ranks of the updates stacked along each axis."""
     return {
         "rank_single": float(np.median([effective_rank(d, reference_norm=norm) for d in deltas])),
         "rank_stacked_in": effective_rank(np.concatenate(list(deltas), axis=1), reference_norm=norm),
@@ -142,7 +156,7 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     trained, _ = jax.block_until_ready(compiled(pair_params, pair_lrs, pair_keys))
     seconds = time.perf_counter() - start
 
-    base_model = MLP(task.widths, "frozen")
+    base_model = task.build("frozen", config)
     base_params = task.base_params["params"]
 
     @jax.jit
@@ -216,6 +230,13 @@ def conditions_sweep(config: ml_collections.ConfigDict, lrs: dict[str, float], k
     return rows
 
 
+def methods_for(task_name: str, config: ml_collections.ConfigDict) -> list[str]:
+    """The configured methods a task runs (the transformer task runs the injectable ones)."""
+    if task_name == "transformer":
+        return [m for m in config.methods if m in config.transformer_methods]
+    return list(config.methods)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Run every method on every task of ``config``; write metrics, report and plots to ``workdir``."""
     workdir = pathlib.Path(workdir)
@@ -224,14 +245,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     metrics = open(workdir / "metrics.jsonl", "w")
+    plan = [(name, methods_for(name, config)) for name in config.tasks]
     with (
         metrics,
-        tqdm(total=len(config.tasks) * len(config.methods), desc="task x method", disable=not config.progress) as bar,
+        tqdm(total=sum(len(m) for _, m in plan), desc="task x method", disable=not config.progress) as bar,
     ):
-        for t, task_name in enumerate(config.tasks):
+        for t, (task_name, task_methods) in enumerate(plan):
             bar.set_postfix_str(f"{task_name}: building data")
             task = make_task(task_name, config, jax.random.fold_in(key, t))
-            for m, method in enumerate(config.methods):
+            for m, method in enumerate(task_methods):
                 bar.set_postfix_str(f"{task_name}: {method}")
                 result = run_method(task, method, config, jax.random.fold_in(key, 1000 * t + m))
                 results.append(result)

@@ -191,3 +191,34 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert frozen["seen"][0] == pytest.approx(1.0) and frozen["trainable"] == 0 and frozen["rank_single"] == 0
     rss = summary["results"][2]
     assert rss["rank_stacked_in"] <= config.rank and rss["rank_stacked_out"] <= config.rank
+
+
+def test_transformer_task_injects_into_the_unmodified_model():
+    from experiments import transformer
+
+    config = tiny.get_config()
+    config.steps = 10
+    task = tasks.make_task("transformer", config, jax.random.key(0))
+    x, p = task.train.x[:3], task.train.p[:3]
+    base = task.build("frozen", config)
+    y_base = base.apply(task.base_params, x, p)
+    for method in transformer.INJECTABLE[1:]:
+        params = train.init_params(task, method, config, jax.random.key(1))
+        # the base loads at the unmodified model's paths; B = 0 at init reproduces it exactly
+        np.testing.assert_array_equal(task.build(method, config).apply({"params": params}, x, p), y_base)
+        mask = methods.trainable_mask(params, method)
+        query = mask["block_0"]["attention"]["query"]
+        assert not query["kernel"] and query["lora_a"] and query["lora_b"]
+        assert query["lora_c"] == (method in ("rss", "rss_one_plus", "rss_gate_only"))
+    # ΔW(p) of injected LoRA is alpha/r * A B for every p (gate 1 + C p with C = 0)
+    params = train.init_params(task, "lora", config, jax.random.key(2))
+    q = params["block_0"]["attention"]["query"]
+    q["lora_b"] = jax.random.normal(jax.random.key(3), q["lora_b"].shape)
+    a, b = np.asarray(q["lora_a"], np.float64), np.asarray(q["lora_b"], np.float64).reshape(config.rank, -1)
+    for point in (jnp.zeros(2), jnp.array([1.5, -2.0])):
+        delta = transformer.first_update(params, point, "lora", config)
+        np.testing.assert_allclose(delta, config.lora_alpha / config.rank * a @ b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not injectable"):
+        task.build("film_branch", config)
+    result = train.run_method(task, "rss", config, jax.random.key(4))
+    assert all(math.isfinite(v) for v in result["interpolation"]) and result["rank_stacked_in"] <= config.rank
