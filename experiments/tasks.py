@@ -1,7 +1,8 @@
 """Tasks: a frozen network of nominal conditions, and data of the same system under other operating conditions.
 
-Every task returns a :class:`Task`: how to build each method's network and the frozen base params, a training set at a grid of
-conditions (per-example ``p``, standardised so the training range is [-1, 1]^d_p), and evaluation splits:
+Every task returns a :class:`Task`: how to build each method's network and the frozen base params, a
+training set at a grid of conditions (per-example ``p``, standardised so the training range is [-1, 1]^d_p),
+and evaluation splits:
 ``seen`` (fresh inputs at the training conditions), ``interpolation`` (held-out conditions inside the range),
 ``extrapolation`` (conditions outside it, each row tagged with its distance from the range), plus a ``sweep``
 along the first operating parameter for plots.
