@@ -52,13 +52,15 @@ def _mse_rows(model: Any, params: Any, split: Split) -> jax.Array:
 
 
 def make_trainer(task: Task, method: str, config: ml_collections.ConfigDict):
-    """The model and a jit-compiled ``(params [R, ...], lrs [R], keys [R]) -> (params, losses)`` for R runs."""
+    """The model and a jit-compiled ``(params [R, ...], lrs [R], keys [R], train) -> (params, losses)`` for R runs.
+
+    The data is an argument, not a closed-over constant, so XLA neither embeds nor constant-folds it."""
     model = task.build(method, config)
     train = task.train
     n = train.x.shape[0]
     batch = min(config.batch_size, n)
 
-    def one_run(params, lr, key):
+    def one_run(params, lr, key, train):
         labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask(params, method))
         schedule = optax.cosine_decay_schedule(1.0, config.steps)
         tx = optax.partition(
@@ -78,7 +80,7 @@ def make_trainer(task: Task, method: str, config: ml_collections.ConfigDict):
         (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key, config.steps))
         return params, losses
 
-    return model, jax.jit(jax.vmap(one_run))
+    return model, jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, None)))
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float]:
@@ -151,22 +153,23 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     pair_params = jax.tree.map(lambda t: jnp.repeat(t, len(lrs), axis=0), inits)
     pair_lrs = jnp.tile(jnp.asarray(lrs), seeds)
     pair_keys = jnp.repeat(jax.random.split(k_train, seeds), len(lrs), axis=0)
-    compiled = trainer.lower(pair_params, pair_lrs, pair_keys).compile()
+    compiled = trainer.lower(pair_params, pair_lrs, pair_keys, task.train).compile()
     start = time.perf_counter()
-    trained, _ = jax.block_until_ready(compiled(pair_params, pair_lrs, pair_keys))
+    trained, _ = jax.block_until_ready(compiled(pair_params, pair_lrs, pair_keys, task.train))
     seconds = time.perf_counter() - start
 
     base_model = task.build("frozen", config)
     base_params = task.base_params["params"]
 
     @jax.jit
-    def evaluate_all(trained):
-        splits = {**task.splits, "sweep": task.sweep}
+    def evaluate_all(trained, splits):
         errors = {name: jax.vmap(lambda q, s=s: _mse_rows(model, q, s))(trained) for name, s in splits.items()}
         bases = {name: _mse_rows(base_model, base_params, s) for name, s in splits.items()}
         return errors, bases
 
-    errors, base_rows = jax.tree.map(np.asarray, evaluate_all(trained))  # [pairs, rows], [rows]
+    errors, base_rows = jax.tree.map(
+        np.asarray, evaluate_all(trained, {**task.splits, "sweep": task.sweep})
+    )  # [pairs, rows]
 
     def relative(split_name: str, rows_mask: np.ndarray | None = None) -> np.ndarray:
         err = errors[split_name]

@@ -12,6 +12,7 @@ directory and renames it when complete), holding two items:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,13 @@ def save_adapters(
     if not leaves:
         raise ValueError("save_adapters found no lora_* leaves in params.")
     layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
+    unmatched = [pattern for pattern in (alpha_pattern or {}) if not any(re.fullmatch(pattern, x) for x in layers)]
+    if unmatched:
+        raise ValueError(
+            f"alpha_pattern {unmatched} matches none of the adapted layers {layers}, so their lora_alpha cannot be "
+            "resolved. Save the params tree whose paths the patterns were written for (for NNX: "
+            "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
+        )
     d_ps = {jnp.shape(leaves[_join(layer, "lora_c")])[0] for layer in layers}
     config = {
         "format": FORMAT,
@@ -133,6 +141,16 @@ def load_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: when there is no complete checkpoint at ``path``.
+
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from rssbl_jax import RSSBilinearLoRADense
+    >>> params = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0).init(
+    ...     jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
+    >>> path = tempfile.mkdtemp() + "/adapters"
+    >>> save_adapters(path, params, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
+    >>> config = load_adapter_config(path)
+    >>> config["d_p"], config["lora_alpha"], config["p_normalization"]
+    (2, {'': 4.0}, {'mean': [0.0, 1.0], 'std': [1.0, 2.0]})
     """
     path = os.path.abspath(path)
     if not os.path.isdir(os.path.join(path, "config")):
@@ -154,6 +172,18 @@ def load_adapters(path: str | os.PathLike, params: PyTree) -> PyTree:
     Raises:
       ValueError: naming the first mismatched path with both shapes (or the missing side).
       FileNotFoundError: when there is no complete checkpoint at ``path``.
+
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from rssbl_jax import RSSBilinearLoRADense
+    >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
+    >>> trained = layer.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
+    >>> trained = {**trained, "lora_b": jnp.ones((2, 4))}             # as if trained
+    >>> path = tempfile.mkdtemp() + "/adapters"
+    >>> save_adapters(path, trained, lora_alpha=4.0)
+    >>> fresh = layer.init(jax.random.key(1), jnp.ones((1, 3)), jnp.ones(2))["params"]
+    >>> restored = load_adapters(path, fresh)
+    >>> bool(jnp.all(restored["lora_b"] == 1.0)), bool(jnp.all(restored["kernel"] == fresh["kernel"]))
+    (True, True)
     """
     config = load_adapter_config(path)
     saved = {name: tuple(info["shape"]) for name, info in config["leaves"].items()}

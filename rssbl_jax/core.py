@@ -75,8 +75,13 @@ def modulate(
 ) -> Float[Array, "*batch r"]:
     r"""The rank-space modulation: ``h ⊙ (g_0 + C p) + S p`` for rank-space activations ``h = A x``.
 
-    This is the one place the operating parameters act; :func:`rss_update` and every adapted layer kind
-    (Dense, DenseGeneral, Einsum, Conv) apply their own ``A`` and ``B`` around it.
+    .. math::
+
+        \tilde h = h \odot (g_0 + C p) + S p, \qquad h = A x \in \mathbb{R}^r,\ p \in \mathbb{R}^{d_p}
+
+    (``C p`` and ``S p`` are ``p @ lora_c`` and ``p @ lora_s`` in the kernel convention). This is the one place
+    the operating parameters act; :func:`rss_update` and every adapted layer kind (Dense, DenseGeneral, Einsum,
+    Conv) apply their own ``A`` and ``B`` around it.
 
     Args:
       h: rank-space activations ``[..., r]``.
@@ -223,6 +228,8 @@ def rss_dense(
     )
     y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision).reshape(delta.shape) + delta
     if bias is not None:
+        if jnp.shape(bias) != (kernel.shape[1],):
+            raise ValueError(f"bias must be (d_out,)=({kernel.shape[1]},); got bias.shape={jnp.shape(bias)}.")
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
 
@@ -258,25 +265,23 @@ def merge_dense(
     Dense with ``use_bias=True``. Vectorise over many operating points with ``jax.vmap``.
 
     Raises:
-      ValueError: when ``operating_params`` is not ``[d_p]``.
+      ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
+
+    >>> import numpy as np
+    >>> kernel, bias = np.zeros((2, 2)), np.zeros(2)
+    >>> a, b = np.array([[1.0], [0.0]]), np.array([[0.0, 1.0]])        # A e_1, B e_2: one rank direction
+    >>> c, s = np.array([[2.0]]), np.array([[3.0]])                    # gate 2 p, shift 3 p
+    >>> merged = merge_dense(kernel, bias, a, b, c, s, np.array([0.5]), scale=1.0)
+    >>> merged.kernel.tolist(), merged.bias.tolist()
+    ([[0.0, 1.0], [0.0, 0.0]], [0.0, 1.5])
     """
-    p0 = jnp.asarray(operating_params)
-    d_p = jnp.shape(lora_c)[0]
-    if p0.shape != (d_p,):
-        raise ValueError(
-            f"merge needs one operating point of shape (d_p,)=({d_p},); got operating_params.shape={p0.shape}. "
-            "Use jax.vmap to merge a batch of operating points."
-        )
-    kernel = jnp.asarray(kernel)
-    gate = jnp.matmul(p0, lora_c, precision=precision) + gate_offset
-    shift = jnp.matmul(p0, lora_s, precision=precision)
-    kernel_delta = jnp.matmul(jnp.asarray(lora_a) * gate[None, :], lora_b, precision=precision)
-    bias_delta = jnp.matmul(shift, lora_b, precision=precision)
-    base_bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias is None else jnp.asarray(bias)
-    return MergedDense(
-        kernel=(kernel + scale * kernel_delta).astype(kernel.dtype),
-        bias=(base_bias + scale * bias_delta).astype(base_bias.dtype),
-    )
+    shapes = (jnp.shape(kernel), jnp.shape(lora_a), jnp.shape(lora_b))
+    if any(len(shape) != 2 for shape in shapes):
+        raise ValueError(f"merge_dense needs 2-D kernel, lora_a and lora_b; got {shapes} (use merge_kernel).")
+    return merge_kernel(
+        kernel, bias, lora_a, lora_b, lora_c, lora_s, operating_params,
+        scale=scale, gate_offset=gate_offset, precision=precision,
+    )  # fmt: skip
 
 
 def merge_kernel(
@@ -329,6 +334,8 @@ def merge_kernel(
     kernel, lora_a, lora_b = jnp.asarray(kernel), jnp.asarray(lora_a), jnp.asarray(lora_b)
     if lora_a.shape[-1] != rank or lora_b.shape[0] != rank:
         raise ValueError(f"lora_a {lora_a.shape} must end and lora_b {lora_b.shape} must start with r={rank}.")
+    if lora_s is not None and jnp.shape(lora_s) != (d_p, rank):
+        raise ValueError(f"lora_s {jnp.shape(lora_s)} must be (d_p, r)=({d_p}, {rank}) like lora_c.")
     gate = jnp.matmul(p0, lora_c, precision=precision) + gate_offset
     scaled_a = lora_a * gate.reshape((1,) * (lora_a.ndim - 1) + (rank,))
     n_a, n_b = lora_a.ndim - 1, lora_b.ndim - 1
@@ -344,6 +351,8 @@ def merge_kernel(
         raise ValueError(
             f"adapter factors lora_a {lora_a.shape} and lora_b {lora_b.shape} do not fit kernel {kernel.shape}."
         )
+    if bias is not None and math.prod(jnp.shape(bias)) != math.prod(out_shape):
+        raise ValueError(f"bias {jnp.shape(bias)} does not fit the kernel's output axes {out_shape}.")
     if lora_s is None:
         bias_delta = jnp.zeros(out_shape, kernel_delta.dtype)
     else:
@@ -379,6 +388,15 @@ class ParameterCount(NamedTuple):
 
     ``per_layer`` maps a layer path (``"Dense_0"``, ``"block/attn/query"``) to ``(base, trainable)``.
     ``str()`` renders a table.
+
+    >>> count = ParameterCount(per_layer={"dense": (15, 18)}, base=15, trainable=18)
+    >>> count.total, round(count.trainable_fraction, 3)
+    (33, 0.545)
+    >>> print(count)
+    layer          base     trainable
+    dense            15            18
+    total            15            18
+    trainable fraction: 54.5455% of 33
     """
 
     per_layer: dict[str, tuple[int, int]]
@@ -404,10 +422,15 @@ class ParameterCount(NamedTuple):
 
 
 def count_parameters(params: Any) -> ParameterCount:
-    """Count frozen base and trainable adapter parameters in any params tree, per layer and in total.
+    r"""Count frozen base and trainable adapter parameters in any params tree, per layer and in total.
 
     A leaf is trainable when its name is one of ``lora_a``, ``lora_b``, ``lora_c``, ``lora_s``; its layer is
-    the path of its parent.
+    the path of its parent. For a Dense layer this gives
+
+    .. math::
+
+        \underbrace{d_{in} d_{out} + d_{out}}_{\text{base}}, \qquad
+        \underbrace{r (d_{in} + d_{out})}_{\text{LoRA}} + \underbrace{2 r d_p}_{C,\ S}\ \text{trainable.}
 
     >>> import numpy as np
     >>> tree = {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3),

@@ -299,9 +299,14 @@ def adapter_delta(
         \Delta y = \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)
 
     ``lora_s=None`` drops the shift term. Arrays must already be in the compute dtype.
+
+    Raises:
+      ValueError: naming ``d_p`` and the shapes of ``x`` and ``p`` when ``p`` does not fit ``x``.
     """
-    if factorization.kind == "Dense":  # exactly the dense core, with its x-shaped error messages
-        lora_s = jnp.zeros_like(lora_c) if lora_s is None else lora_s
+    # p is checked against the layer's own input, before any factorization reshapes it
+    core.lead_axes(jnp.shape(x), jnp.shape(operating_params), jnp.shape(lora_c)[0])
+    lora_s = jnp.zeros_like(lora_c) if lora_s is None else lora_s
+    if factorization.kind == "Dense":
         return core.rss_update(
             x,
             operating_params,
@@ -313,7 +318,6 @@ def adapter_delta(
             gate_offset=gate_offset,
             precision=precision,
         )
-    lora_s = jnp.zeros_like(lora_c) if lora_s is None else lora_s
     h = factorization.down(x, lora_a)
     h = core.modulate(h, operating_params, lora_c, lora_s, gate_offset=gate_offset, precision=precision)
     delta = factorization.up(h, lora_b)
@@ -431,7 +435,8 @@ class Adapted:
         trace = _Trace()
         with nn.intercept_methods(self._interceptor(trace, p)):
             out = fun(first, *args, **kwargs)
-        _check_patterns_matched(self.targets, self.rank_pattern, self.alpha_pattern, trace.adaptable, trace.adapted)
+        if kwargs.get("method") is None:  # another method may legitimately skip some targets
+            _check_patterns_matched(self.targets, self.rank_pattern, self.alpha_pattern, trace.adaptable, trace.adapted)
         return out
 
     def _interceptor(self, trace: _Trace, operating_params: jax.Array):
@@ -475,10 +480,13 @@ class Adapted:
         )
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         x, p, lora_a, lora_b, lora_c, lora_s = promote_dtype(x, p, lora_a, lora_b, lora_c, lora_s, dtype=module.dtype)
-        delta = adapter_delta(
-            factorization, x, p, lora_a, lora_b, lora_c, lora_s,
-            scale=alpha / rank, gate_offset=self.gate_offset, precision=module.precision,
-        )  # fmt: skip
+        try:
+            delta = adapter_delta(
+                factorization, x, p, lora_a, lora_b, lora_c, lora_s,
+                scale=alpha / rank, gate_offset=self.gate_offset, precision=module.precision,
+            )  # fmt: skip
+        except ValueError as error:
+            raise ValueError(f"adapted layer {path!r}: {error}") from None
         if delta.shape != y.shape:
             raise ValueError(f"adapter update of {path!r} has shape {delta.shape}, the layer output {y.shape}.")
         return delta.astype(y.dtype)

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 from jaxtyping import ArrayLike, Float
 
 from rssbl_jax import core
@@ -39,6 +39,8 @@ def merge(
     *,
     gate_offset: float = 0.0,
     alpha_pattern: Mapping[str, float] | None = None,
+    add_bias: bool = False,
+    precision: Any = jax.lax.Precision.HIGHEST,
 ) -> Any:
     r"""Reduce every adapted layer in ``params`` to ``kernel``/``bias`` at one operating point ``p0``.
 
@@ -52,9 +54,12 @@ def merge(
     replaced by ``{"kernel", "bias"}`` (rank ``r`` read from ``lora_c``), everything else is returned
     unchanged, so the result loads into the same architecture built with ``nn.Dense`` — or, for a model
     adapted with :func:`rssbl_jax.inject`, into the unmodified model (Dense, DenseGeneral, Einsum and
-    Conv kernels, see :func:`rssbl_jax.core.merge_kernel`). A layer built with ``use_bias=False`` and a
-    shift gains a bias (its shift ``S p0`` is a constant output offset), so it merges into
-    ``nn.Dense(use_bias=True)``; a bias-free layer without shift stays bias-free. ``merge`` is a pure
+    Conv kernels, see :func:`rssbl_jax.core.merge_kernel`). A layer without bias but with a shift ``S p``
+    (e.g. ``RSSBilinearLoRADense(use_bias=False)``) needs a bias to hold ``α (S p0) B``; Flax would silently
+    ignore an extra ``bias`` leaf in a ``use_bias=False`` layer, so this raises unless ``add_bias=True`` (then
+    load the result into the layer built with ``use_bias=True``). A bias-free layer without shift stays
+    bias-free. The fold is computed at ``Precision.HIGHEST`` (it runs once), so a merged model matches the
+    adapted one to float32 round-off on GPU and TPU as well. ``merge`` is a pure
     function of arrays: ``jax.vmap(lambda p: merge(params, p, alpha))(ps)`` merges a batch of operating
     points.
 
@@ -65,13 +70,17 @@ def merge(
         to its ``lora_alpha``.
       gate_offset: the layers' ``gate_offset`` (0.0 for the seed's gate ``C p``, 1.0 for ``1 + C p``).
       alpha_pattern: ``{regex: lora_alpha}`` overrides by layer path (first full match wins), as given
-        to :func:`rssbl_jax.inject`.
+        to :func:`rssbl_jax.inject`; a pattern that matches no adapted layer raises.
+      add_bias: allow bias-free layers with a shift to gain a ``bias``.
+      precision: matmul precision of the fold.
 
     Returns:
       The tree with adapted layers merged.
 
     Raises:
-      ValueError: if no adapted layer is found, or ``operating_params`` is not ``[d_p]``.
+      ValueError: if no adapted layer is found, ``operating_params`` is not ``[d_p]``, the factors do not fit
+        a kernel, an ``alpha_pattern`` matches no adapted layer, or a bias-free layer with a shift is merged
+        without ``add_bias=True``.
 
     >>> import jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
@@ -88,33 +97,27 @@ def merge(
             rank = node["lora_c"].shape[-1]
             scale = _layer_alpha(path, lora_alpha, alpha_pattern) / rank
             lora_s = node.get("lora_s")
-            if node["kernel"].ndim == 2 and node["lora_a"].ndim == 2 and node["lora_b"].ndim == 2:
-                merged = core.merge_dense(
+            if "bias" not in node and lora_s is not None and not add_bias:
+                raise ValueError(
+                    f"{path or 'params'} has no bias but a shift S p (lora_s {lora_s.shape}): its merged shift is a "
+                    "bias that a use_bias=False layer would silently ignore. Pass add_bias=True and load the result "
+                    "into the layer built with use_bias=True, or adapt without shift (inject(..., shift=False))."
+                )
+            try:
+                merged = core.merge_kernel(
                     node["kernel"],
                     node.get("bias"),
                     node["lora_a"],
                     node["lora_b"],
                     node["lora_c"],
-                    jnp.zeros_like(node["lora_c"]) if lora_s is None else lora_s,
+                    lora_s,
                     operating_params,
                     scale=scale,
                     gate_offset=gate_offset,
+                    precision=precision,
                 )
-            else:
-                try:
-                    merged = core.merge_kernel(
-                        node["kernel"],
-                        node.get("bias"),
-                        node["lora_a"],
-                        node["lora_b"],
-                        node["lora_c"],
-                        lora_s,
-                        operating_params,
-                        scale=scale,
-                        gate_offset=gate_offset,
-                    )
-                except ValueError as error:
-                    raise ValueError(f"{path or 'params'}: {error}") from None
+            except ValueError as error:
+                raise ValueError(f"{path or 'params'}: {error}") from None
             rest = {k: v for k, v in node.items() if k not in ("kernel", "bias", *core.ADAPTER_NAMES)}
             if "bias" not in node and lora_s is None:
                 return {**rest, "kernel": merged.kernel}
@@ -126,4 +129,7 @@ def merge(
     out = visit(params, "")
     if not found:
         raise ValueError("merge found no adapted layer (a mapping with 'kernel' and lora_a, lora_b, lora_c, lora_s).")
+    unmatched = [pattern for pattern in (alpha_pattern or {}) if not any(re.fullmatch(pattern, p) for p in found)]
+    if unmatched and not isinstance(lora_alpha, Mapping):
+        raise ValueError(f"alpha_pattern {unmatched} matches no adapted layer; the adapted layers are {found}.")
     return out

@@ -12,6 +12,19 @@ built on ``LoRAParam`` select exactly the adapters. The math is shared with the 
 Injected layers read the operating parameters from :func:`operating_params`, a context that
 ``Adapted.__call__(*args, p=p)`` sets around the model call; a standalone
 :class:`RSSBilinearLoRALinear` also takes ``p`` as its second argument.
+
+>>> import jax.numpy as jnp, optax
+>>> from flax import nnx
+>>> from rssbl_jax import nnx as rss_nnx
+>>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
+>>> adapted = rss_nnx.inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
+>>> optimizer = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=nnx.LoRAParam)      # only the adapters
+>>> x, p = jnp.ones((4, 3)), jnp.ones((4, 2))
+>>> grads = nnx.grad(lambda m: jnp.mean(m(x, p=p) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
+>>> _ = optimizer.update(adapted, grads)
+>>> merged = rss_nnx.merge(adapted, p[0])                       # plain nnx.Linear layers at p0
+>>> bool(jnp.allclose(merged(x), adapted(x, p=p[0]), atol=1e-6))
+True
 """
 
 from __future__ import annotations
@@ -49,7 +62,12 @@ zeros_init = nnx.initializers.zeros_init()
 
 
 class RSSBilinearLoRAParam(nnx.LoRAParam):
-    """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ``lora_s``); an ``nnx.LoRAParam``."""
+    """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ``lora_s``); an ``nnx.LoRAParam``.
+
+    >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
+    >>> type(layer.lora_c).__name__, isinstance(layer.lora_c, nnx.LoRAParam), isinstance(layer.kernel, nnx.LoRAParam)
+    ('RSSBilinearLoRAParam', True, False)
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +114,11 @@ def _current_operating_params(where: str) -> jax.Array:
 
 
 class AdapterSettings(NamedTuple):
-    """Static settings of one adapted NNX layer."""
+    """Static settings of one adapted NNX layer (its ``rss_settings``); the update is scaled by ``lora_alpha / rank``.
+
+    >>> RSSBilinearLoRALinear(3, 2, rank=2, lora_alpha=4.0, d_p=1, rngs=nnx.Rngs(0)).rss_settings
+    AdapterSettings(rank=2, lora_alpha=4.0, gate_offset=0.0, path='')
+    """
 
     rank: int
     lora_alpha: float
@@ -168,10 +190,13 @@ def _delta(layer: nnx.Module, x: jax.Array, p: jax.Array, y: jax.Array, einsum_s
     x, p, a, b, c, s = promote_dtype(
         x, p, layer.lora_a[...], layer.lora_b[...], layer.lora_c[...], lora_s, dtype=layer.dtype
     )
-    delta = adapter_delta(
-        factorization, x, p, a, b, c, s,
-        scale=settings.lora_alpha / settings.rank, gate_offset=settings.gate_offset, precision=layer.precision,
-    )  # fmt: skip
+    try:
+        delta = adapter_delta(
+            factorization, x, p, a, b, c, s,
+            scale=settings.lora_alpha / settings.rank, gate_offset=settings.gate_offset, precision=layer.precision,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ValueError(f"adapted {type(layer).__name__}: {error}") from None
     return delta.astype(y.dtype)
 
 
@@ -282,7 +307,21 @@ def _injected_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple
 
 
 class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
-    """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``."""
+    r"""An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
+
+    .. math::
+
+        y = \mathrm{LinearGeneral}(x) + \frac{\alpha_{\text{lora}}}{r}\, B\big((A x) \odot (g_0 + C p) + S p\big)
+
+    with ``A`` contracting the layer's input axes and ``B`` producing its output axes. Made by :func:`inject`.
+
+    >>> import jax.numpy as jnp
+    >>> adapted = inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
+    ...                  rngs=nnx.Rngs(1))                      # "" is the path of the root layer
+    >>> layer = adapted.model
+    >>> type(layer).__name__, layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((3, 8)), p=jnp.ones(1)).shape
+    ('RSSBilinearLoRALinearGeneral', (8, 2), (2, 2, 4), (3, 2, 4))
+    """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The ``nnx.LinearGeneral`` output plus the update under the :func:`operating_params` context."""
@@ -290,7 +329,21 @@ class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
 
 
 class RSSBilinearLoRAEinsum(nnx.Einsum):
-    """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.inject`. Made by :func:`inject`."""
+    r"""An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.inject`. Made by :func:`inject`.
+
+    .. math::
+
+        y = \mathrm{Einsum}(x) + \frac{\alpha_{\text{lora}}}{r}\, B\big((A x) \odot (g_0 + C p) + S p\big)
+
+    with ``A`` over the kernel's contracted axes and ``B`` over its output axes.
+
+    >>> import jax.numpy as jnp
+    >>> adapted = inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0,
+    ...                  d_p=1, rngs=nnx.Rngs(1))
+    >>> layer = adapted.model
+    >>> layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((3, 5, 8)), p=jnp.ones((3, 1))).shape
+    ((8, 2), (2, 2, 4), (3, 5, 2, 4))
+    """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The ``nnx.Einsum`` output plus the update under the :func:`operating_params` context."""
@@ -298,7 +351,21 @@ class RSSBilinearLoRAEinsum(nnx.Einsum):
 
 
 class RSSBilinearLoRAConv(nnx.Conv):
-    """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1; see :func:`inject`."""
+    r"""An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1; see :func:`inject`.
+
+    .. math::
+
+        y = \mathrm{Conv}(x) + \frac{\alpha_{\text{lora}}}{r}\, B \ast \big((A \ast x) \odot (g_0 + C p) + S p\big)
+
+    ``A`` has the layer's window, strides, padding and dilations; ``p`` (one row per image) is broadcast over pixels.
+
+    >>> import jax.numpy as jnp
+    >>> adapted = inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
+    ...                  rngs=nnx.Rngs(1))
+    >>> layer = adapted.model
+    >>> layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones((2, 1))).shape
+    ((3, 3, 3, 2), (2, 4), (2, 6, 6, 4))
+    """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The ``nnx.Conv`` output plus the update under the :func:`operating_params` context."""
@@ -341,6 +408,14 @@ class Adapted(nnx.Module):
 
     Built by :func:`inject`. ``adapted.model`` is the (modified in place) model; its state has the
     original paths plus ``lora_*`` beside each target's ``kernel``.
+
+    >>> import jax.numpy as jnp
+    >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
+    >>> adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))).shape
+    (4, 2)
+    >>> config = adapted.adapter_config                 # the keyword arguments of rssbl_jax.save_adapters
+    >>> config["targets"], config["rank"], config["lora_alpha"], config["gate_offset"]
+    ([''], 1, 2.0, 0.0)
     """
 
     def __init__(self, model: nnx.Module, adapter_config: Mapping[str, Any]):

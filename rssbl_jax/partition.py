@@ -37,7 +37,13 @@ def partition(params: PyTree) -> tuple[PyTree, PyTree]:
 
 
 def combine(*trees: PyTree) -> PyTree:
-    """Inverse of :func:`partition`: at each leaf take the first tree's value that is not ``None``."""
+    """Inverse of :func:`partition`: at each leaf take the first tree's value that is not ``None``.
+
+    >>> import numpy as np
+    >>> trainable, frozen = {"kernel": None, "lora_a": np.ones(1)}, {"kernel": np.zeros(1), "lora_a": None}
+    >>> combine(trainable, frozen)
+    {'kernel': array([0.]), 'lora_a': array([1.])}
+    """
     if not trees:
         raise ValueError("combine needs at least one tree.")
 

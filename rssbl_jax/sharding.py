@@ -237,7 +237,15 @@ def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...
 
 
 def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
-    """A tree of ``NamedSharding(mesh, spec)`` for a tree of specs (``None`` entries stay ``None``)."""
+    """A tree of ``NamedSharding(mesh, spec)`` for a tree of specs (``None`` entries stay ``None``).
+
+    >>> import jax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> shardings = named_shardings(mesh, {"x": P("data"), "y": None})
+    >>> shardings["x"].spec, shardings["y"]
+    (P('data',), None)
+    """
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 

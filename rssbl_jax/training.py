@@ -61,6 +61,13 @@ class TrainState(NamedTuple):
       frozen: the base half (``None`` at adapter leaves); never updated and not checkpointed.
       opt_state: the optimizer state of ``trainable``.
       rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> state = init_train_state({"kernel": jnp.ones(2), "lora_b": jnp.ones(2)}, optax.sgd(0.1), jax.random.key(0))
+    >>> state._fields
+    ('step', 'trainable', 'frozen', 'opt_state', 'rng')
+    >>> state.trainable["kernel"], state.frozen["lora_b"]
+    (None, None)
     """
 
     step: jax.Array
@@ -77,6 +84,17 @@ class NonFiniteError(FloatingPointError):
       step: the step whose loss/gradients/batch was not finite (its update was not applied).
       names: what was not finite: ``"loss"``, ``"grads"`` or ``"batch/<path>"``.
       last_checkpoint: the step of the last good checkpoint, or ``None``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> tx = optax.sgd(0.1)
+    >>> state = init_train_state({"lora_b": jnp.ones(2)}, tx, jax.random.key(0))
+    >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
+    >>> batches = lambda step: jnp.full(2, jnp.nan) if step == 2 else jnp.ones(2)   # bad data at step 2
+    >>> try:
+    ...     train(state, jax.jit(make_train_step(loss, tx)), batches, num_steps=5)
+    ... except NonFiniteError as error:
+    ...     print(error.step, error.names, error.last_checkpoint)
+    2 ('batch/(root)', 'grads', 'loss') None
     """
 
     def __init__(self, message: str, *, step: int, names: tuple[str, ...], last_checkpoint: int | None):
@@ -163,6 +181,8 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if axis_name is not None:  # under pmap each device draws its own randomness (e.g. dropout masks)
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
         def objective(trainable: PyTree) -> jax.Array:
             return loss_fn(combine(trainable, state.frozen), batch, rng)
@@ -342,6 +362,16 @@ def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, 
     Raises:
       ValueError: naming the mismatched path and both shapes/dtypes, for a checkpoint of another architecture.
       RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
+
+    >>> import tempfile, jax, jax.numpy as jnp, optax
+    >>> tx = optax.sgd(0.1)
+    >>> state = init_train_state({"kernel": jnp.ones(2), "lora_b": jnp.ones(2)}, tx, jax.random.key(0))
+    >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
+    >>> directory = tempfile.mkdtemp()
+    >>> _ = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.ones(2), 4, checkpoint_dir=directory)
+    >>> restored, step = restore_latest(directory, state)   # e.g. in a new process, after a crash
+    >>> step, [round(float(v), 3) for v in restored.trainable["lora_b"]]
+    (4, [0.6, 0.6])
     """
     manager = _manager(checkpoint_dir)
     try:

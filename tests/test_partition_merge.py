@@ -157,7 +157,9 @@ def test_merge_vmap_over_operating_points_and_no_bias(model_and_data):
     params = randomized(model.init(jax.random.key(9), x, jnp.ones(2))["params"], jax.random.key(10))
     assert "bias" not in params["head"]
     points = jax.random.normal(jax.random.key(11), (5, 2))
-    merged = jax.jit(jax.vmap(lambda q: rssbl_jax.merge(params, q, lora_alpha=8.0)))(points)
+    with pytest.raises(ValueError, match="head has no bias but a shift"):  # nn.Dense(use_bias=False) would drop it
+        rssbl_jax.merge(params, points[0], lora_alpha=8.0)
+    merged = jax.jit(jax.vmap(lambda q: rssbl_jax.merge(params, q, lora_alpha=8.0, add_bias=True)))(points)
     assert merged["head"]["kernel"].shape == (5, 32, 3) and merged["head"]["bias"].shape == (5, 3)
     plain = PlainMLP()  # use_bias=True: the shift S p0 becomes the head's bias
     for k in range(5):
