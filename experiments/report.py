@@ -74,7 +74,8 @@ def plot_error_vs_p(summary: dict[str, Any], task: str, path: pathlib.Path) -> N
             ax.plot(r["sweep_p"], r["sweep_error"], label=r["method"], lw=2.5 if r["method"] == "rss" else 1.0)
     inside = [p for p, ok in zip(rows[0]["sweep_p"], rows[0]["sweep_in_range"], strict=True) if ok]
     ax.axvspan(min(inside), max(inside), color="0.92", zorder=-1, label="training range")
-    ax.set(yscale="log", xlabel="first operating parameter (others nominal)", ylabel="MSE", title=f"{task}: error vs p")
+    name = rows[0].get("sweep_name", "first operating parameter")
+    ax.set(yscale="log", xlabel=f"{name} (other parameters nominal)", ylabel="MSE", title=f"{task}: error vs p")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -99,8 +100,12 @@ def plot_conditions(summary: dict[str, Any], path: pathlib.Path) -> None:
 def plot_ranks(summary: dict[str, Any], path: pathlib.Path) -> None:
     results = summary["results"]
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    cols = min(3, len(tasks))
+    rows_n = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
+    for ax in axes.flat[len(tasks) :]:
+        ax.axis("off")
+    for ax, task in zip(axes.flat, tasks, strict=False):
         rows = [r for r in results if r["task"] == task and r["method"] != "frozen"]
         names = [r["method"] for r in rows]
         xs = range(len(rows))
@@ -108,11 +113,23 @@ def plot_ranks(summary: dict[str, Any], path: pathlib.Path) -> None:
         ax.bar([x + 0.2 for x in xs], [max(r["rank_stacked_in"], r["rank_stacked_out"]) for r in rows], 0.4,
                label="stacked over p")  # fmt: skip
         ax.set_xticks(list(xs), names, rotation=70, fontsize=7)
-        ax.set(yscale="log", title=task, ylabel="effective rank of ΔW(p)")
+        ax.set(title=task, ylabel="effective rank of ΔW(p) (99% energy)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load_summary(workdir: str | pathlib.Path) -> dict[str, Any]:
+    """The summary of a finished run, read back from its ``metrics.jsonl`` (to re-render without retraining)."""
+    import json
+
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "results": [r for r in rows if r["kind"] == "method"],
+        "conditions": [r for r in rows if r["kind"] == "conditions"],
+        "seconds": float("nan"),
+    }
 
 
 def write(summary: dict[str, Any], config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:

@@ -207,6 +207,7 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     sweep_base = base_rows["sweep"]
     conditions, inverse = np.unique(np.asarray(task.sweep.p), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
+    result["sweep_name"] = task.p_names[0]
     result["sweep_p"] = [float(c) for c in np.asarray(task.p_physical(jnp.asarray(conditions)))[:, 0]]
     result["sweep_error"] = [float(sweep_err[:, inverse == i].mean()) for i in range(len(conditions))]
     result["sweep_base"] = [float(sweep_base[inverse == i].mean()) for i in range(len(conditions))]
