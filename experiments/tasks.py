@@ -236,6 +236,17 @@ def pretrain(widths, x, y, d_p, config, key) -> Any:
     return params
 
 
+def _physical_task(name, config, system, sample_x, d_out, p_names, p_physical, key) -> Task:
+    """Pretrain the base MLP on the system at the nominal condition (p = 0), freeze it, and build the task."""
+    k_pre, k_x, k_rest = jax.random.split(key, 3)
+    x0 = sample_x(k_x, config.pretrain_points)
+    y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
+    widths = (config.pde_hidden, config.pde_hidden, d_out)
+    base = pretrain(widths, x0, y0, 2, config, k_pre)
+    builder = mlp_builder(widths)
+    return _build(name, config, 2, system, sample_x, builder, {"params": base}, p_names, p_physical, k_rest)
+
+
 def pendulum(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     times = jnp.linspace(0.0, 2.0 * np.pi, 17)[1:]
 
@@ -247,23 +258,7 @@ def pendulum(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     def sample_x(k, n):
         return jax.random.uniform(k, (n, 2), minval=-1.0, maxval=1.0) * jnp.array([[2.0, 1.0]])
 
-    k_pre, k_x, k_rest = jax.random.split(key, 3)
-    x0 = sample_x(k_x, config.pretrain_points)
-    y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
-    widths = (config.pde_hidden, config.pde_hidden, times.shape[0])
-    base = pretrain(widths, x0, y0, 2, config, k_pre)
-    return _build(
-        "pendulum",
-        config,
-        2,
-        system,
-        sample_x,
-        mlp_builder(widths),
-        {"params": base},
-        ("ζ", "ω"),
-        pendulum_physical,
-        k_rest,
-    )
+    return _physical_task("pendulum", config, system, sample_x, times.shape[0], ("ζ", "ω"), pendulum_physical, key)
 
 
 BURGERS_RANGE = {"log10_nu": (-1.6, -0.8), "forcing": (-0.5, 0.5)}
@@ -285,23 +280,8 @@ def burgers(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
     def sample_x(k, n):
         return pde.random_initial_conditions(k, n, config.burgers_points, modes=3)
 
-    k_pre, k_x, k_rest = jax.random.split(key, 3)
-    x0 = sample_x(k_x, config.pretrain_points)
-    y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
-    widths = (config.pde_hidden, config.pde_hidden, config.burgers_points)
-    base = pretrain(widths, x0, y0, 2, config, k_pre)
-    return _build(
-        "burgers",
-        config,
-        2,
-        system,
-        sample_x,
-        mlp_builder(widths),
-        {"params": base},
-        ("log10 ν", "f"),
-        burgers_physical,
-        k_rest,
-    )
+    names = ("log10 ν", "f")
+    return _physical_task("burgers", config, system, sample_x, config.burgers_points, names, burgers_physical, key)
 
 
 def transformer_task(config: ml_collections.ConfigDict, key: jax.Array) -> Task:

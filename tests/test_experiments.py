@@ -222,3 +222,17 @@ def test_transformer_task_injects_into_the_unmodified_model():
         task.build("film_branch", config)
     result = train.run_method(task, "rss", config, jax.random.key(4))
     assert all(math.isfinite(v) for v in result["interpolation"]) and result["rank_stacked_in"] <= config.rank
+
+
+@pytest.mark.parametrize("name", ["pendulum", "burgers"])
+def test_physical_tasks_pretrain_a_base_at_the_nominal_condition(name):
+    config = tiny.get_config()
+    config.pretrain_steps = 300
+    task = tasks.make_task(name, config, jax.random.key(0))
+    assert task.train.p.shape == (task.train.x.shape[0], 2) and float(jnp.abs(task.train.p).max()) == 1.0
+    rows = np.all(np.abs(np.asarray(task.sweep.p)) < 1e-6, axis=-1)  # the sweep passes through p = 0
+    assert rows.sum() == config.sweep_points
+    x, p, y = (np.asarray(a)[rows] for a in (task.sweep.x, task.sweep.p, task.sweep.y))
+    pred = np.asarray(task.build("frozen", config).apply(task.base_params, x, p))
+    # the frozen base (16 wide, 300 steps on 64 samples here) fits the system at p = 0 better than the mean
+    assert np.mean((pred - y) ** 2) < 0.5 * np.mean((y - y.mean(axis=0)) ** 2)
