@@ -1,7 +1,7 @@
 """Speed and memory of RSSBilinearLoRA, measured side by side with references in one process.
 
     python -m benchmarks.run                 # quick mode: the target shapes (a few minutes on 2 CPU cores)
-    python -m benchmarks.run --full          # + one-at-a-time sweeps of r, d_p, tokens at d = 1024 and 4096
+    python -m benchmarks.run --full          # + item 1 at d = 4096 and one-at-a-time sweeps of r, d_p, tokens (2k-16k)
     python -m benchmarks.run --smoke         # tiny shapes: checks that every benchmark runs (used by the tests)
 
 Every time is the median of repeated calls of a jit-compiled function after warm-up (``block_until_ready``), with
@@ -415,13 +415,22 @@ def main(argv: list[str] | None = None) -> str:
     emit("# Benchmarks")
     emit()
     emit(f"Command: `{command}` (from the repository root). Machine: {machine()}.")
-    emit(f"Date: {time.strftime('%Y-%m-%d')}. Times are medians of ≥ {rounds} interleaved rounds of jitted calls.")
+    emit(
+        f"Date: {time.strftime('%Y-%m-%d')}. Times are medians of interleaved rounds of jitted calls: {rounds} rounds "
+        f"for item 1 at the first shape and item 2, {max(5, rounds // 3)} at d = 4096, {max(3, rounds // 3)} for "
+        "items 3 and 5 (3 for item 5 at d = 4096)."
+    )
     emit()
     emit("## 1. Forward and train step (grads w.r.t. adapters only)")
     emit()
     layers = bench_layers(*shape, rounds)
     for line in layer_table(layers):
         emit(line)
+    if args.full:
+        for big in ((8, 256, 4096, 16, 8), (4, 512, 4096, 64, 64)):
+            emit()
+            for line in layer_table(bench_layers(*big, max(5, rounds // 3))):
+                emit(line)
     emit()
     emit("## 2. Merged at a fixed p vs nn.Dense")
     merged = bench_merged(*shape, rounds)
@@ -490,7 +499,7 @@ def main(argv: list[str] | None = None) -> str:
         big = (8, 256, 4096, 16, 8)
         emit("| axis | values | rss ms | rss / plain LoRA | exponent of rss time |")
         emit("|---|---|---|---|---:|")
-        for axis, values in {"r": [4, 16, 64], "d_p": [1, 8, 64], "tokens": [2048, 4096]}.items():
+        for axis, values in {"r": [4, 16, 64], "d_p": [1, 8, 64], "tokens": [2048, 4096, 16384]}.items():
             rows = bench_scaling(big, axis, values, 3)
             emit(f"| {axis} | {', '.join(str(v) for v, _, _ in rows)} | "
                  f"{', '.join(f'{1e3 * r_:.1f}' for _, r_, _ in rows)} | "
