@@ -22,6 +22,10 @@ rss_shift_only      α B(A x + S p)                                             
 ==================  ==============================================================  =========================
 
 (α = lora_alpha / r; matrices written as acting on column vectors.)
+
+The baselines other than the RSS family compute their own updates here (they are not the library's method, so
+the house rule that one function computes the update applies to RSSBilinearLoRA only); each is checked against
+its formula in float64 by ``tests/test_experiments.py``.
 """
 
 from __future__ import annotations

@@ -95,6 +95,9 @@ def save_adapters(
     if not leaves:
         raise ValueError("save_adapters found no lora_* leaves in params.")
     layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
+    incomplete = [layer for layer in layers if _join(layer, "lora_c") not in leaves]
+    if incomplete:
+        raise ValueError(f"adapted layers {incomplete} have lora_* leaves but no lora_c; every adapter needs lora_c.")
     unmatched = [pattern for pattern in (alpha_pattern or {}) if not any(re.fullmatch(pattern, x) for x in layers)]
     if unmatched:
         raise ValueError(

@@ -292,7 +292,7 @@ def adapter_delta(
     gate_offset: float = 0.0,
     precision: Any = None,
 ) -> jax.Array:
-    r"""The update of any layer kind: ``scale * up(modulate(down(x, A), p, C, S), B)``.
+    r"""The update of any layer kind: ``up(modulate(down(x, A), p, C, S), scale * B)``.
 
     .. math::
 
@@ -306,22 +306,11 @@ def adapter_delta(
     # p is checked against the layer's own input, before any factorization reshapes it
     core.lead_axes(jnp.shape(x), jnp.shape(operating_params), jnp.shape(lora_c)[0])
     lora_s = jnp.zeros_like(lora_c) if lora_s is None else lora_s
-    if factorization.kind == "Dense":
-        return core.rss_update(
-            x,
-            operating_params,
-            lora_a,
-            lora_b,
-            lora_c,
-            lora_s,
-            scale=scale,
-            gate_offset=gate_offset,
-            precision=precision,
-        )
     h = factorization.down(x, lora_a)
     h = core.modulate(h, operating_params, lora_c, lora_s, gate_offset=gate_offset, precision=precision)
-    delta = factorization.up(h, lora_b)
-    return delta * jnp.asarray(scale, delta.dtype)
+    lora_b = jnp.asarray(lora_b)
+    # alpha/r is folded into B (r x out) rather than applied to the update, as in core.rss_update
+    return factorization.up(h, lora_b * jnp.asarray(scale, lora_b.dtype))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,3 +55,9 @@ def test_injected_conv_reports_bad_p_against_its_input():
             jax.jit(lambda v, q: adapted.apply(v, x, p=q))(variables, bad)
         text = str(info.value)
         assert "'conv'" in text and "d_p=2" in text and str(tuple(x.shape)) in text and str(bad.shape) in text, text
+
+
+def test_save_adapters_refuses_an_adapter_without_gate(tmp_path):
+    params = {"dense": {"kernel": jnp.ones((3, 2)), "lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}}
+    with pytest.raises(ValueError, match=r"\['dense'\] have lora_\* leaves but no lora_c"):
+        rssbl_jax.save_adapters(tmp_path / "a", params, lora_alpha=1.0)
