@@ -12,7 +12,6 @@ directory and renames it when complete), holding two items:
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from rssbl_jax import core
-from rssbl_jax.inject import resolve_alpha
+from rssbl_jax.inject import resolve_alpha, unmatched_patterns
 
 PyTree = Any
 FORMAT = "rssbl_jax.adapters"
@@ -98,7 +97,7 @@ def save_adapters(
     incomplete = [layer for layer in layers if _join(layer, "lora_c") not in leaves]
     if incomplete:
         raise ValueError(f"adapted layers {incomplete} have lora_* leaves but no lora_c; every adapter needs lora_c.")
-    unmatched = [pattern for pattern in (alpha_pattern or {}) if not any(re.fullmatch(pattern, x) for x in layers)]
+    unmatched = unmatched_patterns(list(alpha_pattern or {}), layers)
     if unmatched:
         raise ValueError(
             f"alpha_pattern {unmatched} matches none of the adapted layers {layers}, so their lora_alpha cannot be "

@@ -90,6 +90,15 @@ def resolve_alpha(path: str, lora_alpha: float, alpha_pattern: Mapping[str, floa
     return float(_first_match(tuple((alpha_pattern or {}).items()), path, lora_alpha))
 
 
+def unmatched_patterns(patterns: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """The regexes among ``patterns`` that fully match none of ``paths``.
+
+    >>> unmatched_patterns([r".*/value", "head"], ["block/attention/value"])
+    ['head']
+    """
+    return [pattern for pattern in patterns if not any(re.fullmatch(pattern, path) for path in paths)]
+
+
 def _check_patterns_matched(
     patterns: Sequence[str],
     rank_pattern: Sequence[tuple[str, Any]],

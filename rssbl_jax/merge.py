@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +9,7 @@ import jax
 from jaxtyping import ArrayLike, Float
 
 from rssbl_jax import core
+from rssbl_jax.inject import resolve_alpha, unmatched_patterns
 
 _REQUIRED = ("kernel", "lora_a", "lora_b", "lora_c")
 
@@ -26,10 +26,7 @@ def _layer_alpha(
         if path not in lora_alpha:
             raise ValueError(f"lora_alpha has no entry for adapted layer {path!r}; it has {sorted(lora_alpha)}.")
         return float(lora_alpha[path])
-    for pattern, alpha in (alpha_pattern or {}).items():
-        if re.fullmatch(pattern, path):
-            return float(alpha)
-    return float(lora_alpha)
+    return resolve_alpha(path, lora_alpha, alpha_pattern)
 
 
 def merge(
@@ -129,7 +126,7 @@ def merge(
     out = visit(params, "")
     if not found:
         raise ValueError("merge found no adapted layer (a mapping with 'kernel' and lora_a, lora_b, lora_c, lora_s).")
-    unmatched = [pattern for pattern in (alpha_pattern or {}) if not any(re.fullmatch(pattern, p) for p in found)]
+    unmatched = unmatched_patterns(list(alpha_pattern or {}), found)
     if unmatched and not isinstance(lora_alpha, Mapping):
         raise ValueError(f"alpha_pattern {unmatched} matches no adapted layer; the adapted layers are {found}.")
     return out
