@@ -236,7 +236,7 @@ def bench_merged(batch, tokens, d, rank, d_p, rounds) -> dict[str, float]:
     x = jax.random.normal(jax.random.key(0), (batch, tokens, d))
     params = make_params(jax.random.key(2), d, d, rank, d_p)
     adapted = {k: params[k] for k in ("kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s")}
-    merged = rssbl_jax.merge(adapted, jnp.ones(d_p), lora_alpha=2.0 * rank)
+    merged = rssbl_jax.merge(adapted, jnp.ones(d_p), rssbl_jax.AdapterConfig(rank=rank, lora_alpha=2.0 * rank))
     base = {"kernel": params["kernel"], "bias": params["bias"]}
     layer = nn.Dense(d)
     return time_interleaved(

@@ -126,5 +126,6 @@ def first_update(params: Any, p: jax.Array, method: str, config: ml_collections.
     if method == "frozen":
         return jnp.zeros_like(first_base_kernel(params))
     offset = 1.0 if method in ("lora", "rss_one_plus", "rss_shift_only") else 0.0
-    merged = rssbl_jax.merge({"query": query}, p, config.lora_alpha, gate_offset=offset)["query"]["kernel"]
+    adapter = rssbl_jax.AdapterConfig(rank=query["lora_c"].shape[-1], lora_alpha=config.lora_alpha, gate_offset=offset)
+    merged = rssbl_jax.merge({"query": query}, p, adapter)["query"]["kernel"]
     return (merged - query["kernel"]).reshape(query["kernel"].shape[0], -1)

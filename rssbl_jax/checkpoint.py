@@ -4,128 +4,115 @@ A checkpoint is one orbax composite directory, written atomically (orbax writes 
 directory and renames it when complete), holding two items:
 
 - ``adapters``: the ``lora_*`` leaves, as a nested dict keyed by their paths in ``params``;
-- ``config``: JSON with the format version, ``d_p``, per-layer ``rank`` and ``lora_alpha``, the
-  ``gate_offset``, the injection settings (``targets``, patterns, ``shift``) when given, the
-  normalisation of ``p`` (``p_mean``, ``p_std``) when given, and every leaf's shape and dtype.
+- ``config``: JSON with the format version, the :class:`~rssbl_jax.AdapterConfig` (every setting: rank, alpha,
+  patterns, gate, shift, ``p`` normalisation, ...), ``d_p``, each layer's resolved ``rank`` and ``lora_alpha``
+  (for readers), and every leaf's shape and dtype.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from rssbl_jax import core
-from rssbl_jax.inject import resolve_alpha, unmatched_patterns
+from rssbl_jax import core, patterns
+from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
+from rssbl_jax.partition import adapter_layers
 
 PyTree = Any
 FORMAT = "rssbl_jax.adapters"
-VERSION = 1
+VERSION = 2
+
+
+class LoadedAdapters(NamedTuple):
+    """What :func:`load_adapters` returns: the params with the saved adapters, and their stored config."""
+
+    params: PyTree
+    config: AdapterConfig
 
 
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
-    """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params``."""
-    return {
-        core._path_str(path): leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        if core.is_adapter_path(path)
-    }
+    """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (adapters known by identity)."""
+    layers = set(adapter_layers(params))
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = patterns.path_str(key_path)
+        layer, _, name = path.rpartition("/")
+        if layer in layers and name in core.ADAPTER_NAMES:
+            out[path] = leaf
+    return out
 
 
 def _nested(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict({tuple(path.split("/")): leaf for path, leaf in flat.items()})
 
 
-def _as_list(value: Any) -> list[float] | None:
-    return None if value is None else np.asarray(value, np.float64).reshape(-1).tolist()
+def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any, *, force: bool = False) -> None:
+    """Save only the adapter leaves of ``params`` and their :class:`~rssbl_jax.AdapterConfig` to ``path``.
 
-
-def save_adapters(
-    path: str | os.PathLike,
-    params: PyTree,
-    *,
-    lora_alpha: float,
-    alpha_pattern: Mapping[str, float] | None = None,
-    gate_offset: float = 0.0,
-    targets: str | Sequence[str] | None = None,
-    rank: int | None = None,
-    rank_pattern: Mapping[str, int] | None = None,
-    shift: bool | None = None,
-    p_mean: Any = None,
-    p_std: Any = None,
-    force: bool = False,
-) -> None:
-    """Save only the ``lora_*`` leaves of ``params`` and their configuration to ``path`` (an orbax checkpoint).
-
-    The keyword arguments describe how the adapters were built; ``adapted.adapter_config`` of an
-    injected model (linen or NNX) holds exactly ``targets``, ``rank``, ``lora_alpha``, ``rank_pattern``,
-    ``alpha_pattern``, ``gate_offset`` and ``shift``, so ``save_adapters(path, params,
-    **adapted.adapter_config)`` records everything. Each layer's rank (read from ``lora_c``) and
-    ``lora_alpha`` (resolved through ``alpha_pattern``) and ``d_p`` are stored explicitly.
+    ``config`` is the config the adapters were trained with (or the adapted model / layer carrying it:
+    ``save_adapters(path, params, adapted)``); it is stored whole, and :func:`load_adapters` checks it against the
+    model it loads into. Each layer's resolved rank and ``lora_alpha`` and ``d_p`` are stored too, for readers.
 
     Args:
       path: the checkpoint directory to create; must not exist unless ``force``.
-      params: a params tree holding adapters (linen ``variables["params"]`` or an NNX pure state dict).
-      lora_alpha, alpha_pattern, gate_offset: the adapters' scaling and gate offset.
-      targets, rank, rank_pattern, shift: the injection settings, stored for the record.
-      p_mean, p_std: the normalisation applied to ``p`` before the model (``(p - mean) / std``), if any.
+      params: a params tree holding adapters (linen ``variables["params"]`` or an NNX pure state dict of
+        ``adapted.model``).
+      config: the adapters' AdapterConfig.
       force: overwrite an existing checkpoint at ``path``.
 
     Raises:
-      ValueError: when ``params`` holds no adapter leaves.
+      ValueError: when ``params`` holds no adapter layer, a layer's rank differs from the config's, or a pattern of
+        the config matches no adapted layer.
 
     >>> import tempfile, jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
     >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> path = tempfile.mkdtemp() + "/adapters"
-    >>> save_adapters(path, params, lora_alpha=4.0)
-    >>> restored = load_adapters(path, params)
-    >>> bool(jnp.all(restored["lora_c"] == params["lora_c"])), load_adapter_config(path)["rank"]
-    (True, {'': 2})
+    >>> save_adapters(path, params, layer.adapter_config)
+    >>> restored, config = load_adapters(path, params, layer.adapter_config)
+    >>> bool(jnp.all(restored["lora_c"] == params["lora_c"])), config.lora_alpha
+    (True, 4.0)
     """
+    cfg = as_config(config, "save_adapters")
     leaves = _adapter_leaves(params)
     if not leaves:
-        raise ValueError("save_adapters found no lora_* leaves in params.")
+        raise ValueError("save_adapters found no adapter layer (lora_a, lora_b, lora_c) in params.")
     layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
-    incomplete = [layer for layer in layers if _join(layer, "lora_c") not in leaves]
-    if incomplete:
-        raise ValueError(f"adapted layers {incomplete} have lora_* leaves but no lora_c; every adapter needs lora_c.")
-    unmatched = unmatched_patterns(list(alpha_pattern or {}), layers)
-    if unmatched:
+    foreign = [layer for layer in layers if not cfg.adapts(layer)]
+    if foreign:
         raise ValueError(
-            f"alpha_pattern {unmatched} matches none of the adapted layers {layers}, so their lora_alpha cannot be "
-            "resolved. Save the params tree whose paths the patterns were written for (for NNX: "
-            "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
+            f"adapter layers {foreign} are not adapted by the config (targets={cfg.targets}); save the params tree "
+            "whose paths the config was written for (for NNX: nnx.state(adapted.model, ...), not "
+            "nnx.state(adapted, ...))."
         )
-    d_ps = {jnp.shape(leaves[_join(layer, "lora_c")])[0] for layer in layers}
-    config = {
+    check_patterns_used(cfg, layers)
+    for layer in layers:
+        have, want = int(jnp.shape(leaves[_join(layer, "lora_a")])[-1]), cfg.resolve(layer).rank
+        if have != want:
+            raise ValueError(f"adapter {layer!r} has rank {have} but the config resolves rank {want} for it.")
+    d_ps = {
+        int(jnp.shape(leaves[_join(layer, "lora_gate_w" if cfg.gate == "mlp" else "lora_c")])[-2]) for layer in layers
+    }
+    config_json = {
         "format": FORMAT,
         "version": VERSION,
-        "d_p": int(next(iter(d_ps))) if len(d_ps) == 1 else None,
-        "rank": {layer: int(jnp.shape(leaves[_join(layer, "lora_c")])[1]) for layer in layers},
-        "lora_alpha": {layer: resolve_alpha(layer, lora_alpha, alpha_pattern) for layer in layers},
-        "gate_offset": float(gate_offset),
-        "targets": None if targets is None else ([targets] if isinstance(targets, str) else list(targets)),
-        "default_rank": None if rank is None else int(rank),
-        "default_lora_alpha": float(lora_alpha),
-        "rank_pattern": dict(rank_pattern or {}),
-        "alpha_pattern": dict(alpha_pattern or {}),
-        "shift": shift,
-        "p_normalization": None
-        if p_mean is None and p_std is None
-        else {"mean": _as_list(p_mean), "std": _as_list(p_std)},
+        "adapter_config": cfg.to_dict(),
+        "d_p": next(iter(d_ps)) if len(d_ps) == 1 else None,
+        "rank": {layer: cfg.resolve(layer).rank for layer in layers},
+        "lora_alpha": {layer: cfg.resolve(layer).lora_alpha for layer in layers},
         "leaves": {
             name: {"shape": list(jnp.shape(leaf)), "dtype": str(jnp.asarray(leaf).dtype)}
             for name, leaf in leaves.items()
         },
     }
+    config = config_json
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
             os.path.abspath(path),
@@ -149,10 +136,11 @@ def load_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     >>> params = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0).init(
     ...     jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> path = tempfile.mkdtemp() + "/adapters"
-    >>> save_adapters(path, params, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
-    >>> config = load_adapter_config(path)
-    >>> config["d_p"], config["lora_alpha"], config["p_normalization"]
-    (2, {'': 4.0}, {'mean': [0.0, 1.0], 'std': [1.0, 2.0]})
+    >>> config = AdapterConfig(rank=2, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
+    >>> save_adapters(path, params, config)
+    >>> stored = load_adapter_config(path)
+    >>> stored["d_p"], stored["lora_alpha"], AdapterConfig.from_dict(stored["adapter_config"]) == config
+    (2, {'': 4.0}, True)
     """
     path = os.path.abspath(path)
     if not os.path.isdir(os.path.join(path, "config")):
@@ -161,18 +149,29 @@ def load_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         config = checkpointer.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     if config.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not an rssbl_jax adapter checkpoint (format={config.get('format')!r}).")
+    if config.get("version") != VERSION or "adapter_config" not in config:
+        raise ValueError(
+            f"{path!r} is an adapter checkpoint of format version {config.get('version')}, written before the "
+            f"AdapterConfig was stored (version {VERSION}); its settings are incomplete, so rssbl_jax refuses to "
+            "guess them. Load its leaves with orbax directly and save them again with save_adapters(path, params, "
+            "config)."
+        )
     return config
 
 
-def load_adapters(path: str | os.PathLike, params: PyTree) -> PyTree:
-    """Return ``params`` with its ``lora_*`` leaves replaced by the ones saved at ``path``.
+def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any = None) -> LoadedAdapters:
+    """Load the adapters saved at ``path`` into ``params``; return them with their stored ``AdapterConfig``.
 
-    Every adapter leaf of the checkpoint must exist in ``params`` with the same shape, and every adapter
-    leaf of ``params`` must be in the checkpoint; base leaves of ``params`` are returned unchanged.
-    Loaded leaves take the dtype of ``params``' leaves.
+    ``config`` is the config of the model the adapters go into (or the adapted model / layer carrying it). When
+    given, it must equal the stored config: if any setting differs (``lora_alpha``, ``gate_offset``, a pattern, the
+    ``p`` normalisation, ...) this refuses and names each field with both values, because the adapters would
+    silently compute something else than they were trained to. Without it, use the returned config for everything
+    that follows (``merge``, building the model). Every adapter leaf of the checkpoint must exist in ``params`` with
+    the same shape, and every adapter leaf of ``params`` must be in the checkpoint; base leaves are returned
+    unchanged. Loaded leaves take the dtype of ``params``' leaves.
 
     Raises:
-      ValueError: naming the first mismatched path with both shapes (or the missing side).
+      ValueError: when the configs differ, or naming the first mismatched path with both shapes.
       FileNotFoundError: when there is no complete checkpoint at ``path``.
 
     >>> import tempfile, jax, jax.numpy as jnp
@@ -181,14 +180,24 @@ def load_adapters(path: str | os.PathLike, params: PyTree) -> PyTree:
     >>> trained = layer.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> trained = {**trained, "lora_b": jnp.ones((2, 4))}             # as if trained
     >>> path = tempfile.mkdtemp() + "/adapters"
-    >>> save_adapters(path, trained, lora_alpha=4.0)
+    >>> save_adapters(path, trained, layer)
     >>> fresh = layer.init(jax.random.key(1), jnp.ones((1, 3)), jnp.ones(2))["params"]
-    >>> restored = load_adapters(path, fresh)
+    >>> restored, config = load_adapters(path, fresh, layer)
     >>> bool(jnp.all(restored["lora_b"] == 1.0)), bool(jnp.all(restored["kernel"] == fresh["kernel"]))
     (True, True)
+    >>> load_adapters(path, fresh, layer.adapter_config.replace(lora_alpha=16.0))
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter configs differ:
+      lora_alpha: 4.0 (checkpoint ...) != 16.0 (the model's config)
     """
-    config = load_adapter_config(path)
-    saved = {name: tuple(info["shape"]) for name, info in config["leaves"].items()}
+    stored_json = load_adapter_config(path)
+    stored = AdapterConfig.from_dict(stored_json["adapter_config"])
+    if config is not None:
+        stored.check_same(
+            as_config(config, "load_adapters"), mine=f"checkpoint {os.fspath(path)!r}", theirs="the model's config"
+        )
+    saved = {name: tuple(info["shape"]) for name, info in stored_json["leaves"].items()}
     current = _adapter_leaves(params)
     for name, shape in saved.items():
         if name not in current:
@@ -212,7 +221,7 @@ def load_adapters(path: str | os.PathLike, params: PyTree) -> PyTree:
     flat = {"/".join(key): leaf for key, leaf in traverse_util.flatten_dict(restored).items()}
 
     def pick(key_path, leaf):
-        name = core._path_str(key_path)
+        name = patterns.path_str(key_path)
         return flat[name] if name in flat else leaf
 
-    return jax.tree_util.tree_map_with_path(pick, params)
+    return LoadedAdapters(jax.tree_util.tree_map_with_path(pick, params), stored)

@@ -1,29 +1,52 @@
-"""Pure functions on arrays: the rank-space update, shape checks, merge math, parameter counts.
+r"""Pure functions on arrays: the one place the RSSBilinearLoRA update is computed, and its merge.
 
-Every front-end (linen, NNX, injection, merge, baselines) calls :func:`rss_update`; nothing else in
-the library computes the adapter.
+.. math::
 
-Shapes use Flax's kernel convention (inputs on the left, ``x @ kernel``)::
+    \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad \hat p = (p - \mu) / \sigma
+
+Read this file top to bottom to see the whole method:
+
+- :func:`gate_and_shift` is the one place the operating parameters act: it normalises ``p`` and evaluates the
+  gate family (``linear`` ``g0 + C p``, ``affine`` ``c0 + C p``, ``mlp`` ``c0 + C tanh(W p + b)``) and the shift;
+- :func:`adapter_update` is the one function that computes the update for every layer kind: a
+  :class:`Factorization` supplies the kind's two linear maps ``x ↦ A x`` and ``h ↦ B h``
+  (:mod:`rssbl_jax.factorization` holds them for Dense, DenseGeneral, Einsum, Conv and Embed), and the scale is
+  folded into ``B`` here and nowhere else;
+- :func:`fold` merges an adapter into its kernel at one operating point, with the same :func:`gate_and_shift`.
+
+The linen layer, :func:`rss_update`, injection (linen and NNX), the NNX layers and :func:`rssbl_jax.merge` all
+call these. Shapes use Flax's kernel convention (inputs on the left, ``x @ kernel``)::
 
     kernel (d_in, d_out)   bias (d_out,)
     lora_a (d_in, r)       lora_b (r, d_out)
-    lora_c (d_p, r)        lora_s (d_p, r)
+    lora_c (d_p, r)        lora_s (d_p, r)         (mlp gate: lora_c (hidden, r))
+    lora_c0 (r,)           lora_gate_w (d_p, hidden)   lora_gate_b (hidden,)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from jaxtyping import Array, ArrayLike, Float
 
-ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s")
-"""Leaf names of the trainable adapter parameters; anything else is frozen base."""
+from rssbl_jax.config import LayerConfig
+
+ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b")
+"""Leaf names of the adapter parameters (``lora_s``, ``lora_c0`` and the ``lora_gate_*`` leaves are optional)."""
 
 PrecisionLike = Any
+Factors = Mapping[str, Any]
+Initializer = jax.nn.initializers.Initializer
+
+default_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+"""PEFT's LoRA ``A`` initialiser (Kaiming-uniform with a=√5): U(-1/√d_in, 1/√d_in)."""
+default_lora_c_init = nn.initializers.lecun_normal()
+"""Gate weights with variance 1/d_p, so ``C p`` is O(1) for standardised ``p``."""
 
 
 def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
@@ -64,56 +87,255 @@ def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
     return len(lead)
 
 
-def modulate(
-    h: Float[ArrayLike, "*batch r"],
-    operating_params: Float[ArrayLike, "*lead d_p"],
-    lora_c: Float[ArrayLike, "d_p r"],
-    lora_s: Float[ArrayLike, "d_p r"],
-    *,
-    gate_offset: float = 0.0,
-    precision: PrecisionLike = None,
-) -> Float[Array, "*batch r"]:
-    r"""The rank-space modulation: ``h ⊙ (g_0 + C p) + S p`` for rank-space activations ``h = A x``.
+# --------------------------------------------------------------------------------------------------
+# The operating parameters act here and nowhere else
+# --------------------------------------------------------------------------------------------------
+
+
+def d_p_of(factors: Factors, layer: LayerConfig) -> int:
+    """The number of operating parameters an adapter was built for."""
+    return jnp.shape(factors["lora_gate_w" if layer.gate == "mlp" else "lora_c"])[-2]
+
+
+def check_factors(factors: Factors, layer: LayerConfig) -> None:
+    """Raise ``ValueError`` naming the leaves and shapes when the gate/shift factors do not fit ``layer``."""
+    required = {"linear": ("lora_c",), "affine": ("lora_c", "lora_c0"), "mlp": ("lora_c", "lora_c0", "lora_gate_w")}
+    missing = [name for name in ("lora_a", "lora_b", *required[layer.gate]) if factors.get(name) is None]
+    if missing:
+        raise ValueError(f"the {layer.gate!r} gate needs adapter leaves {missing}; have {sorted(factors)}.")
+    shape = {name: tuple(jnp.shape(value)) for name, value in factors.items() if value is not None}
+    rank = shape["lora_a"][-1]
+    d_p = d_p_of(factors, layer)
+    gate_in = layer.gate_hidden if layer.gate == "mlp" else d_p
+    expected = {"lora_c": (gate_in, rank), "lora_s": (d_p, rank), "lora_c0": (rank,)}
+    if layer.gate == "mlp":
+        expected |= {"lora_gate_w": (d_p, layer.gate_hidden), "lora_gate_b": (layer.gate_hidden,)}
+    bad = {
+        name: expected[name]
+        for name in expected
+        if name in shape and shape[name][-len(expected[name]) :] != expected[name]
+    }
+    if bad or shape["lora_b"][0] != rank or rank != layer.rank:
+        raise ValueError(
+            f"adapter factors do not fit rank r={layer.rank}, d_p={d_p}, gate={layer.gate!r} "
+            "(expected lora_a (..., r), "
+            f"lora_b (r, ...){''.join(f', {name} {s}' for name, s in bad.items())}); got "
+            + ", ".join(f"{name} {s}" for name, s in shape.items())
+            + "."
+        )
+    if layer.p_mean is not None and len(layer.p_mean) != d_p:
+        raise ValueError(f"p_mean/p_std have {len(layer.p_mean)} entries but the adapter has d_p={d_p}.")
+
+
+def gate_and_shift(
+    p: Float[ArrayLike, "n d_p"], factors: Factors, layer: LayerConfig, *, precision: PrecisionLike = None
+) -> tuple[Float[Array, "n r"], Float[Array, "n r"] | None]:
+    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows of operating parameters: where ``p`` acts.
 
     .. math::
 
-        \tilde h = h \odot (g_0 + C p) + S p, \qquad h = A x \in \mathbb{R}^r,\ p \in \mathbb{R}^{d_p}
-
-    (``C p`` and ``S p`` are ``p @ lora_c`` and ``p @ lora_s`` in the kernel convention). This is the one place
-    the operating parameters act; :func:`rss_update` and every adapted layer kind (Dense, DenseGeneral, Einsum,
-    Conv) apply their own ``A`` and ``B`` around it.
+        \hat p = (p - \mu)/\sigma, \qquad
+        g(\hat p) = \begin{cases} g_0 + C \hat p & \text{linear} \\ c_0 + C \hat p & \text{affine} \\
+        c_0 + C \tanh(W_g \hat p + b_g) & \text{mlp} \end{cases}, \qquad b(\hat p) = S \hat p
 
     Args:
-      h: rank-space activations ``[..., r]``.
-      operating_params: ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``h.shape[:-1]``.
-      lora_c, lora_s: gate and shift weights ``(d_p, r)``.
-      gate_offset: constant added to the gate (0.0: the seed's ``C p``; 1.0: ``1 + C p``).
-      precision: passed to the two small matmuls with ``p``.
+      p: operating parameters ``[n, d_p]``.
+      factors: ``lora_c`` (and ``lora_s``, ``lora_c0``, ``lora_gate_w``, ``lora_gate_b`` as the gate needs).
+      layer: the layer's resolved settings.
+      precision: of the small matmuls with ``p``.
+
+    Returns:
+      ``(gate [n, r], shift [n, r] or None)``.
+
+    >>> import numpy as np
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, gate="affine")
+    >>> gate, shift = gate_and_shift(np.array([[2.0]]), {"lora_c": np.array([[3.0]]), "lora_c0": np.array([1.0])},
+    ...                              layer)
+    >>> gate.tolist(), shift
+    ([[7.0]], None)
+    """
+    p = jnp.asarray(p)
+    if layer.p_mean is not None:
+        p = (p - jnp.asarray(layer.p_mean, p.dtype)[None]) / jnp.asarray(layer.p_std, p.dtype)[None]
+    features = p
+    if layer.gate == "mlp":
+        hidden = jnp.matmul(p, jnp.asarray(factors["lora_gate_w"]), precision=precision)
+        if factors.get("lora_gate_b") is not None:
+            hidden = hidden + jnp.asarray(factors["lora_gate_b"])
+        features = jnp.tanh(hidden)
+    gate = jnp.matmul(features, jnp.asarray(factors["lora_c"]), precision=precision)
+    if layer.gate == "linear":
+        if layer.gate_offset:
+            gate = gate + jnp.asarray(layer.gate_offset, gate.dtype)
+    else:
+        gate = gate + jnp.asarray(factors["lora_c0"])
+    lora_s = factors.get("lora_s")
+    shift = None if lora_s is None else jnp.matmul(p, jnp.asarray(lora_s), precision=precision)
+    return gate, shift
+
+
+def modulate(
+    h: Float[ArrayLike, "*batch r"],
+    operating_params: Float[ArrayLike, "*lead d_p"],
+    factors: Factors,
+    layer: LayerConfig,
+    *,
+    precision: PrecisionLike = None,
+) -> Float[Array, "*batch r"]:
+    r"""The rank-space modulation ``h ⊙ g(p̂) + S p̂`` of rank-space activations ``h = A x``.
+
+    ``p`` is ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``h.shape[:-1]``; the gate is applied on a
+    ``[lead, rest, r]`` view, so no ``[..., r]`` copy of ``p`` is materialised.
 
     Raises:
       ValueError: at trace time, naming ``d_p`` and both shapes, when ``p`` does not fit ``h``.
 
     >>> import numpy as np
-    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), np.array([[2.0]]), np.array([[1.0]]))[:, 0, 0].tolist()
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0)
+    >>> factors = {"lora_c": np.array([[2.0]]), "lora_s": np.array([[1.0]])}
+    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), factors, layer)[:, 0, 0].tolist()
     [3.0, 6.0]
     """
     h, p = jnp.asarray(h), jnp.asarray(operating_params)
-    d_p, rank = jnp.shape(lora_c)
-    if jnp.shape(lora_s) != (d_p, rank) or h.ndim < 1 or h.shape[-1] != rank:
-        raise ValueError(
-            f"rank-space shapes do not fit: h.shape={h.shape} must end in r={rank}, lora_c {jnp.shape(lora_c)} and "
-            f"lora_s {jnp.shape(lora_s)} must both be (d_p, r)."
-        )
+    rank = h.shape[-1] if h.ndim else 0
+    d_p = d_p_of(factors, layer)
     n_lead = lead_axes((*h.shape[:-1], rank), p.shape, d_p)
     lead_size = math.prod(h.shape[:n_lead]) if n_lead else 1
     rest_size = math.prod(h.shape[n_lead:-1])
-    p2 = p.reshape(lead_size, d_p)
-    gate = jnp.matmul(p2, lora_c, precision=precision)
-    if gate_offset:
-        gate = gate + jnp.asarray(gate_offset, gate.dtype)
-    shift = jnp.matmul(p2, lora_s, precision=precision)
-    out = h.reshape(lead_size, rest_size, rank) * gate[:, None, :] + shift[:, None, :]
+    gate, shift = gate_and_shift(p.reshape(lead_size, d_p), factors, layer, precision=precision)
+    out = h.reshape(lead_size, rest_size, rank) * gate[:, None, :]
+    if shift is not None:
+        out = out + shift[:, None, :]
     return out.reshape(h.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The update, for every layer kind
+# --------------------------------------------------------------------------------------------------
+
+
+class Factorization(NamedTuple):
+    """How one layer kind factors its kernel: the factor shapes and the maps ``x ↦ A x`` and ``h ↦ B h``.
+
+    ``down(x, lora_a)`` returns rank-space activations ``[..., r]`` whose leading axes are the input's
+    non-contracted axes in order (so ``p`` of shape ``[*lead, d_p]`` broadcasts over tokens/pixels);
+    ``up(h, lora_b)`` returns an array of the layer's output shape. ``kernel_name`` is the base weight the
+    factors fold into (``"kernel"``, or ``"embedding"`` for Embed); ``rows(x_shape)`` is the shape of the input's
+    row axes, against which ``p``'s lead axes are checked.
+    """
+
+    kind: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    down: Callable[[jax.Array, jax.Array], jax.Array]
+    up: Callable[[jax.Array, jax.Array], jax.Array]
+    kernel_name: str = "kernel"
+    integer_inputs: bool = False
+
+
+def dense_factorization(kernel_shape: Sequence[int], rank: int, precision: PrecisionLike = None) -> Factorization:
+    """Dense kernel ``(d_in, d_out)``: ``A (d_in, r)``, ``B (r, d_out)``; the matmuls run on 2-D rows.
+
+    (XLA differentiates a 2-D ``x @ A`` faster than a 3-D one on CPU.)
+    """
+    d_in, d_out = kernel_shape
+
+    def down(x, a):
+        return jnp.matmul(x.reshape(-1, d_in), a, precision=precision).reshape(*x.shape[:-1], rank)
+
+    def up(h, b):
+        return jnp.matmul(h.reshape(-1, rank), b, precision=precision).reshape(*h.shape[:-1], d_out)
+
+    return Factorization("Dense", (d_in, rank), (rank, d_out), down, up)
+
+
+def adapter_update(
+    factorization: Factorization,
+    x: jax.Array,
+    operating_params: jax.Array,
+    factors: Factors,
+    layer: LayerConfig,
+    *,
+    precision: PrecisionLike = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    r"""The update of any layer kind, the one function that computes it.
+
+    .. math::
+
+        \Delta y = s\, B\big((A\, \mathrm{dropout}(x)) \odot g(\hat p) + S \hat p\big)
+
+    computed as ``up(modulate(down(x, A), p), s · B)``: the scale ``s`` is folded into ``B`` (``r × out``), never
+    applied to the ``[..., out]`` result. Dropout acts only when ``layer.lora_dropout > 0`` and a
+    ``dropout_rng`` is given (training). Arrays must already be in the compute dtype.
+
+    Raises:
+      ValueError: at trace time, naming ``d_p`` and the shapes of ``x`` and ``p`` (checked against the layer's own
+        input, before any reshape) when ``p`` does not fit, or the factors do not fit ``layer``.
+    """
+    if operating_params is None:
+        raise ValueError(
+            f"operating_params (p) is None for an adapted {factorization.kind} layer with input shape "
+            f"{jnp.shape(x)}; pass p of shape [d_p] or [*lead, d_p]."
+        )
+    x, p = jnp.asarray(x), jnp.asarray(operating_params)
+    check_factors(factors, layer)
+    lead_axes((*x.shape, 1) if factorization.integer_inputs else x.shape, p.shape, d_p_of(factors, layer))
+    if layer.lora_dropout > 0 and dropout_rng is not None and not factorization.integer_inputs:
+        keep = 1.0 - layer.lora_dropout
+        mask = jax.random.bernoulli(dropout_rng, keep, x.shape)
+        x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+    h = factorization.down(x, factors["lora_a"])
+    h = modulate(h, p, factors, layer, precision=precision)
+    lora_b = jnp.asarray(factors["lora_b"])
+    return factorization.up(h, lora_b * jnp.asarray(layer.scale, lora_b.dtype))
+
+
+def adapter_params(
+    layer: LayerConfig,
+    factorization: Factorization,
+    d_p: int,
+    *,
+    shift: bool,
+    initializers: Mapping[str, Initializer | None] | None = None,
+) -> dict[str, tuple[tuple[int, ...], Initializer]]:
+    """The adapter leaves of one layer: ``{name: (shape, initializer)}``, shared by every front-end.
+
+    Default initialisation, so that training starts for every ``p`` and the model starts as its base: ``B = 0``;
+    ``A`` PEFT's Kaiming-uniform (``lora_a_init="lora"``), ``N(0, 1/r²)`` (``"gaussian"``), or ``N(0, 1)`` rows
+    for an embedding table; ``C`` lecun-normal, so ``∂L/∂B = (A x ⊙ C p)ᵀ ∂L/∂y ≠ 0`` for every ``p ≠ 0`` (zeros for
+    the linear gate with an offset ``g0 ≠ 0``, which then starts as plain LoRA); ``c0 = gate_offset``; the MLP
+    gate's hidden layer lecun-normal with zero bias; ``S = 0``. ``initializers`` overrides any of them by name.
+    """
+    if d_p < 1:
+        raise ValueError(f"d_p must be positive; got d_p={d_p}.")
+    rank = layer.rank
+    if factorization.integer_inputs:
+        a_init = nn.initializers.normal(1.0)
+    elif layer.lora_a_init == "gaussian":
+        a_init = nn.initializers.normal(1.0 / rank)
+    else:
+        a_init = default_lora_a_init
+    linear_offset = layer.gate == "linear" and layer.gate_offset != 0
+    gate_in = layer.gate_hidden if layer.gate == "mlp" else d_p
+    specs = {
+        "lora_a": (factorization.a_shape, a_init),
+        "lora_b": (factorization.b_shape, nn.initializers.zeros_init()),
+        "lora_c": ((gate_in, rank), nn.initializers.zeros_init() if linear_offset else default_lora_c_init),
+    }
+    if layer.gate != "linear":
+        specs["lora_c0"] = ((rank,), nn.initializers.constant(layer.gate_offset))
+    if layer.gate == "mlp":
+        specs["lora_gate_w"] = ((d_p, layer.gate_hidden), default_lora_c_init)
+        specs["lora_gate_b"] = ((layer.gate_hidden,), nn.initializers.zeros_init())
+    if shift:
+        specs["lora_s"] = ((d_p, rank), nn.initializers.zeros_init())
+    for name, init in (initializers or {}).items():
+        if init is not None and name in specs:
+            specs[name] = (specs[name][0], init)
+    return specs
 
 
 def rss_update(
@@ -122,36 +344,19 @@ def rss_update(
     lora_a: Float[ArrayLike, "d_in r"],
     lora_b: Float[ArrayLike, "r d_out"],
     lora_c: Float[ArrayLike, "d_p r"],
-    lora_s: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"] | None,
     *,
     scale: float,
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
 ) -> Float[Array, "*batch d_out"]:
-    r"""The rank-space update of RSSBilinearLoRA, without the base layer.
+    r"""The seed's dense update without the base layer, on plain arrays: :func:`adapter_update` for a Dense kernel.
 
     .. math::
 
         \Delta y = \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big), \qquad \alpha = \text{scale}
 
-    written in the kernel convention as
-    ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``. ``gate_offset = 0`` is the seed's formula;
-    ``gate_offset = 1`` gives the gate ``1 + C p`` that starts as plain LoRA.
-
-    The input is flattened to 2-D for the two matmuls (XLA differentiates a 2-D ``x @ A`` faster than a
-    3-D one); :func:`modulate` applies the per-example gate on a ``[lead, rest, r]`` view, so no
-    ``[..., r]`` copy of ``p`` is materialised. All arrays must already be in the compute dtype.
-
-    Args:
-      x: inputs ``[..., d_in]``.
-      operating_params: ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``x.shape[:-1]``.
-      lora_a, lora_b, lora_c, lora_s: the adapter factors.
-      scale: ``lora_alpha / rank``.
-      gate_offset: constant added to the gate ``C p``.
-      precision: passed to the matmuls.
-
-    Returns:
-      ``[..., d_out]``, the update to add to the base layer's output.
+    written in the kernel convention as ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``.
 
     Raises:
       ValueError: at trace time, when ``x`` or ``operating_params`` does not fit the factors.
@@ -163,40 +368,63 @@ def rss_update(
     >>> rss_update(x, p, a, b, c, s, scale=2.0).tolist()[0]   # 2 * (3 * (0.5*2) + 1*2)
     [10.0, 10.0, 10.0, 10.0]
     """
-    x, p = jnp.asarray(x), jnp.asarray(operating_params)
-    _check_update_inputs(x, p, lora_a, lora_b, lora_c, lora_s)
-    delta = _update_rows(x, p, lora_a, lora_b, lora_c, lora_s, scale, gate_offset, precision)
-    return delta.reshape(*x.shape[:-1], delta.shape[-1])
+    x, lora_a, lora_b = jnp.asarray(x), jnp.asarray(lora_a), jnp.asarray(lora_b)
+    rank = jnp.shape(lora_c)[-1]
+    _check_dense(x, lora_a, lora_b)
+    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
+    factors = {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
+    factorization = dense_factorization((lora_a.shape[0], lora_b.shape[1]), rank, precision)
+    return adapter_update(factorization, x, operating_params, factors, layer, precision=precision)
 
 
-def _check_update_inputs(x: Array, p: Array, lora_a, lora_b, lora_c, lora_s) -> None:
-    """Raise ``ValueError`` naming the shapes when ``x``, ``p`` or the factors do not fit (at trace time)."""
-    d_in, rank = jnp.shape(lora_a)
-    d_p = jnp.shape(lora_c)[0]
-    if x.ndim < 1 or x.shape[-1] != d_in:
+def _check_dense(x: Array, lora_a: Array, lora_b: Array) -> None:
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or x.ndim < 1 or x.shape[-1] != lora_a.shape[0]:
         raise ValueError(
-            f"x must be [..., d_in] with d_in={d_in} (lora_a.shape={jnp.shape(lora_a)}); got x.shape={x.shape}."
+            f"x must be [..., d_in] with d_in = lora_a.shape[0]; got x.shape={x.shape}, lora_a {lora_a.shape}, "
+            f"lora_b {lora_b.shape}."
         )
-    if jnp.shape(lora_b)[0] != rank or jnp.shape(lora_c) != (d_p, rank) or jnp.shape(lora_s) != (d_p, rank):
-        raise ValueError(
-            "adapter factors do not fit: expected lora_a (d_in, r), lora_b (r, d_out), lora_c and lora_s (d_p, r); "
-            f"got lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)}, lora_c {jnp.shape(lora_c)}, "
-            f"lora_s {jnp.shape(lora_s)}."
-        )
-    lead_axes(x.shape, p.shape, d_p)  # report shapes in terms of x, before any reshape
 
 
-def _update_rows(x, p, lora_a, lora_b, lora_c, lora_s, scale, gate_offset, precision) -> Array:
-    """The update on rows ``[N, d_out]`` (``N = prod(x.shape[:-1])``), checked inputs.
+def adapted_dense(
+    x: Float[ArrayLike, "*batch d_in"],
+    operating_params: Float[ArrayLike, "*lead d_p"],
+    kernel: Float[ArrayLike, "d_in d_out"],
+    bias: Float[ArrayLike, " d_out"] | None,
+    factors: Factors,
+    layer: LayerConfig,
+    *,
+    precision: PrecisionLike = None,
+    dropout_rng: jax.Array | None = None,
+) -> Float[Array, "*batch d_out"]:
+    r"""A dense layer with the update: ``x @ kernel + bias + adapter_update(...)``, base and update kept in 2-D.
 
-    Everything large stays 2-D and ``scale`` is folded into ``B`` (``r × d_out``) rather than applied to the
-    ``N × d_out`` result: measured on CPU, the 3-D adds and the separate scaling cost 15% of a train step.
+    .. math::
+
+        y = W x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
+
+    >>> import numpy as np
+    >>> from rssbl_jax.config import LayerConfig
+    >>> x, p = np.ones((1, 2)), np.ones((1,))
+    >>> factors = {"lora_a": np.ones((2, 1)), "lora_b": np.zeros((1, 2)), "lora_c": np.ones((1, 1))}
+    >>> adapted_dense(x, p, np.eye(2), np.zeros(2), factors, LayerConfig(1, 1.0, 1.0)).tolist()   # B = 0: the base
+    [[1.0, 1.0]]
     """
-    d_in, rank = jnp.shape(lora_a)
-    h = jnp.matmul(x.reshape(-1, d_in), lora_a, precision=precision).reshape(*x.shape[:-1], rank)
-    h = modulate(h, p, lora_c, lora_s, gate_offset=gate_offset, precision=precision)
-    lora_b = jnp.asarray(lora_b)
-    return jnp.matmul(h.reshape(-1, rank), lora_b * jnp.asarray(scale, lora_b.dtype), precision=precision)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    if kernel.ndim != 2 or x.shape[-1:] != kernel.shape[:1]:
+        raise ValueError(
+            f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}."
+        )
+    if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
+        raise ValueError(f"bias must be (d_out,)=({kernel.shape[1]},); got bias.shape={jnp.shape(bias)}.")
+    factorization = dense_factorization(kernel.shape, layer.rank, precision)
+    delta = adapter_update(
+        factorization, x, operating_params, factors, layer, precision=precision, dropout_rng=dropout_rng
+    )
+    y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1, -1))
+    y = y + delta.reshape(-1, kernel.shape[1])
+    return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 
 def rss_dense(
@@ -207,22 +435,17 @@ def rss_dense(
     lora_a: Float[ArrayLike, "d_in r"],
     lora_b: Float[ArrayLike, "r d_out"],
     lora_c: Float[ArrayLike, "d_p r"],
-    lora_s: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"] | None,
     *,
     scale: float,
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
 ) -> Float[Array, "*batch d_out"]:
-    r"""A dense layer with the RSSBilinearLoRA update: ``x @ kernel + bias + rss_update(...)``.
+    r"""The seed's dense layer on plain arrays: ``x @ kernel + bias + rss_update(...)`` (:func:`adapted_dense`).
 
     .. math::
 
         y = W x + b + \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big)
-
-    Args:
-      x, operating_params, lora_*: as in :func:`rss_update`.
-      kernel: frozen base kernel ``(d_in, d_out)``; bias: ``(d_out,)`` or ``None``.
-      scale, gate_offset, precision: as in :func:`rss_update`.
 
     >>> import numpy as np
     >>> x, p = np.ones((1, 2)), np.ones((1,))
@@ -231,28 +454,132 @@ def rss_dense(
     >>> rss_dense(x, p, w, b, a, bb, c, s, scale=1.0).tolist()   # B = 0: the base layer
     [[1.0, 1.0]]
     """
-    x = jnp.asarray(x)
-    kernel = jnp.asarray(kernel)
-    if kernel.ndim != 2 or x.shape[-1:] != kernel.shape[:1]:
-        raise ValueError(
-            f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}."
-        )
-    if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
-        raise ValueError(f"bias must be (d_out,)=({kernel.shape[1]},); got bias.shape={jnp.shape(bias)}.")
-    p = jnp.asarray(operating_params)
-    _check_update_inputs(x, p, lora_a, lora_b, lora_c, lora_s)
-    y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision)  # base, bias and update in 2-D
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1, -1))
-    y = y + _update_rows(x, p, lora_a, lora_b, lora_c, lora_s, scale, gate_offset, precision)
-    return y.reshape(*x.shape[:-1], kernel.shape[1])
+    rank = jnp.shape(lora_c)[-1]
+    _check_dense(jnp.asarray(x), jnp.asarray(lora_a), jnp.asarray(lora_b))
+    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
+    factors = {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
+    return adapted_dense(x, operating_params, kernel, bias, factors, layer, precision=precision)
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge at one operating point
+# --------------------------------------------------------------------------------------------------
 
 
 class MergedDense(NamedTuple):
-    """Kernel and bias of a Dense layer equal to an adapted one at one operating point."""
+    """Kernel and bias of a plain layer equal to an adapted one at one operating point."""
 
     kernel: Array
     bias: Array
+
+
+def fold(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    factors: Factors,
+    operating_params: Float[ArrayLike, " d_p"],
+    layer: LayerConfig,
+    *,
+    precision: PrecisionLike = None,
+) -> MergedDense:
+    r"""Fold the adapter of any kernel kind into it at one operating point ``p0``.
+
+    .. math::
+
+        W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}, \qquad b' = b + s\, (S \hat p_0)\, B
+
+    with ``g`` and ``S p̂0`` from :func:`gate_and_shift`, the same function the update uses. Two factor layouts:
+
+    - compact: ``lora_a (*in, r)``, ``lora_b (r, *out)`` with ``kernel.shape == (*in, *out)`` (Dense,
+      DenseGeneral, Conv with ``in = (*window, c_in)``, Embed, Einsum with input axes first);
+    - aligned: ``lora_a`` and ``lora_b`` both have the kernel's axes, each with the other factor's axes set
+      to 1 (Einsum kernels whose input and output axes interleave); the outer product broadcasts.
+
+    Adapters stacked over leading axes (``nn.scan``/``nn.vmap`` over layers: ``lora_c (L, d_p, r)``, ``kernel
+    (L, ...)``) are folded slice by slice. A layer without bias gets one of ``B``'s output shape. Kernel and bias
+    dtypes are preserved.
+
+    Raises:
+      ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
+    """
+    lora_c = factors["lora_c"]
+    n_stack = jnp.ndim(lora_c) - 2
+    if n_stack > 0:
+        in_axes = {name: (None if value is None else 0) for name, value in factors.items()}
+        fn = lambda k, b, f: fold(k, b, f, operating_params, layer, precision=precision)  # noqa: E731
+        for _ in range(n_stack):
+            fn = jax.vmap(fn, in_axes=(0, None if bias is None else 0, in_axes))
+        return fn(kernel, bias, dict(factors))
+    p0 = jnp.asarray(operating_params)
+    d_p = d_p_of(factors, layer)
+    if p0.shape != (d_p,):
+        raise ValueError(
+            f"merge needs one operating point of shape (d_p,)=({d_p},); got operating_params.shape={p0.shape}. "
+            "Use jax.vmap to merge a batch of operating points."
+        )
+    check_factors(factors, layer)
+    kernel, lora_a, lora_b = jnp.asarray(kernel), jnp.asarray(factors["lora_a"]), jnp.asarray(factors["lora_b"])
+    rank = layer.rank
+    gate, shift = gate_and_shift(p0[None], factors, layer, precision=precision)
+    scaled_a = lora_a * gate[0].reshape((1,) * (lora_a.ndim - 1) + (rank,))
+    n_a, n_b = lora_a.ndim - 1, lora_b.ndim - 1
+    if n_a + n_b == kernel.ndim and lora_a.shape[:-1] + lora_b.shape[1:] == kernel.shape:
+        kernel_delta = jnp.tensordot(scaled_a, lora_b, axes=1, precision=precision)
+        out_shape = lora_b.shape[1:]
+    elif n_a == n_b == kernel.ndim:
+        kernel_delta = jnp.einsum("...r,r...->...", scaled_a, lora_b, precision=precision)
+        out_shape = tuple(d for d, a_dim in zip(lora_b.shape[1:], lora_a.shape[:-1], strict=True) if a_dim == 1)
+    else:
+        kernel_delta = None
+    if kernel_delta is None or kernel_delta.shape != kernel.shape:
+        raise ValueError(
+            f"adapter factors lora_a {lora_a.shape} and lora_b {lora_b.shape} do not fit kernel {kernel.shape}."
+        )
+    if bias is not None and math.prod(jnp.shape(bias)) != math.prod(out_shape):
+        raise ValueError(f"bias {jnp.shape(bias)} does not fit the kernel's output axes {out_shape}.")
+    if shift is None:
+        bias_delta = jnp.zeros(out_shape, kernel_delta.dtype)
+    else:
+        bias_delta = jnp.matmul(shift[0], lora_b.reshape(rank, -1), precision=precision)
+        bias_delta = bias_delta.reshape(out_shape if bias is None else jnp.shape(bias))
+    base_bias = jnp.zeros(out_shape, kernel.dtype) if bias is None else jnp.asarray(bias)
+    return MergedDense(
+        kernel=(kernel + layer.scale * kernel_delta).astype(kernel.dtype),
+        bias=(base_bias + layer.scale * bias_delta).astype(base_bias.dtype),
+    )
+
+
+def merge_kernel(
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
+    lora_a: ArrayLike,
+    lora_b: ArrayLike,
+    lora_c: Float[ArrayLike, "d_p r"],
+    lora_s: Float[ArrayLike, "d_p r"] | None,
+    operating_params: Float[ArrayLike, " d_p"],
+    *,
+    scale: float,
+    gate_offset: float = 0.0,
+    precision: PrecisionLike = None,
+) -> MergedDense:
+    r""":func:`fold` for the seed's linear gate on plain arrays (any kernel kind; ``lora_s=None``: no shift).
+
+    .. math::
+
+        W' = W + \alpha \sum_k (g_0 + C p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}, \qquad
+        b' = b + \alpha\, (S p_0)\, B
+
+    >>> import numpy as np
+    >>> kernel = np.zeros((3, 2, 4))                   # DenseGeneral: in (3,), features (2, 4)
+    >>> a, b = np.ones((3, 1)), np.ones((1, 2, 4))
+    >>> merged = merge_kernel(kernel, None, a, b, np.ones((1, 1)), None, np.array([2.0]), scale=0.5)
+    >>> merged.kernel.shape, float(merged.kernel[0, 0, 0]), merged.bias.shape
+    ((3, 2, 4), 1.0, (2, 4))
+    """
+    rank = jnp.shape(lora_c)[-1]
+    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
+    factors = {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
+    return fold(kernel, bias, factors, operating_params, layer, precision=precision)
 
 
 def merge_dense(
@@ -268,18 +595,11 @@ def merge_dense(
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
 ) -> MergedDense:
-    r"""Fold the adapter into the base weights at one operating point ``p0``.
+    r"""Fold a dense adapter (linear gate) into its kernel at ``p0``: :func:`merge_kernel` for 2-D kernels.
 
     .. math::
 
         W' = W + \alpha\, A \,\mathrm{diag}(g_0 + C p_0)\, B, \qquad b' = b + \alpha\, (S p_0)\, B
-
-    (kernel convention). The result computes the same outputs as :func:`rss_dense` at ``p0`` at the cost of
-    a plain Dense layer. A layer without bias gets one (its shift term is a constant), so it merges into a
-    Dense with ``use_bias=True``. Vectorise over many operating points with ``jax.vmap``.
-
-    Raises:
-      ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
 
     >>> import numpy as np
     >>> kernel, bias = np.zeros((2, 2)), np.zeros(2)
@@ -296,171 +616,3 @@ def merge_dense(
         kernel, bias, lora_a, lora_b, lora_c, lora_s, operating_params,
         scale=scale, gate_offset=gate_offset, precision=precision,
     )  # fmt: skip
-
-
-def merge_kernel(
-    kernel: ArrayLike,
-    bias: ArrayLike | None,
-    lora_a: ArrayLike,
-    lora_b: ArrayLike,
-    lora_c: Float[ArrayLike, "d_p r"],
-    lora_s: Float[ArrayLike, "d_p r"] | None,
-    operating_params: Float[ArrayLike, " d_p"],
-    *,
-    scale: float,
-    gate_offset: float = 0.0,
-    precision: PrecisionLike = None,
-) -> MergedDense:
-    r"""Fold the adapter of any kernel kind (Dense, DenseGeneral, Einsum, Conv) into it at one operating point.
-
-    .. math::
-
-        W' = W + \alpha \sum_k (g_0 + C p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}, \qquad
-        b' = b + \alpha\, (S p_0)\, B
-
-    Two factor layouts are understood, told apart by their number of axes:
-
-    - compact: ``lora_a (*in, r)``, ``lora_b (r, *out)`` with ``kernel.shape == (*in, *out)`` (Dense,
-      DenseGeneral, Conv with ``in = (*window, c_in)``, Einsum with input axes first);
-    - aligned: ``lora_a`` and ``lora_b`` both have the kernel's axes, each with the other factor's axes set
-      to 1 (Einsum kernels whose input and output axes interleave); the outer product broadcasts.
-
-    The bias update is ``(S p0) B`` reshaped to the bias; a layer without bias gets one of ``B``'s output
-    shape. ``lora_s=None`` means no shift. Kernel and bias dtypes are preserved.
-
-    Raises:
-      ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
-
-    >>> import numpy as np
-    >>> kernel = np.zeros((3, 2, 4))                   # DenseGeneral: in (3,), features (2, 4)
-    >>> a, b = np.ones((3, 1)), np.ones((1, 2, 4))
-    >>> merged = merge_kernel(kernel, None, a, b, np.ones((1, 1)), None, np.array([2.0]), scale=0.5)
-    >>> merged.kernel.shape, float(merged.kernel[0, 0, 0]), merged.bias.shape
-    ((3, 2, 4), 1.0, (2, 4))
-    """
-    p0 = jnp.asarray(operating_params)
-    d_p, rank = jnp.shape(lora_c)
-    if p0.shape != (d_p,):
-        raise ValueError(
-            f"merge needs one operating point of shape (d_p,)=({d_p},); got operating_params.shape={p0.shape}. "
-            "Use jax.vmap to merge a batch of operating points."
-        )
-    kernel, lora_a, lora_b = jnp.asarray(kernel), jnp.asarray(lora_a), jnp.asarray(lora_b)
-    if lora_a.shape[-1] != rank or lora_b.shape[0] != rank:
-        raise ValueError(f"lora_a {lora_a.shape} must end and lora_b {lora_b.shape} must start with r={rank}.")
-    if lora_s is not None and jnp.shape(lora_s) != (d_p, rank):
-        raise ValueError(f"lora_s {jnp.shape(lora_s)} must be (d_p, r)=({d_p}, {rank}) like lora_c.")
-    gate = jnp.matmul(p0, lora_c, precision=precision) + gate_offset
-    scaled_a = lora_a * gate.reshape((1,) * (lora_a.ndim - 1) + (rank,))
-    n_a, n_b = lora_a.ndim - 1, lora_b.ndim - 1
-    if n_a + n_b == kernel.ndim and lora_a.shape[:-1] + lora_b.shape[1:] == kernel.shape:
-        kernel_delta = jnp.tensordot(scaled_a, lora_b, axes=1, precision=precision)
-        out_shape = lora_b.shape[1:]
-    elif n_a == n_b == kernel.ndim:
-        kernel_delta = jnp.einsum("...r,r...->...", scaled_a, lora_b, precision=precision)
-        out_shape = tuple(d for d, a_dim in zip(lora_b.shape[1:], lora_a.shape[:-1], strict=True) if a_dim == 1)
-    else:
-        kernel_delta = None
-    if kernel_delta is None or kernel_delta.shape != kernel.shape:
-        raise ValueError(
-            f"adapter factors lora_a {lora_a.shape} and lora_b {lora_b.shape} do not fit kernel {kernel.shape}."
-        )
-    if bias is not None and math.prod(jnp.shape(bias)) != math.prod(out_shape):
-        raise ValueError(f"bias {jnp.shape(bias)} does not fit the kernel's output axes {out_shape}.")
-    if lora_s is None:
-        bias_delta = jnp.zeros(out_shape, kernel_delta.dtype)
-    else:
-        shift = jnp.matmul(p0, lora_s, precision=precision)
-        bias_delta = jnp.matmul(shift, lora_b.reshape(rank, -1), precision=precision)
-        bias_delta = bias_delta.reshape(out_shape if bias is None else jnp.shape(bias))
-    base_bias = jnp.zeros(out_shape, kernel.dtype) if bias is None else jnp.asarray(bias)
-    return MergedDense(
-        kernel=(kernel + scale * kernel_delta).astype(kernel.dtype),
-        bias=(base_bias + scale * bias_delta).astype(base_bias.dtype),
-    )
-
-
-def is_adapter_path(path: Sequence[Any]) -> bool:
-    """Whether a pytree key path ends in one of the adapter leaf names ``lora_a/b/c/s``."""
-    if not path:
-        return False
-    key = path[-1]
-    name = getattr(key, "key", getattr(key, "name", key))
-    return isinstance(name, str) and name in ADAPTER_NAMES
-
-
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        parts.append(str(name))
-    return "/".join(parts)
-
-
-class ParameterCount(NamedTuple):
-    """Base (frozen) and trainable (adapter) parameter counts, per layer and in total.
-
-    ``per_layer`` maps a layer path (``"Dense_0"``, ``"block/attn/query"``) to ``(base, trainable)``.
-    ``str()`` renders a table.
-
-    >>> count = ParameterCount(per_layer={"dense": (15, 18)}, base=15, trainable=18)
-    >>> count.total, round(count.trainable_fraction, 3)
-    (33, 0.545)
-    >>> print(count)
-    layer          base     trainable
-    dense            15            18
-    total            15            18
-    trainable fraction: 54.5455% of 33
-    """
-
-    per_layer: dict[str, tuple[int, int]]
-    base: int
-    trainable: int
-
-    @property
-    def total(self) -> int:
-        return self.base + self.trainable
-
-    @property
-    def trainable_fraction(self) -> float:
-        return self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        width = max([len("layer"), *(len(k) for k in self.per_layer)])
-        lines = [f"{'layer':<{width}}  {'base':>12}  {'trainable':>12}"]
-        for name, (base, trainable) in self.per_layer.items():
-            lines.append(f"{name:<{width}}  {base:>12,}  {trainable:>12,}")
-        lines.append(f"{'total':<{width}}  {self.base:>12,}  {self.trainable:>12,}")
-        lines.append(f"trainable fraction: {self.trainable_fraction:.4%} of {self.total:,}")
-        return "\n".join(lines)
-
-
-def count_parameters(params: Any) -> ParameterCount:
-    r"""Count frozen base and trainable adapter parameters in any params tree, per layer and in total.
-
-    A leaf is trainable when its name is one of ``lora_a``, ``lora_b``, ``lora_c``, ``lora_s``; its layer is
-    the path of its parent. For a Dense layer this gives
-
-    .. math::
-
-        \underbrace{d_{in} d_{out} + d_{out}}_{\text{base}}, \qquad
-        \underbrace{r (d_{in} + d_{out})}_{\text{LoRA}} + \underbrace{2 r d_p}_{C,\ S}\ \text{trainable.}
-
-    >>> import numpy as np
-    >>> tree = {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3),
-    ...                   "lora_a": np.zeros((4, 2)), "lora_b": np.zeros((2, 3)),
-    ...                   "lora_c": np.zeros((1, 2)), "lora_s": np.zeros((1, 2))}}
-    >>> count_parameters(tree).per_layer
-    {'dense': (15, 18)}
-    """
-    per_layer: dict[str, list[int]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        layer = _path_str(path[:-1]) or "(root)"
-        counts = per_layer.setdefault(layer, [0, 0])
-        counts[1 if is_adapter_path(path) else 0] += int(math.prod(jnp.shape(leaf)))
-    table = {k: (v[0], v[1]) for k, v in per_layer.items()}
-    return ParameterCount(
-        per_layer=table,
-        base=sum(v[0] for v in table.values()),
-        trainable=sum(v[1] for v in table.values()),
-    )

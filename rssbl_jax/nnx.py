@@ -2,16 +2,21 @@ r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an e
 
 .. math::
 
-    y = f(x) + \frac{\alpha_{\text{lora}}}{r}\, B\big((A x) \odot (g_0 + C p) + S p\big)
+    y = f(x) + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-Adapter parameters are :class:`RSSBilinearLoRAParam`, a subclass of ``nnx.LoRAParam``, so
-``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, ``nnx.state(model, nnx.LoRAParam)`` and every tool
-built on ``LoRAParam`` select exactly the adapters. The math is shared with the linen front-end
-(:mod:`rssbl_jax.inject`, :mod:`rssbl_jax.core`); ``p`` acts only in :func:`rssbl_jax.core.modulate`.
+computed by :func:`rssbl_jax.core.adapter_update`, the same function as linen's. Adapter parameters are
+:class:`RSSBilinearLoRAParam`, a subclass of ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
+``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters.
 
-Injected layers read the operating parameters from :func:`operating_params`, a context that
-``Adapted.__call__(*args, p=p)`` sets around the model call; a standalone
-:class:`RSSBilinearLoRALinear` also takes ``p`` as its second argument.
+How ``p`` reaches the layers. An unmodified model's code does not pass ``p`` to its layers, so injected layers read
+it from :func:`operating_params`, a context that ``Adapted.__call__(*args, p=p)`` enters around the model call
+(inside any ``nnx.jit``/``jax.jit``, with the traced ``p``); a standalone :class:`RSSBilinearLoRALinear` also takes
+``p`` as its second argument. We evaluated composition instead (a wrapper holding the base layer and
+``self.lora``, as ``nnx.LoRALinear`` does): it moves the base weights to ``<layer>/base/kernel``, so pretrained
+checkpoints and linen-adapted trees no longer share paths, and it still needs a way to hand ``p`` past the
+unmodified model code. The context works under ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and ``nnx.remat`` (tested in
+``tests/test_nnx.py``), so we keep it. Adapted layers change class in place to a subclass of their base class
+(``nnx.Linear`` → :class:`RSSBilinearLoRALinear`), which keeps every path and attribute of the base layer.
 
 >>> import jax.numpy as jnp, optax
 >>> from flax import nnx
@@ -30,39 +35,28 @@ True
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import core
-from rssbl_jax import linen as rss_linen
-from rssbl_jax.inject import (
-    Factorization,
-    _as_pairs,
-    _as_patterns,
-    _check_patterns_matched,
-    _first_match,
-    adapter_delta,
-    conv_factorization,
-    dense_factorization,
-    dense_general_factorization,
-    einsum_factorization,
-)
+from rssbl_jax import core, patterns
+from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
+from rssbl_jax.factorization import KINDS, LayerKind, kind_of
+from rssbl_jax.inject import check_keyword_free, make_config
 
 Initializer = jax.nn.initializers.Initializer
 zeros_init = nnx.initializers.zeros_init()
-"""Default initialiser of ``bias``, ``lora_b`` and ``lora_s``."""
+default_kernel_init = nnx.initializers.lecun_normal()
+"""Default initialiser of ``bias``."""
 
 
 class RSSBilinearLoRAParam(nnx.LoRAParam):
-    """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ``lora_s``); an ``nnx.LoRAParam``.
+    """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ...); an ``nnx.LoRAParam``.
 
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
     >>> type(layer.lora_c).__name__, isinstance(layer.lora_c, nnx.LoRAParam), isinstance(layer.kernel, nnx.LoRAParam)
@@ -90,6 +84,8 @@ def operating_params(p: jax.Array) -> Iterator[None]:
     ...     layer(jnp.ones((4, 3))).shape
     (4, 2)
     """
+    if p is None:
+        raise ValueError("operating_params(p) got p=None; pass p of shape [d_p] or [batch, d_p].")
     stack = _CONTEXT.__dict__.setdefault("stack", [])
     stack.append(p)
     try:
@@ -102,7 +98,7 @@ def _current_operating_params(where: str) -> jax.Array:
     stack = getattr(_CONTEXT, "stack", [])
     if not stack:
         raise ValueError(
-            f"adapted layer {where} was called without operating parameters: call the adapted model as "
+            f"adapted layer {where!r} was called without operating parameters: call the adapted model as "
             "adapted(x, p=p), or wrap the call in `with rssbl_jax.nnx.operating_params(p):`."
         )
     return stack[-1]
@@ -113,91 +109,77 @@ def _current_operating_params(where: str) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
-class AdapterSettings(NamedTuple):
-    """Static settings of one adapted NNX layer (its ``rss_settings``); the update is scaled by ``lora_alpha / rank``.
-
-    >>> RSSBilinearLoRALinear(3, 2, rank=2, lora_alpha=4.0, d_p=1, rngs=nnx.Rngs(0)).rss_settings
-    AdapterSettings(rank=2, lora_alpha=4.0, gate_offset=0.0, path='')
-    """
-
-    rank: int
-    lora_alpha: float
-    gate_offset: float
-    path: str
+def _kernel(layer: nnx.Module, kind: LayerKind) -> nnx.Variable:
+    return getattr(layer, kind.kernel_name)
 
 
 def _add_adapters(
     layer: nnx.Module,
-    a_shape: Sequence[int],
-    b_shape: Sequence[int],
+    kind: LayerKind,
+    settings: LayerConfig,
+    path: str,
     d_p: int,
-    settings: AdapterSettings,
     *,
     shift: bool,
     param_dtype: Any,
     rngs: nnx.Rngs,
-    lora_a_init: Initializer = rss_linen.default_lora_a_init,
-    lora_b_init: Initializer = zeros_init,
-    lora_c_init: Initializer | None = None,
-    lora_s_init: Initializer = zeros_init,
+    initializers: Mapping[str, Initializer | None] | None = None,
 ) -> None:
-    rank = settings.rank
-    if rank < 1 or d_p < 1:
-        raise ValueError(f"rank and d_p must be positive; got rank={rank}, d_p={d_p} for {settings.path or 'layer'}.")
-    if lora_c_init is None:
-        lora_c_init = rss_linen.default_lora_c_init if settings.gate_offset == 0 else nnx.initializers.zeros_init()
-    layer.lora_a = RSSBilinearLoRAParam(lora_a_init(rngs.params(), tuple(a_shape), param_dtype))
-    layer.lora_b = RSSBilinearLoRAParam(lora_b_init(rngs.params(), tuple(b_shape), param_dtype))
-    layer.lora_c = RSSBilinearLoRAParam(lora_c_init(rngs.params(), (d_p, rank), param_dtype))
-    layer.lora_s = RSSBilinearLoRAParam(lora_s_init(rngs.params(), (d_p, rank), param_dtype)) if shift else None
-    layer.rss_settings = settings
+    kernel = _kernel(layer, kind)
+    factorization = kind.factorize(layer, tuple(kernel[...].shape), settings.rank, None, (), {})
+    specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
+    metadata = kernel.get_metadata() if hasattr(kernel, "get_metadata") else {}
+    names = metadata.get("sharding_names") if isinstance(metadata, Mapping) else None
+    n_in = len(factorization.a_shape) - 1
+    for name in core.ADAPTER_NAMES:
+        if name not in specs:
+            setattr(layer, name, None)
+            continue
+        shape, init = specs[name]
+        extra = {}
+        if names is not None:
+            if name == "lora_a" and len(shape) == n_in + 1:
+                extra = {"sharding_names": (*tuple(names)[:n_in], None)}
+            elif name == "lora_b" and len(shape) == len(names) - n_in + 1:
+                extra = {"sharding_names": (None, *tuple(names)[n_in:])}
+        setattr(layer, name, RSSBilinearLoRAParam(init(rngs.params(), tuple(shape), param_dtype), **extra))
+    layer.rss_layer = settings
+    layer.rss_path = path
+    layer.rss_dropout = nnx.Dropout(settings.lora_dropout, rngs=rngs) if settings.lora_dropout > 0 else None
 
 
-def _factorization(layer: nnx.Module, x_shape: Sequence[int] | None, einsum_str: str | None = None) -> Factorization:
-    """The factorization of an NNX layer's kernel; ``x_shape=None`` gives the factor shapes only."""
-    rank = layer.rss_settings.rank
-    kernel_shape = tuple(layer.kernel[...].shape)
-    kind = _KIND_OF[_base_class(type(layer))]
-    if kind == "Dense":
-        return dense_factorization(kernel_shape, rank, layer.precision)
-    if kind == "DenseGeneral":
-        n_in = len(layer.in_features)
-        x_ndim = len(x_shape) if x_shape is not None else n_in + 1
-        return dense_general_factorization(kernel_shape, layer.axis, x_ndim, rank, layer.precision)
-    if kind == "Einsum":
-        equation = (einsum_str or layer.einsum_str).replace(" ", "")
-        if x_shape is None:  # any input of the right number of axes gives the factor shapes
-            lhs = equation.split(",")[0]
-            x_shape = (1,) * (len(lhs.replace("...", "")) + ("..." in lhs))
-        return einsum_factorization(equation, x_shape, kernel_shape, rank, layer.precision)
-    return conv_factorization(
-        kernel_shape,
-        rank,
-        kernel_size=layer.kernel_size,
-        strides=layer.strides,
-        padding=layer.padding,
-        input_dilation=layer.input_dilation,
-        kernel_dilation=layer.kernel_dilation,
-        precision=layer.precision,
-    )
+def _factors(layer: nnx.Module) -> dict[str, Any]:
+    return {name: getattr(layer, name)[...] for name in core.ADAPTER_NAMES if getattr(layer, name, None) is not None}
 
 
-def _delta(layer: nnx.Module, x: jax.Array, p: jax.Array, y: jax.Array, einsum_str: str | None = None) -> jax.Array:
-    settings: AdapterSettings = layer.rss_settings
-    x, p = jnp.asarray(x), jnp.asarray(p)
-    factorization = _factorization(layer, x.shape, einsum_str)
-    lora_s = None if layer.lora_s is None else layer.lora_s[...]
-    x, p, a, b, c, s = promote_dtype(
-        x, p, layer.lora_a[...], layer.lora_b[...], layer.lora_c[...], lora_s, dtype=layer.dtype
-    )
+def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Array, args: tuple, kwargs: dict):
+    settings: LayerConfig = layer.rss_layer
+    kind = kind_of_class(base)
+    x = jnp.asarray(x)
+    factorization = kind.factorize(layer, tuple(_kernel(layer, kind)[...].shape), settings.rank, x.shape, args, kwargs)
+    factors = _factors(layer)
+    names = list(factors)
+    if factorization.integer_inputs:
+        p, *values = promote_dtype(jnp.asarray(p), *factors.values(), dtype=layer.dtype)
+    else:
+        if layer.rss_dropout is not None:
+            x = layer.rss_dropout(x)
+        x, p, *values = promote_dtype(x, jnp.asarray(p), *factors.values(), dtype=layer.dtype)
     try:
-        delta = adapter_delta(
-            factorization, x, p, a, b, c, s,
-            scale=settings.lora_alpha / settings.rank, gate_offset=settings.gate_offset, precision=layer.precision,
+        delta = core.adapter_update(
+            factorization, x, p, dict(zip(names, values, strict=True)), settings,
+            precision=getattr(layer, "precision", None),
         )  # fmt: skip
     except ValueError as error:
-        raise ValueError(f"adapted {type(layer).__name__}: {error}") from None
+        raise ValueError(f"adapted {type(layer).__name__} {layer.rss_path!r}: {error}") from None
     return delta.astype(y.dtype)
+
+
+def _injected_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, kwargs: dict) -> jax.Array:
+    """An injected layer's call: the base class's output plus the update, ``p`` from the context."""
+    p = _current_operating_params(layer.rss_path)
+    y = base.__call__(layer, inputs, *args, **kwargs)
+    return y + _delta(layer, base, inputs, p, y, args, kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,13 +192,12 @@ class RSSBilinearLoRALinear(nnx.Linear):
 
     .. math::
 
-        y = x W + b + \frac{\alpha_{\text{lora}}}{r}\, B\big((A x) \odot (g_0 + C p) + S p\big)
+        y = x W + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
     ``kernel (in_features, out_features)`` and ``bias (out_features,)`` are ``nnx.Param`` exactly as in
     ``nnx.Linear``; ``lora_a (in_features, r)``, ``lora_b (r, out_features)``, ``lora_c (d_p, r)`` and
-    ``lora_s (d_p, r)`` are :class:`RSSBilinearLoRAParam`. Initialisation as
-    :class:`rssbl_jax.RSSBilinearLoRADense`: ``B = 0`` (the layer starts as its base), ``A`` as PEFT's
-    LoRA, ``C`` lecun-normal (zeros when ``gate_offset != 0``), ``S = 0``.
+    ``lora_s (d_p, r)`` (and the affine/MLP gate's leaves) are :class:`RSSBilinearLoRAParam`, initialised by
+    :func:`rssbl_jax.core.adapter_params` as in the linen layer.
 
     Args:
       in_features, out_features: input and output widths.
@@ -224,15 +205,15 @@ class RSSBilinearLoRALinear(nnx.Linear):
       lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / rank``.
       d_p: number of operating parameters.
       use_bias: whether the base layer has a bias.
-      gate_offset: constant ``g_0`` added to the gate (0.0: the seed's ``C p``; 1.0: ``1 + C p``).
+      gate, gate_offset, gate_hidden, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
+        :class:`rssbl_jax.AdapterConfig`.
       shift: whether to learn the shift ``S p`` (``lora_s``).
       dtype: compute dtype; inferred from inputs and params when ``None``.
       param_dtype: dtype of all parameters.
       precision: matmul precision.
       kernel_init, bias_init: initialisers of the base kernel and bias.
-      lora_a_init, lora_b_init, lora_c_init, lora_s_init: initialisers of the adapter factors;
-        ``lora_c_init=None`` picks lecun-normal for ``gate_offset == 0`` and zeros otherwise.
-      rngs: the ``nnx.Rngs`` to draw initial values from.
+      initializers: ``{leaf name: initializer}`` overrides of the adapter leaves.
+      rngs: the ``nnx.Rngs`` to draw initial values (and dropout masks) from.
 
     >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(5, 4, rank=2, lora_alpha=4.0, d_p=3, rngs=nnx.Rngs(0))
@@ -251,17 +232,21 @@ class RSSBilinearLoRALinear(nnx.Linear):
         d_p: int,
         *,
         use_bias: bool = True,
+        gate: str = "linear",
         gate_offset: float = 0.0,
+        gate_hidden: int = 16,
         shift: bool = True,
+        use_rslora: bool = False,
+        lora_dropout: float = 0.0,
+        lora_a_init: str = "lora",
+        p_mean: Sequence[float] | None = None,
+        p_std: Sequence[float] | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
-        kernel_init: Initializer = rss_linen.default_kernel_init,
+        kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = zeros_init,
-        lora_a_init: Initializer = rss_linen.default_lora_a_init,
-        lora_b_init: Initializer = zeros_init,
-        lora_c_init: Initializer | None = None,
-        lora_s_init: Initializer = zeros_init,
+        initializers: Mapping[str, Initializer] | None = None,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -275,45 +260,31 @@ class RSSBilinearLoRALinear(nnx.Linear):
             bias_init=bias_init,
             rngs=rngs,
         )
-        settings = AdapterSettings(int(rank), float(lora_alpha), float(gate_offset), "")
+        self.rss_config = AdapterConfig(
+            rank=rank, lora_alpha=lora_alpha, gate=gate, gate_offset=gate_offset, gate_hidden=gate_hidden,
+            shift=shift, use_rslora=use_rslora, lora_dropout=lora_dropout, lora_a_init=lora_a_init,
+            p_mean=p_mean, p_std=p_std,
+        )  # fmt: skip
         _add_adapters(
-            self, (in_features, rank), (rank, out_features), d_p, settings,
-            shift=shift, param_dtype=param_dtype, rngs=rngs,
-            lora_a_init=lora_a_init, lora_b_init=lora_b_init, lora_c_init=lora_c_init, lora_s_init=lora_s_init,
+            self, kind_of_class(nnx.Linear), self.rss_config.resolve(None), "", d_p,
+            shift=shift, param_dtype=param_dtype, rngs=rngs, initializers=initializers,
         )  # fmt: skip
 
-    def __call__(
-        self, inputs: jax.Array, operating_params: jax.Array | None = None, out_sharding: Any = None
-    ) -> jax.Array:
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        """This layer's :class:`~rssbl_jax.AdapterConfig`."""
+        return self.rss_config
+
+    def __call__(self, inputs: jax.Array, operating_params: jax.Array | None = None, **kwargs: Any) -> jax.Array:
         """Apply the layer to ``x [..., in_features]``; ``p`` defaults to the :func:`operating_params` context."""
-        p = (
-            _current_operating_params(self.rss_settings.path or "RSSBilinearLoRALinear")
-            if operating_params is None
-            else operating_params
-        )
-        y = super().__call__(inputs, out_sharding=out_sharding)
-        return y + _delta(self, inputs, p, y)
-
-
-def _injected_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, kwargs: dict) -> jax.Array:
-    """An injected layer's call: the base class's output plus the update, ``p`` from the context."""
-    p = _current_operating_params(layer.rss_settings.path)
-    y = base.__call__(layer, inputs, *args, **kwargs)
-    einsum_str = kwargs.get("einsum_str", args[0] if args else None) if base is nnx.Einsum else None
-    return y + _delta(layer, inputs, p, y, einsum_str)
-
-
-# Each injected class subclasses its base alone (no mixin), so injection can swap ``__class__`` in place.
+        if operating_params is None:
+            return _injected_call(self, nnx.Linear, inputs, (), kwargs)
+        y = nnx.Linear.__call__(self, inputs, **kwargs)
+        return y + _delta(self, nnx.Linear, inputs, operating_params, y, (), kwargs)
 
 
 class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
-    r"""An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
-
-    .. math::
-
-        y = \mathrm{LinearGeneral}(x) + \frac{\alpha_{\text{lora}}}{r}\, B\big((A x) \odot (g_0 + C p) + S p\big)
-
-    with ``A`` contracting the layer's input axes and ``B`` producing its output axes. Made by :func:`inject`.
+    """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
@@ -329,13 +300,7 @@ class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
 
 
 class RSSBilinearLoRAEinsum(nnx.Einsum):
-    r"""An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.inject`. Made by :func:`inject`.
-
-    .. math::
-
-        y = \mathrm{Einsum}(x) + \frac{\alpha_{\text{lora}}}{r}\, B\big((A x) \odot (g_0 + C p) + S p\big)
-
-    with ``A`` over the kernel's contracted axes and ``B`` over its output axes.
+    """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`; see :func:`inject`.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0,
@@ -351,13 +316,7 @@ class RSSBilinearLoRAEinsum(nnx.Einsum):
 
 
 class RSSBilinearLoRAConv(nnx.Conv):
-    r"""An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1; see :func:`inject`.
-
-    .. math::
-
-        y = \mathrm{Conv}(x) + \frac{\alpha_{\text{lora}}}{r}\, B \ast \big((A \ast x) \odot (g_0 + C p) + S p\big)
-
-    ``A`` has the layer's window, strides, padding and dilations; ``p`` (one row per image) is broadcast over pixels.
+    """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1; see :func:`inject`.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
@@ -372,18 +331,34 @@ class RSSBilinearLoRAConv(nnx.Conv):
         return _injected_call(self, nnx.Conv, inputs, args, kwargs)
 
 
+class RSSBilinearLoRAEmbed(nnx.Embed):
+    """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``; see :func:`inject`.
+
+    >>> import jax.numpy as jnp
+    >>> adapted = inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
+    >>> adapted.model.lora_a.shape, adapted(jnp.array([[1, 2, 3]]), p=jnp.ones((1, 1))).shape
+    ((10, 2), (1, 3, 4))
+    """
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``nnx.Embed`` output plus the update under the :func:`operating_params` context."""
+        return _injected_call(self, nnx.Embed, inputs, args, kwargs)
+
+
 _ADAPTED = {
     nnx.Linear: RSSBilinearLoRALinear,
     nnx.LinearGeneral: RSSBilinearLoRALinearGeneral,
     nnx.Einsum: RSSBilinearLoRAEinsum,
     nnx.Conv: RSSBilinearLoRAConv,
+    nnx.Embed: RSSBilinearLoRAEmbed,
 }
-_KIND_OF = {nnx.Linear: "Dense", nnx.LinearGeneral: "DenseGeneral", nnx.Einsum: "Einsum", nnx.Conv: "Conv"}
 _BASE_OF = {adapted: base for base, adapted in _ADAPTED.items()}
 
 
-def _base_class(cls: type) -> type:
-    return _BASE_OF.get(cls, cls)
+def kind_of_class(cls: type) -> LayerKind:
+    """The :class:`~rssbl_jax.factorization.LayerKind` of an NNX base class or its adapted subclass."""
+    base = _BASE_OF.get(cls, cls)
+    return next(kind for kind in KINDS if kind.nnx is base)
 
 
 def _path(parts: Sequence[Any]) -> str:
@@ -391,7 +366,7 @@ def _path(parts: Sequence[Any]) -> str:
 
 
 def adaptable_paths(model: nnx.Module) -> dict[str, str]:
-    """Paths and kinds of the layers :func:`inject` can adapt: ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``.
+    """Paths and kinds of the layers :func:`inject` can adapt: Linear, LinearGeneral, Einsum, Conv and Embed.
 
     >>> class Net(nnx.Module):
     ...     def __init__(self, rngs):
@@ -400,82 +375,78 @@ def adaptable_paths(model: nnx.Module) -> dict[str, str]:
     >>> adaptable_paths(Net(nnx.Rngs(0)))
     {'hidden': 'Dense', 'out': 'Dense'}
     """
-    return {_path(path): _KIND_OF[type(module)] for path, module in nnx.iter_modules(model) if type(module) in _KIND_OF}
+    found = {}
+    for path, module in nnx.iter_modules(model):
+        kind = kind_of(module)
+        if kind is not None:
+            found[_path(path)] = kind.name
+    return found
 
 
 class Adapted(nnx.Module):
     """An NNX model with injected RSSBilinearLoRA layers: ``adapted(*args, p=p, **kwargs)`` runs ``model`` under ``p``.
 
-    Built by :func:`inject`. ``adapted.model`` is the (modified in place) model; its state has the
-    original paths plus ``lora_*`` beside each target's ``kernel``.
+    Built by :func:`inject`. ``adapted.model`` is the (modified in place) model; its state has the original paths
+    plus ``lora_*`` beside each adapted kernel. ``adapted.config`` is the :class:`~rssbl_jax.AdapterConfig`, a static
+    attribute of the graph. ``p`` is passed under the keyword ``config.p_keyword``.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
     >>> adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))).shape
     (4, 2)
-    >>> config = adapted.adapter_config                 # the keyword arguments of rssbl_jax.save_adapters
-    >>> config["targets"], config["rank"], config["lora_alpha"], config["gate_offset"]
-    ([''], 1, 2.0, 0.0)
+    >>> adapted.config.rank, adapted.config.lora_alpha, adapted.config.gate
+    (1, 2.0, 'linear')
     """
 
-    def __init__(self, model: nnx.Module, adapter_config: Mapping[str, Any]):
+    def __init__(self, model: nnx.Module, config: AdapterConfig):
         self.model = model
-        self.adapter_config_json = json.dumps(dict(adapter_config))  # a static string in the graph
+        self.config = config
 
     @property
-    def adapter_config(self) -> dict[str, Any]:
-        """The injection settings, as keyword arguments of :func:`rssbl_jax.save_adapters`."""
-        return json.loads(self.adapter_config_json)
+    def adapter_config(self) -> AdapterConfig:
+        """The same as :attr:`config`."""
+        return self.config
 
-    def __call__(self, *args: Any, p: jax.Array, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the model with operating parameters ``p`` (``[d_p]`` or ``[batch, d_p]``) at every adapted layer."""
+        keyword = self.config.p_keyword
+        if keyword not in kwargs:
+            raise TypeError(f"the adapted model needs its operating parameters as the keyword {keyword}=...")
+        p = kwargs.pop(keyword)
+        if p is None:
+            raise ValueError(f"{keyword}=None: the adapted model needs operating parameters [d_p] or [batch, d_p].")
         with operating_params(p):
             return self.model(*args, **kwargs)
 
 
 def inject(
     model: nnx.Module,
-    targets: str | Sequence[str],
-    rank: int,
-    lora_alpha: float,
-    d_p: int,
-    rngs: nnx.Rngs,
+    config: AdapterConfig | str | Sequence[str] | None = None,
+    rank: int | None = None,
+    lora_alpha: float | None = None,
+    d_p: int | None = None,
+    rngs: nnx.Rngs | None = None,
     *,
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float] | None = None,
-    gate_offset: float = 0.0,
-    shift: bool | None = None,
     param_dtype: Any = jnp.float32,
+    initializers: Mapping[str, Initializer] | None = None,
+    **settings: Any,
 ) -> Adapted:
-    r"""Adapt, in place, the layers of an NNX model whose path matches ``targets``; return it wrapped.
+    r"""Adapt, in place, the layers of an NNX model that an ``AdapterConfig`` targets; return the model wrapped.
 
     .. math::
 
-        y_\ell = f_\ell(x_\ell)
-            + \frac{\alpha_\ell}{r_\ell}\, B_\ell\big((A_\ell x_\ell) \odot (g_0 + C_\ell p) + S_\ell p\big)
+        y_\ell = f_\ell(x_\ell) + s_\ell\, B_\ell\big((A_\ell x_\ell) \odot g_\ell(\hat p) + S_\ell \hat p\big)
 
-    Every ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv`` whose path (attribute
-    names joined by ``/``, e.g. ``"blocks/0/attention/query"``) fully matches one of ``targets`` becomes
-    the corresponding ``RSSBilinearLoRA*`` layer: same object, same ``kernel``/``bias`` variables, plus
-    :class:`RSSBilinearLoRAParam` factors laid out as in :mod:`rssbl_jax.inject` (so NNX and linen
-    adapters of the same model have the same state tree). ``B = 0`` at init: the model is unchanged
-    until trained.
+    Every ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` whose path (attribute names joined by
+    ``/``, e.g. ``"blocks/0/attention/query"``) the config adapts becomes the corresponding ``RSSBilinearLoRA*``
+    layer: same object, same base variables, plus :class:`RSSBilinearLoRAParam` factors laid out as in
+    :mod:`rssbl_jax.factorization` (so NNX and linen adapters of the same model have the same state tree). Call it
+    as ``inject(model, config, d_p=..., rngs=...)`` or ``inject(model, targets, rank, lora_alpha, d_p, rngs,
+    **settings)``. ``B = 0`` at init: the model is unchanged until trained.
 
-    Args:
-      model: an NNX model; its target layers are modified in place.
-      targets: a regex or regexes over layer paths; each must match at least one adaptable layer, else
-        ``ValueError`` lists the adaptable paths.
-      rank: adapter rank ``r``.
-      lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / rank``.
-      d_p: number of operating parameters.
-      rngs: ``nnx.Rngs`` to initialise the adapters from.
-      rank_pattern, alpha_pattern: ``{regex: value}`` overrides per path (first full match wins).
-      gate_offset: constant ``g_0`` added to the gate.
-      shift: learn ``S p`` everywhere (``True``), nowhere (``False``), or only on targets with a bias.
-      param_dtype: dtype of the adapter parameters.
-
-    Returns:
-      :class:`Adapted`, an ``nnx.Module`` called as ``adapted(*args, p=p, **kwargs)``.
+    Raises:
+      ValueError: when a target matches no adaptable layer (the error lists them), a pattern matches no adapted
+        layer, or the model's ``__call__`` already takes an argument named ``p_keyword``.
 
     >>> import jax.numpy as jnp
     >>> class Net(nnx.Module):
@@ -492,42 +463,35 @@ def inject(
     >>> sorted(nnx.state(adapted, nnx.LoRAParam).to_pure_dict()["model"]["hidden"])
     ['lora_a', 'lora_b', 'lora_c', 'lora_s']
     """
-    patterns = _as_patterns(targets)
-    rank_pairs = _as_pairs(rank_pattern, "rank_pattern")
-    alpha_pairs = _as_pairs(alpha_pattern, "alpha_pattern")
+    if d_p is None or rngs is None:
+        raise TypeError("rssbl_jax.nnx.inject needs d_p (the number of operating parameters) and rngs.")
+    if int(d_p) < 1:
+        raise ValueError(f"d_p must be positive; got d_p={d_p}.")
+    cfg = make_config(config, rank, lora_alpha, dict(settings))
+    if not cfg.targets:
+        raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
+    check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
     modules = {_path(path): module for path, module in nnx.iter_modules(model)}
-    adaptable = {path: _KIND_OF[type(m)] for path, m in modules.items() if type(m) in _KIND_OF}
-    adapted = [path for path in adaptable if any(re.fullmatch(pattern, path) for pattern in patterns)]
-    _check_patterns_matched(patterns, rank_pairs, alpha_pairs, adaptable, adapted)
+    adaptable = {path: kind_of(m) for path, m in modules.items() if kind_of(m) is not None}
+    listing = "\n".join(f"  {path or repr(path)}  ({kind.name})" for path, kind in adaptable.items()) or "  (none)"
+    for pattern in cfg.targets:
+        if not any(cfg.adapts(path) and patterns.matches([pattern], path) for path in adaptable):
+            raise ValueError(
+                f"target pattern {pattern!r} matches no adaptable layer (regex fullmatch on the layer path). "
+                f"Adaptable paths:\n{listing}"
+            )
+    adapted = [path for path in adaptable if cfg.adapts(path)]
+    check_patterns_used(cfg, adapted)
     for path in adapted:
-        layer = modules[path]
-        kind = _KIND_OF[type(layer)]
-        if kind == "DenseGeneral" and layer.batch_axis:
-            raise ValueError(f"cannot adapt LinearGeneral {path!r} with batch_axis={dict(layer.batch_axis)}.")
-        if kind == "Conv" and (layer.feature_group_count != 1 or layer.mask is not None):
-            raise ValueError(f"cannot adapt Conv {path!r}: feature_group_count must be 1 and mask None.")
-        layer_rank = int(_first_match(rank_pairs, path, rank))
-        settings = AdapterSettings(
-            layer_rank, float(_first_match(alpha_pairs, path, lora_alpha)), float(gate_offset), path
-        )
-        layer.__class__ = _ADAPTED[type(layer)]
-        layer.rss_settings = settings
-        factorization = _factorization(layer, None)
+        layer, kind = modules[path], adaptable[path]
+        kind.check(layer, path)
         has_bias = getattr(layer, "bias", None) is not None
+        layer.__class__ = _ADAPTED[type(layer)]
         _add_adapters(
-            layer, factorization.a_shape, factorization.b_shape, d_p, settings,
-            shift=has_bias if shift is None else shift, param_dtype=param_dtype, rngs=rngs,
+            layer, kind, cfg.resolve(path), path, int(d_p),
+            shift=cfg.use_shift(has_bias), param_dtype=param_dtype, rngs=rngs, initializers=initializers,
         )  # fmt: skip
-    config = {
-        "targets": list(patterns),
-        "rank": int(rank),
-        "lora_alpha": float(lora_alpha),
-        "rank_pattern": dict(rank_pairs),
-        "alpha_pattern": dict(alpha_pairs),
-        "gate_offset": float(gate_offset),
-        "shift": shift,
-    }
-    return Adapted(model, config)
+    return Adapted(model, cfg)
 
 
 def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
@@ -535,15 +499,17 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
 
     .. math::
 
-        W' = W + \frac{\alpha}{r}\, A\,\mathrm{diag}(g_0 + C p_0)\,B, \qquad b' = b + \frac{\alpha}{r}\,(S p_0)\,B
+        W' = W + s\, A\,\mathrm{diag}\big(g(\hat p_0)\big)\,B, \qquad b' = b + s\,(S \hat p_0)\,B
 
-    Accepts an :class:`Adapted` (returns a copy of its ``model``) or a model holding adapted layers.
-    The result has the unmodified model's classes and state tree and computes the adapted model's
-    output at ``p0``. To merge a batch of operating points, ``jax.vmap`` :func:`rssbl_jax.merge` over
-    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()``, which has the same layout as linen's params.
+    with each layer's settings read from the layer itself (set by :func:`inject` from the config). Accepts an
+    :class:`Adapted` (returns a merged copy of its ``model``) or a model holding adapted layers. The result has the
+    unmodified model's classes and state tree and computes the adapted model's output at ``p0``. To merge a batch of
+    operating points, ``jax.vmap`` :func:`rssbl_jax.merge` over ``nnx.state(adapted.model, nnx.Param)
+    .to_pure_dict()`` with ``adapted.config``.
 
     Raises:
-      ValueError: when ``p0`` is not ``[d_p]``, or a bias-free layer learned a shift (it has nowhere to go).
+      ValueError: when the model holds no adapted layer (e.g. it was merged already), ``p0`` is not ``[d_p]``, or
+        a bias-free layer learned a shift (it has nowhere to go).
 
     >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(0))
@@ -552,25 +518,36 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     """
     source = model.model if isinstance(model, Adapted) else model
     merged = nnx.clone(source)
+    count = 0
     for path, layer in list(nnx.iter_modules(merged)):
         if type(layer) not in _BASE_OF:
             continue
-        settings: AdapterSettings = layer.rss_settings
-        bias = layer.bias[...] if layer.bias is not None else None
-        lora_s = None if layer.lora_s is None else layer.lora_s[...]
-        if bias is None and lora_s is not None:
+        count += 1
+        base = _BASE_OF[type(layer)]
+        kind = kind_of_class(base)
+        kernel = _kernel(layer, kind)
+        bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
+        factors = _factors(layer)
+        if bias is None and factors.get("lora_s") is not None:
             raise ValueError(
                 f"{_path(path) or 'layer'} has no bias, so its shift S p0 B cannot be merged into "
-                f"{_BASE_OF[type(layer)].__name__}; inject with shift=None or False for bias-free layers."
+                f"{base.__name__}; inject with shift=None or False for bias-free layers."
             )
-        folded = core.merge_kernel(
-            layer.kernel[...], bias, layer.lora_a[...], layer.lora_b[...], layer.lora_c[...], lora_s, operating_params,
-            scale=settings.lora_alpha / settings.rank, gate_offset=settings.gate_offset, precision=layer.precision,
-        )  # fmt: skip
-        layer.kernel[...] = folded.kernel
+        try:
+            folded = core.fold(
+                kernel[...], bias, factors, operating_params, layer.rss_layer, precision=jax.lax.Precision.HIGHEST
+            )
+        except ValueError as error:
+            raise ValueError(f"{_path(path) or 'layer'}: {error}") from None
+        kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias
-        for name in (*core.ADAPTER_NAMES, "rss_settings"):
-            delattr(layer, name)
-        layer.__class__ = _BASE_OF[type(layer)]
+        for name in (*core.ADAPTER_NAMES, "rss_layer", "rss_path", "rss_dropout", "rss_config"):
+            if name in vars(layer):
+                delattr(layer, name)
+        layer.__class__ = base
+    if count == 0:
+        raise ValueError(
+            "nnx merge found no adapted layer in the model (was it merged already? merge returns a new, plain model)."
+        )
     return merged

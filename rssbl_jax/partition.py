@@ -1,38 +1,114 @@
-"""Split params into trainable adapters and frozen base; an optax transformation that freezes the base."""
+"""Which leaves train: adapters known by identity, plus ``modules_to_save``; partition, combine, freeze, count.
+
+An *adapter layer* is a mapping that holds ``lora_a``, ``lora_b`` and ``lora_c`` (every RSSBilinearLoRA layer has
+all three); its ``lora_*`` leaves are the adapter. A leaf merely *named* ``lora_a`` in a module that is not an
+adapter layer (a user's own parameter, ``nnx.LoRA``'s ``lora_a``/``lora_b``) stays frozen. With an
+:class:`~rssbl_jax.AdapterConfig`, every adapter layer must also be one the config adapts (else an error names it),
+and base leaves whose path fully matches ``config.modules_to_save`` train too.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from rssbl_jax.core import is_adapter_path
+from rssbl_jax import patterns
+from rssbl_jax.config import AdapterConfig, as_config
+from rssbl_jax.core import ADAPTER_NAMES
 
 PyTree = Any
+_REQUIRED = ("lora_a", "lora_b", "lora_c")
 
 
 def _is_none(x: Any) -> bool:
     return x is None
 
 
-def partition(params: PyTree) -> tuple[PyTree, PyTree]:
-    """Split any params tree into ``(trainable, frozen)`` by leaf name.
+def _leaves(params: PyTree) -> list[tuple[str, str, Any]]:
+    """``(layer path, leaf name, leaf)`` for every leaf."""
+    out = []
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = patterns.path_str(key_path)
+        layer, _, name = path.rpartition("/")
+        out.append((layer, name, leaf))
+    return out
 
-    Leaves named ``lora_a``, ``lora_b``, ``lora_c`` or ``lora_s`` go to ``trainable``; every other leaf goes to
-    ``frozen``. Both trees keep the full structure with ``None`` where the other one holds the leaf, so
-    ``jax.grad`` can differentiate with respect to ``trainable`` alone and :func:`combine` restores the tree.
+
+def adapter_layers(params: PyTree) -> list[str]:
+    """Paths of the adapter layers in ``params``: mappings holding ``lora_a``, ``lora_b`` and ``lora_c``.
+
+    >>> import numpy as np
+    >>> adapter_layers({"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}, "mine": {"lora_a": 0}})
+    ['dense']
+    """
+    names: dict[str, set[str]] = {}
+    for layer, name, _ in _leaves(params):
+        names.setdefault(layer, set()).add(name)
+    return [layer for layer, held in names.items() if all(name in held for name in _REQUIRED)]
+
+
+def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
+    """A tree of bools: ``True`` at the leaves that train (adapters by identity, plus ``modules_to_save``).
+
+    Args:
+      params: any params tree (linen ``variables["params"]``, an NNX pure state dict).
+      config: optional :class:`~rssbl_jax.AdapterConfig` (or a model carrying one).
+
+    Raises:
+      ValueError: when, with a config, an adapter layer is one the config does not adapt, or a
+        ``modules_to_save`` pattern matches no leaf.
+
+    >>> import numpy as np
+    >>> tree = {"dense": {"kernel": 0.0, "lora_a": 0.0, "lora_b": 0.0, "lora_c": 0.0}, "mine": {"lora_a": 0.0}}
+    >>> trainable_mask(tree)
+    {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True, 'lora_c': True}, 'mine': {'lora_a': False}}
+    """
+    cfg: AdapterConfig | None = None if config is None else as_config(config, "trainable_mask")
+    layers = set(adapter_layers(params))
+    if cfg is not None:
+        foreign = sorted(layer for layer in layers if not cfg.adapts(layer))
+        if foreign:
+            raise ValueError(
+                f"adapter layers {foreign} are not adapted by the config (targets={cfg.targets}, exclude="
+                f"{cfg.exclude}); pass the params tree whose paths the config was written for (for NNX: "
+                "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
+            )
+        paths = [f"{layer}/{name}" if layer else name for layer, name, _ in _leaves(params)]
+        unmatched = patterns.unmatched(cfg.modules_to_save, paths)
+        if unmatched:
+            raise ValueError(f"modules_to_save {unmatched} matches no leaf; leaf paths: {paths}.")
+    extra = cfg.modules_to_save if cfg is not None else ()
+
+    def trains(key_path, _):
+        path = patterns.path_str(key_path)
+        layer, _, name = path.rpartition("/")
+        return (layer in layers and name in ADAPTER_NAMES) or patterns.matches(extra, path)
+
+    return jax.tree_util.tree_map_with_path(trains, params)
+
+
+def partition(params: PyTree, config: Any = None) -> tuple[PyTree, PyTree]:
+    """Split any params tree into ``(trainable, frozen)``, deciding by :func:`trainable_mask`.
+
+    Both trees keep the full structure with ``None`` where the other one holds the leaf, so ``jax.grad`` can
+    differentiate with respect to ``trainable`` alone and :func:`combine` restores the tree.
 
     >>> import jax.numpy as jnp
-    >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1))}}
+    >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)),
+    ...                     "lora_c": jnp.ones((1, 1))}}
     >>> trainable, frozen = partition(params)
     >>> trainable["dense"]["kernel"] is None, frozen["dense"]["lora_a"] is None
     (True, True)
     >>> jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), combine(trainable, frozen), params))
     True
     """
-    trainable = jax.tree_util.tree_map_with_path(lambda path, x: x if is_adapter_path(path) else None, params)
-    frozen = jax.tree_util.tree_map_with_path(lambda path, x: None if is_adapter_path(path) else x, params)
+    mask = trainable_mask(params, config)
+    trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
+    frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
     return trainable, frozen
 
 
@@ -53,28 +129,96 @@ def combine(*trees: PyTree) -> PyTree:
     return jax.tree.map(first, *trees, is_leaf=_is_none)
 
 
-def adapter_labels(params: PyTree) -> PyTree:
-    """The label tree used by :func:`freeze_base`: ``"adapter"`` for ``lora_*`` leaves, ``"frozen"`` otherwise."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: "adapter" if is_adapter_path(path) else "frozen", params)
+def adapter_labels(params: PyTree, config: Any = None) -> PyTree:
+    """The labels :func:`freeze_base` uses: ``"adapter"`` where :func:`trainable_mask` is true, else ``"frozen"``."""
+    return jax.tree.map(lambda m: "adapter" if m else "frozen", trainable_mask(params, config))
 
 
-def freeze_base(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Wrap ``tx`` so it updates only the ``lora_*`` leaves and leaves every other leaf unchanged.
+def freeze_base(tx: optax.GradientTransformation, config: Any = None) -> optax.GradientTransformation:
+    """Wrap ``tx`` so it updates only the trainable leaves (:func:`trainable_mask`) and leaves every other unchanged.
 
-    Built on ``optax.partition``: adapter leaves go through ``tx``; all other leaves through
+    Built on ``optax.partition``: trainable leaves go through ``tx``; all other leaves through
     ``optax.set_to_zero()``, which keeps no state, so the optimizer state holds nothing for the frozen base.
     ``optax.apply_updates`` then adds exact zeros to frozen leaves, which leaves them bit-identical (the one
-    exception IEEE allows is ``-0.0 + 0.0 = +0.0``). Inside one ``jax.jit``, XLA drops the unused
-    base gradients; to avoid computing them at all, differentiate w.r.t. the ``trainable`` half of
-    :func:`partition`.
+    exception IEEE allows is ``-0.0 + 0.0 = +0.0``). Put gradient transformations that look at the whole tree,
+    such as ``optax.clip_by_global_norm``, *inside*: ``freeze_base(optax.chain(clip, adam))``, so frozen
+    gradients do not count.
 
     >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"kernel": jnp.ones(2), "lora_b": jnp.ones(2)}
+    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(2), "lora_b": jnp.ones(2), "lora_c": jnp.ones(2)}
     >>> tx = freeze_base(optax.sgd(0.5))
     >>> state = tx.init(params)
-    >>> updates, state = tx.update({"kernel": jnp.ones(2), "lora_b": jnp.ones(2)}, state, params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     >>> new = optax.apply_updates(params, updates)
     >>> new["kernel"].tolist(), new["lora_b"].tolist()
     ([1.0, 1.0], [0.5, 0.5])
     """
-    return optax.partition({"adapter": tx, "frozen": optax.set_to_zero()}, adapter_labels)
+    return optax.partition({"adapter": tx, "frozen": optax.set_to_zero()}, lambda p: adapter_labels(p, config))
+
+
+class ParameterCount(NamedTuple):
+    """Base (frozen) and trainable parameter counts, per layer and in total.
+
+    ``per_layer`` maps a layer path (``"Dense_0"``, ``"block/attn/query"``) to ``(base, trainable)``.
+    ``str()`` renders a table.
+
+    >>> count = ParameterCount(per_layer={"dense": (15, 18)}, base=15, trainable=18)
+    >>> count.total, round(count.trainable_fraction, 3)
+    (33, 0.545)
+    >>> print(count)
+    layer          base     trainable
+    dense            15            18
+    total            15            18
+    trainable fraction: 54.5455% of 33
+    """
+
+    per_layer: dict[str, tuple[int, int]]
+    base: int
+    trainable: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.trainable
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        width = max([len("layer"), *(len(k) for k in self.per_layer)])
+        lines = [f"{'layer':<{width}}  {'base':>12}  {'trainable':>12}"]
+        for name, (base, trainable) in self.per_layer.items():
+            lines.append(f"{name:<{width}}  {base:>12,}  {trainable:>12,}")
+        lines.append(f"{'total':<{width}}  {self.base:>12,}  {self.trainable:>12,}")
+        lines.append(f"trainable fraction: {self.trainable_fraction:.4%} of {self.total:,}")
+        return "\n".join(lines)
+
+
+def count_parameters(params: PyTree, config: Any = None) -> ParameterCount:
+    r"""Count frozen base and trainable parameters (:func:`trainable_mask`), per layer and in total.
+
+    For a Dense layer with the linear gate this gives
+
+    .. math::
+
+        \underbrace{d_{in} d_{out} + d_{out}}_{\text{base}}, \qquad
+        \underbrace{r (d_{in} + d_{out})}_{\text{LoRA}} + \underbrace{2 r d_p}_{C,\ S}\ \text{trainable.}
+
+    >>> import numpy as np
+    >>> tree = {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3),
+    ...                   "lora_a": np.zeros((4, 2)), "lora_b": np.zeros((2, 3)),
+    ...                   "lora_c": np.zeros((1, 2)), "lora_s": np.zeros((1, 2))}}
+    >>> count_parameters(tree).per_layer
+    {'dense': (15, 18)}
+    """
+    mask = jax.tree_util.tree_leaves(trainable_mask(params, config))
+    per_layer: dict[str, list[int]] = {}
+    for (layer, _, leaf), trains in zip(_leaves(params), mask, strict=True):
+        counts = per_layer.setdefault(layer or "(root)", [0, 0])
+        counts[1 if trains else 0] += int(math.prod(jnp.shape(leaf)))
+    table = {k: (v[0], v[1]) for k, v in per_layer.items()}
+    return ParameterCount(
+        per_layer=table,
+        base=sum(v[0] for v in table.values()),
+        trainable=sum(v[1] for v in table.values()),
+    )

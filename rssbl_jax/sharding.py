@@ -28,14 +28,17 @@ Everything here returns ordinary ``jax.sharding.PartitionSpec`` trees for ``jax.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rssbl_jax.core import _path_str, is_adapter_path
+from rssbl_jax import patterns
+from rssbl_jax.core import ADAPTER_NAMES
+from rssbl_jax.partition import adapter_layers
+
+_path_str = patterns.path_str
 
 PyTree = Any
 SpecRules = Sequence[tuple[str, PartitionSpec]]
@@ -66,10 +69,10 @@ def _is_rules(base_specs: Any) -> bool:
 def _base_lookup(base_specs: PyTree | SpecRules):
     """A function ``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
     if _is_rules(base_specs):
-        rules = [(re.compile(pattern), spec) for pattern, spec in base_specs]
+        rules = [(pattern, spec) for pattern, spec in patterns.as_pairs(base_specs, "base_specs")]
 
         def by_rule(path: str) -> PartitionSpec | None:
-            return next((spec for pattern, spec in rules if pattern.search(path)), None)
+            return patterns.first_match(rules, path, None)
 
         return by_rule
     flat = jax.tree_util.tree_flatten_with_path(base_specs, is_leaf=_is_spec)[0]
@@ -87,8 +90,9 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
       params: a params tree (arrays or ``jax.ShapeDtypeStruct``), e.g. ``variables["params"]``.
       base_specs: the base model's specs, either a tree of ``PartitionSpec`` with the paths of the base
         leaves (the same tree as ``params`` with or without the ``lora_*`` leaves; extra entries are
-        ignored), or a sequence of ``(regex, PartitionSpec)`` rules searched, first match wins, in each base
-        leaf's ``/``-joined path (``"block_0/mlp/kernel"``). A base leaf without a spec is an error; a
+        ignored), or a sequence of ``(regex, PartitionSpec)`` rules matched against each base leaf's whole
+        ``/``-joined path with ``re.fullmatch`` (``".*/mlp/kernel"`` matches ``"block_0/mlp/kernel"``), first match
+        wins, as every pattern in the library (:mod:`rssbl_jax.patterns`). A base leaf without a spec is an error; a
         ``bias`` without one follows its kernel's output axes.
       mesh: when given, every spec is checked against the mesh with :func:`validate_specs`.
 
@@ -114,6 +118,12 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     shapes = {_path_str(path): tuple(leaf.shape) for path, leaf in flat}
     base: dict[str, tuple[Any, ...]] = {}
     given: dict[str, tuple[Any, Any, PartitionSpec]] = {}
+    layers = set(adapter_layers(params))
+
+    def is_adapter_path(path: Sequence[Any]) -> bool:
+        layer, _, name = _path_str(path).rpartition("/")
+        return layer in layers and name in ADAPTER_NAMES
+
     for path, leaf in flat:
         if is_adapter_path(path):
             continue
@@ -129,6 +139,8 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     def kernel_of(path: Sequence[Any], what: str) -> tuple[tuple[Any, ...], tuple[int, ...]]:
         kernel = _path_str((*path[:-1], jax.tree_util.DictKey("kernel")))
         if kernel not in base:
+            kernel = _path_str((*path[:-1], jax.tree_util.DictKey("embedding")))
+        if kernel not in base:
             raise ValueError(f"'{_path_str(path)}' ({what}) has no 'kernel' beside it to take its partition spec from.")
         return base[kernel], shapes[kernel]
 
@@ -137,7 +149,7 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
         key = getattr(path[-1], "key", None)
         if name in given:
             return given[name][2]
-        if key in ("lora_c", "lora_s"):
+        if key in ("lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b"):
             return PartitionSpec()
         if key == "lora_a":  # (*in, r): leading axes follow the kernel's leading axes
             kspec, kshape = kernel_of(path, "lora_a")

@@ -38,8 +38,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from rssbl_jax.core import _path_str
 from rssbl_jax.partition import combine, partition
+from rssbl_jax.patterns import path_str as _path_str
 
 PyTree = Any
 Batch = Any
@@ -63,7 +63,8 @@ class TrainState(NamedTuple):
       rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
 
     >>> import jax, jax.numpy as jnp, optax
-    >>> state = init_train_state({"kernel": jnp.ones(2), "lora_b": jnp.ones(2)}, optax.sgd(0.1), jax.random.key(0))
+    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
     >>> state._fields
     ('step', 'trainable', 'frozen', 'opt_state', 'rng')
     >>> state.trainable["kernel"], state.frozen["lora_b"]
@@ -87,7 +88,8 @@ class NonFiniteError(FloatingPointError):
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.1)
-    >>> state = init_train_state({"lora_b": jnp.ones(2)}, tx, jax.random.key(0))
+    >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
     >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
     >>> batches = lambda step: jnp.full(2, jnp.nan) if step == 2 else jnp.ones(2)   # bad data at step 2
     >>> try:
@@ -116,8 +118,8 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.
       compute ``dtype``.
 
     >>> import jax, jax.numpy as jnp, optax
-    >>> state = init_train_state({"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1))}, optax.sgd(0.1),
-    ...                          jax.random.key(0))
+    >>> state = init_train_state({"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)),
+    ...                           "lora_c": jnp.ones((1, 1))}, optax.sgd(0.1), jax.random.key(0))
     >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
     (0, None, None, dtype('uint32'))
     """
@@ -168,7 +170,8 @@ def make_train_step(
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.5)
-    >>> state = init_train_state({"w": jnp.zeros(2), "lora_b": jnp.ones(2)}, tx, jax.random.key(0))
+    >>> params = {"w": jnp.zeros(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
     >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch["y"]) ** 2)
     >>> step = jax.jit(make_train_step(loss, tx))
     >>> state, metrics = step(state, {"y": jnp.zeros(2)})
@@ -228,8 +231,11 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
     >>> import jax, jax.numpy as jnp, optax
     >>> from jax.sharding import PartitionSpec as P
     >>> tx = optax.adam(1e-3)
-    >>> state = init_train_state({"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1))}, tx, jax.random.key(0))
-    >>> specs = state_partition_specs(state, tx, {"kernel": P("model", None), "lora_a": P("model", None)})
+    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones((1, 2)),
+    ...           "lora_c": jnp.ones((1, 1))}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
+    >>> specs = state_partition_specs(state, tx, {"kernel": P("model", None), "lora_a": P("model", None),
+    ...                                           "lora_b": P(), "lora_c": P()})
     >>> specs.opt_state[0].mu["lora_a"], specs.opt_state[0].count, specs.frozen["kernel"]
     (P('model', None), P(), P('model', None))
     """
@@ -365,7 +371,8 @@ def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, 
 
     >>> import tempfile, jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.1)
-    >>> state = init_train_state({"kernel": jnp.ones(2), "lora_b": jnp.ones(2)}, tx, jax.random.key(0))
+    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
     >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
     >>> directory = tempfile.mkdtemp()
     >>> _ = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.ones(2), 4, checkpoint_dir=directory)
@@ -478,7 +485,8 @@ def train(
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.1)
-    >>> state = init_train_state({"lora_b": jnp.ones(3)}, tx, jax.random.key(0))
+    >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
     >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
     >>> final = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.zeros(3), num_steps=50)
     >>> int(final.step), bool(jnp.abs(final.trainable["lora_b"]).max() < 0.1)

@@ -36,34 +36,39 @@ def test_round_trip_is_exact_and_config_is_stored(transformer, tmp_path):
     adapted, abstract = transformer
     params = random_params(abstract, 0)
     path = tmp_path / "adapters"
-    save_adapters(path, params, **adapted.adapter_config, p_mean=[0.5, 0.0, -1.0], p_std=np.array([2.0, 1.0, 3.0]))
+    config = adapted.config.replace(p_mean=[0.5, 0.0, -1.0], p_std=np.array([2.0, 1.0, 3.0]))
+    save_adapters(path, params, config)
 
     other = random_params(abstract, 1)  # different base and adapter values
-    restored = load_adapters(path, other)
+    restored, stored = load_adapters(path, other, config)
+    assert stored == config
     for (key, leaf), saved, before in zip(
         jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(params), jax.tree.leaves(other), strict=True
     ):
-        expected = saved if rssbl_jax.core.is_adapter_path(key) else before
+        expected = saved if key[-1].key.startswith("lora_") else before
         np.testing.assert_array_equal(leaf, expected)
         assert leaf.dtype == expected.dtype
 
-    config = load_adapter_config(path)
-    assert config["d_p"] == D_P and config["gate_offset"] == 0.0 and config["shift"] is None
-    assert config["targets"] == [TARGETS] and config["rank_pattern"] == RANK_PATTERN
-    assert config["rank"]["block_0/mlp_in"] == 3 and config["rank"]["block_0/attention/query"] == 2
-    assert config["lora_alpha"]["block_1/attention/value"] == 2.0 and config["lora_alpha"]["head"] == 4.0
-    assert config["p_normalization"] == {"mean": [0.5, 0.0, -1.0], "std": [2.0, 1.0, 3.0]}
-    assert config["leaves"]["heads/lora_a"] == {"shape": [1, 16, 1, 2], "dtype": "float32"}
-    # Adapters loaded into the same base, merged with the stored per-layer alphas, give the same weights.
-    zeroed = jax.tree_util.tree_map_with_path(lambda k, x: x * 0 if rssbl_jax.core.is_adapter_path(k) else x, params)
+    stored_json = load_adapter_config(path)
+    assert stored_json["d_p"] == D_P and stored_json["adapter_config"]["gate_offset"] == 0.0
+    assert stored_json["adapter_config"]["targets"] == [TARGETS]
+    assert dict(map(tuple, stored_json["adapter_config"]["rank_pattern"])) == RANK_PATTERN
+    assert stored_json["rank"]["block_0/mlp_in"] == 3 and stored_json["rank"]["block_0/attention/query"] == 2
+    assert stored_json["lora_alpha"]["block_1/attention/value"] == 2.0 and stored_json["lora_alpha"]["head"] == 4.0
+    assert stored_json["adapter_config"]["p_mean"] == [0.5, 0.0, -1.0]
+    assert stored_json["adapter_config"]["p_std"] == [2.0, 1.0, 3.0]
+    assert stored_json["leaves"]["heads/lora_a"] == {"shape": [1, 16, 1, 2], "dtype": "float32"}
+    # Adapters loaded into the same base, merged with the stored config, give the same weights.
+    zeroed = jax.tree_util.tree_map_with_path(lambda k, x: x * 0 if k[-1].key.startswith("lora_") else x, params)
     p0 = jnp.ones(D_P)
-    merged = rssbl_jax.merge(load_adapters(path, zeroed), p0, config["lora_alpha"])
-    jax.tree.map(np.testing.assert_array_equal, merged, rssbl_jax.merge(params, p0, 4.0, alpha_pattern=ALPHA_PATTERN))
+    loaded, stored = load_adapters(path, zeroed)
+    merged = rssbl_jax.merge(loaded, p0, stored)
+    jax.tree.map(np.testing.assert_array_equal, merged, rssbl_jax.merge(params, p0, config))
 
     with pytest.raises(ValueError, match="exist|already"):
-        save_adapters(path, params, lora_alpha=4.0)
-    save_adapters(path, params, lora_alpha=4.0, force=True)
-    assert load_adapter_config(path)["targets"] is None
+        save_adapters(path, params, adapted.config)
+    save_adapters(path, params, adapted.config, force=True)
+    assert load_adapter_config(path)["adapter_config"]["p_mean"] is None
 
 
 def test_checkpoint_is_a_small_fraction_of_the_base_model(tmp_path):
@@ -71,7 +76,7 @@ def test_checkpoint_is_a_small_fraction_of_the_base_model(tmp_path):
     adapted = inject(model, "layers_[02]", rank=4, lora_alpha=8.0)
     x = jnp.ones((2, 256))
     params = random_params(jax.eval_shape(adapted.init, jax.random.key(0), x, p=jnp.ones(4))["params"], 2)
-    save_adapters(tmp_path / "adapters", params, **adapted.adapter_config)
+    save_adapters(tmp_path / "adapters", params, adapted.config)
     base = {name: {k: v for k, v in layer.items() if k in ("kernel", "bias")} for name, layer in params.items()}
     with ocp.StandardCheckpointer() as checkpointer:  # the same writer, for the base params alone
         checkpointer.save(tmp_path / "base", base)
@@ -91,7 +96,7 @@ def test_a_crash_while_saving_leaves_nothing_at_the_final_path(transformer, tmp_
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", crash)
     path = tmp_path / "adapters"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        save_adapters(path, params, lora_alpha=4.0)
+        save_adapters(path, params, adapted.config)
     assert not path.exists()
     with pytest.raises(FileNotFoundError, match="no adapter checkpoint"):
         load_adapters(path, params)
@@ -101,7 +106,7 @@ def test_mismatched_models_give_clear_errors(transformer, tmp_path):
     adapted, abstract = transformer
     params = random_params(abstract, 4)
     path = tmp_path / "adapters"
-    save_adapters(path, params, **adapted.adapter_config)
+    save_adapters(path, params, adapted.config)
     tokens = jnp.zeros((2, 5), jnp.int32)
 
     def abstract_of(d_p=D_P, **kwargs):
@@ -127,19 +132,18 @@ def test_mismatched_models_give_clear_errors(transformer, tmp_path):
         ValueError, match=r"'block_0/attention/out/lora_c' has shape \(3, 2\) in the checkpoint but \(4, 2\)"
     ):
         load_adapters(path, abstract_of(d_p=4))
-    with pytest.raises(ValueError, match="no lora_"):
-        save_adapters(tmp_path / "empty", rssbl_jax.partition(params)[1], lora_alpha=1.0)
+    with pytest.raises(ValueError, match="no adapter layer"):
+        save_adapters(tmp_path / "empty", rssbl_jax.partition(params)[1], adapted.config)
 
 
 def test_nnx_adapters_load_into_the_linen_layer(tmp_path):
     layer = rss_nnx.RSSBilinearLoRALinear(6, 4, rank=2, lora_alpha=2.0, d_p=3, rngs=nnx.Rngs(0))
     layer.lora_b[...] = jnp.ones((2, 4))
     state = nnx.state(layer, nnx.Param).to_pure_dict()
-    save_adapters(tmp_path / "adapters", state, lora_alpha=2.0)
-    linen_params = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0).init(
-        jax.random.key(1), jnp.ones((1, 6)), jnp.ones(3)
-    )
-    restored = load_adapters(tmp_path / "adapters", linen_params["params"])
-    for name in rssbl_jax.core.ADAPTER_NAMES:
+    save_adapters(tmp_path / "adapters", state, layer.adapter_config)
+    linen_layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
+    linen_params = linen_layer.init(jax.random.key(1), jnp.ones((1, 6)), jnp.ones(3))
+    restored, _ = load_adapters(tmp_path / "adapters", linen_params["params"], linen_layer)
+    for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
         np.testing.assert_array_equal(restored[name], state[name])
     np.testing.assert_array_equal(restored["kernel"], linen_params["params"]["kernel"])

@@ -83,7 +83,7 @@ def test_injected_state_layout_and_lora_params(models):
         isinstance(v, rss_nnx.RSSBilinearLoRAParam)
         for v in jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam), is_leaf=lambda v: isinstance(v, nnx.Variable))
     )
-    assert adapted.adapter_config["rank_pattern"] == {"conv": 3}
+    assert adapted.config.rank_pattern == (("conv", 3),)
 
 
 def test_b_zero_equals_unmodified_model():
@@ -141,7 +141,7 @@ def test_train_adapters_with_nnx_optimizer_and_merge(models):
     assert type(adapted.model.encoder) is rss_nnx.RSSBilinearLoRALinear  # the adapted model is untouched
     # The params-level merge on the NNX state, vmapped over operating points, agrees.
     pure = nnx.state(adapted.model, nnx.Param).to_pure_dict()
-    batch = jax.vmap(lambda q: rssbl_jax.merge(pure, q, 3.0))(p)
+    batch = jax.vmap(lambda q: rssbl_jax.merge(pure, q, adapted.config))(p)
     np.testing.assert_allclose(batch["conv"]["kernel"][1], merged.conv.kernel[...], rtol=1e-5, atol=1e-6)
 
 

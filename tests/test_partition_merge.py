@@ -10,6 +10,8 @@ from flax import linen as nn
 import rssbl_jax
 from tests import reference
 
+CONFIG = rssbl_jax.AdapterConfig(rank=4, lora_alpha=8.0)
+
 
 class AdaptedMLP(nn.Module):
     """A two-layer network whose layers both see the operating parameters."""
@@ -21,9 +23,10 @@ class AdaptedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, p):
-        kw = dict(rank=4, lora_alpha=8.0, gate_offset=self.gate_offset)
-        x = nn.tanh(rssbl_jax.RSSBilinearLoRADense(self.hidden, name="hidden", **kw)(x, p))
-        return rssbl_jax.RSSBilinearLoRADense(self.out, use_bias=self.use_bias_out, name="head", **kw)(x, p)
+        config = CONFIG.replace(gate_offset=self.gate_offset)
+        x = nn.tanh(rssbl_jax.RSSBilinearLoRADense.from_config(self.hidden, config, name="hidden")(x, p))
+        head = rssbl_jax.RSSBilinearLoRADense.from_config(self.out, config, use_bias=self.use_bias_out, name="head")
+        return head(x, p)
 
 
 class PlainMLP(nn.Module):
@@ -61,10 +64,11 @@ def test_partition_combine_roundtrip(model_and_data):
     restored = rssbl_jax.combine(trainable, frozen)
     assert jax.tree.structure(restored) == jax.tree.structure(params)
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, restored, params))
-    # Works on other containers too (lists, tuples, nested) and on an empty selection.
-    tree = [{"lora_a": 1.0, "w": (2.0, {"lora_s": 3.0})}]
+    # Works on other containers too (lists, tuples, nested); adapters are known by identity (a layer holding
+    # lora_a, lora_b and lora_c), so a lone leaf that merely has an adapter's name stays frozen.
+    tree = [{"lora_a": 1.0, "w": (2.0, {"lora_a": 3.0, "lora_b": 4.0, "lora_c": 5.0, "kernel": 6.0})}]
     t, f = rssbl_jax.partition(tree)
-    assert t == [{"lora_a": 1.0, "w": (None, {"lora_s": 3.0})}]
+    assert t == [{"lora_a": None, "w": (None, {"lora_a": 3.0, "lora_b": 4.0, "lora_c": 5.0, "kernel": None})}]
     assert rssbl_jax.combine(t, f) == tree
 
 
@@ -125,7 +129,7 @@ def test_merge_single_layer_matches_float64_reference(gate_offset):
     x = jax.random.normal(jax.random.key(4), (10, 7))
     p0 = jax.random.normal(jax.random.key(5), (4,))
     params = randomized(layer.init(jax.random.key(6), x, p0)["params"], jax.random.key(7))
-    merged = rssbl_jax.merge(params, p0, lora_alpha=5.0, gate_offset=gate_offset)
+    merged = rssbl_jax.merge(params, p0, layer.adapter_config)
     assert set(merged) == {"kernel", "bias"}
     y_dense = nn.Dense(6).apply({"params": merged}, x)
     names = ("kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s")
@@ -138,7 +142,7 @@ def test_merge_whole_model_loads_into_dense_architecture(model_and_data):
     model, params, x, _ = model_and_data
     params = randomized(params, jax.random.key(8))
     p0 = jnp.array([0.7, -1.3])
-    merged = rssbl_jax.merge(params, p0, lora_alpha=8.0)
+    merged = rssbl_jax.merge(params, p0, CONFIG)
     plain = PlainMLP()
     assert jax.tree.structure(merged) == jax.tree.structure(plain.init(jax.random.key(0), x)["params"])
     np.testing.assert_allclose(
@@ -158,8 +162,8 @@ def test_merge_vmap_over_operating_points_and_no_bias(model_and_data):
     assert "bias" not in params["head"]
     points = jax.random.normal(jax.random.key(11), (5, 2))
     with pytest.raises(ValueError, match="head has no bias but a shift"):  # nn.Dense(use_bias=False) would drop it
-        rssbl_jax.merge(params, points[0], lora_alpha=8.0)
-    merged = jax.jit(jax.vmap(lambda q: rssbl_jax.merge(params, q, lora_alpha=8.0, add_bias=True)))(points)
+        rssbl_jax.merge(params, points[0], CONFIG)
+    merged = jax.jit(jax.vmap(lambda q: rssbl_jax.merge(params, q, CONFIG, add_bias=True)))(points)
     assert merged["head"]["kernel"].shape == (5, 32, 3) and merged["head"]["bias"].shape == (5, 3)
     plain = PlainMLP()  # use_bias=True: the shift S p0 becomes the head's bias
     for k in range(5):
@@ -172,6 +176,6 @@ def test_merge_vmap_over_operating_points_and_no_bias(model_and_data):
 def test_merge_errors(model_and_data):
     _, params, _, _ = model_and_data
     with pytest.raises(ValueError, match=r"\(d_p,\)=\(2,\).*\(3, 2\)"):
-        rssbl_jax.merge(params, jnp.ones((3, 2)), lora_alpha=8.0)
+        rssbl_jax.merge(params, jnp.ones((3, 2)), CONFIG)
     with pytest.raises(ValueError, match="no adapted layer"):
-        rssbl_jax.merge({"dense": {"kernel": jnp.ones((2, 2))}}, jnp.ones(2), lora_alpha=8.0)
+        rssbl_jax.merge({"dense": {"kernel": jnp.ones((2, 2))}}, jnp.ones(2), CONFIG)

@@ -1,0 +1,308 @@
+r"""``AdapterConfig``: every setting of an adapter, in one frozen object that travels with its parameters.
+
+The adapted model exposes it (``adapted.config``, ``RSSBilinearLoRADense.adapter_config``), checkpoints store it,
+and :func:`rssbl_jax.merge` and :func:`rssbl_jax.load_adapters` read it, so no setting can silently differ
+between training, saving, loading and merging.
+
+.. math::
+
+    \Delta y_\ell = s_\ell\, B_\ell\big((A_\ell x) \odot g_\ell(\hat p) + S_\ell \hat p\big), \qquad
+    s_\ell = \frac{\alpha_\ell}{r_\ell}\ \Big(\text{or } \frac{\alpha_\ell}{\sqrt{r_\ell}}\text{ with rsLoRA}\Big),
+    \qquad \hat p = \frac{p - \mu}{\sigma}
+
+with the gate ``g`` one of
+
+- ``"linear"`` (the seed's): ``g(p) = g_0 + C p`` with the constant ``g_0 = gate_offset`` (0 by default);
+- ``"affine"``: ``g(p) = c_0 + C p`` with ``c_0`` learnable (``lora_c0``), initialised to ``gate_offset``;
+- ``"mlp"``: ``g(p) = c_0 + C \tanh(W_g p + b_g)`` with a hidden layer of ``gate_hidden`` units
+  (``lora_gate_w``, ``lora_gate_b``), ``C`` (``lora_c``) of shape ``(gate_hidden, r)``.
+
+>>> config = AdapterConfig(rank=8, lora_alpha=16.0, alpha_pattern={r".*/value": 4.0})
+>>> config.scale, config.resolve("block_0/attention/value").scale
+(2.0, 0.5)
+>>> AdapterConfig.from_dict(config.to_dict()) == config
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from rssbl_jax import patterns
+
+GATES = ("linear", "affine", "mlp")
+"""The gate family: the seed's ``C p`` (``linear``), ``c0 + C p`` (``affine``) and an MLP of ``p`` (``mlp``)."""
+
+LORA_A_INITS = ("lora", "gaussian")
+"""``lora``: PEFT's Kaiming-uniform ``A``; ``gaussian``: ``A ~ N(0, 1/r²)``, PEFT's ``init_lora_weights="gaussian"``."""
+
+
+class LayerConfig(NamedTuple):
+    """The settings of one adapted layer, resolved from an :class:`AdapterConfig` by its path (hashable, static).
+
+    Attributes:
+      rank, lora_alpha: this layer's rank and scaling numerator after ``rank_pattern`` / ``alpha_pattern``.
+      scale: ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
+      gate, gate_offset, gate_hidden: the gate family member and its settings.
+      lora_dropout: dropout rate on the adapter's input.
+      lora_a_init: initialiser name of ``A``.
+      p_mean, p_std: normalisation of ``p`` (``None``: none).
+    """
+
+    rank: int
+    lora_alpha: float
+    scale: float
+    gate: str = "linear"
+    gate_offset: float = 0.0
+    gate_hidden: int = 16
+    lora_dropout: float = 0.0
+    lora_a_init: str = "lora"
+    p_mean: tuple[float, ...] | None = None
+    p_std: tuple[float, ...] | None = None
+
+
+def _finite(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number; got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite; got {name}={value!r}.")
+    return number
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {name}={value!r}.")
+    return int(value)
+
+
+def _alpha(value: Any, name: str) -> float:
+    number = _finite(value, name)
+    if number <= 0:
+        raise ValueError(f"{name} must be > 0 (0 would make the adapter silently do nothing); got {name}={value!r}.")
+    return number
+
+
+def _vector(value: Any, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        items = tuple(float(v) for v in (value.reshape(-1).tolist() if hasattr(value, "reshape") else value))
+    except TypeError:
+        items = (float(value),)
+    for v in items:
+        _finite(v, name)
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    r"""Every setting of an RSSBilinearLoRA adapter; frozen and hashable, so it is a static argument under ``jit``.
+
+    Attributes:
+      rank: default adapter rank ``r``.
+      lora_alpha: default scaling numerator (> 0); the update is multiplied by ``lora_alpha / rank``.
+      targets: regexes (``re.fullmatch``) over layer paths to adapt; ``()`` for a model built from
+        :class:`rssbl_jax.RSSBilinearLoRADense` layers, where every such layer is an adapter.
+      exclude: regexes of layer paths never adapted, even when a target matches.
+      rank_pattern, alpha_pattern: ``{regex: value}`` per-path overrides, as PEFT's; the first full match wins.
+      gate: ``"linear"`` (the seed's ``g0 + C p``, the default), ``"affine"`` (``c0 + C p``, ``c0`` learnable) or
+        ``"mlp"`` (``c0 + C tanh(W p + b)``).
+      gate_offset: for ``linear`` the constant ``g0`` (0: the seed's formula, 1: ``1 + C p`` which starts as plain
+        LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
+      gate_hidden: hidden width of the ``mlp`` gate.
+      shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
+        targets with a bias, so every adapted model merges into the unmodified architecture.
+      use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
+      lora_dropout: dropout rate applied to the adapter's input ``x`` (before ``A``) while training.
+      lora_a_init: ``"lora"`` (PEFT's Kaiming-uniform) or ``"gaussian"`` (``N(0, 1/r²)``); ``B`` starts at 0.
+      p_mean, p_std: normalisation of the operating parameters, ``p̂ = (p - p_mean) / p_std``, applied inside
+        every adapted layer and folded in by :func:`rssbl_jax.merge`; ``None``: ``p`` is used as given.
+      p_keyword: the keyword under which an injected model takes ``p`` (``adapted.apply(..., p=p)``).
+      modules_to_save: regexes over *leaf* paths of base parameters that are trained too (a head, a LayerNorm),
+        PEFT's ``modules_to_save``; :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base` read it.
+    """
+
+    rank: int
+    lora_alpha: float
+    targets: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    gate: str = "linear"
+    gate_offset: float = 0.0
+    gate_hidden: int = 16
+    shift: bool | None = None
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    lora_a_init: str = "lora"
+    p_mean: tuple[float, ...] | None = None
+    p_std: tuple[float, ...] | None = None
+    p_keyword: str = "p"
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+
+        def set_(name: str, value: Any) -> None:  # frozen: normalise once, here
+            object.__setattr__(self, name, value)
+
+        set_("rank", _positive_int(self.rank, "rank"))
+        set_("lora_alpha", _alpha(self.lora_alpha, "lora_alpha"))
+        set_("targets", patterns.as_patterns(self.targets, "targets"))
+        set_("exclude", patterns.as_patterns(self.exclude, "exclude"))
+        set_("modules_to_save", patterns.as_patterns(self.modules_to_save, "modules_to_save"))
+        ranks = patterns.as_pairs(self.rank_pattern, "rank_pattern")
+        set_("rank_pattern", tuple((k, _positive_int(v, f"rank_pattern[{k!r}]")) for k, v in ranks))
+        alphas = patterns.as_pairs(self.alpha_pattern, "alpha_pattern")
+        set_("alpha_pattern", tuple((k, _alpha(v, f"alpha_pattern[{k!r}]")) for k, v in alphas))
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}; got gate={self.gate!r}.")
+        set_("gate_offset", _finite(self.gate_offset, "gate_offset"))
+        set_("gate_hidden", _positive_int(self.gate_hidden, "gate_hidden"))
+        if self.shift not in (None, True, False):
+            raise ValueError(f"shift must be True, False or None; got shift={self.shift!r}.")
+        set_("use_rslora", bool(self.use_rslora))
+        dropout = _finite(self.lora_dropout, "lora_dropout")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1); got lora_dropout={self.lora_dropout!r}.")
+        set_("lora_dropout", dropout)
+        if self.lora_a_init not in LORA_A_INITS:
+            raise ValueError(f"lora_a_init must be one of {LORA_A_INITS}; got lora_a_init={self.lora_a_init!r}.")
+        set_("p_mean", _vector(self.p_mean, "p_mean"))
+        set_("p_std", _vector(self.p_std, "p_std"))
+        if (self.p_mean is None) != (self.p_std is None):
+            raise ValueError("p_mean and p_std must be given together (or neither).")
+        if self.p_mean is not None:
+            if len(self.p_mean) != len(self.p_std):
+                raise ValueError(
+                    f"p_mean has {len(self.p_mean)} entries and p_std {len(self.p_std)}; both must have d_p entries."
+                )
+            if any(s <= 0 for s in self.p_std):
+                raise ValueError(f"p_std must be > 0 everywhere; got p_std={self.p_std}.")
+        if not isinstance(self.p_keyword, str) or not self.p_keyword.isidentifier():
+            raise ValueError(f"p_keyword must be a Python identifier; got p_keyword={self.p_keyword!r}.")
+
+    # ----------------------------------------------------------------------------------------------
+
+    @property
+    def scale(self) -> float:
+        """The default layer's scale: ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA)."""
+        return self.resolve(None).scale
+
+    def adapts(self, path: str) -> bool:
+        """Whether the layer at ``path`` is adapted: a target matches (or there are none) and no ``exclude`` does."""
+        if patterns.matches(self.exclude, path):
+            return False
+        return not self.targets or patterns.matches(self.targets, path)
+
+    def resolve(self, path: str | None) -> LayerConfig:
+        """The :class:`LayerConfig` of the layer at ``path`` (``None``: the defaults, no pattern applied).
+
+        >>> AdapterConfig(rank=4, lora_alpha=8.0, rank_pattern={"head": 2}, use_rslora=True).resolve("head")[:3]
+        (2, 8.0, 5.65685424949238)
+        """
+        rank = self.rank if path is None else patterns.first_match(self.rank_pattern, path, self.rank)
+        alpha = self.lora_alpha if path is None else patterns.first_match(self.alpha_pattern, path, self.lora_alpha)
+        scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        return LayerConfig(
+            rank=rank,
+            lora_alpha=alpha,
+            scale=scale,
+            gate=self.gate,
+            gate_offset=self.gate_offset,
+            gate_hidden=self.gate_hidden,
+            lora_dropout=self.lora_dropout,
+            lora_a_init=self.lora_a_init,
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+        )
+
+    def use_shift(self, has_bias: bool) -> bool:
+        """Whether a layer with (``has_bias``) or without a bias learns the shift ``S p``."""
+        return has_bias if self.shift is None else self.shift
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; :meth:`from_dict` inverts it exactly."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("rank_pattern", "alpha_pattern"):
+                value = [list(pair) for pair in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        """Rebuild a config from :meth:`to_dict`'s output; unknown keys are an error naming them."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig fields {unknown}; known fields are {sorted(names)}.")
+        kwargs = dict(data)
+        for key in ("rank_pattern", "alpha_pattern"):
+            if key in kwargs:
+                kwargs[key] = tuple(tuple(pair) for pair in kwargs[key])
+        for key in ("targets", "exclude", "modules_to_save", "p_mean", "p_std"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    def differences(self, other: AdapterConfig) -> list[tuple[str, Any, Any]]:
+        """``(field, self's value, other's value)`` for every field that differs.
+
+        >>> AdapterConfig(rank=2, lora_alpha=4.0).differences(AdapterConfig(rank=2, lora_alpha=16.0))
+        [('lora_alpha', 4.0, 16.0)]
+        """
+        return [
+            (field.name, getattr(self, field.name), getattr(other, field.name))
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(other, field.name)
+        ]
+
+    def check_same(self, other: AdapterConfig, *, mine: str = "this config", theirs: str = "the other") -> None:
+        """Raise ``ValueError`` naming every differing field and both values, unless the configs are equal."""
+        diffs = self.differences(other)
+        if diffs:
+            lines = "\n".join(f"  {name}: {a!r} ({mine}) != {b!r} ({theirs})" for name, a, b in diffs)
+            raise ValueError(f"adapter configs differ:\n{lines}")
+
+
+def as_config(config: Any, where: str) -> AdapterConfig:
+    """The :class:`AdapterConfig` of ``config``: itself, or the ``.config``/``.adapter_config`` of an adapted model.
+
+    Raises:
+      TypeError: naming ``where`` when ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha`` number,
+        the old API, which let the other settings silently default).
+    """
+    if isinstance(config, AdapterConfig):
+        return config
+    for attribute in ("config", "adapter_config"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, AdapterConfig):
+            return value
+    raise TypeError(
+        f"{where} needs the adapters' AdapterConfig (or the adapted model that carries it, e.g. "
+        f"`adapted.config` / `layer.adapter_config`); got {type(config).__name__} {config!r}. Since rssbl_jax 0.2 "
+        "settings such as lora_alpha and gate_offset are no longer restated separately, so they cannot differ "
+        "from training."
+    )
+
+
+def check_patterns_used(config: AdapterConfig, adapted_paths: Sequence[str]) -> None:
+    """Raise when a ``rank_pattern``/``alpha_pattern`` regex matches none of the adapted layers' paths."""
+    for name, pairs in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        unmatched = patterns.unmatched([pattern for pattern, _ in pairs], adapted_paths)
+        if unmatched:
+            raise ValueError(f"{name} {unmatched} matches no adapted layer; adapted paths: {sorted(adapted_paths)}.")

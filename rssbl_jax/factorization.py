@@ -1,0 +1,266 @@
+r"""The layer kinds an adapter can sit on, shared by linen and NNX: each kind's validation and factorization.
+
+How each kind factors its kernel ``W`` (``r`` the rank); :func:`rssbl_jax.core.adapter_update` applies the two
+maps around the rank-space modulation, and :func:`rssbl_jax.core.fold` folds ``A diag(g) B`` back into ``W``:
+
+============  =========================  ==============================  ==========================  =================
+kind          linen / NNX                base weight                     ``lora_a``                  ``lora_b``
+============  =========================  ==============================  ==========================  =================
+Dense         ``Dense`` / ``Linear``     kernel ``(d_in, d_out)``        ``(d_in, r)``               ``(r, d_out)``
+DenseGeneral  ``DenseGeneral`` /         kernel ``(*in, *features)``     ``(*in, r)``                ``(r, *features)``
+              ``LinearGeneral``
+Einsum        ``Einsum``                 contracted + output axes        kernel, output axes → 1     kernel, input → 1
+Conv          ``Conv``                   kernel ``(*window, c_in, c_out)``  ``(*window, c_in, r)``   ``(r, c_out)``
+Embed         ``Embed``                  embedding ``(vocab, features)`` ``(vocab, r)``              ``(r, features)``
+============  =========================  ==============================  ==========================  =================
+
+An Einsum kernel whose contracted axes all come before its output axes uses the compact ``(*in, r)``/``(r, *out)``
+layout instead. ``A`` of a Conv is a convolution with the layer's strides, padding and dilations and ``B`` a 1×1
+convolution (PEFT's approach); ``A`` of an Embed is a lookup table, ``A x = A[ids]``.
+
+>>> import flax.linen as nn
+>>> kind_of(nn.Dense(3)).name, kind_of(nn.Embed(10, 4)).kernel_name
+('Dense', 'embedding')
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import opt_einsum
+from flax import linen as nn
+from flax import nnx
+
+from rssbl_jax.core import Factorization, dense_factorization
+
+PrecisionLike = Any
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+    return tuple(sorted(ax if ax >= 0 else ndim + ax for ax in axes))
+
+
+def dense_general_factorization(
+    kernel_shape: Sequence[int], axis: Sequence[int], x_ndim: int, rank: int, precision: PrecisionLike = None
+) -> Factorization:
+    """DenseGeneral kernel ``(*in, *features)`` contracting input ``axis``: ``A (*in, r)``, ``B (r, *features)``."""
+    axis = _normalize_axes(axis, x_ndim)
+    n_in = len(axis)
+    in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])
+
+    def down(x, a):
+        return jax.lax.dot_general(x, a, ((axis, tuple(range(n_in))), ((), ())), precision=precision)
+
+    def up(h, b):
+        return jnp.tensordot(h, b, axes=1, precision=precision)
+
+    return Factorization("DenseGeneral", (*in_shape, rank), (rank, *out_shape), down, up)
+
+
+def einsum_factorization(
+    equation: str, x_shape: Sequence[int], kernel_shape: Sequence[int], rank: int, precision: PrecisionLike = None
+) -> Factorization:
+    """Einsum ``"<x>,<kernel>-><out>"``: contracted kernel axes are the input, the others the output.
+
+    Kernel axes that also index the input and the output (per-slice weights) are not supported.
+    """
+    operands, out, _ = opt_einsum.parser.parse_einsum_input(
+        (
+            equation,
+            jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+            jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+        )
+    )
+    lhs, rhs = operands.split(",")
+    shared = [c for c in rhs if c in lhs and c in out]
+    if shared or len(set(rhs)) != len(rhs) or any(c not in lhs and c not in out for c in rhs):
+        raise ValueError(
+            f"cannot adapt Einsum {equation!r}: every kernel axis must be either contracted with the input or "
+            f"an output axis (kernel axes {shared} index input, kernel and output)."
+        )
+    in_labels = "".join(c for c in rhs if c in lhs)
+    out_labels = "".join(c for c in rhs if c in out)
+    if out_labels != "".join(c for c in out if c in rhs):
+        raise ValueError(
+            f"cannot adapt Einsum {equation!r}: its output axes {out_labels!r} must appear in the same order in the "
+            f"kernel and the result."
+        )
+    size = dict(zip(rhs, kernel_shape, strict=True))
+    in_shape = tuple(size[c] for c in in_labels)
+    out_shape = tuple(size[c] for c in out_labels)
+    h_labels = "".join(dict.fromkeys(c for c in lhs if c in out))
+    r_label = next(c for c in string.ascii_letters if c not in operands + out)
+    compact = all(rhs.index(i) < rhs.index(o) for i in in_labels for o in out_labels)
+    if compact:
+        a_shape, b_shape = (*in_shape, rank), (rank, *out_shape)
+    else:  # aligned: each factor keeps the kernel's axes, with the other factor's axes set to 1
+        a_shape = (*(size[c] if c in in_labels else 1 for c in rhs), rank)
+        b_shape = (rank, *(size[c] if c in out_labels else 1 for c in rhs))
+
+    def down(x, a):
+        return jnp.einsum(
+            f"{lhs},{in_labels}{r_label}->{h_labels}{r_label}", x, a.reshape(*in_shape, rank), precision=precision
+        )
+
+    def up(h, b):
+        return jnp.einsum(
+            f"{h_labels}{r_label},{r_label}{out_labels}->{out}", h, b.reshape(rank, *out_shape), precision=precision
+        )
+
+    return Factorization("Einsum", a_shape, b_shape, down, up)
+
+
+class RankConv(nn.Conv):
+    """The adapter's own ``A`` convolution: a subclass, so injection (which adapts exact types) never adapts it."""
+
+
+def conv_factorization(
+    kernel_shape: Sequence[int],
+    rank: int,
+    *,
+    kernel_size: Sequence[int],
+    strides: Any,
+    padding: Any,
+    input_dilation: Any,
+    kernel_dilation: Any,
+    precision: PrecisionLike = None,
+) -> Factorization:
+    """Conv kernel ``(*window, c_in, c_out)``: ``A`` a conv ``(*window, c_in, r)`` like the layer's, ``B (r, c_out)``.
+
+    ``A x`` is computed by ``flax.linen.Conv`` itself (same strides, padding modes, dilations and batch
+    handling as the base layer), so the update matches the layer's output grid exactly.
+    """
+    c_out = kernel_shape[-1]
+    rank_conv = RankConv(
+        features=rank,
+        kernel_size=tuple(kernel_size),
+        strides=strides,
+        padding=padding,
+        input_dilation=input_dilation,
+        kernel_dilation=kernel_dilation,
+        use_bias=False,
+        precision=precision,
+        parent=None,  # a free-standing helper, not a child of the module being adapted
+    )
+
+    def down(x, a):
+        return rank_conv.apply({"params": {"kernel": a}}, x)
+
+    def up(h, b):
+        return jnp.tensordot(h, b, axes=1, precision=precision)
+
+    return Factorization("Conv", (*kernel_shape[:-1], rank), (rank, c_out), down, up)
+
+
+def embed_factorization(embedding_shape: Sequence[int], rank: int, precision: PrecisionLike = None) -> Factorization:
+    """Embedding ``(vocab, features)``: ``A (vocab, r)`` a lookup table, ``B (r, features)``."""
+    vocab, features = embedding_shape
+
+    def down(ids, a):
+        return jnp.take(a, ids, axis=0)
+
+    def up(h, b):
+        return jnp.tensordot(h, b, axes=1, precision=precision)
+
+    return Factorization("Embed", (vocab, rank), (rank, features), down, up, "embedding", True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry: one entry per kind, for linen and NNX alike
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_nothing(module: Any, path: str) -> None:
+    del module, path
+
+
+def _check_dense_general(module: Any, path: str) -> None:
+    batch = getattr(module, "batch_dims", None) or getattr(module, "batch_axis", None)
+    if batch:
+        raise ValueError(f"cannot adapt DenseGeneral/LinearGeneral {path!r} with batch axes {batch}.")
+
+
+def _check_conv(module: Any, path: str) -> None:
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise ValueError(
+            f"cannot adapt Conv {path!r}: feature_group_count={module.feature_group_count} (must be 1) "
+            f"and mask={'set' if module.mask is not None else None} (must be None)."
+        )
+
+
+def _dense(module, kernel_shape, rank, x_shape, args, kwargs):
+    del x_shape, args, kwargs
+    return dense_factorization(kernel_shape, rank, module.precision)
+
+
+def _dense_general(module, kernel_shape, rank, x_shape, args, kwargs):
+    del args, kwargs
+    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    x_ndim = len(x_shape) if x_shape is not None else max(len(axis) + 1, *(abs(a) + 1 for a in axis))
+    return dense_general_factorization(kernel_shape, axis, x_ndim, rank, module.precision)
+
+
+def _einsum(module, kernel_shape, rank, x_shape, args, kwargs):
+    equation = kwargs.get("einsum_str", args[0] if args else None) or module.einsum_str
+    equation = equation.replace(" ", "")
+    if x_shape is None:  # any input with the right number of axes gives the factor shapes
+        lhs = equation.split("->")[0].split(",")[0]
+        x_shape = (1,) * (len(lhs.replace("...", "")) + ("..." in lhs))
+    return einsum_factorization(equation, x_shape, kernel_shape, rank, module.precision)
+
+
+def _conv(module, kernel_shape, rank, x_shape, args, kwargs):
+    del x_shape, args, kwargs
+    kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    return conv_factorization(
+        kernel_shape,
+        rank,
+        kernel_size=kernel_size,
+        strides=module.strides,
+        padding=module.padding,
+        input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation,
+        precision=module.precision,
+    )
+
+
+def _embed(module, kernel_shape, rank, x_shape, args, kwargs):
+    del x_shape, args, kwargs
+    return embed_factorization(kernel_shape, rank, getattr(module, "precision", None))
+
+
+class LayerKind(NamedTuple):
+    """One adaptable layer kind: its linen and NNX classes, base weight name, validation and factorization.
+
+    ``factorize(module, kernel_shape, rank, x_shape, call_args, call_kwargs)`` builds the kind's
+    :class:`~rssbl_jax.core.Factorization` (``x_shape=None``: factor shapes only, before any call);
+    ``check(module, path)`` raises when the layer's configuration cannot be adapted.
+    """
+
+    name: str
+    linen: type
+    nnx: type
+    kernel_name: str
+    check: Callable[[Any, str], None]
+    factorize: Callable[..., Factorization]
+
+
+KINDS = (
+    LayerKind("Dense", nn.Dense, nnx.Linear, "kernel", _check_nothing, _dense),
+    LayerKind("DenseGeneral", nn.DenseGeneral, nnx.LinearGeneral, "kernel", _check_dense_general, _dense_general),
+    LayerKind("Einsum", nn.Einsum, nnx.Einsum, "kernel", _check_nothing, _einsum),
+    LayerKind("Conv", nn.Conv, nnx.Conv, "kernel", _check_conv, _conv),
+    LayerKind("Embed", nn.Embed, nnx.Embed, "embedding", _check_nothing, _embed),
+)
+"""Every adaptable kind. Types match exactly: a subclass may change what ``__call__`` computes."""
+
+_BY_TYPE = {cls: kind for kind in KINDS for cls in (kind.linen, kind.nnx)}
+
+
+def kind_of(module: Any) -> LayerKind | None:
+    """The :class:`LayerKind` of a linen or NNX layer (exact type), or ``None`` when it cannot be adapted."""
+    return _BY_TYPE.get(type(module))

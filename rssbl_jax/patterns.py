@@ -1,0 +1,90 @@
+"""Path patterns: one matching rule (``re.fullmatch``) for injection, merge, sharding, checkpoints and partitioning.
+
+A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root layer is ``""``).
+Every pattern in the library is a regular expression that must match the *whole* path. ``"query"`` therefore
+matches a root-level layer named ``query`` only; write ``".*/query"`` for every ``query`` at any depth.
+
+>>> matches([r".*/query", "head"], "block_0/attention/query")
+True
+>>> matches([r"query"], "block_0/attention/query")
+False
+>>> first_match(((r".*/value", 4), (r".*", 8)), "block_0/attention/value", default=16)
+4
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+def as_patterns(patterns: str | Iterable[str] | None, name: str = "patterns") -> tuple[str, ...]:
+    """A tuple of compiled-checked regexes from one regex or an iterable of them (``None`` gives ``()``).
+
+    Raises:
+      TypeError: when a pattern is not a string.
+      ValueError: naming ``name`` and the pattern when it is not a valid regex.
+
+    >>> as_patterns("a|b")
+    ('a|b',)
+    """
+    if patterns is None:
+        return ()
+    items = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    for pattern in items:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{name} must be regex strings; got {pattern!r}.")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{name} has an invalid regex {pattern!r}: {error}.") from None
+    return items
+
+
+def as_pairs(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]] | None, name: str) -> tuple[tuple[str, Any], ...]:
+    """``{regex: value}`` (or ``(regex, value)`` pairs) as a tuple of pairs, in order, regexes checked.
+
+    >>> as_pairs({".*/value": 4}, "rank_pattern")
+    (('.*/value', 4),)
+    """
+    items = tuple((mapping or {}).items()) if isinstance(mapping, Mapping) or mapping is None else tuple(mapping)
+    as_patterns([pattern for pattern, _ in items], name)
+    return tuple((pattern, value) for pattern, value in items)
+
+
+def matches(patterns: Sequence[str], path: str) -> bool:
+    """Whether any of ``patterns`` fully matches ``path``."""
+    return any(re.fullmatch(pattern, path) for pattern in patterns)
+
+
+def first_match(pairs: Sequence[tuple[str, Any]], path: str, default: Any) -> Any:
+    """The value of the first ``(regex, value)`` pair whose regex fully matches ``path``, else ``default``."""
+    for pattern, value in pairs:
+        if re.fullmatch(pattern, path):
+            return value
+    return default
+
+
+def unmatched(patterns: Iterable[str], paths: Iterable[str]) -> list[str]:
+    """The patterns that fully match none of ``paths``.
+
+    >>> unmatched([r".*/value", "head"], ["block/attention/value"])
+    ['head']
+    """
+    paths = list(paths)
+    return [pattern for pattern in patterns if not any(re.fullmatch(pattern, path) for path in paths)]
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+    """A pytree key path (``jax.tree_util`` keys or plain names) as ``"a/b/c"``.
+
+    >>> import jax
+    >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": {"b": 1}, "c": [2]})[0]]
+    ['a/b', 'c/0']
+    """
+    parts = []
+    for key in key_path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(name))
+    return "/".join(parts)
