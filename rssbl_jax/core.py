@@ -162,14 +162,14 @@ def gate_and_shift(
     if layer.gate == "mlp":
         hidden = jnp.matmul(p, jnp.asarray(factors["lora_gate_w"]), precision=precision)
         if factors.get("lora_gate_b") is not None:
-            hidden = hidden + jnp.asarray(factors["lora_gate_b"])
+            hidden = hidden + jnp.asarray(factors["lora_gate_b"])[None]
         features = jnp.tanh(hidden)
     gate = jnp.matmul(features, jnp.asarray(factors["lora_c"]), precision=precision)
     if layer.gate == "linear":
         if layer.gate_offset:
             gate = gate + jnp.asarray(layer.gate_offset, gate.dtype)
     else:
-        gate = gate + jnp.asarray(factors["lora_c0"])
+        gate = gate + jnp.asarray(factors["lora_c0"])[None]
     lora_s = factors.get("lora_s")
     shift = None if lora_s is None else jnp.matmul(p, jnp.asarray(lora_s), precision=precision)
     return gate, shift

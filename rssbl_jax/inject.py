@@ -196,7 +196,9 @@ class Adapted:
                 if isinstance(box, meta.Partitioned)
                 else None
             )
-            value = module.param(name, wrap(init) if wrap else init, shape, self.param_dtype)
+            # through the scope: layers such as nn.Embed define their params in setup(), where Module.param
+            # refuses to run from __call__
+            value = module.scope.param(name, wrap(init) if wrap else init, shape, self.param_dtype)
             factors[name] = meta.unbox(value)
         names = list(factors)
         if factorization.integer_inputs:

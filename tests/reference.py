@@ -49,3 +49,28 @@ def rss_grads(x, p, kernel, bias, a, b, c, s, target, *, scale, gate_offset=0.0)
         "lora_c": p2.T @ (g_z * h),
         "lora_s": p2.T @ g_z,
     }
+
+
+def gate(p, factors, *, kind, offset=0.0, mean=None, std=None):
+    """The gate family and shift, per row of p [n, d_p], in float64: returns (g [n, r], shift [n, r] or None)."""
+    p = np.asarray(p, np.float64)
+    if mean is not None:
+        p = (p - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)
+    f = {k: np.asarray(v, np.float64) for k, v in factors.items() if v is not None}
+    if kind == "mlp":
+        g = f["lora_c0"] + np.tanh(p @ f["lora_gate_w"] + f.get("lora_gate_b", 0.0)) @ f["lora_c"]
+    elif kind == "affine":
+        g = f["lora_c0"] + p @ f["lora_c"]
+    else:
+        g = offset + p @ f["lora_c"]
+    return g, (p @ f["lora_s"] if "lora_s" in f else None)
+
+
+def dense_update(x, p, factors, *, kind, scale, offset=0.0, mean=None, std=None):
+    """scale * ((x A) * g(p) + S p) B for x [n, d_in] and p [n, d_p] (one row each), float64."""
+    x = np.asarray(x, np.float64)
+    g, shift = gate(p, factors, kind=kind, offset=offset, mean=mean, std=std)
+    z = (x @ np.asarray(factors["lora_a"], np.float64)) * g
+    if shift is not None:
+        z = z + shift
+    return scale * z @ np.asarray(factors["lora_b"], np.float64)

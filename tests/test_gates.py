@@ -1,0 +1,169 @@
+"""The gate family (linear, affine, MLP) and the LoRA options, in linen, injection and NNX, against float64 numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import rssbl_jax
+from rssbl_jax import nnx as rss_nnx
+from tests import reference
+
+X = jnp.asarray(np.random.default_rng(0).standard_normal((7, 5)), jnp.float32)
+P = jnp.asarray(np.random.default_rng(1).standard_normal((7, 3)), jnp.float32)
+GATES = [("linear", 0.0), ("linear", 0.7), ("affine", 0.5), ("mlp", 0.0)]
+
+
+def randomized(tree, seed, scale=0.4):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: jnp.asarray(scale * rng.standard_normal(np.shape(v)), jnp.float32), tree)
+
+
+def f64(tree):
+    return jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
+
+
+def dense_ref(x, p, params, gate, offset, scale):
+    base = np.asarray(x, np.float64) @ f64(params["kernel"]) + f64(params.get("bias", 0.0))
+    return base + reference.dense_update(x, p, params, kind=gate, offset=offset, scale=scale)
+
+
+@pytest.mark.parametrize("gate,offset", GATES)
+def test_linen_layer_matches_reference_jit_vmap_and_merges(gate, offset):
+    layer = rssbl_jax.RSSBilinearLoRADense(4, rank=3, lora_alpha=6.0, gate=gate, gate_offset=offset, gate_hidden=5)
+    params = randomized(layer.init(jax.random.key(0), X, P)["params"], 2)
+    expected_names = {"kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s"}
+    expected_names |= {"linear": set(), "affine": {"lora_c0"}, "mlp": {"lora_c0", "lora_gate_w", "lora_gate_b"}}[gate]
+    assert set(params) == expected_names
+    if gate == "mlp":
+        assert params["lora_c"].shape == (5, 3) and params["lora_gate_w"].shape == (3, 5)
+    apply = jax.jit(lambda q, x, p: layer.apply({"params": q}, x, p))
+    expected = dense_ref(X, P, params, gate, offset, scale=2.0)
+    np.testing.assert_allclose(apply(params, X, P), expected, rtol=1e-5, atol=1e-5)
+    # vmap over a sweep of shared operating points equals one call per point
+    sweep = jax.vmap(lambda p: layer.apply({"params": params}, X, p))(P[:4])
+    for k in range(4):
+        np.testing.assert_allclose(sweep[k], dense_ref(X, np.broadcast_to(P[k], P.shape), params, gate, offset, 2.0),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    # merge at p0 evaluates the same gate
+    merged = rssbl_jax.merge(params, P[3], layer.adapter_config)
+    np.testing.assert_allclose(nn.Dense(4).apply({"params": merged}, X), sweep[3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate,offset", GATES)
+def test_gradients_match_finite_differences_of_the_reference(gate, offset):
+    layer = rssbl_jax.RSSBilinearLoRADense(2, rank=2, lora_alpha=2.0, gate=gate, gate_offset=offset, gate_hidden=3)
+    x, p = X[:3], P[:3]
+    params = randomized(layer.init(jax.random.key(0), x, p)["params"], 3)
+    grads = jax.grad(lambda q: jnp.sum(layer.apply({"params": q}, x, p) ** 2))(params)
+    base = f64(params)
+    for name in ("lora_c", "lora_c0", "lora_gate_w", "lora_s", "lora_a"):
+        if name not in params:
+            continue
+        flat = base[name].reshape(-1)
+        for i in range(min(flat.size, 3)):
+            step = np.zeros_like(flat)
+            step[i] = 1e-6
+
+            def value(delta, name=name, step=step, flat=flat):
+                moved = dict(base, **{name: (flat + delta * step).reshape(base[name].shape)})
+                return np.sum(dense_ref(x, p, moved, gate, offset, 1.0) ** 2)
+
+            numeric = (value(1.0) - value(-1.0)) / 2e-6
+            np.testing.assert_allclose(np.asarray(grads[name]).reshape(-1)[i], numeric, rtol=2e-3, atol=2e-4)
+
+
+def test_affine_and_mlp_gates_are_not_silent_at_p_zero():
+    zero = jnp.zeros((7, 3))
+    for gate, silent in (("linear", True), ("affine", False), ("mlp", False)):
+        layer = rssbl_jax.RSSBilinearLoRADense(
+            4, rank=2, lora_alpha=2.0, gate=gate, gate_offset=1.0 * (gate != "linear")
+        )
+        params = layer.init(jax.random.key(0), X, zero)["params"]
+        grads = jax.grad(lambda q, layer=layer: jnp.sum(layer.apply({"params": q}, X, zero) ** 2))(params)
+        assert (float(jnp.abs(grads["lora_b"]).max()) == 0.0) == silent, gate
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(11, 6, name="embed")(ids)
+        return nn.Dense(4, name="head")(nn.Dense(6, name="hidden")(h))
+
+
+@pytest.mark.parametrize("gate", ["affine", "mlp"])
+def test_inject_and_nnx_gates_match_the_reference_including_embeddings(gate):
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 11, (2, 4)))
+    p = P[:2]
+    adapted = rssbl_jax.inject(Net(), "embed|hidden", rank=2, lora_alpha=4.0, gate=gate, gate_offset=0.3, gate_hidden=4)
+    params = randomized(adapted.init(jax.random.key(0), ids, p=p)["params"], 5)
+    assert "lora_s" not in params["embed"] and params["embed"]["lora_a"].shape == (11, 2)
+    e, hd, hp = f64(params["embed"]), f64(params["hidden"]), f64(params["head"])
+    p_rows = np.repeat(np.asarray(p, np.float64), 4, axis=0)
+    ids_flat = np.asarray(ids).reshape(-1)
+    g, _ = reference.gate(p_rows, e, kind=gate)
+    h = e["embedding"][ids_flat] + 2.0 * ((e["lora_a"][ids_flat] * g) @ e["lora_b"])
+    h = h @ hd["kernel"] + hd["bias"] + reference.dense_update(h, p_rows, hd, kind=gate, scale=2.0)
+    expected = (h @ hp["kernel"] + hp["bias"]).reshape(2, 4, 4)
+    np.testing.assert_allclose(jax.jit(adapted.apply)({"params": params}, ids, p=p), expected, rtol=1e-5, atol=1e-5)
+    merged = rssbl_jax.merge(params, p[1], adapted)
+    np.testing.assert_allclose(Net().apply({"params": merged}, ids[1:]), expected[1:], rtol=1e-5, atol=1e-5)
+
+    class NNXNet(nnx.Module):
+        def __init__(self, rngs):
+            self.embed, self.hidden = nnx.Embed(11, 6, rngs=rngs), nnx.Linear(6, 6, rngs=rngs)
+            self.head = nnx.Linear(6, 4, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.head(self.hidden(self.embed(ids)))
+
+    nnx_adapted = rss_nnx.inject(NNXNet(nnx.Rngs(0)), adapted.config, d_p=3, rngs=nnx.Rngs(1))
+    state = nnx.state(nnx_adapted.model, nnx.Param).to_pure_dict()
+    assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, params)
+    nnx.update(nnx_adapted.model, nnx.State(params))
+    np.testing.assert_allclose(nnx.jit(lambda m, i, q: m(i, p=q))(nnx_adapted, ids, p), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_linen_inject_and_nnx():
+    layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0, lora_dropout=0.5)
+    params = randomized(layer.init(jax.random.key(0), X, P, deterministic=True)["params"], 6)
+    clean = layer.apply({"params": params}, X, P, deterministic=True)
+    np.testing.assert_allclose(clean, dense_ref(X, P, params, "linear", 0.0, 1.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="deterministic"):
+        layer.apply({"params": params}, X, P)
+    draws = jax.vmap(lambda k: layer.apply({"params": params}, X, P, deterministic=False, rngs={"dropout": k}))(
+        jax.random.split(jax.random.key(1), 4000)
+    )
+    assert float(jnp.abs(draws[0] - clean).max()) > 1e-3  # masks act
+    np.testing.assert_allclose(draws.mean(0), clean, atol=0.05)  # inverted dropout: unbiased
+
+    adapted = rssbl_jax.inject(Net(), "hidden", rank=2, lora_alpha=2.0, lora_dropout=0.5)
+    ids = jnp.asarray([[1, 2, 3]])
+    variables = adapted.init(jax.random.key(0), ids, p=P[0])
+    variables = {"params": randomized(variables["params"], 8)}
+    evaluation = adapted.apply(variables, ids, p=P[0])
+    training = adapted.apply(variables, ids, p=P[0], rngs={"dropout": jax.random.key(2)})
+    assert float(jnp.abs(training - evaluation).max()) > 1e-4
+    np.testing.assert_array_equal(adapted.apply(variables, ids, p=P[0]), evaluation)
+
+    model = rss_nnx.inject(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=3, lora_dropout=0.5,
+                           rngs=nnx.Rngs(1))  # fmt: skip
+    model.model.lora_b[...] = jnp.ones((2, 4))
+    train_out = model(X, p=P)
+    model.eval()
+    eval_out = model(X, p=P)
+    assert float(jnp.abs(train_out - eval_out).max()) > 1e-4
+    np.testing.assert_array_equal(model(X, p=P), eval_out)
+
+
+def test_gaussian_init_exclude_and_rslora_through_inject():
+    adapted = rssbl_jax.inject(Net(), ".*", exclude=["head"], rank=8, lora_alpha=8.0, lora_a_init="gaussian",
+                               use_rslora=True)  # fmt: skip
+    params = adapted.init(jax.random.key(0), jnp.zeros((64, 3), jnp.int32), p=P[0])["params"]
+    assert "lora_a" not in params["head"] and "lora_a" in params["hidden"]
+    assert abs(float(jnp.std(params["hidden"]["lora_a"])) - 1 / 8) < 0.03
+    assert adapted.config.resolve("hidden").scale == pytest.approx(8.0 / np.sqrt(8))
