@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -53,7 +54,9 @@ def test_round_trip_is_exact_and_config_is_stored(transformer, tmp_path):
     assert config["rank"]["block_0/mlp_in"] == 3 and config["rank"]["block_0/attention/query"] == 2
     assert config["lora_alpha"]["block_1/attention/value"] == 2.0 and config["lora_alpha"]["head"] == 4.0
     assert config["p_normalization"] == {"mean": [0.5, 0.0, -1.0], "std": [2.0, 1.0, 3.0]}
-    assert config["leaves"]["heads/lora_a"] == {"shape": [1, 16, 1, 2], "dtype": "float32"}
+    heads_a = config["leaves"]["heads/lora_a"]
+    assert {k: heads_a[k] for k in ("shape", "dtype")} == {"shape": [1, 16, 1, 2], "dtype": "float32"}
+    assert heads_a["sha256"] == hashlib.sha256(np.asarray(params["heads"]["lora_a"]).tobytes()).hexdigest()
     # Adapters loaded into the same base, merged with the stored per-layer alphas, give the same weights.
     zeroed = jax.tree_util.tree_map_with_path(lambda k, x: x * 0 if rssbl_jax.core.is_adapter_path(k) else x, params)
     p0 = jnp.ones(D_P)
