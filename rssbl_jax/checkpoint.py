@@ -280,9 +280,14 @@ def _recover(path: str) -> None:
     if not os.path.exists(path) and _is_adapter_checkpoint(old):
         os.rename(old, path)
         logger.warning("restored the adapter checkpoint %s from %s, left by an interrupted overwrite", path, old)
+    _remove_leftovers(path, "new", "old")
+
+
+def _remove_leftovers(path: str, *kinds: str) -> None:
+    """Delete ``.<name>.<kind>`` and orbax's temporaries of it (``.<name>.<kind>.orbax-checkpoint-tmp...``)."""
     head, name = os.path.split(path)
-    for leftover in os.listdir(head or "."):
-        if leftover.startswith((f".{name}.new", f".{name}.old")):
+    for leftover in os.listdir(head):
+        if leftover.startswith(tuple(f".{name}.{kind}" for kind in kinds)):
             shutil.rmtree(os.path.join(head, leftover), ignore_errors=True)
 
 
@@ -336,7 +341,7 @@ def _write_checkpoint(
             finally:
                 os.close(fd)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)  # the partial new one, or the old one after the swap
+            _remove_leftovers(path, "new")  # the partial new one, or the old one after the swap
         _fault("done")
 
 
