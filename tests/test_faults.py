@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import pathlib
@@ -33,6 +34,14 @@ from tests.workers.adapter_writer import ALPHA, adapter_params
 # A deliberately damaged checkpoint can make tensorstore complete a read callback after orbax's asyncio loop has
 # closed; it surfaces as an unraisable exception inside orbax/tensorstore (see tests/test_training.py).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """Collect orbax's abandoned coroutines inside the test (where the filter above applies), not at exit."""
+    yield
+    gc.collect()
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OLD, NEW = 1, 2  # the seeds of the old and the new checkpoint's values
