@@ -330,12 +330,13 @@ def _meta(state: TrainState) -> dict[str, Any]:
 
 def _nonfinite(state: TrainState) -> list[str]:
     """The floating leaves of the adapters and optimizer state that hold NaN or inf (read on the host)."""
-    return [
-        f"{kind}/{_path_str(path)}"
-        for kind, tree in (("params", state.trainable), ("opt_state", state.opt_state))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if np.issubdtype(np.asarray(_to_host(leaf)).dtype, np.inexact) and not np.all(np.isfinite(_to_host(leaf)))
-    ]
+    bad = []
+    for kind, tree in (("params", state.trainable), ("opt_state", state.opt_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            value = _to_host(leaf)
+            if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+                bad.append(f"{kind}/{_path_str(path)}")
+    return bad
 
 
 def _compare(kind: str, saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:

@@ -12,6 +12,9 @@ import gc
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +25,8 @@ import pytest
 
 from rssbl_jax import training
 from rssbl_jax.partition import freeze_base
-from tests.test_faults import _fill, _flip, _kind, _truncate, small_disk
+from tests.test_faults import ROOT, _fill, _flip, _kind, _truncate, small_disk
+from tests.workers.train_setup import small_run
 
 # See tests/test_training.py: tensorstore's late callback after reading a damaged checkpoint.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -35,17 +39,32 @@ def collect_garbage():
     gc.collect()
 
 
-def small_run(tx=None):
-    """An 8 KiB adapter leaf (a plain orbax data file) and Adam: moments, count and rng in the checkpoint too."""
-    tx = tx or optax.adam(0.05)
-    params = {"layer": {"kernel": jnp.ones((256, 4)), "lora_a": jnp.linspace(0.0, 1.0, 2048).reshape(256, 8)}}
-    state = training.init_train_state(params, tx, jax.random.key(0))
-    step = jax.jit(training.make_train_step(lambda q, b, r: jnp.mean((q["layer"]["lora_a"] - b) ** 2), tx))
-    return state, step, lambda i: jnp.full((256, 8), i / 10.0)
-
-
 def leaves_equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 while a checkpoint is written
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["meta", pytest.param("async", marks=pytest.mark.slow)])
+def test_kill_while_saving_resumes_from_an_intact_step_and_ends_bitwise(tmp_path, stage):
+    ckpt = tmp_path / "ckpt"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.workers.train_killer", str(ckpt), "--kill-at", stage],
+        cwd=ROOT, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    state, step, batch_fn = small_run()
+    restored, at = training.restore_latest(str(ckpt), state)
+    print(f"killed at {stage!r}: on disk {sorted(os.listdir(ckpt))}, restored step {at}")
+    assert at in (5, 10) and not any(name.endswith(".corrupt") for name in os.listdir(ckpt))
+    assert leaves_equal(restored, training.train(state, step, batch_fn, at))
+    final = training.train(state, step, batch_fn, 20, checkpoint_dir=str(ckpt), save_every=5)
+    assert leaves_equal(final, training.train(state, step, batch_fn, 20))
 
 
 # --------------------------------------------------------------------------------------------------
