@@ -22,7 +22,8 @@ Writing ``path`` (say ``dir/adapters``) uses three siblings, all in ``dir``:
 - ``.adapters.new``: the new checkpoint, written completely and read back (digests verified) first;
 - then one atomic ``renameat2(RENAME_EXCHANGE)`` swaps it with the old checkpoint, and the old one (now
   at ``.adapters.new``) is deleted. A process killed at any point leaves ``path`` holding either the whole
-  old checkpoint or the whole new one; leftovers of a killed writer are removed by the next write. On a
+  old checkpoint or the whole new one. Leftovers of a killed or failed writer (a failed write keeps its
+  partial copy, since orbax's threads may still be writing into it) are removed by the next write. On a
   file system without ``RENAME_EXCHANGE`` the swap is two renames through ``.adapters.old``; a kill
   between them leaves the old checkpoint at ``.adapters.old`` (loads say so) and the next write restores it.
 """
@@ -313,7 +314,7 @@ def _write_checkpoint(
                     "is really meant to go."
                 )
         staging = _sibling(path, "new")
-        try:
+        try:  # a failure leaves the partial staging copy: orbax's threads may still write into it
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
                 checkpointer.save(
                     staging,
@@ -340,8 +341,10 @@ def _write_checkpoint(
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        finally:
-            _remove_leftovers(path, "new")  # the partial new one, or the old one after the swap
+        except BaseException:
+            logger.warning("writing %s failed; its partial copy is left at %s* until the next write", path, staging)
+            raise
+        _remove_leftovers(path, "new")  # the old checkpoint, swapped out
         _fault("done")
 
 
