@@ -134,15 +134,32 @@ def adapter_labels(params: PyTree, config: Any = None) -> PyTree:
     return jax.tree.map(lambda m: "adapter" if m else "frozen", trainable_mask(params, config))
 
 
-def freeze_base(tx: optax.GradientTransformation, config: Any = None) -> optax.GradientTransformation:
-    """Wrap ``tx`` so it updates only the trainable leaves (:func:`trainable_mask`) and leaves every other unchanged.
+def freeze_base(
+    tx: optax.GradientTransformation, config: Any = None, *, clip_global_norm: float | None = None
+) -> optax.GradientTransformation:
+    r"""Wrap ``tx`` so it updates only the trainable leaves (:func:`trainable_mask`) and leaves every other unchanged.
 
     Built on ``optax.partition``: trainable leaves go through ``tx``; all other leaves through
     ``optax.set_to_zero()``, which keeps no state, so the optimizer state holds nothing for the frozen base.
     ``optax.apply_updates`` then adds exact zeros to frozen leaves, which leaves them bit-identical (the one
-    exception IEEE allows is ``-0.0 + 0.0 = +0.0``). Put gradient transformations that look at the whole tree,
-    such as ``optax.clip_by_global_norm``, *inside*: ``freeze_base(optax.chain(clip, adam))``, so frozen
-    gradients do not count.
+    exception IEEE allows is ``-0.0 + 0.0 = +0.0``).
+
+    **Order matters for anything that looks at the whole gradient tree**, such as ``optax.clip_by_global_norm``.
+    Pass ``clip_global_norm=c`` (or put the clip inside: ``freeze_base(optax.chain(optax.clip_by_global_norm(c),
+    tx))``): the norm is then that of the trainable gradients alone,
+
+    .. math::
+
+        g_A \leftarrow g_A \cdot \min\Big(1, \frac{c}{\lVert g_A \rVert}\Big).
+
+    Outside (``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))``) it would also count the frozen
+    base's gradients, which are usually far larger, and shrink every adapter step by that factor (300× in the case
+    that found it) although those gradients are then thrown away.
+
+    Args:
+      tx: the trainable leaves' optimizer.
+      config: optional :class:`~rssbl_jax.AdapterConfig` (or a model carrying one), for :func:`trainable_mask`.
+      clip_global_norm: if given, clip the trainable gradients to this global norm before ``tx``.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(2), "lora_b": jnp.ones(2), "lora_c": jnp.ones(2)}
@@ -152,7 +169,22 @@ def freeze_base(tx: optax.GradientTransformation, config: Any = None) -> optax.G
     >>> new = optax.apply_updates(params, updates)
     >>> new["kernel"].tolist(), new["lora_b"].tolist()
     ([1.0, 1.0], [0.5, 0.5])
+
+    The frozen gradients do not shrink the clipped adapter step (they would with the clip outside):
+
+    >>> grads = {"kernel": jnp.full(2, 300.0), "lora_a": jnp.zeros(2), "lora_b": jnp.array([3.0, 4.0]),
+    ...          "lora_c": jnp.zeros(2)}                                          # |g_A| = 5
+    >>> tx = freeze_base(optax.sgd(1.0), clip_global_norm=1.0)
+    >>> tx.update(grads, tx.init(params), params)[0]["lora_b"].tolist()
+    [-0.6000000238418579, -0.800000011920929]
+    >>> outside = optax.chain(optax.clip_by_global_norm(1.0), freeze_base(optax.sgd(1.0)))
+    >>> [round(v, 5) for v in outside.update(grads, outside.init(params), params)[0]["lora_b"].tolist()]
+    [-0.00707, -0.00943]
     """
+    if clip_global_norm is not None:
+        if not clip_global_norm > 0:
+            raise ValueError(f"clip_global_norm must be a positive number; got {clip_global_norm}.")
+        tx = optax.chain(optax.clip_by_global_norm(clip_global_norm), tx)
     return optax.partition({"adapter": tx, "frozen": optax.set_to_zero()}, lambda p: adapter_labels(p, config))
 
 

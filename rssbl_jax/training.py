@@ -19,12 +19,19 @@ stored, only its shapes (checked on restore).
 
 Every checkpoint also stores, per leaf, its shape, dtype and a SHA-256 of its bytes: orbax/tensorstore read a
 flipped bit inside an array file back without complaint, so the digest is what keeps a damaged checkpoint
-from being restored silently.
+from being restored silently. It also stores the tree structure of the adapters and of the optimizer state, so
+a run resumed with another optimizer (``adamw`` after ``adam``: the same leaves in another tree) is told so
+instead of the checkpoint being taken for a damaged one. Only damage (a digest mismatch, a file that cannot be
+read) sets a checkpoint aside; a caller's mismatch is an error that leaves every checkpoint where it is.
+
+Non-finite state is never saved: a step whose loss, gradients, batch, new adapters or new optimizer state hold
+NaN/inf is not applied, and a state holding them is refused at save time (:class:`NonFiniteError`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -79,11 +86,14 @@ class TrainState(NamedTuple):
 
 
 class NonFiniteError(FloatingPointError):
-    """Training stopped because the loss, the gradients or the batch (e.g. ``p``) held NaN or inf.
+    """Training stopped because the loss, gradients, batch (e.g. ``p``), adapters or optimizer state held NaN/inf.
 
     Attributes:
-      step: the step whose loss/gradients/batch was not finite (its update was not applied).
-      names: what was not finite: ``"loss"``, ``"grads"`` or ``"batch/<path>"``.
+      step: the step whose loss/gradients/batch/update was not finite (its update was not applied), or the
+        step of a state that was about to be saved with non-finite leaves (nothing was saved).
+      names: what was not finite: ``"loss"``, ``"grads"``, ``"batch/<path>"``, or, when those were finite but
+        the optimizer produced NaN/inf (e.g. Adam with ``eps=0`` on a zero gradient), ``"params/<path>"`` and
+        ``"opt_state/<path>"``.
       last_checkpoint: the step of the last good checkpoint, or ``None``.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -135,6 +145,15 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.
     )
 
 
+def _finite_leaves(tree: PyTree) -> dict[str, jax.Array]:
+    """``{path: all finite}`` for every floating leaf of ``tree``."""
+    return {
+        _path_str(path): jnp.all(jnp.isfinite(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    }
+
+
 def _all_finite(tree: PyTree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -166,7 +185,8 @@ def make_train_step(
 
     Returns:
       ``step(state, batch) -> (state, metrics)`` with ``metrics = {"loss": float32 scalar, "finite":
-      {"loss": bool, "grads": bool, "batch/<path>": bool, ...}}``.
+      {"loss": bool, "grads": bool, "batch/<path>": bool, "params/<path>": bool, "opt_state/<path>": bool,
+      ...}}`` (one ``params``/``opt_state`` entry per floating leaf of the updated adapters and optimizer state).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.5)
@@ -200,6 +220,9 @@ def make_train_step(
         for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
                 finite["batch/" + (_path_str(path) or "(root)")] = jnp.all(jnp.isfinite(leaf))
+        # The optimizer can make NaN from finite gradients (e.g. Adam with eps=0 on a zero gradient).
+        finite |= {f"params/{name}": ok for name, ok in _finite_leaves(trainable).items()}
+        finite |= {f"opt_state/{name}": ok for name, ok in _finite_leaves(opt_state).items()}
         if axis_name is not None:
             finite = {k: jax.lax.pmin(v.astype(jnp.int32), axis_name) > 0 for k, v in finite.items()}
         ok = jnp.all(jnp.stack(list(finite.values())))
@@ -280,12 +303,46 @@ def _describe(tree: PyTree, *, digest: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _meta(state: TrainState) -> dict[str, Any]:
+def _skeleton(tree: PyTree) -> str:
+    """A short picture of a tree's containers: ``tuple(ScaleByAdamState(*, {...}, {...}), EmptyState())``."""
+    if isinstance(tree, dict):
+        return "{...}"
+    if isinstance(tree, (tuple, list)):
+        return f"{type(tree).__name__}({', '.join(_skeleton(x) for x in tree)})"
+    return "None" if tree is None else "*"
+
+
+def _structure(state: TrainState) -> dict[str, dict[str, str]]:
     return {
+        name: {"treedef": str(jax.tree.structure(tree)), "skeleton": _skeleton(tree)}
+        for name, tree in (("trainable", state.trainable), ("opt_state", state.opt_state))
+    }
+
+
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _meta(state: TrainState) -> dict[str, Any]:
+    meta = {
         "format": _FORMAT,
         "leaves": _describe(_saved_tree(state), digest=True),
         "frozen": _describe(state.frozen, digest=False),
+        "structure": _structure(state),
     }
+    return {**meta, "sha256": _meta_sha256(meta)}
+
+
+def _nonfinite(state: TrainState) -> list[str]:
+    """The floating leaves of the adapters and optimizer state that hold NaN or inf (read on the host)."""
+    bad = []
+    for kind, tree in (("params", state.trainable), ("opt_state", state.opt_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            value = _to_host(leaf)
+            if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+                bad.append(f"{kind}/{_path_str(path)}")
+    return bad
 
 
 def _compare(kind: str, saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:
@@ -329,9 +386,22 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
         and isinstance(meta.get("frozen"), dict)
     ):
         raise _Corrupt("metadata is not a rssbl_jax training checkpoint's (damaged or written by something else)")
+    if "sha256" in meta and meta["sha256"] != _meta_sha256(meta):  # absent before it was stored
+        raise _Corrupt("metadata does not match its SHA-256 digest (the metadata file is damaged)")
     expected = _describe(_saved_tree(state), digest=False)
     _compare("parameter", meta["leaves"], expected, where)
     _compare("frozen base parameter", meta["frozen"], _describe(state.frozen, digest=False), where)
+    saved_structure = meta.get("structure")  # absent in checkpoints written before it was stored
+    if isinstance(saved_structure, dict):
+        what = {"trainable": "the adapters' tree", "opt_state": "the optimizer state's tree"}
+        hint = {"trainable": "was the model changed?", "opt_state": "was the optimizer changed, e.g. adam -> adamw?"}
+        for name, now in _structure(state).items():
+            then = saved_structure.get(name, {})
+            if then.get("treedef") != now["treedef"]:
+                raise ValueError(
+                    f"checkpoint {where} does not fit this run: {what[name]} has another structure ({hint[name]}). "
+                    f"In the checkpoint: {then.get('skeleton')}; here: {now['skeleton']}. The checkpoint is kept."
+                )
 
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -353,8 +423,9 @@ def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, 
 
     Checkpoints are tried newest first. One that cannot be read or whose arrays do not match their stored
     SHA-256 digests is skipped with a logged warning and renamed ``<step>.corrupt`` (so later saves are not
-    blocked by it). A checkpoint of another architecture (a path missing, added, or with another shape or
-    dtype, adapters, optimizer state or frozen base) is never skipped: it raises.
+    blocked by it). A checkpoint of another architecture or optimizer (a path missing, added, or with another
+    shape or dtype, adapters, optimizer state or frozen base; or the same leaves in another tree, e.g. ``adamw``
+    state where ``adam``'s is expected) is never skipped or renamed: it raises, naming what changed.
 
     Args:
       checkpoint_dir: the directory :func:`train` saves into.
@@ -366,7 +437,8 @@ def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, 
       (the directory is created if missing). In several processes, every process calls it.
 
     Raises:
-      ValueError: naming the mismatched path and both shapes/dtypes, for a checkpoint of another architecture.
+      ValueError: naming the mismatched path and both shapes/dtypes, or both tree structures, for a checkpoint
+        of another architecture or optimizer.
       RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
 
     >>> import tempfile, jax, jax.numpy as jnp, optax
@@ -479,9 +551,12 @@ def train(
       The final state (unreplicated when ``replicated``).
 
     Raises:
-      NonFiniteError: when the loss, gradients or batch (``p`` included) held NaN/inf; nothing of that step is
-        saved and the last good checkpoint is kept.
-      ValueError, RuntimeError: from :func:`restore_latest`.
+      NonFiniteError: when the loss, gradients or batch (``p`` included) held NaN/inf, or the update would make
+        adapters or optimizer state non-finite; nothing of that step is saved and the last good checkpoint is
+        kept. Also raised, naming the step and leaves, instead of saving a state that holds NaN/inf.
+      ValueError: when ``num_steps`` is below the step of ``state`` or of the restored checkpoint; and from
+        :func:`restore_latest`.
+      RuntimeError: from :func:`restore_latest`.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.1)
@@ -504,11 +579,30 @@ def train(
             manager.close()
             raise
     step = int(_to_host(state.step))
+    if num_steps < step:
+        if manager is not None:
+            manager.close()
+        source = f"the checkpoint restored from {checkpoint_dir}" if last_saved is not None else "the given state"
+        raise ValueError(
+            f"num_steps={num_steps} is below step {step} of {source}; num_steps is the run's total number of steps "
+            "(not steps to add), so this run would train nothing. Pass num_steps >= the step, or start afresh."
+        )
     if replicated:
         state = _replicate(state, n_local)
 
     def save(current: TrainState, at: int) -> None:
         snapshot = _unreplicate(current) if replicated else current
+        bad = _nonfinite(snapshot)
+        if bad:
+            manager.wait_until_finished()
+            good = manager.latest_step()
+            raise NonFiniteError(
+                f"refusing to save the state of step {at}: non-finite values in {', '.join(bad)}. Last good "
+                f"checkpoint: {f'step {good} in {checkpoint_dir}' if good is not None else 'none'}.",
+                step=at,
+                names=tuple(bad),
+                last_checkpoint=good,
+            )
         manager.save(
             at,
             args=ocp.args.Composite(
@@ -522,6 +616,8 @@ def train(
             finite = {k: bool(np.all(_to_host(v))) for k, v in metrics["finite"].items()}
             if not all(finite.values()):
                 bad = tuple(k for k, v in finite.items() if not v)
+                causes = tuple(k for k in bad if not k.startswith(("params/", "opt_state/")))
+                bad = causes or bad  # NaN params follow from NaN grads; name the optimizer only when it is the cause
                 if manager is not None:
                     manager.wait_until_finished()
                     last_saved = manager.latest_step()

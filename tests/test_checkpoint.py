@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -57,7 +58,9 @@ def test_round_trip_is_exact_and_config_is_stored(transformer, tmp_path):
     assert stored_json["lora_alpha"]["block_1/attention/value"] == 2.0 and stored_json["lora_alpha"]["head"] == 4.0
     assert stored_json["adapter_config"]["p_mean"] == [0.5, 0.0, -1.0]
     assert stored_json["adapter_config"]["p_std"] == [2.0, 1.0, 3.0]
-    assert stored_json["leaves"]["heads/lora_a"] == {"shape": [1, 16, 1, 2], "dtype": "float32"}
+    heads_a = stored_json["leaves"]["heads/lora_a"]
+    assert {k: heads_a[k] for k in ("shape", "dtype")} == {"shape": [1, 16, 1, 2], "dtype": "float32"}
+    assert heads_a["sha256"] == hashlib.sha256(np.asarray(params["heads"]["lora_a"]).tobytes()).hexdigest()
     # Adapters loaded into the same base, merged with the stored config, give the same weights.
     zeroed = jax.tree_util.tree_map_with_path(lambda k, x: x * 0 if k[-1].key.startswith("lora_") else x, params)
     p0 = jnp.ones(D_P)

@@ -44,7 +44,7 @@ def test_specs_follow_the_kernel_tree_form(params):
 
 def test_rules_form_fsdp_and_derived_bias(params):
     # FSDP-style: every kernel's input axis over "fsdp", output over "model"; the bias follows the kernel.
-    specs = sharding.adapter_partition_specs(params, [(r"kernel$", P("fsdp", "model"))])
+    specs = sharding.adapter_partition_specs(params, [(r".*kernel", P("fsdp", "model"))])
     for layer in ("hidden", "head"):
         assert specs[layer]["lora_a"] == P("fsdp", None)
         assert specs[layer]["lora_b"] == P(None, "model")
@@ -62,7 +62,7 @@ def test_conv_and_dense_general_kernels():
         "lora_c": jax.ShapeDtypeStruct((2, 4), jnp.float32),
         "lora_s": jax.ShapeDtypeStruct((2, 4), jnp.float32),
     }
-    specs = sharding.adapter_partition_specs({"conv": conv}, [("kernel", P(None, None, "data", "model"))])["conv"]
+    specs = sharding.adapter_partition_specs({"conv": conv}, [(".*kernel", P(None, None, "data", "model"))])["conv"]
     assert specs["lora_a"] == P(None, None, "data", None)
     assert specs["lora_b"] == P(None, "model")
     assert specs["bias"] == P("model")
@@ -74,7 +74,7 @@ def test_conv_and_dense_general_kernels():
         "lora_c": jax.ShapeDtypeStruct((3, 2), jnp.float32),
         "lora_s": jax.ShapeDtypeStruct((3, 2), jnp.float32),
     }
-    specs = sharding.adapter_partition_specs({"query": attn}, [("kernel", P("fsdp", "model", None))])["query"]
+    specs = sharding.adapter_partition_specs({"query": attn}, [(".*kernel", P("fsdp", "model", None))])["query"]
     assert specs["lora_a"] == P("fsdp", None)
     assert specs["lora_b"] == P(None, "model", None)
 
@@ -87,7 +87,7 @@ def test_errors_name_the_path_and_shapes(params):
     with pytest.raises(
         ValueError, match=r"does not fit 'head/kernel' of shape \(16, 4\): axis 1 has size 4, not divisible by the 8"
     ):
-        sharding.adapter_partition_specs(params, [("kernel", P(None, "model"))], mesh=mesh)
+        sharding.adapter_partition_specs(params, [(".*/kernel", P(None, "model"))], mesh=mesh)
     # Several mesh axes on one dimension multiply: the rank axis (4) cannot be split 4 x 2 = 8 ways.
     with pytest.raises(
         ValueError, match=r"'hidden/lora_b' of shape \(4, 16\): axis 0 has size 4, not divisible by the 8"
@@ -100,9 +100,12 @@ def test_errors_name_the_path_and_shapes(params):
     with pytest.raises(ValueError, match=r"names mesh axis 'tensor', not in the mesh axes"):
         sharding.validate_specs(params["head"]["kernel"], P(None, "tensor"), mesh)
     with pytest.raises(ValueError, match=r"'x/lora_a' \(lora_a\) has no 'kernel' beside it"):
-        sharding.adapter_partition_specs({"x": {"lora_a": jnp.ones((2, 1))}}, [("kernel", P())])
+        sharding.adapter_partition_specs(
+            {"x": {"lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.ones((1, 1))}},
+            [("kernel", P())],
+        )
     with pytest.raises(ValueError, match=r"has 3 entries but the leaf has 2 axes"):
-        sharding.adapter_partition_specs(params, [("kernel", P(None, None, None))])
+        sharding.adapter_partition_specs(params, [(".*kernel", P(None, None, None))])
 
 
 def test_batch_and_operating_param_specs():

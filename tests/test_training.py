@@ -124,7 +124,8 @@ def big_leaf_run():
     """A state with an 8 KiB adapter leaf: orbax stores arrays this size in plain data files that it reads
     back without a checksum, so a flipped bit there is restored silently unless the digest catches it."""
     tx = optax.sgd(0.1)
-    params = {"layer": {"kernel": jnp.ones((256, 4)), "lora_a": jnp.linspace(0.0, 1.0, 2048).reshape(256, 8)}}
+    params = {"layer": {"kernel": jnp.ones((256, 4)), "lora_a": jnp.linspace(0.0, 1.0, 2048).reshape(256, 8),
+                        "lora_b": jnp.zeros((8, 4)), "lora_c": jnp.zeros((1, 8))}}  # fmt: skip
     state = training.init_train_state(params, tx, jax.random.key(0))
     step = jax.jit(training.make_train_step(lambda q, b, r: jnp.mean((q["layer"]["lora_a"] - b) ** 2), tx))
     return state, step, lambda i: jnp.full((256, 8), i / 10.0)

@@ -76,7 +76,7 @@ def optimizer() -> optax.GradientTransformation:
 def base_specs(layout: str):
     """The base model's specs for a layout: data-parallel (replicated) or model-parallel (Megatron-style)."""
     if layout == "data":
-        return [("kernel|bias", P())]
+        return [(".*/(kernel|bias)", P())]
     if layout == "model":
         return [("hidden/kernel", P(None, "model")), ("head/kernel", P("model", None)), ("head/bias", P())]
     raise ValueError(layout)
