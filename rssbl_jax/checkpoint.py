@@ -86,7 +86,7 @@ def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = patterns.path_str(key_path)
         layer, _, name = path.rpartition("/")
-        if layer in layers and name in core.ADAPTER_NAMES:
+        if layer in layers and core.is_adapter_leaf_name(name):
             out[path] = leaf
     return out
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,16 @@ from jaxtyping import Array, ArrayLike, Float
 from rssbl_jax.config import LayerConfig
 
 ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b")
-"""Leaf names of the adapter parameters (``lora_s``, ``lora_c0`` and the ``lora_gate_*`` leaves are optional)."""
+"""Leaf names of the RSS adapter parameters (``lora_s``, ``lora_c0`` and the ``lora_gate_*`` leaves are optional).
+
+An adapter layer is identified by holding ``lora_a``, ``lora_b`` and ``lora_c``; every ``lora_*`` leaf in it is an
+adapter leaf (an :class:`AdapterMethod` plug-in may add leaves of its own under that prefix)."""
+
+
+def is_adapter_leaf_name(name: str) -> bool:
+    """Whether a leaf name inside an adapter layer names an adapter leaf (``lora_*``)."""
+    return isinstance(name, str) and name.startswith("lora_")
+
 
 PrecisionLike = Any
 Factors = Mapping[str, Any]
@@ -336,6 +345,48 @@ def adapter_params(
         if init is not None and name in specs:
             specs[name] = (specs[name][0], init)
     return specs
+
+
+class AdapterMethod(Protocol):
+    """What an injected adapter computes: the extension point of :func:`rssbl_jax.inject` (linen and NNX).
+
+    RSSBilinearLoRA is :data:`RSS`; other conditional adapters (the baselines of ``experiments/``) plug in the same
+    way and so reach every layer kind through the same injection and factorizations. ``params`` names the adapter
+    leaves (``lora_*``; ``lora_a``, ``lora_b``, ``lora_c`` must be among them, which marks the layer as adapted) with
+    their shapes and initialisers; ``update`` returns the layer's output update.
+    """
+
+    def params(
+        self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool
+    ) -> dict[str, tuple[tuple[int, ...], Initializer]]: ...
+
+    def update(
+        self,
+        factorization: Factorization,
+        x: jax.Array,
+        operating_params: jax.Array,
+        factors: Factors,
+        layer: LayerConfig,
+        *,
+        precision: PrecisionLike = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array: ...
+
+
+class RSSMethod(NamedTuple):
+    """RSSBilinearLoRA as an :class:`AdapterMethod`: :func:`adapter_params` and :func:`adapter_update`."""
+
+    def params(self, layer, factorization, d_p, *, shift):
+        return adapter_params(layer, factorization, d_p, shift=shift)
+
+    def update(self, factorization, x, operating_params, factors, layer, *, precision=None, dropout_rng=None):
+        return adapter_update(
+            factorization, x, operating_params, factors, layer, precision=precision, dropout_rng=dropout_rng
+        )
+
+
+RSS = RSSMethod()
+"""The default method of :func:`rssbl_jax.inject`."""
 
 
 def rss_update(

@@ -100,11 +100,13 @@ class Adapted:
       model: the linen model (not modified).
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype: dtype of the adapter parameters.
+      method: the :class:`~rssbl_jax.core.AdapterMethod` computing the update (RSSBilinearLoRA by default).
     """
 
     model: nn.Module
     config: AdapterConfig
     param_dtype: Any = jnp.float32
+    method: Any = core.RSS
 
     @property
     def adapter_config(self) -> AdapterConfig:
@@ -176,7 +178,7 @@ class Adapted:
         existing = next((n for n in ("lora_gate_w", "lora_s", "lora_c") if module.has_variable("params", n)), None)
         if existing == "lora_c" and layer.gate == "mlp":
             existing = None
-        if existing is not None:
+        if existing is not None and self.method is core.RSS:  # a plug-in method's leaves may lay d_p out otherwise
             d_p = jnp.shape(meta.unbox(module.get_variable("params", existing)))[-2]
         else:
             if p.ndim == 0:
@@ -187,7 +189,7 @@ class Adapted:
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
         shift = self.config.use_shift(module.has_variable("params", "bias"))
-        specs = core.adapter_params(layer, factorization, d_p, shift=shift)
+        specs = self.method.params(layer, factorization, d_p, shift=shift)
         n_in = len(factorization.a_shape) - 1
         factors = {}
         for name, (shape, init) in specs.items():
@@ -207,7 +209,7 @@ class Adapted:
             x, p, *values = promote_dtype(x, p, *factors.values(), dtype=module.dtype)
         factors = dict(zip(names, values, strict=True))
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
-        delta = core.adapter_update(
+        delta = self.method.update(
             factorization, x, p, factors, layer, precision=getattr(module, "precision", None), dropout_rng=rng
         )
         if delta.shape != y.shape:
@@ -234,6 +236,7 @@ def inject(
     lora_alpha: float | None = None,
     *,
     param_dtype: Any = jnp.float32,
+    method: Any = None,
     **settings: Any,
 ) -> Adapted:
     r"""Adapt the layers of an unmodified linen model that an :class:`~rssbl_jax.AdapterConfig` targets.
@@ -249,6 +252,9 @@ def inject(
     keyword. ``adapted.init(key, *args, p=p)`` returns ``model.init``'s variables with ``lora_*`` leaves beside
     each adapted kernel; ``d_p`` is read from ``p``. At init ``B = 0``, so the adapted model computes exactly the
     base model. ``partition``, ``freeze_base``, ``merge`` and ``save_adapters`` take ``adapted.config``.
+
+    ``method`` replaces what the adapters compute (an :class:`~rssbl_jax.core.AdapterMethod`; RSSBilinearLoRA by
+    default): baselines such as output-space FiLM or a hypernetwork reach every layer kind the same way.
 
     Raises:
       ValueError: when the model's ``__call__`` already takes an argument named ``p_keyword``; at the first
@@ -272,7 +278,7 @@ def inject(
     if not cfg.targets:
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
-    return Adapted(model=model, config=cfg, param_dtype=param_dtype)
+    return Adapted(model=model, config=cfg, param_dtype=param_dtype, method=core.RSS if method is None else method)
 
 
 def adaptable_paths(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
@@ -344,7 +350,7 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
 
     def is_adapter(path: str) -> bool:
         layer, _, name = path.rpartition("/")
-        return layer in adapters and name in core.ADAPTER_NAMES
+        return layer in adapters and core.is_adapter_leaf_name(name)
 
     frozen = {
         path: leaf

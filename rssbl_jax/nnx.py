@@ -124,18 +124,18 @@ def _add_adapters(
     param_dtype: Any,
     rngs: nnx.Rngs,
     initializers: Mapping[str, Initializer | None] | None = None,
+    method: Any = core.RSS,
 ) -> None:
     kernel = _kernel(layer, kind)
     factorization = kind.factorize(layer, tuple(kernel[...].shape), settings.rank, None, (), {})
-    specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
+    if method is core.RSS:
+        specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
+    else:
+        specs = method.params(settings, factorization, d_p, shift=shift)
     metadata = kernel.get_metadata() if hasattr(kernel, "get_metadata") else {}
     names = metadata.get("sharding_names") if isinstance(metadata, Mapping) else None
     n_in = len(factorization.a_shape) - 1
-    for name in core.ADAPTER_NAMES:
-        if name not in specs:
-            setattr(layer, name, None)
-            continue
-        shape, init = specs[name]
+    for name, (shape, init) in specs.items():
         extra = {}
         if names is not None:
             if name == "lora_a" and len(shape) == n_in + 1:
@@ -145,11 +145,13 @@ def _add_adapters(
         setattr(layer, name, RSSBilinearLoRAParam(init(rngs.params(), tuple(shape), param_dtype), **extra))
     layer.rss_layer = settings
     layer.rss_path = path
+    layer.rss_leaves = tuple(specs)
+    layer.rss_method = method
     layer.rss_dropout = nnx.Dropout(settings.lora_dropout, rngs=rngs) if settings.lora_dropout > 0 else None
 
 
 def _factors(layer: nnx.Module) -> dict[str, Any]:
-    return {name: getattr(layer, name)[...] for name in core.ADAPTER_NAMES if getattr(layer, name, None) is not None}
+    return {name: getattr(layer, name)[...] for name in layer.rss_leaves}
 
 
 def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Array, args: tuple, kwargs: dict):
@@ -166,7 +168,7 @@ def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Arr
             x = layer.rss_dropout(x)
         x, p, *values = promote_dtype(x, jnp.asarray(p), *factors.values(), dtype=layer.dtype)
     try:
-        delta = core.adapter_update(
+        delta = layer.rss_method.update(
             factorization, x, p, dict(zip(names, values, strict=True)), settings,
             precision=getattr(layer, "precision", None),
         )  # fmt: skip
@@ -429,6 +431,7 @@ def inject(
     *,
     param_dtype: Any = jnp.float32,
     initializers: Mapping[str, Initializer] | None = None,
+    method: Any = None,
     **settings: Any,
 ) -> Adapted:
     r"""Adapt, in place, the layers of an NNX model that an ``AdapterConfig`` targets; return the model wrapped.
@@ -490,6 +493,7 @@ def inject(
         _add_adapters(
             layer, kind, cfg.resolve(path), path, int(d_p),
             shift=cfg.use_shift(has_bias), param_dtype=param_dtype, rngs=rngs, initializers=initializers,
+            method=core.RSS if method is None else method,
         )  # fmt: skip
     return Adapted(model, cfg)
 
@@ -542,7 +546,19 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
         kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias
-        for name in (*core.ADAPTER_NAMES, "rss_layer", "rss_path", "rss_dropout", "rss_config"):
+        if layer.rss_method is not core.RSS:
+            raise ValueError(
+                f"{_path(path) or 'layer'} was adapted with {layer.rss_method!r}, which merge cannot fold."
+            )
+        for name in (
+            *layer.rss_leaves,
+            "rss_layer",
+            "rss_path",
+            "rss_dropout",
+            "rss_config",
+            "rss_leaves",
+            "rss_method",
+        ):
             if name in vars(layer):
                 delattr(layer, name)
         layer.__class__ = base

@@ -18,7 +18,7 @@ import optax
 
 from rssbl_jax import patterns
 from rssbl_jax.config import AdapterConfig, as_config
-from rssbl_jax.core import ADAPTER_NAMES
+from rssbl_jax.core import is_adapter_leaf_name
 
 PyTree = Any
 _REQUIRED = ("lora_a", "lora_b", "lora_c")
@@ -86,7 +86,7 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
     def trains(key_path, _):
         path = patterns.path_str(key_path)
         layer, _, name = path.rpartition("/")
-        return (layer in layers and name in ADAPTER_NAMES) or patterns.matches(extra, path)
+        return (layer in layers and is_adapter_leaf_name(name)) or patterns.matches(extra, path)
 
     return jax.tree_util.tree_map_with_path(trains, params)
 

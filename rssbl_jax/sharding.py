@@ -35,7 +35,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rssbl_jax import patterns
-from rssbl_jax.core import ADAPTER_NAMES
+from rssbl_jax.core import is_adapter_leaf_name
 from rssbl_jax.partition import adapter_layers
 
 _path_str = patterns.path_str
@@ -122,7 +122,7 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
 
     def is_adapter_path(path: Sequence[Any]) -> bool:
         layer, _, name = _path_str(path).rpartition("/")
-        return layer in layers and name in ADAPTER_NAMES
+        return layer in layers and is_adapter_leaf_name(name)
 
     for path, leaf in flat:
         if is_adapter_path(path):
@@ -149,7 +149,7 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
         key = getattr(path[-1], "key", None)
         if name in given:
             return given[name][2]
-        if key in ("lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b"):
+        if is_adapter_leaf_name(key) and key not in ("lora_a", "lora_b"):
             return PartitionSpec()
         if key == "lora_a":  # (*in, r): leading axes follow the kernel's leading axes
             kspec, kshape = kernel_of(path, "lora_a")
