@@ -31,6 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
+def _exponax_broadcasting():
+    """exponax relies on numpy rank promotion internally; allow it while its code is traced (only there)."""
+    return jax.numpy_rank_promotion("allow")
+
+
 # ------------------------------------------------------------------------------------------------ Burgers
 
 
@@ -87,16 +93,17 @@ def burgers(u0: jax.Array, nu: jax.Array, forcing: jax.Array, time: float, steps
     """
     u0 = jnp.asarray(u0)
     points = u0.shape[-1]
-    stepper = _ForcedBurgers(
-        jnp.asarray(forcing, u0.dtype),
-        1,
-        2.0 * jnp.pi,
-        points,
-        time / steps,
-        diffusivity=nu,
-        order=4,
-    )
-    u, _ = jax.lax.scan(lambda u, _: (stepper(u), None), u0[None, :], None, length=steps)
+    with _exponax_broadcasting():
+        stepper = _ForcedBurgers(
+            jnp.asarray(forcing, u0.dtype),
+            1,
+            2.0 * jnp.pi,
+            points,
+            time / steps,
+            diffusivity=nu,
+            order=4,
+        )
+        u, _ = jax.lax.scan(lambda u, _: (stepper(u), None), u0[None, :], None, length=steps)
     return u[0]
 
 
@@ -124,12 +131,14 @@ def ks_stepper(domain_length: jax.Array, hyperviscosity: jax.Array, points: int,
 
     Both parameters may be traced, so one compiled function serves every condition.
     """
-    fine = exponax.stepper.KuramotoSivashinskyConservative(
-        1, domain_length, points, dt / substeps, fourth_order_scale=hyperviscosity, order=2
-    )
+    with _exponax_broadcasting():
+        fine = exponax.stepper.KuramotoSivashinskyConservative(
+            1, domain_length, points, dt / substeps, fourth_order_scale=hyperviscosity, order=2
+        )
 
     def step(u: jax.Array) -> jax.Array:
-        return jax.lax.fori_loop(0, substeps, lambda _, v: fine(v), u)
+        with _exponax_broadcasting():
+            return jax.lax.fori_loop(0, substeps, lambda _, v: fine(v), u)
 
     return step
 
@@ -190,7 +199,8 @@ def ks_trajectories(key: jax.Array, condition: jax.Array, n: int, config: KSConf
     """``n`` trajectories ``[n, frames, points]`` at one ``(L, ψ)``, each after a burn-in from a random field."""
     step = ks_stepper(condition[0], condition[1], config.points, config.dt, config.substeps)
     ic = exponax.ic.RandomTruncatedFourierSeries(1, cutoff=config.ic_cutoff)
-    u0 = jax.vmap(lambda k: ic(config.points, key=k))(jax.random.split(key, n))  # [n, 1, points]
+    with _exponax_broadcasting():
+        u0 = jax.vmap(lambda k: ic(config.points, key=k))(jax.random.split(key, n))  # [n, 1, points]
     burn = int(round(config.burn_in / config.dt))
 
     def one(u):

@@ -89,7 +89,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = nn.Dense(self.width, name="embed")(tokens)
-        x = x + self.param("position", nn.initializers.normal(0.02), (self.seq, self.width))
+        position = self.param("position", nn.initializers.normal(0.02), (self.seq, self.width))
+        x = x + position.reshape((1,) * (x.ndim - 2) + position.shape)
         for i in range(self.depth):
             x = Block(self.width, self.heads, self.mlp, self.causal, name=f"block_{i}")(x)
         return nn.Dense(self.d_out, name="head", kernel_init=nn.initializers.zeros)(nn.LayerNorm(name="norm")(x))
@@ -127,9 +128,10 @@ class BatterySurrogate(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        tokens = (x - jnp.array([1.0, 0.35])) / jnp.array([0.35, 0.2])
+        lead = (1,) * (x.ndim - 1)  # explicit broadcasting (tests run with rank promotion raising)
+        tokens = (x - jnp.array([1.0, 0.35]).reshape(*lead, 2)) / jnp.array([0.35, 0.2]).reshape(*lead, 2)
         net = Transformer(self.samples, 2, self.width, self.depth, self.heads, self.mlp, causal=True)
-        return jnp.array(self.y_offset) + jnp.array(self.y_scale) * net(tokens)
+        return jnp.array(self.y_offset).reshape(*lead, 2) + jnp.array(self.y_scale).reshape(*lead, 2) * net(tokens)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -205,7 +207,7 @@ def pretrain(
     model = build(config)
     x, y, w = _nominal_examples(config, data)
     is_ks = isinstance(config.data, pde.KSConfig)
-    scale = jnp.float32(model.du_scale) if is_ks else jnp.array(model.y_scale)
+    scale = jnp.float32(model.du_scale) if is_ks else jnp.array(model.y_scale).reshape(1, 1, 2)
     key = jax.random.key(config.seed)
     params = model.init(key, jnp.asarray(x[:1]))["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup, config.steps)
