@@ -103,6 +103,7 @@ def cached_arrays(
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, __config__=np.array(meta), **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache should be readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

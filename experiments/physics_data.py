@@ -75,8 +75,16 @@ def main(argv: list[str] | None = None) -> None:
 
         for name in surrogates.SURROGATES:
             start = time.perf_counter()
-            surrogates.pretrained(name, ks if name.startswith("ks") else cells, data_dir=args.data_dir)
+            model, params = surrogates.pretrained(name, data_dir=args.data_dir)
             timings[f"pretrain {name}"] = time.perf_counter() - start
+            metrics = surrogates.evaluate(name, model, params, ks if name.startswith("ks") else cells)
+            for split_name, values in metrics.items():
+                summary = {
+                    k: np.round(v.mean(axis=0), 4) for k, v in values.items() if k not in ("conditions", "rollout")
+                }
+                if "rollout" in values:
+                    summary["rollout@1,5,10"] = np.round(values["rollout"].mean(axis=0)[[0, 4, 9]], 3)
+                print(f"{name} {split_name} (mean over conditions): {summary}")
     for name, seconds in timings.items():
         print(f"{name}: {seconds:.1f} s")
 

@@ -179,7 +179,7 @@ def test_tiny_ks_surrogate_fits_its_nominal_condition(tmp_path):
     # The persistence forecast u_{t+1} = u_t is off by ~23% per step. This 300-step toy reaches ~9% (it must at
     # least halve persistence); the full surrogate's 1.7% is checked by the slow test below.
     assert metrics["one_step"][0] < 0.5 * metrics["persistence"][0], metrics
-    assert metrics["rollout"].shape == (1, 8)
+    assert metrics["rollout"].shape == (1, 8)  # the horizon (10) clipped to the trajectories' 8 steps
 
 
 def test_tiny_battery_surrogate_fits_its_nominal_condition(tmp_path):
