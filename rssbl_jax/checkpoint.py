@@ -128,6 +128,12 @@ def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     if not leaves:
         raise ValueError("save_adapters found no adapter layer (lora_a, lora_b, lora_c) in params.")
     layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
+    incomplete = [layer for layer in layers if _join(layer, "lora_c") not in leaves]
+    if incomplete:
+        raise ValueError(
+            f"adapter layers {incomplete} have lora_a/lora_b but no lora_c: they are not RSSBilinearLoRA adapters, "
+            "whose settings an AdapterConfig describes."
+        )
     foreign = [layer for layer in layers if not cfg.adapts(layer)]
     if foreign:
         raise ValueError(

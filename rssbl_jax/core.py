@@ -352,8 +352,9 @@ class AdapterMethod(Protocol):
 
     RSSBilinearLoRA is :data:`RSS`; other conditional adapters (the baselines of ``experiments/``) plug in the same
     way and so reach every layer kind through the same injection and factorizations. ``params`` names the adapter
-    leaves (``lora_*``; ``lora_a``, ``lora_b``, ``lora_c`` must be among them, which marks the layer as adapted) with
-    their shapes and initialisers; ``update`` returns the layer's output update.
+    leaves (``lora_*``; ``lora_a`` and ``lora_b`` must be among them, which marks the layer as adapted) with
+    their shapes and initialisers; ``update`` returns the layer's output update. A method with a true
+    ``needs_base_output`` attribute also receives the base layer's output as ``base_output=``.
     """
 
     def params(

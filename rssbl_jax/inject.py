@@ -209,8 +209,9 @@ class Adapted:
             x, p, *values = promote_dtype(x, p, *factors.values(), dtype=module.dtype)
         factors = dict(zip(names, values, strict=True))
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
+        extra = {"base_output": y} if getattr(self.method, "needs_base_output", False) else {}
         delta = self.method.update(
-            factorization, x, p, factors, layer, precision=getattr(module, "precision", None), dropout_rng=rng
+            factorization, x, p, factors, layer, precision=getattr(module, "precision", None), dropout_rng=rng, **extra
         )
         if delta.shape != y.shape:
             raise ValueError(f"adapter update of {path!r} has shape {delta.shape}, the layer output {y.shape}.")

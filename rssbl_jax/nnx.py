@@ -168,9 +168,10 @@ def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Arr
             x = layer.rss_dropout(x)
         x, p, *values = promote_dtype(x, jnp.asarray(p), *factors.values(), dtype=layer.dtype)
     try:
+        extra = {"base_output": y} if getattr(layer.rss_method, "needs_base_output", False) else {}
         delta = layer.rss_method.update(
             factorization, x, p, dict(zip(names, values, strict=True)), settings,
-            precision=getattr(layer, "precision", None),
+            precision=getattr(layer, "precision", None), **extra,
         )  # fmt: skip
     except ValueError as error:
         raise ValueError(f"adapted {type(layer).__name__} {layer.rss_path!r}: {error}") from None

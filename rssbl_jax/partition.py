@@ -1,8 +1,8 @@
 """Which leaves train: adapters known by identity, plus ``modules_to_save``; partition, combine, freeze, count.
 
-An *adapter layer* is a mapping that holds ``lora_a``, ``lora_b`` and ``lora_c`` (every RSSBilinearLoRA layer has
-all three); its ``lora_*`` leaves are the adapter. A leaf merely *named* ``lora_a`` in a module that is not an
-adapter layer (a user's own parameter, ``nnx.LoRA``'s ``lora_a``/``lora_b``) stays frozen. With an
+An *adapter layer* is a mapping that holds both ``lora_a`` and ``lora_b`` (every LoRA-family adapter does;
+RSSBilinearLoRA adds ``lora_c``); its ``lora_*`` leaves are the adapter. A leaf merely *named* ``lora_a`` in a module
+that is not an adapter layer (a user's own parameter) stays frozen. With an
 :class:`~rssbl_jax.AdapterConfig`, every adapter layer must also be one the config adapts (else an error names it),
 and base leaves whose path fully matches ``config.modules_to_save`` train too.
 """
@@ -21,7 +21,7 @@ from rssbl_jax.config import AdapterConfig, as_config
 from rssbl_jax.core import is_adapter_leaf_name
 
 PyTree = Any
-_REQUIRED = ("lora_a", "lora_b", "lora_c")
+_REQUIRED = ("lora_a", "lora_b")
 
 
 def _is_none(x: Any) -> bool:
@@ -39,7 +39,7 @@ def _leaves(params: PyTree) -> list[tuple[str, str, Any]]:
 
 
 def adapter_layers(params: PyTree) -> list[str]:
-    """Paths of the adapter layers in ``params``: mappings holding ``lora_a``, ``lora_b`` and ``lora_c``.
+    """Paths of the adapter layers in ``params``: mappings holding both ``lora_a`` and ``lora_b``.
 
     >>> import numpy as np
     >>> adapter_layers({"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}, "mine": {"lora_a": 0}})
