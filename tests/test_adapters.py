@@ -1,0 +1,94 @@
+"""The baselines as injectable adapters (experiments/adapters.py), against their formulas in float64 numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from experiments import adapters
+from tests import reference
+
+X = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+P = jnp.asarray(np.random.default_rng(1).standard_normal((5, 2)), jnp.float32)
+METHODS = ["lora", "lora_concat", "film_branch0", "film_branch1", "film_layer0", "film_layer1", "hypernet3",
+           "hypernet3_nou", "rss", "rss_one_plus", "rss_affine", "rss_mlp", "full_ft"]  # fmt: skip
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="dense")(x)
+
+
+def randomized(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: jnp.asarray(0.4 * rng.standard_normal(np.shape(v)), jnp.float32), tree)
+
+
+def expected_update(name, f, x, p, scale):
+    x, p = np.asarray(x, np.float64), np.asarray(p, np.float64)
+    f = {k: np.asarray(v, np.float64) for k, v in f.items()}
+    y = x @ f["kernel"] + f["bias"]
+    if name.startswith("rss"):
+        kind = {"rss_affine": "affine", "rss_mlp": "mlp"}.get(name, "linear")
+        return reference.dense_update(x, p, f, kind=kind, offset=1.0 if name == "rss_one_plus" else 0.0, scale=scale)
+    if name.startswith("hypernet"):
+        z = np.tanh(p @ f["lora_hyper_p"])
+        out = []
+        for i in range(x.shape[0]):
+            if name.endswith("_nou"):
+                a, b = (z[i] @ f["lora_a"]).reshape(6, 2), (z[i] @ f["lora_b"]).reshape(2, 4)
+            else:
+                a = f["lora_a"] + (z[i] @ f["lora_hyper_a"]).reshape(6, 2)
+                b = f["lora_b"] + (z[i] @ f["lora_hyper_b"]).reshape(2, 4)
+            out.append(scale * x[i] @ a @ b)
+        return np.stack(out)
+    h = x @ f["lora_a"]
+    if name in ("lora_concat", "full_ft"):
+        h = h + p @ f["lora_ap"]
+    branch = scale * h @ f["lora_b"]
+    if name.startswith("film_branch"):
+        return (float(name[-1]) + p @ f["lora_gamma"]) * branch + p @ f["lora_beta"]
+    if name.startswith("film_layer"):
+        return float(name[-1]) * branch + (p @ f["lora_gamma"]) * (y + branch) + p @ f["lora_beta"]
+    return branch
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_matches_its_formula_and_starts_at_the_base(name):
+    adapted = adapters.inject(Net(), name, "dense", rank=2, lora_alpha=4.0)
+    init = adapted.init(jax.random.key(0), X, p=P)["params"]
+    np.testing.assert_allclose(adapted.apply({"params": init}, X, p=P), Net().apply({"params": init}, X), atol=1e-6)
+    params = randomized(init, 2)
+    got = jax.jit(adapted.apply)({"params": params}, X, p=P)
+    f = params["dense"]
+    base = np.asarray(X, np.float64) @ np.asarray(f["kernel"], np.float64) + np.asarray(f["bias"], np.float64)
+    np.testing.assert_allclose(got, base + expected_update(name, f, X, P, scale=2.0), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda q: jnp.sum(adapted.apply({"params": q}, X, p=P) ** 2))(init)
+    mask = adapters.trainable_mask(init, name)
+    trained = [np.abs(g).max() for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask), strict=True) if m]
+    assert max(trained) > 0, name  # training can start
+    assert adapters.count_trainable(init, name) == sum(
+        np.size(v) for v, m in zip(jax.tree.leaves(init), jax.tree.leaves(mask), strict=True) if m
+    )
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(5, (3, 3), strides=2, name="conv")(x)
+
+
+@pytest.mark.parametrize("name", ["lora_concat", "film_branch0", "film_layer1", "hypernet2", "hypernet2_nou"])
+def test_methods_reach_conv_layers_per_example(name):
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((3, 7, 7, 2)), jnp.float32)
+    p = P[:3]
+    adapted = adapters.inject(ConvNet(), name, "conv", rank=2, lora_alpha=2.0)
+    params = randomized(adapted.init(jax.random.key(0), images, p=p)["params"], 4)
+    batch = adapted.apply({"params": params}, images, p=p)
+    for i in range(3):  # per-example p equals one call per example
+        np.testing.assert_allclose(batch[i : i + 1], adapted.apply({"params": params}, images[i : i + 1], p=p[i]),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
