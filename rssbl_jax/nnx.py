@@ -133,15 +133,17 @@ def _add_adapters(
     else:
         specs = method.params(settings, factorization, d_p, shift=shift)
     metadata = kernel.get_metadata() if hasattr(kernel, "get_metadata") else {}
-    names = metadata.get("sharding_names") if isinstance(metadata, Mapping) else None
+    # the kernel's partition names, under whichever key this Flax version uses (adapters inherit them, as qwix does)
+    key = next((k for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k) is not None), None)
+    names = metadata[key] if key is not None else None
     n_in = len(factorization.a_shape) - 1
     for name, (shape, init) in specs.items():
         extra = {}
         if names is not None:
             if name == "lora_a" and len(shape) == n_in + 1:
-                extra = {"sharding_names": (*tuple(names)[:n_in], None)}
+                extra = {key: (*tuple(names)[:n_in], None)}
             elif name == "lora_b" and len(shape) == len(names) - n_in + 1:
-                extra = {"sharding_names": (None, *tuple(names)[n_in:])}
+                extra = {key: (None, *tuple(names)[n_in:])}
         setattr(layer, name, RSSBilinearLoRAParam(init(rngs.params(), tuple(shape), param_dtype), **extra))
     layer.rss_layer = settings
     layer.rss_path = path
