@@ -178,3 +178,45 @@ def test_errors_bad_targets_and_missing_p():
     adapted = rss_nnx.inject(NNXMLP(D_IN, nnx.Rngs(0)), "encoder", rank=2, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match=r"without operating parameters.*adapted\(x, p=p\)"):
         adapted.model(jnp.ones((1, 3, D_IN)))
+
+
+def test_operating_params_reach_injected_layers_under_nnx_transforms():
+    """The p context works inside nnx.jit, nnx.vmap, nnx.scan and nnx.remat (why we keep it; see rssbl_jax.nnx)."""
+
+    class Square(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    adapted = rss_nnx.inject(Square(nnx.Rngs(0)), "a|b", rank=2, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
+    randomized(adapted, 9)
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((3, 4)), jnp.float32)
+    ps = jnp.asarray(np.random.default_rng(11).standard_normal((5, 2)), jnp.float32)
+    eager = jnp.stack([adapted(x, p=q) for q in ps])
+
+    swept = nnx.vmap(lambda m, q: m(x, p=q), in_axes=(None, 0))(adapted, ps)
+    np.testing.assert_allclose(swept, eager, rtol=1e-5, atol=1e-6)
+    jitted = nnx.jit(lambda m, q: m(x, p=q))(adapted, ps[2])
+    np.testing.assert_allclose(jitted, eager[2], rtol=1e-5, atol=1e-6)
+
+    def step(m, carry, q):
+        out = m(carry, p=q)
+        return out, out
+
+    final, trajectory = nnx.scan(step, in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(adapted, x, ps)
+    carry, expected = x, []
+    for q in ps:
+        carry = adapted(carry, p=q)
+        expected.append(carry)
+    np.testing.assert_allclose(trajectory, jnp.stack(expected), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(final, carry, rtol=1e-4, atol=1e-5)
+
+    def loss(m, remat):
+        call = nnx.remat(lambda m, q: m(x, p=q)) if remat else (lambda m, q: m(x, p=q))
+        return jnp.sum(call(m, ps[1]) ** 2)
+
+    grad = nnx.grad(lambda m: loss(m, True), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
+    plain = nnx.grad(lambda m: loss(m, False), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, plain)
