@@ -103,19 +103,18 @@ def dataset(teacher, conds: jax.Array, n: int, key: jax.Array) -> tuple[jax.Arra
     return x, p, teacher_apply(teacher, x, p)
 
 
-def fit(loss_fn, params, tx, steps: int):
-    """Full-batch optimisation with a scanned, jit-compiled loop; returns params and the loss curve."""
+def fit(loss_fn, params, tx, steps: int, trainable=None):
+    """Full-batch optimisation with the library's train step (:func:`rssbl_jax.make_train_step`), scanned.
 
-    def step(carry, _):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+    ``trainable`` (a tree of bools) overrides which leaves train; by default the adapters do. Returns the params
+    and the loss curve."""
+    step = rssbl_jax.make_train_step(lambda q, batch, rng: loss_fn(q), tx)
 
     @jax.jit
     def run(params):
-        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-        return params, losses
+        state = rssbl_jax.init_train_state(params, tx, jax.random.key(0), trainable=trainable)
+        state, metrics = jax.lax.scan(lambda s, _: step(s, None), state, None, length=steps)
+        return rssbl_jax.combine(state.trainable, state.frozen), metrics["loss"]
 
     return run(params)
 
@@ -154,21 +153,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     x, p, y = dataset(teacher, conds["seen"], config.points_per_condition, keys[2])
     fresh = model.init(keys[3], x, p)["params"]
     start_params = {layer: {**fresh[layer], **base_params[layer]} for layer in fresh}
-    tx = rssbl_jax.freeze_base(optax.adam(config.adapt_lr))
+    tx = optax.adam(config.adapt_lr)  # the train step differentiates and updates the adapters only
 
     def mse(q, p_used, x=x, y=y):
         return jnp.mean((model.apply({"params": q}, x, p_used) - y) ** 2)
 
     rss_params, rss_losses = fit(lambda q: mse(q, p), start_params, tx, config.adapt_steps)
-
-    def lora_labels(q):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "train" if path[-1].key in ("lora_a", "lora_b") else "freeze", q
-        )
-
-    only_ab = optax.partition({"train": optax.adam(config.adapt_lr), "freeze": optax.set_to_zero()}, lora_labels)
+    lora_start = lora_view(start_params)
+    only_ab = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("lora_a", "lora_b"), lora_start)
     ones = jnp.ones((x.shape[0], 1))
-    lora_params, lora_losses = fit(lambda q: mse(q, ones), lora_view(start_params), only_ab, config.adapt_steps)
+    lora_params, lora_losses = fit(lambda q: mse(q, ones), lora_start, tx, config.adapt_steps, trainable=only_ab)
 
     # 3. Evaluate every method on every split.
     methods = {

@@ -114,7 +114,14 @@ class NonFiniteError(FloatingPointError):
         self.step, self.names, self.last_checkpoint = step, names, last_checkpoint
 
 
-def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_train_state(
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    config: Any = None,
+    trainable: PyTree | None = None,
+) -> TrainState:
     """Split ``params`` into trainable adapters and frozen base and initialise ``tx`` on the adapters only.
 
     Args:
@@ -122,6 +129,10 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.
       tx: the optimizer of the adapters (plain, e.g. ``optax.adamw(1e-3)``: it only ever sees the
         trainable half, so no :func:`rssbl_jax.freeze_base` is needed).
       rng: a PRNG key (typed or raw) for the loss function's randomness.
+      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`
+        (adapters by identity, plus ``modules_to_save``).
+      trainable: a tree of bools with ``params``' structure that overrides which leaves train (e.g. an ablation
+        that freezes some adapter factors). Default: :func:`rssbl_jax.trainable_mask`.
 
     Returns:
       A :class:`TrainState` at step 0. Float32 params give float32 optimizer state, whatever the model's
@@ -133,7 +144,12 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.
     >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
     (0, None, None, dtype('uint32'))
     """
-    trainable, frozen = partition(params)
+    if trainable is None:
+        trainable, frozen = partition(params, config)
+    else:
+        mask = trainable
+        trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
+        frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     return TrainState(
