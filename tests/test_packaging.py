@@ -123,3 +123,13 @@ def test_every_imported_package_is_declared(folder):
         assert distributions & allowed, (
             f"{folder}/ imports {module} ({distributions}) but pyproject does not declare it"
         )
+
+
+def test_floor_pins_are_pyprojects_lower_bounds():
+    """`make test-floor` installs exactly the lower bounds pyproject.toml states for the core dependencies."""
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    pins = dict(re.findall(r"([\w-]+)==([\w.]+)", re.search(r"^FLOOR_PINS := (.*)$", makefile, re.M).group(1)))
+    pins = {normalise(name): version for name, version in pins.items()}
+    for requirement in PYPROJECT["project"]["dependencies"]:
+        name, floor = re.match(r"([\w.-]+)>=([\w.]+)", requirement).groups()
+        assert pins[normalise(name)].startswith(floor), (requirement, pins.get(normalise(name)))
