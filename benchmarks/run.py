@@ -8,8 +8,9 @@ Every time is the median of repeated calls of a jit-compiled function after warm
 the candidates interleaved round by round in a random order so drift of the machine hits them alike; an A/A
 control (the frozen Dense timed twice under two names) shows the noise; every figure is reported as a
 ratio to a reference measured in the same run, beside the FLOP floor computed from the shapes. Peak memory is
-XLA's own buffer assignment for the compiled step (``compiled.memory_analysis()``). Writes ``BENCHMARKS.md``
-(machine, versions, shapes, command, tables) unless ``--no-write``.
+XLA's own buffer assignment for the compiled step (``compiled.memory_analysis()``). ``--full`` writes the
+committed ``BENCHMARKS.md`` (machine, versions, shapes, command, tables); quick mode writes
+``runs/bench/BENCHMARKS.quick.md`` instead, so it never replaces the full-mode numbers; ``--no-write`` only prints.
 """
 
 from __future__ import annotations
@@ -386,12 +387,17 @@ def targets(result, merged, sweeps, memory) -> list[str]:
     return lines
 
 
+def output_path(full: bool) -> pathlib.Path:
+    """Where a run writes its tables: only full mode replaces the committed ``BENCHMARKS.md``."""
+    return ROOT / "BENCHMARKS.md" if full else ROOT / "runs" / "bench" / "BENCHMARKS.quick.md"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add one-at-a-time sweeps of r, d_p, tokens at d=4096")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: only checks that everything runs")
     parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no file")
     args = parser.parse_args(argv)
     if args.smoke:
         shape, mem_shape, sweep_shape, rounds = (2, 16, 32, 4, 3), (2, 16, 64, 4, 3), (2, 8, 32, 4, 3), 2
@@ -512,11 +518,13 @@ def main(argv: list[str] | None = None) -> str:
         emit(line)
     text = "\n".join(out) + "\n"
     if not args.no_write and not args.smoke:
-        path = ROOT / "BENCHMARKS.md"
+        path = output_path(args.full)
+        path.parent.mkdir(parents=True, exist_ok=True)
         old = path.read_text() if path.exists() else ""
         if NOTES_MARKER in old:  # hand-written analysis below the marker survives a regeneration
             text += "\n" + NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]
         path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}", flush=True)
     return text
 
 

@@ -1,6 +1,6 @@
-"""The main job: every method on two tasks (a planted teacher and the pendulum), 5 seeds, under 5 minutes on 2 cores.
+"""The main job: every method on two tasks (a planted teacher and the pendulum), 5 seeds (run time: RESULTS.md).
 
-The full study behind RESULTS.md adds three tasks (configs/full.py, about 11 minutes); this config is the same
+The full study behind RESULTS.md adds three tasks (configs/full.py); this config is the same
 settings on the two tasks that show the most (where RSS should win by construction, and a real physical family).
 
 Launch (from the repository root):

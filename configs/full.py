@@ -1,4 +1,4 @@
-"""The full study behind RESULTS.md: every method on all five tasks, 5 seeds (about 11 minutes on 2 CPU cores).
+"""The full study behind RESULTS.md: every method on all five tasks, 5 seeds (run time: RESULTS.md, Run times).
 
 The same settings as configs/default.py (the main job) on three more tasks, and FiLM in the conditions sweep.
 

@@ -8,7 +8,8 @@ method); errors are reported for that learning rate as mean and 95% t-interval o
 
 Errors are relative MSE: the MSE of the method divided by the MSE of the frozen base on the same rows (1.0 = no
 better than not adapting). Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per task × method, and per
-conditions-count run), ``report.md`` and PNG plots.
+conditions-count run), the same numbers and each method's training-loss curve as TensorBoard event files in
+``workdir/tensorboard`` (``tensorboard --logdir <workdir>``), ``report.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 import scipy.stats
 from flax import traverse_util
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from experiments import report as report_lib
@@ -155,7 +157,7 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     pair_keys = jnp.repeat(jax.random.split(k_train, seeds), len(lrs), axis=0)
     compiled = trainer.lower(pair_params, pair_lrs, pair_keys, task.train).compile()
     start = time.perf_counter()
-    trained, _ = jax.block_until_ready(compiled(pair_params, pair_lrs, pair_keys, task.train))
+    trained, losses = jax.block_until_ready(compiled(pair_params, pair_lrs, pair_keys, task.train))
     seconds = time.perf_counter() - start
 
     base_model = task.build("frozen", config)
@@ -183,6 +185,8 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
         int(np.nanargmin(np.where(np.isfinite(validation), validation, np.nan))) if np.isfinite(validation).any() else 0
     )
     chosen = jax.tree.map(lambda t: t.reshape(seeds, len(lrs), *t.shape[1:])[:, best], trained)
+    # The mean training loss over seeds at the chosen lr, per step: for TensorBoard only (not in metrics.jsonl).
+    loss_curve = np.asarray(losses).reshape(seeds, len(lrs), -1)[:, best].mean(axis=0)
 
     result: dict[str, Any] = {
         "task": task.name,
@@ -214,7 +218,24 @@ def run_method(task: Task, method: str, config: ml_collections.ConfigDict, key: 
     result["sweep_in_range"] = [bool(abs(c[0]) <= 1.0) for c in conditions]
     first_seed = jax.tree.map(lambda t: t[0], chosen)
     result.update(update_ranks(task, method, first_seed, config))
+    result["_loss_curve"] = [float(v) for v in loss_curve]
     return result
+
+
+def write_scalars(writer: SummaryWriter, row: dict[str, Any], steps: int) -> None:
+    """One metrics.jsonl row as TensorBoard scalars: ``<task>/<metric>/<method>``, so methods share a chart."""
+    task, method = row["task"], row["method"]
+    for step, loss in enumerate(row.get("_loss_curve", [])):
+        writer.add_scalar(f"{task}/train_loss/{method}", loss, step)
+    for split in ("seen", "interpolation", "extrapolation"):
+        if split not in row:
+            continue
+        if row.get("kind") == "conditions":  # error vs number of training conditions
+            writer.add_scalar(f"{task}/{split}_vs_conditions/{method}", row[split][0], row["conditions"])
+        else:  # the final relative error (mean over seeds), at the last training step
+            writer.add_scalar(f"{task}/{split}/{method}", row[split][0], steps)
+    if "train_ms_per_step" in row:
+        writer.add_scalar(f"{task}/train_ms_per_step/{method}", row["train_ms_per_step"], steps)
 
 
 def conditions_sweep(config: ml_collections.ConfigDict, lrs: dict[str, float], key: jax.Array) -> list[dict[str, Any]]:
@@ -252,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     plan = [(name, methods_for(name, config)) for name in config.tasks]
     with (
         metrics,
+        SummaryWriter(str(workdir / "tensorboard")) as board,
         tqdm(total=sum(len(m) for _, m in plan), desc="task x method", disable=not config.progress) as bar,
     ):
         for t, (task_name, task_methods) in enumerate(plan):
@@ -260,6 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             for m, method in enumerate(task_methods):
                 bar.set_postfix_str(f"{task_name}: {method}")
                 result = run_method(task, method, config, jax.random.fold_in(key, 1000 * t + m))
+                write_scalars(board, result, config.steps)
+                result.pop("_loss_curve")
                 results.append(result)
                 metrics.write(json.dumps({"kind": "method", **result}) + "\n")
                 metrics.flush()
@@ -270,6 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             conditions = conditions_sweep(config, lrs, jax.random.fold_in(key, 99))
             for row in conditions:
                 metrics.write(json.dumps(row) + "\n")
+                write_scalars(board, row, config.steps)
     summary = {"results": results, "conditions": conditions, "seconds": time.perf_counter() - start}
     report_lib.write(summary, config, workdir)
     return summary

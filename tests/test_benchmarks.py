@@ -19,3 +19,9 @@ def test_benchmarks_smoke():
 def test_flop_floor_and_slope():
     assert run.flop_floor(1024, 1024, 16) == 1 + 16 * 2048 / 1024**2
     assert abs(run.slope([1, 2, 4, 8], [3, 12, 48, 192]) - 2.0) < 1e-9
+
+
+def test_quick_mode_never_writes_the_committed_benchmarks():
+    assert run.output_path(full=True) == run.ROOT / "BENCHMARKS.md"
+    quick = run.output_path(full=False)
+    assert quick.name == "BENCHMARKS.quick.md" and quick.parent == run.ROOT / "runs" / "bench"

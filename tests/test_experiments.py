@@ -2,6 +2,7 @@
 
 import json
 import math
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,27 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert frozen["seen"][0] == pytest.approx(1.0) and frozen["trainable"] == 0 and frozen["rank_single"] == 0
     rss = summary["results"][2]
     assert rss["rank_stacked_in"] <= config.rank and rss["rank_stacked_out"] <= config.rank
+    # TensorBoard sees the same numbers, and each method's training-loss curve; metrics.jsonl stays compact.
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["planted_shared/seen/rss"] == [(config.steps, pytest.approx(rss["seen"][0]))]
+    assert len(scalars["planted_shared/train_loss/rss"]) == config.steps
+    assert "_loss_curve" not in lines[0]
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under ``logdir``, read from their TFRecord framing with tensorboardX's proto."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def test_transformer_task_injects_into_the_unmodified_model():
