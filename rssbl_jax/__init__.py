@@ -7,7 +7,6 @@ from rssbl_jax.checkpoint import LoadedAdapters as LoadedAdapters
 from rssbl_jax.checkpoint import load_adapter_config as load_adapter_config
 from rssbl_jax.checkpoint import load_adapters as load_adapters
 from rssbl_jax.checkpoint import save_adapters as save_adapters
-from rssbl_jax.config import GATES as GATES
 from rssbl_jax.config import AdapterConfig as AdapterConfig
 from rssbl_jax.config import LayerConfig as LayerConfig
 from rssbl_jax.core import adapter_update as adapter_update

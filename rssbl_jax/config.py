@@ -50,6 +50,9 @@ class LayerConfig(NamedTuple):
       lora_dropout: dropout rate on the adapter's input.
       lora_a_init: initialiser name of ``A``.
       p_mean, p_std: normalisation of ``p`` (``None``: none).
+
+    >>> AdapterConfig(rank=4, lora_alpha=8.0, rank_pattern={"head": 2}).resolve("head").scale
+    4.0
     """
 
     rank: int
@@ -125,6 +128,10 @@ class AdapterConfig:
       p_keyword: the keyword under which an injected model takes ``p`` (``adapted.apply(..., p=p)``).
       modules_to_save: regexes over *leaf* paths of base parameters that are trained too (a head, a LayerNorm),
         PEFT's ``modules_to_save``; :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base` read it.
+
+    >>> config = AdapterConfig(rank=4, lora_alpha=8.0, targets=r".*/(query|value)", gate="affine")
+    >>> config.adapts("block_0/attention/query"), config.adapts("block_0/mlp"), config.scale
+    (True, False, 2.0)
     """
 
     rank: int

@@ -283,6 +283,13 @@ def adapter_update(
     Raises:
       ValueError: at trace time, naming ``d_p`` and the shapes of ``x`` and ``p`` (checked against the layer's own
         input, before any reshape) when ``p`` does not fit, or the factors do not fit ``layer``.
+
+    >>> import numpy as np
+    >>> from rssbl_jax.config import LayerConfig
+    >>> factorization = dense_factorization((3, 2), rank=1)
+    >>> factors = {"lora_a": np.ones((3, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]])}
+    >>> adapter_update(factorization, np.ones((1, 3)), np.array([0.5]), factors, LayerConfig(1, 1.0, 1.0)).tolist()
+    [[3.0, 3.0]]
     """
     if operating_params is None:
         raise ValueError(
@@ -553,6 +560,14 @@ def fold(
 
     Raises:
       ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
+
+    >>> import numpy as np
+    >>> from rssbl_jax.config import LayerConfig
+    >>> factors = {"lora_a": np.ones((2, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]]),
+    ...            "lora_c0": np.array([1.0])}                                    # affine gate: 1 + 2 p
+    >>> merged = fold(np.zeros((2, 2)), None, factors, np.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))
+    >>> merged.kernel.tolist(), merged.bias.tolist()
+    ([[2.0, 2.0], [2.0, 2.0]], [0.0, 0.0])
     """
     lora_c = factors["lora_c"]
     n_stack = jnp.ndim(lora_c) - 2

@@ -158,7 +158,7 @@ def _factors(layer: nnx.Module) -> dict[str, Any]:
 
 def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Array, args: tuple, kwargs: dict):
     settings: LayerConfig = layer.rss_layer
-    kind = kind_of_class(base)
+    kind = _kind_of_class(base)
     x = jnp.asarray(x)
     factorization = kind.factorize(layer, tuple(_kernel(layer, kind)[...].shape), settings.rank, x.shape, args, kwargs)
     factors = _factors(layer)
@@ -271,7 +271,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
             p_mean=p_mean, p_std=p_std,
         )  # fmt: skip
         _add_adapters(
-            self, kind_of_class(nnx.Linear), self.rss_config.resolve(None), "", d_p,
+            self, _kind_of_class(nnx.Linear), self.rss_config.resolve(None), "", d_p,
             shift=shift, param_dtype=param_dtype, rngs=rngs, initializers=initializers,
         )  # fmt: skip
 
@@ -360,7 +360,7 @@ _ADAPTED = {
 _BASE_OF = {adapted: base for base, adapted in _ADAPTED.items()}
 
 
-def kind_of_class(cls: type) -> LayerKind:
+def _kind_of_class(cls: type) -> LayerKind:
     """The :class:`~rssbl_jax.factorization.LayerKind` of an NNX base class or its adapted subclass."""
     base = _BASE_OF.get(cls, cls)
     return next(kind for kind in KINDS if kind.nnx is base)
@@ -531,7 +531,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
             continue
         count += 1
         base = _BASE_OF[type(layer)]
-        kind = kind_of_class(base)
+        kind = _kind_of_class(base)
         kernel = _kernel(layer, kind)
         bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
         factors = _factors(layer)
