@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from flax import linen as nn
 from flax import nnx
 
 import rssbl_jax
+from rssbl_jax import core
 from rssbl_jax import nnx as rss_nnx
 from tests import reference
 
@@ -167,3 +169,21 @@ def test_gaussian_init_exclude_and_rslora_through_inject():
     assert "lora_a" not in params["head"] and "lora_a" in params["hidden"]
     assert abs(float(jnp.std(params["hidden"]["lora_a"])) - 1 / 8) < 0.03
     assert adapted.config.resolve("hidden").scale == pytest.approx(8.0 / np.sqrt(8))
+
+
+class AdapterUpdateVariants(chex.TestCase):
+    """The one update function, with and without jit (chex variants), against the float64 reference."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_every_gate(self):
+        for gate, offset in GATES:
+            layer = rssbl_jax.AdapterConfig(rank=3, lora_alpha=6.0, gate=gate, gate_offset=offset, gate_hidden=4)
+            layer = layer.resolve(None)
+            specs = core.adapter_params(layer, core.dense_factorization((5, 4), 3), 3, shift=True)
+            factors = randomized({name: jnp.zeros(shape) for name, (shape, _) in specs.items()}, 11)
+            update = self.variant(
+                lambda x, p, f, layer=layer: core.adapter_update(core.dense_factorization((5, 4), 3), x, p, f, layer)
+            )
+            expected = reference.dense_update(X, P, factors, kind=gate, offset=offset, scale=2.0)
+            chex.assert_trees_all_close(update(X, P, factors), expected.astype(np.float32), rtol=1e-5, atol=1e-5)
+            chex.assert_shape(update(X, P[0], factors), (7, 4))
