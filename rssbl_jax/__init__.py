@@ -18,6 +18,7 @@ from rssbl_jax.core import merge_kernel as merge_kernel
 from rssbl_jax.core import modulate as modulate
 from rssbl_jax.core import rss_dense as rss_dense
 from rssbl_jax.core import rss_update as rss_update
+from rssbl_jax.init import init_principal as init_principal
 from rssbl_jax.inject import adaptable_paths as adaptable_paths
 from rssbl_jax.inject import inject as inject
 from rssbl_jax.inject import load_base as load_base

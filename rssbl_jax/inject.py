@@ -101,12 +101,14 @@ class Adapted:
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype: dtype of the adapter parameters.
       method: the :class:`~rssbl_jax.core.AdapterMethod` computing the update (RSSBilinearLoRA by default).
+      initializers: ``{leaf name: initializer}`` overrides of the RSS adapter leaves' initialisers.
     """
 
     model: nn.Module
     config: AdapterConfig
     param_dtype: Any = jnp.float32
     method: Any = core.RSS
+    initializers: Any = None
 
     @property
     def adapter_config(self) -> AdapterConfig:
@@ -189,7 +191,10 @@ class Adapted:
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
         shift = self.config.use_shift(module.has_variable("params", "bias"))
-        specs = self.method.params(layer, factorization, d_p, shift=shift)
+        if self.method is core.RSS:
+            specs = core.adapter_params(layer, factorization, d_p, shift=shift, initializers=self.initializers)
+        else:
+            specs = self.method.params(layer, factorization, d_p, shift=shift)
         n_in = len(factorization.a_shape) - 1
         factors = {}
         for name, (shape, init) in specs.items():
@@ -238,6 +243,7 @@ def inject(
     *,
     param_dtype: Any = jnp.float32,
     method: Any = None,
+    initializers: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Adapted:
     r"""Adapt the layers of an unmodified linen model that an :class:`~rssbl_jax.AdapterConfig` targets.
@@ -254,7 +260,9 @@ def inject(
     each adapted kernel; ``d_p`` is read from ``p``. At init ``B = 0``, so the adapted model computes exactly the
     base model. ``partition``, ``freeze_base``, ``merge`` and ``save_adapters`` take ``adapted.config``.
 
-    ``method`` replaces what the adapters compute (an :class:`~rssbl_jax.core.AdapterMethod`; RSSBilinearLoRA by
+    ``initializers`` overrides the initialiser of any RSS adapter leaf by name (``{"lora_a": ...}``); for the
+    principal-subspace start (PiSSA-like, exact merge) see :func:`rssbl_jax.init_principal`. ``method`` replaces what
+    the adapters compute (an :class:`~rssbl_jax.core.AdapterMethod`; RSSBilinearLoRA by
     default): baselines such as output-space FiLM or a hypernetwork reach every layer kind the same way.
 
     Raises:
@@ -279,7 +287,13 @@ def inject(
     if not cfg.targets:
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
-    return Adapted(model=model, config=cfg, param_dtype=param_dtype, method=core.RSS if method is None else method)
+    return Adapted(
+        model=model,
+        config=cfg,
+        param_dtype=param_dtype,
+        method=core.RSS if method is None else method,
+        initializers=dict(initializers) if initializers else None,
+    )
 
 
 def adaptable_paths(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:

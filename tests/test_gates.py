@@ -187,3 +187,24 @@ class AdapterUpdateVariants(chex.TestCase):
             expected = reference.dense_update(X, P, factors, kind=gate, offset=offset, scale=2.0)
             chex.assert_trees_all_close(update(X, P, factors), expected.astype(np.float32), rtol=1e-5, atol=1e-5)
             chex.assert_shape(update(X, P[0], factors), (7, 4))
+
+
+def test_principal_init_starts_at_the_base_trains_and_merges_exactly():
+    model = Net()
+    adapted = rssbl_jax.inject(
+        model, "hidden|head", rank=3, lora_alpha=3.0, initializers={"lora_s": jax.nn.initializers.ones}
+    )
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 11, (4, 3)))
+    variables = adapted.init(jax.random.key(0), ids, p=P[:4])
+    assert float(jnp.abs(variables["params"]["head"]["lora_s"] - 1.0).max()) == 0.0  # initializers reach inject
+    base = randomized(variables["params"], 6)
+    params = rssbl_jax.init_principal(base, adapted)
+    kernel = np.asarray(base["hidden"]["kernel"], np.float64)
+    u, sigma, vt = np.linalg.svd(kernel)
+    product = np.asarray(params["hidden"]["lora_a"], np.float64) @ np.asarray(params["hidden"]["lora_b"], np.float64)
+    np.testing.assert_allclose(product, (u[:, :3] * sigma[:3]) @ vt[:3], rtol=1e-5, atol=1e-5)  # top-3 of W
+    np.testing.assert_array_equal(adapted.apply({"params": params}, ids, p=P[:4]), model.apply({"params": params}, ids))
+    grads = jax.grad(lambda q: jnp.sum(adapted.apply({"params": q}, ids, p=P[:4]) ** 2))(params)
+    assert float(jnp.abs(grads["hidden"]["lora_c"]).max()) > 0  # training starts
+    with pytest.raises(ValueError, match="cannot"):
+        rssbl_jax.init_principal(base, adapted.config.replace(gate_offset=1.0))

@@ -1,0 +1,87 @@
+r"""Principal-subspace initialisation (in the spirit of PiSSA / OLoRA) that keeps the model exactly its base.
+
+PiSSA starts LoRA from the kernel's top-``r`` singular directions and subtracts them from the frozen kernel, so
+the model is unchanged at the start. With a conditioned update ``ΔW(p) = s A diag(g(p)) B`` no fixed residual
+can cancel it for every ``p``; instead the gate starts at zero:
+
+.. math::
+
+    W = U \Sigma V^\top, \qquad A = U_r \Sigma_r^{1/2}, \qquad B = \Sigma_r^{1/2} V_r^\top, \qquad
+    C = 0,\ c_0 = 0,\ S = 0
+
+(kernel convention, ``W`` of shape ``(d_in, d_out)``). Then ``ΔW(p) = 0`` for every ``p``: the model is exactly
+its base, the kernel is untouched (so merging stays exact), and training starts because ``∂L/∂C`` is non-zero
+(``A`` and ``B`` are). The rank-space directions are the kernel's principal ones from the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from rssbl_jax.config import as_config
+
+PyTree = Any
+
+
+def init_principal(params: PyTree, config: Any) -> PyTree:
+    """Set every adapted layer's ``A``, ``B`` to its kernel's top singular directions and its gate and shift to 0.
+
+    Works on nested mappings (linen params, an NNX pure state dict) for kernels whose factors use the compact
+    layout (Dense, DenseGeneral, Conv, Embed, Einsum with input axes first): the kernel is read as a
+    ``(prod(in), prod(out))`` matrix.
+
+    Raises:
+      ValueError: for the linear gate with ``gate_offset != 0`` (its gate cannot start at zero), or a layer whose
+        factors do not use the compact layout.
+
+    >>> import jax, jax.numpy as jnp, rssbl_jax
+    >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
+    >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))
+    >>> params = init_principal(layer.init(jax.random.key(0), x, p)["params"], layer.adapter_config)
+    >>> bool(jnp.abs(params["lora_b"]).max() > 0), float(jnp.abs(params["lora_c"]).max())
+    (True, 0.0)
+    """
+    cfg = as_config(config, "init_principal")
+    if cfg.gate == "linear" and cfg.gate_offset != 0:
+        raise ValueError(
+            f"init_principal needs a gate that can start at zero; the linear gate with gate_offset={cfg.gate_offset} "
+            "cannot (use gate_offset=0, or gate='affine')."
+        )
+    found = []
+
+    def visit(node: Any, path: str) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        kernel_name = next((k for k in ("kernel", "embedding") if k in node), None)
+        if kernel_name is None or not all(k in node for k in ("lora_a", "lora_b", "lora_c")):
+            return {k: visit(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+        found.append(path)
+        kernel, a, b = (np.asarray(node[k], np.float64) for k in (kernel_name, "lora_a", "lora_b"))
+        rank = a.shape[-1]
+        if a.shape[:-1] + b.shape[1:] != kernel.shape:
+            raise ValueError(
+                f"{path or 'params'}: init_principal needs the compact layout (lora_a (*in, r), lora_b (r, *out) with "
+                f"kernel (*in, *out)); got kernel {kernel.shape}, lora_a {a.shape}, lora_b {b.shape}."
+            )
+        matrix = kernel.reshape(math.prod(a.shape[:-1]), math.prod(b.shape[1:]))
+        u, sigma, vt = np.linalg.svd(matrix, full_matrices=False)
+        root = np.sqrt(sigma[:rank])
+        new_a = (u[:, :rank] * root[None]).reshape(a.shape)
+        new_b = (root[:, None] * vt[:rank]).reshape(b.shape)
+        out = dict(node)
+        out["lora_a"] = jnp.asarray(new_a, jnp.asarray(node["lora_a"]).dtype)
+        out["lora_b"] = jnp.asarray(new_b, jnp.asarray(node["lora_b"]).dtype)
+        for name in ("lora_c", "lora_c0", "lora_s"):
+            if name in node:
+                out[name] = jnp.zeros_like(jnp.asarray(node[name]))
+        return out
+
+    result = visit(params, "")
+    if not found:
+        raise ValueError("init_principal found no adapted layer (a kernel with lora_a, lora_b, lora_c).")
+    return result
