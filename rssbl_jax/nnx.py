@@ -424,6 +424,38 @@ class Adapted(nnx.Module):
             return self.model(*args, **kwargs)
 
 
+def trainable(config: Any) -> Any:
+    """An NNX filter for what trains: the adapters (``nnx.LoRAParam``) and the config's ``modules_to_save``.
+
+    Use it where ``nnx.LoRAParam`` would go: ``nnx.Optimizer(adapted, tx, wrt=trainable(adapted))``,
+    ``nnx.DiffState(0, trainable(adapted))``, ``nnx.state(adapted, trainable(adapted))``. ``modules_to_save`` patterns
+    match leaf paths relative to ``adapted.model`` (``"head/bias"``), as in linen.
+
+    >>> import jax.numpy as jnp
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.hidden, self.head = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 1, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.head(self.hidden(x))
+    >>> adapted = inject(Net(nnx.Rngs(0)), "hidden", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1),
+    ...                  modules_to_save=["head/bias"])
+    >>> sorted(nnx.state(adapted, trainable(adapted)).flat_state())[:1]
+    [(('model', 'head', 'bias'), ...)]
+    """
+    cfg = config if isinstance(config, AdapterConfig) else config.config
+    extra = cfg.modules_to_save
+
+    def keep(path: tuple, value: Any) -> bool:
+        if isinstance(value, nnx.LoRAParam):
+            return True
+        parts = [str(part) for part in path]
+        if parts and parts[0] == "model":
+            parts = parts[1:]
+        return isinstance(value, nnx.Param) and patterns.matches(extra, "/".join(parts))
+
+    return keep
+
+
 def inject(
     model: nnx.Module,
     config: AdapterConfig | str | Sequence[str] | None = None,

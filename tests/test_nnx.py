@@ -220,3 +220,24 @@ def test_operating_params_reach_injected_layers_under_nnx_transforms():
     grad = nnx.grad(lambda m: loss(m, True), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
     plain = nnx.grad(lambda m: loss(m, False), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, plain)
+
+
+def test_modules_to_save_exclude_and_rslora_in_nnx():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b, self.head = (nnx.Linear(4, 4, rngs=rngs) for _ in range(3))
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.b(jnp.tanh(self.a(x)))))
+
+    adapted = rss_nnx.inject(Net(nnx.Rngs(0)), ".*", exclude=["head"], rank=4, lora_alpha=8.0, use_rslora=True,
+                             modules_to_save=["head/bias"], d_p=2, rngs=nnx.Rngs(1))  # fmt: skip
+    assert type(adapted.model.head) is nnx.Linear and type(adapted.model.a) is rss_nnx.RSSBilinearLoRALinear
+    assert adapted.model.a.rss_layer.scale == 8.0 / 2  # alpha / sqrt(r)
+    x, p = jnp.ones((3, 4)), jnp.ones((3, 2))
+    kernel_before, bias_before = adapted.model.head.kernel[...], adapted.model.head.bias[...]
+    optimizer = nnx.Optimizer(adapted, optax.sgd(0.1), wrt=rss_nnx.trainable(adapted))
+    grads = nnx.grad(lambda m: jnp.sum(m(x, p=p) ** 2), argnums=nnx.DiffState(0, rss_nnx.trainable(adapted)))(adapted)
+    optimizer.update(adapted, grads)
+    np.testing.assert_array_equal(adapted.model.head.kernel[...], kernel_before)
+    assert float(jnp.abs(adapted.model.head.bias[...] - bias_before).max()) > 0
