@@ -180,7 +180,9 @@ class Adapted:
         existing = next((n for n in ("lora_gate_w", "lora_s", "lora_c") if module.has_variable("params", n)), None)
         if existing == "lora_c" and layer.gate == "mlp":
             existing = None
-        if existing is not None and self.method is core.RSS:  # a plug-in method's leaves may lay d_p out otherwise
+        if existing is not None and isinstance(
+            self.method, core.RSSMethod
+        ):  # a plug-in method's leaves may lay d_p out otherwise
             d_p = jnp.shape(meta.unbox(module.get_variable("params", existing)))[-2]
         else:
             if p.ndim == 0:
@@ -191,7 +193,7 @@ class Adapted:
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
         shift = self.config.use_shift(module.has_variable("params", "bias"))
-        if self.method is core.RSS:
+        if isinstance(self.method, core.RSSMethod):
             specs = core.adapter_params(layer, factorization, d_p, shift=shift, initializers=self.initializers)
         else:
             specs = self.method.params(layer, factorization, d_p, shift=shift)

@@ -128,7 +128,7 @@ def _add_adapters(
 ) -> None:
     kernel = _kernel(layer, kind)
     factorization = kind.factorize(layer, tuple(kernel[...].shape), settings.rank, None, (), {})
-    if method is core.RSS:
+    if isinstance(method, core.RSSMethod):
         specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
     else:
         specs = method.params(settings, factorization, d_p, shift=shift)
@@ -581,7 +581,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
         kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias
-        if layer.rss_method is not core.RSS:
+        if not isinstance(layer.rss_method, core.RSSMethod):
             raise ValueError(
                 f"{_path(path) or 'layer'} was adapted with {layer.rss_method!r}, which merge cannot fold."
             )
