@@ -44,7 +44,7 @@ def test_linen_logical_partitioning_annotates_the_adapters_and_shards_them():
 
 
 def test_nnx_sharding_metadata_is_inherited_under_a_mesh():
-    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), (AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh):
         init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
         layer = nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
