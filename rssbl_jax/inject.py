@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,18 @@ def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
             f"operating parameters and hide from it. Choose another name: AdapterConfig(p_keyword=...) or "
             f"inject(..., p_keyword='operating_params')."
         )
+
+
+def outside_quantizer(fn: Any) -> Any:
+    """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
+
+    A model quantised by ``qwix.quantize_model`` has its ``dot_general``/``einsum`` calls intercepted, and qwix
+    quantises any operand that is a param of the current module: inside an adapted layer that would be ``lora_a``
+    and ``lora_b`` too. The base layer's own call stays intercepted (its kernel runs quantised); the adapter's
+    update runs outside, in full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
+    """
+    interception = sys.modules.get("qwix._src.interception")
+    return fn if interception is None else interception.disable_interceptions(fn)
 
 
 def _matching_box(box: Any, names: tuple[Any, ...]):
@@ -163,7 +176,7 @@ class Adapted:
             adapted.append(path)
             y = next_fun(*args, **kwargs)
             try:
-                return y + self._update(module, kind, path, args, kwargs, p, y)
+                return y + outside_quantizer(self._update)(module, kind, path, args, kwargs, p, y)
             except ValueError as error:
                 raise ValueError(f"adapted layer {path!r}: {error}") from None
 

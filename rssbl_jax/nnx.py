@@ -47,7 +47,7 @@ from flax.linen.dtypes import promote_dtype
 from rssbl_jax import core, patterns
 from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import KINDS, LayerKind, kind_of
-from rssbl_jax.inject import check_keyword_free, make_config
+from rssbl_jax.inject import check_keyword_free, make_config, outside_quantizer
 
 Initializer = jax.nn.initializers.Initializer
 zeros_init = nnx.initializers.zeros_init()
@@ -184,7 +184,7 @@ def _injected_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple
     """An injected layer's call: the base class's output plus the update, ``p`` from the context."""
     p = _current_operating_params(layer.rss_path)
     y = base.__call__(layer, inputs, *args, **kwargs)
-    return y + _delta(layer, base, inputs, p, y, args, kwargs)
+    return y + outside_quantizer(_delta)(layer, base, inputs, p, y, args, kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
