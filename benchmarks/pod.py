@@ -199,7 +199,8 @@ def per_device_bytes(abstract_tree, shardings):
     return total, per_device
 
 
-def memory_table(s: Shape, mesh):
+def memory_table(s: Shape, mesh, *, compiled: bool = True):
+    """Total and fullest-device bytes of base, adapters and Adam state; with ``compiled``, XLA's figures too."""
     tx = optax.adam(1e-3)
     state, shardings, step, batch_shardings = sharded_step(s, tx, mesh)
     rows = {}
@@ -207,6 +208,8 @@ def memory_table(s: Shape, mesh):
                               ("adapters", state.trainable, shardings.trainable),
                               ("Adam state (adapters)", state.opt_state, shardings.opt_state)):  # fmt: skip
         rows[name] = per_device_bytes(sub, sub_sh)
+    if not compiled:
+        return rows
     b = jax.eval_shape(lambda: batch(s))
     compiled = step.lower(state, b).compile()
     rows["compiled step: arguments (XLA, per device)"] = (None, compiled.memory_analysis().argument_size_in_bytes)
