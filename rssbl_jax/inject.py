@@ -176,14 +176,14 @@ class Adapted:
             adapted.append(path)
             y = next_fun(*args, **kwargs)
             try:
-                return y + outside_quantizer(self._update)(module, kind, path, args, kwargs, p, y)
+                return outside_quantizer(self._update)(module, kind, path, args, kwargs, p, y)
             except ValueError as error:
                 raise ValueError(f"adapted layer {path!r}: {error}") from None
 
         return interceptor
 
     def _update(self, module, kind, path, args, kwargs, operating_params, y):
-        """Create (or read) the ``lora_*`` leaves in ``module``'s scope and return the update for this call."""
+        """Create (or read) the ``lora_*`` leaves in ``module``'s scope and return ``y`` plus this call's update."""
         layer = self.config.resolve(path)
         if operating_params is None:
             raise ValueError(f"operating parameters {self.config.p_keyword}=None; pass [d_p] or [batch, d_p].")
@@ -222,13 +222,18 @@ class Adapted:
             x, p, *values = promote_dtype(x, p, *factors.values(), dtype=module.dtype)
         factors = dict(zip(names, values, strict=True))
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
+        precision = getattr(module, "precision", None)
+        if self.method is core.RSS:  # the update is added to y in one pass (Dense: never materialised on its own)
+            out = core.adapter_update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng,
+                                      add_to=y)  # fmt: skip
+            if out.shape != y.shape:
+                raise ValueError(f"adapter update of {path!r} has shape {out.shape}, the layer output {y.shape}.")
+            return out.astype(y.dtype)
         extra = {"base_output": y} if getattr(self.method, "needs_base_output", False) else {}
-        delta = self.method.update(
-            factorization, x, p, factors, layer, precision=getattr(module, "precision", None), dropout_rng=rng, **extra
-        )
+        delta = self.method.update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng, **extra)
         if delta.shape != y.shape:
             raise ValueError(f"adapter update of {path!r} has shape {delta.shape}, the layer output {y.shape}.")
-        return delta.astype(y.dtype)
+        return y + delta.astype(y.dtype)
 
 
 def _check_targets(config: AdapterConfig, seen: Mapping[str, str], adapted: Sequence[str]) -> None:
