@@ -83,6 +83,13 @@ def quantize_base(
       qtype: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes.
       module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
       tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "nf4")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> str(quantize.quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)   # nf4 codes in 4 bits
+    'uint4'
     """
     qwix, _ = _qwix()
     rule = qwix.QuantizationRule(module_path=module_path, weight_qtype=QTYPES.get(qtype, qtype), tile_size=tile_size)
@@ -95,7 +102,14 @@ def _is_quantized(x: Any) -> bool:
 
 
 def quantized_kernels(params: PyTree) -> dict[str, Any]:
-    """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores."""
+    """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
+    {'layers_0/kernel': (8, 4)}"""
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]:
         if _is_quantized(leaf):
@@ -108,6 +122,18 @@ def dequantize(params: PyTree) -> PyTree:
 
     The result is a plain tree for the unquantised model (``rssbl_jax.inject(model, config)``), which computes what
     the quantised one does up to float round-off: the float64 reference of the tests.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> x = jnp.ones((2, 8))
+    >>> float_params = quantize.dequantize(params)
+    >>> str(float_params["layers_0"]["kernel"].dtype)
+    'float32'
+    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": float_params}, x),
+    ...                   model.apply({"params": params}, x), atol=1e-6))
+    True
     """
     qwix, _ = _qwix()
     return jax.tree.map(
@@ -120,6 +146,15 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
 
     ``abstract_quantized`` is the quantised model's params (``jax.eval_shape`` of its ``init`` is enough); leaves
     absent from it (adapters of a float adapted tree) are kept as they are.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> pretrained = nn.Sequential([nn.Dense(4)]).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
+    >>> params = quantize.quantize_params(pretrained, abstract)
+    >>> float(jnp.abs(quantize.dequantize(params)["layers_0"]["kernel"] - pretrained["layers_0"]["kernel"]).max()) < 0.01
+    True
     """
     qwix, _ = _qwix()
     return qwix.quantize_params(params, abstract_quantized, allow_extra_params=False)
@@ -151,6 +186,17 @@ def merge(
       operating_params: ``p0`` of shape ``[d_p]``.
       config: the :class:`~rssbl_jax.AdapterConfig` (or the adapted model).
       requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
+    >>> x, p0 = jnp.ones((2, 8)), jnp.ones(3)
+    >>> params = adapted.init(jax.random.key(0), x, p=p0)["params"]
+    >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
+    >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
+    (['bias', 'kernel'], 'int8')
+    >>> y = model.apply({"params": merged}, x)     # the quantised model, no adapters
     """
     _qwix()
     from qwix._src.core import qarray
@@ -180,6 +226,13 @@ def base_bytes(params: PyTree, *, packed: bool = True) -> int:
 
     ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA's buffer assignment
     stores them); ``packed=False`` uses numpy's ``nbytes`` (a byte per element).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")
+    >>> params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 256))))["params"]
+    >>> quantize.base_bytes(params)    # 256·256 values at 4 bits + 256 float32 scales
+    33792
     """
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
