@@ -45,7 +45,8 @@ def main(argv=None):
         rows["forward lora_ours / Dense"].append(f["lora_ours"] / f["dense"])
         rows["step rss / lora_ours"].append(s["rss"] / s["lora_ours"])
         rows["step rss / min(nnx.LoRALinear, qwix)"].append(
-            s["rss"] / min(s["nnx.LoRALinear"], s.get("qwix LoRA", np.inf)))
+            s["rss"] / min(s["nnx.LoRALinear"], s.get("qwix LoRA", np.inf))
+        )
         merged = run.bench_merged(*shape, args.rounds)
         rows["merged / nn.Dense"].append(merged["merged"] / merged["nn.Dense"])
         for label, sh, rounds in ((f"sweep K={k}", sweep_shape, max(3, args.rounds // 3)),

@@ -76,7 +76,9 @@ def agreement(device, precision: str) -> list[tuple[str, float, float]]:
             want = jax.jit(fn)(*jax.device_put(args, cpu))
             got = jax.jit(fn)(*jax.device_put(args, device))
             want, got = jax.device_get(want), jax.device_get(got)
-            diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+            diff = max(
+                float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+            )
             scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(want))
             rows.append((name, diff, diff / scale))
     return rows
@@ -90,7 +92,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if not gpus and not args.allow_cpu:
-        print(f"no GPU visible to jax (devices: {jax.devices()}); install jax[cuda12] or pass --allow-cpu", file=sys.stderr)
+        print(
+            f"no GPU visible to jax (devices: {jax.devices()}); install jax[cuda12] or pass --allow-cpu",
+            file=sys.stderr,
+        )
         return 2
     device = gpus[0] if gpus else jax.devices("cpu")[0]
     out = []

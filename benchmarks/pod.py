@@ -62,7 +62,7 @@ SMALL = Shape(width=64, depth=2, heads=4, mlp=128, vocab=96, batch=8, seq=8, ran
 
 def _dense(features, names, name):
     return nn.Dense(features, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]), name=name)  # fmt: skip
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]), name=name)  # fmt: skip  # noqa: E501
 
 
 class Attention(nn.Module):
@@ -145,7 +145,8 @@ def init_params(s: Shape, seed: int = 0):
     def perturb(path, leaf):
         name = str(path[-1].key)
         if name in ("lora_b", "lora_s"):
-            return 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(seed + 1), zlib.crc32(jax.tree_util.keystr(path).encode())
+            return 0.02 * jax.random.normal(jax.random.fold_in(
+                jax.random.key(seed + 1), zlib.crc32(jax.tree_util.keystr(path).encode())
                                                                 % 2**31), leaf.shape)  # fmt: skip
         return leaf
 
@@ -215,10 +216,14 @@ def memory_table(s: Shape, mesh, *, compiled: bool = True):
     rows["compiled step: arguments (XLA, per device)"] = (None, compiled.memory_analysis().argument_size_in_bytes)
     rows["compiled step: temporaries (XLA, per device)"] = (None, compiled.memory_analysis().temp_size_in_bytes)
     single = jax.jit(rssbl_jax.make_train_step(loss_fn(s), tx)).lower(state, b).compile().memory_analysis()
-    rows["compiled step: arguments (XLA, per device)"] = (single.argument_size_in_bytes,
-                                                          rows["compiled step: arguments (XLA, per device)"][1])
-    rows["compiled step: temporaries (XLA, per device)"] = (single.temp_size_in_bytes,
-                                                            rows["compiled step: temporaries (XLA, per device)"][1])
+    rows["compiled step: arguments (XLA, per device)"] = (
+        single.argument_size_in_bytes,
+        rows["compiled step: arguments (XLA, per device)"][1],
+    )
+    rows["compiled step: temporaries (XLA, per device)"] = (
+        single.temp_size_in_bytes,
+        rows["compiled step: temporaries (XLA, per device)"][1],
+    )
     return rows
 
 
@@ -345,7 +350,7 @@ def main(argv=None):
     emit(f"Command: `python -m benchmarks.pod{' --small' if args.small else ''}` (8 forced host CPU devices). "
          f"Date: {time.strftime('%Y-%m-%d')}.")  # fmt: skip
     emit()
-    emit(f"A decoder-only transformer: {s.depth} blocks, width {s.width}, {s.heads} heads, MLP {s.mlp}, vocab {s.vocab}; "
+    emit(f"A decoder-only transformer: {s.depth} blocks, width {s.width}, {s.heads} heads, MLP {s.mlp}, vocab {s.vocab}; "  # noqa: E501
          f"{n_params / 1e6:.1f} M parameters in all. RSS adapters (r = {s.rank}, d_p = {s.d_p}, per-example p) on "
          f"query, key, value, out, up and down of every block. Mesh ({s.fsdp} fsdp × {s.tensor} tensor); rules "
          f"`{RULES}`. Every kernel is 2-D sharded; `A` inherits the kernel's input axis, `B` its output axis, `C`/`S` "
@@ -359,13 +364,17 @@ def main(argv=None):
     for name, (total, device) in rows.items():
         if name.startswith("compiled"):
             continue
-        emit(f"| {name} | {total / 2**20:.2f} | {device / 2**20:.3f} | {total / 8 / 2**20:.3f} | {device / (total / 8):.3f} |")
+        emit(
+            f"| {name} | {total / 2**20:.2f} | {device / 2**20:.3f} | {total / 8 / 2**20:.3f} | {device / (total / 8):.3f} |"  # noqa: E501
+        )
     emit()
     emit("| compiled Adam step | one device MiB | per device on the mesh MiB | ratio |")
     emit("|---|---:|---:|---:|")
     for name, (single, device) in rows.items():
         if name.startswith("compiled"):
-            emit(f"| {name.split(': ')[1].split(' (')[0]} | {single / 2**20:.1f} | {device / 2**20:.1f} | {device / single:.3f} |")
+            emit(
+                f"| {name.split(': ')[1].split(' (')[0]} | {single / 2**20:.1f} | {device / 2**20:.1f} | {device / single:.3f} |"  # noqa: E501
+            )
     emit()
     emit("### One adapter training step: mesh vs one device (SGD, lr 0.5, all adapter factors nonzero)")
     emit()
@@ -379,7 +388,9 @@ def main(argv=None):
     emit("SGD, so the update is the gradient itself (Adam's first step, ±lr where |g| ≫ ε, would hide gradient")
     emit("differences). Relative: max |Δ| / max |update|.")
     emit()
-    emit("| run | loss | max abs Δ adapters vs one device | relative to the update | wall s (compile + step, contended) |")
+    emit(
+        "| run | loss | max abs Δ adapters vs one device | relative to the update | wall s (compile + step, contended) |"  # noqa: E501
+    )
     emit("|---|---:|---:|---:|---:|")
     emit(f"| one device | {loss1:.6f} | — | — | {t1 - t0:.0f} |")
     emit(f"| 8-device mesh (1 process) | {loss8:.6f} | {diff:.2e} | {rel:.2e} | {t8 - t1:.0f} |")

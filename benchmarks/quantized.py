@@ -61,22 +61,27 @@ def bench_memory(width, depth, rank, d_p, tokens):
     for fmt in ("bf16", *FORMATS):
         if fmt == "bf16":
             adapted = rssbl_jax.inject(Mlp(width, depth), cfg)
-            params = jax.eval_shape(lambda a=adapted: a.init(jax.random.key(0), jnp.zeros(x.shape), p=jnp.zeros(p.shape)))
+            params = jax.eval_shape(
+                lambda a=adapted: a.init(jax.random.key(0), jnp.zeros(x.shape), p=jnp.zeros(p.shape))
+            )
             params = jax.tree_util.tree_map_with_path(
                 lambda path, leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
                 if str(path[-1].key) in ("kernel", "bias") else leaf, params)  # fmt: skip
         else:
             adapted = rssbl_jax.inject(quantize.quantize_base(Mlp(width, depth), fmt), cfg)
-            params = jax.eval_shape(lambda a=adapted: a.init(jax.random.key(0), jnp.zeros(x.shape), p=jnp.zeros(p.shape)))
+            params = jax.eval_shape(
+                lambda a=adapted: a.init(jax.random.key(0), jnp.zeros(x.shape), p=jnp.zeros(p.shape))
+            )
         trainable, frozen = rssbl_jax.partition(params["params"], cfg)
         compiled = jax.jit(lambda f, t, x, p, a=adapted: a.apply({"params": rssbl_jax.combine(t, f)}, x, p=p)).lower(
             frozen, trainable, x, p).compile()  # fmt: skip
         base_xla = compiled.memory_analysis().argument_size_in_bytes - sum(
-            math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves((trainable, x, p)))
+            math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves((trainable, x, p))
+        )
         kernels = sum(math.prod(leaf.shape) * (jnp.iinfo(leaf.dtype).bits if jnp.issubdtype(leaf.dtype, jnp.integer)
                       else 8 * jnp.dtype(leaf.dtype).itemsize) // 8
                       for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]
-                      if "kernel" in jax.tree_util.keystr(path) and not jax.tree_util.keystr(path).endswith("scale']"))  # fmt: skip
+                      if "kernel" in jax.tree_util.keystr(path) and not jax.tree_util.keystr(path).endswith("scale']"))  # fmt: skip  # noqa: E501
         adapters = sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(trainable))
         rows[fmt] = {"kernel bytes": kernels, "base bytes (xla)": base_xla, "adapter bytes": adapters}
     return rows
@@ -178,7 +183,9 @@ def bench_accuracy(width, depth, rank, d_p, steps, seeds, n_train=256, n_test=12
                     if str(path[-1].key) in ("kernel", "bias") else leaf, float_params)  # fmt: skip
             else:
                 model = rssbl_jax.inject(quantize.quantize_base(Mlp(width, depth), fmt), cfg)
-                abstract = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x_tr[:1], p=p_tr[:1]))["params"]
+                abstract = jax.eval_shape(lambda m=model, x=x_tr[:1], p=p_tr[:1]: m.init(jax.random.key(0), x, p=p))[
+                    "params"
+                ]
                 params = quantize.quantize_params(float_params, abstract)
             tx = optax.adam(lr)
             state = rssbl_jax.init_train_state(params, tx, jax.random.key(seed), config=cfg)
@@ -187,7 +194,7 @@ def bench_accuracy(width, depth, rank, d_p, steps, seeds, n_train=256, n_test=12
                 del rng
                 return jnp.mean((model.apply({"params": q}, batch["x"], p=batch["p"]) - batch["y"]) ** 2)
 
-            def test_mse(state, model=model):
+            def test_mse(state, model=model, x_te=x_te, p_te=p_te, y_te=y_te):
                 q = rssbl_jax.combine(state.trainable, state.frozen)
                 return float(jnp.mean((model.apply({"params": q}, x_te, p=p_te) - y_te) ** 2))
 
@@ -220,12 +227,12 @@ def bench_merge(width, depth, rank, d_p, seeds=3):
             p0 = jax.random.normal(jax.random.fold_in(key, 1), (d_p,))
             float_adapted = rssbl_jax.inject(Mlp(width, depth), cfg)
             float_params = float_adapted.init(jax.random.fold_in(key, 2), x, p=p0)["params"]
-            float_params = {layer: {**node, **{n: 0.05 * jax.random.normal(jax.random.fold_in(key, 3 + j), node[n].shape)
+            float_params = {layer: {**node, **{n: 0.05 * jax.random.normal(jax.random.fold_in(key, 3 + j), node[n].shape)  # noqa: E501
                                                for j, n in enumerate(("lora_a", "lora_b", "lora_c", "lora_s"))}}
                             for layer, node in float_params.items()}  # fmt: skip
             model = quantize.quantize_base(Mlp(width, depth), fmt)
             adapted = rssbl_jax.inject(model, cfg)
-            abstract = jax.eval_shape(lambda a=adapted: a.init(jax.random.key(0), x, p=p0))["params"]
+            abstract = jax.eval_shape(lambda a=adapted, x=x, p0=p0: a.init(jax.random.key(0), x, p=p0))["params"]
             params = quantize.quantize_params(float_params, abstract)
             y = adapted.apply({"params": params}, x, p=p0)
             scale = float(jnp.sqrt(jnp.mean(y**2)))
@@ -253,7 +260,15 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        mem, step, acc, mrg, rounds, steps, seeds = (64, 2, 4, 2, 128), (32, 2, 4, 2, 128), (16, 2, 2, 2), (16, 2, 2, 2), 2, 3, 1
+        mem, step, acc, mrg, rounds, steps, seeds = (
+            (64, 2, 4, 2, 128),
+            (32, 2, 4, 2, 128),
+            (16, 2, 2, 2),
+            (16, 2, 2, 2),
+            2,
+            3,
+            1,
+        )
     else:
         mem = (4096, 8, 16, 8, 2048)
         step = (1024, 2, 16, 8, 4096)
@@ -278,11 +293,13 @@ def main(argv=None):
     emit(f"### Memory of the frozen base ({d} Dense layers {w}×{w}, r = {r}; exact, not timed)")
     emit()
     memory = bench_memory(*mem)
-    emit("| base format | kernel bytes (MiB) | / bf16 | frozen arguments of the compiled forward, XLA (MiB) | / bf16 | adapters (MiB) |")
+    emit(
+        "| base format | kernel bytes (MiB) | / bf16 | frozen arguments of the compiled forward, XLA (MiB) | / bf16 | adapters (MiB) |"  # noqa: E501
+    )
     emit("|---|---:|---:|---:|---:|---:|")
     for fmt, row in memory.items():
-        emit(f"| {fmt} | {row['kernel bytes'] / 2**20:.2f} | {row['kernel bytes'] / memory['bf16']['kernel bytes']:.3f} | "
-             f"{row['base bytes (xla)'] / 2**20:.2f} | {row['base bytes (xla)'] / memory['bf16']['base bytes (xla)']:.3f} | "
+        emit(f"| {fmt} | {row['kernel bytes'] / 2**20:.2f} | {row['kernel bytes'] / memory['bf16']['kernel bytes']:.3f} | "  # noqa: E501
+             f"{row['base bytes (xla)'] / 2**20:.2f} | {row['base bytes (xla)'] / memory['bf16']['base bytes (xla)']:.3f} | "  # noqa: E501
              f"{row['adapter bytes'] / 2**20:.2f} |")  # fmt: skip
     emit()
     emit("XLA's column is `compiled.memory_analysis().argument_size_in_bytes` of the jitted adapted forward minus the")
@@ -310,8 +327,12 @@ def main(argv=None):
          f"{steps} Adam steps, {seeds} seeds)")  # fmt: skip
     emit()
     emit("Task: regress a teacher whose kernels are `W0 + Σ_j φ_j(p) U_j V_jᵀ` (rank 3 per layer, φ = sin(2p₁), p₁p₂,")
-    emit("cos p₂ − ½: not of RSS form) from the base `W0`, on held-out conditions p ∈ [−1, 1]². The quantised bases are")
-    emit("qwix's quantisation of the same `W0`; every format sees the same data, init and batches. Test MSE (mean ± sd).")
+    emit(
+        "cos p₂ − ½: not of RSS form) from the base `W0`, on held-out conditions p ∈ [−1, 1]². The quantised bases are"
+    )
+    emit(
+        "qwix's quantisation of the same `W0`; every format sees the same data, init and batches. Test MSE (mean ± sd)."
+    )
     emit()
     accuracy = bench_accuracy(*acc, steps=steps, seeds=seeds)
     emit("| base format | test MSE, base only (adapters at init) | test MSE after training | / bf16 after |")
@@ -329,11 +350,15 @@ def main(argv=None):
     emit("(adapted float model vs adapted quantised model, same adapters).")
     emit()
     merge_rows = bench_merge(*mrg)
-    emit("| base format | `requantize=False` (float kernels) | `requantize=True` (same format) | base quantisation itself |")
+    emit(
+        "| base format | `requantize=False` (float kernels) | `requantize=True` (same format) | base quantisation itself |"  # noqa: E501
+    )
     emit("|---|---:|---:|---:|")
     for fmt, errs in merge_rows.items():
-        emit(f"| {fmt} | {np.mean(errs['dequantised']):.2e} | {np.mean(errs['re-quantised']):.2e} | "
-             f"{np.mean(errs['base quantisation']):.2e} |")
+        emit(
+            f"| {fmt} | {np.mean(errs['dequantised']):.2e} | {np.mean(errs['re-quantised']):.2e} | "
+            f"{np.mean(errs['base quantisation']):.2e} |"
+        )
     text = "\n".join(out) + "\n"
     if not args.no_write and not args.smoke:
         write_section("quantized", text)

@@ -268,7 +268,10 @@ _add_low_rank_fused.defvjp(_add_low_rank_fwd, _add_low_rank_bwd)
 
 
 def add_low_rank(
-    y: Float[ArrayLike, "n d_out"], h: Float[ArrayLike, "n r"], b: Float[ArrayLike, "r d_out"], *,
+    y: Float[ArrayLike, "n d_out"],
+    h: Float[ArrayLike, "n r"],
+    b: Float[ArrayLike, "r d_out"],
+    *,
     precision: PrecisionLike = None,
 ) -> Float[Array, "n d_out"]:
     r"""``y + h @ b`` for a small rank ``r``, without an ``n × d_out`` update array in the forward pass.

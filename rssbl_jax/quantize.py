@@ -153,7 +153,8 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
     >>> params = quantize.quantize_params(pretrained, abstract)
-    >>> float(jnp.abs(quantize.dequantize(params)["layers_0"]["kernel"] - pretrained["layers_0"]["kernel"]).max()) < 0.01
+    >>> error = quantize.dequantize(params)["layers_0"]["kernel"] - pretrained["layers_0"]["kernel"]
+    >>> float(jnp.abs(error).max()) < 0.01
     True
     """
     qwix, _ = _qwix()
@@ -212,6 +213,7 @@ def merge(
     merged = merge_params(dequantize(params), operating_params, config, **merge_kwargs)
     if not requantize:
         return merged
+
     def requantize_leaf(path, leaf):
         recipe = recipes.get(patterns.path_str(path))
         if recipe is None:

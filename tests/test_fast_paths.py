@@ -53,3 +53,11 @@ def test_bfloat16_compute_keeps_the_output_dtype():
     x = jnp.ones((2, 8), jnp.bfloat16)
     out = core.add_low_rank(x, jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 8), jnp.bfloat16))
     assert out.dtype == jnp.bfloat16 and bool(jnp.all(out == 4))
+
+
+@pytest.mark.slow
+def test_fast_paths_benchmark_smoke():
+    from benchmarks import fast_paths
+
+    text = fast_paths.main(["--smoke", "--repeats", "1", "--rounds", "2"])
+    assert "| forward rss / Dense |" in text and "sweep K=8: vmap / separate" in text

@@ -1,4 +1,4 @@
-"""The pod-shaped model of benchmarks/pod.py: FSDP × tensor parallel on 8 forced host devices, adapters following kernels."""
+"""The pod-shaped model of benchmarks/pod.py: FSDP × tensor parallel on 8 forced host devices, adapters following kernels."""  # noqa: E501
 
 import jax
 import numpy as np
@@ -52,4 +52,3 @@ def test_two_processes_over_loopback_match_one_device(tmp_path):
     np.testing.assert_allclose(two["loss"], loss1, rtol=1e-6)
     diff, rel = pod.compare(two["adapters"], pod.flat_adapters(new1), pod.flat_adapters(old))
     assert rel < 1e-5, (diff, rel)
-

@@ -9,8 +9,8 @@ from flax import linen as nn
 from flax import nnx
 
 import rssbl_jax
-from rssbl_jax import quantize
 from rssbl_jax import nnx as rss_nnx
+from rssbl_jax import quantize
 from tests import reference
 
 pytest.importorskip("qwix")
@@ -199,3 +199,11 @@ def test_base_bytes_int8_half_of_bf16_and_4bit_a_quarter():
                            for q in quantize.quantized_kernels(params).values())  # fmt: skip
     bf16 = 2 * (D_IN * D_HID + D_HID * D_OUT)
     assert sizes["int8"] == bf16 // 2 and sizes["int4"] == sizes["nf4"] == bf16 // 4
+
+
+@pytest.mark.slow
+def test_quantized_benchmark_smoke():
+    from benchmarks import quantized
+
+    text = quantized.main(["--smoke"])
+    assert "| int8 |" in text and "qwix LoRA, quantised base" in text and "`requantize=True`" in text
