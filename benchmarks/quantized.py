@@ -155,7 +155,7 @@ def _teacher(base_params, key, width, depth, x, p):
             v = jax.random.normal(ks[2 * i + 1], (3, 1, width)) * 0.5
             phi = jnp.stack([jnp.sin(2.0 * p[0]), p[0] * p[-1], jnp.cos(p[-1]) - 0.5])
             kernel = base_params[f"dense_{i}"]["kernel"] + jnp.einsum("j,jab->ab", phi, u * v)
-            h = h @ kernel + base_params[f"dense_{i}"]["bias"]
+            h = h @ kernel + base_params[f"dense_{i}"]["bias"][None]
             if i < depth - 1:
                 h = nn.gelu(h)
         return h
