@@ -83,6 +83,12 @@ def outside_quantizer(fn: Any) -> Any:
     return fn if interception is None else interception.disable_interceptions(fn)
 
 
+def _metadata_box(box: Any) -> Any:
+    """The kernel's metadata box; for a qwix-quantised kernel (a ``WithAux`` of a ``QArray``), its ``qvalue``'s."""
+    qvalue = getattr(getattr(box, "array", None), "qvalue", None)
+    return qvalue if isinstance(qvalue, meta.Partitioned) else box
+
+
 def _matching_box(box: Any, names: tuple[Any, ...]):
     """An initializer wrapper that boxes a new param like ``box`` (Partitioned / LogicallyPartitioned), or None."""
     if not isinstance(box, meta.Partitioned):
@@ -199,6 +205,7 @@ class Adapted:
             d_p = p.shape[-1]
         box = module.get_variable("params", kind.kernel_name)
         kernel_shape = tuple(jnp.shape(meta.unbox(box)))
+        box = _metadata_box(box)
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
         shift = self.config.use_shift(module.has_variable("params", "bias"))

@@ -207,3 +207,27 @@ def test_quantized_benchmark_smoke():
 
     text = quantized.main(["--smoke"])
     assert "| int8 |" in text and "qwix LoRA, quantised base" in text and "`requantize=True`" in text
+
+
+def test_quantised_kernels_keep_their_partitioning_and_adapters_inherit_it():
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from tests.test_sharding_metadata import RULES, Block
+
+    adapted = rssbl_jax.inject(quantize.quantize_base(Block(), "int8"), "up|down", rank=2, lora_alpha=2.0)
+    x, p = jax.random.normal(jax.random.key(0), (4, 8)), jnp.ones((4, 3))
+    abstract = jax.eval_shape(adapted.init, jax.random.key(0), x, p=p)
+    specs = nn.get_partition_spec(abstract)["params"]
+    assert specs["up"]["lora_a"] == P("embed", None) and specs["up"]["lora_b"] == P(None, "mlp")
+    assert specs["down"]["lora_a"] == P("mlp", None) and specs["down"]["lora_b"] == P(None, "embed")
+    assert quantize.quantized_kernels(specs)["up/kernel"].qvalue == P("embed", "mlp")
+    mesh = jax.make_mesh((2, 4), ("data", "model"), (AxisType.Auto,) * 2)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
+    variables = nn.meta.unbox(jax.jit(adapted.init, out_shardings=shardings)(jax.random.key(0), x, p=p))
+    qvalue = quantize.quantized_kernels(variables["params"])["up/kernel"].qvalue
+    assert qvalue.dtype == jnp.int8 and qvalue.sharding.spec == P("data", "model")
+    assert variables["params"]["up"]["lora_b"].sharding.spec == P(None, "model")
+    y = jax.jit(adapted.apply)(variables, x, p=p)
+    expected = Block().apply({"params": quantize.dequantize(variables["params"])}, x)  # B = 0 at init
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
