@@ -55,6 +55,7 @@ class Shape:
     d_p: int = 4
     fsdp: int = 4
     tensor: int = 2
+    base: str = "float32"  # or a rssbl_jax.quantize format: "int8", "nf4", ...
 
 
 SMALL = Shape(width=64, depth=2, heads=4, mlp=128, vocab=96, batch=8, seq=8, rank=4, d_p=3)
@@ -122,7 +123,11 @@ def config(s: Shape) -> rssbl_jax.AdapterConfig:
 
 
 def model(s: Shape):
-    return rssbl_jax.inject(Transformer(s), config(s))
+    if s.base == "float32":
+        return rssbl_jax.inject(Transformer(s), config(s))
+    from rssbl_jax import quantize
+
+    return rssbl_jax.inject(quantize.quantize_base(Transformer(s), s.base), config(s))
 
 
 def batch(s: Shape, seed: int = 0):
@@ -194,9 +199,10 @@ def per_device_bytes(abstract_tree, shardings):
     """(total bytes, bytes on the fullest device) of a tree laid out by ``shardings``."""
     total, per_device = 0, 0
     for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True):
-        itemsize = jnp.dtype(leaf.dtype).itemsize
-        total += math.prod(leaf.shape) * itemsize
-        per_device += math.prod(sharding.shard_shape(leaf.shape)) * itemsize
+        dtype = jnp.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize  # int4: 4
+        total += math.prod(leaf.shape) * bits // 8
+        per_device += math.prod(sharding.shard_shape(leaf.shape)) * bits // 8
     return total, per_device
 
 
@@ -375,6 +381,17 @@ def main(argv=None):
             emit(
                 f"| {name.split(': ')[1].split(' (')[0]} | {single / 2**20:.1f} | {device / 2**20:.1f} | {device / single:.3f} |"  # noqa: E501
             )
+    emit()
+    emit("The same model on a qwix-quantised base (`Shape(base=...)`; exact, abstract): every Dense kernel quantised,")
+    emit("the embedding and LayerNorms float32. The quantised kernels keep their partitioning and the adapters follow.")
+    emit()
+    emit("| base | frozen base total MiB | fullest device MiB | device / (total / 8) | total / float32 base total |")
+    emit("|---|---:|---:|---:|---:|")
+    float_total = rows["frozen base"][0]
+    for base in ("float32", "int8", "nf4"):
+        total, device = memory_table(dataclasses.replace(s, base=base), mesh, compiled=False)["frozen base"]
+        emit(f"| {base} | {total / 2**20:.2f} | {device / 2**20:.3f} | {device / (total / 8):.3f} | "
+             f"{total / float_total:.3f} |")  # fmt: skip
     emit()
     emit("### One adapter training step: mesh vs one device (SGD, lr 0.5, all adapter factors nonzero)")
     emit()

@@ -52,3 +52,20 @@ def test_two_processes_over_loopback_match_one_device(tmp_path):
     np.testing.assert_allclose(two["loss"], loss1, rtol=1e-6)
     diff, rel = pod.compare(two["adapters"], pod.flat_adapters(new1), pod.flat_adapters(old))
     assert rel < 1e-5, (diff, rel)
+
+
+def test_quantised_base_keeps_the_layout():
+    """An int8 base on the same mesh: kernels and adapters keep their specs; the base is a third of float32's."""
+    import dataclasses
+
+    from rssbl_jax import quantize
+
+    s = dataclasses.replace(pod.SMALL, base="int8")
+    mesh = pod.make_mesh(s)
+    specs = pod.param_specs(s, mesh)
+    up = specs["block_0"]["mlp"]["up"]
+    assert quantize.quantized_kernels(up)["kernel"].qvalue == P("fsdp", "tensor")
+    assert up["lora_a"] == P("fsdp", None) and up["lora_b"] == P(None, "tensor")
+    quantised = pod.memory_table(s, mesh, compiled=False)["frozen base"][0]
+    full = pod.memory_table(pod.SMALL, mesh, compiled=False)["frozen base"][0]
+    assert quantised < 0.4 * full
