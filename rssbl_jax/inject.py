@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,24 @@ def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
             f"operating parameters and hide from it. Choose another name: AdapterConfig(p_keyword=...) or "
             f"inject(..., p_keyword='operating_params')."
         )
+
+
+def outside_quantizer(fn: Any) -> Any:
+    """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
+
+    A model quantised by ``qwix.quantize_model`` has its ``dot_general``/``einsum`` calls intercepted, and qwix
+    quantises any operand that is a param of the current module: inside an adapted layer that would be ``lora_a``
+    and ``lora_b`` too. The base layer's own call stays intercepted (its kernel runs quantised); the adapter's
+    update runs outside, in full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
+    """
+    interception = sys.modules.get("qwix._src.interception")
+    return fn if interception is None else interception.disable_interceptions(fn)
+
+
+def _metadata_box(box: Any) -> Any:
+    """The kernel's metadata box; for a qwix-quantised kernel (a ``WithAux`` of a ``QArray``), its ``qvalue``'s."""
+    qvalue = getattr(getattr(box, "array", None), "qvalue", None)
+    return qvalue if isinstance(qvalue, meta.Partitioned) else box
 
 
 def _matching_box(box: Any, names: tuple[Any, ...]):
@@ -165,14 +184,14 @@ class Adapted:
             adapted.append(path)
             y = next_fun(*args, **kwargs)
             try:
-                return y + self._update(module, kind, path, args, kwargs, p, y)
+                return outside_quantizer(self._update)(module, kind, path, args, kwargs, p, y)
             except ValueError as error:
                 raise ValueError(f"adapted layer {path!r}: {error}") from None
 
         return interceptor
 
     def _update(self, module, kind, path, args, kwargs, operating_params, y):
-        """Create (or read) the ``lora_*`` leaves in ``module``'s scope and return the update for this call."""
+        """Create (or read) the ``lora_*`` leaves in ``module``'s scope and return ``y`` plus this call's update."""
         layer = self.config.resolve(path)
         if operating_params is None:
             raise ValueError(f"operating parameters {self.config.p_keyword}=None; pass [d_p] or [batch, d_p].")
@@ -190,6 +209,7 @@ class Adapted:
             d_p = p.shape[-1]
         box = module.get_variable("params", kind.kernel_name)
         kernel_shape = tuple(jnp.shape(meta.unbox(box)))
+        box = _metadata_box(box)
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
         shift = self.config.use_shift(module.has_variable("params", "bias"))
@@ -216,13 +236,18 @@ class Adapted:
             x, p, *values = promote_dtype(x, p, *factors.values(), dtype=module.dtype)
         factors = dict(zip(names, values, strict=True))
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
+        precision = getattr(module, "precision", None)
+        if self.method is core.RSS:  # the update is added to y in one pass (Dense: never materialised on its own)
+            out = core.adapter_update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng,
+                                      add_to=y)  # fmt: skip
+            if out.shape != y.shape:
+                raise ValueError(f"adapter update of {path!r} has shape {out.shape}, the layer output {y.shape}.")
+            return out.astype(y.dtype)
         extra = {"base_output": y} if getattr(self.method, "needs_base_output", False) else {}
-        delta = self.method.update(
-            factorization, x, p, factors, layer, precision=getattr(module, "precision", None), dropout_rng=rng, **extra
-        )
+        delta = self.method.update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng, **extra)
         if delta.shape != y.shape:
             raise ValueError(f"adapter update of {path!r} has shape {delta.shape}, the layer output {y.shape}.")
-        return delta.astype(y.dtype)
+        return y + delta.astype(y.dtype)
 
 
 def _check_targets(config: AdapterConfig, seen: Mapping[str, str], adapted: Sequence[str]) -> None:

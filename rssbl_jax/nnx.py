@@ -47,7 +47,7 @@ from flax.linen.dtypes import promote_dtype
 from rssbl_jax import core, patterns
 from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import KINDS, LayerKind, kind_of
-from rssbl_jax.inject import check_keyword_free, make_config
+from rssbl_jax.inject import check_keyword_free, make_config, outside_quantizer
 
 Initializer = jax.nn.initializers.Initializer
 zeros_init = nnx.initializers.zeros_init()
@@ -157,6 +157,7 @@ def _factors(layer: nnx.Module) -> dict[str, Any]:
 
 
 def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Array, args: tuple, kwargs: dict):
+    """``y`` (the base layer's output) plus the layer's update."""
     settings: LayerConfig = layer.rss_layer
     kind = _kind_of_class(base)
     x = jnp.asarray(x)
@@ -169,22 +170,24 @@ def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Arr
         if layer.rss_dropout is not None:
             x = layer.rss_dropout(x)
         x, p, *values = promote_dtype(x, jnp.asarray(p), *factors.values(), dtype=layer.dtype)
+    factors = dict(zip(names, values, strict=True))
+    precision = getattr(layer, "precision", None)
     try:
+        if layer.rss_method is core.RSS:  # y plus the update in one pass (Dense: never materialised on its own)
+            return core.adapter_update(factorization, x, p, factors, settings, precision=precision,
+                                       add_to=y).astype(y.dtype)  # fmt: skip
         extra = {"base_output": y} if getattr(layer.rss_method, "needs_base_output", False) else {}
-        delta = layer.rss_method.update(
-            factorization, x, p, dict(zip(names, values, strict=True)), settings,
-            precision=getattr(layer, "precision", None), **extra,
-        )  # fmt: skip
+        delta = layer.rss_method.update(factorization, x, p, factors, settings, precision=precision, **extra)
     except ValueError as error:
         raise ValueError(f"adapted {type(layer).__name__} {layer.rss_path!r}: {error}") from None
-    return delta.astype(y.dtype)
+    return y + delta.astype(y.dtype)
 
 
 def _injected_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, kwargs: dict) -> jax.Array:
     """An injected layer's call: the base class's output plus the update, ``p`` from the context."""
     p = _current_operating_params(layer.rss_path)
     y = base.__call__(layer, inputs, *args, **kwargs)
-    return y + _delta(layer, base, inputs, p, y, args, kwargs)
+    return outside_quantizer(_delta)(layer, base, inputs, p, y, args, kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +288,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
         if operating_params is None:
             return _injected_call(self, nnx.Linear, inputs, (), kwargs)
         y = nnx.Linear.__call__(self, inputs, **kwargs)
-        return y + _delta(self, nnx.Linear, inputs, operating_params, y, (), kwargs)
+        return _delta(self, nnx.Linear, inputs, operating_params, y, (), kwargs)
 
 
 class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):

@@ -1,0 +1,247 @@
+r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters in full precision.
+
+.. math::
+
+    y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
+
+``Q(W)`` is the base kernel stored quantised (int8, int4, nf4, fp8, ... : any ``qtype`` qwix knows), computed by
+qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. We do not quantise
+anything ourselves: :func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and
+:func:`rssbl_jax.inject` (linen) and :func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs
+with qwix's interception switched off (:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own
+products see the quantised kernel.
+
+In the params tree a quantised kernel is a ``WithAux`` (qwix's PTQ leaf: a ``QArray`` of ``qvalue`` and per-channel
+``scale`` plus how it was quantised). :func:`rssbl_jax.partition`, :func:`rssbl_jax.freeze_base` and the training
+step treat its leaves as frozen; gradients are taken w.r.t. the adapters only, so no integer leaf is differentiated.
+
+Merging at ``p0`` (:func:`merge`) folds the update into the *dequantised* kernel, then either re-quantises the
+result with the kernel's own recipe (``requantize=True``: it loads into the quantised model and keeps its memory;
+the fold is exact, the re-quantisation adds the format's rounding error to the whole merged kernel) or returns it
+dequantised (``requantize=False``: float kernels for the unmodified float model, equal to the adapted quantised model
+to float round-off). BENCHMARKS.md ("Quantised base") measures both errors.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn
+>>> import rssbl_jax
+>>> from rssbl_jax import quantize
+>>> model = quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
+>>> adapted = rssbl_jax.inject(model, r"layers_\d", rank=2, lora_alpha=4.0)
+>>> x, p = jnp.ones((3, 16)), jnp.ones((3, 2))
+>>> variables = adapted.init(jax.random.key(0), x, p=p)
+>>> layer = variables["params"]["layers_0"]
+>>> str(quantize.quantized_kernels(layer)["kernel"].qvalue.dtype), str(layer["lora_a"].dtype)
+('int8', 'float32')
+>>> adapted.apply(variables, x, p=p).shape
+(3, 4)
+
+``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as here), not a bare root layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rssbl_jax import patterns
+from rssbl_jax.merge import merge as merge_params
+
+PyTree = Any
+
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4", "fp8": jnp.float8_e4m3fn}
+"""Short names of common weight formats; any other ``qtype`` qwix accepts can be passed as is."""
+
+
+def _qwix():
+    try:
+        import qwix
+        from qwix._src.providers import ptq
+    except ImportError as error:  # pragma: no cover - qwix is a dependency of this module only
+        raise ImportError("rssbl_jax.quantize needs qwix (pip install qwix).") from error
+    return qwix, ptq
+
+
+def quantize_base(
+    model: Any,
+    qtype: Any = "int8",
+    *model_inputs: Any,
+    module_path: str = ".*",
+    tile_size: int | None = None,
+    **model_inputs_kwargs: Any,
+) -> Any:
+    r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
+
+    ``qwix.quantize_model(model, qwix.PtqProvider([QuantizationRule(module_path, weight_qtype=qtype,
+    tile_size=tile_size)]))``. Linen: ``model.init`` (or ``inject(...).init``) then creates the quantised kernels,
+    and float kernels given to ``apply`` are refused by qwix (quantise a pretrained tree with
+    :func:`quantize_params`). NNX: pass the model's inputs (as for ``qwix.quantize_model``); an adapted NNX model
+    (:func:`rssbl_jax.nnx.inject`) may be quantised, then its inputs include ``p=...``.
+
+    Args:
+      model: a linen or NNX model (unadapted, or NNX already adapted).
+      qtype: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes.
+      module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
+      tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "nf4")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> str(quantize.quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)   # nf4 codes in 4 bits
+    'uint4'
+    """
+    qwix, _ = _qwix()
+    rule = qwix.QuantizationRule(module_path=module_path, weight_qtype=QTYPES.get(qtype, qtype), tile_size=tile_size)
+    return qwix.quantize_model(model, qwix.PtqProvider([rule]), *model_inputs, **model_inputs_kwargs)
+
+
+def _is_quantized(x: Any) -> bool:
+    _, ptq = _qwix()
+    return isinstance(x, ptq.WithAux)
+
+
+def quantized_kernels(params: PyTree) -> dict[str, Any]:
+    """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
+    {'layers_0/kernel': (8, 4)}"""
+    found = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]:
+        if _is_quantized(leaf):
+            found[patterns.path_str(path)] = leaf.array
+    return found
+
+
+def dequantize(params: PyTree) -> PyTree:
+    """``params`` with every quantised kernel replaced by its dequantised float array (``qwix.dequantize``).
+
+    The result is a plain tree for the unquantised model (``rssbl_jax.inject(model, config)``), which computes what
+    the quantised one does up to float round-off: the float64 reference of the tests.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> x = jnp.ones((2, 8))
+    >>> float_params = quantize.dequantize(params)
+    >>> str(float_params["layers_0"]["kernel"].dtype)
+    'float32'
+    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": float_params}, x),
+    ...                   model.apply({"params": params}, x), atol=1e-6))
+    True
+    """
+    qwix, _ = _qwix()
+    return jax.tree.map(
+        lambda leaf: qwix.dequantize(leaf.array) if _is_quantized(leaf) else leaf, params, is_leaf=_is_quantized
+    )
+
+
+def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
+    """Quantise a float (e.g. pretrained) params tree like ``abstract_quantized`` (``qwix.quantize_params``).
+
+    ``abstract_quantized`` is the quantised model's params (``jax.eval_shape`` of its ``init`` is enough); leaves
+    absent from it (adapters of a float adapted tree) are kept as they are.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> pretrained = nn.Sequential([nn.Dense(4)]).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
+    >>> params = quantize.quantize_params(pretrained, abstract)
+    >>> error = quantize.dequantize(params)["layers_0"]["kernel"] - pretrained["layers_0"]["kernel"]
+    >>> float(jnp.abs(error).max()) < 0.01
+    True
+    """
+    qwix, _ = _qwix()
+    return qwix.quantize_params(params, abstract_quantized, allow_extra_params=False)
+
+
+def merge(
+    params: PyTree,
+    operating_params: Any,
+    config: Any,
+    *,
+    requantize: bool,
+    **merge_kwargs: Any,
+) -> PyTree:
+    r"""Merge every adapted layer at ``p0`` onto a quantised base: re-quantised, or dequantised, as asked.
+
+    .. math::
+
+        W' = \begin{cases} Q\big(D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B\big) & \text{requantize} \\
+                           D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B & \text{otherwise} \end{cases}
+
+    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (its ``qtype``, channel axes, tiles and
+    calibration). Re-quantising re-computes the scales from the merged kernel, so the whole kernel (not only the
+    update) is rounded again: the merged model differs from the adapted one by up to half a quantisation step per
+    weight. Dequantised kernels load into the unquantised model and match the adapted quantised model to float
+    round-off, at float memory. ``merge_kwargs`` go to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
+
+    Args:
+      params: the adapted quantised model's params (``variables["params"]``).
+      operating_params: ``p0`` of shape ``[d_p]``.
+      config: the :class:`~rssbl_jax.AdapterConfig` (or the adapted model).
+      requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
+    >>> x, p0 = jnp.ones((2, 8)), jnp.ones(3)
+    >>> params = adapted.init(jax.random.key(0), x, p=p0)["params"]
+    >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
+    >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
+    (['bias', 'kernel'], 'int8')
+    >>> y = model.apply({"params": merged}, x)     # the quantised model, no adapters
+    """
+    _qwix()
+    from qwix._src.core import qarray
+
+    recipes = {}
+
+    def strip(path, leaf):
+        if _is_quantized(leaf):
+            recipes[patterns.path_str(path)] = leaf
+        return leaf
+
+    jax.tree_util.tree_map_with_path(strip, params, is_leaf=_is_quantized)
+    merged = merge_params(dequantize(params), operating_params, config, **merge_kwargs)
+    if not requantize:
+        return merged
+
+    def requantize_leaf(path, leaf):
+        recipe = recipes.get(patterns.path_str(path))
+        if recipe is None:
+            return leaf
+        return recipe.replace(array=qarray.quantize(jnp.reshape(leaf, recipe.array.shape), recipe.how))
+
+    return jax.tree_util.tree_map_with_path(requantize_leaf, merged)
+
+
+def base_bytes(params: PyTree, *, packed: bool = True) -> int:
+    """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
+
+    ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA's buffer assignment
+    stores them); ``packed=False`` uses numpy's ``nbytes`` (a byte per element).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+    >>> from rssbl_jax import quantize
+    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")
+    >>> params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 256))))["params"]
+    >>> quantize.base_bytes(params)    # 256·256 values at 4 bits + 256 float32 scales
+    33792
+    """
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = patterns.path_str(path).rsplit("/", 1)[-1]
+        if name.startswith("lora_"):
+            continue
+        dtype = jnp.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if packed and jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+        total += (leaf.size * bits + 7) // 8
+    return int(total)
