@@ -63,7 +63,12 @@ def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, ato
 
 
 class JointRank(NamedTuple):
-    """Effective ranks of updates stacked over conditions: their common input span and output span."""
+    """Effective ranks of updates stacked over conditions: their common input span and output span.
+
+    >>> import jax.numpy as jnp
+    >>> int(JointRank(jnp.array(2), jnp.array(3)).maximum)
+    3
+    """
 
     inputs: Int[Array, ""]  # rank of [ΔW(p_1) ... ΔW(p_K)] side by side: the input-space (row-of-x) directions used
     outputs: Int[Array, ""]  # rank of the updates stacked on top of each other: the output directions used
@@ -154,6 +159,13 @@ def delta_weights(
 
     Returns:
       ``[K, *kernel.shape]``: the merged kernel minus the base kernel at each operating point.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from rssbl_jax import RSSBilinearLoRADense
+    >>> layer = RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 2)), jnp.ones(1))["params"]
+    >>> delta_weights(params, layer.adapter_config, "", jnp.array([[0.0], [1.0]])).shape   # B = 0 at init: zeros
+    (2, 2, 3)
     """
     base = _at(params, layer_path)
     if "kernel" not in base:
