@@ -19,4 +19,5 @@ def get_config() -> ml_collections.ConfigDict:
                       "film_layer0", "film_layer1", "hypernet8", "rss", "rss_one_plus", "rss_affine",
                       "rss_mlp")  # fmt: skip
     config.analyse = True
+    config.references = ("rss", "rss_affine", "rss_one_plus")  # + like-with-like for the offset-1 baselines
     return config
