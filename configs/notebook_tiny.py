@@ -1,7 +1,7 @@
 """The smallest run of the whole pipeline, for the reproduce_results notebook under test (seconds).
 
-One task, three methods (frozen base, LoRA, RSSBilinearLoRA), two seeds, and the conditions-count sweep on one
-grid. Launch (from the repository root):
+One task, three methods (frozen base, LoRA, RSSBilinearLoRA), two draws × two seeds. Launch (from the repository
+root):
 
     python -m experiments.run --config configs/notebook_tiny.py --workdir runs/notebook_tiny
 """
@@ -13,6 +13,6 @@ from configs import tiny
 
 def get_config() -> ml_collections.ConfigDict:
     config = tiny.get_config()
-    config.tasks = ["planted_shared"]
-    config.methods = ["frozen", "lora", "rss"]
+    config.methods = ("frozen", "lora", "rss")
+    config.projection_methods = ()
     return config

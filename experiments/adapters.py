@@ -22,8 +22,9 @@ unconditioned update is there at ``p = 0`` (like ``1 + C p``). Every conditional
 compared like with like. The hypernetwork's unconditioned term ``u·[A0; B0]`` can be switched off (``u = 0``; then
 ``A(p) = H_a tanh(P p)`` and ``lora_a``/``lora_b`` *are* ``H_a``/``H_b``).
 
-Initialisation: every method starts at ``Δy = 0`` (``B``-like factors, ``Γ``, ``Β`` and the hypernetwork heads that
-feed ``B`` are zero) and with a non-zero gradient for ``p ≠ 0``.
+Initialisation: every method starts at ``Δy = 0`` (``B``-like factors, ``Β`` and the hypernetwork heads that feed ``B``
+are zero) and with a non-zero gradient for ``p ≠ 0`` on its multiplicative factors: ``Γ`` is zero except for
+``film_branch0``, where it starts random as RSS's ``C`` does (with ``Γ = B = 0`` neither would ever move).
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ class FiLM:
         del shift
         out = math.prod(_out_shape(factorization))
         specs = LoRA().params(layer, factorization, d_p, shift=False)
-        specs["lora_gamma"] = ((d_p, out), zeros)
+        # offset 0 on the branch: Γ starts random (like RSS's C with the seed's gate), otherwise Γ = 0 and B = 0
+        # would give every factor but Β a zero gradient forever; on the layer Γ multiplies y, so it starts at 0.
+        gamma_init = lecun if (self.offset == 0 and not self.on_layer) else zeros
+        specs["lora_gamma"] = ((d_p, out), gamma_init)
         specs["lora_beta"] = ((d_p, out), zeros)
         return specs
 

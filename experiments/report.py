@@ -1,7 +1,14 @@
-"""The report of ``train_and_evaluate``: a Markdown file of tables and PNG plots."""
+"""The report of ``train_and_evaluate``: Markdown tables (deterministic on CPU: no wall times) and PNG plots.
+
+Errors are relative MSE (method / frozen base on the same rows). Every cell ``m ± h [med]`` is the mean over
+data draws of the seeds' mean, the half-width of the 95% t-interval over the draws, and the median over all
+draws × seeds. Paired ratios are geometric means of ``baseline / reference`` on the same draws and seeds with a
+draw-level 95% interval (:mod:`experiments.stats`).
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -10,124 +17,288 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import stats  # noqa: E402
+from experiments.tasks import BUILT_FOR_RSS  # noqa: E402
+
+SPLITS = ("seen", "interpolation", "extrapolation")
 
 
-def _cell(value: tuple[float, float]) -> str:
-    mean, half = value
-    return f"{mean:.3g} ± {half:.2g}" if half == half else f"{mean:.3g}"
+def _cell(errors: Any) -> str:
+    errors = np.asarray(errors, np.float64)
+    mean, half = stats.draw_interval(errors)
+    spread = f" ± {half:.2g}" if half == half else ""
+    return f"{mean:.3g}{spread} [{stats.median(errors):.3g}]"
 
 
-def tables(summary: dict[str, Any]) -> str:
-    """Markdown tables: errors per task and method, extrapolation by distance, conditions count."""
+def _ratio(errors: Any, reference: Any) -> str:
+    r = stats.paired_ratio(np.asarray(errors), np.asarray(reference))
+    if r.low != r.low:
+        return f"{r.estimate:.3g}"
+    mark = " **>1**" if r.low > 1 else (" **<1**" if r.high < 1 else "")
+    return f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]{mark}"
+
+
+def _label(task: str) -> str:
+    base = task.split("+")[0]
+    return f"{task} ({BUILT_FOR_RSS[base]})" if base in BUILT_FOR_RSS else task
+
+
+def _spread(values: Any) -> str:
+    v = np.asarray(values, np.float64)
+    med = np.median(v)
+    return f"{med:g} ({v.min():g}–{v.max():g})" if v.min() != v.max() else f"{med:g}"
+
+
+def method_tables(results: list[dict[str, Any]], references: list[str]) -> list[str]:
     lines: list[str] = []
-    results = summary["results"]
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
         lines += [
-            f"### {task}",
+            f"### {_label(task)}",
             "",
-            "Relative MSE (method / frozen base on the same rows; mean ± 95% CI over seeds). "
-            "Ranks: effective rank (99% energy) of the first layer's ΔW(p): median single p; all p stacked "
-            "(input span / output span).",
+            "Relative MSE: mean over draws ± 95% t-interval over draws [median over draws × seeds]. "
+            "lr † = chosen at an edge of the grid.",
             "",
-            "| method | trainable | lr | seen | interpolation | extrapolation | ms/step/run | rank ΔW(p) "
-            "| stacked in/out |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| method | rank | trainable | lr | seen | interpolation | extrapolation |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
-            lines.append(
-                f"| {r['method']} | {r['trainable']:,} | {r['lr']:g} | {_cell(r['seen'])} | "
-                f"{_cell(r['interpolation'])} | {_cell(r['extrapolation'])} | {r['train_ms_per_step']:.3f} | "
-                f"{r['rank_single']:g} | {r['rank_stacked_in']}/{r['rank_stacked_out']} |"
-            )
+            lr = f"{r['lr']:g}{' †' if r['lr_edge'] else ''}"
+            cells = " | ".join(_cell(r["errors"][s]) for s in SPLITS)
+            lines.append(f"| {r['method']} | {r['rank']} | {r['trainable']:,} | {lr} | {cells} |")
+        by_name = {r["method"]: r for r in rows}
+        for ref in references:
+            if ref not in by_name:
+                continue
+            lines += [
+                "",
+                f"Paired against `{ref}` on the same draws and seeds: geometric-mean ratio method / `{ref}` "
+                "[95% interval over draws]; **>1**: the method is worse than "
+                f"`{ref}` with the whole interval above 1, **<1**: better with the whole interval below 1.",
+                "",
+                "| method | seen | interpolation | extrapolation |",
+                "|---|---:|---:|---:|",
+            ]
+            for r in rows:
+                if r["method"] in (ref, "frozen"):
+                    continue
+                cells = " | ".join(_ratio(r["errors"][s], by_name[ref]["errors"][s]) for s in SPLITS)
+                lines.append(f"| {r['method']} | {cells} |")
         bins = [tuple(b[:2]) for b in rows[0]["extrapolation_by_distance"]]
         if bins:
             lines += ["", "Extrapolation by sup-distance from the training range (standardised units):", ""]
             lines.append("| method | " + " | ".join(f"({lo:g}, {hi:g}]" for lo, hi in bins) + " |")
             lines.append("|---|" + "---:|" * len(bins))
             for r in rows:
-                cells = {tuple(b[:2]): _cell((b[2], b[3])) for b in r["extrapolation_by_distance"]}
+                cells = {tuple(b[:2]): _cell(b[2]) for b in r["extrapolation_by_distance"]}
                 lines.append(f"| {r['method']} | " + " | ".join(cells.get(b, "–") for b in bins) + " |")
         lines.append("")
-    if summary["conditions"]:
-        cond = summary["conditions"]
-        counts = sorted({c["conditions"] for c in cond})
+    return lines
+
+
+def tuning_table(results: list[dict[str, Any]], config: ml_collections.ConfigDict) -> list[str]:
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    edges = sum(r["lr_edge"] for r in results)
+    lines = [
+        "### Tuning",
+        "",
+        f"Learning-rate grid {list(config.learning_rates)}, chosen on draw 0 with {config.tune_seeds} seeds by "
+        f"validation error; {config.steps} steps. Cell: chosen lr († at an edge of the grid) / flatness = "
+        "training loss over the last 10% of steps ÷ the 10% window two windows earlier (1.00 = flat). "
+        f"{edges} of {len(results)} (task, method) choices sit at an edge.",
+        "",
+        "| method | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for method in dict.fromkeys(r["method"] for r in results):
+        if method == "frozen":
+            continue
+        by = {r["task"]: r for r in results if r["method"] == method}
+        cells = [f"{by[t]['lr']:g}{' †' if by[t]['lr_edge'] else ''} / {by[t]['flatness']:.2f}" if t in by else "–"
+                 for t in tasks]  # fmt: skip
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def rank_tables(results: list[dict[str, Any]], config: ml_collections.ConfigDict) -> list[str]:
+    lines: list[str] = []
+    for task in dict.fromkeys(r["task"] for r in results if "ranks" in r):
+        rows = [r for r in results if r["task"] == task and "ranks" in r]
         lines += [
-            f"### Held-out (interpolation) error vs number of training conditions ({cond[0]['task']})",
+            f"### ΔW(p) over a {config.rank_grid}×{config.rank_grid} grid of p: {_label(task)}",
             "",
-            "| method | " + " | ".join(str(c) for c in counts) + " |",
-            "|---|" + "---:|" * len(counts),
+            "Per adapted layer, over every draw × seed: joint effective rank (max of the input and output spans "
+            "of all ΔW(p) stacked) at 90% and 99% energy, the median single-p rank (99%), and the angle: the largest "
+            "principal angle (degrees) between ΔW(p)'s own top-k input / output subspace at each corner of the range "
+            "(k = min(r, its rank at 99%)) and the layer's joint top-r subspace, mean over the 4 corners "
+            "(0: one fixed rank-r subspace for every p). Ranks: median (min–max) over draws × seeds; angles: median.",
+            "",
+            "| method | layer | joint 90% | joint 99% | single p 99% | angle in | angle out |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for method in dict.fromkeys(c["method"] for c in cond):
-            by = {c["conditions"]: _cell(c["interpolation"]) for c in cond if c["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(by.get(c, "–") for c in counts) + " |")
+        for r in rows:
+            for layer, v in r["ranks"].items():
+                ang_in, ang_out = np.median(v["angle_in"]), np.median(v["angle_out"])
+                lines.append(
+                    f"| {r['method']} | {layer} | {_spread(v['joint90'])} | {_spread(v['joint99'])} | "
+                    f"{_spread(v['single99'])} | {ang_in:.1f} | {ang_out:.1f} |"
+                )
         lines.append("")
+    return lines
+
+
+def projection_tables(results: list[dict[str, Any]], reference: str) -> list[str]:
+    lines: list[str] = []
+    for task in dict.fromkeys(r["task"] for r in results if "projected" in r):
+        rows = [r for r in results if r["task"] == task and "projected" in r]
+        ref = next((r for r in results if r["task"] == task and r["method"] == reference), None)
+        lines += [
+            f"### Causal projection test: {_label(task)}",
+            "",
+            "Each model's ΔW(p) at every layer projected onto its own top-r joint subspace (input and output), "
+            "biases b(p) kept. 'rebuilt' is the unprojected model rebuilt from W + ΔW(p) (a check: it must equal "
+            f"the trained model's error). Ratios paired on draws × seeds; vs `{reference}` = method / `{reference}`.",
+            "",
+            "| method | split | rebuilt | projected | projected / rebuilt | rebuilt vs ref | projected vs ref |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            for s in ("interpolation", "extrapolation"):
+                full, proj = r["rebuilt"][s], r["projected"][s]
+                vs = (_ratio(full, ref["errors"][s]), _ratio(proj, ref["errors"][s])) if ref else ("–", "–")
+                cells = [_cell(full), _cell(proj), _ratio(proj, full), *vs]
+                lines.append(f"| {r['method']} | {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def pareto_table(pareto: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for task in dict.fromkeys(r["task"] for r in pareto):
+        rows = sorted((r for r in pareto if r["task"] == task), key=lambda r: (r["method"], r["trainable"]))
+        lines += [
+            f"### Error vs trainable parameters: {_label(task)}",
+            "",
+            "Geometric mean over draws × seeds [95% interval over draws] of the relative MSE; each point tuned as "
+            "above.",
+            "",
+            "| method | rank | trainable | lr | interpolation | extrapolation |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            cells = []
+            for s in ("interpolation", "extrapolation"):
+                g = stats.log_interval(np.asarray(r["errors"][s]))
+                cells.append(f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]")
+            lr = f"{r['lr']:g}{' †' if r['lr_edge'] else ''}"
+            lines.append(f"| {r['method']} | {r['rank']} | {r['trainable']:,} | {lr} | {' | '.join(cells)} |")
+        lines.append("")
+    return lines
+
+
+def nuisance_table(nuisance: list[dict[str, Any]]) -> list[str]:
+    if not nuisance:
+        return []
+    dims = sorted({r["nuisance_dims"] for r in nuisance})
+    task = nuisance[0]["task"]
+    lines = [
+        f"### d_p sweep: 2 informative + nuisance dimensions ({task})",
+        "",
+        "Interpolation error, mean ± 95% t-interval over draws [median]; columns: number of nuisance dims "
+        "(d_p = 2 + that).",
+        "",
+        "| method | " + " | ".join(f"+{d} (d_p={2 + d})" for d in dims) + " |",
+        "|---|" + "---:|" * len(dims),
+    ]
+    for method in dict.fromkeys(r["method"] for r in nuisance):
+        by = {r["nuisance_dims"]: r for r in nuisance if r["method"] == method}
+        cells = [_cell(by[d]["errors"]["interpolation"]) + (" †" if by[d]["lr_edge"] else "") if d in by else "–"
+                 for d in dims]  # fmt: skip
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def tables(summary: dict[str, Any], config: ml_collections.ConfigDict | None = None) -> str:
+    """All Markdown tables of a summary."""
+    references = list(config.references) if config is not None else ["rss"]
+    lines = method_tables(summary["results"], references)
+    if summary["results"] and config is not None:
+        lines += tuning_table(summary["results"], config)
+        lines += rank_tables(summary["results"], config)
+    lines += projection_tables(summary["results"], references[0])
+    lines += pareto_table(summary.get("pareto", []))
+    lines += nuisance_table(summary.get("nuisance", []))
     return "\n".join(lines)
 
 
-def plot_error_vs_p(summary: dict[str, Any], task: str, path: pathlib.Path) -> None:
-    rows = [r for r in summary["results"] if r["task"] == task]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(rows[0]["sweep_p"], rows[0]["sweep_base"], "k--", label="frozen base")
-    for r in rows:
-        if r["method"] != "frozen":
-            ax.plot(r["sweep_p"], r["sweep_error"], label=r["method"], lw=2.5 if r["method"] == "rss" else 1.0)
-    inside = [p for p, ok in zip(rows[0]["sweep_p"], rows[0]["sweep_in_range"], strict=True) if ok]
-    ax.axvspan(min(inside), max(inside), color="0.92", zorder=-1, label="training range")
-    name = rows[0].get("sweep_name", "first operating parameter")
-    ax.set(yscale="log", xlabel=f"{name} (other parameters nominal)", ylabel="MSE", title=f"{task}: error vs p")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# ------------------------------------------------------------------------------------------------ plots
 
 
-def plot_conditions(summary: dict[str, Any], path: pathlib.Path) -> None:
-    cond = summary["conditions"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in dict.fromkeys(c["method"] for c in cond):
-        pts = sorted((c["conditions"], *c["interpolation"]) for c in cond if c["method"] == method)
-        xs, ys, hs = zip(*pts, strict=True)
-        ax.errorbar(xs, ys, yerr=[h if h == h else 0 for h in hs], label=method, marker="o", capsize=3)
-    ax.set(xscale="log", yscale="log", xlabel="training conditions", ylabel="relative MSE (held-out p)")
-    ax.set_title(f"{cond[0]['task']}: error vs number of conditions", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_ranks(summary: dict[str, Any], path: pathlib.Path) -> None:
-    results = summary["results"]
+def plot_errors(results: list[dict[str, Any]], path: pathlib.Path) -> None:
+    """Interpolation and extrapolation errors per method and task, log scale, geometric mean with draw interval."""
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    cols = min(3, len(tasks))
-    rows_n = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
-    for ax in axes.flat[len(tasks) :]:
-        ax.axis("off")
-    for ax, task in zip(axes.flat, tasks, strict=False):
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(9, 3.2 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks, strict=True):
         rows = [r for r in results if r["task"] == task and r["method"] != "frozen"]
-        names = [r["method"] for r in rows]
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["rank_single"] for r in rows], 0.4, label="single p (median)")
-        ax.bar([x + 0.2 for x in xs], [max(r["rank_stacked_in"], r["rank_stacked_out"]) for r in rows], 0.4,
-               label="stacked over p")  # fmt: skip
-        ax.set_xticks(list(xs), names, rotation=70, fontsize=7)
-        ax.set(title=task, ylabel="effective rank of ΔW(p) (99% energy)")
+        for j, (s, color) in enumerate((("interpolation", "C0"), ("extrapolation", "C3"))):
+            g = [stats.log_interval(np.asarray(r["errors"][s])) for r in rows]
+            xs = np.arange(len(rows)) + (j - 0.5) * 0.3
+            low = [max(x.estimate - x.low, 0) for x in g]
+            high = [x.high - x.estimate for x in g]
+            ax.errorbar(xs, [x.estimate for x in g], yerr=[low, high], fmt="o", color=color, ms=4, capsize=2, label=s)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=60, fontsize=7)
+        ax.set(yscale="log", ylabel="relative MSE", title=_label(task))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(results: list[dict[str, Any]], task: str, steps: int, path: pathlib.Path) -> None:
+    rows = [r for r in results if r["task"] == task and r["method"] != "frozen"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        xs = (np.arange(len(r["curve"])) + 0.5) * steps / len(r["curve"])
+        ax.plot(xs, r["curve"], label=r["method"], lw=2.0 if r["method"].startswith("rss") else 1.0)
+    ax.set(
+        yscale="log", xlabel="step", ylabel="training MSE (mean over draws × seeds)", title=f"{task}: learning curves"
+    )
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pareto(pareto: list[dict[str, Any]], path: pathlib.Path) -> None:
+    tasks = list(dict.fromkeys(r["task"] for r in pareto))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        rows = [r for r in pareto if r["task"] == task]
+        for i, family in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            pts = sorted((r["trainable"], stats.log_interval(np.asarray(r["errors"]["interpolation"])))
+                         for r in rows if r["method"] == family)  # fmt: skip
+            xs = [p[0] for p in pts]
+            ys = [p[1].estimate for p in pts]
+            yerr = [[max(p[1].estimate - p[1].low, 0) for p in pts], [p[1].high - p[1].estimate for p in pts]]
+            ax.errorbar(xs, ys, yerr=yerr, marker="os^vD<>p*h"[i % 10], label=family, capsize=2, lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="trainable parameters", ylabel="relative MSE (interpolation)",
+               title=_label(task))  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def load_summary(workdir: str | pathlib.Path) -> dict[str, Any]:
     """The summary of a finished run, read back from its ``metrics.jsonl`` (to re-render without retraining)."""
-    import json
-
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return {
         "results": [r for r in rows if r["kind"] == "method"],
-        "conditions": [r for r in rows if r["kind"] == "conditions"],
+        "pareto": [r for r in rows if r["kind"] == "pareto"],
+        "nuisance": [r for r in rows if r["kind"] == "nuisance"],
         "seconds": float("nan"),
     }
 
@@ -136,22 +307,23 @@ def write(summary: dict[str, Any], config: ml_collections.ConfigDict, workdir: p
     """Write ``report.md`` and the plots into ``workdir``; returns the report's path."""
     workdir = pathlib.Path(workdir)
     images = []
-    for task in dict.fromkeys(r["task"] for r in summary["results"]):
-        name = f"error_vs_p_{task}.png"
-        plot_error_vs_p(summary, task, workdir / name)
-        images.append(name)
-    plot_ranks(summary, workdir / "effective_rank.png")
-    images.append("effective_rank.png")
-    if summary["conditions"]:
-        plot_conditions(summary, workdir / "error_vs_conditions.png")
-        images.append("error_vs_conditions.png")
+    if summary["results"]:
+        plot_errors(summary["results"], workdir / "errors.png")
+        images.append("errors.png")
+        curve_task = config.curve_task if config.curve_task in config.tasks else config.tasks[0]
+        plot_curves(summary["results"], curve_task, config.steps, workdir / "learning_curves.png")
+        images.append("learning_curves.png")
+    if summary.get("pareto"):
+        plot_pareto(summary["pareto"], workdir / "pareto.png")
+        images.append("pareto.png")
     text = [
         "# Experiment report",
         "",
-        f"{len(config.tasks)} tasks × {len(config.methods)} methods × {config.num_seeds} seeds × "
-        f"{len(config.learning_rates)} learning rates, {config.steps} steps each; {summary['seconds']:.0f} s.",
+        f"Tasks {list(config.tasks)}; {config.num_draws} data draws × {config.num_seeds} seeds per method at the "
+        f"learning rate chosen from {list(config.learning_rates)} ({config.tune_seeds} seeds on draw 0); "
+        f"{config.steps} Adam steps, batch {config.batch_size}; rank {config.rank}, lora_alpha {config.lora_alpha}.",
         "",
-        tables(summary),
+        tables(summary, config),
         *[f"![{name}]({name})" for name in images],
         "",
     ]

@@ -1,6 +1,7 @@
 """Command line: ``python -m experiments.run --config configs/default.py --workdir runs/default``.
 
-Any config field can be overridden, e.g. ``--config.seed=3 --config.num_seeds=10``. Prints the report tables.
+Any config field can be overridden, e.g. ``--config.seed=3 --config.num_seeds=10``. Prints the report tables;
+wall times go to ``timing.json`` in the workdir (the report itself is deterministic on CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where metrics, report
 def main(argv: list[str]) -> None:
     del argv
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(report.tables(summary))
+    print(report.tables(summary, _CONFIG.value))
     print(f"report: {_WORKDIR.value}/report.md ({summary['seconds']:.0f} s)")
 
 

@@ -1,28 +1,38 @@
-"""Tasks: a frozen network of nominal conditions, and data of the same system under other operating conditions.
+"""Tasks: an unmodified frozen MLP (plain ``nn.Dense`` layers) and data of a system under other operating conditions.
 
-Every task returns a :class:`Task`: how to build each method's network and the frozen base params, a
-training set at a grid of conditions (per-example ``p``, standardised so the training range is [-1, 1]^d_p),
-and evaluation splits:
-``seen`` (fresh inputs at the training conditions), ``interpolation`` (held-out conditions inside the range),
-``extrapolation`` (conditions outside it, each row tagged with its distance from the range), plus a ``sweep``
-along the first operating parameter for plots.
+:func:`make_task` builds one *data draw* of a task: the teacher or pretrained base, the held-out conditions and all
+inputs come from the draw's key, so independent draws measure the variance that a fixed dataset hides.
+:func:`stack_draws` stacks draws along a leading axis for ``jax.vmap``. Every method is injected into the same
+:class:`PlainMLP` (``experiments.adapters.inject``); the base network never changes.
 
-* ``planted_shared``: the frozen base is a random teacher; the system's first layer is ``W1 + U diag(G p) V``
-  plus a shift, a conditional update with a fixed rank-k subspace (the structure RSSBilinearLoRA assumes).
-* ``planted_moving``: the same, but the update's column and row spaces rotate with ``p`` (rank k for each ``p``,
-  while the span over all ``p`` is larger): a case where RSSBilinearLoRA's fixed subspace should not suffice.
-* ``pendulum``: a damped nonlinear pendulum ``θ'' + 2ζω θ' + ω² sin θ = 0`` integrated with diffrax; the network
-  maps the initial state ``(θ0, θ'0)`` to ``θ`` at 16 times; operating parameters ``(ζ, ω)``.
-* ``transformer``: a small linen transformer whose query and value projections carry a planted conditional
-  update; methods are injected into the unmodified model with ``rssbl_jax.inject`` (:mod:`experiments.transformer`).
-* ``burgers``: viscous Burgers' equation with forcing, ``u_t + u u_x = ν u_xx + f sin x`` on a periodic grid of 64
-  points, solved by :mod:`experiments.pde`; the network maps ``u(·, 0)`` to ``u(·, T)``; parameters ``(log ν, f)``.
+Conditions ``p`` are standardised the way a user would: each informative parameter's training range is mapped
+linearly onto ``[-1, 1]``. Training uses a ``train_grid^2`` grid, ``interpolation`` random held-out conditions
+inside the range, ``extrapolation`` conditions at sup-distance 0.1–1.0 outside it. ``nuisance_dims`` appends
+dimensions of ``p`` that vary from condition to condition (uniform in ``[-1, 1]``) but do not affect the system.
 
-Physical tasks pretrain their base network at the nominal condition (the centre of the range) and freeze it.
+Built for (or against) RSS, labelled as such everywhere:
+
+* ``planted_shared``: a random 2-layer teacher whose first layer is ``W1 + U diag(G p) V`` plus a shift: exactly
+  RSSBilinearLoRA's structure, nominal at ``p = 0``. **Built for RSS.**
+* ``planted_shared_corner``: the same teacher, but the frozen base is the teacher at the corner ``p = (-1, -1)``;
+  the ideal update ``U diag(G (p - c)) V`` needs a gate offset. Built for RSS's affine gate, not the seed's ``C p``.
+* ``planted_moving``: the update's column and row spaces rotate with ``p``. **Built against** RSS's fixed subspace.
+
+Not built for RSS (nobody here chose their structure):
+
+* ``pendulum``: damped nonlinear pendulum ``θ'' + 2ζω θ' + ω² sin θ = 0`` (diffrax, Tsit5); initial state ->
+  ``θ`` at 16 times; ``p = (ζ, ω)``; base pretrained at the centre of the range (``p = 0``).
+* ``pendulum_corner``: the base is pretrained at ``(ζ, ω) = (0.05, 0.8)``, a corner (``p = (-1, -1)``).
+* ``pendulum_imperfect``: the base (centre) is pretrained for only ``imperfect_pretrain_steps`` steps, so it is
+  imperfect at the nominal condition and the ideal update there is not zero.
+* ``burgers``: forced viscous Burgers (exponax, :mod:`experiments.pde`): ``u(·, 0) -> u(·, T)`` on a periodic
+  grid; ``p = (log10 ν, f)``; base pretrained at the centre.
+* ``burgers_corner``: the Burgers base pretrained at ``(log10 ν, f) = (-1.6, -0.5)``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import diffrax
@@ -31,13 +41,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import linen as nn
 
-from experiments import pde, transformer
-from experiments.methods import MLP
+from experiments import pde
+
+BUILT_FOR_RSS = {"planted_shared": "built for RSS", "planted_shared_corner": "built for RSS (affine gate)",
+                 "planted_moving": "built against RSS"}  # fmt: skip
+
+
+class PlainMLP(nn.Module):
+    """An unmodified MLP: ``nn.Dense`` layers named ``dense_0 ...`` with ``tanh`` between them."""
+
+    widths: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.widths):
+            x = nn.Dense(width, name=f"dense_{i}")(x)
+            if i < len(self.widths) - 1:
+                x = jnp.tanh(x)
+        return x
 
 
 class Split(NamedTuple):
-    """Inputs, standardised conditions, targets, and each row's distance from the training range."""
+    """Inputs, standardised conditions, targets, each row's distance from the training range.
+
+    Rows come in blocks of ``n`` per condition (``p`` is ``jnp.repeat(conditions, n)``)."""
 
     x: jax.Array
     p: jax.Array
@@ -47,13 +76,13 @@ class Split(NamedTuple):
 
 class Task(NamedTuple):
     name: str
-    build: Any  # (method, config) -> a model with init(key, x, p) and apply(variables, x, p)
-    base_params: Any
+    widths: tuple[int, ...]
+    base_params: Any  # PlainMLP params {"dense_i": {"kernel", "bias"}}
     train: Split
     splits: dict[str, Split]  # validation (lr selection), seen, interpolation, extrapolation
-    sweep: Split  # conditions along the first parameter, the others at their nominal value
+    nominal: jax.Array  # [d_p]: the standardised condition the base was pretrained at
+    per_condition: int  # rows per condition in every split
     p_names: tuple[str, ...]
-    p_physical: Any  # maps standardised p [.., d_p] -> physical values, for plot labels
 
 
 def condition_sets(d_p: int, grid: int, n_test: int, key: jax.Array) -> dict[str, jax.Array]:
@@ -74,38 +103,52 @@ def distance_from_range(p: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.max(jnp.abs(p), axis=-1) - 1.0, 0.0)
 
 
-def _split(system, conds: jax.Array, n: int, key: jax.Array, sample_x) -> Split:
-    x = sample_x(key, conds.shape[0] * n)
-    p = jnp.repeat(conds, n, axis=0)
-    return Split(x, p, system(x, p), distance_from_range(p))
-
-
-def _sweep_conditions(d_p: int, points: int = 41) -> jax.Array:
-    line = jnp.linspace(-2.0, 2.0, points)
-    return jnp.concatenate([line[:, None], jnp.zeros((points, d_p - 1))], axis=-1)
-
-
-def mlp_builder(widths: tuple[int, ...]):
-    """The MLP of :mod:`experiments.methods` with the given widths, for any method."""
-    return lambda method, config: MLP(widths, method, config.rank, config.lora_alpha, config.hyper_hidden)
-
-
-def _build(name, config, d_p, system, sample_x, build, base_params, p_names, p_physical, key) -> Task:
-    system = jax.jit(system)
-    sample_x = jax.jit(sample_x, static_argnums=1)
-    k_cond, k_train, k_eval, k_sweep = jax.random.split(key, 4)
-    conds = condition_sets(d_p, config.train_grid, config.n_test_conditions, k_cond)
+def _build(name, config, widths, system, sample_x, base_params, nominal, p_names, key) -> Task:
+    """Conditions (plus nuisance dims), the splits, and the Task; ``system(x, p)`` sees the informative dims only."""
+    k_cond, k_noise, k_x = jax.random.split(key, 3)
+    conds = condition_sets(2, config.train_grid, config.n_test_conditions, k_cond)
     n = config.points_per_condition
-    train = _split(system, conds["train"], n, k_train, sample_x)
-    keys = jax.random.split(k_eval, 4)
+
+    def with_noise(c, k):
+        noise = jax.random.uniform(k, (c.shape[0], config.nuisance_dims), minval=-1.0, maxval=1.0)
+        return jnp.concatenate([c, noise], axis=-1)
+
+    # nuisance values are fixed per condition: the training conditions carry the same ones in every split
+    train_c, inside_c, outside_c = (
+        with_noise(conds[s], jax.random.fold_in(k_noise, i))
+        for i, s in enumerate(("train", "interpolation", "extrapolation"))
+    )
+
+    def split(c, k):
+        x = sample_x(k, c.shape[0] * n)
+        p = jnp.repeat(c, n, axis=0)
+        return Split(x, p, system(x, p[:, :2]), distance_from_range(p[:, :2]))
+
+    xk = jax.random.split(k_x, 5)
+    train = split(train_c, xk[0])
     splits = {
-        "validation": _split(system, conds["train"], n, keys[3], sample_x),  # for choosing the learning rate
-        "seen": _split(system, conds["train"], n, keys[0], sample_x),
-        "interpolation": _split(system, conds["interpolation"], n, keys[1], sample_x),
-        "extrapolation": _split(system, conds["extrapolation"], n, keys[2], sample_x),
+        "validation": split(train_c, xk[1]),  # fresh inputs at the training conditions: for choosing the lr
+        "seen": split(train_c, xk[2]),
+        "interpolation": split(inside_c, xk[3]),
+        "extrapolation": split(outside_c, xk[4]),
     }
-    sweep = _split(system, _sweep_conditions(d_p), config.sweep_points, k_sweep, sample_x)
-    return Task(name, build, base_params, train, splits, sweep, p_names, p_physical)
+    nominal = jnp.concatenate([jnp.asarray(nominal, jnp.float32), jnp.zeros(config.nuisance_dims)])
+    names = (*p_names, *(f"noise{i}" for i in range(config.nuisance_dims)))
+    return Task(name, tuple(widths), base_params, train, splits, nominal, n, names)
+
+
+def stack_draws(tasks: list[Task]) -> Task:
+    """Stack independent draws of one task along a new leading axis of every array."""
+    first = tasks[0]
+    arrays = [(t.base_params, t.train, t.splits, t.nominal) for t in tasks]
+    base, train, splits, nominal = jax.tree.map(lambda *a: jnp.stack(a), *arrays)
+    return first._replace(base_params=base, train=train, splits=splits, nominal=nominal)
+
+
+def draws(stacked: Task, index: int | slice) -> Task:
+    """One draw (``index`` an int) or several (a slice) of a stacked task."""
+    arrays = jax.tree.map(lambda a: a[index], (stacked.base_params, stacked.train, stacked.splits, stacked.nominal))
+    return stacked._replace(base_params=arrays[0], train=arrays[1], splits=arrays[2], nominal=arrays[3])
 
 
 # --------------------------------------------------------------------------------------------- planted teachers
@@ -114,7 +157,7 @@ def _build(name, config, d_p, system, sample_x, build, base_params, p_names, p_p
 def planted_teacher(config: ml_collections.ConfigDict, key: jax.Array, moving: bool) -> dict[str, jax.Array]:
     """A random two-layer teacher whose first layer gets a rank-k conditional update (fixed or moving subspace)."""
     k = jax.random.split(key, 10)
-    d_in, hidden, d_out, d_p, rank = config.d_in, config.hidden, config.d_out, config.d_p, config.teacher_rank
+    d_in, hidden, d_out, d_p, rank = config.d_in, config.hidden, config.d_out, 2, config.teacher_rank
     w1 = jax.random.normal(k[0], (d_in, hidden)) / np.sqrt(d_in)
     gain = config.teacher_strength * jnp.linalg.norm(w1) / np.sqrt(rank)
     basis_in = jnp.linalg.qr(jax.random.normal(k[1], (d_in, 2 * rank)))[0]
@@ -143,37 +186,34 @@ def planted_update(teacher: dict[str, jax.Array], p: jax.Array) -> jax.Array:
 
 
 def planted_apply(teacher: dict[str, jax.Array], x: jax.Array, p: jax.Array) -> jax.Array:
-    """The conditioned teacher on per-example conditions ``p [n, d_p]``."""
+    """The conditioned teacher on per-example conditions ``p [n, 2]``."""
     delta = jax.vmap(planted_update, in_axes=(None, 0))(teacher, p)  # [n, d_in, hidden]
     shift = (p @ teacher["h"]) @ teacher["v0"]
     h = x @ teacher["w1"] + teacher["b1"][None, :] + jnp.einsum("ni,nih->nh", x, delta) + shift
     return jnp.tanh(h) @ teacher["w2"] + teacher["b2"][None, :]
 
 
-def planted(config: ml_collections.ConfigDict, key: jax.Array, moving: bool) -> Task:
+_planted_system = jax.jit(planted_apply)
+
+
+def planted(config: ml_collections.ConfigDict, key: jax.Array, moving: bool, corner: bool, name: str) -> Task:
     k_teacher, k_rest = jax.random.split(key)
     teacher = planted_teacher(config, k_teacher, moving)
+    nominal = jnp.array([-1.0, -1.0]) if corner else jnp.zeros(2)
+    # the base is the teacher at its nominal condition, exactly
+    w1 = teacher["w1"] + planted_update(teacher, nominal)
+    b1 = teacher["b1"] + (nominal @ teacher["h"]) @ teacher["v0"]
     base_params = {
-        "dense_0": {"kernel": teacher["w1"], "bias": teacher["b1"]},
+        "dense_0": {"kernel": w1, "bias": b1},
         "dense_1": {"kernel": teacher["w2"], "bias": teacher["b2"]},
     }
 
     def sample_x(k, n):
         return jax.random.normal(k, (n, config.d_in))
 
-    task = _build(
-        "planted_moving" if moving else "planted_shared",
-        config,
-        config.d_p,
-        lambda x, p: planted_apply(teacher, x, p),
-        sample_x,
-        mlp_builder((config.hidden, config.d_out)),
-        base_params,
-        tuple(f"p{i}" for i in range(config.d_p)),
-        lambda p: p,
-        k_rest,
-    )
-    return task._replace(base_params={"params": base_params, "teacher": teacher})
+    widths = (config.hidden, config.d_out)
+    system = functools.partial(_planted_system, teacher)  # jitted once for every draw
+    return _build(name, config, widths, system, sample_x, base_params, nominal, ("p0", "p1"), k_rest)
 
 
 # --------------------------------------------------------------------------------------------- physical systems
@@ -204,9 +244,10 @@ def pendulum_trajectory(theta0: jax.Array, omega0: jax.Array, zeta: jax.Array, o
 
 
 PENDULUM_RANGE = {"zeta": (0.05, 0.35), "omega": (0.8, 1.2)}
+BURGERS_RANGE = {"log10_nu": (-1.6, -0.8), "forcing": (-0.5, 0.5)}
 
 
-def _to_physical(p: jax.Array, ranges: dict[str, tuple[float, float]]) -> jax.Array:
+def to_physical(p: jax.Array, ranges: dict[str, tuple[float, float]]) -> jax.Array:
     """Map standardised p in [-1, 1]^d_p linearly onto the physical ``ranges`` (in order)."""
     shape = (1,) * (p.ndim - 1) + (len(ranges),)
     lows = jnp.array([lo for lo, _ in ranges.values()]).reshape(shape)
@@ -214,107 +255,98 @@ def _to_physical(p: jax.Array, ranges: dict[str, tuple[float, float]]) -> jax.Ar
     return lows + (p + 1.0) / 2.0 * (highs - lows)
 
 
-def pendulum_physical(p: jax.Array) -> jax.Array:
-    """Standardised p in [-1, 1]^2 -> (ζ, ω)."""
-    return _to_physical(p, PENDULUM_RANGE)
+def pretrain(widths, x, y, config, key, steps: int) -> Any:
+    """Fit the frozen base (a :class:`PlainMLP`) at the nominal condition; returns its params."""
+    params = PlainMLP(tuple(widths)).init(key, x[:2])["params"]
+    return _pretrainer(tuple(widths), float(config.pretrain_lr), int(steps))(params, x, y)
 
 
-def pretrain(widths, x, y, d_p, config, key) -> Any:
-    """Fit the frozen base (a plain MLP) at the nominal condition; returns its params."""
-    model = MLP(widths, "frozen")
-    p0 = jnp.zeros((x.shape[0], d_p))
-    params = model.init(key, x, p0)["params"]
-    tx = optax.adam(optax.cosine_decay_schedule(config.pretrain_lr, config.pretrain_steps))
+@functools.cache
+def _pretrainer(widths: tuple[int, ...], lr: float, steps: int):
+    """A jitted full-batch Adam fit, compiled once per architecture and schedule (shared by every draw)."""
+    model = PlainMLP(widths)
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
 
-    def step(carry, _):
-        params, state = carry
-        loss, grads = jax.value_and_grad(lambda q: jnp.mean((model.apply({"params": q}, x, p0) - y) ** 2))(params)
-        updates, state = tx.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), loss
+    def fit(params, x, y):
+        def step(carry, _):
+            params, state = carry
+            loss, grads = jax.value_and_grad(lambda q: jnp.mean((model.apply({"params": q}, x) - y) ** 2))(params)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), loss
 
-    (params, _), _ = jax.jit(lambda q: jax.lax.scan(step, (q, tx.init(q)), None, length=config.pretrain_steps))(params)
-    return params
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+        return params
+
+    return jax.jit(fit)
 
 
-def _physical_task(name, config, system, sample_x, d_out, p_names, p_physical, key) -> Task:
-    """Pretrain the base MLP on the system at the nominal condition (p = 0), freeze it, and build the task."""
+def _physical_task(name, config, system, sample_x, d_out, p_names, nominal, steps, key) -> Task:
+    """Pretrain the base MLP on the system at the nominal condition, freeze it, and build the task."""
     k_pre, k_x, k_rest = jax.random.split(key, 3)
     x0 = sample_x(k_x, config.pretrain_points)
-    y0 = jax.jit(system)(x0, jnp.zeros((x0.shape[0], 2)))
+    y0 = system(x0, jnp.broadcast_to(jnp.asarray(nominal), (x0.shape[0], 2)))
     widths = (config.pde_hidden, config.pde_hidden, d_out)
-    base = pretrain(widths, x0, y0, 2, config, k_pre)
-    builder = mlp_builder(widths)
-    return _build(name, config, 2, system, sample_x, builder, {"params": base}, p_names, p_physical, k_rest)
+    base = pretrain(widths, x0, y0, config, k_pre, steps)
+    return _build(name, config, widths, system, sample_x, base, nominal, p_names, k_rest)
 
 
-def pendulum(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
+@jax.jit
+def _pendulum_system(x: jax.Array, p: jax.Array) -> jax.Array:
+    """θ at 16 times in [0, 2π] from initial states ``x [n, 2]`` at standardised conditions ``p [n, 2]``."""
     times = jnp.linspace(0.0, 2.0 * np.pi, 17)[1:]
+    phys = to_physical(p, PENDULUM_RANGE)
+    trajectory = jax.vmap(pendulum_trajectory, in_axes=(0, 0, 0, 0, None))
+    return trajectory(x[:, 0], x[:, 1], phys[:, 0], phys[:, 1], times)[0]
 
-    def system(x, p):
-        phys = pendulum_physical(p)
-        trajectory = jax.vmap(pendulum_trajectory, in_axes=(0, 0, 0, 0, None))
-        return trajectory(x[:, 0], x[:, 1], phys[:, 0], phys[:, 1], times)[0]
 
+def pendulum(config: ml_collections.ConfigDict, key: jax.Array, name: str) -> Task:
     def sample_x(k, n):
         return jax.random.uniform(k, (n, 2), minval=-1.0, maxval=1.0) * jnp.array([[2.0, 1.0]])
 
-    return _physical_task("pendulum", config, system, sample_x, times.shape[0], ("ζ", "ω"), pendulum_physical, key)
+    nominal = [-1.0, -1.0] if name == "pendulum_corner" else [0.0, 0.0]
+    steps = config.imperfect_pretrain_steps if name == "pendulum_imperfect" else config.pretrain_steps
+    return _physical_task(name, config, _pendulum_system, sample_x, 16, ("ζ", "ω"), nominal, steps, key)
 
 
-BURGERS_RANGE = {"log10_nu": (-1.6, -0.8), "forcing": (-0.5, 0.5)}
-
-
-def burgers_physical(p: jax.Array) -> jax.Array:
-    """Standardised p in [-1, 1]^2 -> (log10 ν, f)."""
-    return _to_physical(p, BURGERS_RANGE)
-
-
-def burgers(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
-    grid = pde.grid(config.burgers_points)
+@functools.cache
+def _burgers_system(points: int, time: float, steps: int):
+    grid = pde.grid(points)
 
     def system(u0, p):
-        phys = burgers_physical(p)
-        solve = lambda u, nu, f: pde.burgers(u, 10.0**nu, f * jnp.sin(grid), config.burgers_time, config.burgers_steps)  # noqa: E731
+        phys = to_physical(p, BURGERS_RANGE)
+        solve = lambda u, nu, f: pde.burgers(u, 10.0**nu, f * jnp.sin(grid), time, steps)  # noqa: E731
         return jax.vmap(solve)(u0, phys[:, 0], phys[:, 1])
+
+    return jax.jit(system)
+
+
+def burgers(config: ml_collections.ConfigDict, key: jax.Array, name: str) -> Task:
+    system = _burgers_system(int(config.burgers_points), float(config.burgers_time), int(config.burgers_steps))
 
     def sample_x(k, n):
         return pde.random_initial_conditions(k, n, config.burgers_points, modes=3)
 
+    nominal = [-1.0, -1.0] if name == "burgers_corner" else [0.0, 0.0]
     names = ("log10 ν", "f")
-    return _physical_task("burgers", config, system, sample_x, config.burgers_points, names, burgers_physical, key)
+    return _physical_task(name, config, system, sample_x, config.burgers_points, names, nominal,
+                          config.pretrain_steps, key)  # fmt: skip
 
 
-def transformer_task(config: ml_collections.ConfigDict, key: jax.Array) -> Task:
-    """A small transformer whose query/value projections carry a planted conditional update (see
-    :mod:`experiments.transformer`); methods are injected into the unmodified model."""
-    k_system, k_rest = jax.random.split(key)
-    base, (teacher, planted_vars) = transformer.planted_system(config, k_system)
-
-    def system(x, p):
-        return teacher.apply(planted_vars, x, p=p)
-
-    def sample_x(k, n):
-        return jax.random.normal(k, (n, config.tf_seq, config.tf_d_model))
-
-    def build(method, config):
-        return transformer.InjectedModel(transformer.model(config), method, config.rank, config.lora_alpha)
-
-    names = tuple(f"p{i}" for i in range(config.d_p))
-    return _build("transformer", config, config.d_p, system, sample_x, build, base, names, lambda p: p, k_rest)
+TASKS = ("planted_shared", "planted_shared_corner", "planted_moving", "pendulum", "pendulum_corner",
+         "pendulum_imperfect", "burgers", "burgers_corner")  # fmt: skip
 
 
 def make_task(name: str, config: ml_collections.ConfigDict, key: jax.Array) -> Task:
-    """Build a task by name."""
-    if name == "planted_shared":
-        return planted(config, key, moving=False)
-    if name == "planted_moving":
-        return planted(config, key, moving=True)
-    if name == "pendulum":
-        return pendulum(config, key)
-    if name == "burgers":
-        return burgers(config, key)
-    if name == "transformer":
-        return transformer_task(config, key)
-    raise ValueError(
-        f"unknown task {name!r}; expected planted_shared, planted_moving, pendulum, burgers or transformer."
-    )
+    """One data draw of the task ``name`` (everything random in it comes from ``key``)."""
+    if name in ("planted_shared", "planted_shared_corner", "planted_moving"):
+        return planted(config, key, moving=name == "planted_moving", corner=name.endswith("corner"), name=name)
+    if name.startswith("pendulum") and name in TASKS:
+        return pendulum(config, key, name)
+    if name.startswith("burgers") and name in TASKS:
+        return burgers(config, key, name)
+    raise ValueError(f"unknown task {name!r}; expected one of {TASKS}.")
+
+
+def make_draws(name: str, config: ml_collections.ConfigDict, key: jax.Array) -> Task:
+    """``config.num_draws`` independent draws of a task, stacked (draw ``d`` uses ``fold_in(key, d)``)."""
+    return stack_draws([make_task(name, config, jax.random.fold_in(key, d)) for d in range(config.num_draws)])

@@ -1,5 +1,6 @@
 """rssbl_jax: LoRA whose rank space is modulated by operating parameters (RSSBilinearLoRA), for JAX/Flax."""
 
+from rssbl_jax import analysis as analysis
 from rssbl_jax import nnx as nnx
 from rssbl_jax import quantize as quantize
 from rssbl_jax.checkpoint import CheckpointBusyError as CheckpointBusyError

@@ -1,0 +1,57 @@
+"""Statistics over data draws × seeds: intervals that include the data draw, and paired comparisons.
+
+Every error array is ``[draws, seeds]``: ``draws`` independent data draws (teacher or base, conditions, inputs),
+``seeds`` adapter initialisations and batch orders within each draw. Seeds within a draw are not independent
+samples of the data-draw variance, so every interval treats the draw as the unit: the seeds of a draw are
+averaged first and the t-interval runs over the ``draws`` draw means (``draws - 1`` degrees of freedom).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import scipy.stats
+
+
+class Interval(NamedTuple):
+    """A point estimate with a 95% interval ``[low, high]``."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+def _t_half(values: np.ndarray) -> float:
+    if values.shape[0] < 2:
+        return float("nan")
+    return float(scipy.stats.t.ppf(0.975, values.shape[0] - 1) * values.std(ddof=1) / math.sqrt(values.shape[0]))
+
+
+def draw_interval(errors: np.ndarray) -> tuple[float, float]:
+    """Mean of ``errors [draws, seeds]`` and the half-width of the 95% t-interval over the draws' seed means."""
+    draw_means = np.asarray(errors, np.float64).mean(axis=1)
+    return float(draw_means.mean()), _t_half(draw_means)
+
+
+def log_interval(errors: np.ndarray) -> Interval:
+    """Geometric mean of ``errors [draws, seeds]`` with a 95% t-interval over the draws (in log space)."""
+    draw_logs = np.log(np.asarray(errors, np.float64)).mean(axis=1)
+    mean, half = float(draw_logs.mean()), _t_half(draw_logs)
+    return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half))
+
+
+def paired_ratio(errors: np.ndarray, reference: np.ndarray) -> Interval:
+    """``errors / reference`` on the same draws and seeds: geometric mean ratio and its draw-level 95% interval.
+
+    Both arrays are ``[draws, seeds]`` from the same data draws; the log ratio is averaged over seeds per draw
+    and the t-interval runs over draws. A ratio above 1 with ``low > 1`` means ``errors`` is worse on every
+    plausible draw distribution, not only on these draws."""
+    ratio = np.asarray(errors, np.float64) / np.asarray(reference, np.float64)
+    return log_interval(ratio)
+
+
+def median(errors: np.ndarray) -> float:
+    """Median over all draws and seeds."""
+    return float(np.median(np.asarray(errors, np.float64)))

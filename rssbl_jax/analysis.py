@@ -1,0 +1,194 @@
+r"""What an adapter learned, as numbers: effective and joint ranks of ΔW(p), principal angles, responses over p.
+
+For an adapted layer the update at an operating point is ``ΔW(p) = W'(p) - W`` with ``W'(p)`` the merged kernel
+(:func:`rssbl_jax.merge`). RSSBilinearLoRA's update ``s A diag(g(p)) B`` keeps the same column and row spaces for
+every ``p``, so stacked over any set of conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork
+can move its subspaces with ``p``. These functions measure that on a grid of conditions, for any model:
+
+>>> import jax, jax.numpy as jnp
+>>> from rssbl_jax import RSSBilinearLoRADense, analysis
+>>> layer = RSSBilinearLoRADense(6, rank=2, lora_alpha=2.0)
+>>> x, p = jnp.ones((1, 5)), jnp.ones(2)
+>>> params = layer.init(jax.random.key(0), x, p)["params"]
+>>> params["lora_b"] = jax.random.normal(jax.random.key(1), params["lora_b"].shape)
+>>> params["lora_c"] = jax.random.normal(jax.random.key(2), params["lora_c"].shape)
+>>> deltas = analysis.delta_weights(params, layer.adapter_config, "", analysis.condition_grid(-1.0, 1.0, 5, 2))
+>>> deltas.shape, int(analysis.joint_rank(deltas, 0.999).maximum)
+((25, 5, 6), 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from rssbl_jax.merge import merge
+
+
+def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
+    r"""The number of singular values that hold ``energy`` of the squared Frobenius norm.
+
+    .. math::
+
+        \operatorname{rank}_e(M) = \min\{k : \textstyle\sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}
+
+    A matrix whose Frobenius norm is ``≤ atol`` has rank 0 (use ``atol`` to call float32 round-off zero, e.g.
+    ``1e-5 * ‖W‖`` for an update of a base kernel ``W``). Works under ``jit`` and ``vmap``.
+
+    Args:
+      matrix: ``[m, n]``.
+      energy: the fraction of ``‖M‖²_F`` to hold, in ``(0, 1]``.
+      atol: norms up to this count as zero.
+
+    Returns:
+      An integer scalar in ``[0, min(m, n)]``.
+
+    >>> import jax.numpy as jnp
+    >>> int(effective_rank(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.8))
+    1
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1]; got {energy}.")
+    s = jnp.linalg.svd(jnp.asarray(matrix), compute_uv=False)
+    power = s**2
+    total = jnp.sum(power)
+    cumulative = jnp.cumsum(power) / jnp.where(total > 0, total, 1.0)
+    # the first k whose cumulative share reaches `energy` (a tiny slack absorbs round-off at energy = 1)
+    rank = jnp.sum(cumulative < energy * (1.0 - 1e-6)) + 1
+    return jnp.where(jnp.sqrt(total) <= atol, 0, jnp.minimum(rank, s.shape[0]))
+
+
+class JointRank(NamedTuple):
+    """Effective ranks of updates stacked over conditions: their common input span and output span.
+
+    >>> import jax.numpy as jnp
+    >>> int(JointRank(jnp.array(2), jnp.array(3)).maximum)
+    3
+    """
+
+    inputs: Int[Array, ""]  # rank of [ΔW(p_1) ... ΔW(p_K)] side by side: the input-space (row-of-x) directions used
+    outputs: Int[Array, ""]  # rank of the updates stacked on top of each other: the output directions used
+
+    @property
+    def maximum(self) -> Int[Array, ""]:
+        """The smallest r such that one r-dim input space and one r-dim output space hold every update."""
+        return jnp.maximum(self.inputs, self.outputs)
+
+
+def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *, atol: float = 0.0) -> JointRank:
+    r"""Effective ranks of the updates ``ΔW(p_k)`` (kernel convention ``[d_in, d_out]``) over ``K`` conditions.
+
+    .. math::
+
+        r_\text{in} = \operatorname{rank}_e\big[\Delta W(p_1)\,\cdots\,\Delta W(p_K)\big], \qquad
+        r_\text{out} = \operatorname{rank}_e\big[\Delta W(p_1); \cdots; \Delta W(p_K)\big]
+
+    RSSBilinearLoRA's ``ΔW(p) = s A diag(g(p)) B`` has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on
+    the LoRA branch has ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``.
+
+    Args:
+      deltas: ``[K, d_in, d_out]``.
+      energy, atol: as in :func:`effective_rank` (``atol`` applies to the stacked matrix).
+
+    >>> import jax.numpy as jnp
+    >>> a, b = jnp.ones((4, 1)), jnp.ones((1, 3))
+    >>> joint = joint_rank(jnp.stack([a @ b, 2 * a @ b]))
+    >>> int(joint.inputs), int(joint.outputs)
+    (1, 1)
+    """
+    deltas = jnp.asarray(deltas)
+    if deltas.ndim != 3:
+        raise ValueError(f"deltas must be [K, d_in, d_out]; got shape {deltas.shape}.")
+    k, d_in, d_out = deltas.shape
+    side_by_side = jnp.moveaxis(deltas, 0, 1).reshape(d_in, k * d_out)
+    stacked = deltas.reshape(k * d_in, d_out)
+    return JointRank(effective_rank(side_by_side, energy, atol=atol), effective_rank(stacked, energy, atol=atol))
+
+
+def principal_angles(a: Float[ArrayLike, "n k1"], b: Float[ArrayLike, "n k2"]) -> Float[Array, " k"]:
+    r"""Principal angles (radians, ascending) between the column spaces of ``a`` and ``b``, ``k = min(k1, k2)``.
+
+    .. math::
+
+        \cos\theta_i = \sigma_i(Q_a^\top Q_b), \qquad a = Q_a R_a,\ b = Q_b R_b
+
+    0 means a shared direction, π/2 an orthogonal one. The columns of each argument must be linearly independent
+    (pass the top singular vectors of an update, not the update itself).
+
+    >>> import jax.numpy as jnp
+    >>> angles = principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])
+    >>> [round(float(t), 4) for t in angles]
+    [0.0, 1.5708]
+    """
+    qa = jnp.linalg.qr(jnp.asarray(a))[0]
+    qb = jnp.linalg.qr(jnp.asarray(b))[0]
+    cosines = jnp.linalg.svd(qa.T @ qb, compute_uv=False)
+    return jnp.arccos(jnp.clip(cosines, -1.0, 1.0))  # singular values descend, so angles ascend
+
+
+def _at(tree: Any, path: str) -> Any:
+    node = tree
+    for key in filter(None, path.split("/")):
+        if key not in node:
+            raise ValueError(f"no layer {path!r} in params (at {key!r}; keys: {sorted(node)}).")
+        node = node[key]
+    return node
+
+
+def delta_weights(
+    params: Any, config: Any, layer_path: str, operating_params: Float[ArrayLike, "K d_p"]
+) -> Float[Array, "K d_in d_out"]:
+    r"""``ΔW(p_k) = W'(p_k) - W`` of one adapted layer at ``K`` operating points, via :func:`rssbl_jax.merge`.
+
+    .. math::
+
+        \Delta W(p) = s\, A\,\mathrm{diag}\big(g(\hat p)\big)\,B
+
+    computed with ``jax.vmap`` over ``merge(params, p, config)``, so the gate family and the ``p`` normalisation
+    come from ``config`` exactly as in training.
+
+    Args:
+      params: a model's params tree (or one layer's params, with ``layer_path=""``).
+      config: the :class:`~rssbl_jax.AdapterConfig` (or an adapted model / layer carrying one).
+      layer_path: the layer's path in ``params``, keys joined by ``/`` (``"dense_0"``, ``"block_0/attention/query"``).
+      operating_params: ``[K, d_p]``.
+
+    Returns:
+      ``[K, *kernel.shape]``: the merged kernel minus the base kernel at each operating point.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from rssbl_jax import RSSBilinearLoRADense
+    >>> layer = RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 2)), jnp.ones(1))["params"]
+    >>> delta_weights(params, layer.adapter_config, "", jnp.array([[0.0], [1.0]])).shape   # B = 0 at init: zeros
+    (2, 2, 3)
+    """
+    base = _at(params, layer_path)
+    if "kernel" not in base:
+        raise ValueError(f"{layer_path or 'params'} has no kernel (keys: {sorted(base)}).")
+    kernels = jax.vmap(lambda p: _at(merge(params, p, config), layer_path)["kernel"])(jnp.asarray(operating_params))
+    return kernels - base["kernel"][None]
+
+
+def response_curve(fn: Callable[[Any], Any], grid: Any) -> Any:
+    """``fn`` at every point of ``grid`` (a leading axis of conditions, or a pytree of them), with ``jax.vmap``.
+
+    >>> import jax.numpy as jnp
+    >>> response_curve(lambda p: jnp.sum(p**2), condition_grid(-1.0, 1.0, 3, 1)).tolist()
+    [1.0, 0.0, 1.0]
+    """
+    return jax.vmap(fn)(grid)
+
+
+def condition_grid(low: float, high: float, num: int, d_p: int) -> Float[Array, "K d_p"]:
+    """A regular grid of ``num**d_p`` conditions on ``[low, high]^d_p`` (first axis slowest), ``[num**d_p, d_p]``.
+
+    >>> condition_grid(0.0, 1.0, 2, 2).tolist()
+    [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    """
+    axis = jnp.linspace(low, high, num)
+    return jnp.stack(jnp.meshgrid(*([axis] * d_p), indexing="ij"), -1).reshape(-1, d_p)
