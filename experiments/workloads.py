@@ -12,15 +12,17 @@ Workloads (data and surrogates from :mod:`experiments.surrogates`, cached):
 Protocol, per workload, method and target set (``all``: attention q/k/v/out + MLP; ``attention``; ``mlp``):
 
 1. The surrogate, pretrained at its nominal condition, is loaded into the adapted model (``rssbl_jax.load_base``);
-   ``p`` is standardised with the mean and std of the training conditions inside the adapters
-   (``AdapterConfig(p_mean, p_std)``), so the nominal condition is *not* at ``p̂ = 0``.
+   ``p`` is standardised with the mean and std of the training conditions, outside the model and the same for
+   every method (``AdapterConfig(p_mean, p_std)`` reaches RSS's gate only, not the plug-in baselines), so the
+   nominal condition is *not* at ``p̂ = 0``.
 2. A *data draw* splits the trajectories of every training condition into training and validation trajectories
-   (``val_trajectories`` of them, drawn per condition). Draws × seeds × learning rates are one ``jax.vmap`` inside
-   one ``jax.jit`` (frozen base leaves are shared, not copied per run). Seeds change the adapter init and the
-   batch order. Adam (global-norm clip 1, cosine decay to 0), normalised MSE on mini-batches, only the method's
+   (``val_trajectories`` of them, drawn per condition). Runs (draw, seed, lr) are one ``jax.vmap`` inside one
+   ``jax.jit`` (frozen base leaves are shared, not copied per run). Seeds change the adapter init and the batch
+   order. Adam (global-norm clip 1, cosine decay to 0), normalised MSE on mini-batches, only the method's
    trainable leaves (``experiments.adapters.trainable_mask``; ``full_ft`` trains everything).
-3. Per draw, the learning rate is the one with the lowest mean validation loss over seeds (picks at the edge of the
-   grid are flagged). The reported runs are the selected ones: ``draws × seeds`` runs, mean and 95 % t-interval.
+3. Learning rate, per draw: stage 1 trains every lr of the grid with seed 0 and keeps the lr with the lowest
+   validation loss (picks at the edge of the grid are flagged); stage 2 adds seeds ``1..len(grid)`` at that lr.
+   Reported: the runs at the chosen lr, ``draws × (len(grid) + 1)``, mean and 95 % t-interval over them.
 4. Metrics per condition set, with :func:`experiments.surrogates.ks_metrics` / ``battery_metrics``:
    ``train`` (the training conditions, on the draw's validation trajectories), ``heldout`` (interpolation),
    ``extrapolated``, ``nominal``. KS: one-step relative L2 and rollout relative L2 (mean over horizons 1..10) from
@@ -81,6 +83,10 @@ class Workload:
     p_mean: tuple[float, ...]
     p_std: tuple[float, ...]
     pretrain_config: Any
+
+    def standardise(self, conditions: np.ndarray) -> np.ndarray:
+        """``p̂ = (p − mean) / std`` with the training conditions' mean and std (float32)."""
+        return ((np.asarray(conditions, np.float64) - self.p_mean) / self.p_std).astype(np.float32)
 
 
 def _surrogate_config(name: str, config: ml_collections.ConfigDict) -> surrogates.PretrainConfig:
@@ -156,13 +162,18 @@ def _split_tree(params: Any, mask: Any) -> tuple[Any, Any]:
 
 
 def adapted_model(work: Workload, method: str, targets: str, config: ml_collections.ConfigDict):
-    """The method injected into the surrogate's ``targets`` layers (``p`` standardised inside the adapters)."""
+    """The method injected into the surrogate's ``targets`` layers; it is called with the standardised ``p̂``.
+
+    ``p`` is standardised *outside* the model (:meth:`Workload.standardise`), the same for every method:
+    ``AdapterConfig(p_mean, p_std)`` is applied by RSS's gate only, so the plug-in baselines of
+    :mod:`experiments.adapters` would otherwise see raw physical units (``L ≈ 64``) while RSS sees ``p̂``.
+    """
     rank, alpha = config.rank, config.lora_alpha
     if method == "lora_wide":  # more rank at the same scale α/r, to match RSS's parameter count
         rank, alpha = config.wide_rank, config.lora_alpha * config.wide_rank / config.rank
     name = f"hypernet{config.hyper_hidden}" if method == "hypernet" else method
     name = f"hypernet{config.hyper_hidden}_nou" if method == "hypernet_nou" else name
-    return name, adapters.inject(work.model, name, TARGETS[targets], rank, alpha, p_mean=work.p_mean, p_std=work.p_std)
+    return name, adapters.inject(work.model, name, TARGETS[targets], rank, alpha)
 
 
 def _loss(adapted, trainable, frozen, x, y, w, p, scale):
@@ -204,7 +215,7 @@ def run_method(
         "x": jnp.asarray(work.x.reshape(c * n * m, *work.x.shape[3:])),
         "y": jnp.asarray(work.y.reshape(c * n * m, *work.y.shape[3:])),
         "w": jnp.asarray(work.w.reshape(c * n * m, *work.w.shape[3:])),
-        "p": jnp.asarray(np.repeat(work.conditions, n * m, axis=0)),
+        "p": jnp.asarray(np.repeat(work.standardise(work.conditions), n * m, axis=0)),
     }
     scale = jnp.asarray(work.scale)
     root = jax.random.key(seed)
@@ -375,7 +386,7 @@ def evaluate(work: Workload, adapted, trainable, frozen, orders, config) -> dict
     arrays, conditions, sizes = _eval_inputs(work, orders, config.val_trajectories, config.horizon, n_eval)
     runs = len(orders)
     per_run = conditions.shape[0]
-    p = jnp.asarray(np.concatenate([conditions] * runs, axis=0))
+    p = jnp.asarray(np.concatenate([work.standardise(conditions)] * runs, axis=0))
     if trainable is None or not jax.tree.leaves(trainable):  # the frozen base
 
         def apply(z):
@@ -420,9 +431,10 @@ def jobs(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, str]]:
     out = []
     for workload in config.workloads:
         skip = set(config[workload].get("skip_methods", ()))
+        skip_ablation = set(config[workload].get("skip_ablation", ()))
         for part in config.parts:
             for method, targets in config.part_jobs[part]:
-                if method not in skip:
+                if method not in skip and not (targets != "all" and method in skip_ablation):
                     out.append((workload, part, method, targets))
     return out
 
@@ -509,6 +521,22 @@ def table(records: list[dict], sets: tuple[str, ...] = ("train", "heldout", "ext
     return "\n".join(lines)
 
 
+def pareto(records: list[dict], set_name: str = "heldout") -> str:
+    """Error against trainable parameters over every (method, layers) record: the Pareto-optimal ones marked."""
+    metric = METRICS[records[0]["workload"]][0]
+    points = sorted(
+        ((r["trainable"], summarise(r, set_name, metric)[0], f"{r['method']} [{r['targets']}]") for r in records),
+        key=lambda t: (t[0], t[1]),
+    )
+    lines = [f"| trainable | {set_name} {metric} | method [layers] | Pareto |", "|---|---|---|---|"]
+    best = math.inf
+    for count, error, label in points:
+        front = error < best
+        best = min(best, error)
+        lines.append(f"| {count} | {error:.4g} | {label} | {'★' if front else ''} |")
+    return "\n".join(lines)
+
+
 def report(records: dict[str, list[dict]], seconds: float) -> str:
     """``report.md``: per workload, the all-layer table and the per-layer ablation."""
     out = [f"# Workloads (this invocation: {seconds:.0f} s)\n"]
@@ -525,6 +553,7 @@ def report(records: dict[str, list[dict]], seconds: float) -> str:
             for r in recs
             if "loss_curve" in r
         ]
+        out.append(f"### {workload}: error against trainable parameters (held-out conditions)\n\n{pareto(recs)}\n")
         title = f"### {workload}: training loss over 10 windows of steps (reported runs)"
         out.append(title + "\n\n" + "\n".join(curves) + "\n")
     return "\n".join(out)

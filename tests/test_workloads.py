@@ -138,3 +138,15 @@ def test_study_writes_records_report_and_ablation_reuses_lr(tmp_path, data_dir):
     report = (tmp_path / "report.md").read_text()
     assert "## ks: all layers" in report and "## ks: per-layer ablation" in report
     assert out["seconds"] > 0
+
+
+def test_every_method_sees_the_same_standardised_p(ks, config):
+    """p is standardised outside the model (training conditions: mean 0, std 1; nominal away from 0), and no
+    adapter normalises it again (``AdapterConfig.p_mean`` reaches RSS's gate only, not the plug-in baselines)."""
+    p_hat = ks.standardise(ks.conditions)
+    np.testing.assert_allclose(p_hat.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(p_hat.std(0), 1.0, atol=1e-5)
+    assert np.abs(ks.standardise(ks.sets["nominal"]["conditions"])).max() > 0.1
+    for method in ("rss", "film_branch0", "lora_concat"):
+        _, adapted = workloads.adapted_model(ks, method, "all", config)
+        assert adapted.config.p_mean is None and adapted.config.p_std is None
