@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
         "trajectories": 2,
     }
     config.ks = ml_collections.ConfigDict(
-        {"steps": 10, "batch": 4, "data": tiny_ks, "pretrain_steps": 20,
+        {"steps": 10, "batch": 4, "data": tiny_ks, "pretrain_steps": 150, "pretrain_lr": 3e-3,
          "model": {"width": 16, "depth": 1, "heads": 2, "mlp": 32}}
     )  # fmt: skip
     tiny_battery = {

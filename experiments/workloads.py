@@ -100,6 +100,8 @@ def _surrogate_config(name: str, config: ml_collections.ConfigDict) -> surrogate
         changes["model"] = base.model | dict(over.model)
     if over.get("pretrain_steps"):
         changes |= {"steps": int(over.pretrain_steps), "warmup": min(base.warmup, int(over.pretrain_steps) // 5)}
+    if over.get("pretrain_lr"):
+        changes["learning_rate"] = float(over.pretrain_lr)
     return dataclasses.replace(base, **changes) if changes else base
 
 

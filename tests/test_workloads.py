@@ -91,7 +91,7 @@ def test_per_layer_targets(battery, config, targets, per_block):
 def test_adapters_train_and_base_stays_frozen(ks, config):
     """rss on the tiny KS surrogate: the training loss falls, only adapter leaves move, metrics come back."""
     cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.ks.steps = 60
+    cfg.ks.steps, cfg.ks.batch = 60, 8
     cfg.learning_rates = (1e-2,)
     record = workloads.run_method(ks, "rss", "all", cfg)
     curve = record["loss_curve"]
