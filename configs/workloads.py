@@ -63,7 +63,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.battery = ml_collections.ConfigDict({"steps": 150, "batch": 8, "eval_trajectories": 4})
     # The battery sequences (128 causal tokens) cost ~2x a KS step: its main part skips the RSS gate-family
     # ablations and the hypernetwork without its unconditioned term (all run on KS).
-    # Its per-layer ablation covers rss and lora only (the five-method ablation runs on the 4-block KS transformer).
     config.battery.skip_methods = ("hypernet_nou", "rss_affine", "rss_affine1", "rss_gate_only", "rss_shift_only")
-    config.battery.skip_ablation = ("film_branch0", "film_branch1", "rss_mlp")
+    config.battery.skip_ablation = ()  # e.g. ("film_branch0",): per-layer ablation rows to leave out
     return config
