@@ -1,0 +1,581 @@
+r"""Every method adapted into the pretrained transformer surrogates (issue 11) through ``rssbl_jax.inject``.
+
+    python -m experiments.workloads --config configs/workloads.py --workdir results/workloads
+    python -m experiments.workloads --config configs/workloads.py --workdir results/workloads \
+        --config.workloads=ks --config.parts=main          # one named part of the study
+
+Workloads (data and surrogates from :mod:`experiments.surrogates`, cached):
+
+* ``ks``: the Kuramoto–Sivashinsky patch transformer (4 blocks, width 128), ``p = (L, ψ)`` (exponax);
+* ``battery``: the causal battery transformer (2 blocks, width 64), ``p = (T_ambient, C-rate)`` (PyBaMM SPMe).
+
+Protocol, per workload, method and target set (``all``: attention q/k/v/out + MLP; ``attention``; ``mlp``):
+
+1. The surrogate, pretrained at its nominal condition, is loaded into the adapted model (``rssbl_jax.load_base``);
+   ``p`` is standardised with the mean and std of the training conditions, outside the model and the same for
+   every method (``AdapterConfig(p_mean, p_std)`` reaches RSS's gate only, not the plug-in baselines), so the
+   nominal condition is *not* at ``p̂ = 0``.
+2. A *data draw* splits the trajectories of every training condition into training and validation trajectories
+   (``val_trajectories`` of them, drawn per condition). Runs (draw, seed, lr) are one ``jax.vmap`` inside one
+   ``jax.jit`` (frozen base leaves are shared, not copied per run). Seeds change the adapter init and the batch
+   order. Adam (global-norm clip 1, cosine decay to 0), normalised MSE on mini-batches, only the method's
+   trainable leaves (``experiments.adapters.trainable_mask``; ``full_ft`` trains everything).
+3. Learning rate, per draw: stage 1 trains every lr of the grid with seed 0 and keeps the lr with the lowest
+   validation loss (picks at the edge of the grid are flagged); stage 2 adds seeds ``1..len(grid)`` at that lr.
+   Reported: the runs at the chosen lr, ``draws × (len(grid) + 1)``, mean and 95 % t-interval over them.
+4. Metrics per condition set, with :func:`experiments.surrogates.ks_metrics` / ``battery_metrics``:
+   ``train`` (the training conditions, on the draw's validation trajectories), ``heldout`` (interpolation),
+   ``extrapolated``, ``nominal``. KS: one-step relative L2 and rollout relative L2 (mean over horizons 1..10) from
+   frame 0; battery: voltage RMSE [mV] and temperature-rise RMSE [K].
+5. Cost: wall time per training step per run (the vmapped step's time divided by the number of runs) and XLA's
+   compiled memory estimate of the vmapped training step (arguments + outputs − aliased + temporaries, from
+   ``jax.jit(...).lower(...).compile().memory_analysis()``; on CPU this is the buffer assignment's total, not a
+   measured peak).
+
+Outputs in ``workdir``: ``<workload>_<part>.jsonl`` (one record per method × targets) and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import scipy.stats
+
+import rssbl_jax
+from experiments import adapters, physics_data, surrogates
+
+TARGETS = {"all": surrogates.ALL_TARGETS, "attention": surrogates.ATTENTION_TARGETS, "mlp": surrogates.MLP_TARGETS}
+SETS = ("train", "heldout", "extrapolated", "nominal")
+METRICS = {"ks": ("one_step", "rollout_mean"), "battery": ("voltage_rmse_mv", "temperature_rmse_k")}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class Workload:
+    """A pretrained surrogate and its data as training examples and evaluation sets.
+
+    ``x, y, w [c, n, m, ...]``: ``m`` examples of each of ``n`` trajectories at each of ``c`` training conditions
+    (KS: one-step pairs; battery: one whole profile, ``m = 1``); ``w`` weights the squared error (the battery's
+    valid samples). ``sets[s]`` is the raw condition set ``s`` of :func:`experiments.physics_data.split`.
+    """
+
+    name: str
+    model: Any
+    base: Any
+    x: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    conditions: np.ndarray
+    sets: dict[str, dict[str, np.ndarray]]
+    scale: np.ndarray
+    p_mean: tuple[float, ...]
+    p_std: tuple[float, ...]
+    pretrain_config: Any
+
+    def standardise(self, conditions: np.ndarray) -> np.ndarray:
+        """``p̂ = (p − mean) / std`` with the training conditions' mean and std (float32)."""
+        return ((np.asarray(conditions, np.float64) - self.p_mean) / self.p_std).astype(np.float32)
+
+
+def _surrogate_config(name: str, config: ml_collections.ConfigDict) -> surrogates.PretrainConfig:
+    """The surrogate's :class:`~experiments.surrogates.PretrainConfig`, with the config's overrides (tests)."""
+    base = surrogates.SURROGATES[f"{name}_transformer"]
+    over = config.get(name, ml_collections.ConfigDict())
+    changes = {}
+    if over.get("data"):
+        changes["data"] = dataclasses.replace(base.data, **dict(over.data))
+    if over.get("model"):
+        changes["model"] = base.model | dict(over.model)
+    if over.get("pretrain_steps"):
+        changes |= {"steps": int(over.pretrain_steps), "warmup": min(base.warmup, int(over.pretrain_steps) // 5)}
+    if over.get("pretrain_lr"):
+        changes["learning_rate"] = float(over.pretrain_lr)
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | None = None) -> Workload:
+    """The pretrained surrogate ``name`` (``ks`` or ``battery``) and its data (both cached on disk)."""
+    pretrain_config = _surrogate_config(name, config)
+    progress = bool(config.get("progress", False))
+    model, base = surrogates.pretrained(pretrain_config, data_dir, progress)
+    data = surrogates.load_data(pretrain_config, data_dir, progress)
+    sets = {s: physics_data.split(data, s) for s in SETS}
+    train = sets["train"]
+    if name == "ks":
+        u = train["u"]
+        x, y = u[:, :, :-1], u[:, :, 1:]
+        w = np.ones((1, 1, 1, 1), np.float32)
+        scale = np.float32(model.du_scale).reshape(1)
+    else:
+        x, y = train["x"][:, :, None], train["y"][:, :, None]
+        w = train["valid"][:, :, None, :, None].astype(np.float32)
+        scale = np.asarray(model.y_scale, np.float32)
+    conditions = train["conditions"].astype(np.float64)
+    return Workload(
+        name,
+        model,
+        base,
+        x,
+        y,
+        np.broadcast_to(w, y.shape).astype(np.float32),
+        conditions.astype(np.float32),
+        sets,
+        scale,
+        tuple(float(v) for v in conditions.mean(0)),
+        tuple(float(v) for v in conditions.std(0)),
+        pretrain_config,
+    )
+
+
+def draw_trajectories(n: int, n_val: int, conditions: int, draw: int, seed: int) -> np.ndarray:
+    """``[conditions, n]`` permutations of the trajectories: the first ``n_val`` of each row validate."""
+    rng = np.random.default_rng([seed, 11, draw])
+    return np.stack([rng.permutation(n) for _ in range(conditions)])
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t-interval over the first axis."""
+    values = np.asarray(values, np.float64)
+    if values.shape[0] < 2:
+        return float(values.mean()), float("nan")
+    half = scipy.stats.t.ppf(0.975, values.shape[0] - 1) * values.std(ddof=1) / math.sqrt(values.shape[0])
+    return float(values.mean()), float(half)
+
+
+def _split_tree(params: Any, mask: Any) -> tuple[Any, Any]:
+    trainable = jax.tree.map(lambda v, m: v if m else None, params, mask)
+    frozen = jax.tree.map(lambda v, m: None if m else v, params, mask)
+    return trainable, frozen
+
+
+def adapted_model(work: Workload, method: str, targets: str, config: ml_collections.ConfigDict):
+    """The method injected into the surrogate's ``targets`` layers; it is called with the standardised ``p̂``.
+
+    ``p`` is standardised *outside* the model (:meth:`Workload.standardise`), the same for every method:
+    ``AdapterConfig(p_mean, p_std)`` is applied by RSS's gate only, so the plug-in baselines of
+    :mod:`experiments.adapters` would otherwise see raw physical units (``L ≈ 64``) while RSS sees ``p̂``.
+    """
+    rank, alpha = config.rank, config.lora_alpha
+    if method == "lora_wide":  # more rank at the same scale α/r, to match RSS's parameter count
+        rank, alpha = config.wide_rank, config.lora_alpha * config.wide_rank / config.rank
+    name = f"hypernet{config.hyper_hidden}" if method == "hypernet" else method
+    name = f"hypernet{config.hyper_hidden}_nou" if method == "hypernet_nou" else name
+    return name, adapters.inject(work.model, name, TARGETS[targets], rank, alpha)
+
+
+def _loss(adapted, trainable, frozen, x, y, w, p, scale):
+    """Weighted MSE of the normalised error (the pretraining loss)."""
+    prediction = adapted.apply({"params": rssbl_jax.combine(trainable, frozen)}, x, p=p)
+    lead = (1,) * (y.ndim - 1)
+    residual = (prediction - y) / scale.reshape(*lead, -1)
+    return jnp.sum(w * residual**2) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def run_method(
+    work: Workload,
+    method: str,
+    targets: str,
+    config: ml_collections.ConfigDict,
+    seed: int = 0,
+    draw_lrs: list[float] | None = None,
+) -> dict[str, Any]:
+    """Train one method's runs (vmapped), select the learning rate per draw, evaluate; one JSON record.
+
+    Two stages with the same number of runs, so one compiled step serves both: (1) every learning rate of the
+    grid with seed 0 on every draw; (2) per draw, seeds ``1..len(grid)`` at the lr that draw chose on its
+    validation trajectories. Reported: the runs at the chosen lr, ``draws × (len(grid) + 1)`` of them.
+    ``draw_lrs`` (one lr per draw, e.g. the all-layer run's choice for the per-layer ablation) skips stage 1 and
+    trains ``draws × seeds`` runs.
+    """
+    start = time.perf_counter()
+    name, adapted = adapted_model(work, method, targets, config)
+    c, n, m = work.x.shape[:3]
+    draws, n_val = config.draws, config.val_trajectories
+    lrs = list(config.full_ft_learning_rates if method == "full_ft" else config.learning_rates)
+    orders = [draw_trajectories(n, n_val, c, d, seed) for d in range(draws)]
+    flat = lambda cond, traj, k: (cond * n + traj) * m + k  # noqa: E731
+    cond_idx, k_idx = np.arange(c)[:, None, None], np.arange(m)[None, None, :]
+    train_idx = np.stack([flat(cond_idx, o[:, n_val:, None], k_idx).ravel() for o in orders])
+    val_k = k_idx[..., :: config[work.name].get("val_stride", 1)]
+    val_idx = np.stack([flat(cond_idx, o[:, :n_val, None], val_k).ravel() for o in orders])
+    data = {
+        "x": jnp.asarray(work.x.reshape(c * n * m, *work.x.shape[3:])),
+        "y": jnp.asarray(work.y.reshape(c * n * m, *work.y.shape[3:])),
+        "w": jnp.asarray(work.w.reshape(c * n * m, *work.w.shape[3:])),
+        "p": jnp.asarray(np.repeat(work.standardise(work.conditions), n * m, axis=0)),
+    }
+    scale = jnp.asarray(work.scale)
+    root = jax.random.key(seed)
+
+    def init(key):
+        variables = adapted.init(key, data["x"][:1], p=data["p"][:1])
+        return rssbl_jax.load_base(variables, work.base)["params"]
+
+    shapes = jax.eval_shape(init, root)
+    mask = adapters.trainable_mask(shapes, name)
+
+    @jax.jit
+    def init_runs(keys):  # one compile: per-run trainable leaves, and the frozen ones once (shared by every run)
+        return jax.vmap(lambda k: _split_tree(init(k), mask)[0])(keys), _split_tree(init(keys[0]), mask)[1]
+
+    def run_keys(runs):
+        return jnp.stack([jax.random.fold_in(jax.random.fold_in(root, d), s) for d, s, _ in runs])
+
+    steps, batch = config[work.name].steps, config[work.name].batch
+    record: dict[str, Any] = {
+        "workload": work.name,
+        "method": method,
+        "adapter": name,
+        "targets": targets,
+        "trainable": sum(
+            math.prod(v.shape) for v, t in zip(jax.tree.leaves(shapes), jax.tree.leaves(mask), strict=True) if t
+        ),
+        "steps": steps if method != "frozen" else 0,
+        "batch": batch,
+    }
+    if method == "frozen":
+        reported = [(d, 0, 0.0) for d in range(draws)]
+        _, frozen = init_runs(run_keys(reported))
+        record |= {"runs": reported, "lr": None, "edge": False, "step_ms_per_run": 0.0, "memory_mb": None}
+        record["metrics"] = evaluate(work, adapted, None, frozen, [orders[d] for d, _, _ in reported], config)
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+    schedule = optax.cosine_decay_schedule(1.0, steps)
+
+    def one_step(trainable, state, lr, key, idx, frozen, data, step):
+        k = jax.random.fold_in(key, step)
+        rows = idx[jax.random.randint(k, (batch,), 0, idx.shape[0])]
+        xb, yb, wb, pb = (data[f][rows] for f in ("x", "y", "w", "p"))
+        loss, grads = jax.value_and_grad(_loss, argnums=1)(adapted, trainable, frozen, xb, yb, wb, pb, scale)
+        updates, state = tx.update(grads, state)
+        factor = lr * schedule(step)
+        return jax.tree.map(lambda t, u: t - factor * u, trainable, updates), state, loss
+
+    step_fn = jax.jit(jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, None, None)), donate_argnums=(0, 1))
+    init_state = jax.jit(jax.vmap(tx.init))
+
+    @jax.jit
+    def validate(trainable, idx, frozen, data):  # sequential over runs: low memory
+        def one(args):
+            t, i = args
+            return _loss(adapted, t, frozen, data["x"][i], data["y"][i], data["w"][i], data["p"][i], scale)
+
+        return jax.lax.map(one, (trainable, idx))
+
+    timings = {"init_s": 0.0, "compile_s": 0.0, "steps_s": 0.0, "val_s": 0.0}
+    compiled: dict[int, Any] = {}
+    run_steps = [0]
+
+    def train(runs):
+        """Train ``runs`` [(draw, seed, lr)] at once: trained leaves, per-step losses [steps, R], val losses [R]."""
+        t = time.perf_counter()
+        trainable, frozen = init_runs(run_keys(runs))
+        state = init_state(trainable)
+        jax.block_until_ready(state)
+        timings["init_s"] += time.perf_counter() - t
+        draw = np.array([d for d, _, _ in runs])
+        args = (jnp.asarray([lr for _, _, lr in runs], jnp.float32), run_keys(runs), jnp.asarray(train_idx[draw]))
+        if len(runs) not in compiled:
+            t = time.perf_counter()
+            compiled[len(runs)] = step_fn.lower(trainable, state, *args, frozen, data, jnp.int32(0)).compile()
+            timings["compile_s"] += time.perf_counter() - t
+            memory = compiled[len(runs)].memory_analysis()
+            if memory is not None:
+                total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                record["memory_mb"] = (total + memory.temp_size_in_bytes) / 2**20
+                record["memory_runs"] = len(runs)
+        losses = []
+        t = time.perf_counter()
+        for i in range(steps):
+            trainable, state, loss = compiled[len(runs)](trainable, state, *args, frozen, data, jnp.int32(i))
+            losses.append(loss)
+        jax.block_until_ready(trainable)
+        timings["steps_s"] += time.perf_counter() - t
+        run_steps[0] += steps * len(runs)
+        t = time.perf_counter()
+        val = np.asarray(validate(trainable, jnp.asarray(val_idx[draw]), frozen, data))
+        timings["val_s"] += time.perf_counter() - t
+        return trainable, frozen, np.asarray(jnp.stack(losses)), val
+
+    if draw_lrs is None:
+        stage1 = [(d, 0, lr) for d in range(draws) for lr in lrs]
+        trained1, frozen, losses1, val1 = train(stage1)
+        chosen = [lrs[int(np.nanargmin([val1[d * len(lrs) + k] for k in range(len(lrs))]))] for d in range(draws)]
+        record["val_loss_by_lr"] = {
+            f"{lr:g}": [float(val1[d * len(lrs) + k]) for d in range(draws)] for k, lr in enumerate(lrs)
+        }
+        stage2 = [(d, s, chosen[d]) for d in range(draws) for s in range(1, len(lrs) + 1)]
+        keep = [d * len(lrs) + lrs.index(chosen[d]) for d in range(draws)]
+    else:
+        chosen, stage2, keep = (
+            list(draw_lrs),
+            [(d, s, draw_lrs[d]) for d in range(draws) for s in range(config.seeds)],
+            [],
+        )
+    trained2, frozen, losses2, _ = train(stage2)
+    if keep:
+        trainable = jax.tree.map(lambda a, b: jnp.concatenate([a[np.array(keep)], b]), trained1, trained2)
+        losses = np.concatenate([losses1[:, keep], losses2], axis=1)
+        reported = [stage1[k] for k in keep] + stage2
+    else:
+        trainable, losses, reported = trained2, losses2, stage2
+    record["runs"] = reported
+    record["lr"] = chosen
+    record["lr_from"] = "grid" if draw_lrs is None else "all-layer run"
+    record["lr_grid"] = lrs
+    record["edge"] = bool(len(lrs) > 1 and any(lr in (lrs[0], lrs[-1]) for lr in chosen))
+    record["loss_curve"] = [float(np.mean(w)) for w in np.array_split(losses.mean(axis=1), 10)]
+    record |= timings
+    record["step_ms_per_run"] = 1e3 * timings["steps_s"] / run_steps[0]
+    record["train_s"] = time.perf_counter() - start
+    eval_start = time.perf_counter()
+    record["metrics"] = evaluate(work, adapted, trainable, frozen, [orders[d] for d, _, _ in reported], config)
+    record["eval_s"] = time.perf_counter() - eval_start
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def _eval_inputs(work: Workload, orders: list[np.ndarray], n_val: int, horizon: int, n_eval: int):
+    """Per selected run, every condition set stacked along the condition axis (equal trajectories per condition).
+
+    ``train`` uses the run's validation trajectories, tiled to the held-out sets' count (the mean is unchanged).
+    """
+    n_eval = min(n_eval, work.sets["heldout"]["u" if work.name == "ks" else "x"].shape[1])
+    if n_eval % n_val:
+        raise ValueError(f"val_trajectories ({n_val}) must divide the held-out trajectories per condition ({n_eval}).")
+    keys = ("u",) if work.name == "ks" else ("x", "y", "valid")
+    runs = []
+    for order in orders:
+        parts = {k: [] for k in keys}
+        for s in SETS:
+            part = work.sets[s]
+            for k in keys:
+                a = part[k]
+                if s == "train":
+                    a = np.take_along_axis(a, order[:, :n_val].reshape(-1, n_val, *(1,) * (a.ndim - 2)), axis=1)
+                    a = np.concatenate([a] * (n_eval // n_val), axis=1)
+                else:
+                    a = a[:, :n_eval]
+                if k == "u":
+                    a = a[:, :, : horizon + 1]
+                parts[k].append(a)
+        runs.append({k: np.concatenate(v, axis=0) for k, v in parts.items()})
+    sizes = {s: work.sets[s]["conditions"].shape[0] for s in SETS}
+    conditions = np.concatenate([work.sets[s]["conditions"] for s in SETS]).astype(np.float32)
+    return {k: np.concatenate([r[k] for r in runs], axis=0) for k in keys}, conditions, sizes
+
+
+def evaluate(work: Workload, adapted, trainable, frozen, orders, config) -> dict[str, Any]:
+    """Metrics ``{set: {metric: [runs, conditions]}}`` of the selected runs (trained leaves stacked on axis 0)."""
+    n_eval = config[work.name].get("eval_trajectories", 1 << 30)
+    arrays, conditions, sizes = _eval_inputs(work, orders, config.val_trajectories, config.horizon, n_eval)
+    runs = len(orders)
+    per_run = conditions.shape[0]
+    p = jnp.asarray(np.concatenate([work.standardise(conditions)] * runs, axis=0))
+    if trainable is None or not jax.tree.leaves(trainable):  # the frozen base
+
+        def apply(z):
+            return work.model.apply({"params": work.base}, z)
+
+    else:
+
+        def apply(z):
+            z_runs = z.reshape(runs, per_run, *z.shape[1:])
+            out = jax.vmap(
+                lambda t, zz, pp: adapted.apply({"params": rssbl_jax.combine(t, frozen)}, zz, p=pp),
+                in_axes=(0, 0, 0),
+            )(trainable, z_runs, p.reshape(runs, per_run, -1))
+            return out.reshape(z.shape[0], *out.shape[2:])
+
+    if work.name == "ks":
+        metrics = surrogates.ks_metrics(apply, arrays["u"], config.horizon)
+        keep = ("one_step", "rollout_mean", "rollout", "persistence")
+    else:
+        metrics = surrogates.battery_metrics(apply, arrays["x"], arrays["y"], arrays["valid"])
+        keep = ("voltage_rmse_mv", "voltage_rel_l2", "temperature_rmse_k")
+    out: dict[str, Any] = {}
+    offset = 0
+    for s in SETS:
+        out[s] = {
+            k: np.asarray(metrics[k])
+            .reshape(runs, per_run, *np.shape(metrics[k])[1:])[:, offset : offset + sizes[s]]
+            .astype(np.float64)
+            .tolist()
+            for k in keep
+        }
+        out[s]["conditions"] = conditions[offset : offset + sizes[s]].tolist()
+        offset += sizes[s]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ study
+
+
+def jobs(config: ml_collections.ConfigDict) -> list[tuple[str, str, str, str]]:
+    """``(workload, part, method, targets)`` for the config's workloads and named parts."""
+    out = []
+    for workload in config.workloads:
+        skip = set(config[workload].get("skip_methods", ()))
+        skip_ablation = set(config[workload].get("skip_ablation", ()))
+        for part in config.parts:
+            for method, targets in config.part_jobs[part]:
+                if method not in skip and not (targets != "all" and method in skip_ablation):
+                    out.append((workload, part, method, targets))
+    return out
+
+
+def read_records(workdir: str | pathlib.Path) -> dict[str, list[dict]]:
+    """Every record in ``workdir/<workload>_<part>.jsonl``, by workload (parts in file-name order)."""
+    records: dict[str, list[dict]] = {}
+    for path in sorted(pathlib.Path(workdir).glob("*_*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records.setdefault(record["workload"], []).append(record)
+    return records
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None) -> dict:
+    """Run every job of the config into ``workdir/<workload>_<part>.jsonl`` (each part's file is rewritten), then
+    write ``workdir/report.md`` from every record there (so parts run separately end up in one report).
+
+    The per-layer ablation (targets other than ``all``) reuses, per draw, the learning rate its method chose on
+    all layers (``ablation_lr_from_all``, default True; from this run or from ``<workload>_main.jsonl``).
+    """
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    loaded: dict[str, Workload] = {}
+    done: list[dict] = []
+    started: set[str] = set()
+    for workload, part, method, targets in jobs(config):
+        if workload not in loaded:
+            loaded[workload] = load_workload(workload, config, data_dir)
+        path = workdir_path / f"{workload}_{part}.jsonl"
+        if path.name not in started:
+            path.write_text("")
+            started.add(path.name)
+        draw_lrs = None
+        if targets != "all" and config.get("ablation_lr_from_all", True):
+            known = done + read_records(workdir_path).get(workload, [])
+            reference = [
+                r for r in known if r["workload"] == workload and r["method"] == method and r["targets"] == "all"
+            ]
+            if not reference:
+                raise ValueError(f"the ablation of {method} on {workload} needs its all-layer run first (part main).")
+            draw_lrs = reference[0]["lr"]
+        record = run_method(loaded[workload], method, targets, config, seed=config.seed, draw_lrs=draw_lrs)
+        record["part"] = part
+        done.append(record)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if config.get("progress", False):
+            print(f"{workload} {method} [{targets}] {record['seconds']:.1f} s", flush=True)
+    seconds = time.perf_counter() - start
+    (workdir_path / "report.md").write_text(report(read_records(workdir_path), seconds))
+    return {"records": done, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def summarise(record: dict, set_name: str, metric: str) -> tuple[float, float]:
+    """Mean and 95 % interval over runs of the per-run mean over the set's conditions."""
+    values = np.asarray(record["metrics"][set_name][metric], np.float64)
+    return mean_ci(values.reshape(values.shape[0], values.shape[1], -1).mean(axis=(1, 2)))
+
+
+def _cell(mean: float, half: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if np.isfinite(half) else f"{mean:.{digits}f}"
+
+
+def table(records: list[dict], sets: tuple[str, ...] = ("train", "heldout", "extrapolated", "nominal")) -> str:
+    """A markdown table: one row per record, one column per (set, metric)."""
+    workload = records[0]["workload"]
+    metrics = METRICS[workload]
+    digits = {"one_step": 4, "rollout_mean": 3, "voltage_rmse_mv": 1, "temperature_rmse_k": 3}
+    short = {"one_step": "1-step", "rollout_mean": "rollout", "voltage_rmse_mv": "V mV", "temperature_rmse_k": "T K"}
+    head = ["method", "layers", "trainable", "lr", "ms/step/run", "MB (XLA)"]
+    head += [f"{s} {short[k]}" for s in sets for k in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        lr = "—" if r["lr"] is None else ",".join(f"{v:g}" for v in r["lr"]) + (" (edge)" if r["edge"] else "")
+        memory = "—" if r.get("memory_mb") is None else f"{r['memory_mb']:.0f}"
+        row = [r["method"], r["targets"], str(r["trainable"]), lr, f"{r['step_ms_per_run']:.1f}", memory]
+        row += [_cell(*summarise(r, s, k), digits[k]) for s in sets for k in metrics]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def pareto(records: list[dict], set_name: str = "heldout") -> str:
+    """Error against trainable parameters over every (method, layers) record: the Pareto-optimal ones marked."""
+    metric = METRICS[records[0]["workload"]][0]
+    points = sorted(
+        ((r["trainable"], summarise(r, set_name, metric)[0], f"{r['method']} [{r['targets']}]") for r in records),
+        key=lambda t: (t[0], t[1]),
+    )
+    lines = [f"| trainable | {set_name} {metric} | method [layers] | Pareto |", "|---|---|---|---|"]
+    best = math.inf
+    for count, error, label in points:
+        front = error < best
+        best = min(best, error)
+        lines.append(f"| {count} | {error:.4g} | {label} | {'★' if front else ''} |")
+    return "\n".join(lines)
+
+
+def report(records: dict[str, list[dict]], seconds: float) -> str:
+    """``report.md``: per workload, the all-layer table and the per-layer ablation."""
+    out = [f"# Workloads (this invocation: {seconds:.0f} s)\n"]
+    for workload, recs in records.items():
+        main = [r for r in recs if r["targets"] == "all"]
+        ablated = {r["method"] for r in recs if r["targets"] != "all"}
+        ablation = sorted(
+            (r for r in recs if r["method"] in ablated), key=lambda r: (r["method"], list(TARGETS).index(r["targets"]))
+        )
+        out.append(f"## {workload}: all layers\n\n{table(main)}\n" if main else "")
+        out.append(f"## {workload}: per-layer ablation\n\n{table(ablation)}\n" if ablation else "")
+        curves = [
+            f"- {r['method']} [{r['targets']}]: " + " ".join(f"{v:.3g}" for v in r["loss_curve"])
+            for r in recs
+            if "loss_curve" in r
+        ]
+        out.append(f"### {workload}: error against trainable parameters (held-out conditions)\n\n{pareto(recs)}\n")
+        title = f"### {workload}: training loss over 10 windows of steps (reported runs)"
+        out.append(title + "\n\n" + "\n".join(curves) + "\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command line
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", "configs/workloads.py", "A config with get_config().")
+    workdir_flag = flags.DEFINE_string("workdir", "results/workloads", "Where records and report.md are written.")
+
+    def run(argv):
+        del argv
+        summary = train_and_evaluate(config_flag.value, workdir_flag.value)
+        print(pathlib.Path(workdir_flag.value, "report.md").read_text())
+        print(f"total: {summary['seconds']:.0f} s")
+
+    app.run(run, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,152 @@
+"""The issue-11 adaptation harness on tiny surrogates: every method runs through inject, B = 0 at init is the frozen
+base, an adapter trains, and the study writes records and a report."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import rssbl_jax
+from configs import workloads as workloads_config
+from configs import workloads_tiny
+from experiments import adapters, surrogates, workloads
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("workloads_cache")
+
+
+@pytest.fixture(scope="module")
+def config():
+    return workloads_tiny.get_config()
+
+
+@pytest.fixture(scope="module")
+def ks(config, data_dir):
+    return workloads.load_workload("ks", config, data_dir)
+
+
+@pytest.fixture(scope="module")
+def battery(config, data_dir):
+    return workloads.load_workload("battery", config, data_dir)
+
+
+def _examples(work, k=3):
+    x = jnp.asarray(work.x.reshape(-1, *work.x.shape[3:])[:k])
+    p = jnp.asarray(np.repeat(work.conditions, work.x.shape[1] * work.x.shape[2], axis=0)[:k])
+    return x, p
+
+
+def test_config_names_every_method_of_the_comparison():
+    config = workloads_config.get_config()
+    names = {m for m, _ in config.part_jobs["main"]}
+    assert {"frozen", "lora", "lora_concat", "full_ft", "film_branch0", "film_branch1", "film_layer0"} <= names
+    assert {"film_layer1", "hypernet", "hypernet_nou", "rss", "rss_one_plus", "rss_mlp"} <= names
+    assert all(t == "all" for _, t in config.part_jobs["main"])
+    ablation = set(config.part_jobs["ablation"])
+    for method in ("rss", "lora", "film_branch0", "film_branch1", "rss_mlp"):
+        assert {(method, "attention"), (method, "mlp")} <= ablation
+
+
+FAST = ("frozen", "lora", "film_layer1", "hypernet_nou", "rss")
+
+
+@pytest.mark.parametrize(
+    "method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in workloads_config.MAIN_METHODS]
+)
+def test_every_method_injects_and_starts_at_the_frozen_base(ks, config, method):
+    """Each method adapts every attention q/k/v/out and MLP layer; at init the adapted surrogate is the base.
+
+    Bit for bit, except FiLM on the whole layer, whose update reads the base output (``Γp ⊙ y`` with ``Γ = 0``):
+    XLA then fuses the base matmul differently, which moves the last bit (float32 round-off, ~1e-7).
+    """
+    name, adapted = workloads.adapted_model(ks, method, "all", config)
+    x, p = _examples(ks)
+    variables = rssbl_jax.load_base(adapted.init(jax.random.key(1), x, p=p), ks.base)
+    depth = ks.pretrain_config.model["depth"]
+    assert len(adapted.adapted_paths(variables)) == 6 * depth
+    out = jax.jit(lambda v, x, p: adapted.apply(v, x, p=p))(variables, x, p)
+    base = jax.jit(ks.model.apply)({"params": ks.base}, x)
+    if method.startswith("film_layer"):
+        np.testing.assert_allclose(np.asarray(out), np.asarray(base), rtol=2e-6, atol=2e-6)
+    else:
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+    assert (adapters.count_trainable(variables["params"], name) > 0) == (method != "frozen")
+
+
+@pytest.mark.parametrize("targets,per_block", [("attention", 4), ("mlp", 2)])
+def test_per_layer_targets(battery, config, targets, per_block):
+    _, adapted = workloads.adapted_model(battery, "rss", targets, config)
+    x, p = _examples(battery)
+    variables = adapted.init(jax.random.key(0), x, p=p)
+    paths = adapted.adapted_paths(variables)
+    assert len(paths) == per_block * battery.pretrain_config.model["depth"]
+    assert all(("attention" in q) == (targets == "attention") for q in paths)
+
+
+def test_adapters_train_and_base_stays_frozen(ks, config):
+    """rss on the tiny KS surrogate: the training loss falls, only adapter leaves move, metrics come back."""
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.ks.steps, cfg.ks.batch = 60, 8
+    cfg.learning_rates = (1e-2,)
+    record = workloads.run_method(ks, "rss", "all", cfg)
+    curve = record["loss_curve"]
+    assert curve[-1] < 0.8 * curve[0], curve
+    assert len(record["runs"]) == 2 * cfg.draws and record["lr"] == [1e-2, 1e-2]  # seed 0, then seed 1
+    assert record["step_ms_per_run"] > 0 and record["memory_mb"] > 0
+    one_step = np.asarray(record["metrics"]["train"]["one_step"])
+    assert one_step.shape == (2 * cfg.draws, ks.conditions.shape[0]) and np.isfinite(one_step).all()
+    frozen = workloads.run_method(ks, "frozen", "all", cfg)
+    # trained at the training conditions, the adapter beats the frozen base there (validation trajectories)
+    assert np.mean(one_step) < np.mean(frozen["metrics"]["train"]["one_step"])
+
+
+def test_frozen_metrics_equal_surrogate_evaluate(ks, config):
+    """The harness's frozen row is ``surrogates.ks_metrics`` of the base on the same trajectories."""
+    record = workloads.run_method(ks, "frozen", "all", config)
+    heldout = {f"heldout/{k}": v for k, v in ks.sets["heldout"].items()}
+    heldout["heldout/u"] = heldout["heldout/u"][:, :, : config.horizon + 1]
+    reference = surrogates.evaluate("ks_transformer", ks.model, ks.base, heldout, sets=("heldout",))["heldout"]
+    for run in np.asarray(record["metrics"]["heldout"]["one_step"]):
+        np.testing.assert_allclose(run, reference["one_step"], rtol=1e-5)
+
+
+def test_battery_harness_reports_voltage_and_temperature(battery, config):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.val_trajectories = 1
+    record = workloads.run_method(battery, "film_branch0", "all", cfg)
+    for s in workloads.SETS:
+        v = np.asarray(record["metrics"][s]["voltage_rmse_mv"])
+        assert v.shape[0] == cfg.draws * (len(cfg.learning_rates) + 1) and np.isfinite(v).all() and (v > 0).all()
+    assert record["edge"] in (True, False) and len(record["lr"]) == cfg.draws
+
+
+@pytest.mark.slow
+def test_study_writes_records_report_and_ablation_reuses_lr(tmp_path, data_dir):
+    config = workloads_tiny.get_config()
+    config.parts = ("main", "ablation")
+    out = workloads.train_and_evaluate(config, str(tmp_path), data_dir)
+    records = [json.loads(line) for line in (tmp_path / "ks_main.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["frozen", "lora", "rss"]
+    (ablation,) = [json.loads(line) for line in (tmp_path / "ks_ablation.jsonl").read_text().splitlines()]
+    assert ablation["targets"] == "mlp" and ablation["lr"] == records[2]["lr"]
+    assert ablation["trainable"] < records[2]["trainable"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## ks: all layers" in report and "## ks: per-layer ablation" in report
+    assert out["seconds"] > 0
+
+
+def test_every_method_sees_the_same_standardised_p(ks, config):
+    """p is standardised outside the model (training conditions: mean 0, std 1; nominal away from 0), and no
+    adapter normalises it again (``AdapterConfig.p_mean`` reaches RSS's gate only, not the plug-in baselines)."""
+    p_hat = ks.standardise(ks.conditions)
+    np.testing.assert_allclose(p_hat.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(p_hat.std(0), 1.0, atol=1e-5)
+    assert np.abs(ks.standardise(ks.sets["nominal"]["conditions"])).max() > 0.1
+    for method in ("rss", "film_branch0", "lora_concat"):
+        _, adapted = workloads.adapted_model(ks, method, "all", config)
+        assert adapted.config.p_mean is None and adapted.config.p_std is None
