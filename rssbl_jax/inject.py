@@ -199,9 +199,8 @@ class Adapted:
         existing = next((n for n in ("lora_gate_w", "lora_s", "lora_c") if module.has_variable("params", n)), None)
         if existing == "lora_c" and layer.gate == "mlp":
             existing = None
-        if existing is not None and isinstance(
-            self.method, core.RSSMethod
-        ):  # a plug-in method's leaves may lay d_p out otherwise
+        rss = isinstance(self.method, core.RSSMethod)  # a plug-in method's leaves may lay d_p out otherwise
+        if existing is not None and rss:
             d_p = jnp.shape(meta.unbox(module.get_variable("params", existing)))[-2]
         else:
             if p.ndim == 0:
@@ -237,7 +236,9 @@ class Adapted:
         factors = dict(zip(names, values, strict=True))
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
         precision = getattr(module, "precision", None)
-        if self.method is core.RSS:  # the update is added to y in one pass (Dense: never materialised on its own)
+        if isinstance(
+            self.method, core.RSSMethod
+        ):  # the update is added to y in one pass (Dense: never materialised on its own)
             out = core.adapter_update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng,
                                       add_to=y)  # fmt: skip
             if out.shape != y.shape:
