@@ -173,7 +173,7 @@ def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Arr
     factors = dict(zip(names, values, strict=True))
     precision = getattr(layer, "precision", None)
     try:
-        if layer.rss_method is core.RSS:  # y plus the update in one pass (Dense: never materialised on its own)
+        if isinstance(layer.rss_method, core.RSSMethod):  # y plus the update in one pass (Dense: never written alone)
             return core.adapter_update(factorization, x, p, factors, settings, precision=precision,
                                        add_to=y).astype(y.dtype)  # fmt: skip
         extra = {"base_output": y} if getattr(layer.rss_method, "needs_base_output", False) else {}
