@@ -95,7 +95,7 @@ def declared() -> dict[str, set[str]]:
                     extras[key] |= extras[inner]
     core = names(project["dependencies"])
     return {
-        "rssbl_jax": core,
+        "rssbl_jax": core | extras["quantize"],  # rssbl_jax.quantize imports qwix lazily, only when used
         "experiments": core | extras["experiments"],
         "configs": core | extras["experiments"],
         "benchmarks": core | extras["bench"],
