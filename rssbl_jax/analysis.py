@@ -19,11 +19,12 @@ can move its subspaces with ``p``. These functions measure that on a grid of con
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from rssbl_jax.merge import merge
@@ -192,3 +193,43 @@ def condition_grid(low: float, high: float, num: int, d_p: int) -> Float[Array, 
     """
     axis = jnp.linspace(low, high, num)
     return jnp.stack(jnp.meshgrid(*([axis] * d_p), indexing="ij"), -1).reshape(-1, d_p)
+
+
+def plot_response(
+    grid: ArrayLike,
+    values: ArrayLike,
+    *,
+    axis: int = 0,
+    ax: Any = None,
+    labels: Sequence[str] | None = None,
+    train_range: tuple[float, float] | None = None,
+) -> Any:
+    """Plot a response over a sweep of one operating parameter: ``values [K, ...]`` against ``grid[:, axis]``.
+
+    Every output channel (the trailing axes of ``values``, flattened) is one line; ``train_range`` shades the range
+    the adapter was trained on, so extrapolation is visible. Needs matplotlib (``pip install 'rssbl_jax[plot]'``).
+    Returns the axes.
+
+    >>> import jax.numpy as jnp, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> grid = condition_grid(-2.0, 2.0, 5, 1)
+    >>> ax = plot_response(grid, response_curve(lambda p: jnp.stack([p[0], p[0] ** 2]), grid), train_range=(-1, 1))
+    >>> len(ax.lines)
+    2
+    """
+    import matplotlib.pyplot as plt  # optional dependency, needed only to plot
+
+    grid, values = np.asarray(grid), np.asarray(values)
+    if grid.ndim != 2 or values.shape[0] != grid.shape[0]:
+        raise ValueError(f"grid must be [K, d_p] and values [K, ...]; got grid {grid.shape}, values {values.shape}.")
+    if ax is None:
+        ax = plt.figure(figsize=(5, 3)).gca()
+    lines = values.reshape(values.shape[0], -1)
+    for i in range(lines.shape[1]):
+        ax.plot(grid[:, axis], lines[:, i], label=None if labels is None else labels[i])
+    if train_range is not None:
+        ax.axvspan(*train_range, color="0.9", zorder=0)
+    ax.set_xlabel(f"p[{axis}]")
+    if labels is not None:
+        ax.legend()
+    return ax

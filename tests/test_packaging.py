@@ -95,7 +95,8 @@ def declared() -> dict[str, set[str]]:
                     extras[key] |= extras[inner]
     core = names(project["dependencies"])
     return {
-        "rssbl_jax": core | extras["quantize"],  # rssbl_jax.quantize imports qwix lazily, only when used
+        # optional library features, imported lazily when used: rssbl_jax.quantize (qwix), analysis.plot_response
+        "rssbl_jax": core | extras["quantize"] | extras["plot"],
         "experiments": core | extras["experiments"],
         "configs": core | extras["experiments"],
         "benchmarks": core | extras["bench"],
