@@ -446,6 +446,25 @@ class AdapterMethod(Protocol):
     ) -> jax.Array: ...
 
 
+def normalize_operating_params(p: jax.Array, layer: LayerConfig) -> jax.Array:
+    """``(p - p_mean) / p_std`` over the last axis when the layer has a normalisation, else ``p`` itself.
+
+    RSS applies it inside :func:`gate_and_shift` (so :func:`fold` folds it in); injection applies it before any other
+    :class:`AdapterMethod`'s ``update``, so every method sees the same standardised ``p``.
+
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(1, 1.0, 1.0, p_mean=(10.0,), p_std=(2.0,))
+    >>> normalize_operating_params(jnp.array([[14.0]]), layer).tolist()
+    [[2.0]]
+    """
+    if layer.p_mean is None:
+        return p
+    p = jnp.asarray(p)
+    shape = (1,) * (p.ndim - 1) + (-1,)
+    mean = jnp.asarray(layer.p_mean, p.dtype).reshape(shape)
+    return (p - mean) / jnp.asarray(layer.p_std, p.dtype).reshape(shape)
+
+
 class RSSMethod(NamedTuple):
     """RSSBilinearLoRA as an :class:`AdapterMethod`: :func:`adapter_params` and :func:`adapter_update`."""
 

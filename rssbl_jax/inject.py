@@ -245,6 +245,7 @@ class Adapted:
                 raise ValueError(f"adapter update of {path!r} has shape {out.shape}, the layer output {y.shape}.")
             return out.astype(y.dtype)
         extra = {"base_output": y} if getattr(self.method, "needs_base_output", False) else {}
+        p = core.normalize_operating_params(p, layer)  # every method sees the same standardised p
         delta = self.method.update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng, **extra)
         if delta.shape != y.shape:
             raise ValueError(f"adapter update of {path!r} has shape {delta.shape}, the layer output {y.shape}.")

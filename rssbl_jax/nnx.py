@@ -177,6 +177,7 @@ def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Arr
             return core.adapter_update(factorization, x, p, factors, settings, precision=precision,
                                        add_to=y).astype(y.dtype)  # fmt: skip
         extra = {"base_output": y} if getattr(layer.rss_method, "needs_base_output", False) else {}
+        p = core.normalize_operating_params(p, settings)  # every method sees the same standardised p
         delta = layer.rss_method.update(factorization, x, p, factors, settings, precision=precision, **extra)
     except ValueError as error:
         raise ValueError(f"adapted {type(layer).__name__} {layer.rss_path!r}: {error}") from None

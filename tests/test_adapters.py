@@ -92,3 +92,17 @@ def test_methods_reach_conv_layers_per_example(name):
     for i in range(3):  # per-example p equals one call per example
         np.testing.assert_allclose(batch[i : i + 1], adapted.apply({"params": params}, images[i : i + 1], p=p[i]),
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["lora_concat", "film_layer1", "hypernet3"])
+def test_p_normalisation_reaches_plug_in_methods(name):
+    """AdapterConfig(p_mean, p_std) standardises p for every method, not only RSS's gate (a confound found in the
+    workloads study: baselines saw raw physical units while RSS saw standardised ones)."""
+    mean, std = np.array([50.0, -3.0]), np.array([10.0, 0.5])
+    raw = P * std[None] + mean[None]
+    plain = adapters.inject(Net(), name, "dense", rank=2, lora_alpha=4.0)
+    normalised = adapters.inject(Net(), name, "dense", rank=2, lora_alpha=4.0, p_mean=mean, p_std=std)
+    params = randomized(plain.init(jax.random.key(0), X, p=P)["params"], 9)
+    np.testing.assert_allclose(
+        normalised.apply({"params": params}, X, p=raw), plain.apply({"params": params}, X, p=P), rtol=1e-4, atol=1e-4
+    )
