@@ -3,7 +3,7 @@
     python -m experiments.workloads --config configs/workloads.py --workdir results/workloads
 
 Named parts (``--config.parts=main`` or ``=ablation``) and workloads (``--config.workloads=ks``) run alone; each
-writes its own records, so a part can be rerun without the rest. Timings are in RESULTS_WORKLOADS.md.
+writes its own records, so a part can be rerun without the rest. Timings are in RESULTS.md (Real workloads).
 """
 
 import ml_collections
