@@ -12,6 +12,7 @@ twice), so the spread of the control across repeats is the noise of the machine 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -68,9 +69,10 @@ def main(argv=None):
     emit(f"Command: `python -m benchmarks.fast_paths --repeats {args.repeats} --rounds {args.rounds}`. Machine: "
          f"{run.machine()}. Date: {time.strftime('%Y-%m-%d %H:%M')}.")  # fmt: skip
     emit()
-    emit("**Contended:** the 2 CPU cores were shared with 3 other engineers' experiments while this ran (load average")
-    emit("≈ 11), so absolute times are 3-4× the quiet-machine tables above; ratios are of candidates interleaved round")
-    emit("by round in one process. The A/A row is the noise; each cell is min / median / max over the repeats.")
+    load = os.getloadavg()[0]
+    emit(f"Load average (1 min) when the measurements ended: {load:.1f} on {os.cpu_count()} cores (other jobs on the")
+    emit("machine stretch absolute times; ratios are of candidates interleaved round by round in one process). The A/A")
+    emit("row is the noise; each cell is min / median / max over the repeats.")
     emit()
     emit("| figure | min | median | max | target |")
     emit("|---|---:|---:|---:|---|")
