@@ -79,8 +79,18 @@ def outside_quantizer(fn: Any) -> Any:
     and ``lora_b`` too. The base layer's own call stays intercepted (its kernel runs quantised); the adapter's
     update runs outside, in full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
     """
-    interception = sys.modules.get("qwix._src.interception")
-    return fn if interception is None else interception.disable_interceptions(fn)
+    if "qwix" not in sys.modules:  # nothing can intercept: qwix quantises only models it was imported to quantise
+        return fn
+    disable = getattr(sys.modules.get("qwix._src.interception"), "disable_interceptions", None)
+    if disable is None:
+        # without the switch the adapters would run quantised, silently: refuse instead
+        version = getattr(sys.modules["qwix"], "__version__", "unknown")
+        raise RuntimeError(
+            f"qwix {version} is loaded but has no qwix._src.interception.disable_interceptions, which rssbl_jax uses "
+            "to keep the adapters out of qwix's quantisation (without it lora_a/lora_b would be quantised too). "
+            "Install the qwix range rssbl_jax supports: pip install 'rssbl_jax[quantize]' (qwix>=0.1.5,<0.2)."
+        )
+    return disable(fn)
 
 
 def _metadata_box(box: Any) -> Any:

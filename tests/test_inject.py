@@ -347,6 +347,25 @@ def test_conv_net_matches_float64_reference_and_merges():
     np.testing.assert_array_equal(apply({"params": no_b}, images, p=p), apply_model({"params": no_b}, images))
 
 
+def test_sweep_over_conditions_of_the_conv_net_matches_float64_reference():
+    """jax.vmap over K shared conditions of an injected conv net: the first Conv sweeps through its condition basis
+    (one [K, 1 + d_p] @ [1 + d_p, |y|] matmul, the images being shared), the later layers per condition."""
+    from tests.test_fast_paths import dot_shapes
+
+    model = ConvNet()
+    adapted = inject(model, r"conv\d|head", rank=3, lora_alpha=6.0, gate_offset=0.5)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 7, 3)), jnp.float32)
+    ps = jnp.asarray(np.random.default_rng(1).standard_normal((6, D_P)), jnp.float32)
+    params = random_params(jax.eval_shape(adapted.init, jax.random.key(2), images, p=ps[0])["params"], 7)
+    sweep = jax.jit(jax.vmap(lambda p: adapted.apply({"params": params}, images, p=p)))
+    ys = sweep(ps)
+    assert ((6, 1 + D_P), (1 + D_P, 2 * 7 * 7 * 6)) in dot_shapes(sweep, ps)
+    alphas = dict.fromkeys(("conv1", "conv2", "head"), 6.0)
+    for k in range(6):
+        expected = convnet_ref(params, images, Adapters(alphas, ps[k], g0=0.5))
+        np.testing.assert_allclose(ys[k], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_merge_reproduces_adapted_model_and_vmaps_over_operating_points(transformer):
     t = transformer
     points = t.p  # three operating points [3, d_p]

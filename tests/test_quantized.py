@@ -105,12 +105,25 @@ def test_linen_grads_wrt_adapters_match_dequantised_float_model():
 
 def test_vmap_over_conditions_on_quantised_base():
     x, _ = _inputs()
-    ps = jax.random.normal(jax.random.key(4), (3, D_P))
+    ps = jax.random.normal(jax.random.key(4), (6, D_P))  # 6 ≥ 1 + d_p: the first layer sweeps through its basis
     adapted = rssbl_jax.inject(quantize.quantize_base(Net(), "int8"), CONFIG)
     params = _nonzero_adapters(adapted.init(jax.random.key(0), x, p=ps[0])["params"])
     ys = jax.vmap(lambda p: adapted.apply({"params": params}, x, p=p))(ps)
-    for k in range(3):
+    for k in range(6):
         np.testing.assert_allclose(np.asarray(ys[k], np.float64), _reference(params, x, ps[k]), rtol=2e-5, atol=2e-5)
+
+
+def test_a_qwix_without_the_interception_switch_is_refused(monkeypatch):
+    """Without qwix's switch the adapters would be quantised silently; the adapted call must refuse instead."""
+    import sys
+    import types
+
+    x, p = _inputs()
+    adapted = rssbl_jax.inject(quantize.quantize_base(Net(), "int8"), CONFIG)
+    variables = adapted.init(jax.random.key(0), x, p=p)
+    monkeypatch.setitem(sys.modules, "qwix._src.interception", types.ModuleType("qwix._src.interception"))
+    with pytest.raises(RuntimeError, match="disable_interceptions.*lora_a/lora_b would be quantised"):
+        adapted.apply(variables, x, p=p)
 
 
 def test_train_step_updates_adapters_only():
