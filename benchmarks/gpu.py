@@ -52,6 +52,9 @@ def _cases():
     def sweep(params, x, p):
         return jax.vmap(lambda q: forward(params, x, q))(p)  # 4 conditions, each for every example
 
+    def sensitivity(params, x, p):
+        return jax.jacfwd(lambda q: forward(params, x, q))(p[0])  # forward mode, shared p
+
     def merged(params, x, p):
         return _Net().apply({"params": rssbl_jax.merge(params, p[0], cfg)}, x)
 
@@ -63,7 +66,7 @@ def _cases():
         return model.apply({"params": quantize.quantize_params(params, abstract)}, x, p=p)
 
     return {"inject forward": forward, "grads w.r.t. adapters": grads, "vmap over p": sweep,
-            "merge at p0": merged, "int8 base (qwix)": quantised}, (params, x, p)  # fmt: skip
+            "jacfwd w.r.t. p": sensitivity, "merge at p0": merged, "int8 base (qwix)": quantised}, (params, x, p)  # fmt: skip
 
 
 def agreement(device, precision: str) -> list[tuple[str, float, float]]:

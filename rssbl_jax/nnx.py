@@ -132,7 +132,10 @@ def _add_adapters(
         specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
     else:
         specs = method.params(settings, factorization, d_p, shift=shift)
-    metadata = kernel.get_metadata() if hasattr(kernel, "get_metadata") else {}
+    # a qwix-quantised kernel is a WithAux whose QArray's qvalue carries the partitioning (as in linen injection)
+    qvalue = getattr(getattr(kernel, "array", None), "qvalue", None)
+    source = kernel if hasattr(kernel, "get_metadata") or not hasattr(qvalue, "get_metadata") else qvalue
+    metadata = source.get_metadata() if hasattr(source, "get_metadata") else {}
     # the kernel's partition names, under whichever key this Flax version uses (adapters inherit them, as qwix does)
     key = next((k for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k) is not None), None)
     names = metadata[key] if key is not None else None

@@ -202,6 +202,48 @@ def test_nnx_quantised_base(order):
     np.testing.assert_allclose(np.asarray(y, np.float64), _reference(params, x, p), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.filterwarnings(r"ignore:'.value' access is now deprecated")  # qwix's find_param
+@pytest.mark.filterwarnings(r"ignore:The 'm.iter_modules\(\)' method is deprecated")  # inside qwix 0.x
+@pytest.mark.parametrize("order", ["inject_then_quantize", "quantize_then_inject"])
+def test_nnx_quantised_base_on_a_mesh_adapters_follow_the_kernels(order):
+    """Under an 8-device mesh the adapters inherit the (quantised) kernel's partitioning in either order."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), (AxisType.Explicit,) * 2)
+    x, p = _inputs()
+    with jax.set_mesh(mesh):
+
+        class Sharded(nnx.Module):
+            def __init__(self, rngs):
+                init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+                self.up = nnx.Linear(D_IN, D_HID, kernel_init=init, rngs=rngs)
+
+            def __call__(self, x):
+                return self.up(x)
+
+        config = rssbl_jax.AdapterConfig(rank=RANK, lora_alpha=8.0, targets=["up"])
+        if order == "inject_then_quantize":
+            adapted = rss_nnx.inject(Sharded(nnx.Rngs(0)), config, d_p=D_P, rngs=nnx.Rngs(1))
+            adapted = quantize.quantize_base(adapted, "int8", x, p=p)
+        else:
+            adapted = rss_nnx.inject(quantize.quantize_base(Sharded(nnx.Rngs(0)), "int8", x), config, d_p=D_P,
+                                     rngs=nnx.Rngs(1))  # fmt: skip
+        layer = adapted.model.up
+        assert layer.lora_a[...].sharding.spec == P("data", None)
+        assert layer.lora_b[...].sharding.spec == P(None, "model")
+        assert layer.lora_b[...].addressable_shards[0].data.shape == (RANK, D_HID // 4)
+        for j, name in enumerate(("lora_a", "lora_b", "lora_c", "lora_s")):
+            var = getattr(layer, name)
+            var[...] = 0.3 * jax.random.normal(jax.random.key(10 + j), var[...].shape, out_sharding=var[...].sharding)
+        y = nnx.jit(lambda m, x, p: m(x, p=p))(adapted, x, p)
+    deq = quantize.dequantize({"kernel": layer.kernel})["kernel"]
+    q = {k: np.asarray(getattr(layer, k)[...], np.float64) for k in ("lora_a", "lora_b", "lora_c", "lora_s")}
+    expected = reference.rss_dense(x, p, deq, layer.bias[...], q["lora_a"], q["lora_b"], q["lora_c"], q["lora_s"],
+                                   scale=config.scale)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2e-5, atol=2e-5)
+
+
 def test_base_bytes_int8_half_of_bf16_and_4bit_a_quarter():
     x, p = _inputs()
     sizes = {}
