@@ -65,8 +65,9 @@ def _cases():
         abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, p=p))["params"]
         return model.apply({"params": quantize.quantize_params(params, abstract)}, x, p=p)
 
-    return {"inject forward": forward, "grads w.r.t. adapters": grads, "vmap over p": sweep,
-            "jacfwd w.r.t. p": sensitivity, "merge at p0": merged, "int8 base (qwix)": quantised}, (params, x, p)  # fmt: skip
+    cases = {"inject forward": forward, "grads w.r.t. adapters": grads, "vmap over p": sweep,
+             "jacfwd w.r.t. p": sensitivity, "merge at p0": merged, "int8 base (qwix)": quantised}  # fmt: skip
+    return cases, (params, x, p)
 
 
 def agreement(device, precision: str) -> list[tuple[str, float, float]]:
