@@ -4,14 +4,15 @@
     python -m benchmarks.quantized --smoke    # tiny shapes, prints only (used by the tests)
 
 Memory figures are exact (qvalue bits, and XLA's own argument buffer sizes of the compiled forward). Times are
-medians of interleaved rounds (``benchmarks.run.time_interleaved``) with an A/A control; on a shared machine they
-are contended, and the section says so.
+medians of interleaved rounds (``benchmarks.run.time_interleaved``) with an A/A control; the section states the load
+average measured when the step timings ended.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -309,8 +310,7 @@ def main(argv=None):
     emit(f"### Train step against qwix's own QLoRA ({d} Dense layers {w}×{w}, x [{t // 128}, 128, {w}], r = {r}, "
          f"d_p = {dp}; grads w.r.t. adapters only)")  # fmt: skip
     emit()
-    emit("**Contended:** measured on 2 CPU cores shared with other jobs; the A/A control row shows the noise. Ratios")
-    emit("only, and only between rows of one table (interleaved rounds).")
+    emit("Ratios only, and only between rows of one table (interleaved rounds); the A/A control row shows the noise.")
     emit()
     emit("| base | candidate | step ms | / qwix LoRA | / RSS on float32 base |")
     emit("|---|---|---:|---:|---:|")
@@ -321,6 +321,9 @@ def main(argv=None):
         for name, v in s.items():
             emit(f"| {fmt} | {name} | {_ms(v)} | {v / s['qwix LoRA, quantised base']:.3f} | "
                  f"{v / s['RSS, float32 base']:.3f} |")  # fmt: skip
+    emit()
+    emit(f"Load average (1 min) when the step timings ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the")
+    emit("benchmark itself counts; more means other jobs shared the cores and stretched the absolute times).")
     emit()
     w, d, r, dp = acc
     emit(f"### Accuracy: adapted quantised base vs adapted bf16 base ({d} layers of width {w}, r = {r}, d_p = {dp}, "
