@@ -39,7 +39,8 @@ def _cases():
     adapted = rssbl_jax.inject(_Net(), cfg)
     params = jax.device_get(adapted.init(jax.random.key(1), x, p=p))["params"]
     params = jax.tree_util.tree_map_with_path(
-        lambda path, v: np.asarray(0.1 * jax.random.normal(ks[2], v.shape)) if str(path[-1].key) == "lora_b" else v,
+        lambda path, v: (np.asarray(0.1 * jax.random.normal(ks[2], v.shape))
+                         if str(path[-1].key) in ("lora_b", "lora_c", "lora_s") else v),
         params)  # fmt: skip
 
     def forward(params, x, p):
