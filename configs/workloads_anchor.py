@@ -11,7 +11,7 @@ Anchors (applied identically to every method: the same data and the same p for a
 * ``centre+replay``: both.
 
 Same draws, seeds, lr grid and steps as configs/workloads.py. Records per anchor in ``workdir/<anchor>/``,
-the comparison in ``workdir/report.md``; ``--config.anchors=none,centre`` runs a subset.
+the comparison in ``workdir/report.md``; ``--config.anchors="('none','centre')"`` runs a subset.
 """
 
 import ml_collections
