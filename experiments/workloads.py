@@ -102,7 +102,8 @@ class Workload:
     replay: tuple[int, ...] = ()  # the nominal trajectories replayed as a training condition (anchor "replay")
 
     def standardise(self, conditions: np.ndarray) -> np.ndarray:
-        """``p̂ = (p − mean) / std`` with the training conditions' mean and std (float32)."""
+        """``p̂ = (p − mean) / std`` with the training conditions' mean and std (float32); anchor ``centre``: the
+        nominal condition as the mean."""
         return ((np.asarray(conditions, np.float64) - self.p_mean) / self.p_std).astype(np.float32)
 
 
@@ -123,7 +124,8 @@ def _surrogate_config(name: str, config: ml_collections.ConfigDict) -> surrogate
 
 
 def eval_trajectories(name: str, sets: dict[str, dict[str, np.ndarray]], config: ml_collections.ConfigDict) -> int:
-    """How many trajectories per condition the evaluation uses (the first ones of every held-out-like set)."""
+    """How many trajectories per condition the evaluation uses: the first ``n_eval`` of every set but ``train``
+    (the same count as :func:`_eval_inputs` takes)."""
     n_eval = config[name].get("eval_trajectories", 1 << 30)
     return min(n_eval, sets["heldout"]["u" if name == "ks" else "x"].shape[1])
 
@@ -132,10 +134,12 @@ def _replay(name: str, sets: dict[str, dict[str, np.ndarray]], config: ml_collec
     """The training set with the nominal condition appended (last), and the nominal trajectories it replays.
 
     The replayed trajectories are the ones right after the evaluation's (``nominal[:, n_eval : n_eval + n]``,
-    ``n`` = trajectories per training condition), so they are disjoint from the evaluated ones.
+    ``n`` = trajectories per training condition), so they are disjoint from the evaluated ones. Per-condition
+    arrays without a trajectory axis (``conditions``, the battery's time grid ``t``) are appended whole.
     """
     train, nominal = sets["train"], sets["nominal"]
-    key = "u" if name == "ks" else "x"
+    per_trajectory = ("u",) if name == "ks" else ("x", "y", "valid")
+    key = per_trajectory[0]
     n_eval, n = eval_trajectories(name, sets, config), train[key].shape[1]
     if n_eval + n > nominal[key].shape[1]:
         raise ValueError(
@@ -144,7 +148,7 @@ def _replay(name: str, sets: dict[str, dict[str, np.ndarray]], config: ml_collec
         )
     replay = tuple(range(n_eval, n_eval + n))
     merged = {
-        k: np.concatenate([v, nominal[k] if k == "conditions" else nominal[k][:, list(replay)]], axis=0)
+        k: np.concatenate([v, nominal[k][:, list(replay)] if k in per_trajectory else nominal[k]], axis=0)
         for k, v in train.items()
     }
     return merged, replay

@@ -253,3 +253,20 @@ def test_anchor_config_defaults_to_none_and_names_every_anchor():
     for key in ("draws", "seeds", "learning_rates", "rank", "lora_alpha", "horizon"):
         assert config[key] == base[key]
     assert config.ks.to_dict() == base.ks.to_dict()
+
+
+def test_anchor_replay_needs_enough_nominal_trajectories_and_replays_battery_profiles(config, data_dir):
+    """The tiny data has 3 nominal KS trajectories: 2 evaluated + 2 replayed do not fit, and that is an error, not
+    an overlap. The battery's profiles are replayed like the KS trajectories (its time grid ``t`` appended whole)."""
+    with pytest.raises(ValueError, match="2 evaluated \\+ 2 replayed nominal trajectories; the data has 3"):
+        _anchored(config, "replay", data_dir)
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.battery.data.nominal_profiles = 4
+    cfg.anchor = "replay"
+    replay = workloads.load_workload("battery", cfg, data_dir)
+    nominal = replay.sets["nominal"]
+    c = replay.sets["train"]["x"].shape[0]
+    assert replay.replay == (2, 3) and replay.x.shape[0] == c + 1
+    np.testing.assert_array_equal(replay.x[c, :, 0], nominal["x"][0, 2:4])
+    np.testing.assert_array_equal(replay.w[c, :, 0, :, 0], nominal["valid"][0, 2:4])
+    np.testing.assert_array_equal(replay.conditions[c], nominal["conditions"][0])
