@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.progress = True
     config.workloads = ("ks", "battery")
     config.parts = ("main", "ablation")
+    # "none": p standardised with the training conditions' mean and std; "centre", "replay", "centre+replay" keep
+    # the nominal condition (experiments.workloads docstring; the comparison is configs/workloads_anchor.py).
+    config.anchor = "none"
     config.part_jobs = {
         "main": [(m, "all") for m in MAIN_METHODS],
         "ablation": [(m, t) for m in ABLATION_METHODS for t in ("attention", "mlp")],

@@ -33,6 +33,20 @@ Protocol, per workload, method and target set (``all``: attention q/k/v/out + ML
    measured peak).
 
 Outputs in ``workdir``: ``<workload>_<part>.jsonl`` (one record per method × targets) and ``report.md``.
+
+Anchoring the nominal condition (``config.anchor``, default ``"none"``: the protocol above, unchanged):
+
+* ``"centre"``: ``p`` is standardised with mean = the nominal condition (std unchanged), so ``p̂_nominal = 0`` for
+  every method (the offset-0 gates ``C p`` and shifts ``S p`` are then exactly silent there);
+* ``"replay"``: the nominal condition is one more training condition (the last), with as many trajectories as each
+  training condition has, taken from the nominal trajectories the evaluation's ``nominal`` set does *not* use
+  (it uses the first ``eval_trajectories``; the replayed ones follow them). ``p`` is standardised as in
+  ``"none"`` (the mean and std of the original training conditions), and the ``train`` evaluation set stays the
+  original training conditions;
+* ``"centre+replay"``: both.
+
+``config.anchors`` (a tuple, e.g. ``configs/workloads_anchor.py``) runs the config once per anchor into
+``workdir/<anchor>/`` and writes ``workdir/report.md`` comparing them (:func:`anchor_study`).
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ from experiments import adapters, physics_data, surrogates
 
 TARGETS = {"all": surrogates.ALL_TARGETS, "attention": surrogates.ATTENTION_TARGETS, "mlp": surrogates.MLP_TARGETS}
 SETS = ("train", "heldout", "extrapolated", "nominal")
+ANCHORS = ("none", "centre", "replay", "centre+replay")
 METRICS = {"ks": ("one_step", "rollout_mean"), "battery": ("voltage_rmse_mv", "temperature_rmse_k")}
 
 
@@ -83,9 +98,12 @@ class Workload:
     p_mean: tuple[float, ...]
     p_std: tuple[float, ...]
     pretrain_config: Any
+    anchor: str = "none"
+    replay: tuple[int, ...] = ()  # the nominal trajectories replayed as a training condition (anchor "replay")
 
     def standardise(self, conditions: np.ndarray) -> np.ndarray:
-        """``p̂ = (p − mean) / std`` with the training conditions' mean and std (float32)."""
+        """``p̂ = (p − mean) / std`` with the training conditions' mean and std (float32); anchor ``centre``: the
+        nominal condition as the mean."""
         return ((np.asarray(conditions, np.float64) - self.p_mean) / self.p_std).astype(np.float32)
 
 
@@ -105,14 +123,55 @@ def _surrogate_config(name: str, config: ml_collections.ConfigDict) -> surrogate
     return dataclasses.replace(base, **changes) if changes else base
 
 
+def eval_trajectories(name: str, sets: dict[str, dict[str, np.ndarray]], config: ml_collections.ConfigDict) -> int:
+    """How many trajectories per condition the evaluation uses: the first ``n_eval`` of every set but ``train``
+    (the same count as :func:`_eval_inputs` takes)."""
+    n_eval = config[name].get("eval_trajectories", 1 << 30)
+    return min(n_eval, sets["heldout"]["u" if name == "ks" else "x"].shape[1])
+
+
+def _replay(name: str, sets: dict[str, dict[str, np.ndarray]], config: ml_collections.ConfigDict):
+    """The training set with the nominal condition appended (last), and the nominal trajectories it replays.
+
+    The replayed trajectories are the ones right after the evaluation's (``nominal[:, n_eval : n_eval + n]``,
+    ``n`` = trajectories per training condition), so they are disjoint from the evaluated ones. Per-condition
+    arrays without a trajectory axis (``conditions``, the battery's time grid ``t``) are appended whole.
+    """
+    train, nominal = sets["train"], sets["nominal"]
+    per_trajectory = ("u",) if name == "ks" else ("x", "y", "valid")
+    key = per_trajectory[0]
+    n_eval, n = eval_trajectories(name, sets, config), train[key].shape[1]
+    if n_eval + n > nominal[key].shape[1]:
+        raise ValueError(
+            f"anchor 'replay' needs {n_eval} evaluated + {n} replayed nominal trajectories; "
+            f"the data has {nominal[key].shape[1]}."
+        )
+    replay = tuple(range(n_eval, n_eval + n))
+    merged = {
+        k: np.concatenate([v, nominal[k][:, list(replay)] if k in per_trajectory else nominal[k]], axis=0)
+        for k, v in train.items()
+    }
+    return merged, replay
+
+
 def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | None = None) -> Workload:
-    """The pretrained surrogate ``name`` (``ks`` or ``battery``) and its data (both cached on disk)."""
+    """The pretrained surrogate ``name`` (``ks`` or ``battery``) and its data (both cached on disk).
+
+    ``config.anchor`` (default ``"none"``) sets the standardisation's mean to the nominal condition (``centre``)
+    and/or appends the nominal condition to the training conditions (``replay``); see the module docstring.
+    """
+    anchor = config.get("anchor", "none")
+    if anchor not in ANCHORS:
+        raise ValueError(f"unknown anchor {anchor!r}; expected one of {ANCHORS}.")
     pretrain_config = _surrogate_config(name, config)
     progress = bool(config.get("progress", False))
     model, base = surrogates.pretrained(pretrain_config, data_dir, progress)
     data = surrogates.load_data(pretrain_config, data_dir, progress)
     sets = {s: physics_data.split(data, s) for s in SETS}
-    train = sets["train"]
+    train, replay = sets["train"], ()
+    statistics = train["conditions"].astype(np.float64)  # standardisation: the original training conditions
+    if "replay" in anchor:
+        train, replay = _replay(name, sets, config)
     if name == "ks":
         u = train["u"]
         x, y = u[:, :, :-1], u[:, :, 1:]
@@ -123,6 +182,9 @@ def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | 
         w = train["valid"][:, :, None, :, None].astype(np.float32)
         scale = np.asarray(model.y_scale, np.float32)
     conditions = train["conditions"].astype(np.float64)
+    mean = statistics.mean(0)
+    if "centre" in anchor:
+        mean = sets["nominal"]["conditions"][0].astype(np.float64)
     return Workload(
         name,
         model,
@@ -133,9 +195,11 @@ def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | 
         conditions.astype(np.float32),
         sets,
         scale,
-        tuple(float(v) for v in conditions.mean(0)),
-        tuple(float(v) for v in conditions.std(0)),
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in statistics.std(0)),
         pretrain_config,
+        anchor,
+        replay,
     )
 
 
@@ -248,6 +312,8 @@ def run_method(
         "steps": steps if method != "frozen" else 0,
         "batch": batch,
     }
+    if work.anchor != "none":
+        record |= {"anchor": work.anchor, "replay_trajectories": list(work.replay)}
     if method == "frozen":
         reported = [(d, 0, 0.0) for d in range(draws)]
         _, frozen = init_runs(run_keys(reported))
@@ -355,7 +421,8 @@ def run_method(
 def _eval_inputs(work: Workload, orders: list[np.ndarray], n_val: int, horizon: int, n_eval: int):
     """Per selected run, every condition set stacked along the condition axis (equal trajectories per condition).
 
-    ``train`` uses the run's validation trajectories, tiled to the held-out sets' count (the mean is unchanged).
+    ``train`` uses the run's validation trajectories, tiled to the held-out sets' count (the mean is unchanged);
+    it is the original training conditions (a replayed nominal condition, the orders' last row, is not in it).
     """
     n_eval = min(n_eval, work.sets["heldout"]["u" if work.name == "ks" else "x"].shape[1])
     if n_eval % n_val:
@@ -369,7 +436,8 @@ def _eval_inputs(work: Workload, orders: list[np.ndarray], n_val: int, horizon: 
             for k in keys:
                 a = part[k]
                 if s == "train":
-                    a = np.take_along_axis(a, order[:, :n_val].reshape(-1, n_val, *(1,) * (a.ndim - 2)), axis=1)
+                    val = order[: a.shape[0], :n_val]
+                    a = np.take_along_axis(a, val.reshape(-1, n_val, *(1,) * (a.ndim - 2)), axis=1)
                     a = np.concatenate([a] * (n_eval // n_val), axis=1)
                 else:
                     a = a[:, :n_eval]
@@ -561,6 +629,70 @@ def report(records: dict[str, list[dict]], seconds: float) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------------ anchoring
+
+
+def anchor_dir(anchor: str) -> str:
+    """The sub-directory of an anchor's records (``centre+replay`` -> ``centre_replay``)."""
+    return anchor.replace("+", "_")
+
+
+def anchor_study(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None) -> dict:
+    """Every job of the config once per anchor of ``config.anchors``, into ``workdir/<anchor>/`` (records and
+    that anchor's ``report.md``, by :func:`train_and_evaluate`); then ``workdir/report.md`` compares the anchors."""
+    start = time.perf_counter()
+    seconds = {}
+    for anchor in config.anchors:
+        sub = ml_collections.ConfigDict(config.to_dict())
+        sub.anchor = anchor
+        seconds[anchor] = train_and_evaluate(sub, str(pathlib.Path(workdir, anchor_dir(anchor))), data_dir)["seconds"]
+        if config.get("progress", False):
+            print(f"anchor {anchor}: {seconds[anchor]:.0f} s", flush=True)
+    total = time.perf_counter() - start
+    records = {a: read_records(pathlib.Path(workdir, anchor_dir(a))) for a in config.anchors}
+    pathlib.Path(workdir, "report.md").write_text(anchor_report(records, total, seconds))
+    return {"seconds": total, "anchor_seconds": seconds}
+
+
+def nominal_gap(record: dict, frozen: dict) -> float:
+    """Max abs difference of a record's nominal metrics (every run, every metric) from the frozen base's run 0."""
+    gaps = [
+        np.max(np.abs(np.asarray(record["metrics"]["nominal"][k]) - np.asarray(frozen["metrics"]["nominal"][k][0])))
+        for k in METRICS[record["workload"]]
+    ]
+    return float(max(gaps))
+
+
+def anchor_report(records: dict[str, dict[str, list[dict]]], seconds: float, anchor_seconds: dict) -> str:
+    """``report.md`` of :func:`anchor_study`: per workload, one table per anchor (all layers), one table of every
+    (method, anchor) pair, and the nominal gap to the frozen base per record."""
+    timing = ", ".join(f"{a} {t:.0f} s" for a, t in anchor_seconds.items())
+    out = [f"# Anchoring the nominal condition (this invocation: {seconds:.0f} s; {timing})\n"]
+    workloads_seen = sorted({w for by_workload in records.values() for w in by_workload})
+    for workload in workloads_seen:
+        by_anchor = {a: [r for r in recs.get(workload, []) if r["targets"] == "all"] for a, recs in records.items()}
+        for anchor, recs in by_anchor.items():
+            if recs:
+                out.append(f"## {workload}, anchor `{anchor}`: all layers\n\n{table(recs)}\n")
+        methods = list(dict.fromkeys(r["method"] for recs in by_anchor.values() for r in recs))
+        rows = [
+            dict(r, method=f"{r['method']} [{anchor}]")
+            for method in methods
+            for anchor, recs in by_anchor.items()
+            for r in recs
+            if r["method"] == method
+        ]
+        out.append(f"## {workload}: every method under every anchor\n\n{table(rows)}\n")
+        lines = ["| method | anchor | max abs nominal gap to frozen (every run, every metric) |", "|---|---|---|"]
+        for anchor, recs in by_anchor.items():
+            frozen = [r for r in recs if r["method"] == "frozen"]
+            for r in recs:
+                if frozen and r["method"] != "frozen":
+                    lines.append(f"| {r['method']} | {anchor} | {nominal_gap(r, frozen[0]):.3g} |")
+        out.append(f"### {workload}: nominal metrics against the frozen base\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command line
     from absl import app, flags
     from ml_collections import config_flags
@@ -570,7 +702,8 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command l
 
     def run(argv):
         del argv
-        summary = train_and_evaluate(config_flag.value, workdir_flag.value)
+        study = anchor_study if config_flag.value.get("anchors") else train_and_evaluate
+        summary = study(config_flag.value, workdir_flag.value)
         print(pathlib.Path(workdir_flag.value, "report.md").read_text())
         print(f"total: {summary['seconds']:.0f} s")
 

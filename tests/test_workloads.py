@@ -150,3 +150,123 @@ def test_every_method_sees_the_same_standardised_p(ks, config):
     for method in ("rss", "film_branch0", "lora_concat"):
         _, adapted = workloads.adapted_model(ks, method, "all", config)
         assert adapted.config.p_mean is None and adapted.config.p_std is None
+
+
+# ------------------------------------------------------------------------------------------------ anchoring
+
+
+@pytest.fixture(scope="module")
+def anchor_config():
+    """The tiny config with one more nominal trajectory: 2 evaluated + 2 replayed (the tiny data has 3)."""
+    config = workloads_tiny.get_config()
+    config.ks.data.nominal_trajectories = 4
+    return config
+
+
+def _anchored(config, anchor, data_dir):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.anchor = anchor
+    return workloads.load_workload("ks", cfg, data_dir)
+
+
+def test_anchor_centre_puts_the_nominal_condition_at_zero(anchor_config, data_dir):
+    none, centre = (_anchored(anchor_config, a, data_dir) for a in ("none", "centre"))
+    nominal = none.sets["nominal"]["conditions"]
+    assert np.all(centre.standardise(nominal) == 0.0)
+    assert np.abs(none.standardise(nominal)).max() > 0.1
+    assert centre.p_std == none.p_std  # only the mean moves
+    np.testing.assert_array_equal(centre.x, none.x)  # the same data
+    shift = (np.asarray(none.p_mean) - np.asarray(centre.p_mean)) / np.asarray(none.p_std)
+    p_hat = none.standardise(none.conditions)
+    np.testing.assert_allclose(centre.standardise(none.conditions), p_hat + shift, atol=1e-6)
+
+
+def test_anchor_replay_adds_the_nominal_condition_with_unevaluated_trajectories(anchor_config, data_dir):
+    none, replay = (_anchored(anchor_config, a, data_dir) for a in ("none", "replay"))
+    c = none.x.shape[0]
+    assert replay.x.shape == (c + 1, *none.x.shape[1:])
+    np.testing.assert_array_equal(replay.x[:c], none.x[:c])  # the training conditions are unchanged
+    np.testing.assert_array_equal(replay.conditions[c], none.sets["nominal"]["conditions"][0])
+    assert replay.p_mean == none.p_mean and replay.p_std == none.p_std  # standardised as in "none"
+    # the evaluation's nominal set: the first n_eval nominal trajectories; the replayed ones are the next ones
+    n_eval = workloads.eval_trajectories("ks", none.sets, anchor_config)
+    nominal_u = none.sets["nominal"]["u"][0]
+    assert n_eval == 2 and replay.replay == (2, 3)
+    assert not set(replay.replay) & set(range(n_eval))
+    for k, t in enumerate(replay.replay):
+        np.testing.assert_array_equal(replay.x[c, k], nominal_u[t, :-1])
+        for e in range(n_eval):  # and none of them is an evaluated trajectory
+            assert not np.array_equal(replay.x[c, k], nominal_u[e, :-1])
+    # the evaluation inputs are the same for both (train = the original conditions' validation trajectories)
+    orders = [workloads.draw_trajectories(replay.x.shape[1], 1, c + 1, 0, 0)]
+    a, conditions_a, sizes_a = workloads._eval_inputs(replay, orders, 1, 3, 4)
+    b, conditions_b, sizes_b = workloads._eval_inputs(none, [orders[0][:c]], 1, 3, 4)
+    np.testing.assert_array_equal(a["u"], b["u"])
+    assert sizes_a == sizes_b and sizes_a["train"] == c
+
+
+def test_anchor_centre_rss_is_the_frozen_base_at_nominal(anchor_config, data_dir):
+    """With p̂_nominal = 0 the gate C p̂ and shift S p̂ vanish, so rss adds exactly nothing at nominal.
+
+    Bit for bit within one evaluation program: random (non-zero) adapter weights give the nominal metrics of the
+    same adapter with ``B = 0`` (the base), and not elsewhere. Against the record's frozen row (the plain model,
+    evaluated in another XLA program and batch) the trained rss agrees to float32 round-off (XLA's CPU matmuls
+    round differently in differently shaped programs, ~1e-7 on the base's own outputs).
+    """
+    centre = _anchored(anchor_config, "centre", data_dir)
+    cfg = ml_collections.ConfigDict(anchor_config.to_dict())
+    cfg.learning_rates = (1e-2,)
+    name, adapted = workloads.adapted_model(centre, "rss", "all", cfg)
+    x, p = _examples(centre, 1)
+    params = rssbl_jax.load_base(adapted.init(jax.random.key(0), x, p=p), centre.base)["params"]
+    trainable, frozen = workloads._split_tree(params, adapters.trainable_mask(params, name))
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    runs = jax.tree.map(lambda v: jax.random.normal(next(keys), (2, *v.shape)), trainable)  # 2 runs, every leaf
+    no_update = jax.tree_util.tree_map_with_path(lambda k, v: v * (k[-1].key != "lora_b"), runs)
+    orders = [workloads.draw_trajectories(centre.x.shape[1], 1, centre.x.shape[0], d, 0) for d in range(2)]
+    a, b = (workloads.evaluate(centre, adapted, t, frozen, orders, cfg) for t in (runs, no_update))
+    for metric in ("one_step", "rollout_mean"):
+        np.testing.assert_array_equal(a["nominal"][metric], b["nominal"][metric])
+        assert np.abs(np.subtract(a["heldout"][metric], b["heldout"][metric])).min() > 1e-3
+    # trained through the harness: the record's nominal metrics are the frozen row's (round-off), not elsewhere
+    rss = workloads.run_method(centre, "rss", "all", cfg)
+    frozen_row = workloads.run_method(centre, "frozen", "all", cfg)
+    assert rss["anchor"] == "centre" and rss["runs"][0][0] == frozen_row["runs"][0][0] == 0
+    for metric in ("one_step", "rollout_mean"):
+        nominal = np.ravel(rss["metrics"]["nominal"][metric])
+        assert nominal.shape == (2 * cfg.draws,)
+        np.testing.assert_allclose(nominal, frozen_row["metrics"]["nominal"][metric][0][0], rtol=1e-6)
+        for s in ("train", "heldout"):  # run 0 of both: draw 0, the same validation trajectories
+            assert np.abs(np.subtract(rss["metrics"][s][metric][0], frozen_row["metrics"][s][metric][0])).max() > 1e-4
+    assert workloads.nominal_gap(rss, frozen_row) < 1e-6
+
+
+def test_anchor_config_defaults_to_none_and_names_every_anchor():
+    from configs import workloads_anchor
+
+    assert workloads_config.get_config().anchor == "none"
+    config = workloads_anchor.get_config()
+    assert config.anchors == ("none", "centre", "replay", "centre+replay")
+    assert config.workloads == ("ks",) and config.parts == ("main",)
+    assert [m for m, _ in config.part_jobs["main"]] == list(workloads_anchor.METHODS)
+    base = workloads_config.get_config()
+    for key in ("draws", "seeds", "learning_rates", "rank", "lora_alpha", "horizon"):
+        assert config[key] == base[key]
+    assert config.ks.to_dict() == base.ks.to_dict()
+
+
+def test_anchor_replay_needs_enough_nominal_trajectories_and_replays_battery_profiles(config, data_dir):
+    """The tiny data has 3 nominal KS trajectories: 2 evaluated + 2 replayed do not fit, and that is an error, not
+    an overlap. The battery's profiles are replayed like the KS trajectories (its time grid ``t`` appended whole)."""
+    with pytest.raises(ValueError, match="2 evaluated \\+ 2 replayed nominal trajectories; the data has 3"):
+        _anchored(config, "replay", data_dir)
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.battery.data.nominal_profiles = 4
+    cfg.anchor = "replay"
+    replay = workloads.load_workload("battery", cfg, data_dir)
+    nominal = replay.sets["nominal"]
+    c = replay.sets["train"]["x"].shape[0]
+    assert replay.replay == (2, 3) and replay.x.shape[0] == c + 1
+    np.testing.assert_array_equal(replay.x[c, :, 0], nominal["x"][0, 2:4])
+    np.testing.assert_array_equal(replay.w[c, :, 0, :, 0], nominal["valid"][0, 2:4])
+    np.testing.assert_array_equal(replay.conditions[c], nominal["conditions"][0])
