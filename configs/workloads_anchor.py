@@ -19,12 +19,17 @@ import ml_collections
 from configs import workloads
 
 METHODS = ("frozen", "lora", "lora_concat", "film_layer1", "rss", "rss_gate_only", "rss_affine")
+# The baselines that, like rss, have no update at p̂ = 0 (no offset, no unconditioned term): under ``centre`` they are
+# the frozen base at nominal too. A separate part, run under none and centre:
+#   --config.parts="('offset0',)" --config.anchors="('none','centre')"
+OFFSET0_METHODS = ("film_branch0", "film_layer0", "hypernet_nou")
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = workloads.get_config()
     config.workloads = ("ks",)
     config.parts = ("main",)
-    config.part_jobs = {"main": [(m, "all") for m in METHODS], "ablation": []}
+    config.part_jobs = {"main": [(m, "all") for m in METHODS], "offset0": [(m, "all") for m in OFFSET0_METHODS],
+                        "ablation": []}  # fmt: skip
     config.anchors = ("none", "centre", "replay", "centre+replay")
     return config

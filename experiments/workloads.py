@@ -639,7 +639,8 @@ def anchor_dir(anchor: str) -> str:
 
 def anchor_study(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None) -> dict:
     """Every job of the config once per anchor of ``config.anchors``, into ``workdir/<anchor>/`` (records and
-    that anchor's ``report.md``, by :func:`train_and_evaluate`); then ``workdir/report.md`` compares the anchors."""
+    that anchor's ``report.md``, by :func:`train_and_evaluate`); then ``workdir/report.md`` compares every anchor
+    with records in ``workdir`` (those of earlier runs included)."""
     start = time.perf_counter()
     seconds = {}
     for anchor in config.anchors:
@@ -649,7 +650,9 @@ def anchor_study(config: ml_collections.ConfigDict, workdir: str, data_dir: str 
         if config.get("progress", False):
             print(f"anchor {anchor}: {seconds[anchor]:.0f} s", flush=True)
     total = time.perf_counter() - start
-    records = {a: read_records(pathlib.Path(workdir, anchor_dir(a))) for a in config.anchors}
+    # the comparison covers every anchor with records in workdir, so a run of a subset (or of one more part) keeps it
+    records = {a: read_records(pathlib.Path(workdir, anchor_dir(a))) for a in ANCHORS}
+    records = {a: recs for a, recs in records.items() if recs}
     pathlib.Path(workdir, "report.md").write_text(anchor_report(records, total, seconds))
     return {"seconds": total, "anchor_seconds": seconds}
 
