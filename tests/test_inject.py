@@ -480,3 +480,14 @@ def test_lifted_transforms_keep_paths_and_stack_adapters():
         expected = np.tanh(dense(expected, layer, "fc", Adapters({"fc": 2.0}, p)))
     params32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
     np.testing.assert_allclose(jax.jit(adapted.apply)({"params": params32}, x, p=p), expected, rtol=1e-4, atol=1e-5)
+
+    # a sweep over shared conditions through nn.remat and nn.scan: the remat'd stem sweeps through its condition
+    # basis (x shared), the scanned layers then see batched activations; every condition equals the reference
+    ps = jnp.asarray(np.random.default_rng(3).standard_normal((5, 3)), jnp.float32)
+    sweep = jax.jit(jax.vmap(lambda q: adapted.apply({"params": params32}, x, p=q)))(ps)
+    for k in range(5):
+        expected = dense(np.asarray(x, np.float64), params["stem"], "stem", Adapters({"stem": 2.0}, ps[k]))
+        for i in range(3):
+            layer = {name: v[i] for name, v in params["layers"]["fc"].items()}
+            expected = np.tanh(dense(expected, layer, "fc", Adapters({"fc": 2.0}, ps[k])))
+        np.testing.assert_allclose(sweep[k], expected, rtol=1e-4, atol=1e-5)
