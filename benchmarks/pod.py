@@ -405,9 +405,7 @@ def main(argv=None):
     emit("SGD, so the update is the gradient itself (Adam's first step, ±lr where |g| ≫ ε, would hide gradient")
     emit("differences). Relative: max |Δ| / max |update|.")
     emit()
-    emit(
-        "| run | loss | max abs Δ adapters vs one device | relative to the update | wall s (compile + step, contended) |"  # noqa: E501
-    )
+    emit("| run | loss | max abs Δ adapters vs one device | relative to the update | wall s (compile + step) |")
     emit("|---|---:|---:|---:|---:|")
     emit(f"| one device | {loss1:.6f} | — | — | {t1 - t0:.0f} |")
     emit(f"| 8-device mesh (1 process) | {loss8:.6f} | {diff:.2e} | {rel:.2e} | {t8 - t1:.0f} |")
@@ -419,6 +417,8 @@ def main(argv=None):
         d2, r2 = compare(two["adapters"], a1, a0)
         emit(f"| 2 processes × 4 devices, gloo over loopback | {two['loss']:.6f} | {d2:.2e} | {r2:.2e} | "
              f"{two['seconds']:.0f} |")  # fmt: skip
+    emit()
+    emit(f"Load average (1 min) when the run ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     text = "\n".join(out) + "\n"
     if not args.no_write and not args.small:
         from benchmarks.report import write_section

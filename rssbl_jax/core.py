@@ -253,7 +253,10 @@ loop; above it, a matmul and an add.
 The loop reads all of ``B`` for every row, so it pays while ``B`` stays in the core's cache. Measured on CPU
 (fused / matmul time of the forward and the train step, 2-4k tokens): ``r × d_out`` = 16384 (r = 16, d_out = 1024):
 0.71-0.73 / 0.75-0.78; 32768 (r = 16, d_out = 2048): 0.94 / 0.97; 65536 (r = 16, d_out = 4096; r = 32,
-d_out = 2048; r = 64, d_out = 1024): 1.03-1.22 / 1.04-1.18."""
+d_out = 2048; r = 64, d_out = 1024): 1.03-1.22 / 1.04-1.18. The matmul form costs memory: one ``n × d_out`` update
+array per layer while it is added (the pod-shaped model of BENCHMARKS.md: compiled-step temporaries 230 MiB against
+198 MiB fused). It is read when a function is traced, so ``rssbl_jax.core.FUSED_MAX_B_SIZE = 2**62`` before tracing
+trades that speed back for the memory."""
 
 
 def _fused_sum(y: jax.Array, h: jax.Array, b: jax.Array) -> jax.Array:
