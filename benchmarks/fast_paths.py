@@ -12,14 +12,13 @@ twice), so the spread of the control across repeats is the noise of the machine 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 
 from benchmarks import run
-from benchmarks.report import write_section
+from benchmarks.report import Lines, load_average, write_section
 
 
 def main(argv=None):
@@ -61,19 +60,14 @@ def main(argv=None):
     targets = {"A/A control / Dense": "1 (noise)", "forward rss / Dense": "≤ 1.15", "step rss / lora_ours": "≤ 1.05",
                "step rss / min(nnx.LoRALinear, qwix)": "≤ 0.7", "merged / nn.Dense": "≤ 1.02",
                f"sweep K={k}: vmap / separate": "≤ 0.15"}  # fmt: skip
-    out = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        out.append(line)
+    emit = Lines()
 
     emit("## Fast paths of issue 15 (`benchmarks/fast_paths.py`)")
     emit()
     emit(f"Command: `python -m benchmarks.fast_paths --repeats {args.repeats} --rounds {args.rounds}`. Machine: "
          f"{run.machine()}. Date: {time.strftime('%Y-%m-%d %H:%M')}.")  # fmt: skip
     emit()
-    load = os.getloadavg()[0]
-    emit(f"Load average (1 min) when the measurements ended: {load:.1f} on {os.cpu_count()} cores (other jobs on the")
+    emit(f"Load average (1 min) when the measurements ended: {load_average()} (other jobs on the")
     emit("machine stretch absolute times; ratios are of candidates interleaved round by round in one process). The A/A")
     emit("row is the noise; each cell is min / median / max over the repeats.")
     emit()
@@ -82,7 +76,7 @@ def main(argv=None):
     for name, values in rows.items():
         v = np.asarray(values)
         emit(f"| {name} | {v.min():.3f} | {np.median(v):.3f} | {v.max():.3f} | {targets.get(name, '')} |")
-    text = "\n".join(out) + "\n"
+    text = emit.text
     if not args.no_write and not args.smoke:
         write_section("fast_paths", text)
     return text

@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 import rssbl_jax
-from benchmarks.report import write_section
+from benchmarks.report import Lines, write_section
 
 
 class _Net(nn.Module):
@@ -103,11 +103,7 @@ def main(argv=None):
         )
         return 2
     device = gpus[0] if gpus else jax.devices("cpu")[0]
-    out = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        out.append(line)
+    emit = Lines()
 
     emit("## GPU (`bash benchmarks/gpu.sh`)")
     emit()
@@ -134,11 +130,11 @@ def main(argv=None):
         emit("### `benchmarks.run` on the GPU (quick mode; headings shifted down)")
         emit()
         text = run.main(["--no-write"] + (["--smoke"] if args.smoke else []))
-        out.extend("##" + line if line.startswith("#") else line for line in text.splitlines())
+        emit.lines.extend("##" + line if line.startswith("#") else line for line in text.splitlines())
         emit()
         text = quantized.main(["--no-write"] + (["--smoke"] if args.smoke else []))
-        out.extend("#" + line if line.startswith("#") else line for line in text.splitlines())
-    text = "\n".join(out) + "\n"
+        emit.lines.extend("#" + line if line.startswith("#") else line for line in text.splitlines())
+    text = emit.text
     if gpus and not args.smoke:
         write_section("gpu", text)
     return 0 if worst < 1e-4 else 1

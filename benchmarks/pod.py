@@ -344,11 +344,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     s = SMALL if args.small else Shape()
     mesh = make_mesh(s)
-    out = []
+    from benchmarks.report import Lines, load_average
 
-    def emit(line=""):
-        print(line, flush=True)
-        out.append(line)
+    emit = Lines()
 
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_variables(s)))
     emit("## Pod-shaped model: FSDP × tensor parallel over 8 devices (`benchmarks/pod.py`)")
@@ -418,8 +416,8 @@ def main(argv=None):
         emit(f"| 2 processes × 4 devices, gloo over loopback | {two['loss']:.6f} | {d2:.2e} | {r2:.2e} | "
              f"{two['seconds']:.0f} |")  # fmt: skip
     emit()
-    emit(f"Load average (1 min) when the run ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
-    text = "\n".join(out) + "\n"
+    emit(f"Load average (1 min) when the run ended: {load_average()}.")
+    text = emit.text
     if not args.no_write and not args.small:
         from benchmarks.report import write_section
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -24,7 +23,7 @@ import qwix
 from flax import linen as nn
 
 import rssbl_jax
-from benchmarks.report import write_section
+from benchmarks.report import Lines, load_average, write_section
 from benchmarks.run import bind, machine, time_interleaved
 from rssbl_jax import quantize
 
@@ -276,11 +275,7 @@ def main(argv=None):
         acc = (256, 2, 8, 2)
         mrg = (1024, 2, 16, 8)
         rounds, steps, seeds = args.rounds, 400, 3
-    out = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        out.append(line)
+    emit = Lines()
 
     emit("## Quantised base (conditional QLoRA, `rssbl_jax.quantize`)")
     emit()
@@ -322,7 +317,7 @@ def main(argv=None):
             emit(f"| {fmt} | {name} | {_ms(v)} | {v / s['qwix LoRA, quantised base']:.3f} | "
                  f"{v / s['RSS, float32 base']:.3f} |")  # fmt: skip
     emit()
-    emit(f"Load average (1 min) when the step timings ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the")
+    emit(f"Load average (1 min) when the step timings ended: {load_average()} (the")
     emit("benchmark itself counts; more means other jobs shared the cores and stretched the absolute times).")
     emit()
     w, d, r, dp = acc
@@ -362,7 +357,7 @@ def main(argv=None):
             f"| {fmt} | {np.mean(errs['dequantised']):.2e} | {np.mean(errs['re-quantised']):.2e} | "
             f"{np.mean(errs['base quantisation']):.2e} |"
         )
-    text = "\n".join(out) + "\n"
+    text = emit.text
     if not args.no_write and not args.smoke:
         write_section("quantized", text)
     return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,3 +24,23 @@ def write_section(name: str, text: str, path: pathlib.Path | None = None) -> Non
     else:
         new = old.rstrip("\n") + "\n\n" + block
     path.write_text(new)
+
+
+class Lines:
+    """The lines of a report, printed as they are added (progress on long runs); ``text`` joins them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def load_average() -> str:
+    """``"<1-min load average> on <n> cores"``, measured now: how much else shared the cores during a timing."""
+    return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"

@@ -33,6 +33,7 @@ from flax import linen as nn
 from flax import nnx
 
 import rssbl_jax
+from benchmarks.report import Lines
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTES_MARKER = "<!-- analysis: kept when this file is regenerated -->"
@@ -419,11 +420,7 @@ def main(argv: list[str] | None = None) -> str:
         )
         sweep_ks, scaling = (16, 256), {"r": [4, 16, 64], "d_p": [1, 8, 64], "tokens": [2048, 4096, 16384]}
 
-    out: list[str] = []
-
-    def emit(line: str = "") -> None:
-        print(line, flush=True)
-        out.append(line)
+    emit = Lines()
 
     command = "python -m benchmarks.run" + (" --full" if args.full else "") + (" --smoke" if args.smoke else "")
     emit("# Benchmarks")
@@ -526,7 +523,7 @@ def main(argv: list[str] | None = None) -> str:
     emit()
     for line in targets(layers, merged, sweeps, memory):
         emit(line)
-    text = "\n".join(out) + "\n"
+    text = emit.text
     if not args.no_write and not args.smoke:
         path = output_path(args.full)
         path.parent.mkdir(parents=True, exist_ok=True)
