@@ -93,10 +93,11 @@ def outside_quantizer(fn: Any) -> Any:
     return disable(fn)
 
 
-def _metadata_box(box: Any) -> Any:
-    """The kernel's metadata box; for a qwix-quantised kernel (a ``WithAux`` of a ``QArray``), its ``qvalue``'s."""
+def metadata_holder(box: Any) -> Any:
+    """What carries a kernel's partitioning metadata (linen box or NNX variable): the kernel itself, or for a
+    qwix-quantised kernel (a ``WithAux`` of a ``QArray``) its ``qvalue``, which keeps the float kernel's names."""
     qvalue = getattr(getattr(box, "array", None), "qvalue", None)
-    return qvalue if isinstance(qvalue, meta.Partitioned) else box
+    return qvalue if isinstance(qvalue, meta.Partitioned) or hasattr(qvalue, "get_metadata") else box
 
 
 def _matching_box(box: Any, names: tuple[Any, ...]):
@@ -218,7 +219,7 @@ class Adapted:
             d_p = p.shape[-1]
         box = module.get_variable("params", kind.kernel_name)
         kernel_shape = tuple(jnp.shape(meta.unbox(box)))
-        box = _metadata_box(box)
+        box = metadata_holder(box)
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
         factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
         shift = self.config.use_shift(module.has_variable("params", "bias"))

@@ -47,7 +47,7 @@ from flax.linen.dtypes import promote_dtype
 from rssbl_jax import core, patterns
 from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import KINDS, LayerKind, kind_of
-from rssbl_jax.inject import check_keyword_free, make_config, outside_quantizer
+from rssbl_jax.inject import check_keyword_free, make_config, metadata_holder, outside_quantizer
 
 Initializer = jax.nn.initializers.Initializer
 zeros_init = nnx.initializers.zeros_init()
@@ -132,9 +132,7 @@ def _add_adapters(
         specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
     else:
         specs = method.params(settings, factorization, d_p, shift=shift)
-    # a qwix-quantised kernel is a WithAux whose QArray's qvalue carries the partitioning (as in linen injection)
-    qvalue = getattr(getattr(kernel, "array", None), "qvalue", None)
-    source = kernel if hasattr(kernel, "get_metadata") or not hasattr(qvalue, "get_metadata") else qvalue
+    source = metadata_holder(kernel)  # a qwix-quantised kernel's partitioning is on its qvalue
     metadata = source.get_metadata() if hasattr(source, "get_metadata") else {}
     # the kernel's partition names, under whichever key this Flax version uses (adapters inherit them, as qwix does)
     key = next((k for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k) is not None), None)
