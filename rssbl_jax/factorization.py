@@ -3,16 +3,16 @@ r"""The layer kinds an adapter can sit on, shared by linen and NNX: each kind's 
 How each kind factors its kernel ``W`` (``r`` the rank); :func:`rssbl_jax.core.adapter_update` applies the two
 maps around the rank-space modulation, and :func:`rssbl_jax.core.fold` folds ``A diag(g) B`` back into ``W``:
 
-============  =========================  ==============================  ==========================  =================
-kind          linen / NNX                base weight                     ``lora_a``                  ``lora_b``
-============  =========================  ==============================  ==========================  =================
-Dense         ``Dense`` / ``Linear``     kernel ``(d_in, d_out)``        ``(d_in, r)``               ``(r, d_out)``
-DenseGeneral  ``DenseGeneral`` /         kernel ``(*in, *features)``     ``(*in, r)``                ``(r, *features)``
+============  ======================  =================================  =======================  ==================
+kind          linen / NNX             base weight                        ``lora_a``               ``lora_b``
+============  ======================  =================================  =======================  ==================
+Dense         ``Dense`` / ``Linear``  kernel ``(d_in, d_out)``           ``(d_in, r)``            ``(r, d_out)``
+DenseGeneral  ``DenseGeneral`` /      kernel ``(*in, *features)``        ``(*in, r)``             ``(r, *features)``
               ``LinearGeneral``
-Einsum        ``Einsum``                 contracted + output axes        kernel, output axes → 1     kernel, input → 1
-Conv          ``Conv``                   kernel ``(*window, c_in, c_out)``  ``(*window, c_in, r)``   ``(r, c_out)``
-Embed         ``Embed``                  embedding ``(vocab, features)`` ``(vocab, r)``              ``(r, features)``
-============  =========================  ==============================  ==========================  =================
+Einsum        ``Einsum``              contracted + output axes           kernel, output axes → 1  kernel, input → 1
+Conv          ``Conv``                kernel ``(*window, c_in, c_out)``  ``(*window, c_in, r)``   ``(r, c_out)``
+Embed         ``Embed``               embedding ``(vocab, features)``    ``(vocab, r)``           ``(r, features)``
+============  ======================  =================================  =======================  ==================
 
 An Einsum kernel whose contracted axes all come before its output axes uses the compact ``(*in, r)``/``(r, *out)``
 layout instead. ``A`` of a Conv is a convolution with the layer's strides, padding and dilations and ``B`` a 1×1
