@@ -11,13 +11,14 @@ FLOOR_TESTS := tests/test_layer.py tests/test_inject.py tests/test_nnx.py tests/
 	tests/test_checkpoint.py tests/test_errors.py tests/test_readme.py tests/test_config.py tests/test_gates.py \
 	tests/test_sharding_metadata.py
 
-.PHONY: venv run demo test test-slow test-floor bench figures lint clean
+.PHONY: venv run demo test test-slow test-floor bench figures lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# $(VENV)/.installed-experiments, -bench, -test: `pip install -e '.[<extra>]'` once per change of pyproject.toml.
+# $(VENV)/.installed-demo, -experiments, -bench, -docs, -test: `pip install -e '.[<extra>]'` once per change of
+# pyproject.toml. Each target installs only the extra it needs, so `make demo` stays a light first install.
 $(VENV)/.installed-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[$*]'
 	touch $@
@@ -25,8 +26,9 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 ## The development environment: the library, experiments, benchmarks and test tools.
 venv: $(VENV)/.installed-test
 
-## A 10-second demo: adapt a frozen network to operating conditions and print what it learned.
-demo: $(VENV)/.installed-experiments
+## A 10-second demo: adapt a frozen network to operating conditions and print what it learned. Installs only the
+## library and the `demo` extra (ml_collections, absl-py): no simulators.
+demo: $(VENV)/.installed-demo
 	$(PY) -m experiments.demo --config configs/demo.py
 
 ## The main job: every method on two tasks (configs/default.py); prints the tables, writes runs/default/.
@@ -63,5 +65,9 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+## The documentation site (docs/), built from the docstrings with warnings as errors; open docs/_build/html/index.html.
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .ruff_cache *.egg-info docs/_build
