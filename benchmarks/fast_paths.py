@@ -1,4 +1,4 @@
-"""Issue 15's fast paths, measured with ``benchmarks.run``'s own functions, repeated to show the spread.
+"""The fast paths, measured with ``benchmarks.run``'s own functions, repeated to show the spread.
 
     python -m benchmarks.fast_paths              # writes the "Fast paths" section of BENCHMARKS.md
     python -m benchmarks.fast_paths --repeats 1 --rounds 5 --no-write
@@ -62,7 +62,7 @@ def main(argv=None):
                f"sweep K={k}: vmap / separate": "≤ 0.15"}  # fmt: skip
     emit = Lines()
 
-    emit("## Fast paths of issue 15 (`benchmarks/fast_paths.py`)")
+    emit("## Fast paths (`benchmarks/fast_paths.py`)")
     emit()
     emit(f"Command: `python -m benchmarks.fast_paths --repeats {args.repeats} --rounds {args.rounds}`. Machine: "
          f"{run.machine()}. Date: {time.strftime('%Y-%m-%d %H:%M')}.")  # fmt: skip
