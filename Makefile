@@ -39,7 +39,8 @@ run: $(VENV)/.installed-experiments
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.run
 
-## The test suite (unit tests + doctests + notebooks in this venv), < 10 minutes on 2 CPU cores.
+## The test suite (unit tests, doctests, the README example, the docs' code blocks and build, notebooks in this venv),
+## < 10 minutes on 2 CPU cores. CI (.ci/run) runs it first, then lint, test-slow, test-floor and docs.
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow"
 

@@ -10,6 +10,7 @@ import ast
 import inspect
 import pathlib
 import re
+import shutil
 import sys
 import types
 
@@ -92,6 +93,12 @@ def _plain_text_plurals(app, what, name, obj, options, lines):
     lines[:] = [_LITERAL_THEN_LETTER.sub(join, line) for line in lines]
 
 
+def _remove_stale_pages(app):
+    """Start from no generated module pages, so a module dropped from the list leaves no orphan page behind."""
+    shutil.rmtree(pathlib.Path(app.srcdir) / "api" / "generated", ignore_errors=True)
+
+
 def setup(app):
+    app.connect("builder-inited", _remove_stale_pages, priority=100)  # before autosummary writes the pages
     app.add_directive("reexports", ReExports)
     app.connect("autodoc-process-docstring", _plain_text_plurals)
