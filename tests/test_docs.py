@@ -146,9 +146,12 @@ def test_docs_build_without_warnings_and_document_every_public_name(tmp_path):
     missing = sorted(documented_names() - objects)
     assert not missing, f"public names missing from the API reference: {missing}"
     reexported = [getattr(rssbl_jax, name) for name in reexported_names()]
-    for obj in reexported:
-        target = obj.__name__ if isinstance(obj, types.ModuleType) else f"{obj.__module__}.{obj.__qualname__}"
+    api_page = (out / "api" / "index.html").read_text()
+    for obj in reexported:  # each re-export is in the inventory and its row on the API page links to it
+        module = isinstance(obj, types.ModuleType)
+        target = obj.__name__ if module else f"{obj.__module__}.{obj.__qualname__}"
         assert target in objects, target
+        assert f'#{"module-" if module else ""}{target}"' in api_page, f"no link to {target} on the API page"
     for page in ("index", "getting_started", "choosing", "results", "api/index"):
         assert (out / f"{page}.html").is_file(), page
 
