@@ -71,4 +71,4 @@ docs: $(VENV)/.installed-docs
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .ruff_cache *.egg-info docs/_build
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .ruff_cache *.egg-info docs/_build docs/api/generated
