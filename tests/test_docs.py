@@ -189,9 +189,10 @@ ORGANISATIONAL = re.compile(
     re.I,
 )
 DOCUMENTS = [ROOT / name for name in ("README.md", "CHANGELOG.md", "CONTRIBUTING.md", "RESULTS.md", "BENCHMARKS.md")]
+MODULES = sorted((ROOT / "rssbl_jax").glob("*.py"))  # their docstrings are the API reference
 
 
-@pytest.mark.parametrize("path", [*DOCUMENTS, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", [*DOCUMENTS, *PAGES, *MODULES], ids=lambda p: str(p.relative_to(ROOT)))
 def test_documentation_speaks_of_the_method(path):
     """No "the seed" (say "the original formulation"), "round", "issue N" or "session" in the documentation."""
     offending = [
