@@ -490,9 +490,11 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
                 f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config does not match its SHA-256 digest."
             )
     version = config.get("version", 1)
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int):
+        raise ValueError(f"{os.fspath(path)!r} has format version {version!r}, not a number: not written by rssbl_jax.")
+    if version > VERSION:
         raise ValueError(
-            f"the adapter checkpoint {os.fspath(path)!r} has format version {version!r}, newer than this rssbl_jax's "
+            f"the adapter checkpoint {os.fspath(path)!r} has format version {version}, newer than this rssbl_jax's "
             f"(version {VERSION}); upgrade rssbl_jax to load it."
         )
     if version < 3 or "adapter_config" not in config:
@@ -571,7 +573,7 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     the same shape, and every adapter leaf of ``params`` must be in the checkpoint; base leaves are returned
     unchanged. Loaded leaves take the dtype of ``params``' leaves. Given an NNX model (an adapted model, or a
     module holding adapters), the config defaults to the model's, and the returned ``params`` is a copy of the
-    model with the adapters loaded (built by ``nnx.split``/``nnx.update``; the argument is left unchanged).
+    model with the adapters loaded (``nnx.clone`` then ``nnx.update``; the argument is left unchanged).
 
     Raises:
       ValueError: when the configs differ, or naming the first mismatched path with both shapes.
@@ -629,7 +631,7 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
 
     if model is None:
         return LoadedAdapters(jax.tree_util.tree_map_with_path(pick, params), stored)
-    copy = nnx.merge(*nnx.split(model))
+    copy = nnx.clone(model)  # new Variables over the same arrays: the argument is left unchanged
     root = _nnx_root(copy)
     state = nnx.state(root)
     state.replace_by_pure_dict(jax.tree_util.tree_map_with_path(pick, state.to_pure_dict()))

@@ -157,3 +157,39 @@ def test_nnx_adapters_load_into_the_linen_layer(tmp_path):
     for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
         np.testing.assert_array_equal(restored[name], state[name])
     np.testing.assert_array_equal(restored["kernel"], linen_params["params"]["kernel"])
+
+
+def test_an_nnx_adapted_model_round_trips_directly(tmp_path):
+    """save_adapters/load_adapters take the NNX adapted model itself: no state dicts by hand."""
+
+    def adapted(seed):
+        model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(7)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(8)))
+        return rss_nnx.inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, gate="affine", rngs=nnx.Rngs(seed))
+
+    trained = adapted(0)
+    adapters = nnx.state(trained, nnx.LoRAParam)
+    names = sorted({path[-1] for path, _ in adapters.flat_state()})
+    assert names == ["lora_a", "lora_b", "lora_c", "lora_c0", "lora_s"], names
+    rng = np.random.default_rng(0)  # every factor nonzero (lora_b starts at 0, where any update is the base's)
+    nnx.update(trained, jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), adapters))
+    save_adapters(tmp_path / "adapters", trained)
+
+    x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    p = jnp.asarray(rng.standard_normal((5, 2)), jnp.float32)
+    fresh = adapted(1)  # the same base, other adapters
+    before = fresh(x, p=p)
+    assert not np.allclose(before, trained(x, p=p))
+    loaded, config = load_adapters(tmp_path / "adapters", fresh)
+    assert config == trained.config
+    np.testing.assert_array_equal(loaded(x, p=p), trained(x, p=p))
+    run = nnx.jit(lambda model, x, p: model(x, p=p))
+    np.testing.assert_array_equal(run(loaded, x, p), run(trained, x, p))
+    np.testing.assert_array_equal(fresh(x, p=p), before)  # the argument is left as it was
+    # The same checkpoint loads into a pure state dict of the model, as before.
+    state = nnx.state(fresh.model, nnx.Param).to_pure_dict()
+    restored, _ = load_adapters(tmp_path / "adapters", state, fresh)
+    np.testing.assert_array_equal(
+        restored["layers"][0]["lora_c0"], nnx.state(trained.model)["layers"][0]["lora_c0"][...]
+    )
+    with pytest.raises(ValueError, match=r"lora_alpha: 4.0 \(checkpoint .*\) != 8.0"):
+        load_adapters(tmp_path / "adapters", fresh, trained.config.replace(lora_alpha=8.0))
