@@ -32,17 +32,11 @@ What is atomic where:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
-import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -52,8 +46,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, traverse_util
 
-from rssbl_jax import core, patterns
+from rssbl_jax import core, localdisk, patterns
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
+from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
 from rssbl_jax.partition import adapter_layers
 
 PyTree = Any
@@ -67,14 +62,6 @@ logger = logging.getLogger(__name__)
 # Tests only: called with a stage name ("locked", "arrays", "staged", "verified", "swapped", "done") while a
 # checkpoint is written, so a fault-injection test can pause or kill the writer at that point.
 _FAULT_HOOK: Callable[[str], None] | None = None
-
-
-class CheckpointBusyError(RuntimeError):
-    """Another writer holds the lock of this adapter checkpoint path; nothing was written.
-
-    >>> issubclass(CheckpointBusyError, RuntimeError)   # raised at once, never after waiting
-    True
-    """
 
 
 class CheckpointCorruptError(ValueError):
@@ -98,9 +85,7 @@ class LoadedAdapters(NamedTuple):
     config: AdapterConfig
 
 
-# --------------------------------------------------------------------------------------------------
-# Helpers shared with rssbl_jax.training: paths and digests
-# --------------------------------------------------------------------------------------------------
+# Helpers shared with rssbl_jax.training: paths and digests.
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -139,11 +124,6 @@ def json_sha256(document: Mapping[str, Any]) -> str:
     """
     body = {k: v for k, v in document.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------
-# Adapters: which leaves, from a params tree or an NNX model
-# --------------------------------------------------------------------------------------------------
 
 
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
@@ -308,146 +288,21 @@ def _write_remote(path: epath.Path, leaves: Mapping[str, np.ndarray], config: di
         else:
             _check_replaceable(path, force)
         path.rmtree()
-    _fault("removed")
     _orbax_save(path, leaves, config)
-    _fault("committed")
     _verify(path, leaves)
     _fault("done")
 
 
-# Local disk only: an exclusive lock, a staged write and an atomic swap.
-
-
-def _sibling(path: str, suffix: str) -> str:
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.{suffix}")
-
-
-@contextlib.contextmanager
-def _exclusive(path: str) -> Iterator[None]:
-    """Hold an exclusive, non-blocking ``flock`` on ``path``'s lock file, or raise :class:`CheckpointBusyError`.
-
-    The holder unlinks the lock file before releasing it; a writer that opened the old file in between sees
-    that its inode is no longer the one at the lock path and tries again, so two writers never both hold it.
-    Where the OS has no ``flock`` (Windows) nothing is locked.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock_path = _sibling(path, "lock")
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a writer that is just starting"
-            os.close(fd)
-            raise CheckpointBusyError(
-                f"another writer is saving the adapter checkpoint {path!r} ({holder}; lock file {lock_path!r}). "
-                "Nothing was written. Retry when it is done, or save to another path."
-            ) from None
-        try:
-            current = os.stat(lock_path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(os.fstat(fd), current):
-            break
-        os.close(fd)  # the previous holder removed this file after we opened it: take the new one
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap the directories ``a`` and ``b`` (Linux ``renameat2``); ``False`` where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    rename_exchange, at_fdcwd = 2, -100
-    if renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {a!r} and {b!r} failed: {os.strerror(code)}")
-
-
-def _fsync(path: str, tree: bool = False) -> None:
-    """Flush ``path`` (every file and directory under it with ``tree``); directories only where POSIX allows."""
-    walk = os.walk(path) if tree else [(path, [], [])]
-    for root, _, files in walk:
-        for name in [*files, "."] if os.name == "posix" else files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _recover(path: str) -> None:
-    """Finish what a killed writer left (the lock is held): put an interrupted two-rename swap back, delete
-    partial or superseded copies."""
-    old = _sibling(path, "old")
-    if not os.path.exists(path) and _is_adapter_checkpoint(old):
-        os.rename(old, path)
-        logger.warning("restored the adapter checkpoint %s from %s, left by an interrupted overwrite", path, old)
-    _remove_leftovers(path, "new", "old")
-
-
-def _remove_leftovers(path: str, *kinds: str) -> None:
-    """Delete ``.<name>.<kind>`` and orbax's temporaries of it (``.<name>.<kind>.orbax-checkpoint-tmp...``)."""
-    head, name = os.path.split(path)
-    for leftover in os.listdir(head):
-        if leftover.startswith(tuple(f".{name}.{kind}" for kind in kinds)):
-            shutil.rmtree(os.path.join(head, leftover), ignore_errors=True)
-
-
 def _write_local(path: str, leaves: Mapping[str, np.ndarray], config: dict[str, Any], *, force: bool) -> None:
-    """Write to a local path: locked, staged, verified, then swapped in."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _exclusive(path):
-        _fault("locked")
-        _recover(path)
-        if os.path.lexists(path):
-            _check_replaceable(path, force)
-        staging = _sibling(path, "new")
-        try:  # a failure leaves the partial staging copy: orbax's threads may still write into it
-            _orbax_save(staging, leaves, config)
-            _fault("staged")
-            _verify(staging, leaves)
-            _fsync(staging, tree=True)
-            _fault("verified")
-            if not os.path.exists(path):
-                os.rename(staging, path)
-            elif _exchange(staging, path):
-                _fault("swapped")
-            else:
-                old = _sibling(path, "old")
-                os.rename(path, old)
-                _fault("swapped")
-                os.rename(staging, path)
-                shutil.rmtree(old)
-            _fsync(os.path.dirname(path))
-        except BaseException:
-            logger.warning("writing %s failed; its partial copy is left at %s* until the next write", path, staging)
-            raise
-        _remove_leftovers(path, "new")  # the old checkpoint, swapped out
-        _fault("done")
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------
+    """Write to a local path: locked, staged, verified, then swapped in (:mod:`rssbl_jax.localdisk`)."""
+    localdisk.replace_directory(
+        path,
+        lambda staging: _orbax_save(staging, leaves, config),
+        verify=lambda staging: _verify(staging, leaves),
+        is_ours=_is_adapter_checkpoint,
+        check_existing=lambda existing: _check_replaceable(existing, force),
+        on_stage=_fault,
+    )
 
 
 def _where(path: epath.Path) -> str:
@@ -455,7 +310,7 @@ def _where(path: epath.Path) -> str:
         if (path / _STARTED).exists() and not (path / _COMMITTED).exists():
             return "; an interrupted write left an uncommitted copy there (the next save_adapters replaces it)"
         return ""
-    old = _sibling(str(path), "old")
+    old = localdisk.sibling(str(path), "old")
     if os.path.isdir(old):
         return (
             f"; an interrupted overwrite left the previous checkpoint at {old!r} (the next save_adapters to this "
