@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FLOOR_VENV ?= .venv-floor
 # The lowest versions pyproject.toml allows for the core dependencies; `make test-floor` tests exactly these.
-FLOOR_PINS := jax==0.8.1 jaxlib==0.8.1 flax==0.12.2 optax==0.2.5 orbax-checkpoint==0.12.0 chex==0.1.88 \
+FLOOR_PINS := jax==0.8.1 jaxlib==0.8.1 flax==0.12.2 optax==0.2.5 orbax-checkpoint==0.12.0 etils==1.7.0 chex==0.1.88 \
 	jaxtyping==0.2.36 numpy==2.0.2 opt_einsum==3.3.0
 FLOOR_TESTS := tests/test_layer.py tests/test_inject.py tests/test_nnx.py tests/test_partition_merge.py \
 	tests/test_checkpoint.py tests/test_errors.py tests/test_readme.py tests/test_config.py tests/test_gates.py \

@@ -1,75 +1,67 @@
-"""Adapter-only orbax checkpoints: the ``lora_*`` leaves and their configuration, nothing of the base model.
+"""Adapter-only orbax checkpoints on any path orbax supports: the ``lora_*`` leaves and their configuration.
 
-A checkpoint is one orbax composite directory holding two items:
+A checkpoint is one orbax composite directory holding two items: ``adapters``, the ``lora_*`` leaves as a nested
+dict keyed by their paths in ``params``; and ``config``, JSON with the format version, the whole
+:class:`~rssbl_jax.AdapterConfig`, ``d_p``, each layer's resolved ``rank`` and ``lora_alpha`` (for readers), every
+leaf's shape, dtype and SHA-256, and a SHA-256 of the config itself. Paths are ``etils.epath`` paths: a local
+directory, ``gs://bucket/...`` or any other scheme orbax and ``epath`` support.
 
-- ``adapters``: the ``lora_*`` leaves, as a nested dict keyed by their paths in ``params``;
-- ``config``: JSON with the format version, the :class:`~rssbl_jax.AdapterConfig` (every setting: rank, alpha,
-  patterns, gate, shift, ``p`` normalisation, ...), ``d_p``, each layer's resolved ``rank`` and ``lora_alpha``
-  (for readers), every leaf's shape, dtype and SHA-256, and a SHA-256 of the config itself.
+Integrity, everywhere: orbax/tensorstore read a flipped bit inside an array file back without complaint, so every
+load recomputes each leaf's SHA-256 (and the config's, whatever version the config claims) and raises
+:class:`CheckpointCorruptError`, naming the checkpoint and the leaf, on a mismatch or an unreadable file. A
+checkpoint of a newer format version than this library's is refused, naming both. Nothing is repaired on load.
 
-Integrity: orbax/tensorstore read a flipped bit inside an array file back without complaint, so every load
-recomputes each leaf's SHA-256 (and the config's) and raises :class:`CheckpointCorruptError`, naming the
-checkpoint and the leaf, on a mismatch or an unreadable file. Nothing is repaired or deleted on load.
+What is atomic where:
 
-Writing ``path`` (say ``dir/adapters``) uses three siblings, all in ``dir``:
-
-- ``.adapters.lock``: an exclusive ``fcntl.flock`` held for the whole write. A second writer to the same
-  path fails at once with :class:`CheckpointBusyError` (it never waits, never mixes leaves). The kernel
-  releases the lock when its holder exits, even by ``kill -9``, so a lock is never stale: a leftover lock
-  file without a live holder is simply taken by the next writer. (``flock`` is per host; on a network file
-  system it is only as good as that file system's locks.)
-- ``.adapters.new``: the new checkpoint, written completely and read back (digests verified) first;
-- then one atomic ``renameat2(RENAME_EXCHANGE)`` swaps it with the old checkpoint, and the old one (now
-  at ``.adapters.new``) is deleted. A process killed at any point leaves ``path`` holding either the whole
-  old checkpoint or the whole new one. Leftovers of a killed or failed writer (a failed write keeps its
-  partial copy, since orbax's threads may still be writing into it) are removed by the next write. On a
-  file system without ``RENAME_EXCHANGE`` the swap is two renames through ``.adapters.old``; a kill
-  between them leaves the old checkpoint at ``.adapters.old`` (loads say so) and the next write restores it.
+- **Local disk.** A write of ``dir/adapters`` holds an exclusive ``flock`` on ``dir/.adapters.lock`` (POSIX only;
+  a second writer fails at once with :class:`CheckpointBusyError`; the kernel drops the lock of a killed holder,
+  so a lock is never stale; on Windows there is no lock). The new checkpoint is written to ``dir/.adapters.new``,
+  read back with its digests verified and fsynced, then swapped with the old one by one atomic
+  ``renameat2(RENAME_EXCHANGE)`` (Linux); elsewhere by two renames through ``dir/.adapters.old``. A process killed
+  at any point leaves ``dir/adapters`` holding the whole old or the whole new checkpoint; only between the two
+  renames of the fallback is the old one at ``.adapters.old`` instead (loads say where, the next write puts it
+  back). Leftovers of a killed writer are removed by the next write.
+- **gs:// and other remote paths.** No lock, no staging copy, no rename: orbax writes the checkpoint in place and
+  commits it last (on ``gs://`` a ``commit_success.txt`` object, written after every other file). A load refuses a
+  checkpoint without that commit. ``force=True`` deletes the old checkpoint before the new one is written, so a
+  crash during an overwrite can leave no committed checkpoint at the path (refused on load, replaced by the next
+  save without ``force``), never a mix that loads. Two writers at once are not excluded: the result is one of
+  them or, if their files mix, a checkpoint whose digests refuse it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
+from etils import epath
+from flax import nnx, traverse_util
 
-from rssbl_jax import core, patterns
+from rssbl_jax import core, localdisk, patterns
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
+from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
 from rssbl_jax.partition import adapter_layers
 
 PyTree = Any
 FORMAT = "rssbl_jax.adapters"
 VERSION = 3  # 2: per-leaf and config SHA-256 digests; 3: the whole AdapterConfig is stored
+_COMMITTED = "commit_success.txt"  # orbax's commit marker on remote paths, written last
+_STARTED = "_CHECKPOINT_METADATA"  # the first file orbax writes into a checkpoint directory
 
 logger = logging.getLogger(__name__)
 
 # Tests only: called with a stage name ("locked", "arrays", "staged", "verified", "swapped", "done") while a
 # checkpoint is written, so a fault-injection test can pause or kill the writer at that point.
 _FAULT_HOOK: Callable[[str], None] | None = None
-
-
-class CheckpointBusyError(RuntimeError):
-    """Another writer holds the lock of this adapter checkpoint path; nothing was written.
-
-    >>> issubclass(CheckpointBusyError, RuntimeError)   # raised at once, never after waiting
-    True
-    """
 
 
 class CheckpointCorruptError(ValueError):
@@ -83,7 +75,7 @@ class CheckpointCorruptError(ValueError):
 
 
 class LoadedAdapters(NamedTuple):
-    """What :func:`load_adapters` returns: the params with the saved adapters, and their stored config.
+    """What :func:`load_adapters` returns: the params (or NNX model) with the saved adapters, and their config.
 
     >>> LoadedAdapters(params={}, config=AdapterConfig(rank=2, lora_alpha=4.0)).config.scale
     2.0
@@ -91,6 +83,47 @@ class LoadedAdapters(NamedTuple):
 
     params: PyTree
     config: AdapterConfig
+
+
+# Helpers shared with rssbl_jax.training: paths and digests.
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is on a local file system (no URI scheme such as ``gs://``).
+
+    >>> is_local("/tmp/run/adapters"), is_local("runs/adapters"), is_local("gs://bucket/run/adapters")
+    (True, True, False)
+    """
+    return "://" not in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``etils.epath.Path``: a local one made absolute, a remote one (``gs://...``) as given.
+
+    >>> str(as_path("gs://bucket/run")), as_path("run").is_absolute()
+    ('gs://bucket/run', True)
+    """
+    text = os.fspath(path)
+    return epath.Path(os.path.abspath(text) if is_local(text) else text)
+
+
+def array_sha256(array: Any) -> str:
+    """The SHA-256 of an array's bytes in C order (the digest both kinds of checkpoint store per leaf).
+
+    >>> array_sha256(np.zeros(2, np.float32)) == hashlib.sha256(bytes(8)).hexdigest()
+    True
+    """
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(array)).tobytes()).hexdigest()
+
+
+def json_sha256(document: Mapping[str, Any]) -> str:
+    """The SHA-256 of a JSON document without its own ``"sha256"`` field (canonical: sorted keys, no spaces).
+
+    >>> json_sha256({"a": 1, "sha256": "x"}) == json_sha256({"a": 1}) != json_sha256({"a": 2})
+    True
+    """
+    body = {k: v for k, v in document.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
@@ -109,18 +142,39 @@ def _nested(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict({tuple(path.split("/")): leaf for path, leaf in flat.items()})
 
 
-def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any, *, force: bool = False) -> None:
+def _join(layer: str, name: str) -> str:
+    return f"{layer}/{name}" if layer else name
+
+
+def _nnx_root(model: nnx.Module) -> nnx.Module:
+    """The module whose state paths the config's patterns match: an adapted model's ``model``, else itself."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nnx.Module) else model
+
+
+def _params_of(params: PyTree) -> PyTree:
+    """A params tree: ``params`` itself, or the pure state dict of an NNX model's (adapted) module."""
+    if isinstance(params, nnx.Module):
+        return nnx.state(_nnx_root(params)).to_pure_dict()
+    return params
+
+
+def save_adapters(
+    path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any = None, *, force: bool = False
+) -> None:
     """Save only the adapter leaves of ``params`` and their :class:`~rssbl_jax.AdapterConfig` to ``path``.
 
     ``config`` is the config the adapters were trained with (or the adapted model / layer carrying it:
     ``save_adapters(path, params, adapted)``); it is stored whole, and :func:`load_adapters` checks it against the
-    model it loads into. Each layer's resolved rank and ``lora_alpha`` and ``d_p`` are stored too, for readers.
+    model it loads into. An NNX adapted model can be given as ``params`` directly, its config then taken from it:
+    ``save_adapters(path, adapted)``. See the module docstring for what is atomic on which kind of path.
 
     Args:
-      path: the checkpoint directory to create; must not exist unless ``force``.
-      params: a params tree holding adapters (linen ``variables["params"]`` or an NNX pure state dict of
-        ``adapted.model``).
-      config: the adapters' AdapterConfig.
+      path: the checkpoint directory to create (local, or remote such as ``gs://bucket/run/adapters``); must not
+        exist unless ``force``.
+      params: a params tree holding adapters (linen ``variables["params"]``, an NNX pure state dict of
+        ``adapted.model``), or an NNX model holding adapters.
+      config: the adapters' AdapterConfig; default: the one ``params`` carries (an NNX adapted model).
       force: overwrite an existing checkpoint at ``path``.
 
     Raises:
@@ -137,8 +191,8 @@ def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     >>> bool(jnp.all(restored["lora_c"] == params["lora_c"])), config.lora_alpha
     (True, 4.0)
     """
-    cfg = as_config(config, "save_adapters")
-    leaves = _adapter_leaves(params)
+    cfg = as_config(params if config is None else config, "save_adapters")
+    leaves = _adapter_leaves(_params_of(params))
     if not leaves:
         raise ValueError("save_adapters found no adapter layer (lora_a, lora_b, lora_c) in params.")
     layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
@@ -152,8 +206,8 @@ def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     if foreign:
         raise ValueError(
             f"adapter layers {foreign} are not adapted by the config (targets={cfg.targets}); save the params tree "
-            "whose paths the config was written for (for NNX: nnx.state(adapted.model, ...), not "
-            "nnx.state(adapted, ...))."
+            "whose paths the config was written for (for NNX: the adapted model itself, or "
+            "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
         )
     check_patterns_used(cfg, layers)
     for layer in layers:
@@ -163,6 +217,7 @@ def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     d_ps = {
         int(jnp.shape(leaves[_join(layer, "lora_gate_w" if cfg.gate == "mlp" else "lora_c")])[-2]) for layer in layers
     }
+    host = {name: np.asarray(leaf) for name, leaf in leaves.items()}
     config_json = {
         "format": FORMAT,
         "version": VERSION,
@@ -171,20 +226,20 @@ def save_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
         "rank": {layer: cfg.resolve(layer).rank for layer in layers},
         "lora_alpha": {layer: cfg.resolve(layer).lora_alpha for layer in layers},
         "leaves": {
-            name: {"shape": list(jnp.shape(leaf)), "dtype": str(jnp.asarray(leaf).dtype)}
-            for name, leaf in leaves.items()
+            name: {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": array_sha256(x)} for name, x in host.items()
         },
     }
-    _write_checkpoint(path, leaves, config_json, force=force)
-
-
-def _join(layer: str, name: str) -> str:
-    return f"{layer}/{name}" if layer else name
+    config_json["sha256"] = json_sha256(config_json)
+    path = as_path(path)
+    if is_local(path):
+        _write_local(str(path), host, config_json, force=force)
+    else:
+        _write_remote(path, host, config_json, force=force)
 
 
 # --------------------------------------------------------------------------------------------------
-# Storage: digests, an exclusive lock, a staged write and an atomic swap. These take the already-built
-# ``leaves`` ({"layer/lora_x": array}) and ``config`` (JSON-able dict) and know nothing of adapters.
+# Storage. These take the already-built ``leaves`` ({"layer/lora_x": array}) and ``config`` (JSON-able dict,
+# digests included) and know nothing of adapters.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -193,169 +248,69 @@ def _fault(stage: str) -> None:
         _FAULT_HOOK(stage)
 
 
-def _sha256(array: Any) -> str:
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(array)).tobytes()).hexdigest()
+def _orbax_save(path: str | epath.Path, leaves: Mapping[str, np.ndarray], config: dict[str, Any]) -> None:
+    """Write one checkpoint with orbax (its own commit: a rename on local disk, a commit object on ``gs://``)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            path,
+            args=ocp.args.Composite(adapters=ocp.args.StandardSave(_nested(leaves)), config=ocp.args.JsonSave(config)),
+        )
 
 
-def _config_sha256(config: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in config.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _verify(path: str | epath.Path, leaves: Mapping[str, np.ndarray]) -> None:
+    """Read a just-written checkpoint back, every digest checked."""
+    _read_leaves(path, _read_config(path), {n: (x.shape, x.dtype) for n, x in leaves.items()})
 
 
-def _sibling(path: str, suffix: str) -> str:
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.{suffix}")
-
-
-@contextlib.contextmanager
-def _exclusive(path: str) -> Iterator[None]:
-    """Hold an exclusive, non-blocking ``flock`` on ``path``'s lock file, or raise :class:`CheckpointBusyError`.
-
-    The holder unlinks the lock file before releasing it; a writer that opened the old file in between sees
-    that its inode is no longer the one at the lock path and tries again, so two writers never both hold it.
-    """
-    lock_path = _sibling(path, "lock")
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a writer that is just starting"
-            os.close(fd)
-            raise CheckpointBusyError(
-                f"another writer is saving the adapter checkpoint {path!r} ({holder}; lock file {lock_path!r}). "
-                "Nothing was written. Retry when it is done, or save to another path."
-            ) from None
-        try:
-            current = os.stat(lock_path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(os.fstat(fd), current):
-            break
-        os.close(fd)  # the previous holder removed this file after we opened it: take the new one
+def _is_adapter_checkpoint(path: str | epath.Path) -> bool:
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap the directories ``a`` and ``b`` (Linux ``renameat2``); ``False`` where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    if renameat2(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, f"renameat2(RENAME_EXCHANGE) of {a!r} and {b!r} failed: {os.strerror(code)}")
-
-
-def _fsync_tree(path: str) -> None:
-    """Flush every file and directory under ``path`` (so a swap never exposes unwritten data after a crash)."""
-    for root, _, files in os.walk(path):
-        for name in [*files, "."]:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _is_adapter_checkpoint(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "config", "metadata")) as f:
-            return json.load(f).get("format") == FORMAT
+        return json.loads((epath.Path(path) / "config" / "metadata").read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def _recover(path: str) -> None:
-    """Finish what a killed writer left (the lock is held): put an interrupted two-rename swap back, delete
-    partial or superseded copies."""
-    old = _sibling(path, "old")
-    if not os.path.exists(path) and _is_adapter_checkpoint(old):
-        os.rename(old, path)
-        logger.warning("restored the adapter checkpoint %s from %s, left by an interrupted overwrite", path, old)
-    _remove_leftovers(path, "new", "old")
+def _check_replaceable(path: str | epath.Path, force: bool) -> None:
+    if not force:
+        raise ValueError(f"Destination {path} already exists; pass force=True to overwrite it.")
+    if not _is_adapter_checkpoint(path):
+        raise ValueError(
+            f"refusing to overwrite {os.fspath(path)!r}: it is not an rssbl_jax adapter checkpoint (no readable "
+            "config with this format), and force=True only replaces adapter checkpoints. Remove it yourself if it "
+            "is really meant to go."
+        )
 
 
-def _remove_leftovers(path: str, *kinds: str) -> None:
-    """Delete ``.<name>.<kind>`` and orbax's temporaries of it (``.<name>.<kind>.orbax-checkpoint-tmp...``)."""
-    head, name = os.path.split(path)
-    for leftover in os.listdir(head):
-        if leftover.startswith(tuple(f".{name}.{kind}" for kind in kinds)):
-            shutil.rmtree(os.path.join(head, leftover), ignore_errors=True)
+def _write_remote(path: epath.Path, leaves: Mapping[str, np.ndarray], config: dict[str, Any], *, force: bool) -> None:
+    """Write to a remote path with orbax's own commit; an uncommitted leftover of a failed write is replaced."""
+    if path.exists():
+        if (path / _STARTED).exists() and not (path / _COMMITTED).exists():
+            logger.warning("replacing %s: an interrupted write left it uncommitted", path)
+        else:
+            _check_replaceable(path, force)
+        path.rmtree()
+    _orbax_save(path, leaves, config)
+    _verify(path, leaves)
+    _fault("done")
 
 
-def _write_checkpoint(
-    path: str | os.PathLike, leaves: Mapping[str, Any], config: dict[str, Any], *, force: bool
-) -> None:
-    """Write ``leaves`` and ``config`` (digests added) to ``path``: locked, staged, verified, then swapped in."""
-    path = os.path.abspath(path)
-    host = {name: np.asarray(leaf) for name, leaf in leaves.items()}
-    config = {**config, "leaves": {name: {**config["leaves"][name], "sha256": _sha256(x)} for name, x in host.items()}}
-    config["sha256"] = _config_sha256(config)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _exclusive(path):
-        _fault("locked")
-        _recover(path)
-        if os.path.lexists(path):
-            if not force:
-                raise ValueError(f"Destination {path} already exists; pass force=True to overwrite it.")
-            if not _is_adapter_checkpoint(path):
-                raise ValueError(
-                    f"refusing to overwrite {path!r}: it is not an rssbl_jax adapter checkpoint (no readable config "
-                    "with this format), and force=True only replaces adapter checkpoints. Remove it yourself if it "
-                    "is really meant to go."
-                )
-        staging = _sibling(path, "new")
-        try:  # a failure leaves the partial staging copy: orbax's threads may still write into it
-            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-                checkpointer.save(
-                    staging,
-                    args=ocp.args.Composite(
-                        adapters=ocp.args.StandardSave(_nested(host)), config=ocp.args.JsonSave(config)
-                    ),
-                )
-            _fault("staged")
-            _read_leaves(staging, _read_config(staging), {n: (x.shape, x.dtype) for n, x in host.items()})
-            _fsync_tree(staging)
-            _fault("verified")
-            if not os.path.exists(path):
-                os.rename(staging, path)
-            elif _exchange(staging, path):
-                _fault("swapped")
-            else:
-                old = _sibling(path, "old")
-                os.rename(path, old)
-                _fault("swapped")
-                os.rename(staging, path)
-                shutil.rmtree(old)
-            fd = os.open(os.path.dirname(path), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            logger.warning("writing %s failed; its partial copy is left at %s* until the next write", path, staging)
-            raise
-        _remove_leftovers(path, "new")  # the old checkpoint, swapped out
-        _fault("done")
+def _write_local(path: str, leaves: Mapping[str, np.ndarray], config: dict[str, Any], *, force: bool) -> None:
+    """Write to a local path: locked, staged, verified, then swapped in (:mod:`rssbl_jax.localdisk`)."""
+    localdisk.replace_directory(
+        path,
+        lambda staging: _orbax_save(staging, leaves, config),
+        verify=lambda staging: _verify(staging, leaves),
+        is_ours=_is_adapter_checkpoint,
+        check_existing=lambda existing: _check_replaceable(existing, force),
+        on_stage=_fault,
+    )
 
 
-def _where(path: str) -> str:
-    old = _sibling(path, "old")
+def _where(path: epath.Path) -> str:
+    if not is_local(path):
+        if (path / _STARTED).exists() and not (path / _COMMITTED).exists():
+            return "; an interrupted write left an uncommitted copy there (the next save_adapters replaces it)"
+        return ""
+    old = localdisk.sibling(str(path), "old")
     if os.path.isdir(old):
         return (
             f"; an interrupted overwrite left the previous checkpoint at {old!r} (the next save_adapters to this "
@@ -364,38 +319,57 @@ def _where(path: str) -> str:
     return ""
 
 
-def _read_config(path: str) -> dict[str, Any]:
-    """The config item of the checkpoint at ``path``, its own digest verified (version 2 on)."""
-    if not os.path.isdir(os.path.join(path, "config")):
-        raise FileNotFoundError(f"no adapter checkpoint at {path!r} (missing its 'config' item){_where(path)}.")
+def _read_config(path: str | epath.Path) -> dict[str, Any]:
+    """The config item of the checkpoint at ``path``, its own digest verified, its version checked."""
+    path = epath.Path(path)
+    if not (path / "config").is_dir() or not (is_local(path) or (path / _COMMITTED).exists()):
+        raise FileNotFoundError(
+            f"no adapter checkpoint at {os.fspath(path)!r} (no committed 'config' item){_where(path)}."
+        )
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             config = checkpointer.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as error:  # orbax raises many kinds for a damaged file; all mean "cannot read it"
         raise CheckpointCorruptError(
-            f"the adapter checkpoint {path!r} is damaged: its config cannot be read ({type(error).__name__}: "
-            f"{str(error)[:200]})."
+            f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config cannot be read "
+            f"({type(error).__name__}: {str(error)[:200]})."
         ) from error
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         format_ = config.get("format") if isinstance(config, dict) else None
-        raise ValueError(f"{path!r} is not an rssbl_jax adapter checkpoint (format={format_!r}).")
-    if config.get("version", 1) >= 2:
-        if config.get("sha256") != _config_sha256(config):
+        raise ValueError(f"{os.fspath(path)!r} is not an rssbl_jax adapter checkpoint (format={format_!r}).")
+    # The digest is checked whenever there is one, whatever version the config claims: it covers the version
+    # field, so a relabelled version is damage, not an older format.
+    if "sha256" in config or config.get("version", 1) >= 2:
+        if config.get("sha256") != json_sha256(config):
             raise CheckpointCorruptError(
-                f"the adapter checkpoint {path!r} is damaged: its config does not match its SHA-256 digest."
+                f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config does not match its SHA-256 digest."
             )
-    else:
-        logger.warning("%s is a version-1 adapter checkpoint: it has no digests, so its bytes are not verified", path)
+    version = config.get("version", 1)
+    if not isinstance(version, int):
+        raise ValueError(f"{os.fspath(path)!r} has format version {version!r}, not a number: not written by rssbl_jax.")
+    if version > VERSION:
+        raise ValueError(
+            f"the adapter checkpoint {os.fspath(path)!r} has format version {version}, newer than this rssbl_jax's "
+            f"(version {VERSION}); upgrade rssbl_jax to load it."
+        )
+    if version < 3 or "adapter_config" not in config:
+        raise ValueError(
+            f"{os.fspath(path)!r} is an adapter checkpoint of format version {version}, written before the "
+            f"AdapterConfig was stored (version {VERSION}); its settings are incomplete, so rssbl_jax refuses to "
+            "guess them. Load its leaves with orbax directly and save them again with "
+            "save_adapters(path, params, config)."
+        )
     return config
 
 
 def _read_leaves(
-    path: str, config: Mapping[str, Any], wanted: Mapping[str, tuple[tuple[int, ...], Any]]
+    path: str | epath.Path, config: Mapping[str, Any], wanted: Mapping[str, tuple[tuple[int, ...], Any]]
 ) -> dict[str, np.ndarray]:
     """The leaves of the checkpoint at ``path`` in their saved dtypes, each checked against its SHA-256.
 
     ``wanted`` maps each leaf name to the ``(shape, dtype)`` it must have (a checked config says so).
     """
+    where = os.fspath(path)
     target = _nested({name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in wanted.items()})
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -405,28 +379,30 @@ def _read_leaves(
         }
     except Exception as error:
         raise CheckpointCorruptError(
-            f"the adapter checkpoint {path!r} is damaged: its arrays cannot be read ({type(error).__name__}: "
+            f"the adapter checkpoint {where!r} is damaged: its arrays cannot be read ({type(error).__name__}: "
             f"{str(error)[:200]})."
         ) from error
     for name, (shape, dtype) in wanted.items():
         leaf = flat.get(name)
         if leaf is None or leaf.shape != tuple(shape) or leaf.dtype != np.dtype(dtype):
             raise CheckpointCorruptError(
-                f"the adapter checkpoint {path!r} is damaged: leaf {name!r} did not read back."
+                f"the adapter checkpoint {where!r} is damaged: leaf {name!r} did not read back."
             )
-        digest = config["leaves"][name].get("sha256")
-        if digest is not None and _sha256(leaf) != digest:
+        if array_sha256(leaf) != config["leaves"][name].get("sha256"):
             raise CheckpointCorruptError(
-                f"the adapter checkpoint {path!r} is damaged: leaf {name!r} does not match its SHA-256 digest."
+                f"the adapter checkpoint {where!r} is damaged: leaf {name!r} does not match its SHA-256 digest."
             )
     return flat
 
 
-def load_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The configuration stored beside the adapters of the checkpoint at ``path`` (see :func:`save_adapters`).
+def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The :class:`~rssbl_jax.AdapterConfig` stored beside the adapters of the checkpoint at ``path``.
 
     Raises:
-      FileNotFoundError: when there is no complete checkpoint at ``path``.
+      FileNotFoundError: when there is no complete (committed) checkpoint at ``path``.
+      CheckpointCorruptError: when the stored config does not match its SHA-256 digest.
+      ValueError: when the checkpoint's format version is newer than this library's, or older than the one that
+        stores the whole config.
 
     >>> import tempfile, jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
@@ -435,19 +411,10 @@ def load_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     >>> path = tempfile.mkdtemp() + "/adapters"
     >>> config = AdapterConfig(rank=2, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
     >>> save_adapters(path, params, config)
-    >>> stored = load_adapter_config(path)
-    >>> stored["d_p"], stored["lora_alpha"], AdapterConfig.from_dict(stored["adapter_config"]) == config
-    (2, {'': 4.0}, True)
+    >>> load_adapter_config(path) == config
+    True
     """
-    config = _read_config(os.path.abspath(path))
-    if config.get("version", 1) < 3 or "adapter_config" not in config:
-        raise ValueError(
-            f"{os.fspath(path)!r} is an adapter checkpoint of format version {config.get('version', 1)}, written "
-            f"before the AdapterConfig was stored (version {VERSION}); its settings are incomplete, so rssbl_jax "
-            "refuses to guess them. Load its leaves with orbax directly and save them again with "
-            "save_adapters(path, params, config)."
-        )
-    return config
+    return AdapterConfig.from_dict(_read_config(as_path(path))["adapter_config"])
 
 
 def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any = None) -> LoadedAdapters:
@@ -459,11 +426,14 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     silently compute something else than they were trained to. Without it, use the returned config for everything
     that follows (``merge``, building the model). Every adapter leaf of the checkpoint must exist in ``params`` with
     the same shape, and every adapter leaf of ``params`` must be in the checkpoint; base leaves are returned
-    unchanged. Loaded leaves take the dtype of ``params``' leaves.
+    unchanged. Loaded leaves take the dtype of ``params``' leaves. Given an NNX model (an adapted model, or a
+    module holding adapters), the config defaults to the model's, and the returned ``params`` is a copy of the
+    model with the adapters loaded (``nnx.clone`` then ``nnx.update``; the argument is left unchanged).
 
     Raises:
       ValueError: when the configs differ, or naming the first mismatched path with both shapes.
       FileNotFoundError: when there is no complete checkpoint at ``path``.
+      CheckpointCorruptError: when a leaf or the config does not match its SHA-256 digest, or cannot be read.
 
     >>> import tempfile, jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
@@ -482,14 +452,19 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     ValueError: adapter configs differ:
       lora_alpha: 4.0 (checkpoint ...) != 16.0 (the model's config)
     """
-    path = os.path.abspath(path)
-    stored_json = load_adapter_config(path)
+    path = as_path(path)
+    stored_json = _read_config(path)
     stored = AdapterConfig.from_dict(stored_json["adapter_config"])
+    model = params if isinstance(params, nnx.Module) else None
+    if config is None and model is not None:
+        with contextlib.suppress(TypeError):  # a plain module holding adapters carries no config
+            config = as_config(model, "load_adapters")
     if config is not None:
-        stored.check_same(as_config(config, "load_adapters"), mine=f"checkpoint {path!r}", theirs="the model's config")
-    config = stored_json
+        stored.check_same(
+            as_config(config, "load_adapters"), mine=f"checkpoint {os.fspath(path)!r}", theirs="the model's config"
+        )
     saved = {name: tuple(info["shape"]) for name, info in stored_json["leaves"].items()}
-    current = _adapter_leaves(params)
+    current = _adapter_leaves(_params_of(params))
     for name, shape in saved.items():
         if name not in current:
             raise ValueError(f"checkpoint adapter {name!r} (shape {shape}) has no counterpart in params.")
@@ -502,11 +477,18 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
             raise ValueError(
                 f"params adapter {name!r} (shape {tuple(jnp.shape(leaf))}) is missing from the checkpoint."
             )
-    wanted = {name: (shape, jnp.dtype(config["leaves"][name]["dtype"])) for name, shape in saved.items()}
-    flat = _read_leaves(os.path.abspath(path), config, wanted)
+    wanted = {name: (shape, jnp.dtype(stored_json["leaves"][name]["dtype"])) for name, shape in saved.items()}
+    flat = _read_leaves(path, stored_json, wanted)
 
     def pick(key_path, leaf):
         name = patterns.path_str(key_path)
         return jnp.asarray(flat[name], jnp.asarray(leaf).dtype) if name in flat else leaf
 
-    return LoadedAdapters(jax.tree_util.tree_map_with_path(pick, params), stored)
+    if model is None:
+        return LoadedAdapters(jax.tree_util.tree_map_with_path(pick, params), stored)
+    copy = nnx.clone(model)  # new Variables over the same arrays: the argument is left unchanged
+    root = _nnx_root(copy)
+    state = nnx.state(root)
+    state.replace_by_pure_dict(jax.tree_util.tree_map_with_path(pick, state.to_pure_dict()))
+    nnx.update(root, state)
+    return LoadedAdapters(copy, stored)

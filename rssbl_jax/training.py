@@ -30,8 +30,6 @@ NaN/inf is not applied, and a state holding them is refused at save time (:class
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -42,9 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
+from rssbl_jax.checkpoint import array_sha256, as_path, json_sha256
 from rssbl_jax.partition import combine, partition
 from rssbl_jax.patterns import path_str as _path_str
 
@@ -291,7 +291,8 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: etils.epath directories (local or remote), orbax's own commit per step, and the same digests
+# as adapter checkpoints (rssbl_jax.checkpoint.array_sha256 / json_sha256).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -314,7 +315,7 @@ def _describe(tree: PyTree, *, digest: bool) -> dict[str, dict[str, Any]]:
         dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
         entry: dict[str, Any] = {"shape": list(np.shape(leaf)), "dtype": str(dtype)}
         if digest:
-            entry["sha256"] = hashlib.sha256(np.ascontiguousarray(_to_host(leaf)).tobytes()).hexdigest()
+            entry["sha256"] = array_sha256(_to_host(leaf))
         out[_path_str(path)] = entry
     return out
 
@@ -335,11 +336,6 @@ def _structure(state: TrainState) -> dict[str, dict[str, str]]:
     }
 
 
-def _meta_sha256(meta: dict[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _meta(state: TrainState) -> dict[str, Any]:
     meta = {
         "format": _FORMAT,
@@ -347,7 +343,7 @@ def _meta(state: TrainState) -> dict[str, Any]:
         "frozen": _describe(state.frozen, digest=False),
         "structure": _structure(state),
     }
-    return {**meta, "sha256": _meta_sha256(meta)}
+    return {**meta, "sha256": json_sha256(meta)}
 
 
 def _nonfinite(state: TrainState) -> list[str]:
@@ -384,9 +380,10 @@ class _Corrupt(Exception):
     pass
 
 
-def _manager(directory: str, *, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    """Orbax's manager of ``directory`` (local, or remote such as ``gs://``: orbax commits each step its own way)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(as_path(directory), options=options, item_names=("state", "meta"))
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) -> TrainState:
@@ -402,7 +399,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
         and isinstance(meta.get("frozen"), dict)
     ):
         raise _Corrupt("metadata is not a rssbl_jax training checkpoint's (damaged or written by something else)")
-    if "sha256" in meta and meta["sha256"] != _meta_sha256(meta):  # absent before it was stored
+    if "sha256" in meta and meta["sha256"] != json_sha256(meta):  # absent before it was stored
         raise _Corrupt("metadata does not match its SHA-256 digest (the metadata file is damaged)")
     expected = _describe(_saved_tree(state), digest=False)
     _compare("parameter", meta["leaves"], expected, where)
@@ -434,7 +431,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
     return TrainState(restored["step"], restored["trainable"], state.frozen, restored["opt_state"], restored["rng"])
 
 
-def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, int | None]:
+def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tuple[TrainState, int | None]:
     """Restore the newest good checkpoint in ``checkpoint_dir`` into the layout (shardings) of ``state``.
 
     Checkpoints are tried newest first. One that cannot be read or whose arrays do not match their stored
@@ -444,7 +441,7 @@ def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, 
     state where ``adam``'s is expected) is never skipped or renamed: it raises, naming what changed.
 
     Args:
-      checkpoint_dir: the directory :func:`train` saves into.
+      checkpoint_dir: the directory :func:`train` saves into: local, or remote such as ``gs://bucket/run``.
       state: a :class:`TrainState` of the model being trained (e.g. from :func:`init_train_state`, placed on
         its devices); its frozen half is kept, its shapes, dtypes and shardings are the expected ones.
 
@@ -477,7 +474,7 @@ def restore_latest(checkpoint_dir: str, state: TrainState) -> tuple[TrainState, 
 
 def _restore_newest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, int | None]:
     """:func:`restore_latest` with an open manager (every process makes the same calls in the same order)."""
-    checkpoint_dir = str(manager.directory)
+    checkpoint_dir = manager.directory
     failures = []
     restored, step = None, None
     for candidate in sorted(manager.all_steps(), reverse=True):
@@ -501,16 +498,18 @@ def _restore_newest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[
     return restored, step
 
 
-def _quarantine(checkpoint_dir: str, steps: list[int]) -> None:
+def _quarantine(checkpoint_dir: epath.Path, steps: list[int]) -> None:
+    """Rename damaged steps ``<step>.corrupt`` (on a remote path a rename is a copy and a delete; a crash halfway
+    leaves a partial copy of a step already known damaged, which the next restore sets aside again)."""
     if jax.process_count() > 1:  # every process is done reading before one renames
         multihost_utils.sync_global_devices("rssbl_jax.training.quarantine.start")
     if jax.process_index() == 0:
         for step in steps:
-            source = os.path.join(checkpoint_dir, str(step))
-            target, n = source + ".corrupt", 1
-            while os.path.exists(target):
-                target, n = f"{source}.corrupt{n}", n + 1
-            os.rename(source, target)
+            source = checkpoint_dir / str(step)
+            target, n = checkpoint_dir / f"{step}.corrupt", 1
+            while target.exists():
+                target, n = checkpoint_dir / f"{step}.corrupt{n}", n + 1
+            source.rename(target)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("rssbl_jax.training.quarantine.end")
 
@@ -556,7 +555,8 @@ def train(
         ``fold_in(key, step)``); in several processes it returns global arrays
         (:func:`rssbl_jax.sharding.shard_batch`); with ``replicated`` it has a leading device axis.
       num_steps: total number of steps of the run (not steps to add).
-      checkpoint_dir: where to save and resume from; ``None`` for no checkpoints.
+      checkpoint_dir: where to save and resume from, local or remote (``gs://bucket/run``: orbax commits each
+        checkpoint there with a commit file); ``None`` for no checkpoints.
       save_every: checkpoint interval in steps.
       max_to_keep: how many checkpoints to keep (``None`` keeps all).
       replicated: ``True`` when ``train_step`` is a ``jax.pmap``: ``state`` is given unreplicated, is

@@ -20,6 +20,12 @@ from rssbl_jax.inject import inject
 from tests.test_inject import ALPHA_PATTERN, D_P, RANK_PATTERN, TARGETS, Transformer, random_params
 
 
+def manifest(path) -> dict:
+    """The checkpoint's ``config`` item as stored, read with orbax alone."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
 def directory_bytes(path):
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
@@ -50,7 +56,8 @@ def test_round_trip_is_exact_and_config_is_stored(transformer, tmp_path):
         np.testing.assert_array_equal(leaf, expected)
         assert leaf.dtype == expected.dtype
 
-    stored_json = load_adapter_config(path)
+    assert load_adapter_config(path) == config
+    stored_json = manifest(path)  # what a reader of the checkpoint finds beside the config
     assert stored_json["d_p"] == D_P and stored_json["adapter_config"]["gate_offset"] == 0.0
     assert stored_json["adapter_config"]["targets"] == [TARGETS]
     assert dict(map(tuple, stored_json["adapter_config"]["rank_pattern"])) == RANK_PATTERN
@@ -71,7 +78,7 @@ def test_round_trip_is_exact_and_config_is_stored(transformer, tmp_path):
     with pytest.raises(ValueError, match="exist|already"):
         save_adapters(path, params, adapted.config)
     save_adapters(path, params, adapted.config, force=True)
-    assert load_adapter_config(path)["adapter_config"]["p_mean"] is None
+    assert load_adapter_config(path) == adapted.config and load_adapter_config(path).p_mean is None
 
 
 def test_checkpoint_is_a_small_fraction_of_the_base_model(tmp_path):
@@ -150,3 +157,39 @@ def test_nnx_adapters_load_into_the_linen_layer(tmp_path):
     for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
         np.testing.assert_array_equal(restored[name], state[name])
     np.testing.assert_array_equal(restored["kernel"], linen_params["params"]["kernel"])
+
+
+def test_an_nnx_adapted_model_round_trips_directly(tmp_path):
+    """save_adapters/load_adapters take the NNX adapted model itself: no state dicts by hand."""
+
+    def adapted(seed):
+        model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(7)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(8)))
+        return rss_nnx.inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, gate="affine", rngs=nnx.Rngs(seed))
+
+    trained = adapted(0)
+    adapters = nnx.state(trained, nnx.LoRAParam)
+    names = sorted({path[-1] for path, _ in adapters.flat_state()})
+    assert names == ["lora_a", "lora_b", "lora_c", "lora_c0", "lora_s"], names
+    rng = np.random.default_rng(0)  # every factor nonzero (lora_b starts at 0, where any update is the base's)
+    nnx.update(trained, jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), adapters))
+    save_adapters(tmp_path / "adapters", trained)
+
+    x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    p = jnp.asarray(rng.standard_normal((5, 2)), jnp.float32)
+    fresh = adapted(1)  # the same base, other adapters
+    before = fresh(x, p=p)
+    assert not np.allclose(before, trained(x, p=p))
+    loaded, config = load_adapters(tmp_path / "adapters", fresh)
+    assert config == trained.config
+    np.testing.assert_array_equal(loaded(x, p=p), trained(x, p=p))
+    run = nnx.jit(lambda model, x, p: model(x, p=p))
+    np.testing.assert_array_equal(run(loaded, x, p), run(trained, x, p))
+    np.testing.assert_array_equal(fresh(x, p=p), before)  # the argument is left as it was
+    # The same checkpoint loads into a pure state dict of the model, as before.
+    state = nnx.state(fresh.model, nnx.Param).to_pure_dict()
+    restored, _ = load_adapters(tmp_path / "adapters", state, fresh)
+    np.testing.assert_array_equal(
+        restored["layers"][0]["lora_c0"], nnx.state(trained.model)["layers"][0]["lora_c0"][...]
+    )
+    with pytest.raises(ValueError, match=r"lora_alpha: 4.0 \(checkpoint .*\) != 8.0"):
+        load_adapters(tmp_path / "adapters", fresh, trained.config.replace(lora_alpha=8.0))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import gc
 import json
 import os
@@ -235,12 +234,56 @@ def test_a_changed_value_in_the_config_is_caught(tmp_path):
         load_adapter_config(path)
 
 
+def _relabel(path: pathlib.Path, version, *, digest: bool) -> None:
+    """Rewrite the stored config's format version; with ``digest``, as a writer of that version would (its digest
+    recomputed), without it as damage would."""
+    meta = path / "config" / "metadata"
+    config = json.loads(meta.read_text())
+    config["version"] = version
+    if digest:
+        config["sha256"] = checkpoint.json_sha256(config)
+    meta.write_text(json.dumps(config))
+
+
+def test_a_relabelled_version_is_damage_whatever_version_it_claims(tmp_path):
+    """The config digest is checked for every version: it covers the version field, so a version-3 checkpoint
+    relabelled as version 1 (which had no digests) is caught, not loaded with its digests skipped."""
+    path = tmp_path / "adapters"
+    save_adapters(path, adapter_params(OLD), CONFIG)
+    for version in (1, 2, 4):
+        _relabel(path, version, digest=False)
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="config does not match its SHA-256"):
+            load_adapters(path, adapter_params(99), CONFIG)
+    _relabel(path, checkpoint.VERSION, digest=False)
+    assert holds(path, OLD)  # the original label restores the original digest
+
+
+@pytest.mark.parametrize("version", [1, 2, checkpoint.VERSION + 1, "3"])
+def test_a_checkpoint_of_another_format_version_is_refused_naming_both(tmp_path, version):
+    path = tmp_path / "adapters"
+    save_adapters(path, adapter_params(OLD), CONFIG)
+    _relabel(path, version, digest=True)  # as written by that version, digests intact
+    if isinstance(version, str):
+        pattern = "format version '3', not a number"
+    elif version > checkpoint.VERSION:
+        pattern = rf"format version {version}, newer than this rssbl_jax's \(version {checkpoint.VERSION}\)"
+    else:
+        pattern = (
+            rf"format version {version}, written before the AdapterConfig was stored \(version {checkpoint.VERSION}\)"
+        )
+    for load in (load_adapter_config, lambda p: load_adapters(p, adapter_params(99), CONFIG)):
+        with pytest.raises(ValueError, match=pattern):
+            load(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Two writers
 # --------------------------------------------------------------------------------------------------
 
 
 def test_a_held_lock_fails_a_second_writer_at_once_and_a_dead_ones_lock_file_does_not(tmp_path):
+    import fcntl  # POSIX only, like the lock itself
+
     path = tmp_path / "adapters"
     lock_file = tmp_path / ".adapters.lock"
     with open(lock_file, "w") as held:

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from rssbl_jax import checkpoint  # noqa: E402
+from rssbl_jax import checkpoint, localdisk  # noqa: E402
 from rssbl_jax.config import AdapterConfig  # noqa: E402
 
 ALPHA = 4.0
@@ -70,7 +70,7 @@ def main() -> None:
 
         ocp.JsonCheckpointHandler.async_save = json_save
     if args.no_exchange:
-        checkpoint._exchange = lambda a, b: False
+        localdisk.exchange = lambda a, b: False
 
     params = adapter_params(args.seed)
     for _ in range(args.repeat):
