@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -680,6 +681,13 @@ def train(
     if eval_fn is not None and hook is None and writer is None:
         raise ValueError("eval_fn's metrics are reported through hook or writer; pass one of them.")
     eval_every = eval_every or log_every
+    if on_step is not None:
+        warnings.warn(
+            "train(on_step=...) is deprecated: it reads the loss back after every step (a host sync per step). Pass "
+            "hook=..., called every log_every steps with a dict of metrics (log_every=1 for every step).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     n_local = jax.local_device_count()
     manager, last_saved = None, None
     if checkpoint_dir is not None:
