@@ -69,8 +69,16 @@ def test_train_many_equals_the_runs_one_by_one(share_frozen):
     states = run_states(share_frozen)
     expected, expected_losses = one_by_one(states)
     step = training.make_train_step(noisy_loss, adamw(learning_rate=LRS[0], weight_decay=1e-2))
-    logged = []
-    finals = runs.train_many(states, step, batches, STEPS, share_frozen=share_frozen, log_every=1, hook=logged.append)
+    logged, written = [], []
+
+    class RecordingWriter:  # clu's MetricWriter interface, as train calls it
+        def write_scalars(self, at, scalars):
+            written.append((at, dict(scalars)))
+
+    finals = runs.train_many(
+        states, step, batches, STEPS, share_frozen=share_frozen, log_every=1, hook=logged.append,
+        writer=RecordingWriter(),
+    )  # fmt: skip
     assert len(finals) == len(LRS)
     for got, want in zip(finals, expected, strict=True):
         assert_states_close(got, want)
@@ -78,6 +86,10 @@ def test_train_many_equals_the_runs_one_by_one(share_frozen):
     losses = np.stack([m["loss"] for m in logged])  # each hook value is an array over the runs
     assert losses.shape == (STEPS, len(LRS))
     np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+    # The writer gets one scalar per run: loss/0, loss/1, loss/2 (and grad_norm/<run>).
+    assert [at for at, _ in written] == list(range(1, STEPS + 1))
+    assert set(written[0][1]) == {f"{name}/{i}" for name in ("loss", "grad_norm") for i in range(len(LRS))}
+    np.testing.assert_allclose([[w[f"loss/{i}"] for i in range(len(LRS))] for _, w in written], losses, rtol=1e-7)
     # The runs really differ (seed, lr, key, data), and the largest learning rate moved the adapters most.
     moved = [float(jnp.abs(f.trainable["hidden"]["lora_a"] - s.trainable["hidden"]["lora_a"]).max())
              for f, s in zip(finals, states, strict=True)]  # fmt: skip
