@@ -26,6 +26,12 @@ read) sets a checkpoint aside; a caller's mismatch is an error that leaves every
 
 Non-finite state is never saved: a step whose loss, gradients, batch, new adapters or new optimizer state hold
 NaN/inf is not applied, and a state holding them is refused at save time (:class:`NonFiniteError`).
+
+Metrics stay on the device: :func:`train` reads them back every ``log_every`` steps (and before each checkpoint),
+not after every step, so the host keeps dispatching steps while the device computes. A ``hook`` and a metric
+``writer`` (clu's interface; :class:`rssbl_jax.writers.TensorBoardWriter` writes TensorBoard event files) get
+the loss, the gradient norm and an optional ``eval_fn``'s results. Many runs at once (seeds, learning rates) are
+:mod:`rssbl_jax.runs`.
 """
 
 from __future__ import annotations
@@ -655,8 +661,9 @@ def train(
 
     Raises:
       NonFiniteError: when the loss, gradients or batch (``p`` included) held NaN/inf, or the update would make
-        adapters or optimizer state non-finite; nothing of that step is saved and the last good checkpoint is
-        kept. Also raised, naming the step and leaves, instead of saving a state that holds NaN/inf.
+        adapters or optimizer state non-finite; raised at the next read (up to ``log_every`` steps later),
+        naming that step, and nothing of that step or after it is reported or saved: the last good checkpoint
+        is kept. Also raised, naming the step and leaves, instead of saving a state that holds NaN/inf.
       ValueError: when ``num_steps`` is below the step of ``state`` or of the restored checkpoint; for an interval
         below 1 or ``eval_fn`` with nowhere to report; and from :func:`restore_latest`.
       RuntimeError: from :func:`restore_latest`.
@@ -678,6 +685,8 @@ def train(
     for name, value in (("save_every", save_every), ("log_every", log_every), ("eval_every", eval_every or 1)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1; got {value}.")
+    if eval_every is not None and eval_fn is None:
+        raise ValueError(f"eval_every={eval_every} needs an eval_fn to call.")
     if eval_fn is not None and hook is None and writer is None:
         raise ValueError("eval_fn's metrics are reported through hook or writer; pass one of them.")
     eval_every = eval_every or log_every

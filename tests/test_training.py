@@ -411,5 +411,7 @@ def test_metric_arguments_are_checked():
         training.train(state, step, regression_batch, 2, log_every=0)
     with pytest.raises(ValueError, match="eval_every must be >= 1; got -1"):
         training.train(state, step, regression_batch, 2, eval_fn=held_out_mse, eval_every=-1, hook=print)
+    with pytest.raises(ValueError, match="eval_every=5 needs an eval_fn"):
+        training.train(state, step, regression_batch, 2, eval_every=5, hook=print)
     with pytest.raises(ValueError, match="eval_fn's metrics are reported through hook or writer"):
         training.train(state, step, regression_batch, 2, eval_fn=held_out_mse)
