@@ -30,4 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.lora_alpha = 8.0
     config.adapt_steps = 1500
     config.adapt_lr = 3e-3
+    # Training curves (loss, gradient norm, held-out error) every log_every steps, as TensorBoard event files in
+    # <tensorboard_dir>/rss and <tensorboard_dir>/lora; "" writes none.
+    config.log_every = 50
+    config.tensorboard_dir = "runs/demo/tensorboard"
     return config

@@ -7,10 +7,15 @@ A teacher network has a planted conditional update of rank ``k`` in its first la
 a model pretrained on nominal conditions); adapters are trained on 16 conditions and evaluated on those, on
 held-out conditions inside the range and on extrapolated ones. The demo prints the errors and what the adapter
 learned: how well its update ``ΔW(p) = α A diag(C p) B`` aligns with the planted one.
+
+Training runs through :func:`rssbl_jax.train` with a metrics hook: every ``log_every`` steps the training loss,
+the gradient norm and the held-out (interpolation) error go to TensorBoard event files in
+``config.tensorboard_dir`` (one folder per method; ``tensorboard --logdir runs/demo/tensorboard`` shows them).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -23,6 +28,7 @@ import optax
 from flax import linen as nn
 
 import rssbl_jax
+from rssbl_jax.writers import TensorBoardWriter
 
 
 class BaseMLP(nn.Module):
@@ -103,20 +109,25 @@ def dataset(teacher, conds: jax.Array, n: int, key: jax.Array) -> tuple[jax.Arra
     return x, p, teacher_apply(teacher, x, p)
 
 
-def fit(loss_fn, params, tx, steps: int, trainable=None):
-    """Full-batch optimisation with the library's train step (:func:`rssbl_jax.make_train_step`), scanned.
+def fit(loss_fn, params, tx, steps: int, *, trainable=None, log_every: int = 100, logdir=None, eval_fn=None):
+    """Full-batch optimisation with the library's loop (:func:`rssbl_jax.train`), metrics through its hook.
 
-    ``trainable`` (a tree of bools) overrides which leaves train; by default the adapters do. Returns the params
-    and the loss curve."""
-    step = rssbl_jax.make_train_step(lambda q, batch, rng: loss_fn(q), tx)
-
-    @jax.jit
-    def run(params):
-        state = rssbl_jax.init_train_state(params, tx, jax.random.key(0), trainable=trainable)
-        state, metrics = jax.lax.scan(lambda s, _: step(s, None), state, None, length=steps)
-        return rssbl_jax.combine(state.trainable, state.frozen), metrics["loss"]
-
-    return run(params)
+    ``trainable`` (a tree of bools) overrides which leaves train; by default the adapters do. ``eval_fn(params)``
+    returns held-out metrics. With ``logdir`` the metrics also go to TensorBoard event files there. Returns the
+    params and the logged metrics (one dict per ``log_every`` steps and the last step)."""
+    state = rssbl_jax.init_train_state(params, tx, jax.random.key(0), trainable=trainable)
+    step = jax.jit(rssbl_jax.make_train_step(lambda q, batch, rng: loss_fn(q), tx))
+    evaluate = None if eval_fn is None else jax.jit(lambda s: eval_fn(rssbl_jax.combine(s.trainable, s.frozen)))
+    logged = []
+    writer = TensorBoardWriter(logdir) if logdir else None
+    try:
+        final = rssbl_jax.train(
+            state, step, lambda i: None, steps, log_every=log_every, hook=logged.append, writer=writer, eval_fn=evaluate
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    return rssbl_jax.combine(final.trainable, final.frozen), logged
 
 
 def lora_view(params: Any) -> Any:
@@ -158,11 +169,30 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     def mse(q, p_used, x=x, y=y):
         return jnp.mean((model.apply({"params": q}, x, p_used) - y) ** 2)
 
-    rss_params, rss_losses = fit(lambda q: mse(q, p), start_params, tx, config.adapt_steps)
+    # Held-out conditions inside the range, for the curves (the reported errors below use fresh inputs).
+    x_held, p_held, y_held = dataset(teacher, conds["interpolation"], 16, jax.random.fold_in(keys[4], 100))
+    logdir = config.get("tensorboard_dir") or None
+    curves = dict(steps=config.adapt_steps, log_every=config.log_every)
+    rss_params, rss_log = fit(
+        lambda q: mse(q, p),
+        start_params,
+        tx,
+        **curves,
+        logdir=logdir and os.path.join(logdir, "rss"),
+        eval_fn=lambda q: {"interpolation_mse": mse(q, p_held, x_held, y_held)},
+    )
     lora_start = lora_view(start_params)
     only_ab = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("lora_a", "lora_b"), lora_start)
     ones = jnp.ones((x.shape[0], 1))
-    lora_params, lora_losses = fit(lambda q: mse(q, ones), lora_start, tx, config.adapt_steps, trainable=only_ab)
+    lora_params, lora_log = fit(
+        lambda q: mse(q, ones),
+        lora_start,
+        tx,
+        **curves,
+        trainable=only_ab,
+        logdir=logdir and os.path.join(logdir, "lora"),
+        eval_fn=lambda q: {"interpolation_mse": mse(q, jnp.ones((x_held.shape[0], 1)), x_held, y_held)},
+    )
 
     # 3. Evaluate every method on every split.
     methods = {
@@ -191,7 +221,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     counts = rssbl_jax.count_parameters(rss_params)
     return {
         "errors": errors,
-        "adapt_final_mse": {"LoRA": float(lora_losses[-1]), "RSSBilinearLoRA": float(rss_losses[-1])},
+        "adapt_final_mse": {"LoRA": lora_log[-1]["loss"], "RSSBilinearLoRA": rss_log[-1]["loss"]},
+        "curves": {"LoRA": lora_log, "RSSBilinearLoRA": rss_log},
+        "tensorboard_dir": logdir,
         "update_cosine": {"median": float(np.median(cosines)), "min": float(cosines.min())},
         "trainable": {
             "LoRA": sum(
@@ -236,7 +268,10 @@ def main(argv: list[str]) -> None:
     config_flags.DEFINE_config_file("config", "configs/demo.py", "Path to a config file with get_config().")
 
     def _main(_):
-        print(report(run(flags.FLAGS.config)))
+        results = run(flags.FLAGS.config)
+        print(report(results))
+        if results["tensorboard_dir"]:
+            print(f"TensorBoard curves: tensorboard --logdir {results['tensorboard_dir']}")
 
     app.run(_main, argv=argv)
 

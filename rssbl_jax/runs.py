@@ -1,0 +1,197 @@
+r"""Many training runs at once: the train step ``jax.vmap``-ed over a leading run axis, compiled once.
+
+Runs ``i = 1..R`` (seeds, learning rates, data draws) take their steps together,
+
+.. math::
+
+    \theta^{(i)}_{t+1} = \theta^{(i)}_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta^{(i)}_t \cup W,
+    \text{batch}^{(i)}_t, k^{(i)}_t);\ \eta^{(i)}\big),
+
+each exactly as :func:`rssbl_jax.make_train_step` would take it alone (up to float rounding), in one program.
+Each run is a :class:`~rssbl_jax.TrainState` of its own (:func:`rssbl_jax.init_train_state` with its own key and
+adapter initialisation); :func:`stack_runs` stacks them on a leading axis. A learning rate ``η⁽ⁱ⁾`` (or any
+numeric hyperparameter) differs per run when the optimizer is made with ``optax.inject_hyperparams``: the value
+then lives in the optimizer state, which is stacked with the rest, and the one compiled step reads each run's
+own. The frozen base ``W`` is one copy for every run (not ``R``) unless ``share_frozen=False`` (e.g. a base per
+data draw).
+
+:func:`train_many` runs :func:`rssbl_jax.train` on the stack: checkpoints, non-finite checks (naming the runs
+that failed) and metric hooks (one value per run) work as for one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rssbl_jax.patterns import path_str
+from rssbl_jax.training import Batch, StepFn, TrainState, train
+
+
+def _axes(share_frozen: bool) -> TrainState:
+    return TrainState(step=0, trainable=0, frozen=None if share_frozen else 0, opt_state=0, rng=0)
+
+
+def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> TrainState:
+    """Stack runs' states on a new leading axis (the run axis) for :func:`vmap_train_step`.
+
+    Args:
+      states: one :class:`~rssbl_jax.TrainState` per run, all at the same step, with the same adapter and
+        optimizer-state trees (e.g. ``optax.inject_hyperparams(optax.adam)(learning_rate=lr)`` for each ``lr``).
+      share_frozen: keep one copy of the frozen base (it must be the same in every run); ``False`` stacks the
+        runs' bases too (a base per run).
+
+    Returns:
+      A :class:`~rssbl_jax.TrainState` whose leaves have a leading axis of ``len(states)``, the frozen base's
+      too when ``share_frozen`` is ``False``.
+
+    Raises:
+      ValueError: for no runs, runs whose trees differ (naming the run), or a shared base that differs
+        (naming the run and the leaf).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from rssbl_jax import init_train_state
+    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> sgd = optax.inject_hyperparams(optax.sgd)
+    >>> states = [init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.2, 0.3)]
+    >>> runs = stack_runs(states)
+    >>> runs.step.shape, runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape
+    ((3,), (3, 2), (2,))
+    >>> [round(float(lr), 4) for lr in runs.opt_state.hyperparams["learning_rate"]]
+    [0.1, 0.2, 0.3]
+    """
+    if not states:
+        raise ValueError("stack_runs needs at least one run's state; got none.")
+    first = states[0]
+    for i, state in enumerate(states[1:], 1):
+        for name in ("trainable", "opt_state", "frozen"):
+            if jax.tree.structure(getattr(state, name)) != jax.tree.structure(getattr(first, name)):
+                raise ValueError(
+                    f"run {i}'s {name} has another tree than run 0's: {jax.tree.structure(getattr(state, name))} vs "
+                    f"{jax.tree.structure(getattr(first, name))}. Every run needs the same model and optimizer."
+                )
+        if share_frozen:
+            pairs = zip(
+                jax.tree_util.tree_flatten_with_path(first.frozen)[0], jax.tree.leaves(state.frozen), strict=True
+            )
+            for (path, a), b in pairs:
+                if a is not b and not (np.shape(a) == np.shape(b) and np.array_equal(a, b)):
+                    raise ValueError(
+                        f"run {i}'s frozen '{path_str(path)}' differs from run 0's; runs that share_frozen share one "
+                        "base. Pass share_frozen=False to stack a base per run."
+                    )
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return stacked._replace(frozen=first.frozen) if share_frozen else stacked
+
+
+def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainState]:
+    """The runs of a stacked state, one :class:`~rssbl_jax.TrainState` each (the inverse of :func:`stack_runs`).
+
+    Args:
+      state: a state with a leading run axis.
+      share_frozen: whether its frozen base is one copy (as given to :func:`stack_runs`).
+
+    Returns:
+      ``[state of run 0, state of run 1, ...]``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from rssbl_jax import init_train_state
+    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> states = [init_train_state(params, optax.sgd(0.1), jax.random.key(seed)) for seed in range(4)]
+    >>> runs = unstack_runs(stack_runs(states))
+    >>> len(runs), runs[2].trainable["lora_b"].shape, bool((runs[2].rng == states[2].rng).all())
+    (4, (2,), True)
+    """
+    n = int(np.shape(state.step)[0])
+    axes = _axes(share_frozen)
+    return [
+        TrainState(
+            *(x if axis is None else jax.tree.map(lambda a, i=i: a[i], x) for x, axis in zip(state, axes, strict=True))
+        )
+        for i in range(n)
+    ]
+
+
+def vmap_train_step(train_step: StepFn, *, batch_axis: int | None = 0, share_frozen: bool = True) -> StepFn:
+    """A train step over a stack of runs: ``jax.vmap`` of ``train_step`` over the leading run axis.
+
+    Args:
+      train_step: :func:`rssbl_jax.make_train_step`'s step (not yet jitted or pmapped); it must leave the frozen
+        base as it is, which that step does.
+      batch_axis: the run axis of the batch: ``0`` when every run has its own batch (``batch[i]`` is run ``i``'s:
+        other seeds or data draws), ``None`` when all runs train on the same batch.
+      share_frozen: whether the state's frozen base is one copy (see :func:`stack_runs`).
+
+    Returns:
+      ``step(runs, batch) -> (runs, metrics)``, every metric with a leading run axis; wrap it in ``jax.jit``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from rssbl_jax import init_train_state, make_train_step
+    >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> sgd = optax.inject_hyperparams(optax.sgd)
+    >>> runs = stack_runs([init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.5)])
+    >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch) ** 2)
+    >>> step = jax.jit(vmap_train_step(make_train_step(loss, sgd(learning_rate=0.1)), batch_axis=None))
+    >>> runs, metrics = step(runs, jnp.zeros(2))
+    >>> [round(float(b), 4) for b in runs.trainable["lora_b"][:, 0]], metrics["loss"].tolist()   # b - 2 lr b
+    ([0.8, 0.0], [2.0, 2.0])
+    """
+    axes = _axes(share_frozen)
+    return jax.vmap(train_step, in_axes=(axes, batch_axis), out_axes=(axes, 0))
+
+
+def train_many(
+    states: Sequence[TrainState],
+    train_step: StepFn,
+    batch_fn: Callable[[int], Batch],
+    num_steps: int,
+    *,
+    batch_axis: int | None = 0,
+    share_frozen: bool = True,
+    **train_kwargs: Any,
+) -> list[TrainState]:
+    """Train several runs at once (one compiled, vmapped step) with :func:`rssbl_jax.train`.
+
+    The same as ``[train(s, jax.jit(train_step), one_batch_fn(i), num_steps) for i, s in enumerate(states)]`` up
+    to float rounding, where run ``i``'s batches are ``batch_fn(step)[i]`` (``batch_axis=0``) or
+    ``batch_fn(step)`` (``None``).
+
+    Args:
+      states: one :class:`~rssbl_jax.TrainState` per run (see :func:`stack_runs`).
+      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted (its optimizer is any of the runs': with
+        ``optax.inject_hyperparams`` each run's hyperparameters are read from its own optimizer state).
+      batch_fn: ``batch_fn(step) -> batch``, with a leading run axis when ``batch_axis=0``.
+      num_steps: total number of steps of every run.
+      batch_axis: ``0`` for a batch per run, ``None`` for one batch shared by every run.
+      share_frozen: one copy of the frozen base for all runs (see :func:`stack_runs`).
+      **train_kwargs: passed to :func:`rssbl_jax.train` (``checkpoint_dir``, ``log_every``, ``hook``,
+        ``writer``, ``eval_fn`` ...); the hook's values and ``eval_fn``'s are per run (arrays over the runs; the
+        writer gets ``loss/0``, ``loss/1``...). ``eval_fn`` receives the stacked state.
+
+    Returns:
+      The final state of each run, in order.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from rssbl_jax import init_train_state, make_train_step
+    >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}
+    >>> adam = optax.inject_hyperparams(optax.adam)
+    >>> lrs = (0.003, 0.03)
+    >>> states = [init_train_state(params, adam(learning_rate=lr), jax.random.key(0)) for lr in lrs]
+    >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
+    >>> logged = []
+    >>> finals = train_many(states, make_train_step(loss, adam(learning_rate=lrs[0])), lambda step: jnp.zeros(3),
+    ...                     100, batch_axis=None, log_every=100, hook=logged.append)
+    >>> [round(float(f.trainable["lora_b"][0]), 2) for f in finals]   # Adam moves by about lr per step
+    [0.72, 0.01]
+    >>> logged[0]["step"], [round(float(v), 3) for v in logged[0]["loss"]]   # step 100's loss, per run
+    (100, [0.517, 0.0])
+    """
+    if train_kwargs.get("replicated"):
+        raise ValueError("train_many compiles one vmapped step with jax.jit; replicated (pmap) is not supported.")
+    step = jax.jit(vmap_train_step(train_step, batch_axis=batch_axis, share_frozen=share_frozen))
+    final = train(stack_runs(states, share_frozen=share_frozen), step, batch_fn, num_steps, **train_kwargs)
+    return unstack_runs(final, share_frozen=share_frozen)

@@ -1,0 +1,150 @@
+"""rssbl_jax.runs: many runs in one vmapped step give what the runs give one by one.
+
+Runs differ in adapter initialisation (seed), learning rate (``optax.inject_hyperparams``), rng key (the loss is
+noisy through it) and data; the frozen base is shared (one copy) or one per run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rssbl_jax import runs, training
+from tests.workers import common
+
+STEPS = 12
+LRS = (1e-2, 3e-2, 1e-1)
+adamw = optax.inject_hyperparams(optax.adamw)
+
+
+def noisy_loss(params, batch, rng):
+    """The MLP's MSE with per-example weights drawn from ``rng``: a run's key changes its gradients."""
+    out = common.AdaptedMLP().apply({"params": params}, batch["x"], batch["p"])
+    weights = 1.0 + 0.5 * jax.random.uniform(rng, (common.BATCH, 1))
+    return jnp.mean(weights * (out - batch["y"]) ** 2)
+
+
+def run_states(share_frozen=True):
+    """Run i: adapters of seed i, learning rate LRS[i], key i; the base of seed 0 (or of seed i)."""
+    states = []
+    for i, lr in enumerate(LRS):
+        params = common.init_params(i)
+        if share_frozen:
+            params = {layer: {**params[layer], **{k: base for k, base in common.init_params(0)[layer].items()
+                                                   if k in ("kernel", "bias")}} for layer in params}  # fmt: skip
+        states.append(training.init_train_state(params, adamw(learning_rate=lr, weight_decay=1e-2), jax.random.key(i)))
+    if share_frozen:  # the same base arrays in every run
+        states = [s._replace(frozen=states[0].frozen) for s in states]
+    return states
+
+
+def batches(step):
+    """Run i draws its own data: ``common.global_batch(step, seed=i)``, stacked on a leading run axis."""
+    draws = [common.global_batch(step, seed=i) for i in range(len(LRS))]
+    return jax.tree.map(lambda *xs: np.stack(xs), *draws)
+
+
+def one_by_one(states):
+    finals, losses = [], []
+    for i, state in enumerate(states):
+        step = jax.jit(training.make_train_step(noisy_loss, adamw(learning_rate=LRS[i], weight_decay=1e-2)))
+        logged = []
+        finals.append(
+            training.train(
+                state, step, lambda t, i=i: common.global_batch(t, seed=i), STEPS, log_every=1, hook=logged.append
+            )
+        )
+        losses.append([m["loss"] for m in logged])
+    return finals, np.array(losses).T  # [steps, runs]
+
+
+def assert_states_close(got, expected):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("share_frozen", [True, False], ids=["shared_base", "base_per_run"])
+def test_train_many_equals_the_runs_one_by_one(share_frozen):
+    states = run_states(share_frozen)
+    expected, expected_losses = one_by_one(states)
+    step = training.make_train_step(noisy_loss, adamw(learning_rate=LRS[0], weight_decay=1e-2))
+    logged, written = [], []
+
+    class RecordingWriter:  # clu's MetricWriter interface, as train calls it
+        def write_scalars(self, at, scalars):
+            written.append((at, dict(scalars)))
+
+    finals = runs.train_many(
+        states, step, batches, STEPS, share_frozen=share_frozen, log_every=1, hook=logged.append,
+        writer=RecordingWriter(),
+    )  # fmt: skip
+    assert len(finals) == len(LRS)
+    for got, want in zip(finals, expected, strict=True):
+        assert_states_close(got, want)
+        assert int(got.step) == STEPS
+    losses = np.stack([m["loss"] for m in logged])  # each hook value is an array over the runs
+    assert losses.shape == (STEPS, len(LRS))
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+    # The writer gets one scalar per run: loss/0, loss/1, loss/2 (and grad_norm/<run>).
+    assert [at for at, _ in written] == list(range(1, STEPS + 1))
+    assert set(written[0][1]) == {f"{name}/{i}" for name in ("loss", "grad_norm") for i in range(len(LRS))}
+    np.testing.assert_allclose([[w[f"loss/{i}"] for i in range(len(LRS))] for _, w in written], losses, rtol=1e-7)
+    # The runs really differ (seed, lr, key, data), and the largest learning rate moved the adapters most.
+    moved = [float(jnp.abs(f.trainable["hidden"]["lora_a"] - s.trainable["hidden"]["lora_a"]).max())
+             for f, s in zip(finals, states, strict=True)]  # fmt: skip
+    assert moved[0] < moved[1] < moved[2], moved
+    if share_frozen:  # one base for every run, not a copy per run
+        assert finals[0].frozen["hidden"]["kernel"] is finals[2].frozen["hidden"]["kernel"]
+
+
+def test_the_stack_keeps_one_base_and_per_run_hyperparameters():
+    states = run_states()
+    stacked = runs.stack_runs(states)
+    assert stacked.frozen["hidden"]["kernel"].shape == (common.D_IN, common.HIDDEN)
+    assert stacked.trainable["hidden"]["lora_a"].shape == (len(LRS), common.D_IN, common.RANK)
+    np.testing.assert_allclose(stacked.opt_state.hyperparams["learning_rate"], LRS, rtol=1e-6)
+    back = runs.unstack_runs(stacked)
+    for got, want in zip(back, states, strict=True):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stacking_refuses_runs_that_do_not_fit():
+    states = run_states(share_frozen=False)
+    with pytest.raises(ValueError, match=r"run 1's frozen 'head/bias' differs from run 0's.*share_frozen=False"):
+        runs.stack_runs(states)
+    other = training.init_train_state(common.init_params(0), optax.sgd(0.1), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"run 1's opt_state has another tree than run 0's"):
+        runs.stack_runs([states[0], other], share_frozen=False)
+    with pytest.raises(ValueError, match="at least one run"):
+        runs.stack_runs([])
+    with pytest.raises(ValueError, match="replicated"):
+        runs.train_many(states, lambda s, b: (s, {}), batches, 1, share_frozen=False, replicated=True)
+
+
+def test_a_nan_in_one_run_names_that_run():
+    states = run_states()
+    step = training.make_train_step(noisy_loss, adamw(learning_rate=LRS[0], weight_decay=1e-2))
+
+    def poisoned(t):
+        batch = batches(t)
+        if t == 3:
+            batch["p"][1, 0, 0] = np.nan
+        return batch
+
+    with pytest.raises(training.NonFiniteError, match=r"values in batch/p.* \(runs 1\) at step 3") as info:
+        runs.train_many(states, step, poisoned, STEPS, log_every=5)
+    assert info.value.step == 3 and "batch/p" in info.value.names
+
+
+def test_many_runs_resume_from_their_checkpoint(tmp_path):
+    states = run_states()
+    step = training.make_train_step(noisy_loss, adamw(learning_rate=LRS[0], weight_decay=1e-2))
+    uninterrupted = runs.train_many(states, step, batches, STEPS)
+    ckpt = str(tmp_path / "ckpt")
+    runs.train_many(states, step, batches, 7, checkpoint_dir=ckpt, save_every=5)
+    resumed = runs.train_many(states, step, batches, STEPS, checkpoint_dir=ckpt, save_every=5)
+    for got, want in zip(resumed, uninterrupted, strict=True):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)  # bitwise: the same program from the same state
