@@ -27,7 +27,7 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 venv: $(VENV)/.installed-test
 
 ## A 10-second demo: adapt a frozen network to operating conditions and print what it learned. Installs only the
-## library and the `demo` extra (ml_collections, absl-py): no simulators.
+## library and the `demo` extra (ml_collections, absl-py, tensorboardX): no simulators.
 demo: $(VENV)/.installed-demo
 	$(PY) -m experiments.demo --config configs/demo.py
 
