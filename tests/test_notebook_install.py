@@ -26,7 +26,7 @@ from tests.test_notebooks import CHECKS, NOTEBOOKS, ROOT, execute, write_kernels
 pytestmark = pytest.mark.slow
 
 # Notebooks whose install cell upgrades pip before installing from a git URL (tests/test_packaging.py checks it).
-UPGRADES_PIP = {"adapt_a_model.ipynb", "reproduce_results.ipynb"}
+UPGRADES_PIP = {"adapt_a_model.ipynb", "quickstart.ipynb", "reproduce_results.ipynb"}
 
 
 def git(*args: str, cwd: pathlib.Path) -> str:
