@@ -17,6 +17,16 @@ data draw).
 
 :func:`train_many` runs :func:`rssbl_jax.train` on the stack: checkpoints, non-finite checks (naming the runs
 that failed) and metric hooks (one value per run) work as for one run.
+
+>>> import jax, jax.numpy as jnp, optax
+>>> from rssbl_jax import init_train_state, make_train_step
+>>> sgd = optax.inject_hyperparams(optax.sgd)
+>>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+>>> states = [init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.2)]
+>>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] ** 2)
+>>> finals = train_many(states, make_train_step(loss, sgd(learning_rate=0.1)), lambda step: None, 1, batch_axis=None)
+>>> [round(float(f.trainable["lora_b"][0]), 4) for f in finals]   # 1 - 2 lr for each run's own lr
+[0.8, 0.6]
 """
 
 from __future__ import annotations

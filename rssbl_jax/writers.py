@@ -4,6 +4,14 @@
 writers need TensorFlow (its ``SummaryWriter``) or PyTorch; this one needs only ``tensorboardX`` (pure Python,
 installed with the ``plot`` extra: ``pip install 'rssbl_jax[plot]'``), which is imported when a writer is made,
 so the core install does not need it.
+
+>>> import tempfile, jax, jax.numpy as jnp, optax
+>>> from rssbl_jax import init_train_state, make_train_step, train
+>>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+>>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
+>>> step = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] ** 2), optax.sgd(0.1)))
+>>> with TensorBoardWriter(tempfile.mkdtemp()) as writer:   # then: tensorboard --logdir <that directory>
+...     final = train(state, step, lambda i: None, 20, log_every=5, writer=writer)
 """
 
 from __future__ import annotations
