@@ -128,7 +128,6 @@ def test_damage_on_gcs_is_refused(prefix):
         load_adapter_config(path)
 
 
-@pytest.mark.slow
 def test_an_uncommitted_write_on_gcs_is_refused_and_then_replaced(prefix, monkeypatch):
     """Orbax writes in place on gs:// and commits last: a write that dies before the commit loads as nothing."""
     path = f"{prefix}/adapters"
