@@ -128,19 +128,19 @@ def test_damage_on_gcs_is_refused(prefix):
         load_adapter_config(path)
 
 
-@pytest.mark.slow
 def test_an_uncommitted_write_on_gcs_is_refused_and_then_replaced(prefix, monkeypatch):
     """Orbax writes in place on gs:// and commits last: a write that dies before the commit loads as nothing."""
     path = f"{prefix}/adapters"
 
-    async def crash(self, *args, **kwargs):  # the config item fails after the arrays were written
-        raise RuntimeError("simulated crash while writing the config")
+    async def crash(self, *args, **kwargs):  # every file is written; the process dies before the commit object
+        raise RuntimeError("simulated crash before the commit")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ocp.JsonCheckpointHandler, "async_save", crash)
+        patch.setattr(ocp.path.atomicity.CommitFileTemporaryPath, "finalize", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             save_adapters(path, adapter_params(1), CONFIG)
-    assert epath.Path(path).exists() and not (epath.Path(path) / "commit_success.txt").exists()
+    assert (epath.Path(path) / "config" / "metadata").exists()
+    assert not (epath.Path(path) / "commit_success.txt").exists()
     with pytest.raises(FileNotFoundError, match="no adapter checkpoint.*uncommitted copy"):
         load_adapters(path, adapter_params(99), CONFIG)
     save_adapters(path, adapter_params(2), CONFIG)  # not a checkpoint, so no force needed to replace it
