@@ -99,6 +99,11 @@ def check_quickstart(notebook, summary, workdir):
     assert summary["sweep_max_error"] < 0.1, summary
     assert summary["merge_max_diff"] < 1e-5, summary
     assert summary["base_unchanged"] is True
+    # The same training through rssbl_jax.train with a metrics hook: read every 50 steps, bit for bit the loop's.
+    assert summary["loop_steps"] == list(range(50, 401, 50)), summary
+    assert summary["loop_max_diff"] < 1e-6, summary
+    assert summary["loop_losses"][-1] == pytest.approx(summary["final_loss"], rel=1e-6)
+    assert summary["tensorboard_files"] == 1, summary
     assert len(images(notebook)) >= 1
 
 

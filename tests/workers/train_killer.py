@@ -38,11 +38,11 @@ def main() -> None:
 
         ocp.JsonCheckpointHandler.async_save = json_save
 
-    def on_step(i: int, loss: float) -> None:
-        if args.kill_at == "async" and i == 11:
+    def hook(metrics: dict) -> None:
+        if args.kill_at == "async" and metrics["step"] == 11:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    training.train(state, step, batch_fn, 20, checkpoint_dir=args.checkpoint_dir, save_every=5, on_step=on_step)
+    training.train(state, step, batch_fn, 20, checkpoint_dir=args.checkpoint_dir, save_every=5, log_every=1, hook=hook)
 
 
 if __name__ == "__main__":
