@@ -12,7 +12,8 @@ between training, saving, loading and merging.
 
 with the gate ``g`` one of
 
-- ``"linear"`` (the seed's): ``g(p) = g_0 + C p`` with the constant ``g_0 = gate_offset`` (0 by default);
+- ``"linear"`` (the original formulation's): ``g(p) = g_0 + C p`` with a constant ``g_0 = gate_offset`` (0 by
+  default);
 - ``"affine"``: ``g(p) = c_0 + C p`` with ``c_0`` learnable (``lora_c0``), initialised to ``gate_offset``;
 - ``"mlp"``: ``g(p) = c_0 + C \tanh(W_g p + b_g)`` with a hidden layer of ``gate_hidden`` units
   (``lora_gate_w``, ``lora_gate_b``), ``C`` (``lora_c``) of shape ``(gate_hidden, r)``.
@@ -31,10 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from rssbl_jax import patterns
-
-GATES = ("linear", "affine", "mlp")
-"""The gate family: the seed's ``C p`` (``linear``), ``c0 + C p`` (``affine``) and an MLP of ``p`` (``mlp``)."""
+from rssbl_jax import gates, patterns
 
 LORA_A_INITS = ("lora", "gaussian")
 """``lora``: PEFT's Kaiming-uniform ``A``; ``gaussian``: ``A ~ N(0, 1/r²)``, PEFT's ``init_lora_weights="gaussian"``."""
@@ -113,9 +111,10 @@ class AdapterConfig:
         :class:`rssbl_jax.RSSBilinearLoRADense` layers, where every such layer is an adapter.
       exclude: regexes of layer paths never adapted, even when a target matches.
       rank_pattern, alpha_pattern: ``{regex: value}`` per-path overrides, as PEFT's; the first full match wins.
-      gate: ``"linear"`` (the seed's ``g0 + C p``, the default), ``"affine"`` (``c0 + C p``, ``c0`` learnable) or
-        ``"mlp"`` (``c0 + C tanh(W p + b)``).
-      gate_offset: for ``linear`` the constant ``g0`` (0: the seed's formula, 1: ``1 + C p`` which starts as plain
+      gate: ``"linear"`` (the original formulation's ``g0 + C p``, the default), ``"affine"`` (``c0 + C p``, ``c0``
+        learnable), ``"mlp"`` (``c0 + C tanh(W p + b)``), or the name of any gate registered with
+        :func:`rssbl_jax.gates.register`.
+      gate_offset: for ``linear`` the constant ``g0`` (0: the original formula, 1: ``1 + C p`` which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
@@ -166,8 +165,7 @@ class AdapterConfig:
         set_("rank_pattern", tuple((k, _positive_int(v, f"rank_pattern[{k!r}]")) for k, v in ranks))
         alphas = patterns.as_pairs(self.alpha_pattern, "alpha_pattern")
         set_("alpha_pattern", tuple((k, _alpha(v, f"alpha_pattern[{k!r}]")) for k, v in alphas))
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}; got gate={self.gate!r}.")
+        gates.get(self.gate)  # a registered gate (rssbl_jax.gates), else an error naming the known ones
         set_("gate_offset", _finite(self.gate_offset, "gate_offset"))
         set_("gate_hidden", _positive_int(self.gate_hidden, "gate_hidden"))
         if self.shift not in (None, True, False):
