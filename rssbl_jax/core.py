@@ -380,8 +380,8 @@ def fold(
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[2.0, 2.0], [2.0, 2.0]], [0.0, 0.0])
     """
-    lora_c = factors["lora_c"]
-    n_stack = jnp.ndim(lora_c) - 2
+    gates.require_leaves(factors, layer)
+    n_stack = jnp.ndim(factors["lora_c"]) - 2
     if n_stack > 0:
         in_axes = {name: (None if value is None else 0) for name, value in factors.items()}
         fn = lambda k, b, f: fold(k, b, f, operating_params, layer, precision=precision)  # noqa: E731

@@ -224,13 +224,19 @@ def d_p_of(factors: Factors, layer: Any) -> int:
     return get(layer.gate).d_p({name: jnp.shape(value) for name, value in factors.items() if value is not None})
 
 
-def check_factors(factors: Factors, layer: Any) -> None:
-    """Raise ``ValueError`` naming the leaves and shapes when the gate/shift factors do not fit ``layer``."""
+def require_leaves(factors: Factors, layer: Any) -> None:
+    """Raise ``ValueError`` naming the missing leaves when ``factors`` lacks one that ``A``, ``B`` or the gate needs."""
     gate = get(layer.gate)
     required = [name for name in gate.leaves(layer, 1) if name not in gate.optional]
     missing = [name for name in ("lora_a", "lora_b", *required) if factors.get(name) is None]
     if missing:
         raise ValueError(f"the {layer.gate!r} gate needs adapter leaves {missing}; have {sorted(factors)}.")
+
+
+def check_factors(factors: Factors, layer: Any) -> None:
+    """Raise ``ValueError`` naming the leaves and shapes when the gate/shift factors do not fit ``layer``."""
+    require_leaves(factors, layer)
+    gate = get(layer.gate)
     shape = {name: tuple(jnp.shape(value)) for name, value in factors.items() if value is not None}
     rank = shape["lora_a"][-1]
     d_p = gate.d_p(shape)
