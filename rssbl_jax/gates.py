@@ -220,8 +220,24 @@ class MLP(Affine):
 
 
 def d_p_of(factors: Factors, layer: Any) -> int:
-    """The number of operating parameters an adapter was built for, read from its leaves (arrays or shapes)."""
+    """The number of operating parameters an adapter was built for, read from its leaves' shapes."""
     return get(layer.gate).d_p({name: jnp.shape(value) for name, value in factors.items() if value is not None})
+
+
+def d_p_from_shapes(shapes: Mapping[str, Sequence[int]], layer: Any) -> int | None:
+    """d_p from the shapes of the adapter leaves a layer has created so far, or ``None`` before they exist.
+
+    The one d_p discovery for front-ends that create leaves lazily (linen): ``None`` means "take it from ``p``".
+
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=2, lora_alpha=2.0, scale=1.0, gate="mlp")
+    >>> d_p_from_shapes({"lora_c": (16, 2), "lora_gate_w": (3, 16)}, layer), d_p_from_shapes({}, layer)
+    (3, None)
+    """
+    try:
+        return get(layer.gate).d_p(shapes)
+    except KeyError:
+        return None
 
 
 def require_leaves(factors: Factors, layer: Any) -> None:
