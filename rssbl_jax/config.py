@@ -12,7 +12,8 @@ between training, saving, loading and merging.
 
 with the gate ``g`` one of
 
-- ``"linear"`` (the seed's): ``g(p) = g_0 + C p`` with the constant ``g_0 = gate_offset`` (0 by default);
+- ``"linear"`` (the original formulation's): ``g(p) = g_0 + C p`` with a constant ``g_0 = gate_offset`` (0 by
+  default);
 - ``"affine"``: ``g(p) = c_0 + C p`` with ``c_0`` learnable (``lora_c0``), initialised to ``gate_offset``;
 - ``"mlp"``: ``g(p) = c_0 + C \tanh(W_g p + b_g)`` with a hidden layer of ``gate_hidden`` units
   (``lora_gate_w``, ``lora_gate_b``), ``C`` (``lora_c``) of shape ``(gate_hidden, r)``.
@@ -27,14 +28,12 @@ True
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from rssbl_jax import patterns
-
-GATES = ("linear", "affine", "mlp")
-"""The gate family: the seed's ``C p`` (``linear``), ``c0 + C p`` (``affine``) and an MLP of ``p`` (``mlp``)."""
+from rssbl_jax import gates, patterns
 
 LORA_A_INITS = ("lora", "gaussian")
 """``lora``: PEFT's Kaiming-uniform ``A``; ``gaussian``: ``A ~ N(0, 1/r²)``, PEFT's ``init_lora_weights="gaussian"``."""
@@ -90,9 +89,28 @@ def _alpha(value: Any, name: str) -> float:
     return number
 
 
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def _bool(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
+    """A flag from a bool (Python's or numpy's), 0 or 1, or the strings "true"/"false"/"1"/"0" (any case)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE + _FALSE:
+            return text in _TRUE
+    elif type(value).__name__ in ("bool", "bool_") or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    allowed = "True, False" + (", None" if allow_none else "")
+    raise ValueError(f'{name} must be {allowed} or one of "true", "false", "1", "0"; got {name}={value!r}.')
+
+
 def _vector(value: Any, name: str) -> tuple[float, ...] | None:
     if value is None:
         return None
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a sequence of d_p numbers; got the string {name}={value!r}.")
     try:
         items = tuple(float(v) for v in (value.reshape(-1).tolist() if hasattr(value, "reshape") else value))
     except TypeError:
@@ -113,14 +131,22 @@ class AdapterConfig:
         :class:`rssbl_jax.RSSBilinearLoRADense` layers, where every such layer is an adapter.
       exclude: regexes of layer paths never adapted, even when a target matches.
       rank_pattern, alpha_pattern: ``{regex: value}`` per-path overrides, as PEFT's; the first full match wins.
-      gate: ``"linear"`` (the seed's ``g0 + C p``, the default), ``"affine"`` (``c0 + C p``, ``c0`` learnable) or
-        ``"mlp"`` (``c0 + C tanh(W p + b)``).
-      gate_offset: for ``linear`` the constant ``g0`` (0: the seed's formula, 1: ``1 + C p`` which starts as plain
+      gate: ``"linear"`` (the original formulation's ``g0 + C p``, the default), ``"affine"`` (``c0 + C p``, ``c0``
+        learnable), ``"mlp"`` (``c0 + C tanh(W p + b)``), or the name of any gate registered with
+        :func:`rssbl_jax.gates.register`.
+      gate_offset: for ``linear`` the constant ``g0`` (0: the original formula, 1: ``1 + C p`` which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
+
+    Parsing is strict, so a config read from JSON, YAML or a command line means what it says. The flags
+    (``use_rslora``, ``shift``) take a bool, 0 or 1, or the strings ``"true"``/``"false"``/``"1"``/``"0"`` in any
+    case; anything else (``"yes"``, ``2``) is an error naming the field. The pattern fields (``targets``,
+    ``exclude``, ``modules_to_save``) given one string take it as one regex, never as a sequence of characters;
+    ``rank_pattern``/``alpha_pattern`` take a mapping or ``(regex, value)`` pairs, and ``p_mean``/``p_std`` a
+    sequence of numbers (a string is an error). ``p_keyword`` must be an identifier that is not a Python keyword.
       lora_dropout: dropout rate applied to the adapter's input ``x`` (before ``A``) while training.
       lora_a_init: ``"lora"`` (PEFT's Kaiming-uniform) or ``"gaussian"`` (``N(0, 1/r²)``); ``B`` starts at 0.
       p_mean, p_std: normalisation of the operating parameters, ``p̂ = (p - p_mean) / p_std``, applied inside
@@ -162,17 +188,18 @@ class AdapterConfig:
         set_("targets", patterns.as_patterns(self.targets, "targets"))
         set_("exclude", patterns.as_patterns(self.exclude, "exclude"))
         set_("modules_to_save", patterns.as_patterns(self.modules_to_save, "modules_to_save"))
+        for name in ("rank_pattern", "alpha_pattern"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a mapping {{regex: value}} or (regex, value) pairs; got a string.")
         ranks = patterns.as_pairs(self.rank_pattern, "rank_pattern")
         set_("rank_pattern", tuple((k, _positive_int(v, f"rank_pattern[{k!r}]")) for k, v in ranks))
         alphas = patterns.as_pairs(self.alpha_pattern, "alpha_pattern")
         set_("alpha_pattern", tuple((k, _alpha(v, f"alpha_pattern[{k!r}]")) for k, v in alphas))
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}; got gate={self.gate!r}.")
+        gates.get(self.gate)  # a registered gate (rssbl_jax.gates), else an error naming the known ones
         set_("gate_offset", _finite(self.gate_offset, "gate_offset"))
         set_("gate_hidden", _positive_int(self.gate_hidden, "gate_hidden"))
-        if self.shift not in (None, True, False):
-            raise ValueError(f"shift must be True, False or None; got shift={self.shift!r}.")
-        set_("use_rslora", bool(self.use_rslora))
+        set_("shift", _bool(self.shift, "shift", allow_none=True))
+        set_("use_rslora", _bool(self.use_rslora, "use_rslora"))
         dropout = _finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got lora_dropout={self.lora_dropout!r}.")
@@ -190,8 +217,15 @@ class AdapterConfig:
                 )
             if any(s <= 0 for s in self.p_std):
                 raise ValueError(f"p_std must be > 0 everywhere; got p_std={self.p_std}.")
-        if not isinstance(self.p_keyword, str) or not self.p_keyword.isidentifier():
-            raise ValueError(f"p_keyword must be a Python identifier; got p_keyword={self.p_keyword!r}.")
+        if (
+            not isinstance(self.p_keyword, str)
+            or not self.p_keyword.isidentifier()
+            or keyword.iskeyword(self.p_keyword)
+        ):
+            raise ValueError(
+                f"p_keyword must be a Python identifier that is not a keyword (it is passed as `{{p_keyword}}=p`); "
+                f"got p_keyword={self.p_keyword!r}."
+            )
 
     # ----------------------------------------------------------------------------------------------
 
@@ -252,17 +286,25 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
-        """Rebuild a config from :meth:`to_dict`'s output; unknown keys are an error naming them."""
+        """Rebuild a config from :meth:`to_dict`'s output (or JSON like it); unknown keys are an error naming them.
+
+        Values are parsed as :class:`AdapterConfig` parses them (strictly): ``{"use_rslora": "0"}`` is ``False``,
+        ``{"targets": "abc"}`` is the one pattern ``"abc"``.
+
+        >>> AdapterConfig.from_dict({"rank": 2, "lora_alpha": 4.0, "targets": "abc", "use_rslora": "0"}).targets
+        ('abc',)
+        """
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown AdapterConfig fields {unknown}; known fields are {sorted(names)}.")
         kwargs = dict(data)
-        for key in ("rank_pattern", "alpha_pattern"):
-            if key in kwargs:
-                kwargs[key] = tuple(tuple(pair) for pair in kwargs[key])
+        for key in ("rank_pattern", "alpha_pattern"):  # JSON has lists where the config has tuples
+            value = kwargs.get(key)
+            if value is not None and not isinstance(value, (str, Mapping)):
+                kwargs[key] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in value)
         for key in ("targets", "exclude", "modules_to_save", "p_mean", "p_std"):
-            if kwargs.get(key) is not None:
+            if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
 

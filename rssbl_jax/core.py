@@ -1,21 +1,21 @@
-r"""Pure functions on arrays: the one place the RSSBilinearLoRA update is computed, and its merge.
+r"""The update and the fold: the one place the RSSBilinearLoRA update is computed, and its merge at a point.
 
 .. math::
 
     \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad \hat p = (p - \mu) / \sigma
 
-Read this file top to bottom to see the whole method:
-
-- :func:`gate_and_shift` is the one place the operating parameters act: it normalises ``p`` and evaluates the
-  gate family (``linear`` ``g0 + C p``, ``affine`` ``c0 + C p``, ``mlp`` ``c0 + C tanh(W p + b)``) and the shift;
 - :func:`adapter_update` is the one function that computes the update for every layer kind: a
   :class:`Factorization` supplies the kind's two linear maps ``x ↦ A x`` and ``h ↦ B h``
   (:mod:`rssbl_jax.factorization` holds them for Dense, DenseGeneral, Einsum, Conv and Embed), and the scale is
   folded into ``B`` here and nowhere else;
-- :func:`fold` merges an adapter into its kernel at one operating point, with the same :func:`gate_and_shift`.
+- :func:`adapter_params` names every adapter leaf with its shape and initialiser, for every front-end;
+- :func:`fold` merges an adapter into its kernel at one operating point, with the same gate.
 
-The linen layer, :func:`rss_update`, injection (linen and NNX), the NNX layers and :func:`rssbl_jax.merge` all
-call these. Shapes use Flax's kernel convention (inputs on the left, ``x @ kernel``)::
+Why the split: each concern can be read and changed on its own. :mod:`rssbl_jax.contract` holds the shape
+contract of ``p`` and its standardisation, :mod:`rssbl_jax.gates` the gate family as registered objects,
+:mod:`rssbl_jax.fastpath` the two faster ways to compute the same update (thresholds as arguments), and
+:mod:`rssbl_jax.factorization` the layer kinds; their names stay importable from here. Every front-end and
+:func:`rssbl_jax.merge` call these. Shapes use Flax's kernel convention (inputs on the left, ``x @ kernel``)::
 
     kernel (d_in, d_out)   bias (d_out,)
     lora_a (d_in, r)       lora_b (r, d_out)
@@ -26,436 +26,38 @@ call these. Shapes use Flax's kernel convention (inputs on the left, ``x @ kerne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from jaxtyping import Array, ArrayLike, Float
 
+from rssbl_jax import gates
 from rssbl_jax.config import LayerConfig
-
-ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b")
-"""Leaf names of the RSS adapter parameters (``lora_s``, ``lora_c0`` and the ``lora_gate_*`` leaves are optional).
-
-An adapter layer is identified by holding ``lora_a``, ``lora_b`` and ``lora_c``; every ``lora_*`` leaf in it is an
-adapter leaf (an :class:`AdapterMethod` plug-in may add leaves of its own under that prefix)."""
-
-
-def is_adapter_leaf_name(name: str) -> bool:
-    """Whether a leaf name inside an adapter layer names an adapter leaf (``lora_*``)."""
-    return isinstance(name, str) and name.startswith("lora_")
-
+from rssbl_jax.contract import lead_axes as lead_axes
+from rssbl_jax.contract import normalize_operating_params as normalize_operating_params
+from rssbl_jax.factorization import Factorization as Factorization
+from rssbl_jax.factorization import dense_factorization as dense_factorization
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds, modulated_add
+from rssbl_jax.fastpath import FUSED_MAX_B_SIZE as FUSED_MAX_B_SIZE
+from rssbl_jax.fastpath import SWEEP_MAX_BASIS as SWEEP_MAX_BASIS
+from rssbl_jax.fastpath import add_low_rank as add_low_rank
+from rssbl_jax.fastpath import sweep_coefficients as sweep_coefficients
+from rssbl_jax.gates import check_factors as check_factors
+from rssbl_jax.gates import d_p_of as d_p_of
+from rssbl_jax.gates import default_lora_c_init as default_lora_c_init
+from rssbl_jax.gates import gate_and_shift as gate_and_shift
+from rssbl_jax.gates import modulate as modulate
+from rssbl_jax.tree import ADAPTER_NAMES as ADAPTER_NAMES
+from rssbl_jax.tree import is_adapter_leaf_name as is_adapter_leaf_name
 
 PrecisionLike = Any
 Factors = Mapping[str, Any]
 Initializer = jax.nn.initializers.Initializer
 
-default_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+default_lora_a_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 """PEFT's LoRA ``A`` initialiser (Kaiming-uniform with a=√5): U(-1/√d_in, 1/√d_in)."""
-default_lora_c_init = nn.initializers.lecun_normal()
-"""Gate weights with variance 1/d_p, so ``C p`` is O(1) for standardised ``p``."""
-
-
-def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
-    """Check an operating-parameter shape against an input shape and return its number of lead axes.
-
-    ``p`` is either ``[d_p]`` (one condition shared by every row of ``x``) or ``[*lead, d_p]`` where
-    ``lead`` equals a prefix of ``x.shape[:-1]`` (one condition per example, broadcast over the remaining
-    axes, e.g. tokens or pixels). Sizes must match exactly: a lead axis of size 1 is not broadcast.
-
-    Args:
-      x_shape: shape of the input, ``[..., d_in]``.
-      p_shape: shape of the operating parameters.
-      d_p: the number of operating parameters the layer was built for.
-
-    Returns:
-      ``len(lead)``: 0 for a shared condition.
-
-    Raises:
-      ValueError: naming ``d_p`` and both shapes, when ``p`` does not fit.
-
-    >>> lead_axes((4, 16, 32), (4, 3), d_p=3)
-    1
-    >>> lead_axes((4, 16, 32), (3,), d_p=3)
-    0
-    """
-    x_shape, p_shape = tuple(x_shape), tuple(p_shape)
-    if len(p_shape) == 0 or p_shape[-1] != d_p:
-        raise ValueError(
-            f"operating_params must have last axis d_p={d_p}; got operating_params.shape={p_shape} "
-            f"for x.shape={x_shape}."
-        )
-    lead = p_shape[:-1]
-    if len(x_shape) < 1 or len(lead) > len(x_shape) - 1 or x_shape[: len(lead)] != lead:
-        raise ValueError(
-            f"operating_params of shape {p_shape} (d_p={d_p}) must be [d_p] or [*lead, d_p] with lead a "
-            f"prefix of x's leading axes {x_shape[:-1]}; x.shape={x_shape}."
-        )
-    return len(lead)
-
-
-# --------------------------------------------------------------------------------------------------
-# The operating parameters act here and nowhere else
-# --------------------------------------------------------------------------------------------------
-
-
-def d_p_of(factors: Factors, layer: LayerConfig) -> int:
-    """The number of operating parameters an adapter was built for."""
-    return jnp.shape(factors["lora_gate_w" if layer.gate == "mlp" else "lora_c"])[-2]
-
-
-def check_factors(factors: Factors, layer: LayerConfig) -> None:
-    """Raise ``ValueError`` naming the leaves and shapes when the gate/shift factors do not fit ``layer``."""
-    required = {"linear": ("lora_c",), "affine": ("lora_c", "lora_c0"), "mlp": ("lora_c", "lora_c0", "lora_gate_w")}
-    missing = [name for name in ("lora_a", "lora_b", *required[layer.gate]) if factors.get(name) is None]
-    if missing:
-        raise ValueError(f"the {layer.gate!r} gate needs adapter leaves {missing}; have {sorted(factors)}.")
-    shape = {name: tuple(jnp.shape(value)) for name, value in factors.items() if value is not None}
-    rank = shape["lora_a"][-1]
-    d_p = d_p_of(factors, layer)
-    gate_in = layer.gate_hidden if layer.gate == "mlp" else d_p
-    expected = {"lora_c": (gate_in, rank), "lora_s": (d_p, rank), "lora_c0": (rank,)}
-    if layer.gate == "mlp":
-        expected |= {"lora_gate_w": (d_p, layer.gate_hidden), "lora_gate_b": (layer.gate_hidden,)}
-    bad = {
-        name: expected[name]
-        for name in expected
-        if name in shape and shape[name][-len(expected[name]) :] != expected[name]
-    }
-    if bad or shape["lora_b"][0] != rank or rank != layer.rank:
-        raise ValueError(
-            f"adapter factors do not fit rank r={layer.rank}, d_p={d_p}, gate={layer.gate!r} "
-            "(expected lora_a (..., r), "
-            f"lora_b (r, ...){''.join(f', {name} {s}' for name, s in bad.items())}); got "
-            + ", ".join(f"{name} {s}" for name, s in shape.items())
-            + "."
-        )
-    if layer.p_mean is not None and len(layer.p_mean) != d_p:
-        raise ValueError(f"p_mean/p_std have {len(layer.p_mean)} entries but the adapter has d_p={d_p}.")
-
-
-def gate_and_shift(
-    p: Float[ArrayLike, "n d_p"], factors: Factors, layer: LayerConfig, *, precision: PrecisionLike = None
-) -> tuple[Float[Array, "n r"], Float[Array, "n r"] | None]:
-    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows of operating parameters: where ``p`` acts.
-
-    .. math::
-
-        \hat p = (p - \mu)/\sigma, \qquad
-        g(\hat p) = \begin{cases} g_0 + C \hat p & \text{linear} \\ c_0 + C \hat p & \text{affine} \\
-        c_0 + C \tanh(W_g \hat p + b_g) & \text{mlp} \end{cases}, \qquad b(\hat p) = S \hat p
-
-    Args:
-      p: operating parameters ``[n, d_p]``.
-      factors: ``lora_c`` (and ``lora_s``, ``lora_c0``, ``lora_gate_w``, ``lora_gate_b`` as the gate needs).
-      layer: the layer's resolved settings.
-      precision: of the small matmuls with ``p``.
-
-    Returns:
-      ``(gate [n, r], shift [n, r] or None)``.
-
-    >>> import numpy as np
-    >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, gate="affine")
-    >>> gate, shift = gate_and_shift(np.array([[2.0]]), {"lora_c": np.array([[3.0]]), "lora_c0": np.array([1.0])},
-    ...                              layer)
-    >>> gate.tolist(), shift
-    ([[7.0]], None)
-    """
-    p = jnp.asarray(p)
-    if layer.p_mean is not None:
-        p = (p - jnp.asarray(layer.p_mean, p.dtype)[None]) / jnp.asarray(layer.p_std, p.dtype)[None]
-    features = p
-    if layer.gate == "mlp":
-        hidden = jnp.matmul(p, jnp.asarray(factors["lora_gate_w"]), precision=precision)
-        if factors.get("lora_gate_b") is not None:
-            hidden = hidden + jnp.asarray(factors["lora_gate_b"])[None]
-        features = jnp.tanh(hidden)
-    gate = jnp.matmul(features, jnp.asarray(factors["lora_c"]), precision=precision)
-    if layer.gate == "linear":
-        if layer.gate_offset:
-            gate = gate + jnp.asarray(layer.gate_offset, gate.dtype)
-    else:
-        gate = gate + jnp.asarray(factors["lora_c0"])[None]
-    lora_s = factors.get("lora_s")
-    shift = None if lora_s is None else jnp.matmul(p, jnp.asarray(lora_s), precision=precision)
-    return gate, shift
-
-
-def modulate(
-    h: Float[ArrayLike, "*batch r"],
-    operating_params: Float[ArrayLike, "*lead d_p"],
-    factors: Factors,
-    layer: LayerConfig,
-    *,
-    precision: PrecisionLike = None,
-) -> Float[Array, "*batch r"]:
-    r"""The rank-space modulation ``h ⊙ g(p̂) + S p̂`` of rank-space activations ``h = A x``.
-
-    ``p`` is ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``h.shape[:-1]``; the gate is applied on a
-    ``[lead, rest, r]`` view, so no ``[..., r]`` copy of ``p`` is materialised.
-
-    Raises:
-      ValueError: at trace time, naming ``d_p`` and both shapes, when ``p`` does not fit ``h``.
-
-    >>> import numpy as np
-    >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0)
-    >>> factors = {"lora_c": np.array([[2.0]]), "lora_s": np.array([[1.0]])}
-    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), factors, layer)[:, 0, 0].tolist()
-    [3.0, 6.0]
-    """
-    h, p = jnp.asarray(h), jnp.asarray(operating_params)
-    rank = h.shape[-1] if h.ndim else 0
-    d_p = d_p_of(factors, layer)
-    n_lead = lead_axes((*h.shape[:-1], rank), p.shape, d_p)
-    lead_size = math.prod(h.shape[:n_lead]) if n_lead else 1
-    rest_size = math.prod(h.shape[n_lead:-1])
-    gate, shift = gate_and_shift(p.reshape(lead_size, d_p), factors, layer, precision=precision)
-    out = h.reshape(lead_size, rest_size, rank) * gate[:, None, :]
-    if shift is not None:
-        out = out + shift[:, None, :]
-    return out.reshape(h.shape)
-
-
-# --------------------------------------------------------------------------------------------------
-# The update, for every layer kind
-# --------------------------------------------------------------------------------------------------
-
-
-class Factorization(NamedTuple):
-    """How one layer kind factors its kernel: the factor shapes and the maps ``x ↦ A x`` and ``h ↦ B h``.
-
-    ``down(x, lora_a)`` returns rank-space activations ``[..., r]`` whose leading axes are the input's
-    non-contracted axes in order (so ``p`` of shape ``[*lead, d_p]`` broadcasts over tokens/pixels);
-    ``up(h, lora_b)`` returns an array of the layer's output shape. ``kernel_name`` is the base weight the
-    factors fold into (``"kernel"``, or ``"embedding"`` for Embed); ``rows(x_shape)`` is the shape of the input's
-    row axes, against which ``p``'s lead axes are checked. ``up_add(y, h, lora_b)``, when set, returns
-    ``y + up(h, lora_b)`` without materialising the update (see :func:`add_low_rank`).
-    """
-
-    kind: str
-    a_shape: tuple[int, ...]
-    b_shape: tuple[int, ...]
-    down: Callable[[jax.Array, jax.Array], jax.Array]
-    up: Callable[[jax.Array, jax.Array], jax.Array]
-    kernel_name: str = "kernel"
-    integer_inputs: bool = False
-    up_add: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
-
-
-FUSED_MAX_B_SIZE = 32768
-"""Up to this many elements of ``B`` (``r × d_out``) :func:`add_low_rank` adds ``h B`` inside the output's elementwise
-loop; above it, a matmul and an add.
-
-The loop reads all of ``B`` for every row, so it pays while ``B`` stays in the core's cache. Measured on CPU
-(fused / matmul time of the forward and the train step, 2-4k tokens): ``r × d_out`` = 16384 (r = 16, d_out = 1024):
-0.71-0.73 / 0.75-0.78; 32768 (r = 16, d_out = 2048): 0.94 / 0.97; 65536 (r = 16, d_out = 4096; r = 32,
-d_out = 2048; r = 64, d_out = 1024): 1.03-1.22 / 1.04-1.18. The matmul form costs memory: one ``n × d_out`` update
-array per layer while it is added (the pod-shaped model of BENCHMARKS.md: compiled-step temporaries 230 MiB against
-198 MiB fused). It is read when a function is traced, so ``rssbl_jax.core.FUSED_MAX_B_SIZE = 2**62`` before tracing
-trades that speed back for the memory."""
-
-
-def _fused_sum(y: jax.Array, h: jax.Array, b: jax.Array) -> jax.Array:
-    return y + jnp.sum(h[:, :, None] * b[None, :, :], axis=1)
-
-
-@jax.custom_jvp
-def _add_low_rank_fused(y: jax.Array, h: jax.Array, b: jax.Array) -> jax.Array:
-    return _fused_sum(y, h, b)
-
-
-@_add_low_rank_fused.defjvp
-def _add_low_rank_jvp(primals, tangents):
-    # the tangent in matmul form: linear in the tangents, so reverse mode transposes it into ∂h = ȳ bᵀ, ∂b = hᵀ ȳ
-    y, h, b = primals
-    dy, dh, db = tangents
-    return _add_low_rank_fused(y, h, b), dy + jnp.matmul(dh, b) + jnp.matmul(h, db)
-
-
-def add_low_rank(
-    y: Float[ArrayLike, "n d_out"],
-    h: Float[ArrayLike, "n r"],
-    b: Float[ArrayLike, "r d_out"],
-    *,
-    precision: PrecisionLike = None,
-) -> Float[Array, "n d_out"]:
-    r"""``y + h @ b`` for a small rank ``r``, without an ``n × d_out`` update array in the forward pass.
-
-    .. math::
-
-        y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}
-
-    For ``r × d_out ≤`` :data:`FUSED_MAX_B_SIZE` the sum is written as a broadcast-multiply-reduce, which XLA fuses
-    with the add into one elementwise pass over ``y`` (the pass a bias add already makes): the update is never
-    written and read back. A ``h @ b`` matmul would write it (``n × d_out``) and the add read it again; at
-    d = 1024 on CPU that was most of the adapter's forward cost. Derivatives use the matmul form (``custom_jvp``
-    with the tangent ``ẏ + ḣ b + h ḃ``, whose transpose gives ``∂h = ȳ bᵀ``, ``∂b = hᵀ ȳ``), since the reduce
-    form's transpose would be a reduction over ``n`` that XLA does not turn back into a matmul; forward mode
-    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works too. Above the threshold, and under ``precision`` other
-    than ``None``, it is ``y + h @ b``.
-
-    >>> import numpy as np
-    >>> add_low_rank(np.zeros((2, 3)), np.ones((2, 1)), np.arange(3.0)[None]).tolist()
-    [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
-    """
-    y, h, b = jnp.asarray(y), jnp.asarray(h), jnp.asarray(b)
-    if b.size > FUSED_MAX_B_SIZE or precision is not None:
-        return y + jnp.matmul(h, b, precision=precision).astype(y.dtype)
-    return _add_low_rank_fused(y, h, b).astype(y.dtype)
-
-
-SWEEP_MAX_BASIS = 128
-"""The largest number of basis outputs ``M`` for which :func:`modulated_add` sweeps through the condition basis.
-
-Measured on CPU (d = 1024, K = 256): the basis sweep took 1.03-1.15× the time of writing the outputs at M ≤ 65,
-1.7× at M = 129 and 2.2× at M = 201, against 2.0-2.3× for the vmapped one-condition form."""
-
-GATE_FACTOR_NAMES = ("lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b")
-"""The factors through which ``p`` acts (:func:`gate_and_shift`)."""
-
-
-def sweep_coefficients(
-    p: Float[ArrayLike, "k d_p"], factors: Factors, layer: LayerConfig, *, precision: PrecisionLike = None
-) -> Float[Array, "k m"]:
-    r"""The coordinates ``c(p)`` in which the update is linear: ``Δy(p) = Σ_m c_m(p) M_m`` (see :func:`modulated_add`).
-
-    ``c = [1, \hat p]`` for the ``linear`` and ``affine`` gates; ``[1, tanh(W_g \hat p + b_g)]``, then ``\hat p``
-    when the layer has a shift, for the ``mlp`` gate.
-    """
-    p = normalize_operating_params(jnp.asarray(p), layer)
-    columns = [jnp.ones((p.shape[0], 1), p.dtype)]
-    if layer.gate == "mlp":
-        hidden = jnp.matmul(p, jnp.asarray(factors["lora_gate_w"]), precision=precision)
-        if factors.get("lora_gate_b") is not None:
-            hidden = hidden + jnp.asarray(factors["lora_gate_b"])[None]
-        columns.append(jnp.tanh(hidden))
-        if factors.get("lora_s") is not None:
-            columns.append(p)
-    else:
-        columns.append(p)
-    return jnp.concatenate(columns, axis=1)
-
-
-def _rank_space_basis(h: jax.Array, factors: Factors, layer: LayerConfig) -> tuple[jax.Array | None, jax.Array]:
-    """``(Z_0, [Z_1, …])`` with ``modulate(h, p) = Z_0 + Σ_m c_m(p) Z_m`` (``Z_0`` is ``None`` when it is zero)."""
-    expand = (1,) * (h.ndim - 1)
-    lora_c = jnp.asarray(factors["lora_c"], h.dtype)
-    stack = h[None] * lora_c.reshape(lora_c.shape[0], *expand, lora_c.shape[1])
-    lora_s = factors.get("lora_s")
-    if lora_s is not None:
-        rows = jnp.asarray(lora_s, h.dtype).reshape(lora_s.shape[0], *expand, lora_s.shape[1])
-        if layer.gate == "mlp":
-            stack = jnp.concatenate([stack, jnp.broadcast_to(rows, (rows.shape[0], *h.shape))], axis=0)
-        else:
-            stack = stack + rows
-    if layer.gate == "linear":
-        constant = None if not layer.gate_offset else h * jnp.asarray(layer.gate_offset, h.dtype)
-    else:
-        constant = h * jnp.asarray(factors["lora_c0"], h.dtype).reshape(*expand, -1)
-    return constant, stack
-
-
-def modulated_add(
-    factorization: Factorization,
-    y: jax.Array,
-    h: jax.Array,
-    operating_params: jax.Array,
-    factors: Factors,
-    scaled_b: jax.Array,
-    layer: LayerConfig,
-    *,
-    precision: PrecisionLike = None,
-) -> jax.Array:
-    r"""``y + up(h ⊙ g(p̂) + S p̂, sB)``: the last step of the update, where ``p`` enters, with a rule for sweeps.
-
-    Called on one condition it is :func:`modulate` followed by the kind's ``up`` (for Dense, :func:`add_low_rank`:
-    the update added inside the output's elementwise pass). Under ``jax.vmap`` over ``p`` alone, with ``x`` and the
-    weights shared (a sweep over operating conditions), it uses that the update is linear in the coordinates
-    ``c(p)`` of :func:`sweep_coefficients`:
-
-    .. math::
-
-        y_k = \Big(y + \mathrm{up}(Z_0)\Big) + \sum_{m} c_m(p_k)\, \mathrm{up}(Z_m),
-        \qquad Z_0 = h \odot g_0, \quad Z_m = h \odot C_m + S_m
-
-    so the ``K`` outputs are one ``[K, M] @ [M, |y|]`` matmul over ``M = 1 + d_p`` basis outputs (``1 + hidden
-    (+ d_p)`` for the ``mlp`` gate): each output element is written once, with ``M`` multiply-adds, and the base
-    output enters the sum as the basis element of coefficient 1 instead of in a second pass. Used when ``M ≤ K``
-    and ``M ≤`` :data:`SWEEP_MAX_BASIS`, ``p`` has one row per condition (``[d_p]``), and nothing else is
-    batched; otherwise the vmapped one-condition computation. Derivatives (``custom_jvp``, forward and reverse
-    mode) are those of the one-condition form, and differentiating a sweep batches them as usual.
-    """
-    gate_factors = {name: factors[name] for name in GATE_FACTOR_NAMES if factors.get(name) is not None}
-
-    def one_condition(y, h, p, gate_factors, b):
-        z = modulate(h, p, gate_factors, layer, precision=precision)
-        if factorization.up_add is not None:
-            return factorization.up_add(y, z, b)
-        return y + factorization.up(z, b).astype(y.dtype)
-
-    def sweep(y, h, ps, gate_factors, b):
-        constant, stack = _rank_space_basis(h, gate_factors, layer)
-        coefficients = sweep_coefficients(ps, gate_factors, layer, precision=precision)
-        first = y if constant is None else y + factorization.up(constant, b).astype(y.dtype)
-        rest = jax.vmap(lambda z: factorization.up(z, b))(stack).astype(y.dtype)
-        basis = jnp.concatenate([first[None], rest], axis=0).reshape(1 + rest.shape[0], -1)
-        out = jnp.matmul(coefficients.astype(y.dtype), basis, precision=precision)
-        return out.reshape(ps.shape[0], *y.shape)
-
-    unit = jax.custom_batching.custom_vmap(one_condition)
-
-    @unit.def_vmap
-    def _rule(axis_size, in_batched, y, h, p, gate_factors, b):
-        y_batched, h_batched, p_batched, factors_batched, b_batched = in_batched
-        shared = not (y_batched or h_batched or b_batched or any(jax.tree.leaves(factors_batched)))
-        if shared and p_batched and p.ndim == 2:
-            n_basis = 1 + p.shape[1] + (layer.gate_hidden if layer.gate == "mlp" else 0)
-            if layer.gate == "mlp" and "lora_s" not in gate_factors:
-                n_basis -= p.shape[1]
-            if n_basis <= min(axis_size, SWEEP_MAX_BASIS):
-                return sweep(y, h, p, gate_factors, b), True
-        axes = tuple(jax.tree.map(lambda batched: 0 if batched else None, ib) for ib in in_batched)
-        return jax.vmap(one_condition, in_axes=axes)(y, h, p, gate_factors, b), True
-
-    @jax.custom_jvp
-    def add(y, h, p, gate_factors, b):
-        return unit(y, h, p, gate_factors, b)
-
-    @add.defjvp
-    def _jvp(primals, tangents):
-        y, h, p, gate_factors, b = primals
-        dy, dh, dp, dfactors, db = tangents
-        z, dz = jax.jvp(
-            lambda h, p, f: modulate(h, p, f, layer, precision=precision), (h, p, gate_factors), (dh, dp, dfactors)
-        )
-        dout = dy + (factorization.up(dz, b) + factorization.up(z, db)).astype(dy.dtype)
-        return add(y, h, p, gate_factors, b), dout
-
-    return add(y, h, operating_params, gate_factors, scaled_b)
-
-
-def dense_factorization(kernel_shape: Sequence[int], rank: int, precision: PrecisionLike = None) -> Factorization:
-    """Dense kernel ``(d_in, d_out)``: ``A (d_in, r)``, ``B (r, d_out)``; the matmuls run on 2-D rows.
-
-    (XLA differentiates a 2-D ``x @ A`` faster than a 3-D one on CPU.)
-    """
-    d_in, d_out = kernel_shape
-
-    def down(x, a):
-        return jnp.matmul(x.reshape(-1, d_in), a, precision=precision).reshape(*x.shape[:-1], rank)
-
-    def up(h, b):
-        return jnp.matmul(h.reshape(-1, rank), b, precision=precision).reshape(*h.shape[:-1], d_out)
-
-    def up_add(y, h, b):
-        out = add_low_rank(y.reshape(-1, d_out), h.reshape(-1, rank), b, precision=precision)
-        return out.reshape(y.shape)
-
-    return Factorization("Dense", (d_in, rank), (rank, d_out), down, up, up_add=up_add)
 
 
 def adapter_update(
@@ -468,6 +70,7 @@ def adapter_update(
     precision: PrecisionLike = None,
     dropout_rng: jax.Array | None = None,
     add_to: jax.Array | None = None,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> jax.Array:
     r"""The update of any layer kind, the one function that computes it.
 
@@ -480,7 +83,8 @@ def adapter_update(
     ``dropout_rng`` is given (training). Arrays must already be in the compute dtype. With ``add_to`` (an array of the
     output's shape, e.g. the base layer's output) it returns ``add_to + Δy`` through :func:`modulated_add`: for a
     Dense kernel without materialising ``Δy`` (:func:`add_low_rank`), and under ``jax.vmap`` over ``p`` alone as one
-    matmul over a basis of the conditions.
+    matmul over a basis of the conditions, up to ``thresholds.sweep_max_basis`` basis outputs (the fused Dense add's
+    threshold belongs to the factorization: :func:`dense_factorization`).
 
     Raises:
       ValueError: at trace time, naming ``d_p`` and the shapes of ``x`` and ``p`` (checked against the layer's own
@@ -510,7 +114,10 @@ def adapter_update(
     scaled_b = lora_b * jnp.asarray(layer.scale, lora_b.dtype)
     if add_to is None:
         return factorization.up(modulate(h, p, factors, layer, precision=precision), scaled_b)
-    return modulated_add(factorization, add_to, h, p, factors, scaled_b, layer, precision=precision)
+    return modulated_add(
+        factorization, add_to, h, p, factors, scaled_b, layer,
+        precision=precision, sweep_max_basis=thresholds.sweep_max_basis,
+    )  # fmt: skip
 
 
 def adapter_params(
@@ -525,33 +132,26 @@ def adapter_params(
 
     Default initialisation, so that training starts for every ``p`` and the model starts as its base: ``B = 0``;
     ``A`` PEFT's Kaiming-uniform (``lora_a_init="lora"``), ``N(0, 1/r²)`` (``"gaussian"``), or ``N(0, 1)`` rows
-    for an embedding table; ``C`` lecun-normal, so ``∂L/∂B = (A x ⊙ C p)ᵀ ∂L/∂y ≠ 0`` for every ``p ≠ 0`` (zeros for
-    the linear gate with an offset ``g0 ≠ 0``, which then starts as plain LoRA); ``c0 = gate_offset``; the MLP
-    gate's hidden layer lecun-normal with zero bias; ``S = 0``. ``initializers`` overrides any of them by name.
+    for an embedding table; the gate's own leaves as the gate says (:meth:`rssbl_jax.gates.Gate.leaves`: ``C``
+    lecun-normal, so ``∂L/∂B = (A x ⊙ C p)ᵀ ∂L/∂y ≠ 0`` for every ``p ≠ 0``; zeros for the linear gate with an
+    offset ``g0 ≠ 0``, which then starts as plain LoRA; ``c0 = gate_offset``); ``S = 0``. ``initializers``
+    overrides any of them by name.
     """
     if d_p < 1:
         raise ValueError(f"d_p must be positive; got d_p={d_p}.")
-    rank = layer.rank
     if factorization.integer_inputs:
-        a_init = nn.initializers.normal(1.0)
+        a_init = jax.nn.initializers.normal(1.0)
     elif layer.lora_a_init == "gaussian":
-        a_init = nn.initializers.normal(1.0 / rank)
+        a_init = jax.nn.initializers.normal(1.0 / layer.rank)
     else:
         a_init = default_lora_a_init
-    linear_offset = layer.gate == "linear" and layer.gate_offset != 0
-    gate_in = layer.gate_hidden if layer.gate == "mlp" else d_p
     specs = {
         "lora_a": (factorization.a_shape, a_init),
-        "lora_b": (factorization.b_shape, nn.initializers.zeros_init()),
-        "lora_c": ((gate_in, rank), nn.initializers.zeros_init() if linear_offset else default_lora_c_init),
+        "lora_b": (factorization.b_shape, jax.nn.initializers.zeros),
+        **gates.get(layer.gate).leaves(layer, d_p),
     }
-    if layer.gate != "linear":
-        specs["lora_c0"] = ((rank,), nn.initializers.constant(layer.gate_offset))
-    if layer.gate == "mlp":
-        specs["lora_gate_w"] = ((d_p, layer.gate_hidden), default_lora_c_init)
-        specs["lora_gate_b"] = ((layer.gate_hidden,), nn.initializers.zeros_init())
     if shift:
-        specs["lora_s"] = ((d_p, rank), nn.initializers.zeros_init())
+        specs["lora_s"] = ((d_p, layer.rank), jax.nn.initializers.zeros)
     for name, init in (initializers or {}).items():
         if init is not None and name in specs:
             specs[name] = (specs[name][0], init)
@@ -585,25 +185,6 @@ class AdapterMethod(Protocol):
     ) -> jax.Array: ...
 
 
-def normalize_operating_params(p: jax.Array, layer: LayerConfig) -> jax.Array:
-    """``(p - p_mean) / p_std`` over the last axis when the layer has a normalisation, else ``p`` itself.
-
-    RSS applies it inside :func:`gate_and_shift` (so :func:`fold` folds it in); injection applies it before any other
-    :class:`AdapterMethod`'s ``update``, so every method sees the same standardised ``p``.
-
-    >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(1, 1.0, 1.0, p_mean=(10.0,), p_std=(2.0,))
-    >>> normalize_operating_params(jnp.array([[14.0]]), layer).tolist()
-    [[2.0]]
-    """
-    if layer.p_mean is None:
-        return p
-    p = jnp.asarray(p)
-    shape = (1,) * (p.ndim - 1) + (-1,)
-    mean = jnp.asarray(layer.p_mean, p.dtype).reshape(shape)
-    return (p - mean) / jnp.asarray(layer.p_std, p.dtype).reshape(shape)
-
-
 class RSSMethod(NamedTuple):
     """RSSBilinearLoRA as an :class:`AdapterMethod`: :func:`adapter_params` and :func:`adapter_update`."""
 
@@ -620,6 +201,24 @@ RSS = RSSMethod()
 """The default method of :func:`rssbl_jax.inject`."""
 
 
+def _linear_gate_layer(
+    lora_a: ArrayLike, lora_b: ArrayLike, lora_c: ArrayLike, lora_s: ArrayLike | None, scale: float, gate_offset: float
+) -> tuple[LayerConfig, dict[str, Any]]:
+    """The settings and factors of the plain-array functions: the linear gate ``g0 + C p``, no normalisation."""
+    rank = jnp.shape(lora_c)[-1]
+    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
+    return layer, {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
+
+
+def _check_dense(x: ArrayLike, lora_a: ArrayLike, lora_b: ArrayLike) -> None:
+    x_shape, a_shape, b_shape = jnp.shape(x), jnp.shape(lora_a), jnp.shape(lora_b)
+    if len(a_shape) != 2 or len(b_shape) != 2 or len(x_shape) < 1 or x_shape[-1] != a_shape[0]:
+        raise ValueError(
+            f"x must be [..., d_in] with d_in = lora_a.shape[0]; got x.shape={x_shape}, lora_a {a_shape}, "
+            f"lora_b {b_shape}."
+        )
+
+
 def rss_update(
     x: Float[ArrayLike, "*batch d_in"],
     operating_params: Float[ArrayLike, "*lead d_p"],
@@ -632,7 +231,7 @@ def rss_update(
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
 ) -> Float[Array, "*batch d_out"]:
-    r"""The seed's dense update without the base layer, on plain arrays: :func:`adapter_update` for a Dense kernel.
+    r"""The original formulation's dense update alone, on plain arrays: :func:`adapter_update` for a Dense kernel.
 
     .. math::
 
@@ -650,21 +249,10 @@ def rss_update(
     >>> rss_update(x, p, a, b, c, s, scale=2.0).tolist()[0]   # 2 * (3 * (0.5*2) + 1*2)
     [10.0, 10.0, 10.0, 10.0]
     """
-    x, lora_a, lora_b = jnp.asarray(x), jnp.asarray(lora_a), jnp.asarray(lora_b)
-    rank = jnp.shape(lora_c)[-1]
     _check_dense(x, lora_a, lora_b)
-    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
-    factors = {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
-    factorization = dense_factorization((lora_a.shape[0], lora_b.shape[1]), rank, precision)
+    layer, factors = _linear_gate_layer(lora_a, lora_b, lora_c, lora_s, scale, gate_offset)
+    factorization = dense_factorization((jnp.shape(lora_a)[0], jnp.shape(lora_b)[1]), layer.rank, precision)
     return adapter_update(factorization, x, operating_params, factors, layer, precision=precision)
-
-
-def _check_dense(x: Array, lora_a: Array, lora_b: Array) -> None:
-    if lora_a.ndim != 2 or lora_b.ndim != 2 or x.ndim < 1 or x.shape[-1] != lora_a.shape[0]:
-        raise ValueError(
-            f"x must be [..., d_in] with d_in = lora_a.shape[0]; got x.shape={x.shape}, lora_a {lora_a.shape}, "
-            f"lora_b {lora_b.shape}."
-        )
 
 
 def adapted_dense(
@@ -677,12 +265,16 @@ def adapted_dense(
     *,
     precision: PrecisionLike = None,
     dropout_rng: jax.Array | None = None,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> Float[Array, "*batch d_out"]:
     r"""A dense layer with the update: ``x @ kernel + bias + adapter_update(...)``, base and update kept in 2-D.
 
     .. math::
 
         y = W x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
+
+    The update is added inside the bias-add pass over ``y`` (:func:`add_low_rank`) and swept as one matmul under
+    ``jax.vmap`` over ``p`` (:func:`modulated_add`), with ``thresholds`` deciding when.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
@@ -698,15 +290,17 @@ def adapted_dense(
         )
     if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
         raise ValueError(f"bias must be (d_out,)=({kernel.shape[1]},); got bias.shape={jnp.shape(bias)}.")
-    factorization = dense_factorization(kernel.shape, layer.rank, precision)
+    factorization = dense_factorization(
+        kernel.shape, layer.rank, precision, fused_max_b_size=thresholds.fused_max_b_size
+    )
     y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision)
     if bias is not None:
         y = y + jnp.reshape(bias, (1, -1))
     y = y.reshape(*x.shape[:-1], kernel.shape[1])
-    # the update is added inside the bias-add pass over y (add_low_rank), never written out on its own
     return adapter_update(
-        factorization, x, operating_params, factors, layer, precision=precision, dropout_rng=dropout_rng, add_to=y
-    )
+        factorization, x, operating_params, factors, layer,
+        precision=precision, dropout_rng=dropout_rng, add_to=y, thresholds=thresholds,
+    )  # fmt: skip
 
 
 def rss_dense(
@@ -722,8 +316,9 @@ def rss_dense(
     scale: float,
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> Float[Array, "*batch d_out"]:
-    r"""The seed's dense layer on plain arrays: ``x @ kernel + bias + rss_update(...)`` (:func:`adapted_dense`).
+    r"""The original formulation's dense layer on plain arrays: :func:`adapted_dense` with the linear gate.
 
     .. math::
 
@@ -736,16 +331,9 @@ def rss_dense(
     >>> rss_dense(x, p, w, b, a, bb, c, s, scale=1.0).tolist()   # B = 0: the base layer
     [[1.0, 1.0]]
     """
-    rank = jnp.shape(lora_c)[-1]
-    _check_dense(jnp.asarray(x), jnp.asarray(lora_a), jnp.asarray(lora_b))
-    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
-    factors = {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
-    return adapted_dense(x, operating_params, kernel, bias, factors, layer, precision=precision)
-
-
-# --------------------------------------------------------------------------------------------------
-# Merge at one operating point
-# --------------------------------------------------------------------------------------------------
+    _check_dense(x, lora_a, lora_b)
+    layer, factors = _linear_gate_layer(lora_a, lora_b, lora_c, lora_s, scale, gate_offset)
+    return adapted_dense(x, operating_params, kernel, bias, factors, layer, precision=precision, thresholds=thresholds)
 
 
 class MergedDense(NamedTuple):
@@ -792,8 +380,8 @@ def fold(
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[2.0, 2.0], [2.0, 2.0]], [0.0, 0.0])
     """
-    lora_c = factors["lora_c"]
-    n_stack = jnp.ndim(lora_c) - 2
+    gates.require_leaves(factors, layer)
+    n_stack = jnp.ndim(factors["lora_c"]) - 2
     if n_stack > 0:
         in_axes = {name: (None if value is None else 0) for name, value in factors.items()}
         fn = lambda k, b, f: fold(k, b, f, operating_params, layer, precision=precision)  # noqa: E731
@@ -852,7 +440,7 @@ def merge_kernel(
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
 ) -> MergedDense:
-    r""":func:`fold` for the seed's linear gate on plain arrays (any kernel kind; ``lora_s=None``: no shift).
+    r""":func:`fold` for the linear gate on plain arrays (any kernel kind; ``lora_s=None``: no shift).
 
     .. math::
 
@@ -866,9 +454,7 @@ def merge_kernel(
     >>> merged.kernel.shape, float(merged.kernel[0, 0, 0]), merged.bias.shape
     ((3, 2, 4), 1.0, (2, 4))
     """
-    rank = jnp.shape(lora_c)[-1]
-    layer = LayerConfig(rank=rank, lora_alpha=scale * rank, scale=scale, gate_offset=gate_offset)
-    factors = {"lora_a": lora_a, "lora_b": lora_b, "lora_c": lora_c, "lora_s": lora_s}
+    layer, factors = _linear_gate_layer(lora_a, lora_b, lora_c, lora_s, scale, gate_offset)
     return fold(kernel, bias, factors, operating_params, layer, precision=precision)
 
 

@@ -35,9 +35,59 @@ import opt_einsum
 from flax import linen as nn
 from flax import nnx
 
-from rssbl_jax.core import Factorization, dense_factorization
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds, add_low_rank
 
 PrecisionLike = Any
+
+
+class Factorization(NamedTuple):
+    """How one layer kind factors its kernel: the factor shapes and the maps ``x ↦ A x`` and ``h ↦ B h``.
+
+    ``down(x, lora_a)`` returns rank-space activations ``[..., r]`` whose leading axes are the input's
+    non-contracted axes in order (so ``p`` of shape ``[*lead, d_p]`` broadcasts over tokens/pixels);
+    ``up(h, lora_b)`` returns an array of the layer's output shape. ``kernel_name`` is the base weight the
+    factors fold into (``"kernel"``, or ``"embedding"`` for Embed); ``integer_inputs`` marks a lookup (Embed), whose
+    input has no feature axis. ``up_add(y, h, lora_b)``, when set, returns ``y + up(h, lora_b)`` without
+    materialising the update (:func:`rssbl_jax.fastpath.add_low_rank`).
+    """
+
+    kind: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    down: Callable[[jax.Array, jax.Array], jax.Array]
+    up: Callable[[jax.Array, jax.Array], jax.Array]
+    kernel_name: str = "kernel"
+    integer_inputs: bool = False
+    up_add: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
+
+
+def dense_factorization(
+    kernel_shape: Sequence[int],
+    rank: int,
+    precision: PrecisionLike = None,
+    *,
+    fused_max_b_size: int = DEFAULT_THRESHOLDS.fused_max_b_size,
+) -> Factorization:
+    """Dense kernel ``(d_in, d_out)``: ``A (d_in, r)``, ``B (r, d_out)``; the matmuls run on 2-D rows.
+
+    (XLA differentiates a 2-D ``x @ A`` faster than a 3-D one on CPU.) ``up_add`` is :func:`add_low_rank` with
+    ``fused_max_b_size`` (:class:`~rssbl_jax.fastpath.Thresholds`).
+    """
+    d_in, d_out = kernel_shape
+
+    def down(x, a):
+        return jnp.matmul(x.reshape(-1, d_in), a, precision=precision).reshape(*x.shape[:-1], rank)
+
+    def up(h, b):
+        return jnp.matmul(h.reshape(-1, rank), b, precision=precision).reshape(*h.shape[:-1], d_out)
+
+    def up_add(y, h, b):
+        out = add_low_rank(
+            y.reshape(-1, d_out), h.reshape(-1, rank), b, precision=precision, fused_max_b_size=fused_max_b_size
+        )
+        return out.reshape(y.shape)
+
+    return Factorization("Dense", (d_in, rank), (rank, d_out), down, up, up_add=up_add)
 
 
 def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -192,19 +242,20 @@ def _check_conv(module: Any, path: str) -> None:
         )
 
 
-def _dense(module, kernel_shape, rank, x_shape, args, kwargs):
+def _dense(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds: Thresholds = DEFAULT_THRESHOLDS):
     del x_shape, args, kwargs
-    return dense_factorization(kernel_shape, rank, module.precision)
+    return dense_factorization(kernel_shape, rank, module.precision, fused_max_b_size=thresholds.fused_max_b_size)
 
 
-def _dense_general(module, kernel_shape, rank, x_shape, args, kwargs):
-    del args, kwargs
+def _dense_general(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
+    del args, kwargs, thresholds
     axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
     x_ndim = len(x_shape) if x_shape is not None else max(len(axis) + 1, *(abs(a) + 1 for a in axis))
     return dense_general_factorization(kernel_shape, axis, x_ndim, rank, module.precision)
 
 
-def _einsum(module, kernel_shape, rank, x_shape, args, kwargs):
+def _einsum(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
+    del thresholds
     equation = kwargs.get("einsum_str", args[0] if args else None) or module.einsum_str
     equation = equation.replace(" ", "")
     if x_shape is None:  # any input with the right number of axes gives the factor shapes
@@ -213,8 +264,8 @@ def _einsum(module, kernel_shape, rank, x_shape, args, kwargs):
     return einsum_factorization(equation, x_shape, kernel_shape, rank, module.precision)
 
 
-def _conv(module, kernel_shape, rank, x_shape, args, kwargs):
-    del x_shape, args, kwargs
+def _conv(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
+    del x_shape, args, kwargs, thresholds
     kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
     return conv_factorization(
         kernel_shape,
@@ -228,16 +279,17 @@ def _conv(module, kernel_shape, rank, x_shape, args, kwargs):
     )
 
 
-def _embed(module, kernel_shape, rank, x_shape, args, kwargs):
-    del x_shape, args, kwargs
+def _embed(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
+    del x_shape, args, kwargs, thresholds
     return embed_factorization(kernel_shape, rank, getattr(module, "precision", None))
 
 
 class LayerKind(NamedTuple):
     """One adaptable layer kind: its linen and NNX classes, base weight name, validation and factorization.
 
-    ``factorize(module, kernel_shape, rank, x_shape, call_args, call_kwargs)`` builds the kind's
-    :class:`~rssbl_jax.core.Factorization` (``x_shape=None``: factor shapes only, before any call);
+    ``factorize(module, kernel_shape, rank, x_shape, call_args, call_kwargs, *, thresholds=...)`` builds the kind's
+    :class:`Factorization` (``x_shape=None``: factor shapes only, before any call; ``thresholds``: the
+    :class:`~rssbl_jax.fastpath.Thresholds` of the fused Dense add);
     ``check(module, path)`` raises when the layer's configuration cannot be adapted.
     """
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from rssbl_jax import gates, tree
 from rssbl_jax.config import as_config
 
 PyTree = Any
@@ -35,9 +36,12 @@ def init_principal(params: PyTree, config: Any) -> PyTree:
     layout (Dense, DenseGeneral, Conv, Embed, Einsum with input axes first): the kernel is read as a
     ``(prod(in), prod(out))`` matrix.
 
+    The gate starts at zero through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`:
+    ``C``, and ``c0`` for the affine and MLP gates), and the shift ``S`` with it.
+
     Raises:
-      ValueError: for the linear gate with ``gate_offset != 0`` (its gate cannot start at zero), or a layer whose
-        factors do not use the compact layout.
+      ValueError: for a gate with a fixed offset (the linear gate with ``gate_offset != 0``: it cannot start at
+        zero), or a layer whose factors do not use the compact layout.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
@@ -47,20 +51,19 @@ def init_principal(params: PyTree, config: Any) -> PyTree:
     (True, 0.0)
     """
     cfg = as_config(config, "init_principal")
-    if cfg.gate == "linear" and cfg.gate_offset != 0:
+    gate = gates.get(cfg.gate)
+    if gate.fixed_offset(cfg.resolve(None)) != 0:
         raise ValueError(
-            f"init_principal needs a gate that can start at zero; the linear gate with gate_offset={cfg.gate_offset} "
-            "cannot (use gate_offset=0, or gate='affine')."
+            f"init_principal needs a gate that can start at zero; the {cfg.gate} gate with gate_offset="
+            f"{cfg.gate_offset} cannot (use gate_offset=0, or gate='affine')."
         )
-    found = []
 
-    def visit(node: Any, path: str) -> Any:
-        if not isinstance(node, Mapping):
-            return node
-        kernel_name = next((k for k in ("kernel", "embedding") if k in node), None)
-        if kernel_name is None or not all(k in node for k in ("lora_a", "lora_b", "lora_c")):
-            return {k: visit(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
-        found.append(path)
+    def start(path: str, node: Mapping) -> Any:
+        kernel_name = tree.base_weight_name(node)
+        if kernel_name is None:
+            raise ValueError(
+                f"{path or 'params'}: init_principal needs a kernel beside the adapter; has {sorted(node)}."
+            )
         kernel, a, b = (np.asarray(node[k], np.float64) for k in (kernel_name, "lora_a", "lora_b"))
         rank = a.shape[-1]
         if a.shape[:-1] + b.shape[1:] != kernel.shape:
@@ -76,12 +79,12 @@ def init_principal(params: PyTree, config: Any) -> PyTree:
         out = dict(node)
         out["lora_a"] = jnp.asarray(new_a, jnp.asarray(node["lora_a"]).dtype)
         out["lora_b"] = jnp.asarray(new_b, jnp.asarray(node["lora_b"]).dtype)
-        for name in ("lora_c", "lora_c0", "lora_s"):
+        for name in (*gate.linear_leaves, "lora_s"):
             if name in node:
                 out[name] = jnp.zeros_like(jnp.asarray(node[name]))
         return out
 
-    result = visit(params, "")
+    result, found = tree.map_adapter_layers(params, start)
     if not found:
-        raise ValueError("init_principal found no adapted layer (a kernel with lora_a, lora_b, lora_c).")
+        raise ValueError("init_principal found no adapted layer (a kernel with lora_a and lora_b beside it).")
     return result

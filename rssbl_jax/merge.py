@@ -8,14 +8,8 @@ from typing import Any
 import jax
 from jaxtyping import ArrayLike, Float
 
-from rssbl_jax import core
+from rssbl_jax import core, tree
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
-
-
-def _kernel_name(node: Mapping) -> str | None:
-    if not all(name in node for name in ("lora_a", "lora_b", "lora_c")):
-        return None
-    return next((name for name in ("kernel", "embedding") if name in node), None)
 
 
 def merge(
@@ -35,10 +29,10 @@ def merge(
     with each layer's rank, scale, gate and ``p`` normalisation taken from ``config`` (an
     :class:`~rssbl_jax.AdapterConfig`, or the adapted model / layer that carries one), the same config the model
     trained with: nothing is restated, so nothing can silently differ. ``params`` is one layer's params or a whole
-    model's tree (nested mappings, linen params or an NNX pure state dict); every mapping holding ``lora_a``,
-    ``lora_b``, ``lora_c`` and a ``kernel`` (or an ``embedding``) is replaced by its base leaves with the update
-    folded in (:func:`rssbl_jax.core.fold`); everything else is returned unchanged, so the result loads into the
-    unmodified architecture. Adapters stacked by ``nn.scan`` fold slice by slice.
+    model's tree (nested mappings, linen params or an NNX pure state dict); every adapter layer
+    (:func:`rssbl_jax.tree.is_adapter_layer`) is replaced by its base leaves, its ``kernel`` (or ``embedding``) with
+    the update folded in (:func:`rssbl_jax.core.fold`); everything else is returned unchanged, so the result loads
+    into the unmodified architecture. Adapters stacked by ``nn.scan`` fold slice by slice.
 
     A layer without bias but with a shift ``S p`` needs a bias to hold ``s (S p̂0) B``; Flax would silently ignore an
     extra ``bias`` leaf in a ``use_bias=False`` layer, so this raises unless ``add_bias=True``. The fold runs at
@@ -48,7 +42,8 @@ def merge(
 
     Raises:
       TypeError: when ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha``, the pre-0.2 API).
-      ValueError: if no adapted layer is found, a layer's factors do not fit its resolved rank (a forgotten
+      ValueError: if no adapted layer is found, an adapter layer has no kernel or its gate's leaves (an adapter of
+        another method, which has no fold), a layer's factors do not fit its resolved rank (a forgotten
         ``rank_pattern``), the config does not adapt a layer's path, ``operating_params`` is not ``[d_p]``, a
         pattern matches no adapted layer, or a bias-free layer with a shift is merged without ``add_bias=True``.
 
@@ -61,43 +56,40 @@ def merge(
     ['bias', 'kernel']
     """
     cfg = as_config(config, "merge")
-    found: list[str] = []
 
-    def visit(node: Any, path: str) -> Any:
-        kernel_name = _kernel_name(node) if isinstance(node, Mapping) else None
-        if kernel_name is not None:
-            found.append(path)
-            where = path or "params"
-            if not cfg.adapts(path):
-                raise ValueError(
-                    f"{where} is an adapted layer that the config does not adapt (targets={cfg.targets}, exclude="
-                    f"{cfg.exclude}); merge the params tree whose paths the config was written for."
-                )
-            layer = cfg.resolve(path)
-            factors = {name: node[name] for name in core.ADAPTER_NAMES if name in node}
-            lora_s = factors.get("lora_s")
-            if "bias" not in node and lora_s is not None and not add_bias:
-                raise ValueError(
-                    f"{where} has no bias but a shift S p (lora_s {lora_s.shape}): its merged shift is a "
-                    "bias that a use_bias=False layer would silently ignore. Pass add_bias=True and load the result "
-                    "into the layer built with use_bias=True, or adapt without shift (shift=False)."
-                )
-            try:
-                merged = core.fold(
-                    node[kernel_name], node.get("bias"), factors, operating_params, layer, precision=precision
-                )
-            except ValueError as error:
-                raise ValueError(f"{where}: {error}") from None
-            rest = {k: v for k, v in node.items() if k not in (kernel_name, "bias", *core.ADAPTER_NAMES)}
-            if "bias" not in node and lora_s is None:
-                return {**rest, kernel_name: merged.kernel}
-            return {**rest, kernel_name: merged.kernel, "bias": merged.bias}
-        if isinstance(node, Mapping):
-            return {k: visit(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
-        return node
+    def fold_layer(path: str, node: Mapping) -> dict:
+        where = path or "params"
+        kernel_name = tree.base_weight_name(node)
+        if kernel_name is None:
+            raise ValueError(
+                f"{where} is an adapter layer without a kernel or embedding to merge into; has {sorted(node)}."
+            )
+        if not cfg.adapts(path):
+            raise ValueError(
+                f"{where} is an adapted layer that the config does not adapt (targets={cfg.targets}, exclude="
+                f"{cfg.exclude}); merge the params tree whose paths the config was written for."
+            )
+        factors = {name: value for name, value in node.items() if tree.is_adapter_leaf_name(name)}
+        lora_s = factors.get("lora_s")
+        if "bias" not in node and lora_s is not None and not add_bias:
+            raise ValueError(
+                f"{where} has no bias but a shift S p (lora_s {lora_s.shape}): its merged shift is a "
+                "bias that a use_bias=False layer would silently ignore. Pass add_bias=True and load the result "
+                "into the layer built with use_bias=True, or adapt without shift (shift=False)."
+            )
+        try:
+            merged = core.fold(
+                node[kernel_name], node.get("bias"), factors, operating_params, cfg.resolve(path), precision=precision
+            )
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        rest = {k: v for k, v in node.items() if k not in (kernel_name, "bias", *factors)}
+        if "bias" not in node and lora_s is None:
+            return {**rest, kernel_name: merged.kernel}
+        return {**rest, kernel_name: merged.kernel, "bias": merged.bias}
 
-    out = visit(params, "")
+    out, found = tree.map_adapter_layers(params, fold_layer)
     if not found:
-        raise ValueError("merge found no adapted layer (a mapping with a kernel and lora_a, lora_b, lora_c).")
+        raise ValueError("merge found no adapted layer (a mapping holding lora_a and lora_b beside its kernel).")
     check_patterns_used(cfg, found)
     return out

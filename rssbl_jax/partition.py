@@ -1,8 +1,8 @@
 """Which leaves train: adapters known by identity, plus ``modules_to_save``; partition, combine, freeze, count.
 
-An *adapter layer* is a mapping that holds both ``lora_a`` and ``lora_b`` (every LoRA-family adapter does;
-RSSBilinearLoRA adds ``lora_c``); its ``lora_*`` leaves are the adapter. A leaf merely *named* ``lora_a`` in a module
-that is not an adapter layer (a user's own parameter) stays frozen. With an
+An *adapter layer* is what :mod:`rssbl_jax.tree` says: a mapping that holds both ``lora_a`` and ``lora_b`` (every
+LoRA-family adapter does; RSSBilinearLoRA adds ``lora_c``); its ``lora_*`` leaves are the adapter. A leaf merely
+*named* ``lora_a`` in a module that is not an adapter layer (a user's own parameter) stays frozen. With an
 :class:`~rssbl_jax.AdapterConfig`, every adapter layer must also be one the config adapts (else an error names it),
 and base leaves whose path fully matches ``config.modules_to_save`` train too.
 """
@@ -18,37 +18,13 @@ import optax
 
 from rssbl_jax import patterns
 from rssbl_jax.config import AdapterConfig, as_config
-from rssbl_jax.core import is_adapter_leaf_name
+from rssbl_jax.tree import adapter_layers, adapter_leaf_paths, leaves
 
 PyTree = Any
-_REQUIRED = ("lora_a", "lora_b")
 
 
 def _is_none(x: Any) -> bool:
     return x is None
-
-
-def _leaves(params: PyTree) -> list[tuple[str, str, Any]]:
-    """``(layer path, leaf name, leaf)`` for every leaf."""
-    out = []
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = patterns.path_str(key_path)
-        layer, _, name = path.rpartition("/")
-        out.append((layer, name, leaf))
-    return out
-
-
-def adapter_layers(params: PyTree) -> list[str]:
-    """Paths of the adapter layers in ``params``: mappings holding both ``lora_a`` and ``lora_b``.
-
-    >>> import numpy as np
-    >>> adapter_layers({"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}, "mine": {"lora_a": 0}})
-    ['dense']
-    """
-    names: dict[str, set[str]] = {}
-    for layer, name, _ in _leaves(params):
-        names.setdefault(layer, set()).add(name)
-    return [layer for layer, held in names.items() if all(name in held for name in _REQUIRED)]
 
 
 def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
@@ -77,16 +53,16 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
                 f"{cfg.exclude}); pass the params tree whose paths the config was written for (for NNX: "
                 "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
             )
-        paths = [f"{layer}/{name}" if layer else name for layer, name, _ in _leaves(params)]
+        paths = [f"{layer}/{name}" if layer else name for layer, name, _ in leaves(params)]
         unmatched = patterns.unmatched(cfg.modules_to_save, paths)
         if unmatched:
             raise ValueError(f"modules_to_save {unmatched} matches no leaf; leaf paths: {paths}.")
     extra = cfg.modules_to_save if cfg is not None else ()
+    adapter_paths = adapter_leaf_paths(params)
 
     def trains(key_path, _):
         path = patterns.path_str(key_path)
-        layer, _, name = path.rpartition("/")
-        return (layer in layers and is_adapter_leaf_name(name)) or patterns.matches(extra, path)
+        return path in adapter_paths or patterns.matches(extra, path)
 
     return jax.tree_util.tree_map_with_path(trains, params)
 
@@ -245,7 +221,7 @@ def count_parameters(params: PyTree, config: Any = None) -> ParameterCount:
     """
     mask = jax.tree_util.tree_leaves(trainable_mask(params, config))
     per_layer: dict[str, list[int]] = {}
-    for (layer, _, leaf), trains in zip(_leaves(params), mask, strict=True):
+    for (layer, _, leaf), trains in zip(leaves(params), mask, strict=True):
         counts = per_layer.setdefault(layer or "(root)", [0, 0])
         counts[1 if trains else 0] += int(math.prod(jnp.shape(leaf)))
     table = {k: (v[0], v[1]) for k, v in per_layer.items()}

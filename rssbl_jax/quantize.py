@@ -44,7 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rssbl_jax import patterns
+from rssbl_jax import patterns, tree
 from rssbl_jax.merge import merge as merge_params
 
 PyTree = Any
@@ -226,6 +226,8 @@ def merge(
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
+    Adapter leaves are those of :func:`rssbl_jax.tree.adapter_leaf_paths`; every other leaf is the base.
+
     ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA's buffer assignment
     stores them); ``packed=False`` uses numpy's ``nbytes`` (a byte per element).
 
@@ -237,9 +239,9 @@ def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     33792
     """
     total = 0
+    adapter_paths = tree.adapter_leaf_paths(params)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = patterns.path_str(path).rsplit("/", 1)[-1]
-        if name.startswith("lora_"):
+        if patterns.path_str(path) in adapter_paths:
             continue
         dtype = jnp.dtype(leaf.dtype)
         bits = jnp.iinfo(dtype).bits if packed and jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize

@@ -35,8 +35,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rssbl_jax import patterns
-from rssbl_jax.core import is_adapter_leaf_name
-from rssbl_jax.partition import adapter_layers
+from rssbl_jax.tree import BASE_WEIGHT_NAMES, adapter_leaf_paths, axes_from_kernel, is_adapter_leaf_name
 
 _path_str = patterns.path_str
 
@@ -118,14 +117,10 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     shapes = {_path_str(path): tuple(leaf.shape) for path, leaf in flat}
     base: dict[str, tuple[Any, ...]] = {}
     given: dict[str, tuple[Any, Any, PartitionSpec]] = {}
-    layers = set(adapter_layers(params))
-
-    def is_adapter_path(path: Sequence[Any]) -> bool:
-        layer, _, name = _path_str(path).rpartition("/")
-        return layer in layers and is_adapter_leaf_name(name)
+    adapter_paths = adapter_leaf_paths(params)
 
     for path, leaf in flat:
-        if is_adapter_path(path):
+        if _path_str(path) in adapter_paths:
             continue
         name = _path_str(path)
         spec = lookup(name)
@@ -137,10 +132,9 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
         given[name] = (path, leaf, spec)
 
     def kernel_of(path: Sequence[Any], what: str) -> tuple[tuple[Any, ...], tuple[int, ...]]:
-        kernel = _path_str((*path[:-1], jax.tree_util.DictKey("kernel")))
-        if kernel not in base:
-            kernel = _path_str((*path[:-1], jax.tree_util.DictKey("embedding")))
-        if kernel not in base:
+        candidates = (_path_str((*path[:-1], jax.tree_util.DictKey(weight))) for weight in BASE_WEIGHT_NAMES)
+        kernel = next((candidate for candidate in candidates if candidate in base), None)
+        if kernel is None:
             raise ValueError(f"'{_path_str(path)}' ({what}) has no 'kernel' beside it to take its partition spec from.")
         return base[kernel], shapes[kernel]
 
@@ -151,23 +145,9 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
             return given[name][2]
         if is_adapter_leaf_name(key) and key not in ("lora_a", "lora_b"):
             return PartitionSpec()
-        if key == "lora_a":  # (*in, r): leading axes follow the kernel's leading axes
-            kspec, kshape = kernel_of(path, "lora_a")
-            lead = [
-                s if i < len(kshape) and kshape[i] == n else None
-                for i, (n, s) in enumerate(zip(shape[:-1], kspec, strict=False))
-            ]
-            return PartitionSpec(*lead, *(None,) * (len(shape) - len(lead)))
-        if key in ("lora_b", "bias"):  # (r, *out) / (*out): trailing axes follow the kernel's trailing axes
+        if key in ("lora_a", "lora_b", "bias"):  # A keeps the kernel's input axes, B (and a bias) its output axes
             kspec, kshape = kernel_of(path, key)
-            n_out = len(shape) - 1 if key == "lora_b" else len(shape)
-            trail = [
-                kspec[len(kshape) - n_out + i]
-                if n_out <= len(kshape) and kshape[len(kshape) - n_out + i] == n
-                else None
-                for i, n in enumerate(shape[len(shape) - n_out :])
-            ]
-            return PartitionSpec(*(None,) * (len(shape) - n_out), *trail)
+            return PartitionSpec(*axes_from_kernel(key, shape, kspec, kshape))
         raise ValueError(f"no partition spec for '{name}'.")
 
     specs = jax.tree.unflatten(treedef, [spec_for(path, leaf) for path, leaf in flat])

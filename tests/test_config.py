@@ -267,3 +267,45 @@ def test_rslora_scale():
     expected = reference.dense_update(X, P, params, kind="linear", scale=8.0 / math.sqrt(4))
     base = np.asarray(X, np.float64) @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"])
     np.testing.assert_allclose(layer.apply({"params": params}, X, P), base + expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flags_parse_strictly_and_name_the_field():
+    # Before: bool("false") is True, so use_rslora="false" scaled by alpha/sqrt(r) instead of alpha/r.
+    config = rssbl_jax.AdapterConfig(rank=4, lora_alpha=8.0, use_rslora="false")
+    assert config.use_rslora is False and config.scale == 8.0 / 4
+    assert rssbl_jax.AdapterConfig(rank=4, lora_alpha=8.0, use_rslora="TRUE").scale == 8.0 / math.sqrt(4)
+    base = {"rank": 4, "lora_alpha": 8.0}
+    for text, value in [("0", False), ("1", True), ("false", False), (" True ", True), (0, False), (np.bool_(1), True)]:
+        parsed = rssbl_jax.AdapterConfig.from_dict(base | {"use_rslora": text, "shift": text})
+        assert parsed.use_rslora is value and parsed.shift is value, text
+    assert rssbl_jax.AdapterConfig.from_dict(base | {"shift": None}).shift is None
+    for field, bad in [
+        ("use_rslora", "yes"),
+        ("use_rslora", 2),
+        ("use_rslora", None),
+        ("shift", "none"),
+        ("shift", 0.5),
+    ]:
+        with pytest.raises(ValueError, match=f"{field} must be True, False.*got {field}="):
+            rssbl_jax.AdapterConfig(**base, **{field: bad})
+
+
+def test_a_bare_string_is_one_pattern_and_other_sequences_refuse_it():
+    # Before: from_dict({"targets": "abc"}) gave ('a', 'b', 'c'), three one-letter patterns.
+    for field in ("targets", "exclude", "modules_to_save"):
+        config = rssbl_jax.AdapterConfig.from_dict({"rank": 2, "lora_alpha": 4.0, field: "abc"})
+        assert getattr(config, field) == ("abc",)
+        assert getattr(rssbl_jax.AdapterConfig(rank=2, lora_alpha=4.0, **{field: "abc"}), field) == ("abc",)
+    config = rssbl_jax.AdapterConfig.from_dict({"rank": 2, "lora_alpha": 4.0, "rank_pattern": {"a.*": 3}})
+    assert config.rank_pattern == (("a.*", 3),) and config.resolve("ab").rank == 3
+    for field, value in [("p_mean", "12"), ("rank_pattern", "a"), ("alpha_pattern", "ab")]:
+        extra = {"p_std": [1.0, 1.0]} if field == "p_mean" else {}
+        with pytest.raises(TypeError, match=field):
+            rssbl_jax.AdapterConfig.from_dict({"rank": 2, "lora_alpha": 4.0, field: value, **extra})
+
+
+def test_python_keywords_are_refused_as_p_keyword():
+    for word in ("class", "lambda", "None", "if"):
+        with pytest.raises(ValueError, match=f"p_keyword must be a Python identifier that is not a keyword.*{word}"):
+            rssbl_jax.AdapterConfig(rank=2, lora_alpha=4.0, p_keyword=word)
+    assert rssbl_jax.AdapterConfig(rank=2, lora_alpha=4.0, p_keyword="condition").p_keyword == "condition"

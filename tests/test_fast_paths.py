@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 import rssbl_jax
-from rssbl_jax import core
+from rssbl_jax import core, fastpath
 from tests import reference
 
 
-@pytest.mark.parametrize("rank,d_out", [(1, 5), (16, 5), (3, core.FUSED_MAX_B_SIZE // 2)])  # fused, fused, matmul
+@pytest.mark.parametrize("rank,d_out", [(1, 5), (16, 5), (3, fastpath.FUSED_MAX_B_SIZE // 2)])  # fused, fused, matmul
 def test_add_low_rank_value_and_gradient(rank, d_out):
     ks = jax.random.split(jax.random.key(0), 4)
     y, h, b = (jax.random.normal(ks[0], (6, d_out)), jax.random.normal(ks[1], (6, rank)),
                jax.random.normal(ks[2], (rank, d_out)))  # fmt: skip
     fused = "reduce_sum" in str(jax.make_jaxpr(core.add_low_rank)(y, h, b))
-    assert fused == (rank * d_out <= core.FUSED_MAX_B_SIZE)
+    assert fused == (rank * d_out <= fastpath.FUSED_MAX_B_SIZE)
     out = jax.jit(core.add_low_rank)(y, h, b)
     expected = np.asarray(y, np.float64) + np.asarray(h, np.float64) @ np.asarray(b, np.float64)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -239,3 +239,42 @@ def test_sweep_keeps_bfloat16():
     for k in range(6):
         one = np.asarray(layer.apply(variables, x, ps[k]), np.float32)
         np.testing.assert_allclose(np.asarray(ys[k], np.float32), one, rtol=2e-2, atol=2e-2)
+
+
+def test_thresholds_are_arguments_carried_to_the_trace_not_globals(monkeypatch):
+    """Changing a threshold argument changes the jaxpr; setting the module globals changes nothing."""
+    ks = jax.random.split(jax.random.key(7), 8)
+    x = jax.random.normal(ks[0], (2, 4, 6))
+    kernel, bias = jax.random.normal(ks[1], (6, 5)), jax.random.normal(ks[2], (5,))
+    a, b = jax.random.normal(ks[3], (6, 4)), jax.random.normal(ks[4], (4, 5))
+    c, s = jax.random.normal(ks[5], (3, 4)), jax.random.normal(ks[6], (3, 4))
+    ps = jax.random.normal(ks[7], (12, 3))
+
+    def layer(thresholds=None):
+        extra = {} if thresholds is None else {"thresholds": thresholds}
+        return lambda p: core.rss_dense(x, p, kernel, bias, a, b, c, s, scale=0.5, gate_offset=0.2, **extra)
+
+    def fused(fn):  # the update added in the output's elementwise pass: a broadcast-multiply-reduce
+        return "reduce_sum" in str(jax.make_jaxpr(fn)(ps[0]))
+
+    def swept(fn):  # the sweep as one [K, M] @ [M, n·d_out] matmul over M = 1 + d_p basis outputs
+        return ((12, 4), (4, 8 * 5)) in dot_shapes(jax.vmap(fn), ps)
+
+    expected = [reference.rss_dense(x, ps[k], kernel, bias, a, b, c, s, scale=0.5, gate_offset=0.2) for k in range(12)]
+    cases = [
+        (None, True, True),
+        (fastpath.Thresholds(fused_max_b_size=4 * 5 - 1), False, True),
+        (fastpath.Thresholds(sweep_max_basis=3), True, False),
+        (fastpath.Thresholds(fused_max_b_size=0, sweep_max_basis=0), False, False),
+    ]
+    for thresholds, want_fused, want_swept in cases:
+        fn = layer(thresholds)
+        assert fused(fn) == want_fused and swept(fn) == want_swept, thresholds
+        ys = jax.jit(jax.vmap(fn))(ps)
+        for k in range(12):
+            np.testing.assert_allclose(ys[k], expected[k], rtol=1e-5, atol=1e-5)
+    for module in (fastpath, core):  # the globals are documented defaults only, read when nothing is traced
+        monkeypatch.setattr(module, "FUSED_MAX_B_SIZE", 0)
+        monkeypatch.setattr(module, "SWEEP_MAX_BASIS", 0)
+    assert fused(layer()) and swept(layer())
+    assert fused(layer(fastpath.Thresholds())) and swept(layer(fastpath.Thresholds()))

@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax import nnx
 
 import rssbl_jax
-from rssbl_jax import core
+from rssbl_jax import core, gates
 from rssbl_jax import nnx as rss_nnx
 from tests import reference
 
@@ -63,11 +63,11 @@ def test_gradients_match_finite_differences_of_the_reference(gate, offset):
     params = randomized(layer.init(jax.random.key(0), x, p)["params"], 3)
     grads = jax.grad(lambda q: jnp.sum(layer.apply({"params": q}, x, p) ** 2))(params)
     base = f64(params)
-    for name in ("lora_c", "lora_c0", "lora_gate_w", "lora_s", "lora_a"):
-        if name not in params:
-            continue
+    adapter_leaves = sorted(name for name in params if name.startswith("lora_"))
+    assert {"lora_a", "lora_b", "lora_c", "lora_s"} <= set(adapter_leaves)  # every adapter leaf, lora_b included
+    for name in adapter_leaves:
         flat = base[name].reshape(-1)
-        for i in range(min(flat.size, 3)):
+        for i in range(flat.size):
             step = np.zeros_like(flat)
             step[i] = 1e-6
 
@@ -208,3 +208,104 @@ def test_principal_init_starts_at_the_base_trains_and_merges_exactly():
     assert float(jnp.abs(grads["hidden"]["lora_c"]).max()) > 0  # training starts
     with pytest.raises(ValueError, match="cannot"):
         rssbl_jax.init_principal(base, adapted.config.replace(gate_offset=1.0))
+
+
+# ------------------------------------------------------------------ a gate added from outside the library
+
+
+@gates.register
+class QuadraticGate(gates.Gate):
+    """``g(p̂) = c0 + C p̂ + Q (p̂ ⊙ p̂)``: one class, with a leaf of its own (``lora_q``), and nothing else."""
+
+    name = "quadratic_test"
+    features_are_p = False  # φ(p̂) = [p̂, p̂²]: the shift S p̂ needs basis rows of its own
+    linear_leaves = ("lora_c", "lora_q", "lora_c0")
+
+    def leaves(self, layer, d_p):
+        init = jax.nn.initializers
+        return {
+            "lora_c": ((d_p, layer.rank), gates.default_lora_c_init),
+            "lora_q": ((d_p, layer.rank), init.zeros),
+            "lora_c0": ((layer.rank,), init.constant(layer.gate_offset)),
+        }
+
+    def features(self, p, factors, *, precision=None):
+        return jnp.concatenate([p, p * p], axis=-1)
+
+    def directions(self, factors):
+        return jnp.concatenate([jnp.asarray(factors["lora_c"]), jnp.asarray(factors["lora_q"])], axis=0)
+
+    def constant(self, factors, layer):
+        return factors["lora_c0"]
+
+
+def quadratic_net_ref(params, ids, p_rows, scale):
+    """Net with the quadratic gate on ``embed`` and ``hidden``, row by row in float64 (p_rows: one per token)."""
+    e, hd, hp = f64(params["embed"]), f64(params["hidden"]), f64(params["head"])
+    p_rows = np.asarray(p_rows, np.float64)
+
+    def g(f):
+        return f["lora_c0"] + p_rows @ f["lora_c"] + (p_rows**2) @ f["lora_q"]
+
+    ids = np.asarray(ids).reshape(-1)
+    h = e["embedding"][ids] + scale * ((e["lora_a"][ids] * g(e)) @ e["lora_b"])  # an embedding: no bias, no shift
+    h = h @ hd["kernel"] + hd["bias"] + scale * (((h @ hd["lora_a"]) * g(hd) + p_rows @ hd["lora_s"]) @ hd["lora_b"])
+    return h @ hp["kernel"] + hp["bias"]
+
+
+def test_a_gate_registered_from_a_test_runs_through_inject_jit_grad_sweep_and_merge():
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, 11, (2, 4)))
+    p = P[:2]
+    adapted = rssbl_jax.inject(Net(), "embed|hidden", rank=2, lora_alpha=4.0, gate="quadratic_test", gate_offset=0.3)
+    variables = adapted.init(jax.random.key(0), ids, p=p)
+    assert float(jnp.abs(variables["params"]["hidden"]["lora_c0"] - 0.3).max()) == 0.0  # the gate's initialisers
+    params = randomized(variables["params"], 9)
+    assert params["hidden"]["lora_q"].shape == (3, 2) and "lora_s" not in params["embed"]
+    p_rows = np.repeat(np.asarray(p, np.float64), 4, axis=0)
+    expected = quadratic_net_ref(params, ids, p_rows, 2.0).reshape(2, 4, 4)
+    apply = jax.jit(lambda q, p: adapted.apply({"params": q}, ids, p=p))
+    np.testing.assert_allclose(apply(params, p), expected, rtol=1e-5, atol=1e-5)
+
+    # grad through the new leaf and the others, against central differences of the float64 reference
+    weights = np.asarray(np.random.default_rng(8).standard_normal((2, 4, 4)))
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(weights * adapted.apply({"params": q}, ids, p=p))))(params)
+    assert rssbl_jax.trainable_mask(params)["hidden"]["lora_q"]  # lora_* of an adapter layer: trains
+    base = f64(params)
+    for layer, name in [("hidden", "lora_q"), ("hidden", "lora_c0"), ("hidden", "lora_s"), ("embed", "lora_q"),
+                        ("embed", "lora_b")]:  # fmt: skip
+        flat = base[layer][name].reshape(-1)
+        for i in range(flat.size):
+            step = np.zeros_like(flat)
+            step[i] = 1e-6
+
+            def value(delta, layer=layer, name=name, step=step, flat=flat):
+                moved = {**base, layer: {**base[layer], name: (flat + delta * step).reshape(base[layer][name].shape)}}
+                return np.sum(weights * quadratic_net_ref(moved, ids, p_rows, 2.0).reshape(2, 4, 4))
+
+            numeric = (value(1.0) - value(-1.0)) / 2e-6
+            np.testing.assert_allclose(np.asarray(grads[layer][name]).reshape(-1)[i], numeric, rtol=1e-3, atol=1e-4)
+
+    # a sweep over shared conditions (vmap over p: the basis rule of the fast path) equals one call per condition
+    conditions = jnp.asarray(np.random.default_rng(9).standard_normal((12, 3)), jnp.float32)
+    swept = jax.jit(jax.vmap(lambda q: adapted.apply({"params": params}, ids, p=q)))(conditions)
+    for k in range(12):
+        rows = np.broadcast_to(np.asarray(conditions[k], np.float64), (8, 3))
+        np.testing.assert_allclose(swept[k], quadratic_net_ref(params, ids, rows, 2.0).reshape(2, 4, 4),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+    # merge at p0 folds the new gate: the plain Net reproduces the adapted one
+    merged = rssbl_jax.merge(params, p[1], adapted)
+    assert "lora_q" not in merged["hidden"]
+    np.testing.assert_allclose(Net().apply({"params": merged}, ids[1:]), expected[1:], rtol=1e-5, atol=1e-5)
+    # and the config keeps selecting it by name, through a checkpoint's dict
+    assert rssbl_jax.AdapterConfig.from_dict(adapted.config.to_dict()).gate == "quadratic_test"
+
+
+def test_registering_a_taken_name_or_an_unknown_gate_is_an_error():
+    class Other(gates.Gate):
+        name = "linear"
+
+    with pytest.raises(ValueError, match="already registered"):
+        gates.register(Other)
+    with pytest.raises(ValueError, match=r"gate must be one of \('linear', 'affine', 'mlp'.*got gate='cubic'"):
+        rssbl_jax.AdapterConfig(rank=2, lora_alpha=2.0, gate="cubic")

@@ -11,6 +11,7 @@ import rssbl_jax
 from tests import reference
 
 CONFIG = rssbl_jax.AdapterConfig(rank=4, lora_alpha=8.0)
+NAMES = ("kernel", "bias", "lora_a", "lora_b", "lora_c", "lora_s")
 
 
 class AdaptedMLP(nn.Module):
@@ -107,7 +108,18 @@ def test_freeze_base_trains_only_adapters(model_and_data):
     assert state_size == 2 * rssbl_jax.count_parameters(params).trainable
 
 
-def test_grads_wrt_trainable_match_full_grads(model_and_data):
+def dense_backward(x, p, f, g_y, scale):
+    """Closed-form float64 backward of y = x W + b + s((x A) ⊙ (p C) + p S) B: adapter gradients and ∂L/∂x."""
+    h = x @ f["lora_a"]
+    gate = p @ f["lora_c"]
+    z = h * gate + p @ f["lora_s"]
+    g_z = scale * g_y @ f["lora_b"].T
+    grads = {"lora_a": x.T @ (g_z * gate), "lora_b": scale * z.T @ g_y, "lora_c": p.T @ (g_z * h), "lora_s": p.T @ g_z}
+    return grads, g_y @ f["kernel"].T + (g_z * gate) @ f["lora_a"].T
+
+
+def test_grads_wrt_trainable_match_float64_backprop(model_and_data):
+    """jax.grad w.r.t. the trainable half of partition (through combine) against a hand-written float64 backward."""
     model, params, x, p = model_and_data
     params = randomized(params, jax.random.key(3))
     trainable, frozen = rssbl_jax.partition(params)
@@ -115,12 +127,18 @@ def test_grads_wrt_trainable_match_full_grads(model_and_data):
     def loss(params):
         return jnp.mean(model.apply({"params": params}, x, p) ** 2)
 
-    g_part = jax.grad(lambda t: loss(rssbl_jax.combine(t, frozen)))(trainable)
-    g_full = jax.grad(loss)(params)
+    g_part = jax.jit(jax.grad(lambda t: loss(rssbl_jax.combine(t, frozen))))(trainable)
+    f = {layer: {name: np.asarray(v, np.float64) for name, v in params[layer].items()} for layer in ("hidden", "head")}
+    x64, p64, scale = np.asarray(x, np.float64), np.asarray(p, np.float64), CONFIG.scale
+    u = np.tanh(reference.rss_dense(x64, p64, *(f["hidden"][k] for k in NAMES), scale=scale))
+    y = reference.rss_dense(u, p64, *(f["head"][k] for k in NAMES), scale=scale)
+    expected = {}
+    expected["head"], g_u = dense_backward(u, p64, f["head"], 2 * y / y.size, scale)
+    expected["hidden"], _ = dense_backward(x64, p64, f["hidden"], g_u * (1 - u**2), scale)
     for layer in ("hidden", "head"):
-        assert g_part[layer]["kernel"] is None
+        assert g_part[layer]["kernel"] is None and g_part[layer]["bias"] is None
         for name in ("lora_a", "lora_b", "lora_c", "lora_s"):
-            np.testing.assert_allclose(g_part[layer][name], g_full[layer][name], rtol=1e-6)
+            np.testing.assert_allclose(g_part[layer][name], expected[layer][name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("gate_offset", [0.0, 1.0])
@@ -179,3 +197,37 @@ def test_merge_errors(model_and_data):
         rssbl_jax.merge(params, jnp.ones((3, 2)), CONFIG)
     with pytest.raises(ValueError, match="no adapted layer"):
         rssbl_jax.merge({"dense": {"kernel": jnp.ones((2, 2))}}, jnp.ones(2), CONFIG)
+
+
+def test_one_definition_of_an_adapter_layer_everywhere():
+    """partition, merge, init_principal, sharding and base_bytes agree on which leaves are the adapter."""
+    from jax.sharding import PartitionSpec as P
+
+    from rssbl_jax import quantize, tree
+
+    tree_ = {
+        "rss": {"kernel": np.ones((3, 2)), "lora_a": np.ones((3, 1)), "lora_b": np.ones((1, 2)),
+                "lora_c": np.ones((1, 1))},
+        "plugin": {"kernel": np.ones((3, 2)), "lora_a": np.ones((3, 1)), "lora_b": np.ones((1, 2)),
+                   "lora_p": np.ones((1, 1))},  # a plug-in method's own leaf, no lora_c
+        "mine": {"lora_a": np.ones(5), "w": np.ones(7)},  # merely named lora_a: a base leaf
+    }  # fmt: skip
+    assert tree.adapter_layers(tree_) == ["rss", "plugin"]
+    assert rssbl_jax.adapter_layers(tree_) == ["rss", "plugin"]
+    mask = rssbl_jax.trainable_mask(tree_)
+    assert mask["plugin"]["lora_p"] and mask["rss"]["lora_c"] and not mask["mine"]["lora_a"]
+    assert quantize.base_bytes(tree_) == 8 * (3 * 2 * 2 + 5 + 7)  # float64 kernels and mine's leaves
+    specs = rssbl_jax.adapter_partition_specs(tree_, [(".*kernel", P(None, "m")), ("mine/.*", P())])
+    assert (
+        specs["plugin"]["lora_p"] == P()
+        and specs["plugin"]["lora_b"] == P(None, "m")
+        and specs["mine"]["lora_a"] == P()
+    )
+    config = rssbl_jax.AdapterConfig(rank=1, lora_alpha=1.0)
+    # the plug-in layer is an adapter layer, so merge refuses it (no fold for its method) instead of skipping it
+    with pytest.raises(ValueError, match=r"plugin: the 'linear' gate needs adapter leaves \['lora_c'\]"):
+        rssbl_jax.merge(tree_, jnp.ones(1), config)
+    with pytest.raises(ValueError, match="plugin"):
+        rssbl_jax.init_principal({"plugin": {"lora_a": np.ones((3, 1)), "lora_b": np.ones((1, 2))}}, config)
+    merged = rssbl_jax.merge({"rss": tree_["rss"], "mine": tree_["mine"]}, jnp.ones(1), config)
+    assert sorted(merged["rss"]) == ["kernel"] and sorted(merged["mine"]) == ["lora_a", "w"]  # no bias, no shift

@@ -146,3 +146,30 @@ def test_local_batch_slice_and_shared_p():
     assert sharding.local_batch_slice(mesh, 16) == slice(0, 16)  # one process holds every row
     p = sharding.shard_batch(np.arange(3.0, dtype=np.float32), mesh, sharding.operating_params_spec(np.ones(3)))
     assert p.sharding.is_fully_replicated and p.tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "kind,kernel_shape,kernel_axes,leaves",
+    [  # (leaf, shape, expected axes) for every adapter leaf of the kind
+        ("Dense", (8, 16), ("embed", "mlp"),
+         [("lora_a", (8, 4), ("embed", None)), ("lora_b", (4, 16), (None, "mlp")), ("bias", (16,), ("mlp",)),
+          ("lora_c", (3, 4), (None, None)), ("lora_s", (3, 4), (None, None))]),
+        ("Conv", (3, 3, 2, 6), (None, None, "in", "out"),
+         [("lora_a", (3, 3, 2, 4), (None, None, "in", None)), ("lora_b", (4, 6), (None, "out"))]),
+        ("DenseGeneral", (8, 2, 5), ("embed", "heads", "kv"),
+         [("lora_a", (8, 4), ("embed", None)), ("lora_b", (4, 2, 5), (None, "heads", "kv"))]),
+        # an Einsum whose input and output axes interleave: each factor keeps the kernel's axes, the other's set to 1
+        ("Einsum aligned", (2, 8, 5), ("heads", "embed", "kv"),
+         [("lora_a", (1, 8, 1, 4), (None, "embed", None, None)),
+          ("lora_b", (4, 2, 1, 5), (None, "heads", None, "kv"))]),
+    ],
+)  # fmt: skip
+def test_one_rule_a_keeps_the_input_axes_b_the_output_axes(kind, kernel_shape, kernel_axes, leaves):
+    """tree.axes_from_kernel, the rule injection and NNX annotate with, is the rule of adapter_partition_specs."""
+    from rssbl_jax import tree
+
+    params = {"kernel": np.zeros(kernel_shape)} | {name: np.zeros(shape) for name, shape, _ in leaves}
+    specs = sharding.adapter_partition_specs(params, [("kernel", P(*kernel_axes))])
+    for name, shape, expected in leaves:
+        assert tree.axes_from_kernel(name, shape, kernel_axes, kernel_shape) == expected, (kind, name)
+        assert (*specs[name], *(None,) * (len(shape) - len(specs[name]))) == expected, (kind, name)  # P() = P(None…)

@@ -1,0 +1,345 @@
+r"""The gate family as objects: one class per gate, registered by the name an :class:`~rssbl_jax.AdapterConfig` uses.
+
+.. math::
+
+    g(\hat p) = g_0 + \phi(\hat p)\, C, \qquad b(\hat p) = S \hat p, \qquad
+    \Delta y = s\, B\big((A x) \odot g(\hat p) + b(\hat p)\big)
+
+A gate is its leaves (names, shapes, initialisers), its features ``φ(p̂)``, the directions ``C`` they weigh and
+its constant ``g0``:
+
+=============  =============================  ==================================  ================================
+name           ``g(p̂)``                       ``φ(p̂)``                            leaves (besides the shift ``S``)
+=============  =============================  ==================================  ================================
+``linear``     ``g0 + C p̂`` (``g0`` fixed)     ``p̂``                               ``lora_c (d_p, r)``
+``affine``     ``c0 + C p̂``                    ``p̂``                               ``lora_c``, ``lora_c0 (r,)``
+``mlp``        ``c0 + C tanh(W p̂ + b)``        ``tanh(W p̂ + b)``                   ``lora_c (hidden, r)``, ``lora_c0``,
+                                                                                  ``lora_gate_w``, ``lora_gate_b``
+=============  =============================  ==================================  ================================
+
+(``linear`` with ``gate_offset=1`` is the ``1 + C p`` gate.) Why objects in one registry: the gate used to be a
+string switch in every place that depends on it (parameter creation, shape checks, the update, the fold, the
+sweep basis of :mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal`, d_p discovery), so adding one meant
+editing a dozen places. Every one of them now asks the :class:`Gate`, and since ``g`` is affine in the
+coordinates ``φ(p̂)`` for every gate, the update at a fixed ``p0`` is still ``B diag(g(p̂0)) A`` plus a bias: merge
+and the sweep fast path serve a new gate unchanged. A new gate is one subclass, registered with :func:`register`:
+
+>>> import jax.numpy as jnp
+>>> class Cubic(Gate):             # register(Cubic) would make gate="cubic" work everywhere
+...     name = "cubic"
+...     def features(self, p, factors, *, precision=None):
+...         return p**3
+>>> Cubic()(jnp.array([[2.0]]), {"lora_c": jnp.array([[0.5]])}, None).tolist()     # g = (p̂³) C
+[[4.0]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+from rssbl_jax.contract import lead_axes, normalize_operating_params
+
+PrecisionLike = Any
+Factors = Mapping[str, Any]
+Initializer = jax.nn.initializers.Initializer
+LeafSpecs = dict[str, tuple[tuple[int, ...], Initializer]]
+
+default_lora_c_init = jax.nn.initializers.lecun_normal()
+"""Gate weights with variance 1/d_p, so ``C p`` is O(1) for standardised ``p``."""
+
+
+class Gate:
+    r"""One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
+
+    Override what differs from the linear gate's defaults: :meth:`leaves` (names, shapes, initialisers of the
+    gate's own leaves, ``lora_*``), :meth:`features` (``φ``), :meth:`directions` (``C``, ``[m, r]``),
+    :meth:`constant` (``g0``) and the class attributes. ``features_are_p`` says that ``φ(p̂) = p̂``, so the shift
+    ``S p̂`` shares the sweep basis of :mod:`rssbl_jax.fastpath`; ``optional`` names leaves that may be absent;
+    ``linear_leaves`` are the leaves ``g`` is linear in (all zero: ``g ≡ 0``, as :func:`rssbl_jax.init_principal`
+    starts it).
+    """
+
+    name: ClassVar[str] = ""
+    features_are_p: ClassVar[bool] = True
+    optional: ClassVar[tuple[str, ...]] = ()
+    linear_leaves: ClassVar[tuple[str, ...]] = ("lora_c",)
+
+    def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
+        """``{name: (shape, initializer)}`` of the gate's leaves for ``layer`` (a :class:`~rssbl_jax.LayerConfig`)."""
+        return {"lora_c": ((d_p, layer.rank), default_lora_c_init)}
+
+    def d_p(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        """The number of operating parameters, read from the gate leaves' shapes (``lora_c (..., d_p, r)``)."""
+        return tuple(shapes["lora_c"])[-2]
+
+    def features(self, p: jax.Array, factors: Factors, *, precision: PrecisionLike = None) -> jax.Array:
+        """``φ(p̂)`` for rows ``p̂ [n, d_p]``: ``[n, m]``."""
+        del factors, precision
+        return p
+
+    def directions(self, factors: Factors) -> jax.Array:
+        """``C``, the ``[m, r]`` rank-space directions the features weigh."""
+        return jnp.asarray(factors["lora_c"])
+
+    def constant(self, factors: Factors, layer: Any) -> Any:
+        """``g0``: ``None`` (zero), a scalar, or an ``[r]`` array."""
+        del factors, layer
+        return None
+
+    def fixed_offset(self, layer: Any) -> float:
+        """The part of ``g0`` no leaf can change (0 unless the gate has a constant offset)."""
+        del layer
+        return 0.0
+
+    def __call__(
+        self, p: Float[ArrayLike, "n d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
+    ) -> Float[Array, "n r"]:
+        """``g(p̂) = g0 + φ(p̂) C`` for rows of already standardised ``p̂``."""
+        gate = jnp.matmul(self.features(p, factors, precision=precision), self.directions(factors), precision=precision)
+        constant = self.constant(factors, layer)
+        if constant is None:
+            return gate
+        if jnp.ndim(constant) == 0:
+            return gate + jnp.asarray(constant, gate.dtype)
+        return gate + jnp.asarray(constant)[None]
+
+
+_REGISTRY: dict[str, Gate] = {}
+
+
+def register(cls: type[Gate]) -> type[Gate]:
+    """Register a :class:`Gate` subclass under its ``name`` (usable as a class decorator); returns the class.
+
+    Raises:
+      ValueError: when the name is empty or taken by another class.
+    """
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a gate needs a non-empty string name; {cls.__name__}.name={name!r}.")
+    if name in _REGISTRY and type(_REGISTRY[name]) is not cls:
+        raise ValueError(f"gate {name!r} is already registered ({type(_REGISTRY[name]).__name__}).")
+    _REGISTRY[name] = cls()
+    return cls
+
+
+def get(name: str) -> Gate:
+    """The registered gate called ``name``; ``ValueError`` naming the known gates otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"gate must be one of {names()}; got gate={name!r}.") from None
+
+
+def names() -> tuple[str, ...]:
+    """The registered gates' names, in registration order.
+
+    >>> names()[:3]
+    ('linear', 'affine', 'mlp')
+    """
+    return tuple(_REGISTRY)
+
+
+@register
+class Linear(Gate):
+    """The original formulation's gate ``g0 + C p̂`` with a constant ``g0 = gate_offset`` (0 by default).
+
+    ``C`` starts lecun-normal, so ``∂L/∂B ≠ 0`` for every ``p ≠ 0``; with an offset ``g0 ≠ 0`` it starts at zero and
+    the layer starts as plain LoRA scaled by ``g0``.
+    """
+
+    name = "linear"
+
+    def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
+        init = jax.nn.initializers.zeros if layer.gate_offset != 0 else default_lora_c_init
+        return {"lora_c": ((d_p, layer.rank), init)}
+
+    def constant(self, factors: Factors, layer: Any) -> Any:
+        del factors
+        return layer.gate_offset or None
+
+    def fixed_offset(self, layer: Any) -> float:
+        return layer.gate_offset
+
+
+@register
+class Affine(Gate):
+    """``c0 + C p̂`` with ``c0`` learnable (``lora_c0``, initialised to ``gate_offset``): never silent at ``p̂ = 0``."""
+
+    name = "affine"
+    linear_leaves = ("lora_c", "lora_c0")
+
+    def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
+        return super().leaves(layer, d_p) | {
+            "lora_c0": ((layer.rank,), jax.nn.initializers.constant(layer.gate_offset))
+        }
+
+    def constant(self, factors: Factors, layer: Any) -> Any:
+        del layer
+        return factors["lora_c0"]
+
+
+@register
+class MLP(Affine):
+    """``c0 + C tanh(W p̂ + b)``: a hidden layer of ``gate_hidden`` units (``lora_gate_w``, ``lora_gate_b``).
+
+    The hidden layer starts lecun-normal with zero bias; ``C`` is ``(gate_hidden, r)``.
+    """
+
+    name = "mlp"
+    features_are_p = False
+    optional = ("lora_gate_b",)
+
+    def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
+        hidden, init = layer.gate_hidden, jax.nn.initializers
+        return {
+            "lora_c": ((hidden, layer.rank), default_lora_c_init),
+            "lora_c0": ((layer.rank,), init.constant(layer.gate_offset)),
+            "lora_gate_w": ((d_p, hidden), default_lora_c_init),
+            "lora_gate_b": ((hidden,), init.zeros),
+        }
+
+    def d_p(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        return tuple(shapes["lora_gate_w"])[-2]
+
+    def features(self, p: jax.Array, factors: Factors, *, precision: PrecisionLike = None) -> jax.Array:
+        hidden = jnp.matmul(p, jnp.asarray(factors["lora_gate_w"]), precision=precision)
+        if factors.get("lora_gate_b") is not None:
+            hidden = hidden + jnp.asarray(factors["lora_gate_b"])[None]
+        return jnp.tanh(hidden)
+
+
+# --------------------------------------------------------------------------------------------------
+# What every front-end asks of the gate
+# --------------------------------------------------------------------------------------------------
+
+
+def d_p_of(factors: Factors, layer: Any) -> int:
+    """The number of operating parameters an adapter was built for, read from its leaves' shapes."""
+    return get(layer.gate).d_p({name: jnp.shape(value) for name, value in factors.items() if value is not None})
+
+
+def d_p_from_shapes(shapes: Mapping[str, Sequence[int]], layer: Any) -> int | None:
+    """d_p from the shapes of the adapter leaves a layer has created so far, or ``None`` before they exist.
+
+    The one d_p discovery for front-ends that create leaves lazily (linen): ``None`` means "take it from ``p``".
+
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=2, lora_alpha=2.0, scale=1.0, gate="mlp")
+    >>> d_p_from_shapes({"lora_c": (16, 2), "lora_gate_w": (3, 16)}, layer), d_p_from_shapes({}, layer)
+    (3, None)
+    """
+    try:
+        return get(layer.gate).d_p(shapes)
+    except KeyError:
+        return None
+
+
+def require_leaves(factors: Factors, layer: Any) -> None:
+    """Raise ``ValueError`` naming the missing leaves when ``factors`` lacks one that ``A``, ``B`` or the gate needs."""
+    gate = get(layer.gate)
+    required = [name for name in gate.leaves(layer, 1) if name not in gate.optional]
+    missing = [name for name in ("lora_a", "lora_b", *required) if factors.get(name) is None]
+    if missing:
+        raise ValueError(f"the {layer.gate!r} gate needs adapter leaves {missing}; have {sorted(factors)}.")
+
+
+def check_factors(factors: Factors, layer: Any) -> None:
+    """Raise ``ValueError`` naming the leaves and shapes when the gate/shift factors do not fit ``layer``."""
+    require_leaves(factors, layer)
+    gate = get(layer.gate)
+    shape = {name: tuple(jnp.shape(value)) for name, value in factors.items() if value is not None}
+    rank = shape["lora_a"][-1]
+    d_p = gate.d_p(shape)
+    expected = {name: spec[0] for name, spec in gate.leaves(layer, d_p).items()} | {"lora_s": (d_p, rank)}
+    bad = {
+        name: expected[name]
+        for name in expected
+        if name in shape and shape[name][-len(expected[name]) :] != expected[name]
+    }
+    if bad or shape["lora_b"][0] != rank or rank != layer.rank:
+        raise ValueError(
+            f"adapter factors do not fit rank r={layer.rank}, d_p={d_p}, gate={layer.gate!r} "
+            "(expected lora_a (..., r), "
+            f"lora_b (r, ...){''.join(f', {name} {s}' for name, s in bad.items())}); got "
+            + ", ".join(f"{name} {s}" for name, s in shape.items())
+            + "."
+        )
+    if layer.p_mean is not None and len(layer.p_mean) != d_p:
+        raise ValueError(f"p_mean/p_std have {len(layer.p_mean)} entries but the adapter has d_p={d_p}.")
+
+
+def gate_and_shift(
+    p: Float[ArrayLike, "n d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
+) -> tuple[Float[Array, "n r"], Float[Array, "n r"] | None]:
+    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows of operating parameters: where ``p`` acts.
+
+    .. math::
+
+        \hat p = (p - \mu)/\sigma, \qquad g(\hat p) = g_0 + \phi(\hat p)\, C, \qquad b(\hat p) = S \hat p
+
+    with the layer's gate (:func:`get`) giving ``g0`` and ``φ``.
+
+    Args:
+      p: operating parameters ``[n, d_p]``.
+      factors: ``lora_c`` (and ``lora_s`` and whatever else the gate needs).
+      layer: the layer's resolved settings.
+      precision: of the small matmuls with ``p``.
+
+    Returns:
+      ``(gate [n, r], shift [n, r] or None)``.
+
+    >>> import numpy as np
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, gate="affine")
+    >>> gate, shift = gate_and_shift(np.array([[2.0]]), {"lora_c": np.array([[3.0]]), "lora_c0": np.array([1.0])},
+    ...                              layer)
+    >>> gate.tolist(), shift
+    ([[7.0]], None)
+    """
+    p = normalize_operating_params(jnp.asarray(p), layer)
+    gate = get(layer.gate)(p, factors, layer, precision=precision)
+    lora_s = factors.get("lora_s")
+    shift = None if lora_s is None else jnp.matmul(p, jnp.asarray(lora_s), precision=precision)
+    return gate, shift
+
+
+def modulate(
+    h: Float[ArrayLike, "*batch r"],
+    operating_params: Float[ArrayLike, "*lead d_p"],
+    factors: Factors,
+    layer: Any,
+    *,
+    precision: PrecisionLike = None,
+) -> Float[Array, "*batch r"]:
+    r"""The rank-space modulation ``h ⊙ g(p̂) + S p̂`` of rank-space activations ``h = A x``.
+
+    ``p`` is ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``h.shape[:-1]``; the gate is applied on a
+    ``[lead, rest, r]`` view, so no ``[..., r]`` copy of ``p`` is materialised.
+
+    Raises:
+      ValueError: at trace time, naming ``d_p`` and both shapes, when ``p`` does not fit ``h``.
+
+    >>> import numpy as np
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0)
+    >>> factors = {"lora_c": np.array([[2.0]]), "lora_s": np.array([[1.0]])}
+    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), factors, layer)[:, 0, 0].tolist()
+    [3.0, 6.0]
+    """
+    h, p = jnp.asarray(h), jnp.asarray(operating_params)
+    rank = h.shape[-1] if h.ndim else 0
+    d_p = d_p_of(factors, layer)
+    n_lead = lead_axes((*h.shape[:-1], rank), p.shape, d_p)
+    lead_size = math.prod(h.shape[:n_lead]) if n_lead else 1
+    rest_size = math.prod(h.shape[n_lead:-1])
+    gate, shift = gate_and_shift(p.reshape(lead_size, d_p), factors, layer, precision=precision)
+    out = h.reshape(lead_size, rest_size, rank) * gate[:, None, :]
+    if shift is not None:
+        out = out + shift[:, None, :]
+    return out.reshape(h.shape)
