@@ -46,10 +46,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, traverse_util
 
-from rssbl_jax import core, localdisk, patterns
+from rssbl_jax import gates, localdisk, patterns, tree
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
 from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
-from rssbl_jax.partition import adapter_layers
 
 PyTree = Any
 FORMAT = "rssbl_jax.adapters"
@@ -127,15 +126,9 @@ def json_sha256(document: Mapping[str, Any]) -> str:
 
 
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
-    """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (adapters known by identity)."""
-    layers = set(adapter_layers(params))
-    out = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = patterns.path_str(key_path)
-        layer, _, name = path.rpartition("/")
-        if layer in layers and core.is_adapter_leaf_name(name):
-            out[path] = leaf
-    return out
+    """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (as :func:`rssbl_jax.tree` defines them)."""
+    paths = tree.adapter_leaf_paths(params)
+    return {_join(layer, name): leaf for layer, name, leaf in tree.leaves(params) if _join(layer, name) in paths}
 
 
 def _nested(flat: Mapping[str, Any]) -> dict:
@@ -196,12 +189,17 @@ def save_adapters(
     if not leaves:
         raise ValueError("save_adapters found no adapter layer (lora_a, lora_b, lora_c) in params.")
     layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
-    incomplete = [layer for layer in layers if _join(layer, "lora_c") not in leaves]
-    if incomplete:
-        raise ValueError(
-            f"adapter layers {incomplete} have lora_a/lora_b but no lora_c: they are not RSSBilinearLoRA adapters, "
-            "whose settings an AdapterConfig describes."
-        )
+    by_layer = {layer: {} for layer in layers}
+    for leaf_path, leaf in leaves.items():
+        layer, _, name = leaf_path.rpartition("/")
+        by_layer[layer][name] = leaf
+    for layer in layers:  # every leaf the configured gate needs (registered gates included), else not ours
+        try:
+            gates.require_leaves(by_layer[layer], cfg.resolve(layer))
+        except ValueError as error:
+            raise ValueError(
+                f"adapter layer {layer!r} is not an RSSBilinearLoRA adapter that this AdapterConfig describes: {error}"
+            ) from None
     foreign = [layer for layer in layers if not cfg.adapts(layer)]
     if foreign:
         raise ValueError(
@@ -215,7 +213,8 @@ def save_adapters(
         if have != want:
             raise ValueError(f"adapter {layer!r} has rank {have} but the config resolves rank {want} for it.")
     d_ps = {
-        int(jnp.shape(leaves[_join(layer, "lora_gate_w" if cfg.gate == "mlp" else "lora_c")])[-2]) for layer in layers
+        gates.d_p_from_shapes({name: jnp.shape(leaf) for name, leaf in by_layer[layer].items()}, cfg.resolve(layer))
+        for layer in layers
     }
     host = {name: np.asarray(leaf) for name, leaf in leaves.items()}
     config_json = {
