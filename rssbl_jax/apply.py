@@ -110,9 +110,10 @@ def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
     """
     if not method.uses_p:
         return 1 if p is None or jnp.ndim(p) == 0 else jnp.shape(p)[-1]
-    if p is None or jnp.ndim(p) == 0:
-        got = "None" if p is None else "a scalar"
-        raise ValueError(f"operating parameters {keyword}= must be [d_p] or [*lead, d_p]; got {got}.")
+    if p is None:
+        raise ValueError(f"operating parameters {keyword}=None (operating_params (p) is None): pass [d_p].")
+    if jnp.ndim(p) == 0:
+        raise ValueError(f"operating parameters {keyword}= must be [d_p] or [*lead, d_p]; got a scalar.")
     return jnp.shape(p)[-1]
 
 

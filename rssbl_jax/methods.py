@@ -290,6 +290,20 @@ class HyperNet:
         rank = factorization.a_shape[-1]
         return d_p * self.hidden + (a_size + b_size) * (self.hidden + self.unconditioned) + self.shift * d_p * rank
 
+    @classmethod
+    def width_for(
+        cls, budget: int, factorization: Factorization, d_p: int, *, unconditioned: bool = True, shift: bool = False
+    ) -> int:
+        """The largest width whose :meth:`count` on this layer is at most ``budget`` (at least 1).
+
+        >>> from rssbl_jax import core
+        >>> HyperNet.width_for(1000, core.dense_factorization((16, 16), 4), 2)   # 2·6 + 128·7 = 908 ≤ 1000 < 1038
+        6
+        """
+        a_size, b_size = math.prod(factorization.a_shape), math.prod(factorization.b_shape)
+        fixed = (a_size + b_size) * unconditioned + shift * d_p * factorization.a_shape[-1]
+        return max(1, (budget - fixed) // (d_p + a_size + b_size))
+
     def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
         d_p = factors["lora_hyper_p"].shape[0]
         p2, n_lead = _rows(x.shape, p, d_p, factorization.integer_inputs)

@@ -212,16 +212,9 @@ class RSSBilinearLoRALinear(nnx.Linear):
         rngs: nnx.Rngs,
     ):
         super().__init__(
-            in_features,
-            out_features,
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            precision=precision,
-            kernel_init=kernel_init,
-            bias_init=bias_init,
-            rngs=rngs,
-        )
+            in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
+            kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+        )  # fmt: skip
         self.rss_config = AdapterConfig(
             rank=rank, lora_alpha=lora_alpha, gate=gate, gate_offset=gate_offset, gate_hidden=gate_hidden,
             shift=shift, use_rslora=use_rslora, lora_dropout=lora_dropout, lora_a_init=lora_a_init,

@@ -141,6 +141,11 @@ def test_new_variants_start_where_their_offset_says_and_unknown_names_are_refuse
         created = sum(np.size(v) for k, v in params.items() if k.startswith("lora_"))
         factorization = rssbl_jax.core.dense_factorization((6, 4), 2)
         assert method.count(factorization, 2) == created == 2 * width + (12 + 8) * (width + 1) + 2 * 2
+    factorization = rssbl_jax.core.dense_factorization((64, 32), 4)
+    for budget, shift in ((5000, False), (20000, True)):
+        width = rssbl_jax.HyperNet.width_for(budget, factorization, 3, shift=shift)
+        count = [rssbl_jax.HyperNet(w, shift=shift).count(factorization, 3) for w in (width, width + 1)]
+        assert count[0] <= budget < count[1], (budget, width, count)
     for bad in ("film_branch_affinex", "hypernetx", "film_cube1"):
         with pytest.raises(ValueError, match="unknown method"):
             adapters.spec(bad)

@@ -148,3 +148,16 @@ def test_tabulate_lists_the_adapters_and_a_nested_model_is_adapted_by_its_full_p
     params = adapted.init(jax.random.key(0), X, p=jnp.ones(3))["params"]
     assert sorted(params["encoder"]["proj"]) == ["bias", "kernel", "lora_a", "lora_b", "lora_c", "lora_s"]
     assert sorted(params["head"]) == ["bias", "kernel"]
+
+
+def test_a_method_that_ignores_p_needs_no_p_in_linen():
+    adapted = rssbl_jax.inject(nn.Dense(3), "", rank=2, lora_alpha=2.0, method=rssbl_jax.LoRA())
+    params = adapted.init(jax.random.key(0), X)["params"]
+    assert sorted(params) == ["bias", "kernel", "lora_a", "lora_b"]
+    params = dict(params, lora_b=jnp.ones((2, 3)))
+    a, w, b = (np.asarray(params[k], np.float64) for k in ("lora_a", "kernel", "bias"))
+    x64 = np.asarray(X, np.float64)
+    np.testing.assert_allclose(adapted.apply({"params": params}, X), x64 @ w + b + (x64 @ a).sum(-1, keepdims=True),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    with pytest.raises(TypeError, match="keyword p="):
+        rssbl_jax.inject(nn.Dense(3), "", rank=2, lora_alpha=2.0).init(jax.random.key(0), X)
