@@ -161,3 +161,18 @@ def test_a_method_that_ignores_p_needs_no_p_in_linen():
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     with pytest.raises(TypeError, match="keyword p="):
         rssbl_jax.inject(nn.Dense(3), "", rank=2, lora_alpha=2.0).init(jax.random.key(0), X)
+
+
+def test_linen_p_is_an_argument_of_each_call_under_jit():
+    adapted = rssbl_jax.inject(nn.Dense(3), "", rank=2, lora_alpha=2.0, gate="affine")
+    params = adapted.init(jax.random.key(0), X, p=jnp.ones(2))["params"]
+    params = dict(params, lora_b=jnp.ones((2, 3)), lora_s=jnp.ones((2, 2)))
+    f = jax.jit(lambda v, q: adapted.apply(v, X, p=q))
+    for q in (jnp.asarray([1.0, 2.0]), jnp.asarray([-3.0, 0.5])):
+        f64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+        q64, x64 = np.asarray(q, np.float64), np.asarray(X, np.float64)
+        gate = f64["lora_c0"] + q64 @ f64["lora_c"]
+        expected = (
+            x64 @ f64["kernel"] + f64["bias"] + ((x64 @ f64["lora_a"]) * gate + q64 @ f64["lora_s"]) @ f64["lora_b"]
+        )
+        np.testing.assert_allclose(f({"params": params}, q), expected, rtol=1e-5, atol=1e-5)
