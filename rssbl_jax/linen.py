@@ -121,11 +121,12 @@ class RSSBilinearLoRADense(nn.Module):
     def adapter_config(self) -> AdapterConfig:
         """This layer's :class:`~rssbl_jax.AdapterConfig` (validated): what merge and checkpoints take.
 
-        The config the layer was built from (:meth:`from_config`), or one of its settings fields.
+        The config the layer was built from (:meth:`from_config`, with any setting overridden there), or the one of
+        its settings fields.
         """
-        if self.config is not None:
-            return self.config
         settings = {name: getattr(self, name) for name in SETTINGS}
+        if self.config is not None:  # the layer's own fields win over the config's (from_config(..., shift=True))
+            return self.config.replace(rank=self.rank, lora_alpha=self.lora_alpha, **settings)
         return AdapterConfig(rank=self.rank, lora_alpha=self.lora_alpha, **settings)
 
     @classmethod

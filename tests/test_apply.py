@@ -120,6 +120,8 @@ def test_the_linen_layer_returns_the_config_it_was_built_from(shift):
         params = layer.init(jax.random.key(0), X, jnp.ones(1))["params"]
         assert ("lora_s" in params) == (use_bias if shift is None else shift)
         assert params["lora_c0"].tolist() == [0.5, 0.5]
+    overridden = rssbl_jax.RSSBilinearLoRADense.from_config(3, config, shift=True, gate_offset=1.0)
+    assert overridden.adapter_config == config.replace(shift=True, gate_offset=1.0)
 
 
 def test_the_linen_layer_settings_default_to_the_configs():
