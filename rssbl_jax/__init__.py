@@ -26,6 +26,12 @@ from rssbl_jax.inject import inject as inject
 from rssbl_jax.inject import load_base as load_base
 from rssbl_jax.linen import RSSBilinearLoRADense as RSSBilinearLoRADense
 from rssbl_jax.merge import merge as merge
+from rssbl_jax.methods import RSS as RSS
+from rssbl_jax.methods import AdapterMethod as AdapterMethod
+from rssbl_jax.methods import FiLM as FiLM
+from rssbl_jax.methods import HyperNet as HyperNet
+from rssbl_jax.methods import LoRA as LoRA
+from rssbl_jax.methods import LoRAConcat as LoRAConcat
 from rssbl_jax.partition import ParameterCount as ParameterCount
 from rssbl_jax.partition import adapter_layers as adapter_layers
 from rssbl_jax.partition import combine as combine

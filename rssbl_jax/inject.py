@@ -8,18 +8,26 @@ the :class:`~rssbl_jax.AdapterConfig` adapts returns its own output plus
 
     \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-computed by :func:`rssbl_jax.core.adapter_update`, with the ``lora_*`` leaves created beside the layer's own
-kernel. The model's code is not touched, so ``variables["params"]`` is the model's own tree plus ``lora_*`` leaves
-and pretrained weights load with :func:`load_base`. A kernel annotated with ``nn.with_partitioning`` or
+applied by :func:`rssbl_jax.apply.apply_adapter` (the same function as the linen layer's and NNX's), with the
+``lora_*`` leaves created beside the layer's own kernel. The model's code is not touched, so
+``variables["params"]`` is the model's own tree plus ``lora_*`` leaves and pretrained weights load with
+:func:`load_base`. A kernel annotated with ``nn.with_partitioning`` or
 ``nn.with_logical_partitioning`` gives adapters annotated the same way (``A`` keeps the kernel's input axes, ``B``
 its output axes; the rank axis and ``C``, ``S`` are replicated).
+
+How ``p`` flows: ``adapted.apply(variables, x, p=p)`` takes ``p`` as an argument of that call and builds, for that
+call only, the method interceptor that hands it to every adapted layer; nothing outlives the call, so a function
+traced by ``jax.jit`` computes with the ``p`` it is given (``p`` is one of its traced arguments), never one captured
+when it was traced.
+
+Nesting and summaries: an adapted model is not itself a linen ``Module``. To adapt a model used inside a larger
+one, inject the larger one, with targets that name the inner layers by their full path (``"encoder/layers_0"``);
+:meth:`Adapted.tabulate` is ``model.tabulate`` with the adapters (its table lists the ``lora_*`` leaves).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,94 +35,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
-from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import core, patterns
+from rssbl_jax import apply, core, patterns
+from rssbl_jax.apply import apply_adapter, check_keyword_free, linen_leaves, make_config, metadata_holder
+from rssbl_jax.apply import outside_quantizer as outside_quantizer
 from rssbl_jax.config import AdapterConfig, check_patterns_used
 from rssbl_jax.factorization import kind_of
+from rssbl_jax.methods import RSS, AdapterMethod
 from rssbl_jax.partition import adapter_layers
 
 PyTree = Any
-
-
-def make_config(config: Any, rank: Any, lora_alpha: Any, settings: Mapping[str, Any]) -> AdapterConfig:
-    """The :class:`AdapterConfig` of an ``inject`` call: ``config`` itself, or one built from targets and settings."""
-    if isinstance(config, AdapterConfig):
-        if rank is not None or lora_alpha is not None or settings:
-            raise TypeError(
-                "inject got an AdapterConfig and other settings "
-                f"({['rank'] * (rank is not None) + ['lora_alpha'] * (lora_alpha is not None) + sorted(settings)}); "
-                "put every setting in the config (config.replace(...))."
-            )
-        return config
-    if rank is None or lora_alpha is None:
-        raise TypeError("inject needs an AdapterConfig, or targets, rank and lora_alpha.")
-    targets = settings.pop("targets", config)
-    if targets is None:
-        raise TypeError("inject needs targets (a regex or regexes over layer paths).")
-    if not patterns.as_patterns(targets, "targets"):
-        raise ValueError("targets must be a regex or a non-empty sequence of regexes over layer paths.")
-    return AdapterConfig(rank=rank, lora_alpha=lora_alpha, targets=targets, **settings)
-
-
-def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
-    """Raise when ``fn`` already takes an argument named ``keyword`` (the adapter would shadow it)."""
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return
-    if keyword in parameters:
-        raise ValueError(
-            f"{where} already has an argument named {keyword!r}, which the adapted model would take as the "
-            f"operating parameters and hide from it. Choose another name: AdapterConfig(p_keyword=...) or "
-            f"inject(..., p_keyword='operating_params')."
-        )
-
-
-def outside_quantizer(fn: Any) -> Any:
-    """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
-
-    A model quantised by ``qwix.quantize_model`` has its ``dot_general``/``einsum`` calls intercepted, and qwix
-    quantises any operand that is a param of the current module: inside an adapted layer that would be ``lora_a``
-    and ``lora_b`` too. The base layer's own call stays intercepted (its kernel runs quantised); the adapter's
-    update runs outside, in full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
-    """
-    if "qwix" not in sys.modules:  # nothing can intercept: qwix quantises only models it was imported to quantise
-        return fn
-    disable = getattr(sys.modules.get("qwix._src.interception"), "disable_interceptions", None)
-    if disable is None:
-        # without the switch the adapters would run quantised, silently: refuse instead
-        version = getattr(sys.modules["qwix"], "__version__", "unknown")
-        raise RuntimeError(
-            f"qwix {version} is loaded but has no qwix._src.interception.disable_interceptions, which rssbl_jax uses "
-            "to keep the adapters out of qwix's quantisation (without it lora_a/lora_b would be quantised too). "
-            "Install the qwix range rssbl_jax supports: pip install 'rssbl_jax[quantize]' (qwix>=0.1.5,<0.2)."
-        )
-    return disable(fn)
-
-
-def metadata_holder(box: Any) -> Any:
-    """What carries a kernel's partitioning metadata (linen box or NNX variable): the kernel itself, or for a
-    qwix-quantised kernel (a ``WithAux`` of a ``QArray``) its ``qvalue``, which keeps the float kernel's names."""
-    qvalue = getattr(getattr(box, "array", None), "qvalue", None)
-    return qvalue if isinstance(qvalue, meta.Partitioned) or hasattr(qvalue, "get_metadata") else box
-
-
-def _matching_box(box: Any, names: tuple[Any, ...]):
-    """An initializer wrapper that boxes a new param like ``box`` (Partitioned / LogicallyPartitioned), or None."""
-    if not isinstance(box, meta.Partitioned):
-        return None
-    return lambda init: lambda *a: dataclasses.replace(box, value=init(*a), names=names)
-
-
-def _adapter_names(box: Any, kernel_ndim: int, n_in: int, name: str, shape: tuple[int, ...]) -> tuple[Any, ...]:
-    """Partition names of adapter leaf ``name``: A keeps the kernel's input axes, B its output axes."""
-    kernel_names = tuple(box.names)
-    if name == "lora_a" and len(shape) == n_in + 1:
-        return (*kernel_names[:n_in], None)
-    if name == "lora_b" and len(shape) == kernel_ndim - n_in + 1:
-        return (None, *kernel_names[n_in:])
-    return (None,) * len(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +60,14 @@ class Adapted:
       model: the linen model (not modified).
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype: dtype of the adapter parameters.
-      method: the :class:`~rssbl_jax.core.AdapterMethod` computing the update (RSSBilinearLoRA by default).
-      initializers: ``{leaf name: initializer}`` overrides of the RSS adapter leaves' initialisers.
+      method: the :class:`~rssbl_jax.AdapterMethod` computing the update (:class:`~rssbl_jax.RSS` by default).
+      initializers: ``{leaf name: initializer}`` overrides of the method's adapter leaves' initialisers.
     """
 
     model: nn.Module
     config: AdapterConfig
     param_dtype: Any = jnp.float32
-    method: Any = core.RSS
+    method: AdapterMethod = RSS()
     initializers: Any = None
 
     @property
@@ -147,6 +77,8 @@ class Adapted:
 
     def init(self, rngs: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.init(rngs, *args, **kwargs)`` plus adapters beside each adapted kernel; ``d_p`` from ``p``."""
+        where = f"inject({type(self.model).__name__})"
+        apply.warn_if_silent(self.method, self.config.resolve(None), kwargs.get(self.config.p_keyword), where)
         return self._run(self.model.init, rngs, args, kwargs)
 
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
@@ -157,6 +89,16 @@ class Adapted:
         """
         return self._run(self.model.apply, variables, args, kwargs)
 
+    def tabulate(self, rngs: Any, *args: Any, **kwargs: Any) -> str:
+        """``model.tabulate(rngs, *args, **kwargs)`` with the adapters: the summary table lists the ``lora_*`` leaves.
+
+        >>> import jax, jax.numpy as jnp
+        >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
+        >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))
+        True
+        """
+        return self._run(self.model.tabulate, rngs, args, kwargs)
+
     def adapted_paths(self, variables: Any) -> list[str]:
         """The paths of the adapted layers in ``variables`` (or its ``"params"``)."""
         params = variables.get("params", variables) if isinstance(variables, Mapping) else variables
@@ -164,10 +106,10 @@ class Adapted:
 
     def _run(self, fun, first, args, kwargs):
         keyword = self.config.p_keyword
-        if keyword not in kwargs:
+        if keyword not in kwargs and self.method.uses_p:
             raise TypeError(f"the adapted model needs its operating parameters as the keyword {keyword}=...")
         kwargs = dict(kwargs)
-        p = kwargs.pop(keyword)
+        p = kwargs.pop(keyword, None)
         method = kwargs.get("method")
         if callable(method):
             check_keyword_free(method, keyword, f"method {getattr(method, '__name__', method)!r}")
@@ -194,73 +136,28 @@ class Adapted:
             kind.check(module, path)
             adapted.append(path)
             y = next_fun(*args, **kwargs)
-            try:
-                return outside_quantizer(self._update)(module, kind, path, args, kwargs, p, y)
-            except ValueError as error:
-                raise ValueError(f"adapted layer {path!r}: {error}") from None
+            return outside_quantizer(self._update)(module, kind, path, args, kwargs, p, y)
 
         return interceptor
 
-    def _update(self, module, kind, path, args, kwargs, operating_params, y):
-        """Create (or read) the ``lora_*`` leaves in ``module``'s scope and return ``y`` plus this call's update."""
+    def _update(self, module, kind, path, args, kwargs, p, y):
+        """``y`` plus this call's update, the ``lora_*`` leaves read from (or created in) ``module``'s scope."""
         layer = self.config.resolve(path)
-        if operating_params is None:
-            raise ValueError(f"operating parameters {self.config.p_keyword}=None; pass [d_p] or [batch, d_p].")
-        p = jnp.asarray(operating_params)
-        existing = next((n for n in ("lora_gate_w", "lora_s", "lora_c") if module.has_variable("params", n)), None)
-        if existing == "lora_c" and layer.gate == "mlp":
-            existing = None
-        rss = isinstance(self.method, core.RSSMethod)  # a plug-in method's leaves may lay d_p out otherwise
-        if existing is not None and rss:
-            d_p = jnp.shape(meta.unbox(module.get_variable("params", existing)))[-2]
-        else:
-            if p.ndim == 0:
-                raise ValueError(f"{self.config.p_keyword} must be [d_p] or [batch, d_p]; got a scalar.")
-            d_p = p.shape[-1]
         box = module.get_variable("params", kind.kernel_name)
-        kernel_shape = tuple(jnp.shape(meta.unbox(box)))
-        box = metadata_holder(box)
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
-        factorization = kind.factorize(module, kernel_shape, layer.rank, x.shape, args[1:], kwargs)
+        factorization = kind.factorize(module, tuple(jnp.shape(meta.unbox(box))), layer.rank, x.shape, args[1:], kwargs)
+        where = f"adapted layer {path!r}"
         shift = self.config.use_shift(module.has_variable("params", "bias"))
-        if isinstance(self.method, core.RSSMethod):
-            specs = core.adapter_params(layer, factorization, d_p, shift=shift, initializers=self.initializers)
-        else:
-            specs = self.method.params(layer, factorization, d_p, shift=shift)
-        n_in = len(factorization.a_shape) - 1
-        factors = {}
-        for name, (shape, init) in specs.items():
-            wrap = (
-                _matching_box(box, _adapter_names(box, len(kernel_shape), n_in, name, shape))
-                if isinstance(box, meta.Partitioned)
-                else None
-            )
-            # through the scope: layers such as nn.Embed define their params in setup(), where Module.param
-            # refuses to run from __call__
-            value = module.scope.param(name, wrap(init) if wrap else init, shape, self.param_dtype)
-            factors[name] = meta.unbox(value)
-        names = list(factors)
-        if factorization.integer_inputs:
-            p, *values = promote_dtype(p, *factors.values(), dtype=module.dtype)
-        else:
-            x, p, *values = promote_dtype(x, p, *factors.values(), dtype=module.dtype)
-        factors = dict(zip(names, values, strict=True))
+        factors = linen_leaves(
+            module, self.method, layer, factorization, p, shift=shift,
+            param_dtype=self.param_dtype, initializers=self.initializers, kernel_box=metadata_holder(box),
+            keyword=self.config.p_keyword, where=where,
+        )  # fmt: skip
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
-        precision = getattr(module, "precision", None)
-        if isinstance(
-            self.method, core.RSSMethod
-        ):  # the update is added to y in one pass (Dense: never materialised on its own)
-            out = core.adapter_update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng,
-                                      add_to=y)  # fmt: skip
-            if out.shape != y.shape:
-                raise ValueError(f"adapter update of {path!r} has shape {out.shape}, the layer output {y.shape}.")
-            return out.astype(y.dtype)
-        extra = {"base_output": y} if getattr(self.method, "needs_base_output", False) else {}
-        p = core.normalize_operating_params(p, layer)  # every method sees the same standardised p
-        delta = self.method.update(factorization, x, p, factors, layer, precision=precision, dropout_rng=rng, **extra)
-        if delta.shape != y.shape:
-            raise ValueError(f"adapter update of {path!r} has shape {delta.shape}, the layer output {y.shape}.")
-        return y + delta.astype(y.dtype)
+        return apply_adapter(
+            self.method, layer, factorization, x, p, y, factors, dtype=module.dtype,
+            precision=getattr(module, "precision", None), dropout_rng=rng, where=where, keyword=self.config.p_keyword,
+        )  # fmt: skip
 
 
 def _check_targets(config: AdapterConfig, seen: Mapping[str, str], adapted: Sequence[str]) -> None:
@@ -300,10 +197,12 @@ def inject(
     each adapted kernel; ``d_p`` is read from ``p``. At init ``B = 0``, so the adapted model computes exactly the
     base model. ``partition``, ``freeze_base``, ``merge`` and ``save_adapters`` take ``adapted.config``.
 
-    ``initializers`` overrides the initialiser of any RSS adapter leaf by name (``{"lora_a": ...}``); for the
+    ``initializers`` overrides the initialiser of any adapter leaf of the method by name (``{"lora_a": ...}``); for the
     principal-subspace start (PiSSA-like, exact merge) see :func:`rssbl_jax.init_principal`. ``method`` replaces what
-    the adapters compute (an :class:`~rssbl_jax.core.AdapterMethod`; RSSBilinearLoRA by
-    default): baselines such as output-space FiLM or a hypernetwork reach every layer kind the same way.
+    the adapters compute (an :class:`~rssbl_jax.AdapterMethod`, :class:`~rssbl_jax.RSS` by default): the
+    baselines of :mod:`rssbl_jax.methods` (LoRA, LoRA on ``[x, p]``, FiLM, a hypernetwork) reach every layer kind the
+    same way, and a method that ignores ``p`` needs none. PEFT's ``target_modules`` is accepted for ``targets``; an
+    unknown keyword is a ``TypeError`` that names it.
 
     Raises:
       ValueError: when the model's ``__call__`` already takes an argument named ``p_keyword``; at the first
@@ -331,7 +230,7 @@ def inject(
         model=model,
         config=cfg,
         param_dtype=param_dtype,
-        method=core.RSS if method is None else method,
+        method=RSS() if method is None else method,
         initializers=dict(initializers) if initializers else None,
     )
 

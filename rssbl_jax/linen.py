@@ -1,7 +1,12 @@
-"""Flax linen front-end: a thin ``nn.Module`` over :func:`rssbl_jax.core.adapted_dense`."""
+"""Flax linen front-end: a thin ``nn.Module`` over :func:`rssbl_jax.apply.apply_adapter`.
+
+``p`` is the layer's second argument, on every call: nothing is stored between calls, so a traced function
+always computes with the ``p`` it was given.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -9,8 +14,23 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import core
+from rssbl_jax import apply, core
 from rssbl_jax.config import AdapterConfig
+from rssbl_jax.methods import RSS
+
+SETTINGS = (
+    "gate",
+    "gate_offset",
+    "gate_hidden",
+    "shift",
+    "use_rslora",
+    "lora_dropout",
+    "lora_a_init",
+    "p_mean",
+    "p_std",
+)
+"""The :class:`~rssbl_jax.AdapterConfig` fields that are also fields of the layer (defaults read from the config)."""
+_DEFAULT = {field.name: field.default for field in dataclasses.fields(AdapterConfig)}
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -26,7 +46,7 @@ class RSSBilinearLoRADense(nn.Module):
 
         y = W x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad s = \frac{\alpha_{\text{lora}}}{r}
 
-    with the gate ``g`` of :class:`rssbl_jax.AdapterConfig` (the seed's ``g0 + C p`` by default).
+    with the gate ``g`` of :class:`rssbl_jax.AdapterConfig` (the linear gate ``g0 + C p`` by default).
     ``W`` (``kernel``) and ``b`` (``bias``) have exactly ``nn.Dense``'s names and shapes, so a pretrained
     Dense checkpoint loads unchanged; the adapter adds ``lora_a (d_in, r)``, ``lora_b (r, d_out)``,
     ``lora_c (d_p, r)`` and ``lora_s (d_p, r)`` (plus ``lora_c0`` and ``lora_gate_*`` for the affine and MLP
@@ -39,9 +59,9 @@ class RSSBilinearLoRADense(nn.Module):
 
     Initialisation (:func:`rssbl_jax.core.adapter_params`): ``B = 0`` so the output equals the base layer;
     ``A`` as in PEFT's LoRA; ``C`` lecun-normal so ``∂L/∂B`` is non-zero for every ``p ≠ 0``; ``S = 0``. At
-    ``p = 0`` exactly, the seed's gate ``C p`` and the shift ``S p`` both vanish, so no initialisation can make
+    ``p = 0`` exactly, the linear gate ``C p`` and the shift ``S p`` both vanish, so no initialisation can make
     the adapter act there; ``gate_offset=1.0`` (gate ``1 + C p``, ``C = 0`` at init: plain LoRA) or
-    ``gate="affine"`` does.
+    ``gate="affine"`` does, and ``init`` warns when a concrete ``p`` has such rows and no ``p_mean`` is set.
 
     Attributes:
       features: output width ``d_out``.
@@ -50,7 +70,9 @@ class RSSBilinearLoRADense(nn.Module):
       use_bias: whether the base layer has a bias.
       gate, gate_offset, gate_hidden, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
         :class:`rssbl_jax.AdapterConfig`.
-      shift: whether to learn the shift ``S p``.
+      shift: whether to learn the shift ``S p`` (``None``: where the layer has a bias, as in the config).
+      config: the full :class:`~rssbl_jax.AdapterConfig` the layer was built from (:meth:`from_config`), which
+        :attr:`adapter_config` returns; ``None``: the config of the fields above.
       deterministic: disable ``lora_dropout`` (may also be passed to ``__call__``); dropout draws from the
         ``"dropout"`` rng stream.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); inferred from inputs and params when ``None``.
@@ -74,15 +96,16 @@ class RSSBilinearLoRADense(nn.Module):
     rank: int
     lora_alpha: float
     use_bias: bool = True
-    gate: str = "linear"
-    gate_offset: float = 0.0
-    gate_hidden: int = 16
-    shift: bool = True
-    use_rslora: bool = False
-    lora_dropout: float = 0.0
-    lora_a_init: str = "lora"
+    gate: str = _DEFAULT["gate"]
+    gate_offset: float = _DEFAULT["gate_offset"]
+    gate_hidden: int = _DEFAULT["gate_hidden"]
+    shift: bool | None = True
+    use_rslora: bool = _DEFAULT["use_rslora"]
+    lora_dropout: float = _DEFAULT["lora_dropout"]
+    lora_a_init: str = _DEFAULT["lora_a_init"]
     p_mean: tuple[float, ...] | None = None
     p_std: tuple[float, ...] | None = None
+    config: AdapterConfig | None = None
     deterministic: bool | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -96,81 +119,64 @@ class RSSBilinearLoRADense(nn.Module):
 
     @property
     def adapter_config(self) -> AdapterConfig:
-        """This layer's :class:`~rssbl_jax.AdapterConfig` (validated): what merge and checkpoints take."""
-        return AdapterConfig(
-            rank=self.rank,
-            lora_alpha=self.lora_alpha,
-            gate=self.gate,
-            gate_offset=self.gate_offset,
-            gate_hidden=self.gate_hidden,
-            shift=self.shift,
-            use_rslora=self.use_rslora,
-            lora_dropout=self.lora_dropout,
-            lora_a_init=self.lora_a_init,
-            p_mean=self.p_mean,
-            p_std=self.p_std,
-        )
+        """This layer's :class:`~rssbl_jax.AdapterConfig` (validated): what merge and checkpoints take.
+
+        The config the layer was built from (:meth:`from_config`, with any setting overridden there), or the one of
+        its settings fields.
+        """
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        if self.config is not None:  # the layer's own fields win over the config's (from_config(..., shift=True))
+            return self.config.replace(rank=self.rank, lora_alpha=self.lora_alpha, **settings)
+        return AdapterConfig(rank=self.rank, lora_alpha=self.lora_alpha, **settings)
 
     @classmethod
     def from_config(cls, features: int, config: AdapterConfig, **kwargs: Any) -> RSSBilinearLoRADense:
-        """A layer with the settings of ``config`` (patterns are not applied: one config, one layer)."""
-        shift = kwargs.pop("shift", True if config.shift is None else config.shift)
-        return cls(
-            features=features,
-            rank=config.rank,
-            lora_alpha=config.lora_alpha,
-            gate=config.gate,
-            gate_offset=config.gate_offset,
-            gate_hidden=config.gate_hidden,
-            shift=shift,
-            use_rslora=config.use_rslora,
-            lora_dropout=config.lora_dropout,
-            lora_a_init=config.lora_a_init,
-            p_mean=config.p_mean,
-            p_std=config.p_std,
-            **kwargs,
-        )
+        """A layer with the settings of ``config``, which :attr:`adapter_config` returns unchanged.
+
+        Patterns are not applied (one config, one layer); ``shift=None`` learns a shift when the layer has a bias.
+
+        >>> config = AdapterConfig(rank=2, lora_alpha=4.0, gate="affine", targets=("hidden",))
+        >>> RSSBilinearLoRADense.from_config(8, config).adapter_config == config
+        True
+        """
+        settings = {name: getattr(config, name) for name in SETTINGS}
+        return cls(features=features, rank=config.rank, lora_alpha=config.lora_alpha, config=config,
+                   **(settings | kwargs))  # fmt: skip
 
     @nn.compact
     def __call__(self, x: jax.Array, operating_params: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """Apply the adapted layer to ``x [..., d_in]`` under operating parameters ``p``."""
-        layer = self.adapter_config.resolve(None)
+        config = self.adapter_config
+        layer = config.resolve(None)
         if self.features < 1:
             raise ValueError(f"features must be positive; got features={self.features}.")
-        if operating_params is None:
-            raise ValueError(f"operating_params (p) is None for x.shape={jnp.shape(x)}; pass p of shape [d_p].")
-        x, p = jnp.asarray(x), jnp.asarray(operating_params)
-        if self.has_variable("params", "lora_s") or self.has_variable("params", "lora_gate_w"):
-            d_p = self.get_variable("params", "lora_gate_w" if layer.gate == "mlp" else "lora_s").shape[0]
-        elif self.has_variable("params", "lora_c"):
-            d_p = self.get_variable("params", "lora_c").shape[0]
-        else:
-            if p.ndim == 0:
-                raise ValueError(f"operating_params must be [d_p] or [*lead, d_p]; got a scalar for x.shape={x.shape}.")
-            d_p = p.shape[-1]
-        core.lead_axes(x.shape, p.shape, d_p)
+        x = jnp.asarray(x)
         if self.has_variable("params", "kernel"):
             d_in = self.get_variable("params", "kernel").shape[0]
             if x.shape[-1] != d_in:
                 raise ValueError(f"x must be [..., d_in] with d_in={d_in}; got x.shape={x.shape}.")
         d_in = x.shape[-1]
-
         kernel = self.param("kernel", self.kernel_init, (d_in, self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        factorization = core.dense_factorization((d_in, self.features), layer.rank, self.precision)
-        overrides = {
-            "lora_a": self.lora_a_init_fn,
-            "lora_b": self.lora_b_init,
-            "lora_c": self.lora_c_init,
-            "lora_s": self.lora_s_init,
-        }
-        specs = core.adapter_params(layer, factorization, d_p, shift=self.shift, initializers=overrides)
-        factors = {name: self.param(name, init, shape, self.param_dtype) for name, (shape, init) in specs.items()}
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.matmul(x.reshape(-1, d_in), kernel, precision=self.precision)
+        if bias is not None:
+            y = y + bias[None]
+        y = y.reshape(*x.shape[:-1], self.features)
 
-        names = list(factors)
-        x, p, kernel, bias, *values = promote_dtype(x, p, kernel, bias, *factors.values(), dtype=self.dtype)
-        factors = dict(zip(names, values, strict=True))
+        factorization = core.dense_factorization((d_in, self.features), layer.rank, self.precision)
+        shift = self.use_bias if self.shift is None else self.shift
+        overrides = {"lora_a": self.lora_a_init_fn, "lora_b": self.lora_b_init, "lora_c": self.lora_c_init}
+        overrides |= {"lora_s": self.lora_s_init} if shift else {}
+        if self.is_initializing() and not self.has_variable("params", "lora_a"):
+            apply.warn_if_silent(RSS(), layer, operating_params, type(self).__name__)
+        factors = apply.linen_leaves(
+            self, RSS(), layer, factorization, operating_params, shift=shift, param_dtype=self.param_dtype,
+            initializers={name: init for name, init in overrides.items() if init is not None},
+            where=type(self).__name__,
+        )  # fmt: skip
         rng = None
         if layer.lora_dropout > 0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
             rng = self.make_rng("dropout")
-        return core.adapted_dense(x, p, kernel, bias, factors, layer, precision=self.precision, dropout_rng=rng)
+        return apply.apply_adapter(RSS(), layer, factorization, x, operating_params, y, factors, dtype=self.dtype,
+                                   precision=self.precision, dropout_rng=rng, where=type(self).__name__)  # fmt: skip

@@ -4,18 +4,27 @@ r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an e
 
     y = f(x) + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-computed by :func:`rssbl_jax.core.adapter_update`, the same function as linen's. Adapter parameters are
+applied by :func:`rssbl_jax.apply.apply_adapter`, the same function as linen's. Adapter parameters are
 :class:`RSSBilinearLoRAParam`, a subclass of ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
 ``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters.
 
-How ``p`` reaches the layers. An unmodified model's code does not pass ``p`` to its layers, so injected layers read
-it from :func:`operating_params`, a context that ``Adapted.__call__(*args, p=p)`` enters around the model call
-(inside any ``nnx.jit``/``jax.jit``, with the traced ``p``); a standalone :class:`RSSBilinearLoRALinear` also takes
-``p`` as its second argument. We evaluated composition instead (a wrapper holding the base layer and
-``self.lora``, as ``nnx.LoRALinear`` does): it moves the base weights to ``<layer>/base/kernel``, so pretrained
-checkpoints and linen-adapted trees no longer share paths, and it still needs a way to hand ``p`` past the
-unmodified model code. The context works under ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and ``nnx.remat`` (tested in
-``tests/test_nnx.py``), so we keep it. Adapted layers change class in place to a subclass of their base class
+How ``p`` reaches the layers. An unmodified model's code does not pass ``p`` to its layers, so
+``adapted(*args, p=p)`` writes ``p`` into an :class:`OperatingParams` variable that every adapted layer of the model
+holds (one variable, shared), runs the model, and puts the previous value back, also when the model raises. A
+standalone :class:`RSSBilinearLoRALinear` also takes ``p`` as its second argument. The variable is graph state like
+the weights, so ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and ``nnx.remat`` pass it as an input of the trace: a traced
+function computes with the ``p`` of the call that runs it, never with one captured when it was traced, and
+``adapted(x, p=p2)`` inside another call or an :func:`operating_params` block uses ``p2``. Outside a call the
+variable holds ``None``, and an adapted layer reached without ``p`` raises an error that says how to pass it. (A
+``jax.jit`` that closes over an NNX model captures its weights and this variable as constants alike; pass the model
+as an argument of ``nnx.jit``, as NNX asks for its weights.) The alternatives: a thread-local context is invisible
+to the tracer, so a context entered outside ``nnx.jit`` was baked into the trace; and composition (a wrapper
+holding the base layer and ``self.lora``, as ``nnx.LoRALinear``) moves the base weights to ``<layer>/base/kernel``,
+so pretrained checkpoints and linen-adapted trees no longer share paths, and still needs a way to hand ``p`` past
+the unmodified model code.
+
+Adapting: :func:`inject` works on a copy (``nnx.clone``, as qwix's ``quantize_nnx_model`` does), so the caller's
+model is unchanged; in the copy each targeted layer becomes an instance of its RSSBilinearLoRA subclass
 (``nnx.Linear`` → :class:`RSSBilinearLoRALinear`), which keeps every path and attribute of the base layer.
 
 >>> import jax.numpy as jnp, optax
@@ -35,340 +44,56 @@ True
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen.dtypes import promote_dtype
 
 from rssbl_jax import core, patterns
-from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
-from rssbl_jax.factorization import KINDS, LayerKind, kind_of
-from rssbl_jax.inject import check_keyword_free, make_config, metadata_holder, outside_quantizer
+from rssbl_jax.apply import check_keyword_free, make_config
+from rssbl_jax.config import AdapterConfig, check_patterns_used
+from rssbl_jax.factorization import kind_of
+from rssbl_jax.methods import RSS, AdapterMethod
+from rssbl_jax.nnx_layers import ADAPTED_CLASS, BASE_CLASS, add_adapters, factors_of, holding, kernel_of, kind_of_class
+from rssbl_jax.nnx_layers import AdapterInfo as AdapterInfo
+from rssbl_jax.nnx_layers import OperatingParams as OperatingParams
+from rssbl_jax.nnx_layers import RSSBilinearLoRAConv as RSSBilinearLoRAConv
+from rssbl_jax.nnx_layers import RSSBilinearLoRAEinsum as RSSBilinearLoRAEinsum
+from rssbl_jax.nnx_layers import RSSBilinearLoRAEmbed as RSSBilinearLoRAEmbed
+from rssbl_jax.nnx_layers import RSSBilinearLoRALinear as RSSBilinearLoRALinear
+from rssbl_jax.nnx_layers import RSSBilinearLoRALinearGeneral as RSSBilinearLoRALinearGeneral
+from rssbl_jax.nnx_layers import RSSBilinearLoRAParam as RSSBilinearLoRAParam
 
 Initializer = jax.nn.initializers.Initializer
-zeros_init = nnx.initializers.zeros_init()
-default_kernel_init = nnx.initializers.lecun_normal()
-"""Default initialiser of ``bias``."""
-
-
-class RSSBilinearLoRAParam(nnx.LoRAParam):
-    """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ...); an ``nnx.LoRAParam``.
-
-    >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
-    >>> type(layer.lora_c).__name__, isinstance(layer.lora_c, nnx.LoRAParam), isinstance(layer.kernel, nnx.LoRAParam)
-    ('RSSBilinearLoRAParam', True, False)
-    """
-
-
-# --------------------------------------------------------------------------------------------------
-# Operating parameters reach injected layers through a context
-# --------------------------------------------------------------------------------------------------
-
-_CONTEXT = threading.local()
 
 
 @contextlib.contextmanager
-def operating_params(p: jax.Array) -> Iterator[None]:
-    """Make ``p`` the operating parameters of every adapted layer called inside the ``with`` block.
+def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
+    """Give every adapted layer of ``model`` the operating parameters ``p`` inside the ``with`` block.
 
-    ``Adapted.__call__`` does this for you; use it directly to call another method of an adapted model.
-    Inside ``nnx.jit``/``jax.jit``, enter it inside the traced function, with the traced ``p``.
+    For calling another method of an adapted model than ``__call__`` (``adapted(x, p=p)`` does this itself). ``p``
+    is written into the model's :class:`OperatingParams` variables and the previous values are restored on exit,
+    so an ``nnx.jit``-ed function that takes the model computes with the ``p`` set when it runs.
 
     >>> import jax.numpy as jnp
-    >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
-    >>> with operating_params(jnp.ones(2)):
-    ...     layer(jnp.ones((4, 3))).shape
+    >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(1))
+    >>> with operating_params(adapted, jnp.ones(2)):
+    ...     adapted.model(jnp.ones((4, 3))).shape
     (4, 2)
     """
     if p is None:
-        raise ValueError("operating_params(p) got p=None; pass p of shape [d_p] or [batch, d_p].")
-    stack = _CONTEXT.__dict__.setdefault("stack", [])
-    stack.append(p)
-    try:
+        raise ValueError("operating_params(model, p) got p=None; pass p of shape [d_p] or [batch, d_p].")
+    found = {
+        id(v): v
+        for _, m in nnx.iter_modules(model)
+        if isinstance(v := vars(m).get("operating_params"), OperatingParams)
+    }
+    if not found:
+        raise ValueError(f"operating_params: {type(model).__name__} holds no adapted layer.")
+    with holding(list(found.values()), p):
         yield
-    finally:
-        stack.pop()
-
-
-def _current_operating_params(where: str) -> jax.Array:
-    stack = getattr(_CONTEXT, "stack", [])
-    if not stack:
-        raise ValueError(
-            f"adapted layer {where!r} was called without operating parameters: call the adapted model as "
-            "adapted(x, p=p), or wrap the call in `with rssbl_jax.nnx.operating_params(p):`."
-        )
-    return stack[-1]
-
-
-# --------------------------------------------------------------------------------------------------
-# Adapter parameters and update, shared by every kind
-# --------------------------------------------------------------------------------------------------
-
-
-def _kernel(layer: nnx.Module, kind: LayerKind) -> nnx.Variable:
-    return getattr(layer, kind.kernel_name)
-
-
-def _add_adapters(
-    layer: nnx.Module,
-    kind: LayerKind,
-    settings: LayerConfig,
-    path: str,
-    d_p: int,
-    *,
-    shift: bool,
-    param_dtype: Any,
-    rngs: nnx.Rngs,
-    initializers: Mapping[str, Initializer | None] | None = None,
-    method: Any = core.RSS,
-) -> None:
-    kernel = _kernel(layer, kind)
-    factorization = kind.factorize(layer, tuple(kernel[...].shape), settings.rank, None, (), {})
-    if isinstance(method, core.RSSMethod):
-        specs = core.adapter_params(settings, factorization, d_p, shift=shift, initializers=initializers)
-    else:
-        specs = method.params(settings, factorization, d_p, shift=shift)
-    source = metadata_holder(kernel)  # a qwix-quantised kernel's partitioning is on its qvalue
-    metadata = source.get_metadata() if hasattr(source, "get_metadata") else {}
-    # the kernel's partition names, under whichever key this Flax version uses (adapters inherit them, as qwix does)
-    key = next((k for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k) is not None), None)
-    names = metadata[key] if key is not None else None
-    n_in = len(factorization.a_shape) - 1
-    for name, (shape, init) in specs.items():
-        extra = {}
-        if names is not None:
-            if name == "lora_a" and len(shape) == n_in + 1:
-                extra = {key: (*tuple(names)[:n_in], None)}
-            elif name == "lora_b" and len(shape) == len(names) - n_in + 1:
-                extra = {key: (None, *tuple(names)[n_in:])}
-        setattr(layer, name, RSSBilinearLoRAParam(init(rngs.params(), tuple(shape), param_dtype), **extra))
-    layer.rss_layer = settings
-    layer.rss_path = path
-    layer.rss_leaves = tuple(specs)
-    layer.rss_method = method
-    layer.rss_dropout = nnx.Dropout(settings.lora_dropout, rngs=rngs) if settings.lora_dropout > 0 else None
-
-
-def _factors(layer: nnx.Module) -> dict[str, Any]:
-    return {name: getattr(layer, name)[...] for name in layer.rss_leaves}
-
-
-def _delta(layer: nnx.Module, base: type, x: jax.Array, p: jax.Array, y: jax.Array, args: tuple, kwargs: dict):
-    """``y`` (the base layer's output) plus the layer's update."""
-    settings: LayerConfig = layer.rss_layer
-    kind = _kind_of_class(base)
-    x = jnp.asarray(x)
-    factorization = kind.factorize(layer, tuple(_kernel(layer, kind)[...].shape), settings.rank, x.shape, args, kwargs)
-    factors = _factors(layer)
-    names = list(factors)
-    if factorization.integer_inputs:
-        p, *values = promote_dtype(jnp.asarray(p), *factors.values(), dtype=layer.dtype)
-    else:
-        if layer.rss_dropout is not None:
-            x = layer.rss_dropout(x)
-        x, p, *values = promote_dtype(x, jnp.asarray(p), *factors.values(), dtype=layer.dtype)
-    factors = dict(zip(names, values, strict=True))
-    precision = getattr(layer, "precision", None)
-    try:
-        if isinstance(layer.rss_method, core.RSSMethod):  # y plus the update in one pass (Dense: never written alone)
-            return core.adapter_update(factorization, x, p, factors, settings, precision=precision,
-                                       add_to=y).astype(y.dtype)  # fmt: skip
-        extra = {"base_output": y} if getattr(layer.rss_method, "needs_base_output", False) else {}
-        p = core.normalize_operating_params(p, settings)  # every method sees the same standardised p
-        delta = layer.rss_method.update(factorization, x, p, factors, settings, precision=precision, **extra)
-    except ValueError as error:
-        raise ValueError(f"adapted {type(layer).__name__} {layer.rss_path!r}: {error}") from None
-    return y + delta.astype(y.dtype)
-
-
-def _injected_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, kwargs: dict) -> jax.Array:
-    """An injected layer's call: the base class's output plus the update, ``p`` from the context."""
-    p = _current_operating_params(layer.rss_path)
-    y = base.__call__(layer, inputs, *args, **kwargs)
-    return outside_quantizer(_delta)(layer, base, inputs, p, y, args, kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Layers
-# --------------------------------------------------------------------------------------------------
-
-
-class RSSBilinearLoRALinear(nnx.Linear):
-    r"""An ``nnx.Linear`` with a rank-space update modulated by operating parameters ``p``.
-
-    .. math::
-
-        y = x W + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
-
-    ``kernel (in_features, out_features)`` and ``bias (out_features,)`` are ``nnx.Param`` exactly as in
-    ``nnx.Linear``; ``lora_a (in_features, r)``, ``lora_b (r, out_features)``, ``lora_c (d_p, r)`` and
-    ``lora_s (d_p, r)`` (and the affine/MLP gate's leaves) are :class:`RSSBilinearLoRAParam`, initialised by
-    :func:`rssbl_jax.core.adapter_params` as in the linen layer.
-
-    Args:
-      in_features, out_features: input and output widths.
-      rank: adapter rank ``r``.
-      lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / rank``.
-      d_p: number of operating parameters.
-      use_bias: whether the base layer has a bias.
-      gate, gate_offset, gate_hidden, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
-        :class:`rssbl_jax.AdapterConfig`.
-      shift: whether to learn the shift ``S p`` (``lora_s``).
-      dtype: compute dtype; inferred from inputs and params when ``None``.
-      param_dtype: dtype of all parameters.
-      precision: matmul precision.
-      kernel_init, bias_init: initialisers of the base kernel and bias.
-      initializers: ``{leaf name: initializer}`` overrides of the adapter leaves.
-      rngs: the ``nnx.Rngs`` to draw initial values (and dropout masks) from.
-
-    >>> import jax.numpy as jnp
-    >>> layer = RSSBilinearLoRALinear(5, 4, rank=2, lora_alpha=4.0, d_p=3, rngs=nnx.Rngs(0))
-    >>> layer(jnp.ones((2, 7, 5)), jnp.ones((2, 3))).shape          # per-example p, broadcast over tokens
-    (2, 7, 4)
-    >>> sorted(nnx.state(layer, nnx.LoRAParam).to_pure_dict())
-    ['lora_a', 'lora_b', 'lora_c', 'lora_s']
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        lora_alpha: float,
-        d_p: int,
-        *,
-        use_bias: bool = True,
-        gate: str = "linear",
-        gate_offset: float = 0.0,
-        gate_hidden: int = 16,
-        shift: bool = True,
-        use_rslora: bool = False,
-        lora_dropout: float = 0.0,
-        lora_a_init: str = "lora",
-        p_mean: Sequence[float] | None = None,
-        p_std: Sequence[float] | None = None,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        precision: Any = None,
-        kernel_init: Initializer = default_kernel_init,
-        bias_init: Initializer = zeros_init,
-        initializers: Mapping[str, Initializer] | None = None,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(
-            in_features,
-            out_features,
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            precision=precision,
-            kernel_init=kernel_init,
-            bias_init=bias_init,
-            rngs=rngs,
-        )
-        self.rss_config = AdapterConfig(
-            rank=rank, lora_alpha=lora_alpha, gate=gate, gate_offset=gate_offset, gate_hidden=gate_hidden,
-            shift=shift, use_rslora=use_rslora, lora_dropout=lora_dropout, lora_a_init=lora_a_init,
-            p_mean=p_mean, p_std=p_std,
-        )  # fmt: skip
-        _add_adapters(
-            self, _kind_of_class(nnx.Linear), self.rss_config.resolve(None), "", d_p,
-            shift=shift, param_dtype=param_dtype, rngs=rngs, initializers=initializers,
-        )  # fmt: skip
-
-    @property
-    def adapter_config(self) -> AdapterConfig:
-        """This layer's :class:`~rssbl_jax.AdapterConfig`."""
-        return self.rss_config
-
-    def __call__(self, inputs: jax.Array, operating_params: jax.Array | None = None, **kwargs: Any) -> jax.Array:
-        """Apply the layer to ``x [..., in_features]``; ``p`` defaults to the :func:`operating_params` context."""
-        if operating_params is None:
-            return _injected_call(self, nnx.Linear, inputs, (), kwargs)
-        y = nnx.Linear.__call__(self, inputs, **kwargs)
-        return _delta(self, nnx.Linear, inputs, operating_params, y, (), kwargs)
-
-
-class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
-    """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
-
-    >>> import jax.numpy as jnp
-    >>> adapted = inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
-    ...                  rngs=nnx.Rngs(1))                      # "" is the path of the root layer
-    >>> layer = adapted.model
-    >>> type(layer).__name__, layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((3, 8)), p=jnp.ones(1)).shape
-    ('RSSBilinearLoRALinearGeneral', (8, 2), (2, 2, 4), (3, 2, 4))
-    """
-
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.LinearGeneral`` output plus the update under the :func:`operating_params` context."""
-        return _injected_call(self, nnx.LinearGeneral, inputs, args, kwargs)
-
-
-class RSSBilinearLoRAEinsum(nnx.Einsum):
-    """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`; see :func:`inject`.
-
-    >>> import jax.numpy as jnp
-    >>> adapted = inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0,
-    ...                  d_p=1, rngs=nnx.Rngs(1))
-    >>> layer = adapted.model
-    >>> layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((3, 5, 8)), p=jnp.ones((3, 1))).shape
-    ((8, 2), (2, 2, 4), (3, 5, 2, 4))
-    """
-
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Einsum`` output plus the update under the :func:`operating_params` context."""
-        return _injected_call(self, nnx.Einsum, inputs, args, kwargs)
-
-
-class RSSBilinearLoRAConv(nnx.Conv):
-    """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1; see :func:`inject`.
-
-    >>> import jax.numpy as jnp
-    >>> adapted = inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
-    ...                  rngs=nnx.Rngs(1))
-    >>> layer = adapted.model
-    >>> layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones((2, 1))).shape
-    ((3, 3, 3, 2), (2, 4), (2, 6, 6, 4))
-    """
-
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Conv`` output plus the update under the :func:`operating_params` context."""
-        return _injected_call(self, nnx.Conv, inputs, args, kwargs)
-
-
-class RSSBilinearLoRAEmbed(nnx.Embed):
-    """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``; see :func:`inject`.
-
-    >>> import jax.numpy as jnp
-    >>> adapted = inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
-    >>> adapted.model.lora_a.shape, adapted(jnp.array([[1, 2, 3]]), p=jnp.ones((1, 1))).shape
-    ((10, 2), (1, 3, 4))
-    """
-
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Embed`` output plus the update under the :func:`operating_params` context."""
-        return _injected_call(self, nnx.Embed, inputs, args, kwargs)
-
-
-_ADAPTED = {
-    nnx.Linear: RSSBilinearLoRALinear,
-    nnx.LinearGeneral: RSSBilinearLoRALinearGeneral,
-    nnx.Einsum: RSSBilinearLoRAEinsum,
-    nnx.Conv: RSSBilinearLoRAConv,
-    nnx.Embed: RSSBilinearLoRAEmbed,
-}
-_BASE_OF = {adapted: base for base, adapted in _ADAPTED.items()}
-
-
-def _kind_of_class(cls: type) -> LayerKind:
-    """The :class:`~rssbl_jax.factorization.LayerKind` of an NNX base class or its adapted subclass."""
-    base = _BASE_OF.get(cls, cls)
-    return next(kind for kind in KINDS if kind.nnx is base)
 
 
 def _path(parts: Sequence[Any]) -> str:
@@ -396,9 +121,11 @@ def adaptable_paths(model: nnx.Module) -> dict[str, str]:
 class Adapted(nnx.Module):
     """An NNX model with injected RSSBilinearLoRA layers: ``adapted(*args, p=p, **kwargs)`` runs ``model`` under ``p``.
 
-    Built by :func:`inject`. ``adapted.model`` is the (modified in place) model; its state has the original paths
-    plus ``lora_*`` beside each adapted kernel. ``adapted.config`` is the :class:`~rssbl_jax.AdapterConfig`, a static
-    attribute of the graph. ``p`` is passed under the keyword ``config.p_keyword``.
+    Built by :func:`inject`. ``adapted.model`` is the adapted copy of the model; its state has the original paths
+    plus ``lora_*`` beside each adapted kernel. ``adapted.config`` is the :class:`~rssbl_jax.AdapterConfig` and
+    ``adapted.method`` the :class:`~rssbl_jax.AdapterMethod`, static attributes of the graph. ``p`` is passed under
+    the keyword ``config.p_keyword`` and written, for this call only, into :attr:`operating_params`, the variable
+    every adapted layer reads (see the module's notes).
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
@@ -408,9 +135,11 @@ class Adapted(nnx.Module):
     (1, 2.0, 'linear')
     """
 
-    def __init__(self, model: nnx.Module, config: AdapterConfig):
+    def __init__(self, model: nnx.Module, config: AdapterConfig, method: AdapterMethod, variable: OperatingParams):
         self.model = model
         self.config = config
+        self.method = method
+        self.operating_params = variable
 
     @property
     def adapter_config(self) -> AdapterConfig:
@@ -420,12 +149,12 @@ class Adapted(nnx.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the model with operating parameters ``p`` (``[d_p]`` or ``[batch, d_p]``) at every adapted layer."""
         keyword = self.config.p_keyword
-        if keyword not in kwargs:
+        if keyword not in kwargs and self.method.uses_p:
             raise TypeError(f"the adapted model needs its operating parameters as the keyword {keyword}=...")
-        p = kwargs.pop(keyword)
-        if p is None:
+        p = kwargs.pop(keyword, None)
+        if p is None and self.method.uses_p:
             raise ValueError(f"{keyword}=None: the adapted model needs operating parameters [d_p] or [batch, d_p].")
-        with operating_params(p):
+        with holding([self.operating_params], p):
             return self.model(*args, **kwargs)
 
 
@@ -471,25 +200,29 @@ def inject(
     *,
     param_dtype: Any = jnp.float32,
     initializers: Mapping[str, Initializer] | None = None,
-    method: Any = None,
+    method: AdapterMethod | None = None,
     **settings: Any,
 ) -> Adapted:
-    r"""Adapt, in place, the layers of an NNX model that an ``AdapterConfig`` targets; return the model wrapped.
+    r"""A copy of an NNX model whose layers targeted by an ``AdapterConfig`` are adapted; ``model`` is unchanged.
 
     .. math::
 
         y_\ell = f_\ell(x_\ell) + s_\ell\, B_\ell\big((A_\ell x_\ell) \odot g_\ell(\hat p) + S_\ell \hat p\big)
 
     Every ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` whose path (attribute names joined by
-    ``/``, e.g. ``"blocks/0/attention/query"``) the config adapts becomes the corresponding ``RSSBilinearLoRA*``
-    layer: same object, same base variables, plus :class:`RSSBilinearLoRAParam` factors laid out as in
-    :mod:`rssbl_jax.factorization` (so NNX and linen adapters of the same model have the same state tree). Call it
-    as ``inject(model, config, d_p=..., rngs=...)`` or ``inject(model, targets, rank, lora_alpha, d_p, rngs,
-    **settings)``. ``B = 0`` at init: the model is unchanged until trained.
+    ``/``, e.g. ``"blocks/0/attention/query"``) the config adapts becomes, in a copy of the model
+    (``nnx.clone``), the corresponding ``RSSBilinearLoRA*`` layer: same base variables, plus
+    :class:`RSSBilinearLoRAParam` factors laid out as in :mod:`rssbl_jax.factorization` (so NNX and linen adapters of
+    the same model have the same state tree). Call it as ``inject(model, config, d_p=..., rngs=...)`` or
+    ``inject(model, targets, rank, lora_alpha, d_p, rngs, **settings)`` (PEFT's ``target_modules`` is accepted for
+    ``targets``). ``B = 0`` at init: the model is unchanged until trained. ``method`` replaces what the adapters
+    compute (an :class:`~rssbl_jax.AdapterMethod`, :class:`~rssbl_jax.methods.RSS` by default); a method that ignores
+    ``p`` needs no ``d_p``.
 
     Raises:
       ValueError: when a target matches no adaptable layer (the error lists them), a pattern matches no adapted
         layer, or the model's ``__call__`` already takes an argument named ``p_keyword``.
+      TypeError: naming an unknown keyword.
 
     >>> import jax.numpy as jnp
     >>> class Net(nnx.Module):
@@ -505,15 +238,20 @@ def inject(
     True
     >>> sorted(nnx.state(adapted, nnx.LoRAParam).to_pure_dict()["model"]["hidden"])
     ['lora_a', 'lora_b', 'lora_c', 'lora_s']
+    >>> type(net.hidden).__name__                                                     # the caller's model: as it was
+    'Linear'
     """
-    if d_p is None or rngs is None:
+    method = RSS() if method is None else method
+    if rngs is None or (d_p is None and method.uses_p):
         raise TypeError("rssbl_jax.nnx.inject needs d_p (the number of operating parameters) and rngs.")
+    d_p = 1 if d_p is None else d_p
     if int(d_p) < 1:
         raise ValueError(f"d_p must be positive; got d_p={d_p}.")
     cfg = make_config(config, rank, lora_alpha, dict(settings))
     if not cfg.targets:
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
+    model = nnx.clone(model)
     modules = {_path(path): module for path, module in nnx.iter_modules(model)}
     adaptable = {path: kind_of(m) for path, m in modules.items() if kind_of(m) is not None}
     listing = "\n".join(f"  {path or repr(path)}  ({kind.name})" for path, kind in adaptable.items()) or "  (none)"
@@ -525,17 +263,18 @@ def inject(
             )
     adapted = [path for path in adaptable if cfg.adapts(path)]
     check_patterns_used(cfg, adapted)
+    variable = OperatingParams(None)
     for path in adapted:
         layer, kind = modules[path], adaptable[path]
         kind.check(layer, path)
         has_bias = getattr(layer, "bias", None) is not None
-        layer.__class__ = _ADAPTED[type(layer)]
-        _add_adapters(
-            layer, kind, cfg.resolve(path), path, int(d_p),
+        layer.__class__ = ADAPTED_CLASS[type(layer)]
+        add_adapters(
+            layer, kind, cfg.resolve(path), path, int(d_p), variable,
             shift=cfg.use_shift(has_bias), param_dtype=param_dtype, rngs=rngs, initializers=initializers,
-            method=core.RSS if method is None else method,
+            method=method,
         )  # fmt: skip
-    return Adapted(model, cfg)
+    return Adapted(model, cfg, method, variable)
 
 
 def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
@@ -552,8 +291,8 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     .to_pure_dict()`` with ``adapted.config``.
 
     Raises:
-      ValueError: when the model holds no adapted layer (e.g. it was merged already), ``p0`` is not ``[d_p]``, or
-        a bias-free layer learned a shift (it has nowhere to go).
+      ValueError: when the model holds no adapted layer (e.g. it was merged already), a layer's method cannot be
+        folded (checked before anything is folded), ``p0`` is not ``[d_p]``, or a bias-free layer learned a shift.
 
     >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(0))
@@ -562,48 +301,42 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     """
     source = model.model if isinstance(model, Adapted) else model
     merged = nnx.clone(source)
-    count = 0
-    for path, layer in list(nnx.iter_modules(merged)):
-        if type(layer) not in _BASE_OF:
-            continue
-        count += 1
-        base = _BASE_OF[type(layer)]
-        kind = _kind_of_class(base)
-        kernel = _kernel(layer, kind)
+    layers = [(_path(path), layer) for path, layer in nnx.iter_modules(merged) if type(layer) in BASE_CLASS]
+    if not layers:
+        raise ValueError(
+            "nnx merge found no adapted layer in the model (was it merged already? merge returns a new, plain model)."
+        )
+    for path, layer in layers:
+        if not layer.rss_adapter.method.mergeable:
+            raise ValueError(
+                f"{path or 'layer'} was adapted with {layer.rss_adapter.method!r}, which merge cannot fold."
+            )
+    for path, layer in layers:
+        base = BASE_CLASS[type(layer)]
+        kernel = kernel_of(layer, kind_of_class(base))
         bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
-        factors = _factors(layer)
+        factors = factors_of(layer)
         if bias is None and factors.get("lora_s") is not None:
             raise ValueError(
-                f"{_path(path) or 'layer'} has no bias, so its shift S p0 B cannot be merged into "
+                f"{path or 'layer'} has no bias, so its shift S p0 B cannot be merged into "
                 f"{base.__name__}; inject with shift=None or False for bias-free layers."
             )
         try:
             folded = core.fold(
-                kernel[...], bias, factors, operating_params, layer.rss_layer, precision=jax.lax.Precision.HIGHEST
+                kernel[...],
+                bias,
+                factors,
+                operating_params,
+                layer.rss_adapter.layer,
+                precision=jax.lax.Precision.HIGHEST,
             )
         except ValueError as error:
-            raise ValueError(f"{_path(path) or 'layer'}: {error}") from None
+            raise ValueError(f"{path or 'layer'}: {error}") from None
         kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias
-        if not isinstance(layer.rss_method, core.RSSMethod):
-            raise ValueError(
-                f"{_path(path) or 'layer'} was adapted with {layer.rss_method!r}, which merge cannot fold."
-            )
-        for name in (
-            *layer.rss_leaves,
-            "rss_layer",
-            "rss_path",
-            "rss_dropout",
-            "rss_config",
-            "rss_leaves",
-            "rss_method",
-        ):
+        for name in (*layer.rss_adapter.leaves, "rss_adapter", "operating_params", "rss_dropout", "rss_config"):
             if name in vars(layer):
                 delattr(layer, name)
         layer.__class__ = base
-    if count == 0:
-        raise ValueError(
-            "nnx merge found no adapted layer in the model (was it merged already? merge returns a new, plain model)."
-        )
     return merged

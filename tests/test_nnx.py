@@ -159,8 +159,9 @@ def test_linear_layer_matches_reference_and_linen_layer():
     np.testing.assert_allclose(layer(x, p), expected, rtol=2e-5, atol=1e-4)
     linen = rssbl_jax.RSSBilinearLoRADense(5, rank=3, lora_alpha=7.0, gate_offset=1.0)
     np.testing.assert_allclose(layer(x, p), linen.apply({"params": params}, x, p), rtol=1e-5, atol=1e-5)
-    with rss_nnx.operating_params(p):
+    with rss_nnx.operating_params(layer, p):
         np.testing.assert_array_equal(layer(x), layer(x, p))
+    assert layer.operating_params.get_value() is None  # restored after the block
     with pytest.raises(ValueError, match=r"d_p=2"):
         layer(x, jnp.ones(3))
 
@@ -178,23 +179,87 @@ def test_errors_bad_targets_and_missing_p():
     adapted = rss_nnx.inject(NNXMLP(D_IN, nnx.Rngs(0)), "encoder", rank=2, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match=r"without operating parameters.*adapted\(x, p=p\)"):
         adapted.model(jnp.ones((1, 3, D_IN)))
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['target'\]"):
+        rss_nnx.inject(NNXMLP(D_IN, nnx.Rngs(0)), rank=2, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(1), target="encoder")
+    aliased = rss_nnx.inject(NNXMLP(D_IN, nnx.Rngs(0)), rank=2, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(1),
+                             target_modules=["encoder"])  # fmt: skip
+    assert aliased.config.targets == ("encoder",)
 
 
-def test_operating_params_reach_injected_layers_under_nnx_transforms():
-    """The p context works inside nnx.jit, nnx.vmap, nnx.scan and nnx.remat (why we keep it; see rssbl_jax.nnx)."""
+class Square(nnx.Module):
+    def __init__(self, rngs):
+        self.a, self.b = nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)
 
-    class Square(nnx.Module):
-        def __init__(self, rngs):
-            self.a, self.b = nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)
+    def __call__(self, x):
+        return self.b(jnp.tanh(self.a(x)))
 
-        def __call__(self, x):
-            return self.b(jnp.tanh(self.a(x)))
 
+@pytest.fixture(scope="module")
+def square():
     adapted = rss_nnx.inject(Square(nnx.Rngs(0)), "a|b", rank=2, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
     randomized(adapted, 9)
     x = jnp.asarray(np.random.default_rng(10).standard_normal((3, 4)), jnp.float32)
     ps = jnp.asarray(np.random.default_rng(11).standard_normal((5, 2)), jnp.float32)
     eager = jnp.stack([adapted(x, p=q) for q in ps])
+    return adapted, x, ps, eager
+
+
+def test_no_stale_p_under_nnx_transforms(square):
+    """p set outside a transformed function is an input of its trace: a second p gives the second output.
+
+    With p held in a thread-local context, the first trace of ``f`` baked p[0] in and returned it for p[1].
+    """
+    adapted, x, ps, eager = square
+    assert not np.allclose(eager[0], eager[1], atol=1e-3)
+    f = nnx.jit(lambda m, x: m.model(x))
+    for i in (0, 1):
+        with rss_nnx.operating_params(adapted, ps[i]):
+            np.testing.assert_allclose(f(adapted, x), eager[i], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="without operating parameters"):
+        f(adapted, x)  # outside any call or block: no p at all, never the last one
+    rows = nnx.vmap(lambda m, row: m.model(row[None])[0], in_axes=(None, 0))
+    rematted = nnx.remat(lambda m, x: m.model(x))
+
+    def step(m, carry, row):
+        out = m.model(row[None])[0] + carry
+        return out, out
+
+    scanned = nnx.scan(step, in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    for i in (2, 3):
+        with rss_nnx.operating_params(adapted, ps[i]):
+            np.testing.assert_allclose(nnx.jit(rows)(adapted, x), eager[i], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(nnx.jit(rematted)(adapted, x), eager[i], rtol=1e-5, atol=1e-6)
+            _, partial = nnx.jit(scanned)(adapted, jnp.zeros(4), x)
+            np.testing.assert_allclose(partial, np.cumsum(eager[i], axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_the_innermost_p_wins(square):
+    adapted, x, ps, eager = square
+    with rss_nnx.operating_params(adapted, ps[0]):
+        np.testing.assert_allclose(adapted(x, p=ps[1]), eager[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(nnx.jit(lambda m, q: m(x, p=q))(adapted, ps[2]), eager[2], rtol=1e-5, atol=1e-6)
+        with rss_nnx.operating_params(adapted.model, ps[3]):
+            np.testing.assert_allclose(adapted.model(x), eager[3], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(adapted.model(x), eager[0], rtol=1e-5, atol=1e-6)  # the outer p is back
+    assert adapted.operating_params.get_value() is None
+
+
+def test_inject_leaves_the_callers_model_unchanged_and_p_free_methods_need_no_p():
+    model = Square(nnx.Rngs(0))
+    before = nnx.state(model).to_pure_dict()
+    adapted = rss_nnx.inject(model, "a", rank=2, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
+    assert type(model.a) is nnx.Linear and not hasattr(model.a, "lora_a") and adapted.model.a is not model.a
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model).to_pure_dict(), before)
+    lora = rss_nnx.inject(model, "a|b", rank=2, lora_alpha=2.0, rngs=nnx.Rngs(1), method=rssbl_jax.LoRA())
+    x = jnp.ones((3, 4))
+    np.testing.assert_array_equal(lora(x), model(x))  # B = 0, and no p needed
+    with pytest.raises(ValueError, match=r"^a was adapted with LoRA\(\), which merge cannot fold"):
+        rss_nnx.merge(lora, jnp.ones(1))
+
+
+def test_operating_params_reach_injected_layers_under_nnx_transforms(square):
+    """p passed to the adapted model reaches its layers inside nnx.jit, nnx.vmap, nnx.scan and nnx.remat."""
+    adapted, x, ps, eager = square
 
     swept = nnx.vmap(lambda m, q: m(x, p=q), in_axes=(None, 0))(adapted, ps)
     np.testing.assert_allclose(swept, eager, rtol=1e-5, atol=1e-6)
@@ -233,7 +298,7 @@ def test_modules_to_save_exclude_and_rslora_in_nnx():
     adapted = rss_nnx.inject(Net(nnx.Rngs(0)), ".*", exclude=["head"], rank=4, lora_alpha=8.0, use_rslora=True,
                              modules_to_save=["head/bias"], d_p=2, rngs=nnx.Rngs(1))  # fmt: skip
     assert type(adapted.model.head) is nnx.Linear and type(adapted.model.a) is rss_nnx.RSSBilinearLoRALinear
-    assert adapted.model.a.rss_layer.scale == 8.0 / 2  # alpha / sqrt(r)
+    assert adapted.model.a.rss_adapter.layer.scale == 8.0 / 2  # alpha / sqrt(r)
     x, p = jnp.ones((3, 4)), jnp.ones((3, 2))
     kernel_before, bias_before = adapted.model.head.kernel[...], adapted.model.head.bias[...]
     optimizer = nnx.Optimizer(adapted, optax.sgd(0.1), wrt=rss_nnx.trainable(adapted))

@@ -26,7 +26,8 @@ class AdaptedMLP(nn.Module):
     def __call__(self, x, p):
         config = CONFIG.replace(gate_offset=self.gate_offset)
         x = nn.tanh(rssbl_jax.RSSBilinearLoRADense.from_config(self.hidden, config, name="hidden")(x, p))
-        head = rssbl_jax.RSSBilinearLoRADense.from_config(self.out, config, use_bias=self.use_bias_out, name="head")
+        head = rssbl_jax.RSSBilinearLoRADense.from_config(self.out, config, use_bias=self.use_bias_out, shift=True,
+                                                          name="head")  # a shift even without a bias  # fmt: skip
         return head(x, p)
 
 

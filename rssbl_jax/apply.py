@@ -1,0 +1,337 @@
+r"""The one function that applies an adapter, used by the linen layer, linen injection and NNX alike.
+
+Each front-end only finds the base layer's output ``y``, its input ``x`` and the adapter leaves in its own way (a
+linen scope, an NNX attribute); everything else is here and written once:
+
+- :func:`leaf_specs`: the adapter leaves of one layer (shape, initializer, partition names) from its
+  :class:`~rssbl_jax.methods.AdapterMethod`, with initializer overrides and the one sharding rule (:func:`axis_names`);
+- :func:`d_p_of`: the number of operating parameters, read from ``p`` when the leaves are created;
+- :func:`apply_adapter`: ``y' = method.adapt(y, ...)`` after ``p`` is checked and normalised, dropout and dtype
+  promotion, with errors naming the layer's path;
+- :func:`warn_if_silent`: the one pitfall of the linear gate, said aloud when the leaves are created.
+
+.. math::
+
+    y' = y + \Delta y(x, \hat p), \qquad \hat p = (p - \mu) / \sigma
+
+>>> import jax, jax.numpy as jnp
+>>> from rssbl_jax import core, methods
+>>> from rssbl_jax.config import LayerConfig
+>>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, p_mean=(1.0,), p_std=(2.0,))
+>>> factorization = core.dense_factorization((3, 2), rank=1)
+>>> factors = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.ones((1, 1))}
+>>> apply_adapter(methods.RSS(), layer, factorization, jnp.ones((1, 3)), jnp.array([5.0]), jnp.zeros((1, 2)),
+...               factors).tolist()                                         # 3 * (5 - 1) / 2
+[[6.0, 6.0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+from flax.linen.dtypes import promote_dtype
+
+from rssbl_jax import core
+from rssbl_jax.config import AdapterConfig, LayerConfig
+from rssbl_jax.core import Factorization
+from rssbl_jax.methods import AdapterMethod
+
+Initializer = jax.nn.initializers.Initializer
+
+
+class Leaf(NamedTuple):
+    """One adapter leaf to create: its shape, initializer and partition names (``None``: unannotated kernel)."""
+
+    shape: tuple[int, ...]
+    init: Initializer
+    names: tuple[Any, ...] | None = None
+
+
+def axis_names(kernel_names: tuple[Any, ...], n_in: int, name: str, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """Partition names of adapter leaf ``name``: ``A`` keeps the kernel's input axes, ``B`` its output axes.
+
+    The rank axis and every other leaf (``C``, ``S``, the gate's) are replicated.
+
+    >>> axis_names(("embed", "mlp"), 1, "lora_a", (16, 4)), axis_names(("embed", "mlp"), 1, "lora_b", (4, 32))
+    (('embed', None), (None, 'mlp'))
+    """
+    kernel_names = tuple(kernel_names)
+    if name == "lora_a" and len(shape) == n_in + 1:
+        return (*kernel_names[:n_in], None)
+    if name == "lora_b" and len(shape) == len(kernel_names) - n_in + 1:
+        return (None, *kernel_names[n_in:])
+    return (None,) * len(shape)
+
+
+def leaf_specs(
+    method: AdapterMethod,
+    layer: LayerConfig,
+    factorization: Factorization,
+    d_p: int,
+    *,
+    shift: bool,
+    initializers: Mapping[str, Initializer | None] | None = None,
+    kernel_names: tuple[Any, ...] | None = None,
+) -> dict[str, Leaf]:
+    """The adapter leaves of one layer: the method's ``params`` with ``initializers`` overrides and sharding names.
+
+    Raises:
+      ValueError: when an ``initializers`` key names no leaf of the method.
+    """
+    specs = method.params(layer, factorization, d_p, shift=shift)
+    unknown = sorted({name for name, init in (initializers or {}).items() if init is not None} - set(specs))
+    if unknown:
+        raise ValueError(f"initializers {unknown} name no adapter leaf of {method!r}; its leaves are {sorted(specs)}.")
+    n_in = len(factorization.a_shape) - 1
+    return {
+        name: Leaf(
+            tuple(shape),
+            (initializers or {}).get(name) or init,
+            None if kernel_names is None else axis_names(kernel_names, n_in, name, tuple(shape)),
+        )
+        for name, (shape, init) in specs.items()
+    }
+
+
+def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
+    """The number of operating parameters, from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
+
+    Raises:
+      ValueError: when the method uses ``p`` and ``p`` is ``None`` or a scalar.
+    """
+    if not method.uses_p:
+        return 1 if p is None or jnp.ndim(p) == 0 else jnp.shape(p)[-1]
+    if p is None:
+        raise ValueError(f"operating parameters {keyword}=None (operating_params (p) is None): pass [d_p].")
+    if jnp.ndim(p) == 0:
+        raise ValueError(f"operating parameters {keyword}= must be [d_p] or [*lead, d_p]; got a scalar.")
+    return jnp.shape(p)[-1]
+
+
+def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str) -> None:
+    """Warn (once per call site) when ``p`` has rows of zeros where the method's update vanishes identically.
+
+    The linear gate ``C p̂`` and the shift ``S p̂`` are both 0 at ``p̂ = 0``: an adapter initialised (and trained) on
+    such rows learns nothing for them. Only a concrete ``p`` is inspected (not a traced one). The linen layer and
+    linen injection call it at ``init``; NNX's ``inject`` sees no ``p`` when it creates the leaves.
+    """
+    if p is None or layer.p_mean is not None or not method.vanishes_at_zero(layer) or isinstance(p, jax.core.Tracer):
+        return
+    rows = np.asarray(p).reshape(-1, np.shape(p)[-1])
+    zero = int(np.sum(np.all(rows == 0, axis=1)))
+    if zero:
+        warnings.warn(
+            f"{where}: {zero} of {rows.shape[0]} rows of p are all 0 and no p_mean is set; the linear gate C p and "
+            "the shift S p vanish there, so the adapter learns nothing for those conditions. Set p_mean (and p_std) "
+            "so that p - p_mean is not 0 there, or use gate='affine' (or gate_offset=1.0).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def apply_adapter(
+    method: AdapterMethod,
+    layer: LayerConfig,
+    factorization: Factorization,
+    x: Any,
+    p: Any,
+    y: jax.Array,
+    factors: Mapping[str, Any],
+    *,
+    dtype: Any = None,
+    precision: Any = None,
+    dropout_rng: jax.Array | None = None,
+    where: str = "adapted layer",
+    keyword: str = "p",
+) -> jax.Array:
+    r"""The adapted layer's output ``y + Δy``: the one place every front-end applies an adapter.
+
+    Steps, in order: refuse ``p = None`` when the method uses ``p``; promote ``x``, ``p`` and the factors to the
+    compute dtype (``dtype``, or inferred); dropout on ``x`` (rate ``layer.lora_dropout``, only with a
+    ``dropout_rng``); normalise ``p̂ = (p - p_mean) / p_std``; ``method.adapt``; check the output's shape and cast
+    it to ``y``'s dtype.
+
+    Raises:
+      ValueError: prefixed with ``where``, naming ``d_p`` and the shapes when ``p`` does not fit the layer.
+    """
+    if p is None and method.uses_p:
+        raise ValueError(
+            f"{where}: operating parameters {keyword}=None (operating_params (p) is None) for input shape "
+            f"{jnp.shape(x)}; pass p of shape [d_p] or [*lead, d_p]."
+        )
+    x = jnp.asarray(x)
+    names = list(factors)
+    arrays = [jnp.asarray(value) for value in factors.values()]
+    inputs = ([] if factorization.integer_inputs else [x]) + ([] if p is None else [jnp.asarray(p)])
+    promoted = promote_dtype(*inputs, *arrays, dtype=dtype)
+    if not factorization.integer_inputs:
+        x, promoted = promoted[0], promoted[1:]
+    if p is not None:
+        p, promoted = promoted[0], promoted[1:]
+    factors = dict(zip(names, promoted, strict=True))
+    if dropout_rng is not None and layer.lora_dropout > 0 and not factorization.integer_inputs:
+        x = _dropout(x, layer.lora_dropout, dropout_rng)
+    try:
+        if p is not None and layer.p_mean is not None:
+            if p.ndim == 0 or p.shape[-1] != len(layer.p_mean):
+                raise ValueError(
+                    f"p_mean/p_std have {len(layer.p_mean)} entries but operating_params.shape={p.shape} "
+                    f"for x.shape={x.shape}."
+                )
+            p = core.normalize_operating_params(p, layer)
+        out = method.adapt(y, factorization, x, p, factors, layer, precision=precision)
+        if out.shape != y.shape:
+            raise ValueError(f"the adapted output has shape {out.shape}, the layer output {y.shape}.")
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return out.astype(y.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared front-end glue: config from inject's arguments, the p keyword, quantised bases
+# --------------------------------------------------------------------------------------------------
+
+ALIASES = {"target_modules": "targets"}
+"""PEFT's names for :class:`~rssbl_jax.AdapterConfig` fields, accepted by ``inject``."""
+
+
+def make_config(config: Any, rank: Any, lora_alpha: Any, settings: Mapping[str, Any]) -> AdapterConfig:
+    """The :class:`AdapterConfig` of an ``inject`` call: ``config`` itself, or one built from targets and settings.
+
+    PEFT's ``target_modules`` is accepted for ``targets``; any other unknown keyword is named in the error.
+
+    >>> make_config(None, 2, 4.0, {"target_modules": ["q", "v"]}).targets
+    ('q', 'v')
+    """
+    settings = dict(settings)
+    for alias, name in ALIASES.items():
+        if alias in settings:
+            if name in settings or (name == "targets" and config is not None and not isinstance(config, AdapterConfig)):
+                raise TypeError(f"inject got both {alias}= (PEFT's name) and {name}=; pass one.")
+            settings[name] = settings.pop(alias)
+    fields = {field.name for field in dataclasses.fields(AdapterConfig)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise TypeError(
+            f"inject got unknown keyword(s) {unknown}; it takes the AdapterConfig fields {sorted(fields)} "
+            f"(and PEFT's {sorted(ALIASES)})."
+        )
+    if isinstance(config, AdapterConfig):
+        if rank is not None or lora_alpha is not None or settings:
+            given = ["rank"] * (rank is not None) + ["lora_alpha"] * (lora_alpha is not None) + sorted(settings)
+            raise TypeError(
+                f"inject got an AdapterConfig and other settings ({given}); put every setting in the config "
+                "(config.replace(...))."
+            )
+        return config
+    if rank is None or lora_alpha is None:
+        raise TypeError("inject needs an AdapterConfig, or targets, rank and lora_alpha.")
+    targets = settings.pop("targets", config)
+    if targets is None:
+        raise TypeError("inject needs targets (a regex or regexes over layer paths; PEFT's target_modules).")
+    return AdapterConfig(rank=rank, lora_alpha=lora_alpha, targets=targets, **settings)
+
+
+def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
+    """Raise when ``fn`` already takes an argument named ``keyword`` (the adapter would shadow it)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if keyword in parameters:
+        raise ValueError(
+            f"{where} already has an argument named {keyword!r}, which the adapted model would take as the "
+            f"operating parameters and hide from it. Choose another name: AdapterConfig(p_keyword=...) or "
+            f"inject(..., p_keyword='operating_params')."
+        )
+
+
+def outside_quantizer(fn: Any) -> Any:
+    """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
+
+    A model quantised by ``qwix.quantize_model`` has its ``dot_general``/``einsum`` calls intercepted, and qwix
+    quantises any operand that is a param of the current module: inside an adapted layer that would be ``lora_a``
+    and ``lora_b`` too. The base layer's own call stays intercepted (its kernel runs quantised); the adapter's
+    update runs outside, in full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
+    """
+    if "qwix" not in sys.modules:  # nothing can intercept: qwix quantises only models it was imported to quantise
+        return fn
+    disable = getattr(sys.modules.get("qwix._src.interception"), "disable_interceptions", None)
+    if disable is None:
+        # without the switch the adapters would run quantised, silently: refuse instead
+        version = getattr(sys.modules["qwix"], "__version__", "unknown")
+        raise RuntimeError(
+            f"qwix {version} is loaded but has no qwix._src.interception.disable_interceptions, which rssbl_jax uses "
+            "to keep the adapters out of qwix's quantisation (without it lora_a/lora_b would be quantised too). "
+            "Install the qwix range rssbl_jax supports: pip install 'rssbl_jax[quantize]' (qwix>=0.1.5,<0.2)."
+        )
+    return disable(fn)
+
+
+def metadata_holder(box: Any) -> Any:
+    """What carries a kernel's partitioning metadata (linen box or NNX variable): the kernel itself, or for a
+    qwix-quantised kernel (a ``WithAux`` of a ``QArray``) its ``qvalue``, which keeps the float kernel's names."""
+    qvalue = getattr(getattr(box, "array", None), "qvalue", None)
+    return qvalue if isinstance(qvalue, meta.Partitioned) or hasattr(qvalue, "get_metadata") else box
+
+
+def linen_leaves(
+    module: Any,
+    method: AdapterMethod,
+    layer: LayerConfig,
+    factorization: Factorization,
+    p: Any,
+    *,
+    shift: bool,
+    param_dtype: Any,
+    initializers: Mapping[str, Initializer | None] | None = None,
+    kernel_box: Any = None,
+    keyword: str = "p",
+    where: str = "adapted layer",
+) -> dict[str, Any]:
+    """The adapter leaves of a linen layer, read from its scope, or created there (``d_p`` from ``p``) at init.
+
+    Leaves that exist are read as they are, so a ``p`` that does not fit them is reported against the layer's
+    input by :func:`apply_adapter`, not as a parameter-shape mismatch. A kernel annotated with
+    ``nn.with_partitioning``/``nn.with_logical_partitioning`` (``kernel_box``) gives leaves annotated by
+    :func:`axis_names`.
+    """
+    if module.has_variable("params", "lora_a"):
+        names = method.params(layer, factorization, 1, shift=shift)
+        return {
+            name: meta.unbox(module.get_variable("params", name))
+            for name in names
+            if module.has_variable("params", name)
+        }
+    partitioned = isinstance(kernel_box, meta.Partitioned)
+    specs = leaf_specs(
+        method, layer, factorization, d_p_of(p, method, keyword), shift=shift, initializers=initializers,
+        kernel_names=tuple(kernel_box.names) if partitioned else None,
+    )  # fmt: skip
+    factors = {}
+    for name, leaf in specs.items():
+        init = leaf.init
+        if partitioned:
+
+            def init(*args, init=leaf.init, names=leaf.names):
+                return dataclasses.replace(kernel_box, value=init(*args), names=names)
+
+        # through the scope: layers such as nn.Embed define their params in setup(), where Module.param refuses
+        # to run from __call__
+        factors[name] = meta.unbox(module.scope.param(name, init, leaf.shape, param_dtype))
+    return factors

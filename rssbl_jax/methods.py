@@ -1,0 +1,337 @@
+r"""Adapter methods: RSSBilinearLoRA and the baselines it is compared with, behind one protocol.
+
+An :class:`AdapterMethod` says which leaves an adapted layer holds (``params``) and what the layer then outputs
+(``adapt``); :func:`rssbl_jax.apply.apply_adapter` does the rest (dtype, ``p`` normalisation, dropout, errors) for the
+linen layer, linen injection and NNX alike, so every method reaches every layer kind (Dense, DenseGeneral, Einsum,
+Conv, Embed) through the same factorizations ``down(x, A)`` and ``up(h, B)``. With ``s`` the layer's scale
+(``lora_alpha / rank``, or ``/ sqrt(rank)`` with rsLoRA), ``branch = s B A x`` and ``y`` the base layer's output:
+
+=====================  ===========================================================  ==============================
+method                 Δy                                                           leaves (besides ``lora_a/b``)
+=====================  ===========================================================  ==============================
+:class:`RSS`           ``s B((A x) ⊙ g(p) + S p)``, the gate family of the config    ``lora_c``, ``lora_s``, ...
+:class:`LoRA`          ``branch`` (ignores ``p``)                                    —
+:class:`LoRAConcat`    ``s B (A x + A_p p)``: p concatenated to the adapter's input ``lora_ap (d_p, r)``
+:class:`FiLM` branch   ``(o + γ(p)) ⊙ branch + Β p`` (output-space FiLM)            ``lora_gamma``, ``lora_beta``
+:class:`FiLM` layer    ``o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``                   ``lora_gamma``, ``lora_beta``
+:class:`HyperNet`      ``s B(p)(A(p) x + S p)``, ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``  ``lora_hyper_*``
+=====================  ===========================================================  ==============================
+
+FiLM's offset ``o`` is a constant (0: the update vanishes at ``p = 0`` like the linear gate ``C p``; 1: an
+unconditioned update is there at ``p = 0`` like ``1 + C p``) or learnable (``lora_gamma0``, initialised to ``o``, as
+the affine gate's ``c0``); ``γ(p) = Γ p``, or ``Γ tanh(W p + b)`` with ``hidden > 0`` (as the MLP gate). The
+hypernetwork's unconditioned term ``u·[A0; B0]`` can be switched off (``u = 0``: ``lora_a``/``lora_b`` are then the
+heads ``H_a``/``H_b``), and its rank-space shift ``S p`` switched on.
+
+Every method starts at ``Δy = 0`` (``B``-like factors, ``Β``, ``S`` and the heads that feed ``B`` are zero) with a
+non-zero gradient for ``p ≠ 0`` on its multiplicative factors: ``Γ`` starts random only on the branch with offset 0,
+where with ``Γ = B = 0`` neither would ever move (as RSS's ``C``); on the layer ``Γ`` multiplies ``y``, so it starts
+at 0.
+
+>>> import jax.numpy as jnp
+>>> from rssbl_jax import core
+>>> from rssbl_jax.config import LayerConfig
+>>> factorization = core.dense_factorization((3, 2), rank=1)
+>>> sorted(FiLM(1.0, learn_offset=True).params(LayerConfig(1, 1.0, 1.0), factorization, 2, shift=False))
+['lora_a', 'lora_b', 'lora_beta', 'lora_gamma', 'lora_gamma0']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from rssbl_jax import core
+from rssbl_jax.config import LayerConfig
+from rssbl_jax.core import Factorization
+
+Initializer = jax.nn.initializers.Initializer
+Specs = dict[str, tuple[tuple[int, ...], Initializer]]
+zeros = nn.initializers.zeros_init()
+lecun = nn.initializers.lecun_normal()
+
+
+class AdapterMethod(Protocol):
+    """What an adapter computes: the extension point of every front-end (linen layer, ``inject``, NNX).
+
+    Attributes:
+      uses_p: whether the output depends on ``p``; a method that does not (:class:`LoRA`) needs no ``p`` at call.
+      mergeable: whether :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only).
+
+    ``params(layer, factorization, d_p, *, shift)`` returns ``{leaf name: (shape, initializer)}``. Names start with
+    ``lora_`` (that prefix is what counts as trainable) and include ``lora_a`` and ``lora_b``; ``shift`` is whether
+    the config asks for a ``p``-dependent shift on this layer. ``adapt(y, factorization, x, p, factors, layer, *,
+    precision)`` returns the adapted layer's output ``y + Δy`` (so a method may add ``Δy`` inside ``y``'s pass):
+    ``y`` is the base layer's output, ``x`` its input after dropout, ``p`` already normalised (``(p - p_mean) /
+    p_std``) and ``None`` for a method with ``uses_p = False``, all in the compute dtype; the scale comes from
+    ``layer.scale``. ``vanishes_at_zero(layer)`` says whether ``Δy`` is identically 0 where ``p̂ = 0``.
+    """
+
+    uses_p: bool
+    mergeable: bool
+
+    def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs: ...
+
+    def adapt(
+        self,
+        y: jax.Array,
+        factorization: Factorization,
+        x: jax.Array,
+        p: jax.Array | None,
+        factors: dict[str, jax.Array],
+        layer: LayerConfig,
+        *,
+        precision: Any = None,
+    ) -> jax.Array: ...
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RSS:
+    r"""RSSBilinearLoRA: ``y + s B((A x) ⊙ g(p̂) + S p̂)`` with the config's gate, by :func:`core.adapter_update`.
+
+    The update is added inside ``y``'s elementwise pass for Dense kernels and swept as one matmul under ``jax.vmap``
+    over ``p`` (:func:`rssbl_jax.core.modulated_add`). It vanishes at ``p̂ = 0`` for the linear gate without offset.
+    """
+
+    uses_p = True
+    mergeable = True
+
+    def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
+        return core.adapter_params(layer, factorization, d_p, shift=shift)
+
+    def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
+        # p arrives normalised: the layer's own normalisation is not applied a second time
+        plain = layer._replace(p_mean=None, p_std=None)
+        return core.adapter_update(factorization, x, p, factors, plain, precision=precision, add_to=y)
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
+        return layer.gate == "linear" and layer.gate_offset == 0
+
+
+def _rows(x_shape: tuple[int, ...], p: jax.Array, d_p: int, integer_inputs: bool) -> tuple[jax.Array, int]:
+    """``p`` as ``[n_lead, d_p]`` and its number of lead axes, checked against the layer input."""
+    shape = (*x_shape, 1) if integer_inputs else x_shape
+    n_lead = core.lead_axes(shape, p.shape, d_p)
+    lead = math.prod(shape[:n_lead]) if n_lead else 1
+    return p.reshape(lead, d_p), n_lead
+
+
+def _per_lead(values: jax.Array, y: jax.Array) -> jax.Array:
+    """Broadcast ``values [n_lead, *out]`` (one row per example) over ``y [*lead, *rest, *out]``."""
+    n_lead = values.shape[0]
+    out = values.shape[1:]
+    rest = y.size // (n_lead * math.prod(out))
+    return jnp.broadcast_to(values[:, None], (n_lead, rest, *out)).reshape(y.shape)
+
+
+def _out_shape(factorization: Factorization) -> tuple[int, ...]:
+    b_shape = factorization.b_shape[1:]
+    if 1 in b_shape and factorization.kind == "Einsum":
+        raise ValueError("output-space FiLM needs a compact factorization (Einsum kernels with interleaved axes: no).")
+    return tuple(b_shape)
+
+
+def _a_init(factorization: Factorization) -> Initializer:
+    return nn.initializers.normal(1.0) if factorization.integer_inputs else core.default_lora_a_init
+
+
+def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
+    return b * jnp.asarray(layer.scale, b.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Plain LoRA: ``y + s B A x``; it ignores ``p``, so an adapted model built with it needs none."""
+
+    uses_p = False
+    mergeable = False
+
+    def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
+        del layer, d_p, shift
+        return {"lora_a": (factorization.a_shape, _a_init(factorization)), "lora_b": (factorization.b_shape, zeros)}
+
+    def branch(self, factorization, x, factors, layer):
+        """``s B A x``, the update every baseline builds on."""
+        return factorization.up(factorization.down(x, factors["lora_a"]), _scaled(factors["lora_b"], layer))
+
+    def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
+        del p, precision
+        return y + self.branch(factorization, x, factors, layer).astype(y.dtype)
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
+        del layer
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConcat:
+    """LoRA with ``p`` concatenated to its input: ``y + s B (A x + A_p p)``."""
+
+    uses_p = True
+    mergeable = False
+
+    def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
+        del shift
+        return LoRA().params(layer, factorization, d_p, shift=False) | {
+            "lora_ap": ((d_p, layer.rank), core.default_lora_a_init)
+        }
+
+    def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
+        p2, _ = _rows(x.shape, p, factors["lora_ap"].shape[0], factorization.integer_inputs)
+        h = factorization.down(x, factors["lora_a"])
+        h = h + _per_lead(jnp.matmul(p2, factors["lora_ap"], precision=precision), h)
+        return y + factorization.up(h, _scaled(factors["lora_b"], layer)).astype(y.dtype)
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
+        del layer
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class FiLM:
+    """Output-space FiLM on the LoRA branch (``on_layer=False``) or on the whole layer's output (``True``).
+
+    Attributes:
+      offset: the constant ``o`` (or the initial value of the learnable one).
+      on_layer: modulate the whole layer output ``y + branch`` instead of the branch.
+      learn_offset: learn ``o`` per output unit (``lora_gamma0``), as the affine gate learns ``c0``.
+      hidden: 0 for ``γ(p) = Γ p``; otherwise the width of ``γ(p) = Γ tanh(W p + b)`` (as the MLP gate).
+    """
+
+    offset: float
+    on_layer: bool = False
+    learn_offset: bool = False
+    hidden: int = 0
+    uses_p = True
+    mergeable = False
+
+    def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
+        del shift
+        out = math.prod(_out_shape(factorization))
+        specs = LoRA().params(layer, factorization, d_p, shift=False)
+        gamma_init = lecun if (self.offset == 0 and not self.on_layer) else zeros
+        specs["lora_gamma"] = ((self.hidden or d_p, out), gamma_init)
+        specs["lora_beta"] = ((d_p, out), zeros)
+        if self.learn_offset:
+            specs["lora_gamma0"] = ((out,), nn.initializers.constant(self.offset))
+        if self.hidden:
+            specs["lora_film_w"] = ((d_p, self.hidden), lecun)
+            specs["lora_film_b"] = ((self.hidden,), zeros)
+        return specs
+
+    def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
+        out_shape = _out_shape(factorization)
+        p2, _ = _rows(x.shape, p, factors["lora_beta"].shape[0], factorization.integer_inputs)
+        branch = LoRA().branch(factorization, x, factors, layer)
+        features = p2
+        if self.hidden:
+            features = jnp.tanh(
+                jnp.matmul(p2, factors["lora_film_w"], precision=precision) + factors["lora_film_b"][None]
+            )
+        gamma = jnp.matmul(features, factors["lora_gamma"], precision=precision).reshape(-1, *out_shape)
+        beta = jnp.matmul(p2, factors["lora_beta"], precision=precision).reshape(-1, *out_shape)
+        gamma, beta = _per_lead(gamma, branch), _per_lead(beta, branch)
+        offset = self.offset
+        if self.learn_offset:
+            offset = factors["lora_gamma0"].reshape((1,) * (branch.ndim - len(out_shape)) + out_shape)
+        if self.on_layer:
+            delta = offset * branch + gamma * (y.astype(branch.dtype) + branch) + beta
+        else:
+            delta = (offset + gamma) * branch + beta
+        return y + delta.astype(y.dtype)
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
+        del layer
+        return self.offset == 0 and not self.learn_offset and not self.hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperNet:
+    r"""A hypernetwork that generates the LoRA factors from p: ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``.
+
+    Attributes:
+      hidden: the width of ``tanh(P p)``; trainable parameters grow as ``hidden · (d_p + |A| + |B|)``, so it is
+        the knob that matches the hypernetwork to another method on parameters (:meth:`count`).
+      unconditioned: keep the unconditioned factors ``A0``, ``B0`` (``u = 1``).
+      shift: add a rank-space shift ``S p`` (``lora_s (d_p, r)``, zero at init), as RSS's.
+    """
+
+    hidden: int
+    unconditioned: bool = True
+    shift: bool = False
+    uses_p = True
+    mergeable = False
+
+    def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
+        del shift
+        a_size, b_size = math.prod(factorization.a_shape), math.prod(factorization.b_shape)
+        specs = {"lora_hyper_p": ((d_p, self.hidden), lecun)}
+        if self.unconditioned:
+            specs |= LoRA().params(layer, factorization, d_p, shift=False)
+            specs["lora_hyper_a"] = ((self.hidden, a_size), zeros)
+            specs["lora_hyper_b"] = ((self.hidden, b_size), zeros)
+        else:  # the heads are the only factors: A(p) = H_a z starts random, B(p) = H_b z starts at 0
+            specs["lora_a"] = ((self.hidden, a_size), nn.initializers.normal(1.0 / math.sqrt(a_size / layer.rank)))
+            specs["lora_b"] = ((self.hidden, b_size), zeros)
+        if self.shift:
+            specs["lora_s"] = ((d_p, layer.rank), zeros)
+        return specs
+
+    def count(self, factorization: Factorization, d_p: int) -> int:
+        """The number of trainable parameters :meth:`params` creates on one layer."""
+        a_size, b_size = math.prod(factorization.a_shape), math.prod(factorization.b_shape)
+        rank = factorization.a_shape[-1]
+        return d_p * self.hidden + (a_size + b_size) * (self.hidden + self.unconditioned) + self.shift * d_p * rank
+
+    @classmethod
+    def width_for(
+        cls, budget: int, factorization: Factorization, d_p: int, *, unconditioned: bool = True, shift: bool = False
+    ) -> int:
+        """The largest width whose :meth:`count` on this layer is at most ``budget`` (at least 1).
+
+        >>> from rssbl_jax import core
+        >>> HyperNet.width_for(1000, core.dense_factorization((16, 16), 4), 2)   # 2·6 + 128·7 = 908 ≤ 1000 < 1038
+        6
+        """
+        a_size, b_size = math.prod(factorization.a_shape), math.prod(factorization.b_shape)
+        fixed = (a_size + b_size) * unconditioned + shift * d_p * factorization.a_shape[-1]
+        return max(1, (budget - fixed) // (d_p + a_size + b_size))
+
+    def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
+        d_p = factors["lora_hyper_p"].shape[0]
+        p2, n_lead = _rows(x.shape, p, d_p, factorization.integer_inputs)
+        z = jnp.tanh(jnp.matmul(p2, factors["lora_hyper_p"], precision=precision))  # [n_lead, hidden]
+        head_a, head_b = ("lora_hyper_a", "lora_hyper_b") if self.unconditioned else ("lora_a", "lora_b")
+        a = jnp.matmul(z, factors[head_a], precision=precision).reshape(-1, *factorization.a_shape)
+        b = jnp.matmul(z, factors[head_b], precision=precision).reshape(-1, *factorization.b_shape)
+        if self.unconditioned:
+            a, b = a + factors["lora_a"][None], b + factors["lora_b"][None]
+        b = _scaled(b, layer)
+        rank = factorization.a_shape[-1]
+        s = jnp.matmul(p2, factors["lora_s"], precision=precision) if self.shift else jnp.zeros((p2.shape[0], rank))
+
+        def one(xi, ai, bi, si):
+            h = factorization.down(xi, ai)
+            if self.shift:
+                h = h + si.astype(h.dtype).reshape((1,) * (h.ndim - 1) + (rank,))
+            return factorization.up(h, bi)
+
+        if n_lead == 0:  # one condition: one pair of factors
+            delta = one(x, a[0], b[0], s[0])
+        else:
+            lead = x.shape[:n_lead]
+            xs = x.reshape(-1, 1, *x.shape[n_lead:])
+            delta = jax.vmap(one)(xs, a, b, s)
+            delta = delta.reshape(*lead, *delta.shape[2:])
+        return y + delta.astype(y.dtype)
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
+        del layer
+        return False
