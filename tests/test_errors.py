@@ -60,5 +60,7 @@ def test_injected_conv_reports_bad_p_against_its_input():
 
 def test_save_adapters_refuses_an_adapter_without_gate(tmp_path):
     params = {"dense": {"kernel": jnp.ones((3, 2)), "lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}}
-    with pytest.raises(ValueError, match=r"\['dense'\] have lora_a/lora_b but no lora_c"):
+    with pytest.raises(
+        ValueError, match=r"'dense' is not an RSSBilinearLoRA adapter .*needs adapter leaves \['lora_c'\]"
+    ):
         rssbl_jax.save_adapters(tmp_path / "a", params, rssbl_jax.AdapterConfig(rank=1, lora_alpha=1.0))
