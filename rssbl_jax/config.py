@@ -17,6 +17,9 @@ with the gate ``g`` one of
 - ``"mlp"``: ``g(p) = c_0 + C \tanh(W_g p + b_g)`` with a hidden layer of ``gate_hidden`` units
   (``lora_gate_w``, ``lora_gate_b``), ``C`` (``lora_c``) of shape ``(gate_hidden, r)``.
 
+With ``scalar_gate=True`` ``C`` has one column (and ``c_0`` one entry): one gate value per condition multiplies
+every rank, ``\Delta W(p) = g(\hat p)\, B A`` (CoLoRA's scalar coefficient per layer).
+
 >>> config = AdapterConfig(rank=8, lora_alpha=16.0, alpha_pattern={r".*/value": 4.0})
 >>> config.scale, config.resolve("block_0/attention/value").scale
 (2.0, 0.5)
@@ -46,7 +49,7 @@ class LayerConfig(NamedTuple):
     Attributes:
       rank, lora_alpha: this layer's rank and scaling numerator after ``rank_pattern`` / ``alpha_pattern``.
       scale: ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
-      gate, gate_offset, gate_hidden: the gate family member and its settings.
+      gate, gate_offset, gate_hidden, scalar_gate: the gate family member and its settings.
       lora_dropout: dropout rate on the adapter's input.
       lora_a_init: initialiser name of ``A``.
       p_mean, p_std: normalisation of ``p`` (``None``: none).
@@ -65,6 +68,7 @@ class LayerConfig(NamedTuple):
     lora_a_init: str = "lora"
     p_mean: tuple[float, ...] | None = None
     p_std: tuple[float, ...] | None = None
+    scalar_gate: bool = False
 
 
 def _finite(value: Any, name: str) -> float:
@@ -118,6 +122,8 @@ class AdapterConfig:
       gate_offset: for ``linear`` the constant ``g0`` (0: the seed's formula, 1: ``1 + C p`` which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
+      scalar_gate: one gate value shared by every rank (``C`` of shape ``(d_p, 1)``, ``c0`` of shape ``(1,)``)
+        instead of one per rank: ``ΔW(p) = g(p̂) B A``, CoLoRA's scalar coefficient per layer.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
@@ -151,6 +157,7 @@ class AdapterConfig:
     p_std: tuple[float, ...] | None = None
     p_keyword: str = "p"
     modules_to_save: tuple[str, ...] = ()
+    scalar_gate: bool = False
 
     def __post_init__(self) -> None:
 
@@ -170,6 +177,9 @@ class AdapterConfig:
             raise ValueError(f"gate must be one of {GATES}; got gate={self.gate!r}.")
         set_("gate_offset", _finite(self.gate_offset, "gate_offset"))
         set_("gate_hidden", _positive_int(self.gate_hidden, "gate_hidden"))
+        if self.scalar_gate not in (True, False):
+            raise ValueError(f"scalar_gate must be True or False; got scalar_gate={self.scalar_gate!r}.")
+        set_("scalar_gate", bool(self.scalar_gate))
         if self.shift not in (None, True, False):
             raise ValueError(f"shift must be True, False or None; got shift={self.shift!r}.")
         set_("use_rslora", bool(self.use_rslora))
@@ -226,6 +236,7 @@ class AdapterConfig:
             lora_a_init=self.lora_a_init,
             p_mean=self.p_mean,
             p_std=self.p_std,
+            scalar_gate=self.scalar_gate,
         )
 
     def use_shift(self, has_bias: bool) -> bool:

@@ -116,7 +116,8 @@ def check_factors(factors: Factors, layer: LayerConfig) -> None:
     rank = shape["lora_a"][-1]
     d_p = d_p_of(factors, layer)
     gate_in = layer.gate_hidden if layer.gate == "mlp" else d_p
-    expected = {"lora_c": (gate_in, rank), "lora_s": (d_p, rank), "lora_c0": (rank,)}
+    gate_out = 1 if layer.scalar_gate else rank
+    expected = {"lora_c": (gate_in, gate_out), "lora_s": (d_p, rank), "lora_c0": (gate_out,)}
     if layer.gate == "mlp":
         expected |= {"lora_gate_w": (d_p, layer.gate_hidden), "lora_gate_b": (layer.gate_hidden,)}
     bad = {
@@ -179,6 +180,8 @@ def gate_and_shift(
             gate = gate + jnp.asarray(layer.gate_offset, gate.dtype)
     else:
         gate = gate + jnp.asarray(factors["lora_c0"])[None]
+    if layer.scalar_gate:  # one value per condition, the same for every rank
+        gate = jnp.broadcast_to(gate, (gate.shape[0], layer.rank))
     lora_s = factors.get("lora_s")
     shift = None if lora_s is None else jnp.matmul(p, jnp.asarray(lora_s), precision=precision)
     return gate, shift
@@ -540,13 +543,14 @@ def adapter_params(
         a_init = default_lora_a_init
     linear_offset = layer.gate == "linear" and layer.gate_offset != 0
     gate_in = layer.gate_hidden if layer.gate == "mlp" else d_p
+    gate_out = 1 if layer.scalar_gate else rank
     specs = {
         "lora_a": (factorization.a_shape, a_init),
         "lora_b": (factorization.b_shape, nn.initializers.zeros_init()),
-        "lora_c": ((gate_in, rank), nn.initializers.zeros_init() if linear_offset else default_lora_c_init),
+        "lora_c": ((gate_in, gate_out), nn.initializers.zeros_init() if linear_offset else default_lora_c_init),
     }
     if layer.gate != "linear":
-        specs["lora_c0"] = ((rank,), nn.initializers.constant(layer.gate_offset))
+        specs["lora_c0"] = ((gate_out,), nn.initializers.constant(layer.gate_offset))
     if layer.gate == "mlp":
         specs["lora_gate_w"] = ((d_p, layer.gate_hidden), default_lora_c_init)
         specs["lora_gate_b"] = ((layer.gate_hidden,), nn.initializers.zeros_init())
