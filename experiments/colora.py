@@ -73,6 +73,28 @@ def relative_errors(model: colora_model.Model, params: Any, x: jax.Array, y: jax
     return jnp.sqrt(num.sum(1) / den.sum(1))
 
 
+def point_sampler(grid_shape: tuple[int, ...], per_step: int, stride: int):
+    """``key -> indices`` of the grid points one step trains on.
+
+    ``stride > 0``: the sub-grid of every ``stride``-th point along each axis, at a random offset per step (it
+    covers a localised field as the full grid does); else ``per_step`` points at random (0: every point, CoLoRA's).
+    """
+    n_pts = int(np.prod(grid_shape))
+    if stride > 0:
+        sizes = [n // stride for n in grid_shape]
+
+        def strided(key):
+            offsets = jax.random.randint(key, (len(grid_shape),), 0, stride)
+            axes = [offsets[i] + stride * jnp.arange(sizes[i]) for i in range(len(grid_shape))]
+            mesh = jnp.meshgrid(*axes, indexing="ij")
+            return jnp.ravel_multi_index(tuple(m.reshape(-1) for m in mesh), grid_shape, mode="clip")
+
+        return strided
+    if per_step:
+        return lambda key: jax.random.choice(key, n_pts, (per_step,), replace=False)
+    return lambda key: jnp.arange(n_pts)
+
+
 def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[str, Any], log=print) -> dict[str, Any]:
     """Train ``method`` for ``config.num_seeds`` seeds at once; its errors, curve, count and wall times."""
     y_tr, mt_tr, y_te, mt_te, x = (arrays[k] for k in ("y_train", "mu_t_train", "y_test", "mu_t_test", "x"))
@@ -91,12 +113,13 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
     opt_state = jax.vmap(optimizer.init)(params)
     n_snap, n_pts = y_tr.shape[0], x.shape[0]
     s_batch = min(config.snapshots_per_step, n_snap)
-    p_batch = config.points_per_step or n_pts
+    points = point_sampler(arrays["grid_shape"], config.points_per_step, config.points_stride)
+    p_batch = points(jax.random.key(0)).shape[0]
 
     def loss_fn(p, key):
         k1, k2 = jax.random.split(key)
         rows = jax.random.choice(k1, n_snap, (s_batch,), replace=False)
-        pts = jax.random.choice(k2, n_pts, (p_batch,), replace=False) if config.points_per_step else jnp.arange(n_pts)
+        pts = points(k2)
         target = y_tr[rows][:, pts]
         pred = model.apply(p, jnp.broadcast_to(x[pts], (s_batch, p_batch, x.shape[1])), mt_tr[rows])
         return jnp.mean(jnp.linalg.norm(target - pred, axis=(1, 2)) / jnp.linalg.norm(target, axis=(1, 2)))
@@ -158,6 +181,7 @@ def prepare(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {
         "y_train": jnp.asarray(y_tr), "mu_t_train": jnp.asarray(mt_tr), "y_test": jnp.asarray(y_te),
         "mu_t_test": jnp.asarray(mt_te), "x": jnp.asarray(colora_data.grid(data)), "n_test": len(test_mus),
+        "grid_shape": tuple(len(a) for a in data.axes),
         "p_mean": mt_tr.mean(axis=0).tolist(), "p_std": mt_tr.std(axis=0).tolist(), "period": data.period,
         "train_mus": train_mus, "test_mus": test_mus, "sha256": data.sha256, "shape": list(data.u.shape),
     }  # fmt: skip

@@ -23,13 +23,15 @@ def tables(summary: dict[str, Any]) -> str:
     config, data, methods = summary["config"], summary["data"], summary["methods"]
     ref = next((m for m in methods if m["method"] == "colora"), None)
     published = config["published_parameters"]
+    stride = config.get("points_stride", 0)
+    points = f"the stride-{stride} sub-grid (random offset)" if stride else (config["points_per_step"] or "all")
     lines = [
         f"# CoLoRA on {config['dataset']} ({config['split']} split)",
         "",
         f"Train μ {data['train_mus']}, test μ {data['test_mus']}; data {data['shape']} (μ, q, t, space). "
         f"{config['num_seeds']} seeds (initialisation and batches; the data and split are fixed, so intervals "
         f"run over seeds). {config['steps']} Adam steps at {config['learning_rate']} with cosine decay, "
-        f"{config['snapshots_per_step']} snapshots × {config['points_per_step'] or 'all'} points per step. "
+        f"{config['snapshots_per_step']} snapshots × {points} points per step. "
         f"Published (CoLoRA README, 100,000 steps, ~29 snapshots × all points): {config['published_error']:.2e} "
         f"at {published:,} parameters. Device: {summary['device']}; total {summary['seconds']:.0f} s.",
         "",
