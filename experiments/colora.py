@@ -139,9 +139,11 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
 
     rng = np.random.default_rng(config.seed)
     sub = jnp.asarray(np.sort(rng.choice(n_pts, min(config.curve_eval_points, n_pts), replace=False)))
-    curve_eval = jax.jit(jax.vmap(lambda p: relative_errors(model, p, x[sub], y_te[:, sub], mt_te, n_test,
-                                                            config.eval_chunk)))  # fmt: skip
     full_eval = jax.jit(jax.vmap(lambda p: relative_errors(model, p, x, y_te, mt_te, n_test, config.eval_chunk)))
+    curve_eval = full_eval  # every point: one compiled evaluation serves both
+    if config.curve_eval_points < n_pts:
+        curve_eval = jax.jit(jax.vmap(lambda p: relative_errors(model, p, x[sub], y_te[:, sub], mt_te, n_test,
+                                                                config.eval_chunk)))  # fmt: skip
     curve, done, train_seconds, compile_seconds = [], 0, 0.0, 0.0
     all_keys = jax.vmap(lambda k: jax.random.split(k, config.steps))(train_keys)
     while done < config.steps:
