@@ -45,7 +45,7 @@ class LayerConfig(NamedTuple):
     Attributes:
       rank, lora_alpha: this layer's rank and scaling numerator after ``rank_pattern`` / ``alpha_pattern``.
       scale: ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
-      gate, gate_offset, gate_hidden: the gate family member and its settings.
+      gate, gate_offset, gate_hidden, scalar_gate: the gate family member and its settings.
       lora_dropout: dropout rate on the adapter's input.
       lora_a_init: initialiser name of ``A``.
       p_mean, p_std: normalisation of ``p`` (``None``: none).
@@ -64,6 +64,7 @@ class LayerConfig(NamedTuple):
     lora_a_init: str = "lora"
     p_mean: tuple[float, ...] | None = None
     p_std: tuple[float, ...] | None = None
+    scalar_gate: bool = False
 
 
 def _finite(value: Any, name: str) -> float:
@@ -137,14 +138,17 @@ class AdapterConfig:
       gate_offset: for ``linear`` the constant ``g0`` (0: the original formula, 1: ``1 + C p`` which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
+      scalar_gate: one gate value shared by every rank (``C`` of shape ``(d_p, 1)``, ``c0`` of shape ``(1,)``)
+        instead of one per rank: ``ΔW(p) = g(p̂) B A``, CoLoRA's scalar coefficient per layer.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
 
     Parsing is strict, so a config read from JSON, YAML or a command line means what it says. The flags
-    (``use_rslora``, ``shift``) take a bool, 0 or 1, or the strings ``"true"``/``"false"``/``"1"``/``"0"`` in any
-    case; anything else (``"yes"``, ``2``) is an error naming the field. The pattern fields (``targets``,
-    ``exclude``, ``modules_to_save``) given one string take it as one regex, never as a sequence of characters;
+    (``use_rslora``, ``shift``, ``scalar_gate``) take a bool, 0 or 1, or the strings
+    ``"true"``/``"false"``/``"1"``/``"0"`` in any case; anything else (``"yes"``, ``2``) is an error naming the
+    field. The pattern fields (``targets``, ``exclude``, ``modules_to_save``) given one string take it as one regex,
+    never as a sequence of characters;
     ``rank_pattern``/``alpha_pattern`` take a mapping or ``(regex, value)`` pairs, and ``p_mean``/``p_std`` a
     sequence of numbers (a string is an error). ``p_keyword`` must be an identifier that is not a Python keyword.
       lora_dropout: dropout rate applied to the adapter's input ``x`` (before ``A``) while training.
@@ -177,6 +181,7 @@ class AdapterConfig:
     p_std: tuple[float, ...] | None = None
     p_keyword: str = "p"
     modules_to_save: tuple[str, ...] = ()
+    scalar_gate: bool = False
 
     def __post_init__(self) -> None:
 
@@ -200,6 +205,7 @@ class AdapterConfig:
         set_("gate_hidden", _positive_int(self.gate_hidden, "gate_hidden"))
         set_("shift", _bool(self.shift, "shift", allow_none=True))
         set_("use_rslora", _bool(self.use_rslora, "use_rslora"))
+        set_("scalar_gate", _bool(self.scalar_gate, "scalar_gate"))
         dropout = _finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got lora_dropout={self.lora_dropout!r}.")
@@ -260,6 +266,7 @@ class AdapterConfig:
             lora_a_init=self.lora_a_init,
             p_mean=self.p_mean,
             p_std=self.p_std,
+            scalar_gate=self.scalar_gate,
         )
 
     def use_shift(self, has_bias: bool) -> bool:

@@ -17,7 +17,10 @@ name           ``g(p̂)``                       ``φ(p̂)``                     
                                                                                   ``lora_gate_w``, ``lora_gate_b``
 =============  =============================  ==================================  ================================
 
-(``linear`` with ``gate_offset=1`` is the ``1 + C p`` gate.) Why objects in one registry: the gate used to be a
+(``linear`` with ``gate_offset=1`` is the ``1 + C p`` gate. With ``scalar_gate=True`` every gate has one column
+``C (m, 1)`` and ``c0 (1,)``: one value per condition multiplies every rank, CoLoRA's coefficient per layer.)
+
+Why objects in one registry: the gate used to be a
 string switch in every place that depends on it (parameter creation, shape checks, the update, the fold, the
 sweep basis of :mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal`, d_p discovery), so adding one meant
 editing a dozen places. Every one of them now asks the :class:`Gate`, and since ``g`` is affine in the
@@ -54,6 +57,11 @@ default_lora_c_init = jax.nn.initializers.lecun_normal()
 """Gate weights with variance 1/d_p, so ``C p`` is O(1) for standardised ``p``."""
 
 
+def width(layer: Any) -> int:
+    """The number of gate values per condition: ``r``, or 1 with ``scalar_gate`` (one value for every rank)."""
+    return 1 if getattr(layer, "scalar_gate", False) else layer.rank
+
+
 class Gate:
     r"""One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
 
@@ -72,7 +80,7 @@ class Gate:
 
     def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
         """``{name: (shape, initializer)}`` of the gate's leaves for ``layer`` (a :class:`~rssbl_jax.LayerConfig`)."""
-        return {"lora_c": ((d_p, layer.rank), default_lora_c_init)}
+        return {"lora_c": ((d_p, width(layer)), default_lora_c_init)}
 
     def d_p(self, shapes: Mapping[str, Sequence[int]]) -> int:
         """The number of operating parameters, read from the gate leaves' shapes (``lora_c (..., d_p, r)``)."""
@@ -103,11 +111,13 @@ class Gate:
         """``g(p̂) = g0 + φ(p̂) C`` for rows of already standardised ``p̂``."""
         gate = jnp.matmul(self.features(p, factors, precision=precision), self.directions(factors), precision=precision)
         constant = self.constant(factors, layer)
-        if constant is None:
-            return gate
-        if jnp.ndim(constant) == 0:
-            return gate + jnp.asarray(constant, gate.dtype)
-        return gate + jnp.asarray(constant)[None]
+        if constant is not None:
+            gate = gate + (
+                jnp.asarray(constant, gate.dtype) if jnp.ndim(constant) == 0 else jnp.asarray(constant)[None]
+            )
+        if getattr(layer, "scalar_gate", False):  # one value per condition, the same for every rank
+            gate = jnp.broadcast_to(gate, (gate.shape[0], layer.rank))
+        return gate
 
 
 _REGISTRY: dict[str, Gate] = {}
@@ -157,7 +167,7 @@ class Linear(Gate):
 
     def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
         init = jax.nn.initializers.zeros if layer.gate_offset != 0 else default_lora_c_init
-        return {"lora_c": ((d_p, layer.rank), init)}
+        return {"lora_c": ((d_p, width(layer)), init)}
 
     def constant(self, factors: Factors, layer: Any) -> Any:
         del factors
@@ -176,7 +186,7 @@ class Affine(Gate):
 
     def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
         return super().leaves(layer, d_p) | {
-            "lora_c0": ((layer.rank,), jax.nn.initializers.constant(layer.gate_offset))
+            "lora_c0": ((width(layer),), jax.nn.initializers.constant(layer.gate_offset))
         }
 
     def constant(self, factors: Factors, layer: Any) -> Any:
@@ -198,8 +208,8 @@ class MLP(Affine):
     def leaves(self, layer: Any, d_p: int) -> LeafSpecs:
         hidden, init = layer.gate_hidden, jax.nn.initializers
         return {
-            "lora_c": ((hidden, layer.rank), default_lora_c_init),
-            "lora_c0": ((layer.rank,), init.constant(layer.gate_offset)),
+            "lora_c": ((hidden, width(layer)), default_lora_c_init),
+            "lora_c0": ((width(layer),), init.constant(layer.gate_offset)),
             "lora_gate_w": ((d_p, hidden), default_lora_c_init),
             "lora_gate_b": ((hidden,), init.zeros),
         }
