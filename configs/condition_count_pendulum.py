@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # the same 6-point grid for every method and K
     config.steps = 1000
     config.batch_size = 128
+    config.batch_sampler = "top_k"  # uniform batches without replacement, without a sort of every row per step
     config.points_per_condition = 64
     config.n_test_conditions = 24
     config.analyse = False
