@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from configs import condition_count_pendulum, tiny
-from experiments import condition_count, report, stats, tasks
+from experiments import condition_count, report, stats, tasks, train
 
 # ------------------------------------------------------------------------------------------------ Holm
 
@@ -181,3 +181,19 @@ def test_sweep_runs_and_renders_the_same_report(tmp_path):
     absolute = np.asarray(r["errors"]["interpolation"]) * np.asarray(r["base_mse"]["interpolation"])[:, None]
     g = stats.log_interval(absolute)
     assert f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]" in text
+
+
+def test_anti_damped_table_counts_the_draws_the_study_builds():
+    config = tiny.get_config()
+    config.n_test_conditions = 40
+    name = "pendulum_corner"
+    stacked = tasks.make_draws(name, config, jax.random.fold_in(jax.random.key(config.seed), train.zlib_hash(name)))
+    n = stacked.per_condition
+    p = np.asarray(stacked.splits["extrapolation"].p)[:, ::n]  # [draws, conditions, 2]
+    zeta = 0.05 + (p[..., 0].astype(np.float64) + 1) / 2 * 0.3
+    counts = [int((z <= 0).sum()) for z in zeta]
+    assert sum(counts) > 0
+    row = tasks.anti_damped_table(config, (name,)).splitlines()[-1]
+    assert row.startswith(f"| {name} | {', '.join(map(str, counts))} |"), row
+    config.physical_extrapolation = True
+    assert tasks.anti_damped_table(config, (name,)).splitlines()[-1].startswith(f"| {name} | 0, 0 |")
