@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import matplotlib
+import matplotlib.ticker
 import ml_collections
 import numpy as np
 
@@ -275,6 +276,7 @@ def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path) -> None:
                         label=m)  # fmt: skip
         ax.axhline(1.0, color="k", lw=0.8, ls=":")
         ax.set(xscale="log", yscale="log", xlabel="training conditions K", title=f"{task}: {s}")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(counts, [str(c) for c in counts])
     axes[0].set_ylabel("relative MSE (method / frozen base)")
     axes[1].legend(fontsize=7, ncol=2)
