@@ -355,3 +355,57 @@ def write(summary: dict[str, Any], config: ml_collections.ConfigDict, workdir: p
     path = workdir / "report.md"
     path.write_text("\n".join(text))
     return path
+
+
+# ------------------------------------------------------------------------------------------------ absolute errors
+
+
+def base_mse(config: ml_collections.ConfigDict, task: str) -> dict[str, np.ndarray]:
+    """The frozen base's absolute MSE ``{split: [draws]}`` on the draws ``train_and_evaluate`` builds for ``task``.
+
+    The draws are rebuilt from the config's seed (the same keys, so the same bases, conditions and inputs), nothing
+    is trained: a committed report's relative errors times these are its absolute errors."""
+    import jax
+
+    from experiments import tasks as tasks_lib
+    from experiments import train as train_lib
+
+    key = jax.random.fold_in(jax.random.key(config.seed), train_lib.zlib_hash(task))
+    stacked = tasks_lib.make_draws(task, config, key)
+    fn = jax.vmap(lambda b, sp: {s: train_lib._base_rows(stacked.widths, b, v).mean() for s, v in sp.items()})
+    return {s: np.asarray(v, np.float64) for s, v in fn(stacked.base_params, stacked.splits).items()}
+
+
+def absolute_tables(summary: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+    """Markdown: per task, the frozen base's absolute MSE per split and every method's absolute MSE (geometric mean
+    over draws × seeds [95% interval over draws]) = its relative errors × the base's MSE of the same draw."""
+    lines = ["# Absolute errors", "",
+             "Absolute MSE (the task's output units squared) = relative MSE × the frozen base's MSE on the same draw "
+             "and split; the base's MSE comes from the draws rebuilt from the config (`experiments.report.base_mse`). "
+             "Geometric mean over draws × seeds [95% interval over draws].", ""]  # fmt: skip
+    for task in dict.fromkeys(r["task"] for r in summary["results"]):
+        base = base_mse(config, task)
+        lines += [f"## {_label(task)}", "", "| method | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
+        cells = [f"{base[s].mean():.4g} (per draw " + ", ".join(f"{v:.3g}" for v in base[s]) + ")" for s in SPLITS]
+        lines.append("| frozen base (mean over draws) | " + " | ".join(cells) + " |")
+        for r in summary["results"]:
+            if r["task"] != task or r["method"] == "frozen":
+                continue
+            out = []
+            for s in SPLITS:
+                g = stats.log_interval(np.asarray(r["errors"][s], np.float64) * base[s][:, None])
+                out.append(f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]")
+            lines.append(f"| {r['method']} | " + " | ".join(out) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_absolute(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+    """``workdir/absolute.md`` from the run's ``metrics.jsonl`` and its config (no training)::
+
+    python -c "from configs import default; from experiments import report; \\
+        report.write_absolute('results/default', default.get_config())"
+    """
+    path = pathlib.Path(workdir) / "absolute.md"
+    path.write_text(absolute_tables(load_summary(workdir), config))
+    return path

@@ -197,3 +197,27 @@ def test_anti_damped_table_counts_the_draws_the_study_builds():
     assert row.startswith(f"| {name} | {', '.join(map(str, counts))} |"), row
     config.physical_extrapolation = True
     assert tasks.anti_damped_table(config, (name,)).splitlines()[-1].startswith(f"| {name} | 0, 0 |")
+
+
+def test_absolute_tables_multiply_by_the_rebuilt_base(tmp_path):
+    config = tiny.get_config()
+    config.tasks = ("pendulum_corner",)
+    # the base's MSE from the rebuilt draws, computed independently: a float64 numpy forward of the frozen MLP
+    key = jax.random.fold_in(jax.random.key(config.seed), train.zlib_hash("pendulum_corner"))
+    stacked = tasks.make_draws("pendulum_corner", config, key)
+    base = report.base_mse(config, "pendulum_corner")
+    for d in range(config.num_draws):
+        params = jax.tree.map(lambda a, d=d: np.asarray(a[d], np.float64), stacked.base_params)
+        split = stacked.splits["interpolation"]
+        h = np.asarray(split.x[d], np.float64)
+        for i in range(len(stacked.widths)):
+            h = h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
+            h = np.tanh(h) if i < len(stacked.widths) - 1 else h
+        expected = np.mean((h - np.asarray(split.y[d], np.float64)) ** 2)
+        assert base["interpolation"][d] == pytest.approx(expected, rel=1e-4)
+    rel = np.array([[0.5, 0.25], [0.1, 0.2]])  # [draws, seeds]
+    errors = {s: rel.tolist() for s in ("seen", "interpolation", "extrapolation")}
+    summary = {"results": [{"task": "pendulum_corner", "method": "rss", "errors": errors}]}
+    text = report.absolute_tables(summary, config)
+    g = stats.log_interval(rel * base["interpolation"][:, None])
+    assert f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]" in text
