@@ -3,7 +3,8 @@
 Errors are relative MSE (method / frozen base on the same rows). Every cell ``m ± h [med]`` is the mean over
 data draws of the seeds' mean, the half-width of the 95% t-interval over the draws, and the median over all
 draws × seeds. Paired ratios are geometric means of ``baseline / reference`` on the same draws and seeds with a
-draw-level 95% interval (:mod:`experiments.stats`).
+draw-level 95% interval (:mod:`experiments.stats`); their **>1** / **<1** marks are Holm–Bonferroni-corrected over
+each table's family of comparisons (:func:`holm_ratios`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,27 @@ def _cell(errors: Any) -> str:
     return f"{mean:.3g}{spread} [{stats.median(errors):.3g}]"
 
 
-def _ratio(errors: Any, reference: Any) -> str:
+def _ratio(errors: Any, reference: Any, significant: bool | None = None) -> str:
+    """``estimate [low, high]`` of the paired ratio, marked **>1** / **<1** when ``significant`` (``None``: when the
+    uncorrected 95% interval excludes 1)."""
     r = stats.paired_ratio(np.asarray(errors), np.asarray(reference))
     if r.low != r.low:
         return f"{r.estimate:.3g}"
-    mark = " **>1**" if r.low > 1 else (" **<1**" if r.high < 1 else "")
+    if significant is None:
+        significant = r.low > 1 or r.high < 1
+    mark = (" **>1**" if r.estimate > 1 else " **<1**") if significant else ""
     return f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]{mark}"
+
+
+def holm_ratios(pairs: list[tuple[Any, Any]], level: float = 0.05) -> list[str]:
+    """Paired-ratio cells for a family of comparisons ``[(errors, reference), ...]``, marks Holm-corrected.
+
+    Each pair's draw-level p-value (:func:`experiments.stats.paired_pvalue`) is adjusted with
+    :func:`experiments.stats.holm` over the whole family; a cell is marked when its adjusted p-value is below
+    ``level`` (family-wise error rate)."""
+    pvalues = [stats.paired_pvalue(np.asarray(e), np.asarray(r)) for e, r in pairs]
+    adjusted = stats.holm(pvalues) if pairs else np.zeros(0)
+    return [_ratio(e, r, bool(a < level)) for (e, r), a in zip(pairs, adjusted, strict=True)]
 
 
 def _label(task: str) -> str:
@@ -72,20 +88,21 @@ def method_tables(results: list[dict[str, Any]], references: list[str]) -> list[
         for ref in references:
             if ref not in by_name:
                 continue
+            compared = [r for r in rows if r["method"] not in (ref, "frozen")]
+            pairs = [(r["errors"][s], by_name[ref]["errors"][s]) for r in compared for s in SPLITS]
             lines += [
                 "",
                 f"Paired against `{ref}` on the same draws and seeds: geometric-mean ratio method / `{ref}` "
                 "[95% interval over draws]; **>1**: the method is worse than "
-                f"`{ref}` with the whole interval above 1, **<1**: better with the whole interval below 1.",
+                f"`{ref}`, **<1**: better, significant after a Holm–Bonferroni correction over this table's "
+                f"{len(pairs)} comparisons (family-wise level 5%; uncorrected, a mark means the interval excludes 1).",
                 "",
                 "| method | seen | interpolation | extrapolation |",
                 "|---|---:|---:|---:|",
             ]
-            for r in rows:
-                if r["method"] in (ref, "frozen"):
-                    continue
-                cells = " | ".join(_ratio(r["errors"][s], by_name[ref]["errors"][s]) for s in SPLITS)
-                lines.append(f"| {r['method']} | {cells} |")
+            cells = holm_ratios(pairs)
+            for i, r in enumerate(compared):
+                lines.append(f"| {r['method']} | " + " | ".join(cells[3 * i : 3 * i + 3]) + " |")
         bins = [tuple(b[:2]) for b in rows[0]["extrapolation_by_distance"]]
         if bins:
             lines += ["", "Extrapolation by sup-distance from the training range (standardised units):", ""]
@@ -159,17 +176,25 @@ def projection_tables(results: list[dict[str, Any]], reference: str) -> list[str
             "",
             "Each model's ΔW(p) at every layer projected onto its own top-r joint subspace (input and output), "
             "biases b(p) kept. 'rebuilt' is the unprojected model rebuilt from W + ΔW(p) (a check: it must equal "
-            f"the trained model's error). Ratios paired on draws × seeds; vs `{reference}` = method / `{reference}`.",
+            f"the trained model's error). Ratios paired on draws × seeds; vs `{reference}` = method / `{reference}`; "
+            "marks Holm–Bonferroni-corrected over every ratio of this table.",
             "",
             "| method | split | rebuilt | projected | projected / rebuilt | rebuilt vs ref | projected vs ref |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for r in rows:
-            for s in ("interpolation", "extrapolation"):
-                full, proj = r["rebuilt"][s], r["projected"][s]
-                vs = (_ratio(full, ref["errors"][s]), _ratio(proj, ref["errors"][s])) if ref else ("–", "–")
-                cells = [_cell(full), _cell(proj), _ratio(proj, full), *vs]
-                lines.append(f"| {r['method']} | {s} | " + " | ".join(cells) + " |")
+        keys = [(r, s) for r in rows for s in ("interpolation", "extrapolation")]
+        pairs = []
+        for r, s in keys:
+            full, proj = r["rebuilt"][s], r["projected"][s]
+            pairs.append((proj, full))
+            if ref:
+                pairs += [(full, ref["errors"][s]), (proj, ref["errors"][s])]
+        marked = iter(holm_ratios(pairs))
+        for r, s in keys:
+            full, proj = r["rebuilt"][s], r["projected"][s]
+            ratios = [next(marked)] + ([next(marked), next(marked)] if ref else ["–", "–"])
+            cells = [_cell(full), _cell(proj), *ratios]
+            lines.append(f"| {r['method']} | {s} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -329,4 +354,58 @@ def write(summary: dict[str, Any], config: ml_collections.ConfigDict, workdir: p
     ]
     path = workdir / "report.md"
     path.write_text("\n".join(text))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ absolute errors
+
+
+def base_mse(config: ml_collections.ConfigDict, task: str) -> dict[str, np.ndarray]:
+    """The frozen base's absolute MSE ``{split: [draws]}`` on the draws ``train_and_evaluate`` builds for ``task``.
+
+    The draws are rebuilt from the config's seed (the same keys, so the same bases, conditions and inputs), nothing
+    is trained: a committed report's relative errors times these are its absolute errors."""
+    import jax
+
+    from experiments import tasks as tasks_lib
+    from experiments import train as train_lib
+
+    key = jax.random.fold_in(jax.random.key(config.seed), train_lib.zlib_hash(task))
+    stacked = tasks_lib.make_draws(task, config, key)
+    fn = jax.vmap(lambda b, sp: {s: train_lib._base_rows(stacked.widths, b, v).mean() for s, v in sp.items()})
+    return {s: np.asarray(v, np.float64) for s, v in fn(stacked.base_params, stacked.splits).items()}
+
+
+def absolute_tables(summary: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+    """Markdown: per task, the frozen base's absolute MSE per split and every method's absolute MSE (geometric mean
+    over draws × seeds [95% interval over draws]) = its relative errors × the base's MSE of the same draw."""
+    lines = ["# Absolute errors", "",
+             "Absolute MSE (the task's output units squared) = relative MSE × the frozen base's MSE on the same draw "
+             "and split; the base's MSE comes from the draws rebuilt from the config (`experiments.report.base_mse`). "
+             "Geometric mean over draws × seeds [95% interval over draws].", ""]  # fmt: skip
+    for task in dict.fromkeys(r["task"] for r in summary["results"]):
+        base = base_mse(config, task)
+        lines += [f"## {_label(task)}", "", "| method | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
+        cells = [f"{base[s].mean():.4g} (per draw " + ", ".join(f"{v:.3g}" for v in base[s]) + ")" for s in SPLITS]
+        lines.append("| frozen base (mean over draws) | " + " | ".join(cells) + " |")
+        for r in summary["results"]:
+            if r["task"] != task or r["method"] == "frozen":
+                continue
+            out = []
+            for s in SPLITS:
+                g = stats.log_interval(np.asarray(r["errors"][s], np.float64) * base[s][:, None])
+                out.append(f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]")
+            lines.append(f"| {r['method']} | " + " | ".join(out) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_absolute(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+    """``workdir/absolute.md`` from the run's ``metrics.jsonl`` and its config (no training)::
+
+    python -c "from configs import default; from experiments import report; \\
+        report.write_absolute('results/default', default.get_config())"
+    """
+    path = pathlib.Path(workdir) / "absolute.md"
+    path.write_text(absolute_tables(load_summary(workdir), config))
     return path

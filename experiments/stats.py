@@ -55,3 +55,44 @@ def paired_ratio(errors: np.ndarray, reference: np.ndarray) -> Interval:
 def median(errors: np.ndarray) -> float:
     """Median over all draws and seeds."""
     return float(np.median(np.asarray(errors, np.float64)))
+
+
+def paired_pvalue(errors: np.ndarray, reference: np.ndarray) -> float:
+    """Two-sided p-value of "the geometric-mean ratio ``errors / reference`` is 1", at draw level.
+
+    The one-sample t-test of the draws' mean log ratios against 0 (``draws - 1`` degrees of freedom): the test
+    whose 95% acceptance region is exactly the interval of :func:`paired_ratio`, so ``p < 0.05`` iff that interval
+    excludes 1. ``nan`` with fewer than 2 draws."""
+    draw_logs = np.log(np.asarray(errors, np.float64) / np.asarray(reference, np.float64)).mean(axis=1)
+    if draw_logs.shape[0] < 2:
+        return float("nan")
+    std = draw_logs.std(ddof=1)
+    if std == 0:
+        return 0.0 if draw_logs.mean() != 0 else 1.0
+    t = draw_logs.mean() / (std / math.sqrt(draw_logs.shape[0]))
+    return float(2.0 * scipy.stats.t.sf(abs(t), draw_logs.shape[0] - 1))
+
+
+def holm(pvalues: list[float] | np.ndarray) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values of a family of ``m`` comparisons (step-down, family-wise error rate).
+
+    .. math::
+
+        \\tilde p_{(i)} = \\max_{j \\le i} \\min\\bigl(1, (m - j + 1)\\, p_{(j)}\\bigr)
+
+    with ``p_(1) <= ... <= p_(m)`` the sorted p-values; rejecting ``p̃ < α`` controls the probability of any false
+    rejection at ``α``. ``nan`` p-values are never rejected (adjusted to ``nan``) and do not count in ``m``.
+
+    >>> holm([0.01, 0.04, 0.03, 0.005]).round(3).tolist()
+    [0.03, 0.06, 0.06, 0.02]
+    """
+    p = np.asarray(pvalues, np.float64)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = finite.size
+    order = finite[np.argsort(p[finite], kind="stable")]
+    running = 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[idx]))
+        out[idx] = running
+    return out

@@ -289,7 +289,9 @@ def ks_metrics(apply: Callable[[jax.Array], jax.Array], u: np.ndarray, horizon: 
     for an adapted one, close over its ``p``). Returns ``one_step [c]`` (mean over trajectories and times of
     ``‖û_{t+1} − u_{t+1}‖ / ‖u_{t+1}‖`` from true ``u_t``), ``persistence [c]`` (the same for ``û = u_t``, a
     reference), ``rollout [c, horizon]`` (mean over trajectories of the relative L2 after ``h`` autoregressive
-    steps from frame 0) and ``rollout_mean [c]``.
+    steps from frame 0), ``rollout_mean [c]``, and the persistence reference of the rollout,
+    ``rollout_persistence [c, horizon]`` (``‖u_0 − u_h‖ / ‖u_h‖``: no change from frame 0) and its mean over
+    horizons ``rollout_persistence_mean [c]``. A model worse than persistence has learned nothing usable there.
     """
     u = jnp.asarray(u)
     horizon = min(horizon, u.shape[2] - 1)  # KS is chaotic: past ~10 steps every rollout decorrelates (→ ~1.4)
@@ -306,11 +308,14 @@ def ks_metrics(apply: Callable[[jax.Array], jax.Array], u: np.ndarray, horizon: 
         return jnp.moveaxis(states, 0, -2)  # [c, n, horizon, points]
 
     rollout = _relative_l2(roll(u[:, :, 0]), u[:, :, 1 : horizon + 1], -1).mean(axis=1)
+    still = _relative_l2(u[:, :, :1], u[:, :, 1 : horizon + 1], -1).mean(axis=1)  # u_0 held for every horizon
     return {
         "one_step": np.asarray(one),
         "persistence": np.asarray(persistence),
         "rollout": np.asarray(rollout),
         "rollout_mean": np.asarray(rollout.mean(-1)),
+        "rollout_persistence": np.asarray(still),
+        "rollout_persistence_mean": np.asarray(still.mean(-1)),
     }
 
 

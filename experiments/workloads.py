@@ -474,7 +474,7 @@ def evaluate(work: Workload, adapted, trainable, frozen, orders, config) -> dict
 
     if work.name == "ks":
         metrics = surrogates.ks_metrics(apply, arrays["u"], config.horizon)
-        keep = ("one_step", "rollout_mean", "rollout", "persistence")
+        keep = ("one_step", "rollout_mean", "rollout", "persistence", "rollout_persistence_mean")
     else:
         metrics = surrogates.battery_metrics(apply, arrays["x"], arrays["y"], arrays["valid"])
         keep = ("voltage_rmse_mv", "voltage_rel_l2", "temperature_rmse_k")
@@ -607,6 +607,48 @@ def pareto(records: list[dict], set_name: str = "heldout") -> str:
     return "\n".join(lines)
 
 
+def references(records: dict[str, list[dict]]) -> str:
+    """The frozen base's absolute errors on every condition set, beside the persistence reference (KS).
+
+    KS (autoregressive): one-step and rollout relative L2 of the frozen base and of persistence (``û_{t+1} = u_t``;
+    for the rollout ``û_h = u_0``), mean over the set's conditions; a base above persistence off nominal is worse
+    than predicting no change. The battery (a sequence model, no autoregressive reference): the base's voltage
+    RMSE [mV] and temperature-rise RMSE [K]. Records written before the rollout reference existed show "–"."""
+    out = []
+    for workload, recs in records.items():
+        frozen = next((r for r in recs if r["method"] == "frozen" and r["targets"] == "all"), None)
+        if frozen is None:
+            continue
+        m = frozen["metrics"]
+
+        def mean(s, k, m=m):
+            return f"{np.mean(m[s][k]):.3f}" if k in m[s] else "–"
+
+        if workload == "ks":
+            lines = ["| set | base 1-step | persistence 1-step | base rollout | persistence rollout |",
+                     "|---|---:|---:|---:|---:|"]  # fmt: skip
+            for s in SETS:
+                cells = [mean(s, "one_step"), mean(s, "persistence"), mean(s, "rollout_mean"),
+                         mean(s, "rollout_persistence_mean")]  # fmt: skip
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        else:
+            lines = ["| set | base voltage RMSE [mV] | base temperature-rise RMSE [K] |", "|---|---:|---:|"]
+            for s in SETS:
+                lines.append(f"| {s} | {np.mean(m[s]['voltage_rmse_mv']):.1f} | "
+                             f"{np.mean(m[s]['temperature_rmse_k']):.3f} |")  # fmt: skip
+        out.append(
+            f"### {workload}: the frozen base and the trivial reference (absolute)\n\n" + "\n".join(lines) + "\n"
+        )
+    return "\n".join(out)
+
+
+def write_references(workdir: str | pathlib.Path) -> pathlib.Path:
+    """``workdir/references.md`` from the committed records (:func:`references`), without training anything."""
+    path = pathlib.Path(workdir) / "references.md"
+    path.write_text("# The frozen base against the trivial references\n\n" + references(read_records(workdir)))
+    return path
+
+
 def report(records: dict[str, list[dict]], seconds: float) -> str:
     """``report.md``: per workload, the all-layer table and the per-layer ablation."""
     out = [f"# Workloads (this invocation: {seconds:.0f} s)\n"]
@@ -624,6 +666,7 @@ def report(records: dict[str, list[dict]], seconds: float) -> str:
             if "loss_curve" in r
         ]
         out.append(f"### {workload}: error against trainable parameters (held-out conditions)\n\n{pareto(recs)}\n")
+        out.append(references({workload: recs}))
         title = f"### {workload}: training loss over 10 windows of steps (reported runs)"
         out.append(title + "\n\n" + "\n".join(curves) + "\n")
     return "\n".join(out)

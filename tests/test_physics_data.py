@@ -207,3 +207,24 @@ def test_pretrained_surrogates_fit_nominal_better_than_elsewhere():
     )
     assert cells["nominal"]["voltage_rmse_mv"][0] < 8.0 and cells["nominal"]["temperature_rmse_k"][0] < 0.3
     assert cells["extrapolated"]["voltage_rmse_mv"].mean() > 3 * cells["nominal"]["voltage_rmse_mv"][0]
+
+
+def test_ks_metrics_persistence_references_against_numpy():
+    """Persistence (û_{t+1} = u_t; rollout û_h = u_0) computed in float64 numpy; the identity model *is* persistence."""
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(3, 2, 6, 16)).astype(np.float32)  # [conditions, trajectories, frames, points]
+    u64 = u.astype(np.float64)
+    norm = lambda a: np.sqrt((a**2).sum(-1))  # noqa: E731
+    one = (norm(u64[:, :, :-1] - u64[:, :, 1:]) / norm(u64[:, :, 1:])).mean(axis=(1, 2))
+    still = (norm(u64[:, :, :1] - u64[:, :, 1:5]) / norm(u64[:, :, 1:5])).mean(axis=1)  # [c, horizon 4]
+    identity = surrogates.ks_metrics(lambda z: z, u, horizon=4)
+    np.testing.assert_allclose(identity["persistence"], one, rtol=1e-5)
+    np.testing.assert_allclose(identity["rollout_persistence"], still, rtol=1e-5)
+    np.testing.assert_allclose(identity["rollout_persistence_mean"], still.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(identity["one_step"], identity["persistence"], rtol=1e-6)
+    np.testing.assert_allclose(identity["rollout"], identity["rollout_persistence"], rtol=1e-6)
+    # a model that halves the state: the references stay, its own errors follow the numpy formula
+    halved = surrogates.ks_metrics(lambda z: 0.5 * z, u, horizon=4)
+    assert np.all(halved["persistence"] == identity["persistence"])  # the reference does not depend on the model
+    np.testing.assert_allclose(halved["rollout"][:, 0], (norm(0.5 * u64[:, :, 0] - u64[:, :, 1]) /
+                                                           norm(u64[:, :, 1])).mean(axis=1), rtol=1e-5)  # fmt: skip

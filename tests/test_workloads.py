@@ -270,3 +270,20 @@ def test_anchor_replay_needs_enough_nominal_trajectories_and_replays_battery_pro
     np.testing.assert_array_equal(replay.x[c, :, 0], nominal["x"][0, 2:4])
     np.testing.assert_array_equal(replay.w[c, :, 0, :, 0], nominal["valid"][0, 2:4])
     np.testing.assert_array_equal(replay.conditions[c], nominal["conditions"][0])
+
+
+def test_references_table_reads_the_frozen_record():
+    sets = workloads.SETS
+    metrics = {s: {"one_step": [[0.1 * (i + 1), 0.1 * (i + 1)]], "persistence": [[0.2, 0.4]],
+                   "rollout_mean": [[0.5, 0.7]]} for i, s in enumerate(sets)}  # fmt: skip
+    metrics["heldout"]["rollout_persistence_mean"] = [[0.9, 1.1]]
+    battery = {s: {"voltage_rmse_mv": [[10.0, 20.0]], "temperature_rmse_k": [[0.5, 1.5]]} for s in sets}
+    records = {
+        "ks": [{"method": "lora", "targets": "all", "metrics": {}},
+               {"method": "frozen", "targets": "all", "metrics": metrics}],
+        "battery": [{"method": "frozen", "targets": "all", "metrics": battery}],
+    }  # fmt: skip
+    text = workloads.references(records)
+    assert "| train | 0.100 | 0.300 | 0.600 | – |" in text
+    assert "| heldout | 0.200 | 0.300 | 0.600 | 1.000 |" in text
+    assert "| nominal | 15.0 | 1.000 |" in text
