@@ -1,4 +1,4 @@
-"""Issue 11's adaptation study: every method injected into the pretrained KS and battery transformers.
+"""The adaptation study on real workloads: every method injected into the pretrained KS and battery transformers.
 
     python -m experiments.workloads --config configs/workloads.py --workdir results/workloads
 

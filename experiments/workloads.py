@@ -1,4 +1,4 @@
-r"""Every method adapted into the pretrained transformer surrogates (issue 11) through ``rssbl_jax.inject``.
+r"""Every method adapted into the pretrained transformer surrogates through ``rssbl_jax.inject``.
 
     python -m experiments.workloads --config configs/workloads.py --workdir results/workloads
     python -m experiments.workloads --config configs/workloads.py --workdir results/workloads \
