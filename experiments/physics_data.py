@@ -1,4 +1,4 @@
-"""Cached physics data for the issue-11 workloads, with a progress bar while it is generated.
+"""Cached physics data for the real workloads, with a progress bar while it is generated.
 
     python -m experiments.physics_data [--data_dir DIR] [--pretrain]
 

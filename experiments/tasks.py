@@ -15,7 +15,7 @@ Built for (or against) RSS, labelled as such everywhere:
 * ``planted_shared``: a random 2-layer teacher whose first layer is ``W1 + U diag(G p) V`` plus a shift: exactly
   RSSBilinearLoRA's structure, nominal at ``p = 0``. **Built for RSS.**
 * ``planted_shared_corner``: the same teacher, but the frozen base is the teacher at the corner ``p = (-1, -1)``;
-  the ideal update ``U diag(G (p - c)) V`` needs a gate offset. Built for RSS's affine gate, not the original formulation's ``C p``.
+  the ideal update ``U diag(G (p - c)) V`` needs a gate offset. Built for RSS's affine gate, not the linear ``C p``.
 * ``planted_moving``: the update's column and row spaces rotate with ``p``. **Built against** RSS's fixed subspace.
 
 Not built for RSS (nobody here chose their structure):

@@ -1,4 +1,4 @@
-"""Issue-11 data against physics: exponax vs analytic solutions, PyBaMM within its cut-offs and losing capacity
+"""Workload data against physics: exponax vs analytic solutions, PyBaMM within its cut-offs and losing capacity
 with C-rate, the cache, and the nominal surrogates fitting their nominal condition."""
 
 import dataclasses

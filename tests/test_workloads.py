@@ -1,4 +1,4 @@
-"""The issue-11 adaptation harness on tiny surrogates: every method runs through inject, B = 0 at init is the frozen
+"""The workload adaptation harness on tiny surrogates: every method runs through inject, B = 0 at init is the frozen
 base, an adapter trains, and the study writes records and a report."""
 
 import json
