@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-REPORTS = {path.relative_to(ROOT).as_posix(): path.read_text() for path in sorted(ROOT.glob("results/*/report.md"))}
+REPORTS = {path.relative_to(ROOT).as_posix(): path.read_text() for path in sorted(ROOT.glob("results/**/report.md"))}
 
 
 def test_readme_has_one_example():
