@@ -144,13 +144,6 @@ class AdapterConfig:
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
 
-    Parsing is strict, so a config read from JSON, YAML or a command line means what it says. The flags
-    (``use_rslora``, ``shift``, ``scalar_gate``) take a bool, 0 or 1, or the strings
-    ``"true"``/``"false"``/``"1"``/``"0"`` in any case; anything else (``"yes"``, ``2``) is an error naming the
-    field. The pattern fields (``targets``, ``exclude``, ``modules_to_save``) given one string take it as one regex,
-    never as a sequence of characters;
-    ``rank_pattern``/``alpha_pattern`` take a mapping or ``(regex, value)`` pairs, and ``p_mean``/``p_std`` a
-    sequence of numbers (a string is an error). ``p_keyword`` must be an identifier that is not a Python keyword.
       lora_dropout: dropout rate applied to the adapter's input ``x`` (before ``A``) while training.
       lora_a_init: ``"lora"`` (PEFT's Kaiming-uniform) or ``"gaussian"`` (``N(0, 1/r²)``); ``B`` starts at 0.
       p_mean, p_std: normalisation of the operating parameters, ``p̂ = (p - p_mean) / p_std``, applied inside
@@ -158,6 +151,14 @@ class AdapterConfig:
       p_keyword: the keyword under which an injected model takes ``p`` (``adapted.apply(..., p=p)``).
       modules_to_save: regexes over *leaf* paths of base parameters that are trained too (a head, a LayerNorm),
         PEFT's ``modules_to_save``; :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base` read it.
+
+    Parsing is strict, so a config read from JSON, YAML or a command line means what it says. The flags
+    (``use_rslora``, ``shift``, ``scalar_gate``) take a bool, 0 or 1, or the strings
+    ``"true"``/``"false"``/``"1"``/``"0"`` in any case; anything else (``"yes"``, ``2``) is an error naming the
+    field. The pattern fields (``targets``, ``exclude``, ``modules_to_save``) given one string take it as one regex,
+    never as a sequence of characters;
+    ``rank_pattern``/``alpha_pattern`` take a mapping or ``(regex, value)`` pairs, and ``p_mean``/``p_std`` a
+    sequence of numbers (a string is an error). ``p_keyword`` must be an identifier that is not a Python keyword.
 
     >>> config = AdapterConfig(rank=4, lora_alpha=8.0, targets=r".*/(query|value)", gate="affine")
     >>> config.adapts("block_0/attention/query"), config.adapts("block_0/mlp"), config.scale

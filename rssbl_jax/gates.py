@@ -8,14 +8,10 @@ r"""The gate family as objects: one class per gate, registered by the name an :c
 A gate is its leaves (names, shapes, initialisers), its features ``φ(p̂)``, the directions ``C`` they weigh and
 its constant ``g0``:
 
-=============  =============================  ==================================  ================================
-name           ``g(p̂)``                       ``φ(p̂)``                            leaves (besides the shift ``S``)
-=============  =============================  ==================================  ================================
-``linear``     ``g0 + C p̂`` (``g0`` fixed)     ``p̂``                               ``lora_c (d_p, r)``
-``affine``     ``c0 + C p̂``                    ``p̂``                               ``lora_c``, ``lora_c0 (r,)``
-``mlp``        ``c0 + C tanh(W p̂ + b)``        ``tanh(W p̂ + b)``                   ``lora_c (hidden, r)``, ``lora_c0``,
-                                                                                  ``lora_gate_w``, ``lora_gate_b``
-=============  =============================  ==================================  ================================
+- ``linear``: ``g = g0 + C p̂`` with ``g0`` fixed; ``φ(p̂) = p̂``; leaves ``lora_c (d_p, r)``.
+- ``affine``: ``g = c0 + C p̂``; ``φ(p̂) = p̂``; leaves ``lora_c`` and ``lora_c0 (r,)``.
+- ``mlp``: ``g = c0 + C tanh(W p̂ + b)``; ``φ(p̂) = tanh(W p̂ + b)``; leaves ``lora_c (hidden, r)``, ``lora_c0``,
+  ``lora_gate_w``, ``lora_gate_b``.
 
 (``linear`` with ``gate_offset=1`` is the ``1 + C p`` gate. With ``scalar_gate=True`` every gate has one column
 ``C (m, 1)`` and ``c0 (1,)``: one value per condition multiplies every rank, CoLoRA's coefficient per layer.)
