@@ -177,3 +177,37 @@ def test_floor_pins_are_pyprojects_lower_bounds():
     for requirement in PYPROJECT["project"]["dependencies"]:
         name, floor = re.match(r"([\w.-]+)>=([\w.]+)", requirement).groups()
         assert pins[normalise(name)].startswith(floor), (requirement, pins.get(normalise(name)))
+
+
+# Declared distributions that no file imports by name, with the reason they are declared anyway.
+USED_WITHOUT_IMPORT = {
+    "jaxlib": "jax's compiled backend, never imported directly",
+    "ipykernel": "tests/test_notebooks.py starts it as the notebooks' Jupyter kernel",
+    "pytest": "the test runner",
+    "nbclient": "tests/test_notebooks.py imports it through pytest.importorskip",
+    "nbformat": "tests/test_notebooks.py imports it through pytest.importorskip",
+    "ruff": "`make lint`",
+    "gcp-storage-emulator": "tests/test_gcs.py starts it as a subprocess (`python -m gcp_storage_emulator`)",
+    "gcsfs": "etils.epath opens gs:// paths through it",
+    "sphinx": "`make docs` runs it",
+    "myst-parser": "docs/conf.py loads it as a Sphinx extension",
+}
+
+
+@pytest.mark.parametrize("section", ["core", *sorted(PYPROJECT["project"]["optional-dependencies"])])
+def test_every_declared_package_is_used(section):
+    """The converse of the check above: nothing is declared that no file imports (or a stated reason keeps)."""
+    project = PYPROJECT["project"]
+    requirements = project["dependencies"] if section == "core" else project["optional-dependencies"][section]
+    providers = importlib.metadata.packages_distributions()
+    imported = set()
+    for folder in ("rssbl_jax", "experiments", "configs", "benchmarks", "tests", "colab", "docs"):
+        for module in imported_top_level(ROOT / folder):
+            imported |= {normalise(d) for d in providers.get(module, [module])}
+    for requirement in requirements:
+        name = normalise(re.match(r"[\w.-]+", requirement).group(0))
+        if name == "rssbl-jax":
+            continue  # rssbl_jax[extra] brings another extra, checked on its own
+        assert name in imported or name in USED_WITHOUT_IMPORT, (
+            f"pyproject declares {requirement!r} ({section}) but nothing imports it"
+        )

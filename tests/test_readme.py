@@ -8,6 +8,7 @@ a committed report under results/.
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +26,21 @@ def test_readme_has_one_example():
 def test_readme_block_runs(index):
     namespace: dict = {"__name__": f"readme_block_{index}"}
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    # What the example claims, against an independent float64 reference.
+    start, params, merged = namespace["variables"]["params"], namespace["params"], namespace["merged"]
+    assert all(np.array_equal(params[k], start[k]) for k in ("kernel", "bias")), "the base changed"
+    assert any(not np.array_equal(params[k], start[k]) for k in params if k.startswith("lora_")), "nothing trained"
+    x, p = (np.asarray(namespace[k], np.float64) for k in ("x", "p"))
+    cfg = namespace["layer"].adapter_config
+    f64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    h = x @ f64["lora_a"]  # [batch, tokens, r]
+    gate = (p @ f64["lora_c"])[:, None, :]  # the linear gate C p, one condition per example
+    shift = (p @ f64["lora_s"])[:, None, :]
+    want = x @ f64["kernel"] + f64["bias"] + cfg.scale * ((h * gate + shift) @ f64["lora_b"])
+    got = namespace["layer"].apply({"params": params}, namespace["x"], namespace["p"])
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4, atol=1e-4)
+    at_p0 = x[0] @ np.asarray(merged["kernel"], np.float64) + np.asarray(merged["bias"], np.float64)
+    np.testing.assert_allclose(at_p0, want[0], rtol=1e-4, atol=1e-4)  # the merged Dense at p0 = p[0]
 
 
 def test_readme_states_the_test_command_ci_runs_first():
