@@ -66,3 +66,7 @@ def test_quoted_interval_is_in_a_committed_report(quoted):
     assert holders, f"README.md quotes {quoted!r}, which no committed report under results/ contains"
     named = [name for name in holders if name in README]
     assert named, f"README.md quotes {quoted!r} from {holders} but names none of them"
+    # A significance mark in the README is the report's own (Holm-corrected), and an unmarked quote is unmarked there.
+    mark = re.search(re.escape(quoted) + r"\s*(\*\*[<>]1\*\*)?", README).group(1)
+    marked = [name for name in named if f"{quoted} **" in REPORTS[name]]
+    assert bool(mark) == bool(marked), f"README.md marks {quoted!r} as {mark!r}; marked in the reports: {marked}"
