@@ -20,9 +20,11 @@ call only, the method interceptor that hands it to every adapted layer; nothing 
 traced by ``jax.jit`` computes with the ``p`` it is given (``p`` is one of its traced arguments), never one captured
 when it was traced.
 
-Nesting and summaries: an adapted model is not itself a linen ``Module``. To adapt a model used inside a larger
-one, inject the larger one, with targets that name the inner layers by their full path (``"encoder/layers_0"``);
-:meth:`Adapted.tabulate` is ``model.tabulate`` with the adapters (its table lists the ``lora_*`` leaves).
+Nesting and summaries: the adapted model is a linen ``Module`` (:class:`Adapted`) that shares its scope with the
+wrapped model, so its params are the wrapped model's own tree (no prefix), ``adapted.tabulate`` (or
+``nn.tabulate``) lists the ``lora_*`` leaves, and it can be a submodule of a larger linen module, whose params then
+hold the adapted model's tree under its submodule name. Targets always name layers by their path in the wrapped
+model (``"encoder/layers_0"``), wherever the adapted model sits.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from rssbl_jax import apply, core, patterns
+from rssbl_jax import apply, patterns
 from rssbl_jax.apply import apply_adapter, check_keyword_free, linen_leaves, make_config, metadata_holder
 from rssbl_jax.apply import outside_quantizer as outside_quantizer
 from rssbl_jax.config import AdapterConfig, check_patterns_used
 from rssbl_jax.factorization import kind_of
 from rssbl_jax.methods import RSS, AdapterMethod
-from rssbl_jax.partition import adapter_layers
+from rssbl_jax.tree import adapter_layers, adapter_leaf_paths
 
 PyTree = Any
 
@@ -85,6 +87,8 @@ class Adapted(nn.Module):
     >>> variables = Outer(adapted).init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))
     >>> sorted(variables["params"]["inner"]["layers_0"])
     ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
+    >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
+    True
     """
 
     base: _Unadopted
@@ -241,9 +245,10 @@ def inject(
     path in the model (its params' keys joined by ``/``, e.g. ``"block_0/attention/query"``) fully matches one
     of the targets and none of ``exclude``. Call it as ``inject(model, config)`` or, equivalently,
     ``inject(model, targets, rank, lora_alpha, **settings)`` with any :class:`~rssbl_jax.AdapterConfig` field as a
-    keyword. ``adapted.init(key, *args, p=p)`` returns ``model.init``'s variables with ``lora_*`` leaves beside
-    each adapted kernel; ``d_p`` is read from ``p``. At init ``B = 0``, so the adapted model computes exactly the
-    base model. ``partition``, ``freeze_base``, ``merge`` and ``save_adapters`` take ``adapted.config``.
+    keyword. The result is a linen ``Module`` (:class:`Adapted`); ``adapted.init(key, *args, p=p)`` returns
+    ``model.init``'s variables with ``lora_*`` leaves beside each adapted kernel; ``d_p`` is read from ``p``. At
+    init ``B = 0``, so the adapted model computes exactly the base model. ``partition``, ``freeze_base``, ``merge``
+    and ``save_adapters`` take ``adapted.config``.
 
     ``initializers`` overrides the initialiser of any adapter leaf of the method by name (``{"lora_a": ...}``); for the
     principal-subspace start (PiSSA-like, exact merge) see :func:`rssbl_jax.init_principal`. ``method`` replaces what
@@ -346,18 +351,13 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     elif not (isinstance(variables, Mapping) and "params" in variables):
         return load_base({"params": variables}, {"params": pretrained})["params"]
 
-    adapters = {f"params/{layer}" if layer else "params" for layer in adapter_layers(variables["params"])}
+    adapters = {f"params/{path}" for path in adapter_leaf_paths(variables["params"])}
     flat_pretrained = _flat(pretrained)
     collections = {str(name) for name in pretrained}
-
-    def is_adapter(path: str) -> bool:
-        layer, _, name = path.rpartition("/")
-        return layer in adapters and core.is_adapter_leaf_name(name)
-
     frozen = {
         path: leaf
         for path, leaf in _flat(variables).items()
-        if path.split("/")[0] in collections and not is_adapter(path)
+        if path.split("/")[0] in collections and path not in adapters
     }
     for path, leaf in frozen.items():
         if path not in flat_pretrained:
