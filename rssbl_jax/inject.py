@@ -70,7 +70,8 @@ class Adapted(nn.Module):
     ``"dropout"`` rng is passed (``rngs={"dropout": key}``, training) and not otherwise (evaluation).
 
     Attributes:
-      model: the linen model (not modified).
+      model: the linen model (not modified); a property reading ``base``, which holds it where linen does not
+        adopt it as a child (that would move its params under a prefix).
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype: dtype of the adapter parameters.
       method: the :class:`~rssbl_jax.AdapterMethod` computing the update (:class:`~rssbl_jax.RSS` by default).
@@ -138,8 +139,8 @@ class Adapted(nn.Module):
     @nn.nowrap
     def _entry(self, method: Any) -> Any:
         """``Module.apply``'s ``method`` for a method of the wrapped model: it runs under the interceptor too."""
-        if method is None:
-            return None
+        if method is None or method == "__call__" or getattr(method, "__func__", method) is Adapted.__call__:
+            return method  # this module's own call (as nn.tabulate names it)
         if isinstance(method, str):
             check_keyword_free(getattr(type(self.model), method), self.config.p_keyword, f"method {method!r}")
         else:

@@ -557,7 +557,7 @@ def test_adapted_model_is_a_linen_module_that_nests_and_tabulates():
     # the summary table lists the adapter leaves, through the module's own tabulate and nn.tabulate
     table = adapted.tabulate(jax.random.key(0), x, p=p)
     assert "lora_c" in table and "lora_b" in table
-    assert "lora_a" in nn.tabulate(outer, jax.random.key(0))(x8, p)
+    assert "lora_a" in nn.tabulate(outer, jax.random.key(0), compute_flops=True)(x8, p)
 
 
 def test_method_of_the_wrapped_model_runs_adapted():
@@ -578,4 +578,5 @@ def test_method_of_the_wrapped_model_runs_adapted():
     expected = dense(np.asarray(x, np.float64), params["hidden"], "hidden", Adapters({"hidden": 1.0}, p))
     for method in ("doubled", TwoWays.doubled, lambda m, v: m.doubled(v)):
         np.testing.assert_allclose(adapted.apply(variables, x, p=p, method=method), 2 * expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(adapted.apply(variables, x, p=p), expected, rtol=1e-5, atol=1e-6)
+    for method in (None, "__call__", adapted.__call__):  # the adapted model's own call
+        np.testing.assert_allclose(adapted.apply(variables, x, p=p, method=method), expected, rtol=1e-5, atol=1e-6)
