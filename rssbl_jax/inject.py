@@ -109,7 +109,7 @@ class Adapted(nn.Module):
         return self.config
 
     def setup(self) -> None:
-        # the wrapped model bound to this module's own scope: its params sit where model.init puts them
+        """Bind the wrapped model to this module's own scope, so its params sit where ``model.init`` puts them."""
         object.__setattr__(self, "_bound", self.base.module.clone(parent=self.scope))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

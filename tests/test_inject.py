@@ -554,6 +554,18 @@ def test_adapted_model_is_a_linen_module_that_nests_and_tabulates():
     with pytest.raises(ValueError, match=r"(?s)'head' matches no adaptable layer.*model  \(Dense\)"):
         jax.eval_shape(Outer(inject(model, "head", rank=2, lora_alpha=1.0)).init, jax.random.key(0), x8, p)
 
+    # built in setup, it sits under its attribute's name and computes the same
+    class Built(nn.Module):
+        def setup(self):
+            self.body = inject(Wrapper(), "model|base", rank=2, lora_alpha=3.0)
+
+        def __call__(self, x, p):
+            return self.body(x, p=p)
+
+    assert shapes(jax.eval_shape(Built().init, jax.random.key(0), x, p)["params"]["body"]) == shapes(abstract)
+    y = jax.jit(Built().apply)({"params": {"body": params32}}, x, p)
+    np.testing.assert_allclose(y, standalone, rtol=1e-6, atol=1e-6)
+
     # the summary table lists the adapter leaves, through the module's own tabulate and nn.tabulate
     table = adapted.tabulate(jax.random.key(0), x, p=p)
     assert "lora_c" in table and "lora_b" in table
