@@ -20,9 +20,11 @@ call only, the method interceptor that hands it to every adapted layer; nothing 
 traced by ``jax.jit`` computes with the ``p`` it is given (``p`` is one of its traced arguments), never one captured
 when it was traced.
 
-Nesting and summaries: an adapted model is not itself a linen ``Module``. To adapt a model used inside a larger
-one, inject the larger one, with targets that name the inner layers by their full path (``"encoder/layers_0"``);
-:meth:`Adapted.tabulate` is ``model.tabulate`` with the adapters (its table lists the ``lora_*`` leaves).
+Nesting and summaries: the adapted model is a linen ``Module`` (:class:`Adapted`) that shares its scope with the
+wrapped model, so its params are the wrapped model's own tree (no prefix), ``adapted.tabulate`` (or
+``nn.tabulate``) lists the ``lora_*`` leaves, and it can be a submodule of a larger linen module, whose params then
+hold the adapted model's tree under its submodule name. Targets always name layers by their path in the wrapped
+model (``"encoder/layers_0"``), wherever the adapted model sits.
 """
 
 from __future__ import annotations
@@ -36,100 +38,151 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from rssbl_jax import apply, core, patterns
+from rssbl_jax import apply, patterns
 from rssbl_jax.apply import apply_adapter, check_keyword_free, linen_leaves, make_config, metadata_holder
 from rssbl_jax.apply import outside_quantizer as outside_quantizer
 from rssbl_jax.config import AdapterConfig, check_patterns_used
 from rssbl_jax.factorization import kind_of
 from rssbl_jax.methods import RSS, AdapterMethod
-from rssbl_jax.partition import adapter_layers
+from rssbl_jax.tree import adapter_layers, adapter_leaf_paths
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Adapted:
-    r"""An unmodified linen ``model`` whose adapted layers carry a rank-space update modulated by ``p``.
+class _Unadopted:
+    """Holds the wrapped model out of linen's reach: a module in a field would be adopted as a child named after
+    the field, and its params would move under that name."""
 
-    Built by :func:`inject`. ``init`` and ``apply`` are ``model.init`` and ``model.apply`` (every other keyword,
-    such as ``method``, ``mutable`` or ``rngs``, is passed through) run under a method interceptor; ``p`` is
-    passed under the keyword ``config.p_keyword`` (``"p"`` by default). ``lora_dropout`` acts when a
+    module: nn.Module
+
+
+class Adapted(nn.Module):
+    r"""An unmodified linen ``model`` whose adapted layers carry a rank-space update modulated by ``p``: a linen module.
+
+    Built by :func:`inject`. Calling it runs ``model`` under a method interceptor that hands ``p`` (the keyword
+    ``config.p_keyword``, ``"p"`` by default) to every adapted layer, so ``adapted.init(key, x, p=p)``,
+    ``adapted.apply(variables, x, p=p)``, ``adapted.tabulate(key, x, p=p)`` and use as a submodule of another
+    linen module all work. The wrapped model shares this module's scope: its params keep their own paths (no
+    ``model/`` prefix), with the ``lora_*`` leaves beside each adapted kernel, and targets name layers by their path
+    in the wrapped model, wherever the adapted model sits. ``apply``'s ``method`` names a method of the wrapped
+    model (a name, or a function taking it), run under the same interceptor. ``lora_dropout`` acts when a
     ``"dropout"`` rng is passed (``rngs={"dropout": key}``, training) and not otherwise (evaluation).
 
     Attributes:
-      model: the linen model (not modified).
+      model: the linen model (not modified); a property reading ``base``, which holds it where linen does not
+        adopt it as a child (that would move its params under a prefix).
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype: dtype of the adapter parameters.
       method: the :class:`~rssbl_jax.AdapterMethod` computing the update (:class:`~rssbl_jax.RSS` by default).
-      initializers: ``{leaf name: initializer}`` overrides of the method's adapter leaves' initialisers.
+      initializers: ``{leaf name: initializer}`` overrides of the method's adapter leaves' initialisers, as a tuple
+        of pairs.
+
+    >>> import jax, jax.numpy as jnp
+    >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
+    >>> class Outer(nn.Module):   # the adapted model nested in a larger one
+    ...     inner: nn.Module
+    ...     @nn.compact
+    ...     def __call__(self, x, p):
+    ...         return self.inner(nn.Dense(3, name="stem")(x), p=p)
+    >>> variables = Outer(adapted).init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))
+    >>> sorted(variables["params"]["inner"]["layers_0"])
+    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
+    >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
+    True
     """
 
-    model: nn.Module
+    base: _Unadopted
     config: AdapterConfig
     param_dtype: Any = jnp.float32
     method: AdapterMethod = RSS()
-    initializers: Any = None
+    initializers: tuple[tuple[str, Any], ...] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped linen model (not modified)."""
+        return self.base.module
 
     @property
     def adapter_config(self) -> AdapterConfig:
         """The same as :attr:`config`."""
         return self.config
 
-    def init(self, rngs: Any, *args: Any, **kwargs: Any) -> Any:
-        """``model.init(rngs, *args, **kwargs)`` plus adapters beside each adapted kernel; ``d_p`` from ``p``."""
-        where = f"inject({type(self.model).__name__})"
-        apply.warn_if_silent(self.method, self.config.resolve(None), kwargs.get(self.config.p_keyword), where)
-        return self._run(self.model.init, rngs, args, kwargs)
+    def setup(self) -> None:
+        """Bind the wrapped model to this module's own scope, so its params sit where ``model.init`` puts them."""
+        object.__setattr__(self, "_bound", self.base.module.clone(parent=self.scope))
 
-    def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
-        """``model.apply(variables, *args, **kwargs)`` with the adapted layers under operating parameters ``p``.
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` with the adapted layers under the operating parameters ``p`` (a keyword).
 
         ``p`` is ``[d_p]`` (one condition for everything) or ``[batch, d_p]`` (one per example; every adapted
-        layer's input must then lead with the batch axis).
+        layer's input must then lead with the batch axis); at init ``d_p`` is read from it.
         """
-        return self._run(self.model.apply, variables, args, kwargs)
+        return self._run(None, args, kwargs)
 
-    def tabulate(self, rngs: Any, *args: Any, **kwargs: Any) -> str:
-        """``model.tabulate(rngs, *args, **kwargs)`` with the adapters: the summary table lists the ``lora_*`` leaves.
+    @nn.nowrap
+    def apply(self, variables: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        """``Module.apply``; a ``method`` names a method of the wrapped model (or is a function taking it)."""
+        return super().apply(variables, *args, method=self._entry(method), **kwargs)
 
-        >>> import jax, jax.numpy as jnp
-        >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
-        >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))
-        True
-        """
-        return self._run(self.model.tabulate, rngs, args, kwargs)
+    @nn.nowrap
+    def init(self, rngs: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        """``Module.init``: ``model.init``'s variables plus adapters beside each adapted kernel; ``d_p`` from ``p``."""
+        return super().init(rngs, *args, method=self._entry(method), **kwargs)
 
+    @nn.nowrap
     def adapted_paths(self, variables: Any) -> list[str]:
         """The paths of the adapted layers in ``variables`` (or its ``"params"``)."""
         params = variables.get("params", variables) if isinstance(variables, Mapping) else variables
         return adapter_layers(params)
 
-    def _run(self, fun, first, args, kwargs):
+    @nn.nowrap
+    def _entry(self, method: Any) -> Any:
+        """``Module.apply``'s ``method`` for a method of the wrapped model: it runs under the interceptor too."""
+        if method is None or method == "__call__" or getattr(method, "__func__", method) is Adapted.__call__:
+            return method  # this module's own call (as nn.tabulate names it)
+        if isinstance(method, str):
+            check_keyword_free(getattr(type(self.model), method), self.config.p_keyword, f"method {method!r}")
+        else:
+            check_keyword_free(method, self.config.p_keyword, f"method {getattr(method, '__name__', method)!r}")
+
+        def entry(adapted: Adapted, *args: Any, **kwargs: Any) -> Any:
+            return adapted._run(method, args, kwargs)
+
+        return entry
+
+    def _run(self, fun: Any, args: tuple, kwargs: dict) -> Any:
         keyword = self.config.p_keyword
         if keyword not in kwargs and self.method.uses_p:
             raise TypeError(f"the adapted model needs its operating parameters as the keyword {keyword}=...")
         kwargs = dict(kwargs)
         p = kwargs.pop(keyword, None)
-        method = kwargs.get("method")
-        if callable(method):
-            check_keyword_free(method, keyword, f"method {getattr(method, '__name__', method)!r}")
-        elif isinstance(method, str):
-            check_keyword_free(getattr(type(self.model), method), keyword, f"method {method!r}")
+        if self.is_initializing():
+            apply.warn_if_silent(self.method, self.config.resolve(None), p, f"inject({type(self.model).__name__})")
+        model = self._bound
         seen: dict[str, str] = {}
         adapted: list[str] = []
         with nn.intercept_methods(self._interceptor(seen, adapted, p)):
-            out = fun(first, *args, **kwargs)
-        if method is None:  # another method may legitimately skip some layers
+            if fun is None:
+                out = model(*args, **kwargs)
+            elif isinstance(fun, str):
+                out = getattr(model, fun)(*args, **kwargs)
+            else:
+                out = fun(model, *args, **kwargs)
+        if fun is None:  # another method may legitimately skip some layers
             _check_targets(self.config, seen, adapted)
         return out
 
     def _interceptor(self, seen: dict[str, str], adapted: list[str], p: Any):
+        own = tuple(self.scope.path)
+
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
             kind = kind_of(module)
-            if context.method_name != "__call__" or kind is None:
+            full = tuple(module.path) if module.scope is not None else ()
+            if context.method_name != "__call__" or kind is None or full[: len(own)] != own:
                 return next_fun(*args, **kwargs)
-            path = "/".join(str(name) for name in module.path)
+            path = "/".join(str(name) for name in full[len(own) :])  # the layer's path in the wrapped model
             seen[path] = kind.name
             if not self.config.adapts(path):
                 return next_fun(*args, **kwargs)
@@ -149,8 +202,8 @@ class Adapted:
         where = f"adapted layer {path!r}"
         shift = self.config.use_shift(module.has_variable("params", "bias"))
         factors = linen_leaves(
-            module, self.method, layer, factorization, p, shift=shift,
-            param_dtype=self.param_dtype, initializers=self.initializers, kernel_box=metadata_holder(box),
+            module, self.method, layer, factorization, p, shift=shift, param_dtype=self.param_dtype,
+            initializers=dict(self.initializers or ()), kernel_box=metadata_holder(box),
             keyword=self.config.p_keyword, where=where,
         )  # fmt: skip
         rng = module.make_rng("dropout") if layer.lora_dropout > 0 and module.has_rng("dropout") else None
@@ -193,9 +246,10 @@ def inject(
     path in the model (its params' keys joined by ``/``, e.g. ``"block_0/attention/query"``) fully matches one
     of the targets and none of ``exclude``. Call it as ``inject(model, config)`` or, equivalently,
     ``inject(model, targets, rank, lora_alpha, **settings)`` with any :class:`~rssbl_jax.AdapterConfig` field as a
-    keyword. ``adapted.init(key, *args, p=p)`` returns ``model.init``'s variables with ``lora_*`` leaves beside
-    each adapted kernel; ``d_p`` is read from ``p``. At init ``B = 0``, so the adapted model computes exactly the
-    base model. ``partition``, ``freeze_base``, ``merge`` and ``save_adapters`` take ``adapted.config``.
+    keyword. The result is a linen ``Module`` (:class:`Adapted`); ``adapted.init(key, *args, p=p)`` returns
+    ``model.init``'s variables with ``lora_*`` leaves beside each adapted kernel; ``d_p`` is read from ``p``. At
+    init ``B = 0``, so the adapted model computes exactly the base model. ``partition``, ``freeze_base``, ``merge``
+    and ``save_adapters`` take ``adapted.config``.
 
     ``initializers`` overrides the initialiser of any adapter leaf of the method by name (``{"lora_a": ...}``); for the
     principal-subspace start (PiSSA-like, exact merge) see :func:`rssbl_jax.init_principal`. ``method`` replaces what
@@ -227,11 +281,11 @@ def inject(
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
     return Adapted(
-        model=model,
+        base=_Unadopted(model),
         config=cfg,
         param_dtype=param_dtype,
         method=RSS() if method is None else method,
-        initializers=dict(initializers) if initializers else None,
+        initializers=tuple(initializers.items()) if initializers else None,
     )
 
 
@@ -298,18 +352,13 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     elif not (isinstance(variables, Mapping) and "params" in variables):
         return load_base({"params": variables}, {"params": pretrained})["params"]
 
-    adapters = {f"params/{layer}" if layer else "params" for layer in adapter_layers(variables["params"])}
+    adapters = {f"params/{path}" for path in adapter_leaf_paths(variables["params"])}
     flat_pretrained = _flat(pretrained)
     collections = {str(name) for name in pretrained}
-
-    def is_adapter(path: str) -> bool:
-        layer, _, name = path.rpartition("/")
-        return layer in adapters and core.is_adapter_leaf_name(name)
-
     frozen = {
         path: leaf
         for path, leaf in _flat(variables).items()
-        if path.split("/")[0] in collections and not is_adapter(path)
+        if path.split("/")[0] in collections and path not in adapters
     }
     for path, leaf in frozen.items():
         if path not in flat_pretrained:

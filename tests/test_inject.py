@@ -491,3 +491,104 @@ def test_lifted_transforms_keep_paths_and_stack_adapters():
             layer = {name: v[i] for name, v in params["layers"]["fc"].items()}
             expected = np.tanh(dense(expected, layer, "fc", Adapters({"fc": 2.0}, ps[k])))
         np.testing.assert_allclose(sweep[k], expected, rtol=1e-4, atol=1e-5)
+
+
+class Wrapper(nn.Module):
+    """A model whose own submodules are named ``model`` and ``base`` (as in many checkpoints' trees)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="base")(nn.tanh(nn.Dense(5, name="model")(x)))
+
+
+class Outer(nn.Module):
+    """A larger linen module holding the adapted model as a field, calling it twice (shared weights)."""
+
+    inner: nn.Module
+
+    @nn.compact
+    def __call__(self, x, p):
+        h = self.inner(nn.Dense(4, name="stem")(x), p=p)
+        return self.inner(jnp.tile(h, (1, 2)), p=p)
+
+
+def test_adapted_model_is_a_linen_module_that_nests_and_tabulates():
+    model = Wrapper()
+    adapted = inject(model, "model|base", rank=2, lora_alpha=3.0)
+    assert isinstance(adapted, nn.Module) and adapted.model is model and adapted.config.targets == ("model|base",)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+    p = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2)), jnp.float32)
+    abstract = jax.eval_shape(adapted.init, jax.random.key(0), x, p=p)["params"]
+    # the wrapped model's params stay at the top level (no prefix), whatever its submodules are called
+    assert shapes(abstract) == shapes(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+    assert sorted(abstract) == ["base", "model"] and "lora_c" in abstract["model"] and "lora_c" in abstract["base"]
+    params = f64(random_params(abstract, 5))
+    params32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+
+    def reference(h, q):
+        ad = Adapters({"model": 3.0, "base": 3.0}, q)
+        return dense(
+            np.tanh(dense(np.asarray(h, np.float64), params["model"], "model", ad)), params["base"], "base", ad
+        )
+
+    standalone = jax.jit(adapted.apply)({"params": params32}, x, p=p)
+    np.testing.assert_allclose(standalone, reference(x, p), rtol=1e-5, atol=1e-5)
+
+    # nested: init under jit puts the adapted params under the field's name, with the wrapped model's paths
+    outer = Outer(adapted)
+    x8 = jnp.asarray(np.random.default_rng(2).standard_normal((3, 8)), jnp.float32)
+    nested = jax.jit(outer.init)(jax.random.key(1), x8, p)["params"]
+    assert sorted(nested) == ["inner", "stem"] and shapes(nested["inner"]) == shapes(abstract)
+    nested = {"stem": nested["stem"], "inner": params32}  # the standalone model's params, placed under "inner"
+    y = jax.jit(outer.apply)({"params": nested}, x8, p)
+    stem = np.asarray(x8, np.float64) @ np.asarray(nested["stem"]["kernel"], np.float64) + np.asarray(
+        nested["stem"]["bias"], np.float64
+    )
+    h = np.asarray(adapted.apply({"params": params32}, jnp.asarray(stem, jnp.float32), p=p))
+    np.testing.assert_allclose(y, adapted.apply({"params": params32}, jnp.tile(h, (1, 2)), p=p), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, reference(np.tile(reference(stem, p), (1, 2)), p), rtol=1e-4, atol=1e-5)
+    # gradients reach the adapters through the outer module
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(outer.apply({"params": q}, x8, p) ** 2)))(nested)
+    assert np.abs(grads["inner"]["model"]["lora_b"]).max() > 0
+    # a bad target is still reported with the wrapped model's own paths when nested
+    with pytest.raises(ValueError, match=r"(?s)'head' matches no adaptable layer.*model  \(Dense\)"):
+        jax.eval_shape(Outer(inject(model, "head", rank=2, lora_alpha=1.0)).init, jax.random.key(0), x8, p)
+
+    # built in setup, it sits under its attribute's name and computes the same
+    class Built(nn.Module):
+        def setup(self):
+            self.body = inject(Wrapper(), "model|base", rank=2, lora_alpha=3.0)
+
+        def __call__(self, x, p):
+            return self.body(x, p=p)
+
+    assert shapes(jax.eval_shape(Built().init, jax.random.key(0), x, p)["params"]["body"]) == shapes(abstract)
+    y = jax.jit(Built().apply)({"params": {"body": params32}}, x, p)
+    np.testing.assert_allclose(y, standalone, rtol=1e-6, atol=1e-6)
+
+    # the summary table lists the adapter leaves, through the module's own tabulate and nn.tabulate
+    table = adapted.tabulate(jax.random.key(0), x, p=p)
+    assert "lora_c" in table and "lora_b" in table
+    assert "lora_a" in nn.tabulate(outer, jax.random.key(0), compute_flops=True)(x8, p)
+
+
+def test_method_of_the_wrapped_model_runs_adapted():
+    class TwoWays(nn.Module):
+        def setup(self):
+            self.hidden = nn.Dense(3)
+
+        def __call__(self, x):
+            return self.hidden(x)
+
+        def doubled(self, x):
+            return 2.0 * self.hidden(x)
+
+    adapted = inject(TwoWays(), "hidden", rank=1, lora_alpha=1.0)
+    x, p = jnp.ones((2, 4)), jnp.array([1.0, -2.0])
+    params = f64(random_params(jax.eval_shape(adapted.init, jax.random.key(0), x, p=p)["params"], 6))
+    variables = {"params": jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)}
+    expected = dense(np.asarray(x, np.float64), params["hidden"], "hidden", Adapters({"hidden": 1.0}, p))
+    for method in ("doubled", TwoWays.doubled, lambda m, v: m.doubled(v)):
+        np.testing.assert_allclose(adapted.apply(variables, x, p=p, method=method), 2 * expected, rtol=1e-5, atol=1e-6)
+    for method in (None, "__call__", adapted.__call__):  # the adapted model's own call
+        np.testing.assert_allclose(adapted.apply(variables, x, p=p, method=method), expected, rtol=1e-5, atol=1e-6)
