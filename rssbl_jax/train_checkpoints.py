@@ -25,7 +25,7 @@ from rssbl_jax.digests import array_sha256, as_path, json_sha256
 from rssbl_jax.patterns import path_str as _path_str
 
 if TYPE_CHECKING:
-    from rssbl_jax.training import TrainState
+    from rssbl_jax.train_step import TrainState
 
 PyTree = Any
 
