@@ -6,16 +6,15 @@ linen layer, linen injection and NNX alike, so every method reaches every layer 
 Conv, Embed) through the same factorizations ``down(x, A)`` and ``up(h, B)``. With ``s`` the layer's scale
 (``lora_alpha / rank``, or ``/ sqrt(rank)`` with rsLoRA), ``branch = s B A x`` and ``y`` the base layer's output:
 
-=====================  ===========================================================  ==============================
-method                 Δy                                                           leaves (besides ``lora_a/b``)
-=====================  ===========================================================  ==============================
-:class:`RSS`           ``s B((A x) ⊙ g(p) + S p)``, the gate family of the config    ``lora_c``, ``lora_s``, ...
-:class:`LoRA`          ``branch`` (ignores ``p``)                                    —
-:class:`LoRAConcat`    ``s B (A x + A_p p)``: p concatenated to the adapter's input ``lora_ap (d_p, r)``
-:class:`FiLM` branch   ``(o + γ(p)) ⊙ branch + Β p`` (output-space FiLM)            ``lora_gamma``, ``lora_beta``
-:class:`FiLM` layer    ``o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``                   ``lora_gamma``, ``lora_beta``
-:class:`HyperNet`      ``s B(p)(A(p) x + S p)``, ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``  ``lora_hyper_*``
-=====================  ===========================================================  ==============================
+- :class:`RSS`: ``Δy = s B((A x) ⊙ g(p) + S p)`` with the gate family of the config; leaves ``lora_c``,
+  ``lora_s`` and the gate's own.
+- :class:`LoRA`: ``Δy = branch`` (it ignores ``p``); no other leaves.
+- :class:`LoRAConcat`: ``Δy = s B (A x + A_p p)``, ``p`` concatenated to the adapter's input; leaf ``lora_ap (d_p, r)``.
+- :class:`FiLM` on the branch: ``Δy = (o + γ(p)) ⊙ branch + Β p`` (output-space FiLM); leaves ``lora_gamma``,
+  ``lora_beta``.
+- :class:`FiLM` on the layer: ``Δy = o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``; leaves ``lora_gamma``, ``lora_beta``.
+- :class:`HyperNet`: ``Δy = s B(p)(A(p) x + S p)`` with ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``; leaves
+  ``lora_hyper_*``.
 
 FiLM's offset ``o`` is a constant (0: the update vanishes at ``p = 0`` like the linear gate ``C p``; 1: an
 unconditioned update is there at ``p = 0`` like ``1 + C p``) or learnable (``lora_gamma0``, initialised to ``o``, as
