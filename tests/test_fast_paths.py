@@ -29,7 +29,7 @@ def test_add_low_rank_value_and_gradient(rank, d_out):
     np.testing.assert_allclose(grads[2], np.asarray(h, np.float64).T @ w, rtol=1e-5, atol=1e-5)
 
 
-def test_adapted_dense_fast_path_matches_reference_under_vmap_and_grad():
+def test_rss_dense_fast_path_matches_reference_under_vmap_and_grad():
     ks = jax.random.split(jax.random.key(1), 8)
     x = jax.random.normal(ks[0], (3, 4, 8))
     ps = jax.random.normal(ks[1], (5, 3, 2))  # 5 conditions, one p per example
