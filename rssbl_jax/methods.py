@@ -115,11 +115,11 @@ class RSS:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=RSS())
-    >>> x, p = jnp.ones((1, 3)), jnp.array([2.0])
+    >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])                                        # p per example
     >>> params = adapted.init(jax.random.key(0), x, p=p)["params"]
     >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}       # as if trained
     >>> delta = ((x @ f["lora_a"]) * (p @ f["lora_c"]) + p @ f["lora_s"]) @ f["lora_b"]   # s = 1
-    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"][None] + delta))
     True
     """
 
@@ -182,7 +182,7 @@ class LoRA:
     >>> x = jnp.ones((1, 3))
     >>> params = adapted.init(jax.random.key(0), x)["params"]                             # no p
     >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}
-    >>> expected = x @ f["kernel"] + f["bias"] + 2.0 * (x @ f["lora_a"]) @ f["lora_b"]    # s = 2 / 1
+    >>> expected = x @ f["kernel"] + f["bias"][None] + 2.0 * (x @ f["lora_a"]) @ f["lora_b"]    # s = 2 / 1
     >>> bool(jnp.allclose(adapted.apply({"params": params}, x), expected))
     True
     """
@@ -214,13 +214,13 @@ class LoRAConcat:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=LoRAConcat())
-    >>> x, p = jnp.ones((1, 3)), jnp.array([2.0, -1.0])
+    >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0, -1.0]])
     >>> params = adapted.init(jax.random.key(0), x, p=p)["params"]
     >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}
     >>> f["lora_ap"].shape                                                                # (d_p, r)
     (2, 1)
     >>> delta = (x @ f["lora_a"] + p @ f["lora_ap"]) @ f["lora_b"]
-    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"][None] + delta))
     True
     """
 
@@ -257,12 +257,12 @@ class FiLM:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=FiLM(0.0))
-    >>> x, p = jnp.ones((1, 3)), jnp.array([2.0])
+    >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])
     >>> params = adapted.init(jax.random.key(0), x, p=p)["params"]
     >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}
     >>> branch = (x @ f["lora_a"]) @ f["lora_b"]                                           # s = 1
     >>> delta = (p @ f["lora_gamma"]) * branch + p @ f["lora_beta"]                        # offset o = 0
-    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"][None] + delta))
     True
     """
 
@@ -333,7 +333,8 @@ class HyperNet:
     >>> count = method.count(core.dense_factorization((3, 2), 1), 1)                      # 1·2 + (3 + 2)·3
     >>> sum(v.size for k, v in f.items() if k.startswith("lora_")), count
     (17, 17)
-    >>> bool(jnp.allclose(adapted.apply({"params": {"layers_0": f}}, x, p=p), x @ f["kernel"] + f["bias"]))  # Δy = 0
+    >>> base = x @ f["kernel"] + f["bias"][None]
+    >>> bool(jnp.allclose(adapted.apply({"params": {"layers_0": f}}, x, p=p), base))          # Δy = 0 at init
     True
     """
 
