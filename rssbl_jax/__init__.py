@@ -39,6 +39,10 @@ from rssbl_jax.partition import count_parameters as count_parameters
 from rssbl_jax.partition import freeze_base as freeze_base
 from rssbl_jax.partition import partition as partition
 from rssbl_jax.partition import trainable_mask as trainable_mask
+from rssbl_jax.runs import stack_runs as stack_runs
+from rssbl_jax.runs import train_many as train_many
+from rssbl_jax.runs import unstack_runs as unstack_runs
+from rssbl_jax.runs import vmap_train_step as vmap_train_step
 from rssbl_jax.sharding import adapter_partition_specs as adapter_partition_specs
 from rssbl_jax.sharding import batch_spec as batch_spec
 from rssbl_jax.sharding import local_batch_slice as local_batch_slice
@@ -54,5 +58,6 @@ from rssbl_jax.training import make_train_step as make_train_step
 from rssbl_jax.training import restore_latest as restore_latest
 from rssbl_jax.training import state_partition_specs as state_partition_specs
 from rssbl_jax.training import train as train
+from rssbl_jax.writers import TensorBoardWriter as TensorBoardWriter
 
 __version__ = "0.2.0"

@@ -4,7 +4,9 @@ Each front-end only finds the base layer's output ``y``, its input ``x`` and the
 linen scope, an NNX attribute); everything else is here and written once:
 
 - :func:`leaf_specs`: the adapter leaves of one layer (shape, initializer, partition names) from its
-  :class:`~rssbl_jax.methods.AdapterMethod`, with initializer overrides and the one sharding rule (:func:`axis_names`);
+  :class:`~rssbl_jax.methods.AdapterMethod`, with initializer overrides and the one sharding rule
+  (:func:`rssbl_jax.tree.axes_from_kernel`);
+- :func:`factorize`: a layer kind's factorization with the method's fast-path thresholds;
 - :func:`d_p_of`: the number of operating parameters, read from ``p`` when the leaves are created;
 - :func:`apply_adapter`: ``y' = method.adapt(y, ...)`` after ``p`` is checked and normalised, dropout and dtype
   promotion, with errors naming the layer's path;
@@ -40,9 +42,10 @@ import numpy as np
 from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import core
+from rssbl_jax import core, tree
 from rssbl_jax.config import AdapterConfig, LayerConfig
-from rssbl_jax.core import Factorization
+from rssbl_jax.factorization import Factorization, LayerKind
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
 from rssbl_jax.methods import AdapterMethod
 
 Initializer = jax.nn.initializers.Initializer
@@ -56,22 +59,6 @@ class Leaf(NamedTuple):
     names: tuple[Any, ...] | None = None
 
 
-def axis_names(kernel_names: tuple[Any, ...], n_in: int, name: str, shape: tuple[int, ...]) -> tuple[Any, ...]:
-    """Partition names of adapter leaf ``name``: ``A`` keeps the kernel's input axes, ``B`` its output axes.
-
-    The rank axis and every other leaf (``C``, ``S``, the gate's) are replicated.
-
-    >>> axis_names(("embed", "mlp"), 1, "lora_a", (16, 4)), axis_names(("embed", "mlp"), 1, "lora_b", (4, 32))
-    (('embed', None), (None, 'mlp'))
-    """
-    kernel_names = tuple(kernel_names)
-    if name == "lora_a" and len(shape) == n_in + 1:
-        return (*kernel_names[:n_in], None)
-    if name == "lora_b" and len(shape) == len(kernel_names) - n_in + 1:
-        return (None, *kernel_names[n_in:])
-    return (None,) * len(shape)
-
-
 def leaf_specs(
     method: AdapterMethod,
     layer: LayerConfig,
@@ -81,8 +68,19 @@ def leaf_specs(
     shift: bool,
     initializers: Mapping[str, Initializer | None] | None = None,
     kernel_names: tuple[Any, ...] | None = None,
+    kernel_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Leaf]:
     """The adapter leaves of one layer: the method's ``params`` with ``initializers`` overrides and sharding names.
+
+    With the kernel's partition names (``kernel_names``) and shape, each leaf's names follow
+    :func:`rssbl_jax.tree.axes_from_kernel`, the one sharding rule for adapters.
+
+    >>> from rssbl_jax import methods
+    >>> from rssbl_jax.config import LayerConfig
+    >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
+    ...                    shift=False, kernel_names=("embed", "mlp"), kernel_shape=(8, 16))
+    >>> specs["lora_a"].names, specs["lora_b"].names, specs["lora_c"].names
+    (('embed', None), (None, 'mlp'), (None, None))
 
     Raises:
       ValueError: when an ``initializers`` key names no leaf of the method.
@@ -91,15 +89,44 @@ def leaf_specs(
     unknown = sorted({name for name, init in (initializers or {}).items() if init is not None} - set(specs))
     if unknown:
         raise ValueError(f"initializers {unknown} name no adapter leaf of {method!r}; its leaves are {sorted(specs)}.")
-    n_in = len(factorization.a_shape) - 1
+    if kernel_names is not None and kernel_shape is None:
+        raise ValueError("leaf_specs: kernel_names need the kernel_shape they annotate.")
     return {
         name: Leaf(
             tuple(shape),
             (initializers or {}).get(name) or init,
-            None if kernel_names is None else axis_names(kernel_names, n_in, name, tuple(shape)),
+            None if kernel_names is None else tree.axes_from_kernel(name, shape, kernel_names, kernel_shape),
         )
         for name, (shape, init) in specs.items()
     }
+
+
+def thresholds_of(method: AdapterMethod) -> Thresholds:
+    """The fast-path :class:`~rssbl_jax.fastpath.Thresholds` a method computes with (the defaults if it has none)."""
+    return getattr(method, "thresholds", DEFAULT_THRESHOLDS)
+
+
+def factorize(
+    kind: LayerKind,
+    module: Any,
+    kernel_shape: tuple[int, ...],
+    method: AdapterMethod,
+    rank: int,
+    x_shape: tuple[int, ...] | None = None,
+    args: tuple = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> Factorization:
+    """``kind.factorize`` for ``module`` with the method's thresholds: what every front-end builds its factors on.
+
+    >>> import flax.linen as nn
+    >>> from rssbl_jax import factorization, fastpath, methods
+    >>> method = methods.RSS(thresholds=fastpath.Thresholds(fused_max_b_size=0))
+    >>> factorize(factorization.kind_of(nn.Dense(4)), nn.Dense(4), (3, 4), method, rank=2).b_shape
+    (2, 4)
+    """
+    return kind.factorize(
+        module, kernel_shape, rank, x_shape, args, dict(kwargs or {}), thresholds=thresholds_of(method)
+    )
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
@@ -309,7 +336,7 @@ def linen_leaves(
     Leaves that exist are read as they are, so a ``p`` that does not fit them is reported against the layer's
     input by :func:`apply_adapter`, not as a parameter-shape mismatch. A kernel annotated with
     ``nn.with_partitioning``/``nn.with_logical_partitioning`` (``kernel_box``) gives leaves annotated by
-    :func:`axis_names`.
+    :func:`rssbl_jax.tree.axes_from_kernel`.
     """
     if module.has_variable("params", "lora_a"):
         names = method.params(layer, factorization, 1, shift=shift)
@@ -322,6 +349,7 @@ def linen_leaves(
     specs = leaf_specs(
         method, layer, factorization, d_p_of(p, method, keyword), shift=shift, initializers=initializers,
         kernel_names=tuple(kernel_box.names) if partitioned else None,
+        kernel_shape=tuple(jnp.shape(kernel_box.value)) if partitioned else None,
     )  # fmt: skip
     factors = {}
     for name, leaf in specs.items():

@@ -32,7 +32,6 @@ What is atomic where:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,10 @@ from flax import nnx, traverse_util
 
 from rssbl_jax import gates, localdisk, patterns, tree
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
+from rssbl_jax.digests import array_sha256 as array_sha256
+from rssbl_jax.digests import as_path as as_path
+from rssbl_jax.digests import is_local as is_local
+from rssbl_jax.digests import json_sha256 as json_sha256
 from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
 
 PyTree = Any
@@ -57,10 +60,6 @@ _COMMITTED = "commit_success.txt"  # orbax's commit marker on remote paths, writ
 _STARTED = "_CHECKPOINT_METADATA"  # the first file orbax writes into a checkpoint directory
 
 logger = logging.getLogger(__name__)
-
-# Tests only: called with a stage name ("locked", "arrays", "staged", "verified", "swapped", "done") while a
-# checkpoint is written, so a fault-injection test can pause or kill the writer at that point.
-_FAULT_HOOK: Callable[[str], None] | None = None
 
 
 class CheckpointCorruptError(ValueError):
@@ -84,47 +83,6 @@ class LoadedAdapters(NamedTuple):
     config: AdapterConfig
 
 
-# Helpers shared with rssbl_jax.training: paths and digests.
-
-
-def is_local(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is on a local file system (no URI scheme such as ``gs://``).
-
-    >>> is_local("/tmp/run/adapters"), is_local("runs/adapters"), is_local("gs://bucket/run/adapters")
-    (True, True, False)
-    """
-    return "://" not in os.fspath(path)
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``etils.epath.Path``: a local one made absolute, a remote one (``gs://...``) as given.
-
-    >>> str(as_path("gs://bucket/run")), as_path("run").is_absolute()
-    ('gs://bucket/run', True)
-    """
-    text = os.fspath(path)
-    return epath.Path(os.path.abspath(text) if is_local(text) else text)
-
-
-def array_sha256(array: Any) -> str:
-    """The SHA-256 of an array's bytes in C order (the digest both kinds of checkpoint store per leaf).
-
-    >>> array_sha256(np.zeros(2, np.float32)) == hashlib.sha256(bytes(8)).hexdigest()
-    True
-    """
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(array)).tobytes()).hexdigest()
-
-
-def json_sha256(document: Mapping[str, Any]) -> str:
-    """The SHA-256 of a JSON document without its own ``"sha256"`` field (canonical: sorted keys, no spaces).
-
-    >>> json_sha256({"a": 1, "sha256": "x"}) == json_sha256({"a": 1}) != json_sha256({"a": 2})
-    True
-    """
-    body = {k: v for k, v in document.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
     """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (as :func:`rssbl_jax.tree` defines them)."""
     paths = tree.adapter_leaf_paths(params)
@@ -146,9 +104,13 @@ def _nnx_root(model: nnx.Module) -> nnx.Module:
 
 
 def _params_of(params: PyTree) -> PyTree:
-    """A params tree: ``params`` itself, or the pure state dict of an NNX model's (adapted) module."""
+    """A params tree: ``params`` itself, or the pure state dict of an NNX model's (adapted) module's parameters.
+
+    Only ``nnx.Param`` variables (adapters are ``nnx.LoRAParam``, a kind of ``Param``): graph state such as the
+    ``operating_params`` variable of an adapted layer is no part of a checkpoint.
+    """
     if isinstance(params, nnx.Module):
-        return nnx.state(_nnx_root(params)).to_pure_dict()
+        return nnx.state(_nnx_root(params), nnx.Param).to_pure_dict()
     return params
 
 
@@ -184,6 +146,13 @@ def save_adapters(
     >>> bool(jnp.all(restored["lora_c"] == params["lora_c"])), config.lora_alpha
     (True, 4.0)
     """
+    _write(*_prepare(path, params, config), force=force)
+
+
+def _prepare(
+    path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any
+) -> tuple[epath.Path, dict[str, np.ndarray], dict[str, Any]]:
+    """What :func:`save_adapters` writes: the path, the adapter leaves on the host, and the config with digests."""
     cfg = as_config(params if config is None else config, "save_adapters")
     leaves = _adapter_leaves(_params_of(params))
     if not leaves:
@@ -229,22 +198,33 @@ def save_adapters(
         },
     }
     config_json["sha256"] = json_sha256(config_json)
-    path = as_path(path)
+    return as_path(path), host, config_json
+
+
+def _write(
+    path: epath.Path,
+    leaves: Mapping[str, np.ndarray],
+    config: dict[str, Any],
+    *,
+    force: bool,
+    on_stage: Callable[[str], object] | None = None,
+) -> None:
+    """Write a prepared checkpoint (:func:`_prepare`) where it belongs: local disk or a remote store.
+
+    ``on_stage`` is called with each stage's name (``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``,
+    ``"done"``) as the write passes it, so a fault-injection test can pause or kill the writer there.
+    """
+    on_stage = on_stage or (lambda stage: None)
     if is_local(path):
-        _write_local(str(path), host, config_json, force=force)
+        _write_local(str(path), leaves, config, force=force, on_stage=on_stage)
     else:
-        _write_remote(path, host, config_json, force=force)
+        _write_remote(path, leaves, config, force=force, on_stage=on_stage)
 
 
 # --------------------------------------------------------------------------------------------------
 # Storage. These take the already-built ``leaves`` ({"layer/lora_x": array}) and ``config`` (JSON-able dict,
 # digests included) and know nothing of adapters.
 # --------------------------------------------------------------------------------------------------
-
-
-def _fault(stage: str) -> None:
-    if _FAULT_HOOK is not None:
-        _FAULT_HOOK(stage)
 
 
 def _orbax_save(path: str | epath.Path, leaves: Mapping[str, np.ndarray], config: dict[str, Any]) -> None:
@@ -279,7 +259,14 @@ def _check_replaceable(path: str | epath.Path, force: bool) -> None:
         )
 
 
-def _write_remote(path: epath.Path, leaves: Mapping[str, np.ndarray], config: dict[str, Any], *, force: bool) -> None:
+def _write_remote(
+    path: epath.Path,
+    leaves: Mapping[str, np.ndarray],
+    config: dict[str, Any],
+    *,
+    force: bool,
+    on_stage: Callable[[str], object],
+) -> None:
     """Write to a remote path with orbax's own commit; an uncommitted leftover of a failed write is replaced."""
     if path.exists():
         if (path / _STARTED).exists() and not (path / _COMMITTED).exists():
@@ -289,10 +276,17 @@ def _write_remote(path: epath.Path, leaves: Mapping[str, np.ndarray], config: di
         path.rmtree()
     _orbax_save(path, leaves, config)
     _verify(path, leaves)
-    _fault("done")
+    on_stage("done")
 
 
-def _write_local(path: str, leaves: Mapping[str, np.ndarray], config: dict[str, Any], *, force: bool) -> None:
+def _write_local(
+    path: str,
+    leaves: Mapping[str, np.ndarray],
+    config: dict[str, Any],
+    *,
+    force: bool,
+    on_stage: Callable[[str], object],
+) -> None:
     """Write to a local path: locked, staged, verified, then swapped in (:mod:`rssbl_jax.localdisk`)."""
     localdisk.replace_directory(
         path,
@@ -300,7 +294,7 @@ def _write_local(path: str, leaves: Mapping[str, np.ndarray], config: dict[str, 
         verify=lambda staging: _verify(staging, leaves),
         is_ours=_is_adapter_checkpoint,
         check_existing=lambda existing: _check_replaceable(existing, force),
-        on_stage=_fault,
+        on_stage=on_stage,
     )
 
 
@@ -487,7 +481,7 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
         return LoadedAdapters(jax.tree_util.tree_map_with_path(pick, params), stored)
     copy = nnx.clone(model)  # new Variables over the same arrays: the argument is left unchanged
     root = _nnx_root(copy)
-    state = nnx.state(root)
+    state = nnx.state(root, nnx.Param)
     state.replace_by_pure_dict(jax.tree_util.tree_map_with_path(pick, state.to_pure_dict()))
     nnx.update(root, state)
     return LoadedAdapters(copy, stored)

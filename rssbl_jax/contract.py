@@ -6,7 +6,7 @@ r"""The operating-parameter contract: which shapes of ``p`` a layer accepts, and
     \times \ell_k \times d_p}\ \text{with}\ (\ell_1, \dots, \ell_k)\ \text{a prefix of}\ x\text{'s leading axes},
     \qquad \hat p = (p - \mu) / \sigma
 
-Every front-end (the linen layer, injection, NNX) and every :class:`~rssbl_jax.core.AdapterMethod` relies on these
+Every front-end (the linen layer, injection, NNX) and every :class:`~rssbl_jax.methods.AdapterMethod` relies on these
 two rules, so they sit in a module of their own that imports nothing else of the library: a method or a front-end
 can check and standardise ``p`` without importing the update, the gates or the fast paths.
 

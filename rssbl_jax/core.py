@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,6 @@ def adapter_params(
     d_p: int,
     *,
     shift: bool,
-    initializers: Mapping[str, Initializer | None] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], Initializer]]:
     """The adapter leaves of one layer: ``{name: (shape, initializer)}``, shared by every front-end.
 
@@ -134,8 +133,8 @@ def adapter_params(
     ``A`` PEFT's Kaiming-uniform (``lora_a_init="lora"``), ``N(0, 1/r²)`` (``"gaussian"``), or ``N(0, 1)`` rows
     for an embedding table; the gate's own leaves as the gate says (:meth:`rssbl_jax.gates.Gate.leaves`: ``C``
     lecun-normal, so ``∂L/∂B = (A x ⊙ C p)ᵀ ∂L/∂y ≠ 0`` for every ``p ≠ 0``; zeros for the linear gate with an
-    offset ``g0 ≠ 0``, which then starts as plain LoRA; ``c0 = gate_offset``); ``S = 0``. ``initializers``
-    overrides any of them by name.
+    offset ``g0 ≠ 0``, which then starts as plain LoRA; ``c0 = gate_offset``); ``S = 0``. A front-end overrides
+    any of them by name (:func:`rssbl_jax.apply.leaf_specs`).
     """
     if d_p < 1:
         raise ValueError(f"d_p must be positive; got d_p={d_p}.")
@@ -152,53 +151,7 @@ def adapter_params(
     }
     if shift:
         specs["lora_s"] = ((d_p, layer.rank), jax.nn.initializers.zeros)
-    for name, init in (initializers or {}).items():
-        if init is not None and name in specs:
-            specs[name] = (specs[name][0], init)
     return specs
-
-
-class AdapterMethod(Protocol):
-    """What an injected adapter computes: the extension point of :func:`rssbl_jax.inject` (linen and NNX).
-
-    RSSBilinearLoRA is :data:`RSS`; other conditional adapters (the baselines of ``experiments/``) plug in the same
-    way and so reach every layer kind through the same injection and factorizations. ``params`` names the adapter
-    leaves (``lora_*``; ``lora_a`` and ``lora_b`` must be among them, which marks the layer as adapted) with
-    their shapes and initialisers; ``update`` returns the layer's output update. A method with a true
-    ``needs_base_output`` attribute also receives the base layer's output as ``base_output=``.
-    """
-
-    def params(
-        self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool
-    ) -> dict[str, tuple[tuple[int, ...], Initializer]]: ...
-
-    def update(
-        self,
-        factorization: Factorization,
-        x: jax.Array,
-        operating_params: jax.Array,
-        factors: Factors,
-        layer: LayerConfig,
-        *,
-        precision: PrecisionLike = None,
-        dropout_rng: jax.Array | None = None,
-    ) -> jax.Array: ...
-
-
-class RSSMethod(NamedTuple):
-    """RSSBilinearLoRA as an :class:`AdapterMethod`: :func:`adapter_params` and :func:`adapter_update`."""
-
-    def params(self, layer, factorization, d_p, *, shift):
-        return adapter_params(layer, factorization, d_p, shift=shift)
-
-    def update(self, factorization, x, operating_params, factors, layer, *, precision=None, dropout_rng=None):
-        return adapter_update(
-            factorization, x, operating_params, factors, layer, precision=precision, dropout_rng=dropout_rng
-        )
-
-
-RSS = RSSMethod()
-"""The default method of :func:`rssbl_jax.inject`."""
 
 
 def _linear_gate_layer(
@@ -255,54 +208,6 @@ def rss_update(
     return adapter_update(factorization, x, operating_params, factors, layer, precision=precision)
 
 
-def adapted_dense(
-    x: Float[ArrayLike, "*batch d_in"],
-    operating_params: Float[ArrayLike, "*lead d_p"],
-    kernel: Float[ArrayLike, "d_in d_out"],
-    bias: Float[ArrayLike, " d_out"] | None,
-    factors: Factors,
-    layer: LayerConfig,
-    *,
-    precision: PrecisionLike = None,
-    dropout_rng: jax.Array | None = None,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> Float[Array, "*batch d_out"]:
-    r"""A dense layer with the update: ``x @ kernel + bias + adapter_update(...)``, base and update kept in 2-D.
-
-    .. math::
-
-        y = W x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
-
-    The update is added inside the bias-add pass over ``y`` (:func:`add_low_rank`) and swept as one matmul under
-    ``jax.vmap`` over ``p`` (:func:`modulated_add`), with ``thresholds`` deciding when.
-
-    >>> import numpy as np
-    >>> from rssbl_jax.config import LayerConfig
-    >>> x, p = np.ones((1, 2)), np.ones((1,))
-    >>> factors = {"lora_a": np.ones((2, 1)), "lora_b": np.zeros((1, 2)), "lora_c": np.ones((1, 1))}
-    >>> adapted_dense(x, p, np.eye(2), np.zeros(2), factors, LayerConfig(1, 1.0, 1.0)).tolist()   # B = 0: the base
-    [[1.0, 1.0]]
-    """
-    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
-    if kernel.ndim != 2 or x.shape[-1:] != kernel.shape[:1]:
-        raise ValueError(
-            f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}."
-        )
-    if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
-        raise ValueError(f"bias must be (d_out,)=({kernel.shape[1]},); got bias.shape={jnp.shape(bias)}.")
-    factorization = dense_factorization(
-        kernel.shape, layer.rank, precision, fused_max_b_size=thresholds.fused_max_b_size
-    )
-    y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1, -1))
-    y = y.reshape(*x.shape[:-1], kernel.shape[1])
-    return adapter_update(
-        factorization, x, operating_params, factors, layer,
-        precision=precision, dropout_rng=dropout_rng, add_to=y, thresholds=thresholds,
-    )  # fmt: skip
-
-
 def rss_dense(
     x: Float[ArrayLike, "*batch d_in"],
     operating_params: Float[ArrayLike, "*lead d_p"],
@@ -318,11 +223,17 @@ def rss_dense(
     precision: PrecisionLike = None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> Float[Array, "*batch d_out"]:
-    r"""The original formulation's dense layer on plain arrays: :func:`adapted_dense` with the linear gate.
+    r"""The original formulation's dense layer on plain arrays: ``x @ kernel + bias`` plus :func:`rss_update`.
 
     .. math::
 
         y = W x + b + \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big)
+
+    The update is added inside the bias-add pass over ``y`` (:func:`add_low_rank`) and swept as one matmul under
+    ``jax.vmap`` over ``p`` (:func:`modulated_add`), with ``thresholds`` deciding when.
+
+    Raises:
+      ValueError: at trace time, when ``x``, ``bias`` or ``operating_params`` does not fit the kernel and factors.
 
     >>> import numpy as np
     >>> x, p = np.ones((1, 2)), np.ones((1,))
@@ -333,7 +244,23 @@ def rss_dense(
     """
     _check_dense(x, lora_a, lora_b)
     layer, factors = _linear_gate_layer(lora_a, lora_b, lora_c, lora_s, scale, gate_offset)
-    return adapted_dense(x, operating_params, kernel, bias, factors, layer, precision=precision, thresholds=thresholds)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    if kernel.ndim != 2 or x.shape[-1:] != kernel.shape[:1]:
+        raise ValueError(
+            f"x must be [..., d_in] with d_in = kernel.shape[0]; got x.shape={x.shape}, kernel.shape={kernel.shape}."
+        )
+    if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
+        raise ValueError(f"bias must be (d_out,)=({kernel.shape[1]},); got bias.shape={jnp.shape(bias)}.")
+    factorization = dense_factorization(
+        kernel.shape, layer.rank, precision, fused_max_b_size=thresholds.fused_max_b_size
+    )
+    y = jnp.matmul(x.reshape(-1, kernel.shape[0]), kernel, precision=precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1, -1))
+    y = y.reshape(*x.shape[:-1], kernel.shape[1])
+    return adapter_update(
+        factorization, x, operating_params, factors, layer, precision=precision, add_to=y, thresholds=thresholds
+    )
 
 
 class MergedDense(NamedTuple):

@@ -12,10 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import apply, core
+from rssbl_jax import apply, contract, core, gates, tree
 from rssbl_jax.config import AdapterConfig
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
 from rssbl_jax.methods import RSS
 
 SETTINGS = (
@@ -36,7 +38,7 @@ Initializer = jax.nn.initializers.Initializer
 
 default_kernel_init = nn.initializers.lecun_normal()
 default_lora_a_init = core.default_lora_a_init
-default_lora_c_init = core.default_lora_c_init
+default_lora_c_init = gates.default_lora_c_init
 
 
 class RSSBilinearLoRADense(nn.Module):
@@ -78,6 +80,8 @@ class RSSBilinearLoRADense(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); inferred from inputs and params when ``None``.
       param_dtype: dtype of all parameters.
       precision: matmul precision, as in ``nn.Dense``.
+      thresholds: when the update takes its fast paths (:class:`rssbl_jax.fastpath.Thresholds`: the fused add
+        in the bias pass, the sweep under ``jax.vmap`` over ``p``); the same output either way.
       kernel_init, bias_init: initialisers of the base ``kernel`` and ``bias``.
       lora_a_init_fn, lora_b_init, lora_c_init, lora_s_init: initialiser overrides of the adapter factors
         (``None``: the defaults above).
@@ -110,6 +114,7 @@ class RSSBilinearLoRADense(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    thresholds: Thresholds = DEFAULT_THRESHOLDS
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
     lora_a_init_fn: Initializer | None = None
@@ -164,19 +169,30 @@ class RSSBilinearLoRADense(nn.Module):
             y = y + bias[None]
         y = y.reshape(*x.shape[:-1], self.features)
 
-        factorization = core.dense_factorization((d_in, self.features), layer.rank, self.precision)
+        method = RSS(thresholds=self.thresholds)
+        factorization = core.dense_factorization(
+            (d_in, self.features), layer.rank, self.precision, fused_max_b_size=self.thresholds.fused_max_b_size
+        )
         shift = self.use_bias if self.shift is None else self.shift
+        # d_p of the leaves that exist (None at init: from p), and p checked against x before any leaf is touched
+        existing = {name: meta.unbox(self.get_variable("params", name)) for name in tree.ADAPTER_NAMES}
+        d_p = gates.d_p_from_shapes({k: jnp.shape(v) for k, v in existing.items() if v is not None}, layer)
+        if operating_params is not None and d_p is not None:
+            try:
+                contract.lead_axes(x.shape, jnp.shape(operating_params), d_p)
+            except ValueError as error:
+                raise ValueError(f"{type(self).__name__}: {error}") from None
         overrides = {"lora_a": self.lora_a_init_fn, "lora_b": self.lora_b_init, "lora_c": self.lora_c_init}
         overrides |= {"lora_s": self.lora_s_init} if shift else {}
         if self.is_initializing() and not self.has_variable("params", "lora_a"):
-            apply.warn_if_silent(RSS(), layer, operating_params, type(self).__name__)
+            apply.warn_if_silent(method, layer, operating_params, type(self).__name__)
         factors = apply.linen_leaves(
-            self, RSS(), layer, factorization, operating_params, shift=shift, param_dtype=self.param_dtype,
+            self, method, layer, factorization, operating_params, shift=shift, param_dtype=self.param_dtype,
             initializers={name: init for name, init in overrides.items() if init is not None},
             where=type(self).__name__,
         )  # fmt: skip
         rng = None
         if layer.lora_dropout > 0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
             rng = self.make_rng("dropout")
-        return apply.apply_adapter(RSS(), layer, factorization, x, operating_params, y, factors, dtype=self.dtype,
+        return apply.apply_adapter(method, layer, factorization, x, operating_params, y, factors, dtype=self.dtype,
                                    precision=self.precision, dropout_rng=rng, where=type(self).__name__)  # fmt: skip

@@ -6,16 +6,15 @@ linen layer, linen injection and NNX alike, so every method reaches every layer 
 Conv, Embed) through the same factorizations ``down(x, A)`` and ``up(h, B)``. With ``s`` the layer's scale
 (``lora_alpha / rank``, or ``/ sqrt(rank)`` with rsLoRA), ``branch = s B A x`` and ``y`` the base layer's output:
 
-=====================  ===========================================================  ==============================
-method                 Δy                                                           leaves (besides ``lora_a/b``)
-=====================  ===========================================================  ==============================
-:class:`RSS`           ``s B((A x) ⊙ g(p) + S p)``, the gate family of the config    ``lora_c``, ``lora_s``, ...
-:class:`LoRA`          ``branch`` (ignores ``p``)                                    —
-:class:`LoRAConcat`    ``s B (A x + A_p p)``: p concatenated to the adapter's input ``lora_ap (d_p, r)``
-:class:`FiLM` branch   ``(o + γ(p)) ⊙ branch + Β p`` (output-space FiLM)            ``lora_gamma``, ``lora_beta``
-:class:`FiLM` layer    ``o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``                   ``lora_gamma``, ``lora_beta``
-:class:`HyperNet`      ``s B(p)(A(p) x + S p)``, ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``  ``lora_hyper_*``
-=====================  ===========================================================  ==============================
+- :class:`RSS`: ``Δy = s B((A x) ⊙ g(p) + S p)`` with the gate family of the config; leaves ``lora_c``,
+  ``lora_s`` and the gate's own.
+- :class:`LoRA`: ``Δy = branch`` (it ignores ``p``); no other leaves.
+- :class:`LoRAConcat`: ``Δy = s B (A x + A_p p)``, ``p`` concatenated to the adapter's input; leaf ``lora_ap (d_p, r)``.
+- :class:`FiLM` on the branch: ``Δy = (o + γ(p)) ⊙ branch + Β p`` (output-space FiLM); leaves ``lora_gamma``,
+  ``lora_beta``.
+- :class:`FiLM` on the layer: ``Δy = o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``; leaves ``lora_gamma``, ``lora_beta``.
+- :class:`HyperNet`: ``Δy = s B(p)(A(p) x + S p)`` with ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``; leaves
+  ``lora_hyper_*``.
 
 FiLM's offset ``o`` is a constant (0: the update vanishes at ``p = 0`` like the linear gate ``C p``; 1: an
 unconditioned update is there at ``p = 0`` like ``1 + C p``) or learnable (``lora_gamma0``, initialised to ``o``, as
@@ -49,6 +48,7 @@ from flax import linen as nn
 from rssbl_jax import core
 from rssbl_jax.config import LayerConfig
 from rssbl_jax.core import Factorization
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
 
 Initializer = jax.nn.initializers.Initializer
 Specs = dict[str, tuple[tuple[int, ...], Initializer]]
@@ -70,6 +70,14 @@ class AdapterMethod(Protocol):
     ``y`` is the base layer's output, ``x`` its input after dropout, ``p`` already normalised (``(p - p_mean) /
     p_std``) and ``None`` for a method with ``uses_p = False``, all in the compute dtype; the scale comes from
     ``layer.scale``. ``vanishes_at_zero(layer)`` says whether ``Δy`` is identically 0 where ``p̂ = 0``.
+
+    >>> from rssbl_jax import core
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
+    >>> [(type(m).__name__, m.uses_p, m.mergeable) for m in (RSS(), LoRA())]
+    [('RSS', True, True), ('LoRA', False, False)]
+    >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
+    {'lora_a': (3, 2), 'lora_b': (2, 4), 'lora_c': (5, 2), 'lora_s': (5, 2)}
     """
 
     uses_p: bool
@@ -97,9 +105,25 @@ class RSS:
     r"""RSSBilinearLoRA: ``y + s B((A x) ⊙ g(p̂) + S p̂)`` with the config's gate, by :func:`core.adapter_update`.
 
     The update is added inside ``y``'s elementwise pass for Dense kernels and swept as one matmul under ``jax.vmap``
-    over ``p`` (:func:`rssbl_jax.core.modulated_add`). It vanishes at ``p̂ = 0`` for the linear gate without offset.
+    over ``p`` (:func:`rssbl_jax.core.modulated_add`), each when ``thresholds`` allow it. It vanishes at ``p̂ = 0``
+    for the linear gate without offset.
+
+    Attributes:
+      thresholds: when the fast paths are taken (:class:`rssbl_jax.fastpath.Thresholds`; the front-ends build the
+        factorization with them too, :func:`rssbl_jax.apply.factorize`).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from rssbl_jax import inject
+    >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=RSS())
+    >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])                                        # p per example
+    >>> params = adapted.init(jax.random.key(0), x, p=p)["params"]
+    >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}       # as if trained
+    >>> delta = ((x @ f["lora_a"]) * (p @ f["lora_c"]) + p @ f["lora_s"]) @ f["lora_b"]   # s = 1
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"][None] + delta))
+    True
     """
 
+    thresholds: Thresholds = DEFAULT_THRESHOLDS
     uses_p = True
     mergeable = True
 
@@ -109,7 +133,9 @@ class RSS:
     def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
         # p arrives normalised: the layer's own normalisation is not applied a second time
         plain = layer._replace(p_mean=None, p_std=None)
-        return core.adapter_update(factorization, x, p, factors, plain, precision=precision, add_to=y)
+        return core.adapter_update(
+            factorization, x, p, factors, plain, precision=precision, add_to=y, thresholds=self.thresholds
+        )
 
     def vanishes_at_zero(self, layer: LayerConfig) -> bool:
         return layer.gate == "linear" and layer.gate_offset == 0
@@ -148,7 +174,18 @@ def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LoRA:
-    """Plain LoRA: ``y + s B A x``; it ignores ``p``, so an adapted model built with it needs none."""
+    """Plain LoRA: ``y + s B A x``; it ignores ``p``, so an adapted model built with it needs none.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from rssbl_jax import inject
+    >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=2.0, method=LoRA())
+    >>> x = jnp.ones((1, 3))
+    >>> params = adapted.init(jax.random.key(0), x)["params"]                             # no p
+    >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}
+    >>> expected = x @ f["kernel"] + f["bias"][None] + 2.0 * (x @ f["lora_a"]) @ f["lora_b"]    # s = 2 / 1
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x), expected))
+    True
+    """
 
     uses_p = False
     mergeable = False
@@ -172,7 +209,20 @@ class LoRA:
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConcat:
-    """LoRA with ``p`` concatenated to its input: ``y + s B (A x + A_p p)``."""
+    """LoRA with ``p`` concatenated to its input: ``y + s B (A x + A_p p)``.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from rssbl_jax import inject
+    >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=LoRAConcat())
+    >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0, -1.0]])
+    >>> params = adapted.init(jax.random.key(0), x, p=p)["params"]
+    >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}
+    >>> f["lora_ap"].shape                                                                # (d_p, r)
+    (2, 1)
+    >>> delta = (x @ f["lora_a"] + p @ f["lora_ap"]) @ f["lora_b"]
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"][None] + delta))
+    True
+    """
 
     uses_p = True
     mergeable = False
@@ -203,6 +253,17 @@ class FiLM:
       on_layer: modulate the whole layer output ``y + branch`` instead of the branch.
       learn_offset: learn ``o`` per output unit (``lora_gamma0``), as the affine gate learns ``c0``.
       hidden: 0 for ``γ(p) = Γ p``; otherwise the width of ``γ(p) = Γ tanh(W p + b)`` (as the MLP gate).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from rssbl_jax import inject
+    >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=FiLM(0.0))
+    >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])
+    >>> params = adapted.init(jax.random.key(0), x, p=p)["params"]
+    >>> f = params["layers_0"] = {**params["layers_0"], "lora_b": jnp.ones((1, 2))}
+    >>> branch = (x @ f["lora_a"]) @ f["lora_b"]                                           # s = 1
+    >>> delta = (p @ f["lora_gamma"]) * branch + p @ f["lora_beta"]                        # offset o = 0
+    >>> bool(jnp.allclose(adapted.apply({"params": params}, x, p=p), x @ f["kernel"] + f["bias"][None] + delta))
+    True
     """
 
     offset: float
@@ -261,6 +322,20 @@ class HyperNet:
         the knob that matches the hypernetwork to another method on parameters (:meth:`count`).
       unconditioned: keep the unconditioned factors ``A0``, ``B0`` (``u = 1``).
       shift: add a rank-space shift ``S p`` (``lora_s (d_p, r)``, zero at init), as RSS's.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from rssbl_jax import inject
+    >>> from rssbl_jax import core
+    >>> method = HyperNet(hidden=2)
+    >>> adapted = inject(nn.Sequential([nn.Dense(2)]), "layers_0", rank=1, lora_alpha=1.0, method=method)
+    >>> x, p = jnp.ones((4, 3)), jnp.ones((4, 1))                                          # one p per example
+    >>> f = adapted.init(jax.random.key(0), x, p=p)["params"]["layers_0"]
+    >>> count = method.count(core.dense_factorization((3, 2), 1), 1)                      # 1·2 + (3 + 2)·3
+    >>> sum(v.size for k, v in f.items() if k.startswith("lora_")), count
+    (17, 17)
+    >>> base = x @ f["kernel"] + f["bias"][None]
+    >>> bool(jnp.allclose(adapted.apply({"params": {"layers_0": f}}, x, p=p), base))          # Δy = 0 at init
+    True
     """
 
     hidden: int

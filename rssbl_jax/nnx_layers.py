@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rssbl_jax.apply import apply_adapter, leaf_specs, metadata_holder, outside_quantizer
+from rssbl_jax.apply import apply_adapter, factorize, leaf_specs, metadata_holder, outside_quantizer
 from rssbl_jax.config import AdapterConfig, LayerConfig
 from rssbl_jax.factorization import KINDS, LayerKind
 from rssbl_jax.methods import RSS, AdapterMethod
@@ -93,14 +93,15 @@ def add_adapters(
 ) -> None:
     """Give ``layer`` the method's adapter leaves (sharded like its kernel), its settings and the ``p`` variable."""
     kernel = kernel_of(layer, kind)
-    factorization = kind.factorize(layer, tuple(kernel[...].shape), settings.rank, None, (), {})
+    kernel_shape = tuple(kernel[...].shape)
+    factorization = factorize(kind, layer, kernel_shape, method, settings.rank)
     source = metadata_holder(kernel)  # a qwix-quantised kernel's partitioning is on its qvalue
     metadata = source.get_metadata() if hasattr(source, "get_metadata") else {}
     # the kernel's partition names, under whichever key this Flax version uses (adapters inherit them, as qwix does)
     key = next((k for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k) is not None), None)
     specs = leaf_specs(
         method, settings, factorization, d_p, shift=shift, initializers=initializers,
-        kernel_names=None if key is None else tuple(metadata[key]),
+        kernel_names=None if key is None else tuple(metadata[key]), kernel_shape=kernel_shape,
     )  # fmt: skip
     for name, leaf in specs.items():
         extra = {} if leaf.names is None else {key: leaf.names}
@@ -121,7 +122,7 @@ def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, a
     kind = kind_of_class(base)
     x = jnp.asarray(x)
     shape = tuple(kernel_of(layer, kind)[...].shape)
-    factorization = kind.factorize(layer, shape, info.layer.rank, x.shape, args, kwargs)
+    factorization = factorize(kind, layer, shape, info.method, info.layer.rank, x.shape, args, kwargs)
     if layer.rss_dropout is not None and not factorization.integer_inputs:
         x = layer.rss_dropout(x)
     return apply_adapter(

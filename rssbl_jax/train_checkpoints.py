@@ -2,8 +2,8 @@
 
 Each step is one orbax checkpoint in an ``etils.epath`` directory (local, or remote such as ``gs://``): orbax
 commits it its own way, and beside the arrays it stores metadata with the shape, dtype and SHA-256 digest of every
-saved leaf (the same digests as adapter checkpoints, :func:`rssbl_jax.checkpoint.array_sha256` /
-:func:`~rssbl_jax.checkpoint.json_sha256`), the frozen base's shapes, and the tree structures of the adapters and
+saved leaf (the same digests as adapter checkpoints, :func:`rssbl_jax.digests.array_sha256` /
+:func:`~rssbl_jax.digests.json_sha256`), the frozen base's shapes, and the tree structures of the adapters and
 the optimizer state. A restore tries the newest step first, sets damaged steps aside as ``<step>.corrupt``, and
 refuses, naming what changed, a checkpoint of another architecture or optimizer. It lives apart from the loop so
 that each module keeps to one concern; :mod:`rssbl_jax.training` re-exports :func:`restore_latest`.
@@ -21,11 +21,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from rssbl_jax.checkpoint import array_sha256, as_path, json_sha256
+from rssbl_jax.digests import array_sha256, as_path, json_sha256
 from rssbl_jax.patterns import path_str as _path_str
 
 if TYPE_CHECKING:
-    from rssbl_jax.training import TrainState
+    from rssbl_jax.train_step import TrainState
 
 PyTree = Any
 

@@ -1,7 +1,7 @@
 """What an adapter layer is, and the one walker over params trees that finds them.
 
 An *adapter layer* is a mapping in a params tree that holds both ``lora_a`` and ``lora_b`` (every LoRA-family
-adapter does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.core.AdapterMethod` may add leaves of
+adapter does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add leaves of
 its own); its ``lora_*`` leaves are the adapter and the rest (``kernel`` or ``embedding``, ``bias``) its base. A
 leaf merely *named* ``lora_a`` in a mapping that is not an adapter layer stays a base leaf.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import jax
@@ -173,6 +174,10 @@ def test_an_nnx_adapted_model_round_trips_directly(tmp_path):
     rng = np.random.default_rng(0)  # every factor nonzero (lora_b starts at 0, where any update is the base's)
     nnx.update(trained, jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), adapters))
     save_adapters(tmp_path / "adapters", trained)
+    # only parameters are saved: the adapted layers' operating_params variable (graph state, None) is not
+    assert any(isinstance(v, rss_nnx.OperatingParams) for _, v in nnx.iter_graph(trained))
+    stored = json.loads((tmp_path / "adapters" / "config" / "metadata").read_text())["leaves"]
+    assert sorted(stored) == [f"layers/{i}/{n}" for i in (0, 2) for n in names], sorted(stored)
 
     x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
     p = jnp.asarray(rng.standard_normal((5, 2)), jnp.float32)

@@ -64,3 +64,15 @@ def test_save_adapters_refuses_an_adapter_without_gate(tmp_path):
         ValueError, match=r"'dense' is not an RSSBilinearLoRA adapter .*needs adapter leaves \['lora_c'\]"
     ):
         rssbl_jax.save_adapters(tmp_path / "a", params, rssbl_jax.AdapterConfig(rank=1, lora_alpha=1.0))
+
+
+@pytest.mark.parametrize("gate", ["linear", "affine", "mlp"])
+def test_the_linen_layer_names_the_d_p_of_its_own_leaves(gate):
+    """After init, d_p comes from the layer's leaves (the MLP gate's lora_gate_w, not its lora_c (hidden, r))."""
+    layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0, gate=gate, gate_hidden=8)
+    variables = layer.init(jax.random.key(0), jnp.ones((3, 5)), jnp.ones(2))
+    with pytest.raises(ValueError, match=r"RSSBilinearLoRADense: .*d_p=2.*\(3,\).*x.shape=\(3, 5\)"):
+        layer.apply(variables, jnp.ones((3, 5)), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"RSSBilinearLoRADense: .*\(4, 2\).*d_p=2.*\(3,\)"):
+        layer.apply(variables, jnp.ones((3, 5)), jnp.ones((4, 2)))
+    assert layer.apply(variables, jnp.ones((3, 5)), jnp.ones((3, 2))).shape == (3, 4)

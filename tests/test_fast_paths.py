@@ -29,7 +29,7 @@ def test_add_low_rank_value_and_gradient(rank, d_out):
     np.testing.assert_allclose(grads[2], np.asarray(h, np.float64).T @ w, rtol=1e-5, atol=1e-5)
 
 
-def test_adapted_dense_fast_path_matches_reference_under_vmap_and_grad():
+def test_rss_dense_fast_path_matches_reference_under_vmap_and_grad():
     ks = jax.random.split(jax.random.key(1), 8)
     x = jax.random.normal(ks[0], (3, 4, 8))
     ps = jax.random.normal(ks[1], (5, 3, 2))  # 5 conditions, one p per example
@@ -278,3 +278,53 @@ def test_thresholds_are_arguments_carried_to_the_trace_not_globals(monkeypatch):
         monkeypatch.setattr(module, "SWEEP_MAX_BASIS", 0)
     assert fused(layer()) and swept(layer())
     assert fused(layer(fastpath.Thresholds())) and swept(layer(fastpath.Thresholds()))
+
+
+def test_every_front_end_carries_its_thresholds():
+    """The linen layer's ``thresholds`` field and ``RSS(thresholds=...)`` (linen injection, NNX) reach the trace."""
+    from flax import linen as nn
+    from flax import nnx
+
+    from rssbl_jax import nnx as rss_nnx
+
+    ks = jax.random.split(jax.random.key(8), 8)
+    x = jax.random.normal(ks[0], (2, 4, 6))
+    kernel, bias = jax.random.normal(ks[1], (6, 5)), jax.random.normal(ks[2], (5,))
+    a, b = jax.random.normal(ks[3], (6, 4)), jax.random.normal(ks[4], (4, 5))
+    c, s = jax.random.normal(ks[5], (3, 4)), jax.random.normal(ks[6], (3, 4))
+    ps = jax.random.normal(ks[7], (12, 3))
+    factors = {"kernel": kernel, "bias": bias, "lora_a": a, "lora_b": b, "lora_c": c, "lora_s": s}
+    expected = [reference.rss_dense(x, ps[k], kernel, bias, a, b, c, s, scale=0.5) for k in range(12)]
+    off = fastpath.Thresholds(fused_max_b_size=0, sweep_max_basis=0)
+
+    def linen_layer(thresholds):
+        layer = rssbl_jax.RSSBilinearLoRADense(5, rank=4, lora_alpha=2.0, thresholds=thresholds)
+        return lambda p: layer.apply({"params": factors}, x, p)
+
+    def injected(thresholds):
+        adapted = rssbl_jax.inject(nn.Sequential([nn.Dense(5)]), "layers_0", 4, 2.0, method=rssbl_jax.RSS(thresholds))
+        return lambda p: adapted.apply({"params": {"layers_0": factors}}, x, p=p)
+
+    def nnx_model(thresholds):
+        base = nnx.Sequential(nnx.Linear(6, 5, rngs=nnx.Rngs(0)))
+        adapted = rss_nnx.inject(base, "layers/0", 4, 2.0, d_p=3, rngs=nnx.Rngs(1), method=rssbl_jax.RSS(thresholds))
+        for name, value in factors.items():
+            getattr(adapted.model.layers[0], name)[...] = value
+        graphdef, state = nnx.split(adapted)
+        return lambda p: nnx.merge(graphdef, state, copy=True)(x, p=p)  # fresh Variables in each trace
+
+    def fused(fn):
+        return "reduce_sum" in str(jax.make_jaxpr(fn)(ps[0]))
+
+    def swept(fn):
+        return ((12, 4), (4, 8 * 5)) in dot_shapes(jax.vmap(fn), ps)
+
+    # linen injection builds its factorization itself (inject.py), so only the method's sweep threshold is checked
+    checks = {linen_layer: (fused, swept), injected: (swept,), nnx_model: (fused, swept)}
+    for front_end, paths in checks.items():
+        for thresholds, want in ((fastpath.Thresholds(), True), (off, False)):
+            fn = front_end(thresholds)
+            assert all(path(fn) == want for path in paths), (front_end.__name__, thresholds)
+            ys = jax.jit(jax.vmap(fn))(ps)
+            for k in range(12):
+                np.testing.assert_allclose(ys[k], expected[k], rtol=1e-5, atol=1e-5)

@@ -2,9 +2,9 @@
 two concurrent writers, a full disk.
 
 Writers that get killed or raced run as real subprocesses (tests/workers/adapter_writer.py), which SIGKILL or
-pause themselves at named stages of ``rssbl_jax.checkpoint``'s write (its private ``_FAULT_HOOK``). Every fault
-must end in one of two ways: the whole old or the whole new checkpoint at the path, or a clear error naming the
-path (and the leaf, for damaged bytes). Never a silently different value.
+pause themselves at named stages of ``rssbl_jax.checkpoint``'s write (``on_stage`` of its private ``_write``).
+Every fault must end in one of two ways: the whole old or the whole new checkpoint at the path, or a clear error
+naming the path (and the leaf, for damaged bytes). Never a silently different value.
 """
 
 from __future__ import annotations
@@ -408,3 +408,16 @@ def test_jax_arrays_round_trip(tmp_path):
     params = jax.tree.map(jax.numpy.asarray, adapter_params(NEW))
     save_adapters(tmp_path / "adapters", params, CONFIG)
     assert holds(tmp_path / "adapters", NEW)
+
+
+def test_the_write_reports_its_stages_in_order(tmp_path):
+    """The stage hook is an argument of the write: each stage once, in order; a swap only over an old checkpoint."""
+    path, stages = tmp_path / "adapters", []
+    checkpoint._write(*checkpoint._prepare(path, adapter_params(OLD), CONFIG), force=False, on_stage=stages.append)
+    assert stages == ["locked", "staged", "verified", "done"] and holds(path, OLD)
+    stages.clear()
+    checkpoint._write(*checkpoint._prepare(path, adapter_params(NEW), CONFIG), force=True, on_stage=stages.append)
+    assert stages == ["locked", "staged", "verified", "swapped", "done"] and holds(path, NEW)
+    stages.clear()
+    save_adapters(path, adapter_params(OLD), CONFIG, force=True)  # no hook: nothing reported
+    assert stages == [] and holds(path, OLD)

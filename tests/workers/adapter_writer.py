@@ -3,8 +3,9 @@
     python -m tests.workers.adapter_writer PATH --seed 1 [--force] [--kill-at STAGE] [--pause-at STAGE]
         [--ready-file F --release-file G] [--repeat N] [--no-exchange]
 
-``--kill-at`` SIGKILLs this process at a stage of ``rssbl_jax.checkpoint``'s write (its ``_FAULT_HOOK`` stages,
-plus ``arrays``: inside orbax, after the arrays were scheduled and before the config is written).
+``--kill-at`` SIGKILLs this process at a stage of ``rssbl_jax.checkpoint``'s write (the stages its private
+``_write`` reports to ``on_stage``, plus ``arrays``: inside orbax, after the arrays were scheduled and before the
+config is written).
 ``--pause-at`` creates ``--ready-file`` at that stage and waits until ``--release-file`` exists. Each save
 prints one JSON line: ``{"event": "saved" | "busy" | "error", "seconds": ..., "message": ...}``.
 """
@@ -60,7 +61,6 @@ def main() -> None:
             while not os.path.exists(args.release_file) and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    checkpoint._FAULT_HOOK = hook
     if args.kill_at == "arrays" or args.pause_at == "arrays":
         original = ocp.JsonCheckpointHandler.async_save
 
@@ -76,7 +76,8 @@ def main() -> None:
     for _ in range(args.repeat):
         start = time.monotonic()
         try:
-            checkpoint.save_adapters(args.path, params, CONFIG, force=args.force)
+            # save_adapters, with the stage hook given to the write itself
+            checkpoint._write(*checkpoint._prepare(args.path, params, CONFIG), force=args.force, on_stage=hook)
             event = {"event": "saved"}
         except getattr(checkpoint, "CheckpointBusyError", ()) as error:
             event = {"event": "busy", "message": str(error)}

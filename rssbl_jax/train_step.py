@@ -1,0 +1,243 @@
+r"""The train state and the pure train step: what :func:`rssbl_jax.train` and :mod:`rssbl_jax.runs` iterate.
+
+Only the trainable half of the params (:func:`rssbl_jax.partition`) is differentiated and updated:
+
+.. math::
+
+    \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
+    \qquad k_t = \mathrm{fold\_in}(k, t)
+
+A step whose loss, gradients, batch, new adapters or new optimizer state hold NaN/inf is not applied. The step is
+one pure function: the caller chooses ``jax.jit`` (with shardings, :func:`state_partition_specs`), ``jax.pmap``
+or ``jax.vmap`` over runs. :mod:`rssbl_jax.training` holds the loop and :mod:`rssbl_jax.train_checkpoints` the
+checkpoints; both use this module, and neither is needed to take one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from rssbl_jax.partition import combine, partition
+from rssbl_jax.patterns import path_str as _path_str
+
+PyTree = Any
+Batch = Any
+LossFn = Callable[[PyTree, Batch, jax.Array], jax.Array]
+StepFn = Callable[["TrainState", Batch], tuple["TrainState", dict[str, Any]]]
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step.
+
+    Attributes:
+      step: int32 scalar, the number of steps taken; also the data position (step ``t`` trains on
+        ``batch_fn(t)``).
+      trainable: the ``lora_*`` half of the params (``None`` at frozen leaves), see :func:`rssbl_jax.partition`.
+      frozen: the base half (``None`` at adapter leaves); never updated and not checkpointed.
+      opt_state: the optimizer state of ``trainable``.
+      rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
+    >>> state._fields
+    ('step', 'trainable', 'frozen', 'opt_state', 'rng')
+    >>> state.trainable["kernel"], state.frozen["lora_b"]
+    (None, None)
+    """
+
+    step: jax.Array
+    trainable: PyTree
+    frozen: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def init_train_state(
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    config: Any = None,
+    trainable: PyTree | None = None,
+) -> TrainState:
+    """Split ``params`` into trainable adapters and frozen base and initialise ``tx`` on the adapters only.
+
+    Args:
+      params: a whole params tree (base + ``lora_*`` leaves), e.g. ``variables["params"]``.
+      tx: the optimizer of the adapters (plain, e.g. ``optax.adamw(1e-3)``: it only ever sees the
+        trainable half, so no :func:`rssbl_jax.freeze_base` is needed).
+      rng: a PRNG key (typed or raw) for the loss function's randomness.
+      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`
+        (adapters by identity, plus ``modules_to_save``).
+      trainable: a tree of bools with ``params``' structure that overrides which leaves train (e.g. an ablation
+        that freezes some adapter factors). Default: :func:`rssbl_jax.trainable_mask`.
+
+    Returns:
+      A :class:`TrainState` at step 0. Float32 params give float32 optimizer state, whatever the model's
+      compute ``dtype``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> state = init_train_state({"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)),
+    ...                           "lora_c": jnp.ones((1, 1))}, optax.sgd(0.1), jax.random.key(0))
+    >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
+    (0, None, None, dtype('uint32'))
+    """
+    if trainable is None:
+        trainable, frozen = partition(params, config)
+    else:
+        mask = trainable
+        trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
+        frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
+    if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=tx.init(trainable),
+        rng=jnp.asarray(rng, jnp.uint32),
+    )
+
+
+def _finite_leaves(tree: PyTree) -> dict[str, jax.Array]:
+    """``{path: all finite}`` for every floating leaf of ``tree``."""
+    return {
+        _path_str(path): jnp.all(jnp.isfinite(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    }
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+) -> StepFn:
+    r"""A pure train step ``(state, batch) -> (state, metrics)`` that updates only the adapters.
+
+    The step differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies
+    ``tx`` and checks that the loss, the gradients and every floating leaf of ``batch`` (the operating
+    parameters ``p`` included) are finite. If any is not, the returned state is the input state unchanged and
+    ``metrics["finite"]`` says which; :func:`rssbl_jax.train` then stops with a
+    :class:`~rssbl_jax.training.NonFiniteError`.
+
+    Wrap the step in ``jax.jit`` (with ``in_shardings``/``out_shardings`` for a mesh; the loss is then a
+    mean over the global batch and XLA inserts the reductions) or in ``jax.pmap(step, axis_name=...)`` with
+    the same ``axis_name`` given here (loss, gradients and checks are ``pmean``-ed/combined over it).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> scalar``, with the whole params tree (adapters and base).
+        For mixed precision build the model with ``dtype=jnp.bfloat16`` and keep the params float32: the
+        gradients and optimizer state stay float32.
+      tx: the adapters' optimizer, the one given to :func:`init_train_state`.
+      axis_name: the ``pmap`` axis name, or ``None`` under ``jit``/single device.
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)`` with ``metrics = {"loss": float32 scalar, "grad_norm": float32
+      scalar (the global L2 norm of the adapters' gradients), "applied": bool (every check passed and the update
+      was applied), "finite": {"loss": bool, "grads": bool, "batch/<path>": bool, "params/<path>": bool,
+      "opt_state/<path>": bool, ...}}`` (one ``params``/``opt_state`` entry per floating leaf of the updated
+      adapters and optimizer state). The loss and gradient norm are those of ``state`` before the update.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> tx = optax.sgd(0.5)
+    >>> params = {"w": jnp.zeros(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
+    >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch["y"]) ** 2)
+    >>> step = jax.jit(make_train_step(loss, tx))
+    >>> state, metrics = step(state, {"y": jnp.zeros(2)})
+    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"])
+    (1, [0.0, 0.0], 2.0)
+    >>> round(float(metrics["grad_norm"]), 4)   # |2 (b - y)| at b = (1, 1), y = 0
+    2.8284
+    >>> state, metrics = step(state, {"y": jnp.array([0.0, jnp.nan])})   # not applied
+    >>> int(state.step), bool(metrics["applied"]), bool(metrics["finite"]["batch/y"])
+    (1, False, False)
+    """
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if axis_name is not None:  # under pmap each device draws its own randomness (e.g. dropout masks)
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+        def objective(trainable: PyTree) -> jax.Array:
+            return loss_fn(combine(trainable, state.frozen), batch, rng)
+
+        loss, grads = jax.value_and_grad(objective)(state.trainable)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+
+        finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
+                finite["batch/" + (_path_str(path) or "(root)")] = jnp.all(jnp.isfinite(leaf))
+        # The optimizer can make NaN from finite gradients (e.g. Adam with eps=0 on a zero gradient).
+        finite |= {f"params/{name}": ok for name, ok in _finite_leaves(trainable).items()}
+        finite |= {f"opt_state/{name}": ok for name, ok in _finite_leaves(opt_state).items()}
+        if axis_name is not None:
+            finite = {k: jax.lax.pmin(v.astype(jnp.int32), axis_name) > 0 for k, v in finite.items()}
+        ok = jnp.all(jnp.stack(list(finite.values())))
+
+        # The frozen base passes through untouched (no select), so a vmap over runs can share one copy of it.
+        new, old = (state.step + 1, trainable, opt_state), (state.step, state.trainable, state.opt_state)
+        counter, trainable, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        state = TrainState(counter, trainable, state.frozen, opt_state, state.rng)
+        grad_norm = optax.tree_utils.tree_norm(grads).astype(jnp.float32)
+        return state, {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, "applied": ok, "finite": finite}
+
+    return step
+
+
+def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: PyTree) -> TrainState:
+    """Partition specs for a whole :class:`TrainState`, given the specs of the params.
+
+    The adapters and the optimizer's copies of them (e.g. Adam's moments, found with
+    ``optax.tree_map_params``) take the params' specs; the frozen base takes its own; the step, the rng and
+    the optimizer's scalars are replicated. Map with :func:`rssbl_jax.sharding.named_shardings` for
+    ``jax.jit``'s ``in_shardings``/``out_shardings``.
+
+    Args:
+      state: the state (arrays or ``jax.ShapeDtypeStruct``).
+      tx: its optimizer.
+      param_specs: a ``PartitionSpec`` tree over the whole params (e.g.
+        :func:`rssbl_jax.sharding.adapter_partition_specs`).
+
+    Returns:
+      A :class:`TrainState` of ``PartitionSpec``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> tx = optax.adam(1e-3)
+    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones((1, 2)),
+    ...           "lora_c": jnp.ones((1, 1))}
+    >>> state = init_train_state(params, tx, jax.random.key(0))
+    >>> specs = state_partition_specs(state, tx, {"kernel": P("model", None), "lora_a": P("model", None),
+    ...                                           "lora_b": P(), "lora_c": P()})
+    >>> specs.opt_state[0].mu["lora_a"], specs.opt_state[0].count, specs.frozen["kernel"]
+    (P('model', None), P(), P('model', None))
+    """
+    trainable_specs, frozen_specs = partition(param_specs)
+    opt_specs = optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        state.opt_state,
+        trainable_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return TrainState(PartitionSpec(), trainable_specs, frozen_specs, opt_specs, PartitionSpec())
