@@ -12,8 +12,8 @@ applied by :func:`rssbl_jax.apply.apply_adapter` (the same function as the linen
 ``lora_*`` leaves created beside the layer's own kernel. The model's code is not touched, so
 ``variables["params"]`` is the model's own tree plus ``lora_*`` leaves and pretrained weights load with
 :func:`load_base`. A kernel annotated with ``nn.with_partitioning`` or
-``nn.with_logical_partitioning`` gives adapters annotated the same way (``A`` keeps the kernel's input axes, ``B``
-its output axes; the rank axis and ``C``, ``S`` are replicated).
+``nn.with_logical_partitioning`` gives adapters annotated the same way, by the one rule of
+:func:`rssbl_jax.tree.axes_from_kernel`.
 
 How ``p`` flows: ``adapted.apply(variables, x, p=p)`` takes ``p`` as an argument of that call and builds, for that
 call only, the method interceptor that hands it to every adapted layer; nothing outlives the call, so a function
@@ -198,7 +198,9 @@ class Adapted(nn.Module):
         layer = self.config.resolve(path)
         box = module.get_variable("params", kind.kernel_name)
         x = jnp.asarray(args[0] if args else kwargs["inputs"])
-        factorization = kind.factorize(module, tuple(jnp.shape(meta.unbox(box))), layer.rank, x.shape, args[1:], kwargs)
+        factorization = apply.factorize(
+            kind, module, tuple(jnp.shape(meta.unbox(box))), self.method, layer.rank, x.shape, args[1:], kwargs
+        )
         where = f"adapted layer {path!r}"
         shift = self.config.use_shift(module.has_variable("params", "bias"))
         factors = linen_leaves(

@@ -319,8 +319,7 @@ def test_every_front_end_carries_its_thresholds():
     def swept(fn):
         return ((12, 4), (4, 8 * 5)) in dot_shapes(jax.vmap(fn), ps)
 
-    # linen injection builds its factorization itself (inject.py), so only the method's sweep threshold is checked
-    checks = {linen_layer: (fused, swept), injected: (swept,), nnx_model: (fused, swept)}
+    checks = {linen_layer: (fused, swept), injected: (fused, swept), nnx_model: (fused, swept)}
     for front_end, paths in checks.items():
         for thresholds, want in ((fastpath.Thresholds(), True), (off, False)):
             fn = front_end(thresholds)
