@@ -21,12 +21,13 @@ What is atomic where:
   at any point leaves ``dir/adapters`` holding the whole old or the whole new checkpoint; only between the two
   renames of the fallback is the old one at ``.adapters.old`` instead (loads say where, the next write puts it
   back). Leftovers of a killed writer are removed by the next write.
-- **gs:// and other remote paths.** No lock, no staging copy, no rename: orbax writes the checkpoint in place and
-  commits it last (on ``gs://`` a ``commit_success.txt`` object, written after every other file). A load refuses a
-  checkpoint without that commit. ``force=True`` deletes the old checkpoint before the new one is written, so a
-  crash during an overwrite can leave no committed checkpoint at the path (refused on load, replaced by the next
-  save without ``force``), never a mix that loads. Two writers at once are not excluded: the result is one of
-  them or, if their files mix, a checkpoint whose digests refuse it.
+- **gs:// paths** (other remote schemes are not supported yet: orbax writes its commit file only on ``gs://``).
+  No lock, no staging copy, no rename: orbax writes the checkpoint in place and commits it last (a
+  ``commit_success.txt`` object, written after every other file). A load refuses a checkpoint without that commit.
+  ``force=True`` deletes the old checkpoint before the new one is written, so a crash during an overwrite can leave
+  no committed checkpoint at the path (refused on load, replaced by the next save without ``force``), never a mix
+  that loads. Two writers at once are not excluded: the result is one of them or, if their files mix, a checkpoint
+  whose digests refuse it.
 """
 
 from __future__ import annotations
@@ -330,21 +331,21 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         format_ = config.get("format") if isinstance(config, dict) else None
         raise ValueError(f"{os.fspath(path)!r} is not an rssbl_jax adapter checkpoint (format={format_!r}).")
-    # The digest is checked whenever there is one, whatever version the config claims: it covers the version
+    version = config.get("version", 1)
+    if not isinstance(version, int):
+        raise ValueError(f"{os.fspath(path)!r} has format version {version!r}, not a number: not written by rssbl_jax.")
+    if version > VERSION:  # first: a newer format may digest differently; refused either way
+        raise ValueError(
+            f"the adapter checkpoint {os.fspath(path)!r} has format version {version}, newer than this rssbl_jax's "
+            f"(version {VERSION}); upgrade rssbl_jax to load it."
+        )
+    # The digest is checked whenever there is one, whatever older version the config claims: it covers the version
     # field, so a relabelled version is damage, not an older format.
     if "sha256" in config or config.get("version", 1) >= 2:
         if config.get("sha256") != json_sha256(config):
             raise CheckpointCorruptError(
                 f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config does not match its SHA-256 digest."
             )
-    version = config.get("version", 1)
-    if not isinstance(version, int):
-        raise ValueError(f"{os.fspath(path)!r} has format version {version!r}, not a number: not written by rssbl_jax.")
-    if version > VERSION:
-        raise ValueError(
-            f"the adapter checkpoint {os.fspath(path)!r} has format version {version}, newer than this rssbl_jax's "
-            f"(version {VERSION}); upgrade rssbl_jax to load it."
-        )
     if version < 3 or "adapter_config" not in config:
         raise ValueError(
             f"{os.fspath(path)!r} is an adapter checkpoint of format version {version}, written before the "

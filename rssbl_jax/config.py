@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -68,6 +69,8 @@ class LayerConfig(NamedTuple):
 
 
 def _finite(value: Any, name: str) -> float:
+    if isinstance(value, bool | str) or type(value).__name__ == "bool_":  # True is not 1.0, "8" is not 8.0
+        raise TypeError(f"{name} must be a number; got {name}={value!r}.")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -78,7 +81,7 @@ def _finite(value: Any, name: str) -> float:
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {name}={value!r}.")
     return int(value)
 

@@ -130,6 +130,14 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as error:  # orbax/tensorstore raise many kinds; all mean "cannot read this step"
         raise _Corrupt(f"metadata could not be read: {type(error).__name__}: {str(error)[:300]}") from error
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(found, str) and found.startswith("rssbl_jax.training/") and found != _FORMAT:
+        # A format this library does not know (a newer release's): refuse loudly instead of setting the step
+        # aside as damaged and silently resuming from an older one.
+        raise ValueError(
+            f"checkpoint {where} has format {found!r}, not this rssbl_jax's {_FORMAT!r} (written by a newer release?); "
+            "upgrade rssbl_jax to resume from it. The checkpoint is kept."
+        )
     if not (
         isinstance(meta, dict)
         and meta.get("format") == _FORMAT

@@ -309,3 +309,16 @@ def test_python_keywords_are_refused_as_p_keyword():
         with pytest.raises(ValueError, match=f"p_keyword must be a Python identifier that is not a keyword.*{word}"):
             rssbl_jax.AdapterConfig(rank=2, lora_alpha=4.0, p_keyword=word)
     assert rssbl_jax.AdapterConfig(rank=2, lora_alpha=4.0, p_keyword="condition").p_keyword == "condition"
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", True), ("lora_alpha", "8"), ("gate_offset", True)])
+def test_numbers_refuse_bools_and_strings(field, value):
+    with pytest.raises(TypeError, match=f"{field} must be a number"):
+        rssbl_jax.AdapterConfig(**({"rank": 2, "lora_alpha": 4.0} | {field: value}))
+
+
+def test_integer_fields_take_numpy_integers():
+    import numpy as np
+
+    config = rssbl_jax.AdapterConfig(rank=np.int64(2), lora_alpha=np.float32(4.0), gate_hidden=np.int32(8))
+    assert (config.rank, config.scale, config.gate_hidden) == (2, 2.0, 8) and type(config.rank) is int

@@ -245,3 +245,22 @@ def test_clipping_through_freeze_base_ignores_the_frozen_gradients():
     np.testing.assert_allclose(sgd.update(grads, sgd.init(params), params)[0]["lora_b"], [-0.6, -0.8, 0, 0], rtol=1e-6)
     with pytest.raises(ValueError, match="clip_global_norm must be a positive number"):
         freeze_base(optax.sgd(1.0), clip_global_norm=0.0)
+
+
+def test_a_newer_training_format_is_refused_not_set_aside(tmp_path):
+    """A step written by a newer release stops the resume with an error naming both formats; nothing is renamed,
+    and no older step is silently resumed from."""
+    import json
+
+    state, step, batch_fn = small_run()
+    ckpt = tmp_path / "ckpt"
+    training.train(state, step, batch_fn, 10, checkpoint_dir=str(ckpt), save_every=5)
+    files = [p for p in (ckpt / "10" / "meta").rglob("*") if p.is_file()]
+    metas = [p for p in files if b'"rssbl_jax.training/1"' in p.read_bytes()]
+    assert len(metas) == 1, sorted(str(p) for p in (ckpt / "10").rglob("*"))
+    document = json.loads(metas[0].read_text())
+    document["format"] = "rssbl_jax.training/2"
+    metas[0].write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"'rssbl_jax.training/2', not this rssbl_jax's 'rssbl_jax.training/1'"):
+        training.restore_latest(str(ckpt), state)
+    assert sorted(os.listdir(ckpt)) == ["10", "5"]
