@@ -3,7 +3,7 @@
 The data are CoLoRA's HDF5 files (github.com/julesberman/CoLoRA, data/vlasov), not in this repository: point
 ``data_dir`` (or $COLORA_DATA_DIR) at the folder that holds ``vlasov/``. The CPU budget (the committed report):
 
-    COLORA_DATA_DIR=/work/colora_data python -m experiments.colora --config configs/colora_vlasov.py
+    COLORA_DATA_DIR=/path/to/CoLoRA/data python -m experiments.colora --config configs/colora_vlasov.py
 
 CoLoRA's full budget (100,000 Adam steps at 5e-3, about 29 snapshots and every grid point per step), for an
 accelerator:
