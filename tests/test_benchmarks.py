@@ -2,9 +2,12 @@
 
 import re
 
+import pytest
+
 from benchmarks import run
 
 
+@pytest.mark.slow
 def test_benchmarks_smoke():
     text = run.main(["--smoke", "--no-write"])
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## Targets"):

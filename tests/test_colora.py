@@ -174,6 +174,7 @@ def test_scalar_gate_shape_error():
     assert rssbl_jax.AdapterConfig.from_dict(config.to_dict()) == config
 
 
+@pytest.mark.slow
 def test_training_smoke_loss_decreases(tmp_path):
     data_dir = tmp_path / "data" / "toy"
     data_dir.mkdir(parents=True)

@@ -139,6 +139,7 @@ def _tiny_sweep_config():
     return config
 
 
+@pytest.mark.slow
 def test_centred_and_with_count_slice_the_draws():
     config = _tiny_sweep_config()
     sub = condition_count._variant(config)
@@ -162,6 +163,7 @@ def test_centred_and_with_count_slice_the_draws():
     assert not np.allclose(stacked.train.p[0], stacked.train.p[1])
 
 
+@pytest.mark.slow
 def test_sweep_runs_and_renders_the_same_report(tmp_path):
     config = _tiny_sweep_config()
     rows = condition_count.run(config, tmp_path)

@@ -90,6 +90,7 @@ def test_a_dying_process_fails_the_run_clearly(tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_matches_uninterrupted_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     reference = str(tmp_path / "reference.npz")

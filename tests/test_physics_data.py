@@ -169,6 +169,7 @@ def _tiny(name, data, steps, model):
     return dataclasses.replace(surrogates.SURROGATES[name], data=data, steps=steps, model=model, warmup=20)
 
 
+@pytest.mark.slow
 def test_tiny_ks_surrogate_fits_its_nominal_condition(tmp_path):
     data_config = dataclasses.replace(TINY_KS, frames=9, nominal_trajectories=8)
     config = _tiny("ks_transformer", data_config, 300, {"width": 32, "depth": 2, "heads": 2, "mlp": 64})

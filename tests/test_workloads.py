@@ -88,6 +88,7 @@ def test_per_layer_targets(battery, config, targets, per_block):
     assert all(("attention" in q) == (targets == "attention") for q in paths)
 
 
+@pytest.mark.slow
 def test_an_adapter_trains_and_beats_the_frozen_base(ks, config):
     """rss on the tiny KS surrogate: the training loss falls and metrics come back for every reported run."""
     cfg = ml_collections.ConfigDict(config.to_dict())
@@ -205,6 +206,7 @@ def test_anchor_replay_adds_the_nominal_condition_with_unevaluated_trajectories(
     assert sizes_a == sizes_b and sizes_a["train"] == c
 
 
+@pytest.mark.slow
 def test_anchor_centre_rss_is_the_frozen_base_at_nominal(anchor_config, data_dir):
     """With p̂_nominal = 0 the gate C p̂ and shift S p̂ vanish, so rss adds exactly nothing at nominal.
 
