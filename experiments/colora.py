@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def interval(errors: list[float]) -> stats.Interval:
-    """Geometric mean over seeds with its 95% t-interval (the random initialisations are the units: the data draw is fixed)."""
+    """Geometric mean over seeds with its 95% t-interval (initialisations are the units; the data draw is fixed)."""
     return stats.log_interval(np.asarray(errors, np.float64)[:, None])
 
 

@@ -1,7 +1,7 @@
 """The report of ``train_and_evaluate``: Markdown tables (deterministic on CPU: no wall times) and PNG plots.
 
 Errors are relative MSE (method / frozen base on the same rows). Every cell ``m ± h [med]`` is the mean over
-data draws of the mean over random initialisations, the half-width of the 95% t-interval over the draws, and the median over all
+data draws of the per-draw mean, the half-width of the 95% t-interval over the draws, and the median over all
 draws × seeds. Paired ratios are geometric means of ``baseline / reference`` on the same draws and seeds with a
 draw-level 95% interval (:mod:`experiments.stats`); their **>1** / **<1** marks are Holm–Bonferroni-corrected over
 each table's family of comparisons (:func:`holm_ratios`).

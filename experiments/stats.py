@@ -2,7 +2,7 @@
 
 Every error array is ``[draws, seeds]``: ``draws`` independent data draws (teacher or base, conditions, inputs),
 ``seeds`` adapter initialisations and batch orders within each draw. Seeds within a draw are not independent
-samples of the data-draw variance, so every interval treats the draw as the unit: the random initialisations of a draw are
+samples of the data-draw variance, so every interval treats the draw as the unit: the runs of a draw are
 averaged first and the t-interval runs over the ``draws`` draw means (``draws - 1`` degrees of freedom).
 """
 
