@@ -107,13 +107,22 @@ class Workload:
         return ((np.asarray(conditions, np.float64) - self.p_mean) / self.p_std).astype(np.float32)
 
 
-def _surrogate_config(name: str, config: ml_collections.ConfigDict) -> surrogates.PretrainConfig:
-    """The surrogate's :class:`~experiments.surrogates.PretrainConfig`, with the config's overrides (tests)."""
+def _surrogate_config(name: str, config: ml_collections.ConfigDict, draw: int = 0) -> surrogates.PretrainConfig:
+    """The surrogate's :class:`~experiments.surrogates.PretrainConfig`, with the config's overrides (tests).
+
+    ``draw > 0`` is an independent data draw: the data seed (conditions, trajectories or profiles) and the
+    pretraining seed both move by ``draw``, so the draw has its own training and held-out conditions, its own
+    trajectories and its own re-pretrained base. Draw 0 is the default data and base.
+    """
     base = surrogates.SURROGATES[f"{name}_transformer"]
     over = config.get(name, ml_collections.ConfigDict())
     changes = {}
-    if over.get("data"):
-        changes["data"] = dataclasses.replace(base.data, **dict(over.data))
+    data_changes = dict(over.data) if over.get("data") else {}
+    if draw:
+        data_changes["seed"] = base.data.seed + draw
+        changes["seed"] = base.seed + draw
+    if data_changes:
+        changes["data"] = dataclasses.replace(base.data, **data_changes)
     if over.get("model"):
         changes["model"] = base.model | dict(over.model)
     if over.get("pretrain_steps"):
@@ -154,8 +163,9 @@ def _replay(name: str, sets: dict[str, dict[str, np.ndarray]], config: ml_collec
     return merged, replay
 
 
-def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | None = None) -> Workload:
-    """The pretrained surrogate ``name`` (``ks`` or ``battery``) and its data (both cached on disk).
+def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | None = None, draw: int = 0) -> Workload:
+    """The pretrained surrogate ``name`` (``ks`` or ``battery``) and its data (both cached on disk); ``draw``
+    selects an independent data draw with its own re-pretrained base (:func:`_surrogate_config`).
 
     ``config.anchor`` (default ``"none"``) sets the standardisation's mean to the nominal condition (``centre``)
     and/or appends the nominal condition to the training conditions (``replay``); see the module docstring.
@@ -163,7 +173,7 @@ def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | 
     anchor = config.get("anchor", "none")
     if anchor not in ANCHORS:
         raise ValueError(f"unknown anchor {anchor!r}; expected one of {ANCHORS}.")
-    pretrain_config = _surrogate_config(name, config)
+    pretrain_config = _surrogate_config(name, config, draw)
     progress = bool(config.get("progress", False))
     model, base = surrogates.pretrained(pretrain_config, data_dir, progress)
     data = surrogates.load_data(pretrain_config, data_dir, progress)
@@ -348,6 +358,10 @@ def run_method(
     timings = {"init_s": 0.0, "compile_s": 0.0, "steps_s": 0.0, "val_s": 0.0}
     compiled: dict[int, Any] = {}
     run_steps = [0]
+    # The validation loss of every run at ``val_points`` evenly spaced steps (the convergence record).
+    points = int(config.get("val_points", 0))
+    at_steps = sorted({max(1, round(steps * (j + 1) / points)) for j in range(points)}) if points else []
+    val_curve: dict[str, list] = {"steps": at_steps, "loss": [], "runs": []} if points else {}
 
     def train(runs):
         """Train ``runs`` [(draw, seed, lr)] at once: trained leaves, per-step losses [steps, R], val losses [R]."""
@@ -367,13 +381,19 @@ def run_method(
                 total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 record["memory_mb"] = (total + memory.temp_size_in_bytes) / 2**20
                 record["memory_runs"] = len(runs)
-        losses = []
+        losses, curve = [], []
+        val_rows = jnp.asarray(val_idx[draw])
         t = time.perf_counter()
         for i in range(steps):
             trainable, state, loss = compiled[len(runs)](trainable, state, *args, frozen, data, jnp.int32(i))
             losses.append(loss)
+            if i + 1 in at_steps:
+                curve.append(validate(trainable, val_rows, frozen, data))
         jax.block_until_ready(trainable)
         timings["steps_s"] += time.perf_counter() - t
+        if points:
+            val_curve["loss"] += np.asarray(jnp.stack(curve)).T.astype(np.float64).tolist()
+            val_curve["runs"] += [list(r) for r in runs]
         run_steps[0] += steps * len(runs)
         t = time.perf_counter()
         val = np.asarray(validate(trainable, jnp.asarray(val_idx[draw]), frozen, data))
@@ -383,11 +403,28 @@ def run_method(
     if draw_lrs is None:
         stage1 = [(d, 0, lr) for d in range(draws) for lr in lrs]
         trained1, frozen, losses1, val1 = train(stage1)
+        # An edge pick extends the grid by one more point beyond that edge (the grid's ratio), up to
+        # ``extend_edges`` times; the added runs are stage 1 runs like the others (seed 0).
+        for _ in range(int(config.get("extend_edges", 0)) if draws == 1 else 0):
+            best = lrs[int(np.nanargmin(val1))]
+            if best not in (lrs[0], lrs[-1]):
+                break
+            ratio = lrs[1] / lrs[0]
+            lr = lrs[0] / ratio if best == lrs[0] else lrs[-1] * ratio
+            trained, _, losses, val = train([(0, 0, lr)])
+            at = 0 if best == lrs[0] else len(lrs)
+            lrs.insert(at, lr)
+            stage1.insert(at, (0, 0, lr))
+            join = lambda a, b, at=at: jnp.concatenate([a[:at], b, a[at:]])  # noqa: E731
+            trained1 = jax.tree.map(join, trained1, trained)
+            losses1 = np.concatenate([losses1[:, :at], losses, losses1[:, at:]], axis=1)
+            val1 = np.concatenate([val1[:at], val, val1[at:]])
         chosen = [lrs[int(np.nanargmin([val1[d * len(lrs) + k] for k in range(len(lrs))]))] for d in range(draws)]
         record["val_loss_by_lr"] = {
             f"{lr:g}": [float(val1[d * len(lrs) + k]) for d in range(draws)] for k, lr in enumerate(lrs)
         }
-        stage2 = [(d, s, chosen[d]) for d in range(draws) for s in range(1, len(lrs) + 1)]
+        extra = int(config.get("seeds_at_lr", len(lrs)))  # seeds 1..extra at the chosen lr
+        stage2 = [(d, s, chosen[d]) for d in range(draws) for s in range(1, extra + 1)]
         keep = [d * len(lrs) + lrs.index(chosen[d]) for d in range(draws)]
     else:
         chosen, stage2, keep = (
@@ -395,8 +432,11 @@ def run_method(
             [(d, s, draw_lrs[d]) for d in range(draws) for s in range(config.seeds)],
             [],
         )
-    trained2, frozen, losses2, _ = train(stage2)
-    if keep:
+    trained2, frozen, losses2, _ = train(stage2) if stage2 else (None, frozen, np.zeros((steps, 0)), None)
+    if keep and not stage2:
+        trainable = jax.tree.map(lambda a: a[np.array(keep)], trained1)
+        losses, reported = losses1[:, keep], [stage1[k] for k in keep]
+    elif keep:
         trainable = jax.tree.map(lambda a, b: jnp.concatenate([a[np.array(keep)], b]), trained1, trained2)
         losses = np.concatenate([losses1[:, keep], losses2], axis=1)
         reported = [stage1[k] for k in keep] + stage2
@@ -407,6 +447,8 @@ def run_method(
     record["lr_from"] = "grid" if draw_lrs is None else "all-layer run"
     record["lr_grid"] = lrs
     record["edge"] = bool(len(lrs) > 1 and any(lr in (lrs[0], lrs[-1]) for lr in chosen))
+    if val_curve:
+        record["val_curve"] = {"steps": val_curve["steps"], "by_run": val_curve["loss"], "runs": val_curve["runs"]}
     record["loss_curve"] = [float(np.mean(w)) for w in np.array_split(losses.mean(axis=1), 10)]
     record |= timings
     record["step_ms_per_run"] = 1e3 * timings["steps_s"] / run_steps[0]

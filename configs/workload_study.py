@@ -1,0 +1,63 @@
+"""The workload study with independent draws (pre-registered methods, named before the run).
+
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.workloads="('ks',)"        # part 1: KS, every draw
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.workloads="('battery',)"   # part 2: the battery, every draw
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.part=convergence           # part 3: draw 0 again at twice the steps (the convergence check)
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.part=render                # report.md from the committed records, no training
+
+A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
+trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
+extrapolated conditions are a fixed design of graded distances, with fresh trajectories per draw). Within a
+draw, seed 0 tunes the learning rate on the draw's validation trajectories, and ``seeds_at_lr`` more seeds train
+at the chosen rate.
+
+Headline methods, one per family, with the same offset and the same conditioning (p centred at the nominal
+condition for every method, ``anchor="centre"``, so the offset-0 forms are silent at nominal):
+
+* RSS: the linear gate ``rss`` (offset 0) and the learnable-offset gate ``rss_affine`` (offset initialised to 0);
+* FiLM: on the branch and on the layer with offset 0 (``film_branch0``, ``film_layer0``), the match of ``rss``;
+* ``lora_concat``; the hypernetwork of width 1 with its unconditioned term and its p-dependent shift
+  (``hypernet1_shift``, the smallest width: it still has about twice RSS's trainable parameters);
+* ``full_ft``; and the plain ``lora`` and the ``frozen`` base as references.
+
+Paired ratios use ``rss`` and ``rss_affine`` as references. No other variant is run here.
+"""
+
+import ml_collections
+
+from configs import workloads
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = workloads.get_config()
+    config.part = "main"  # "main", "convergence" or "render"
+    config.anchor = "centre"
+    config.methods = (
+        "frozen",
+        "lora",
+        "lora_concat",
+        "full_ft",
+        "film_branch0",
+        "film_layer0",
+        "hypernet1_shift",
+        "rss",
+        "rss_affine",
+    )
+    config.references = ("rss", "rss_affine")
+    config.convergence_methods = ("lora", "lora_concat", "film_branch0", "rss", "rss_affine")
+    config.draws = 3  # independent draws (data, conditions, re-pretrained base)
+    config.seeds_at_lr = 2  # seeds 1..2 at the chosen lr: 3 seeds per draw with the tuning run (seed 0)
+    # Five points, half a decade apart, the same for every adapter; full_ft's grid is 30x lower. An edge pick adds
+    # one more point beyond that edge, up to twice.
+    config.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    config.full_ft_learning_rates = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    config.extend_edges = 2
+    config.val_points = 8  # validation loss at 8 evenly spaced steps of every run (the convergence record)
+    config.ks.steps = 600
+    config.battery.steps = 400
+    config.convergence_factor = 2
+    return config

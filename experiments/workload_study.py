@@ -1,0 +1,296 @@
+r"""The workload study with independent draws: pre-registered methods on KS and the battery, draw-level statistics.
+
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study
+
+(the parts, their commands and times: ``configs/workload_study.py`` and RESULTS.md). Protocol:
+
+1. **Draws.** Draw ``d`` has its own data seed and pretraining seed (:func:`experiments.workloads.load_workload`
+   with ``draw=d``): fresh training and held-out conditions, fresh trajectories (KS) or load profiles (battery),
+   and a base re-pretrained at the nominal condition. Within a draw, the trajectories of every training
+   condition split once into training and validation trajectories.
+2. **Tuning.** Seed 0 trains every learning rate of the grid (five points); the lowest validation loss picks the
+   rate, and a pick at an edge adds one more point beyond it (``extend_edges`` times at most). Seeds
+   ``1..seeds_at_lr`` then train at the chosen rate. Reported per draw: the runs at the chosen rate.
+3. **Training.** :func:`experiments.workloads.run_method` (Adam, global-norm clip 1, cosine decay to 0, the same
+   number of steps and batch size for every method); the validation loss of every run is recorded at
+   ``val_points`` evenly spaced steps.
+4. **Statistics** (:mod:`experiments.stats`): each run's error is its mean over the set's conditions; errors form
+   ``[draws, seeds]`` arrays; intervals and paired ratios run over the draws' means (``draws - 1`` degrees of
+   freedom); significance marks are Holm–Bonferroni-corrected over each ratio table.
+5. **Convergence** (part ``convergence``): draw 0 again with ``convergence_factor`` times the steps for
+   ``convergence_methods``, every rate of the grid. The criterion: the budget counts as converged for a method
+   when its held-out error at the longer budget is within 10 % of the shorter one's (both at their own chosen
+   rate, mean over the same seeds).
+
+Records: ``<workload>_draw<d>.jsonl`` (one per method) and ``<workload>_convergence.jsonl``; ``report.md`` is
+rebuilt from every record in the workdir after each part (``--config.part=render`` only rebuilds it).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import report as report_lib  # noqa: E402
+from experiments import workloads  # noqa: E402
+
+SETS = ("train", "heldout", "extrapolated", "nominal")
+CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
+
+
+def _sub(config: ml_collections.ConfigDict, steps_factor: int = 1) -> ml_collections.ConfigDict:
+    """The per-draw config of :func:`experiments.workloads.run_method`: one trajectory split per draw."""
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.draws = 1
+    for name in ("ks", "battery"):
+        sub[name].steps = int(config[name].steps) * steps_factor
+    return sub
+
+
+def _write(path: pathlib.Path, records: list[dict]) -> None:
+    """Rewrite ``path`` with ``records`` (a temporary file renamed over it: a crash leaves the old file)."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | None = None) -> float:
+    """Train the config's part (``main`` or ``convergence``) into ``workdir``; rebuild ``report.md``."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    part = config.get("part", "main")
+    if part not in ("main", "convergence", "render"):
+        raise ValueError(f"unknown part {part!r}; expected 'main', 'convergence' or 'render'.")
+    for name in config.workloads if part != "render" else ():
+        draws = range(config.draws) if part == "main" else range(1)
+        methods = config.methods if part == "main" else ("frozen", *config.convergence_methods)
+        sub = _sub(config, 1 if part == "main" else int(config.convergence_factor))
+        for draw in draws:
+            t = time.perf_counter()
+            work = workloads.load_workload(name, sub, data_dir, draw=draw)
+            load_s = time.perf_counter() - t
+            records = []
+            for method in methods:
+                record = workloads.run_method(work, method, "all", sub, seed=draw)
+                record |= {"draw": draw, "part": part, "data_and_base_s": load_s}
+                records.append(record)
+                if config.get("progress", False):
+                    print(f"{name} draw {draw} {method}: {record['seconds']:.0f} s", flush=True)
+            suffix = f"draw{draw}" if part == "main" else "convergence"
+            _write(workdir / f"{name}_{suffix}.jsonl", records)
+    seconds = time.perf_counter() - start
+    write_report(workdir)
+    return seconds
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def read(workdir: str | pathlib.Path) -> dict[str, dict[str, list[dict]]]:
+    """``{workload: {"main": [...], "convergence": [...]}}`` from the workdir's records."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted(pathlib.Path(workdir).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["workload"], {}).setdefault(r["part"], []).append(r)
+    return out
+
+
+def errors(records: list[dict], method: str, set_name: str, metric: str) -> np.ndarray:
+    """``[draws, seeds]``: each run's error averaged over the set's conditions, draws in order."""
+    rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["draw"])
+    per_draw = [np.asarray(r["metrics"][set_name][metric], np.float64) for r in rows]
+    seeds = min(a.shape[0] for a in per_draw)
+    return np.stack([a[:seeds].reshape(seeds, a.shape[1], -1).mean(axis=(1, 2)) for a in per_draw])
+
+
+def _methods(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in records))
+
+
+def error_table(records: list[dict], metric: str) -> list[str]:
+    """Absolute errors per set: draw-level mean ± 95 % half-width [median over draws × seeds]."""
+    head = "| method | trainable | " + " | ".join(SETS) + " |"
+    lines = [head, "|---|---:|" + "---|" * len(SETS)]
+    for m in _methods(records):
+        trainable = next(r["trainable"] for r in records if r["method"] == m)
+        lines.append(f"| {m} | {trainable} | " + " | ".join(report_lib._cell(errors(records, m, s, metric))
+                                                          for s in SETS) + " |")  # fmt: skip
+    return lines
+
+
+def ratio_table(records: list[dict], metric: str, reference: str) -> list[str]:
+    """Paired ratios method / reference per set, Holm-corrected over the table (every method × set)."""
+    others = [m for m in _methods(records) if m not in (reference, "frozen")]
+    pairs = [(errors(records, m, s, metric), errors(records, reference, s, metric)) for m in others for s in SETS]
+    cells = report_lib.holm_ratios(pairs)
+    lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
+    for i, m in enumerate(others):
+        lines.append(f"| {m} | " + " | ".join(cells[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
+    return lines
+
+
+def persistence_table(records: list[dict]) -> list[str]:
+    """KS: the frozen base against persistence (no change), one-step and rollout, draw-level intervals."""
+    frozen = [r for r in records if r["method"] == "frozen"]
+    if not frozen or "persistence" not in frozen[0]["metrics"]["train"]:
+        return []
+    lines = ["| set | base 1-step | persistence 1-step | base rollout | persistence rollout |", "|---|---|---|---|---|"]
+    for s in SETS:
+        keys = ("one_step", "persistence", "rollout_mean", "rollout_persistence_mean")
+        lines.append(f"| {s} | " + " | ".join(report_lib._cell(errors(frozen, "frozen", s, k)) for k in keys) + " |")
+    return lines
+
+
+def tuning_table(records: list[dict]) -> list[str]:
+    """Per method and draw: the grid (with any edge extension), the chosen rate, and its validation loss."""
+    lines = ["| method | draw | grid | chosen | edge after extension | validation loss at the chosen rate |",
+             "|---|---:|---|---:|---|---:|"]  # fmt: skip
+    for r in sorted((r for r in records if r["lr"]), key=lambda r: (_methods(records).index(r["method"]), r["draw"])):
+        grid = ", ".join(f"{v:g}" for v in r["lr_grid"])
+        val = r["val_loss_by_lr"][f"{r['lr'][0]:g}"][0]
+        lines.append(f"| {r['method']} | {r['draw']} | {grid} | {r['lr'][0]:g} | {'yes' if r['edge'] else 'no'} | "
+                     f"{val:.4g} |")  # fmt: skip
+    return lines
+
+
+def curve_table(records: list[dict]) -> list[str]:
+    """The validation loss of the chosen-rate runs along training (mean over draws and seeds), as a fraction of
+    its final value: a flat tail is near 1.00 over the last points."""
+    lines = []
+    for r in records:
+        if "val_curve" not in r:
+            continue
+        curve = r["val_curve"]
+        chosen = [i for i, run in enumerate(curve["runs"]) if abs(run[2] - r["lr"][0]) < 1e-12]
+        lines.append((r["method"], curve["steps"], np.asarray(curve["by_run"], np.float64)[chosen].mean(axis=0)))
+    if not lines:
+        return []
+    by_method: dict[str, list] = {}
+    for m, _, c in lines:
+        by_method.setdefault(m, []).append(c)
+    steps = lines[0][1]
+    out = ["| method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for m, curves in by_method.items():
+        c = np.mean(curves, axis=0)
+        out.append(f"| {m} | " + " | ".join(f"{v / c[-1]:.2f}" for v in c) + " |")
+    return out
+
+
+def convergence_table(main: list[dict], longer: list[dict], metric: str) -> list[str]:
+    """Draw 0: held-out error at the budget and at the longer budget (each at its own chosen rate)."""
+    lines = ["| method | steps | held-out | steps × factor | held-out | change | converged (within 10 %) |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for m in _methods(longer):
+        a = [r for r in main if r["method"] == m and r["draw"] == 0]
+        b = [r for r in longer if r["method"] == m]
+        if not a or not b or m == "frozen":
+            continue
+        ea = np.mean(errors(a, m, "heldout", metric))
+        eb = np.mean(errors(b, m, "heldout", metric))
+        change = eb / ea - 1
+        verdict = "yes" if abs(change) <= CONVERGED else "no"
+        lines.append(f"| {m} | {a[0]['steps']} (lr {a[0]['lr'][0]:g}) | {ea:.4g} | {b[0]['steps']} "
+                     f"(lr {b[0]['lr'][0]:g}) | {eb:.4g} | {change:+.1%} | {verdict} |")  # fmt: skip
+    return lines
+
+
+def cost_table(records: list[dict]) -> list[str]:
+    lines = ["| method | trainable | ms/step/run | XLA MB (vmapped step) |", "|---|---:|---:|---:|"]
+    for m in _methods(records):
+        rows = [r for r in records if r["method"] == m]
+        ms = np.median([r["step_ms_per_run"] for r in rows])
+        mb = [r["memory_mb"] for r in rows if r.get("memory_mb")]
+        lines.append(f"| {m} | {rows[0]['trainable']} | {ms:.1f} | {np.median(mb):.0f} |" if mb else
+                     f"| {m} | {rows[0]['trainable']} | – | – |")  # fmt: skip
+    return lines
+
+
+def plot(records: list[dict], metric: str, path: pathlib.Path) -> None:
+    """Held-out and extrapolated error per method: draw means (dots) and the draw-level mean."""
+    methods = _methods(records)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, s in zip(axes, ("heldout", "extrapolated"), strict=True):
+        for i, m in enumerate(methods):
+            e = errors(records, m, s, metric).mean(axis=1)
+            ax.scatter(np.full(e.shape, i), e, s=14, color="tab:blue")
+            ax.scatter([i], [e.mean()], marker="_", s=300, color="black")
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{s} {metric} (dots: draws)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
+    """``report.md`` (and one plot per workload) from every record in ``workdir``."""
+    workdir = pathlib.Path(workdir)
+    out = ["# Workloads with independent draws", "",
+           "Cells: mean over draws of the per-draw mean ± half-width of the 95 % t-interval over draws "
+           "[median over draws × seeds]. Ratios: geometric-mean paired ratio [95 % draw-level interval], marks "
+           "Holm-corrected over each table.", ""]  # fmt: skip
+    for name, parts in read(workdir).items():
+        main = parts.get("main", [])
+        if not main:
+            continue
+        draws = sorted({r["draw"] for r in main})
+        seeds = {len(r["runs"]) for r in main if r["method"] != "frozen"}
+        trained = next(r for r in main if r["method"] != "frozen")
+        seconds = sum(r["seconds"] for r in main) + sum(
+            next(r["data_and_base_s"] for r in main if r["draw"] == d) for d in draws
+        )
+        anchor = trained.get("anchor", "none")
+        out += [f"## {name}", "", f"{len(draws)} draws × {sorted(seeds)} seeds at the chosen rate; "
+                f"{trained['steps']} steps of batch {trained['batch']}; anchor `{anchor}`; training and "
+                f"evaluation {seconds / 60:.1f} min (sum over records, data and bases included).", ""]  # fmt: skip
+        for metric in workloads.METRICS[name]:
+            out += [f"### {metric}: absolute error", "", *error_table(main, metric), ""]
+            for ref in ("rss", "rss_affine"):
+                if any(r["method"] == ref for r in main):
+                    out += [f"### {metric}: paired ratio method / `{ref}`", "", *ratio_table(main, metric, ref), ""]
+        if name == "ks":
+            out += ["### The frozen base against persistence (relative L2)", "", *persistence_table(main), ""]
+        out += ["### Learning-rate tuning (seed 0 of each draw)", "", *tuning_table(main), ""]
+        curve = curve_table(main)
+        if curve:
+            out += ["### Validation loss along training (chosen rate; fraction of the final value)", "", *curve, ""]
+        if parts.get("convergence"):
+            metric = workloads.METRICS[name][0]
+            out += [f"### Convergence check (draw 0, {metric})", "",
+                    *convergence_table(main, parts["convergence"], metric), ""]  # fmt: skip
+        out += ["### Cost", "", *cost_table(main), ""]
+        plot(main, workloads.METRICS[name][0], workdir / f"{name}.png")
+        out += [f"![{name}]({name}.png)", ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(out))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command line
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", "configs/workload_study.py", "A config.")
+    workdir_flag = flags.DEFINE_string("workdir", "results/workload_study", "Where records and report.md go.")
+
+    def go(argv):
+        del argv
+        seconds = run(config_flag.value, workdir_flag.value)
+        print(pathlib.Path(workdir_flag.value, "report.md").read_text())
+        print(f"total: {seconds:.0f} s")
+
+    app.run(go, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,98 @@
+"""The workload study with independent draws: each draw has its own conditions and re-pretrained base, the lr grid
+extends past an edge pick, statistics run over draws, and the report's ratios are the paired draw-level ones."""
+
+import numpy as np
+import pytest
+
+from configs import workload_study as study_config
+from configs import workloads_tiny
+from experiments import report as report_lib
+from experiments import stats, workload_study, workloads
+
+
+def _tiny():
+    config = workloads_tiny.get_config()
+    study = study_config.get_config()
+    for key in ("part", "anchor", "seeds_at_lr", "val_points", "convergence_factor"):
+        config[key] = study[key]
+    config.methods = ("frozen", "lora", "rss")
+    config.convergence_methods = ("rss",)
+    config.draws = 2
+    config.extend_edges = 1
+    config.val_points = 2
+    return config
+
+
+def test_the_config_pre_registers_one_headline_variant_per_family():
+    config = study_config.get_config()
+    assert set(config.methods) == {"frozen", "lora", "lora_concat", "full_ft", "film_branch0", "film_layer0",
+                                   "hypernet1_shift", "rss", "rss_affine"}  # fmt: skip
+    assert config.draws >= 3 and config.seeds_at_lr + 1 >= 3
+    assert len(config.learning_rates) >= 5 and len(config.full_ft_learning_rates) >= 5
+    assert config.anchor == "centre"
+
+
+def test_a_draw_moves_the_data_and_the_pretraining_seeds():
+    config = study_config.get_config()
+    base = workloads._surrogate_config("ks", config, 0)
+    other = workloads._surrogate_config("ks", config, 2)
+    assert base.seed == 0 and base.data.seed == 0
+    assert other.seed == 2 and other.data.seed == 2
+    assert other.data.box == base.data.box and other.model == base.model and other.steps == base.steps
+    battery = workloads._surrogate_config("battery", config, 1)
+    assert battery.seed == 1 and battery.data.seed == 1
+
+
+def _records(rng, methods, draws=3, seeds=3, conditions=4):
+    out = []
+    for m in methods:
+        for d in range(draws):
+            scale = {"frozen": 2.0, "lora": 1.5, "rss": 1.0}[m] * (1 + 0.3 * d)
+            metric = (scale * rng.uniform(0.8, 1.2, (seeds if m != "frozen" else 1, conditions))).tolist()
+            out.append({"method": m, "draw": d, "trainable": 10, "lr": None if m == "frozen" else [0.01],
+                        "metrics": {s: {"one_step": metric} for s in workload_study.SETS}})  # fmt: skip
+    return out
+
+
+def test_errors_are_draws_by_seeds_and_ratios_are_the_paired_draw_level_ones():
+    rng = np.random.default_rng(0)
+    records = _records(rng, ("frozen", "lora", "rss"))
+    e = workload_study.errors(records, "lora", "heldout", "one_step")
+    assert e.shape == (3, 3)
+    expected = np.asarray(records[3]["metrics"]["heldout"]["one_step"]).mean(axis=1)  # lora, draw 0
+    np.testing.assert_allclose(e[0], expected)
+    lines = workload_study.ratio_table(records, "one_step", "rss")
+    assert lines[2].startswith("| lora |")
+    r = stats.paired_ratio(e, workload_study.errors(records, "rss", "heldout", "one_step"))
+    cell = lines[2].split("|")[3].strip()
+    assert cell.startswith(f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]")
+    # the Holm family is the whole table: 4 sets of one method here
+    pairs = [(workload_study.errors(records, "lora", s, "one_step"),
+              workload_study.errors(records, "rss", s, "one_step")) for s in workload_study.SETS]  # fmt: skip
+    assert [c.strip() for c in lines[2].split("|")[2:6]] == report_lib.holm_ratios(pairs)
+
+
+@pytest.mark.slow
+def test_two_draws_train_tune_and_report(tmp_path):
+    config = _tiny()
+    config.learning_rates = (1e-6, 2e-6)  # far too small: the pick sits at the upper edge and the grid extends
+    data_dir = tmp_path / "cache"
+    workload_study.run(config, tmp_path / "out", data_dir)
+    config.part = "convergence"
+    workload_study.run(config, tmp_path / "out", data_dir)
+    parts = workload_study.read(tmp_path / "out")["ks"]
+    main = parts["main"]
+    assert sorted({r["draw"] for r in main}) == [0, 1]
+    frozen = {r["draw"]: r for r in main if r["method"] == "frozen"}
+    # independent draws: other held-out conditions and another base (its nominal error differs)
+    assert frozen[0]["metrics"]["heldout"]["conditions"] != frozen[1]["metrics"]["heldout"]["conditions"]
+    assert frozen[0]["metrics"]["nominal"]["one_step"] != frozen[1]["metrics"]["nominal"]["one_step"]
+    for r in (r for r in main if r["method"] != "frozen"):
+        assert len(r["runs"]) == 1 + config.seeds_at_lr
+        assert r["lr_grid"] == [1e-6, 2e-6, 4e-6] and r["lr"] == [4e-6]  # one extension past the top edge
+        assert len(r["val_curve"]["steps"]) == 2 and len(r["val_curve"]["by_run"]) == 3 + config.seeds_at_lr
+    assert [r["method"] for r in parts["convergence"]] == ["frozen", "rss"]
+    assert parts["convergence"][1]["steps"] == 2 * config.ks.steps
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "paired ratio method / `rss`" in text and "Convergence check" in text
+    assert (tmp_path / "out" / "ks.png").exists()
