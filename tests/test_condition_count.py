@@ -185,6 +185,7 @@ def test_sweep_runs_and_renders_the_same_report(tmp_path):
     assert f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]" in text
 
 
+@pytest.mark.slow  # ~15 s: make test-slow runs it
 def test_anti_damped_table_counts_the_draws_the_study_builds():
     config = tiny.get_config()
     config.n_test_conditions = 40

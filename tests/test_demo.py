@@ -3,12 +3,14 @@
 import math
 
 import numpy as np
+import pytest
 
 from configs import demo as demo_config
 from experiments import demo
 from tests.test_training import read_events
 
 
+@pytest.mark.slow  # ~20 s: make test-slow runs it
 def test_demo_recovers_planted_update(tmp_path):
     config = demo_config.get_config()
     config.n_test_conditions = 8

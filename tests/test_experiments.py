@@ -200,6 +200,7 @@ def test_layer_affine_recovers_each_method(method):
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
+@pytest.mark.slow  # 25-35 s: the whole pipeline; make test-slow runs it
 def test_tiny_pipeline_end_to_end(tmp_path):
     config = tiny.get_config()
     summary = train.train_and_evaluate(config, tmp_path)

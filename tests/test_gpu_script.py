@@ -1,10 +1,12 @@
 """benchmarks/gpu.py runs without a GPU when asked (--allow-cpu): its agreement check and report logic are exercised."""
 
 import jax
+import pytest
 
 from benchmarks import gpu
 
 
+@pytest.mark.slow  # ~15 s: make test-slow runs it
 def test_agreement_check_runs_on_cpu(capsys):
     assert gpu.main(["--check-only", "--allow-cpu"]) == 0
     out = capsys.readouterr().out

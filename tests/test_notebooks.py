@@ -144,7 +144,10 @@ CHECKS = {
 }
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# quickstart runs in the fast suite; the two longer notebooks (25-35 s each) in the slow one (make test-slow)
+@pytest.mark.parametrize(
+    "name", [n if n == "quickstart.ipynb" else pytest.param(n, marks=pytest.mark.slow) for n in NOTEBOOKS]
+)
 def test_notebook(name, jupyter_dirs, tmp_path):
     # Started in colab/, as Jupyter starts a notebook opened from a checkout; rssbl_jax is installed in this venv.
     notebook, summary = execute(name, jupyter_dirs, tmp_path, ROOT / "colab", {})
