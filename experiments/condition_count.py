@@ -83,7 +83,11 @@ def with_count(stacked: Task, count: int) -> Task:
 
 def base_mse(stacked: Task) -> dict[str, np.ndarray]:
     """Absolute MSE of each draw's frozen base on every split: ``{split: [draws]}``."""
-    fn = jax.jit(jax.vmap(lambda b, sp: {s: train._base_rows(stacked.widths, b, v).mean() for s, v in sp.items()}))
+    fn = jax.jit(
+        jax.vmap(
+            lambda b, sp: {s: train._base_rows(stacked.widths, b, v, stacked.activation).mean() for s, v in sp.items()}
+        )
+    )
     return {s: np.asarray(v, np.float64) for s, v in fn(stacked.base_params, stacked.splits).items()}
 
 

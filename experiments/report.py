@@ -372,7 +372,9 @@ def base_mse(config: ml_collections.ConfigDict, task: str) -> dict[str, np.ndarr
 
     key = jax.random.fold_in(jax.random.key(config.seed), train_lib.zlib_hash(task))
     stacked = tasks_lib.make_draws(task, config, key)
-    fn = jax.vmap(lambda b, sp: {s: train_lib._base_rows(stacked.widths, b, v).mean() for s, v in sp.items()})
+    fn = jax.vmap(
+        lambda b, sp: {s: train_lib._base_rows(stacked.widths, b, v, stacked.activation).mean() for s, v in sp.items()}
+    )
     return {s: np.asarray(v, np.float64) for s, v in fn(stacked.base_params, stacked.splits).items()}
 
 

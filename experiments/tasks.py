@@ -56,17 +56,22 @@ BUILT_FOR_RSS = {"planted_shared": "built for RSS", "planted_shared_corner": "bu
                  "planted_moving": "built against RSS"}  # fmt: skip
 
 
+ACTIVATIONS = {"tanh": jnp.tanh, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
+
+
 class PlainMLP(nn.Module):
-    """An unmodified MLP: ``nn.Dense`` layers named ``dense_0 ...`` with ``tanh`` between them."""
+    """An unmodified MLP: ``nn.Dense`` layers named ``dense_0 ...`` with ``activation`` (default ``tanh``) between
+    them."""
 
     widths: tuple[int, ...]
+    activation: str = "tanh"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, width in enumerate(self.widths):
             x = nn.Dense(width, name=f"dense_{i}")(x)
             if i < len(self.widths) - 1:
-                x = jnp.tanh(x)
+                x = ACTIVATIONS[self.activation](x)
         return x
 
 
@@ -90,6 +95,7 @@ class Task(NamedTuple):
     nominal: jax.Array  # [d_p]: the standardised condition the base was pretrained at
     per_condition: int  # rows per condition in every split
     p_names: tuple[str, ...]
+    activation: str = "tanh"  # the base's activation (config.activation for the physical tasks; planted: tanh)
 
 
 def condition_sets(d_p: int, grid: int, n_test: int, key: jax.Array, *, design: str = "grid", count: int = 0,
@@ -182,7 +188,8 @@ def _build(name, config, widths, system, sample_x, base_params, nominal, p_names
     }
     nominal = jnp.concatenate([jnp.asarray(nominal, jnp.float32), jnp.zeros(config.nuisance_dims)])
     names = (*p_names, *(f"noise{i}" for i in range(config.nuisance_dims)))
-    return Task(name, tuple(widths), base_params, train, splits, nominal, n, names)
+    activation = config.get("activation", "tanh") if not name.startswith("planted") else "tanh"
+    return Task(name, tuple(widths), base_params, train, splits, nominal, n, names, activation)
 
 
 def stack_draws(tasks: list[Task]) -> Task:
@@ -304,15 +311,17 @@ def to_physical(p: jax.Array, ranges: dict[str, tuple[float, float]]) -> jax.Arr
 
 
 def pretrain(widths, x, y, config, key, steps: int) -> Any:
-    """Fit the frozen base (a :class:`PlainMLP`) at the nominal condition; returns its params."""
+    """Fit the frozen base (a :class:`PlainMLP` with ``config.activation``, default tanh) at the nominal condition;
+    returns its params."""
     params = PlainMLP(tuple(widths)).init(key, x[:2])["params"]
-    return _pretrainer(tuple(widths), float(config.pretrain_lr), int(steps))(params, x, y)
+    activation = config.get("activation", "tanh")
+    return _pretrainer(tuple(widths), float(config.pretrain_lr), int(steps), activation)(params, x, y)
 
 
 @functools.cache
-def _pretrainer(widths: tuple[int, ...], lr: float, steps: int):
+def _pretrainer(widths: tuple[int, ...], lr: float, steps: int, activation: str = "tanh"):
     """A jitted full-batch Adam fit, compiled once per architecture and schedule (shared by every draw)."""
-    model = PlainMLP(widths)
+    model = PlainMLP(widths, activation)
     tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
 
     def fit(params, x, y):

@@ -61,11 +61,10 @@ def _shapes_count(model: Any, task: Task, method: str) -> int:
 
 def wide_rank(task: Task, config: ml_collections.ConfigDict) -> int:
     """The smallest LoRA rank whose trainable parameters reach RSS's (``lora_wide``: LoRA matched on parameters)."""
-    rss = _shapes_count(adapters.inject(PlainMLP(task.widths), "rss", TARGETS, config.rank, config.lora_alpha),
-                        task, "rss")  # fmt: skip
+    base = PlainMLP(task.widths, task.activation)
+    rss = _shapes_count(adapters.inject(base, "rss", TARGETS, config.rank, config.lora_alpha), task, "rss")
     rank = config.rank
-    while _shapes_count(adapters.inject(PlainMLP(task.widths), "lora", TARGETS, rank, config.lora_alpha), task,
-                        "lora") < rss:  # fmt: skip
+    while _shapes_count(adapters.inject(base, "lora", TARGETS, rank, config.lora_alpha), task, "lora") < rss:
         rank += 1
     return rank
 
@@ -74,7 +73,7 @@ def adapted_model(task: Task, method: str, config: ml_collections.ConfigDict, ra
     """``method`` injected into every Dense layer of the task's unmodified MLP."""
     if rank is None:
         rank = wide_rank(task, config) if method == "lora_wide" else config.rank
-    return adapters.inject(PlainMLP(task.widths), method, TARGETS, rank, config.lora_alpha)
+    return adapters.inject(PlainMLP(task.widths, task.activation), method, TARGETS, rank, config.lora_alpha)
 
 
 def init_params(model: Any, base_params: Any, x: jax.Array, p: jax.Array, key: jax.Array) -> Any:
@@ -88,8 +87,8 @@ def _mse_rows(model: Any, params: Any, split: Split) -> jax.Array:
     return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
-def _base_rows(widths: tuple[int, ...], base_params: Any, split: Split) -> jax.Array:
-    pred = PlainMLP(widths).apply({"params": base_params}, split.x)
+def _base_rows(widths: tuple[int, ...], base_params: Any, split: Split, activation: str = "tanh") -> jax.Array:
+    pred = PlainMLP(widths, activation).apply({"params": base_params}, split.x)
     return jnp.mean((pred - split.y) ** 2, axis=tuple(range(1, pred.ndim)))
 
 
@@ -153,7 +152,9 @@ class Runner:
         self._init = jax.jit(jax.vmap(one_init))
         self._train = jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, 0, None)))
         self._eval = jax.jit(jax.vmap(one_eval, in_axes=(0, 0, None)))
-        base_fn = jax.vmap(lambda b, sp: {s: _base_rows(stacked.widths, b, v) for s, v in sp.items()})
+        base_fn = jax.vmap(
+            lambda b, sp: {s: _base_rows(stacked.widths, b, v, stacked.activation) for s, v in sp.items()}
+        )
         self.base_rows = jax.tree.map(lambda a: np.asarray(a, np.float64), base_fn(stacked.base_params, stacked.splits))
 
     def fit(self, draws_idx: np.ndarray, lrs: np.ndarray, seed_idx: np.ndarray, key: jax.Array) -> dict[str, Any]:
@@ -326,7 +327,7 @@ def projected_errors(stacked: Task, method: str, trained: Any, config: ml_collec
         )
 
     run = jax.jit(jax.vmap(jax.vmap(forward, in_axes=(0, None, None))))
-    base_fn = jax.jit(jax.vmap(lambda b, sp: _base_rows(stacked.widths, b, sp)))
+    base_fn = jax.jit(jax.vmap(lambda b, sp: _base_rows(stacked.widths, b, sp, stacked.activation)))
     rebuilt, projected = {}, {}
     for s in ("interpolation", "extrapolation"):
         full, proj = (np.asarray(a, np.float64) for a in run(trained, stacked.base_params, stacked.splits[s]))

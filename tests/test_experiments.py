@@ -92,6 +92,25 @@ def test_corner_task_base_is_the_teacher_at_the_corner():
     assert _base_error_at(task, [1.0, 1.0])[0] > 1e-3  # ... and not elsewhere
 
 
+def test_the_base_activation_reaches_the_pretrained_physical_base():
+    config = tiny.get_config()
+    assert config.activation == "tanh"  # the default; the robustness check of RESULTS.md sets gelu
+    activation = config.activation = "gelu"
+    task = tasks.make_task("pendulum_corner", config, jax.random.key(0))
+    assert task.activation == activation
+    x = np.asarray(task.splits["seen"].x[:5], np.float64)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), task.base_params)
+    h = x
+    for i in range(len(task.widths)):
+        h = h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
+        if i < len(task.widths) - 1:  # float64 references: tanh, and GELU's tanh approximation (jax.nn.gelu)
+            g = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+            h = np.tanh(h) if activation == "tanh" else g
+    model = tasks.PlainMLP(task.widths, task.activation)
+    np.testing.assert_allclose(model.apply({"params": task.base_params}, x[:, :].astype(np.float32)), h, atol=2e-5)
+    assert tasks.make_task("planted_shared", config, jax.random.key(0)).activation == "tanh"  # teacher's own
+
+
 @pytest.mark.parametrize("name", ["pendulum_corner", "pendulum_imperfect"])
 def test_pendulum_variants_pretrain_where_they_say(name):
     config = tiny.get_config()
