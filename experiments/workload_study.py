@@ -106,11 +106,17 @@ def read(workdir: str | pathlib.Path) -> dict[str, dict[str, list[dict]]]:
 
 
 def errors(records: list[dict], method: str, set_name: str, metric: str) -> np.ndarray:
-    """``[draws, seeds]``: each run's error averaged over the set's conditions, draws in order."""
+    """``[draws, seeds]``: each run's error averaged over the set's conditions, draws in order (every draw of the
+    records; a method missing from one, or with another number of seeds than the others, is refused, so paired
+    ratios never pair different draws or seeds)."""
+    draws = sorted({r["draw"] for r in records})
     rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["draw"])
+    if [r["draw"] for r in rows] != draws:
+        raise ValueError(f"{method}: records for draws {[r['draw'] for r in rows]}, expected one per draw {draws}.")
     per_draw = [np.asarray(r["metrics"][set_name][metric], np.float64) for r in rows]
-    seeds = min(a.shape[0] for a in per_draw)
-    return np.stack([a[:seeds].reshape(seeds, a.shape[1], -1).mean(axis=(1, 2)) for a in per_draw])
+    if len({a.shape[0] for a in per_draw}) != 1:
+        raise ValueError(f"{method}: {[a.shape[0] for a in per_draw]} runs per draw; expected the same in every draw.")
+    return np.stack([a.reshape(a.shape[0], a.shape[1], -1).mean(axis=(1, 2)) for a in per_draw])
 
 
 def _methods(records: list[dict]) -> list[str]:
@@ -132,6 +138,8 @@ def ratio_table(records: list[dict], metric: str, reference: str) -> list[str]:
     """Paired ratios method / reference per set, Holm-corrected over the table (every method × set)."""
     others = [m for m in _methods(records) if m not in (reference, "frozen")]
     pairs = [(errors(records, m, s, metric), errors(records, reference, s, metric)) for m in others for s in SETS]
+    if any(a.shape != b.shape for a, b in pairs):
+        raise ValueError(f"paired ratios against {reference}: the methods' [draws, seeds] shapes differ.")
     cells = report_lib.holm_ratios(pairs)
     lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
     for i, m in enumerate(others):

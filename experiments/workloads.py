@@ -21,8 +21,10 @@ Protocol, per workload, method and target set (``all``: attention q/k/v/out + ML
    order. Adam (global-norm clip 1, cosine decay to 0), normalised MSE on mini-batches, only the method's
    trainable leaves (``experiments.adapters.trainable_mask``; ``full_ft`` trains everything).
 3. Learning rate, per draw: stage 1 trains every lr of the grid with seed 0 and keeps the lr with the lowest
-   validation loss (picks at the edge of the grid are flagged); stage 2 adds seeds ``1..len(grid)`` at that lr.
-   Reported: the runs at the chosen lr, ``draws × (len(grid) + 1)``, mean and 95 % t-interval over them.
+   validation loss (picks at the edge of the grid are flagged); stage 2 adds seeds ``1..len(grid)`` at that lr
+   (``config.seeds_at_lr`` seeds instead, when set). Reported: the runs at the chosen lr, mean and 95 %
+   t-interval over them. (:mod:`experiments.workload_study` runs this per independent draw, with draw-level
+   statistics.)
 4. Metrics per condition set, with :func:`experiments.surrogates.ks_metrics` / ``battery_metrics``:
    ``train`` (the training conditions, on the draw's validation trajectories), ``heldout`` (interpolation),
    ``extrapolated``, ``nominal``. KS: one-step relative L2 and rollout relative L2 (mean over horizons 1..10) from
@@ -270,9 +272,11 @@ def run_method(
 ) -> dict[str, Any]:
     """Train one method's runs (vmapped), select the learning rate per draw, evaluate; one JSON record.
 
-    Two stages with the same number of runs, so one compiled step serves both: (1) every learning rate of the
-    grid with seed 0 on every draw; (2) per draw, seeds ``1..len(grid)`` at the lr that draw chose on its
-    validation trajectories. Reported: the runs at the chosen lr, ``draws × (len(grid) + 1)`` of them.
+    Two stages: (1) every learning rate of the grid with seed 0 on every draw (with one draw and
+    ``config.extend_edges``, a pick at an edge of the grid adds a point beyond it, up to that many times); (2) per
+    draw, seeds ``1..config.seeds_at_lr`` (default ``len(grid)``: then both stages have the same number of runs and
+    one compiled step) at the lr that draw chose on its validation trajectories. Reported: the runs at the chosen
+    lr. ``config.val_points`` records every run's validation loss at that many evenly spaced steps.
     ``draw_lrs`` (one lr per draw, e.g. the all-layer run's choice for the per-layer ablation) skips stage 1 and
     trains ``draws × seeds`` runs.
     """
@@ -387,8 +391,12 @@ def run_method(
         for i in range(steps):
             trainable, state, loss = compiled[len(runs)](trainable, state, *args, frozen, data, jnp.int32(i))
             losses.append(loss)
-            if i + 1 in at_steps:
-                curve.append(validate(trainable, val_rows, frozen, data))
+            if i + 1 in at_steps:  # timed apart: steps_s stays the training steps' time
+                jax.block_until_ready(trainable)
+                v = time.perf_counter()
+                curve.append(jax.block_until_ready(validate(trainable, val_rows, frozen, data)))
+                timings["curve_s"] = timings.get("curve_s", 0.0) + time.perf_counter() - v
+                t += time.perf_counter() - v
         jax.block_until_ready(trainable)
         timings["steps_s"] += time.perf_counter() - t
         if points:
