@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         "rss_affine",
     )
     config.references = ("rss", "rss_affine")
-    config.convergence_methods = ("lora_concat", "film_layer0", "rss")  # the best of each kind on KS draw 0
+    config.convergence_methods = ("lora_concat", "film_layer0", "rss")  # one per kind (p as input, FiLM, rank space)
     config.draws = 3  # independent draws (data, conditions, re-pretrained base)
     config.seeds_at_lr = 2  # seeds 1..2 at the chosen lr: 3 seeds per draw with the tuning run (seed 0)
     # Five points, half a decade apart, the same for every adapter; full_ft's grid is 30x lower. An edge pick adds
