@@ -285,19 +285,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command line
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flag = config_flags.DEFINE_config_file("config", "configs/workload_study.py", "A config.")
-    workdir_flag = flags.DEFINE_string("workdir", "results/workload_study", "Where records and report.md go.")
-
-    def go(argv):
-        del argv
-        seconds = run(config_flag.value, workdir_flag.value)
-        print(pathlib.Path(workdir_flag.value, "report.md").read_text())
-        print(f"total: {seconds:.0f} s")
-
-    app.run(go, argv)
+    workloads.command_line(run, "configs/workload_study.py", "results/workload_study", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

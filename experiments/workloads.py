@@ -789,21 +789,30 @@ def anchor_report(records: dict[str, dict[str, list[dict]]], seconds: float, anc
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command line
+def command_line(study, config_file: str, workdir: str, argv: list[str] | None) -> None:  # pragma: no cover
+    """``--config`` (default ``config_file``) and ``--workdir`` flags; runs ``study(config, workdir) -> seconds``,
+    then prints the workdir's ``report.md`` and the total time (the entry point of this module and of
+    :mod:`experiments.workload_study`)."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", "configs/workloads.py", "A config with get_config().")
-    workdir_flag = flags.DEFINE_string("workdir", "results/workloads", "Where records and report.md are written.")
+    config_flag = config_flags.DEFINE_config_file("config", config_file, "A config with get_config().")
+    workdir_flag = flags.DEFINE_string("workdir", workdir, "Where records and report.md are written.")
 
-    def run(argv):
+    def go(argv):
         del argv
-        study = anchor_study if config_flag.value.get("anchors") else train_and_evaluate
-        summary = study(config_flag.value, workdir_flag.value)
+        seconds = study(config_flag.value, workdir_flag.value)
         print(pathlib.Path(workdir_flag.value, "report.md").read_text())
-        print(f"total: {summary['seconds']:.0f} s")
+        print(f"total: {seconds:.0f} s")
 
-    app.run(run, argv)
+    app.run(go, argv)
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - command line
+    def study(config, workdir):
+        return (anchor_study if config.get("anchors") else train_and_evaluate)(config, workdir)["seconds"]
+
+    command_line(study, "configs/workloads.py", "results/workloads", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
