@@ -169,19 +169,33 @@ def battery_dataset(
     out: dict[str, np.ndarray] = {}
     for set_index, (name, conditions) in enumerate(battery_conditions(config).items()):
         n = config.nominal_profiles if name == "nominal" else config.profiles
-        rows = []
-        for i, (ambient, c_rate) in enumerate(conditions):
-            rng = np.random.default_rng([config.seed, 3, set_index, i])
-            runs = []
-            for _ in range(n):
-                runs.append(simulate(float(ambient), float(c_rate), pulse_levels(rng, config), config))
-                if progress is not None:
-                    progress(1)
-            rows.append({k: np.stack([r[k] for r in runs]) for k in ("x", "y", "valid")} | {"t": runs[0]["t"]})
         out[f"{name}/conditions"] = conditions.astype(np.float32)
-        for k in ("x", "y", "valid", "t"):
-            out[f"{name}/{k}"] = np.stack([row[k] for row in rows])
+        for k, v in battery_condition_set(config, set_index, conditions, n, progress).items():
+            out[f"{name}/{k}"] = v
     return out
+
+
+def battery_condition_set(
+    config: BatteryConfig,
+    set_index: int,
+    conditions: np.ndarray,
+    n: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """``n`` profiles at each ``(T_ambient, C-rate)`` of ``conditions``: ``{x, y, valid [c, n, ...], t [c, samples]}``.
+
+    The pulse levels are drawn from ``config.seed``, ``set_index`` and the condition's index (:func:`battery_dataset`
+    numbers the sets of :func:`battery_conditions` 0..3; another index gives other profiles)."""
+    rows = []
+    for i, (ambient, c_rate) in enumerate(conditions):
+        rng = np.random.default_rng([config.seed, 3, set_index, i])
+        runs = []
+        for _ in range(n):
+            runs.append(simulate(float(ambient), float(c_rate), pulse_levels(rng, config), config))
+            if progress is not None:
+                progress(1)
+        rows.append({k: np.stack([r[k] for r in runs]) for k in ("x", "y", "valid")} | {"t": runs[0]["t"]})
+    return {k: np.stack([row[k] for row in rows]) for k in ("x", "y", "valid", "t")}
 
 
 def num_simulations(config: BatteryConfig) -> int:

@@ -263,13 +263,15 @@ def tables(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> str
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path) -> None:
-    """Relative MSE against K (log-log), interpolation and extrapolation side by side, draw-level intervals."""
+def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path, splits: tuple[str, ...] = SPLITS,
+         ylabel: str = "relative MSE (method / frozen base)", unity: bool = True) -> None:  # fmt: skip
+    """Error against K (log-log), one panel per split (interpolation and extrapolation), draw-level intervals;
+    ``unity`` draws the frozen base's level of a relative error."""
     by = _by(rows, task)
     counts = sorted({c for c, _ in by})
     methods = list(dict.fromkeys(m for _, m in by))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, s in zip(axes, SPLITS, strict=True):
+    fig, axes = plt.subplots(1, len(splits), figsize=(12, 4.5), sharey=True)
+    for ax, s in zip(axes, splits, strict=True):
         for i, m in enumerate(methods):
             pts = [(c, stats.log_interval(np.asarray(by[(c, m)]["errors"][s]))) for c in counts if (c, m) in by]
             xs = np.array([c for c, _ in pts]) * (1 + 0.025 * (i - len(methods) / 2))
@@ -278,11 +280,12 @@ def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path) -> None:
             style = "-" if m.startswith("rss") else "--"
             ax.errorbar(xs, ys, yerr=yerr, fmt=style, marker="os^vD<>p*h"[i % 10], ms=4, capsize=2, lw=1.2,
                         label=m)  # fmt: skip
-        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        if unity:
+            ax.axhline(1.0, color="k", lw=0.8, ls=":")
         ax.set(xscale="log", yscale="log", xlabel="training conditions K", title=f"{task}: {s}")
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(counts, [str(c) for c in counts])
-    axes[0].set_ylabel("relative MSE (method / frozen base)")
+    axes[0].set_ylabel(ylabel)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -218,24 +218,35 @@ def ks_dataset(config: KSConfig = KSConfig(), progress: Callable[[int], None] | 
     (``nominal`` has ``nominal_trajectories`` per condition, the others ``trajectories``), float32.
     ``progress(k)`` is called after each condition.
     """
-    conditions = ks_conditions(config)
-    generate = jax.jit(ks_trajectories, static_argnums=(2, 3))
-    key = jax.random.key(config.seed)
     out: dict[str, np.ndarray] = {}
-    for name, conds in conditions.items():
+    for name, conds in ks_conditions(config).items():
         n = config.nominal_trajectories if name == "nominal" else config.trajectories
-        trajectories = []
-        for i, c in enumerate(conds):
-            k = jax.random.fold_in(jax.random.fold_in(key, _name_key(name)), i)
-            trajectories.append(np.asarray(generate(k, jnp.asarray(c, jnp.float32), n, config)))
-            if progress is not None:
-                progress(1)
         out[f"{name}/conditions"] = conds.astype(np.float32)
-        out[f"{name}/u"] = np.stack(trajectories).astype(np.float32)
+        out[f"{name}/u"] = ks_condition_set(config, name, conds, n, progress)
     return out
 
 
-def _name_key(name: str) -> int:
+def ks_condition_set(
+    config: KSConfig, name: str, conditions: np.ndarray, n: int, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
+    """``[c, n, frames, points]`` float32: ``n`` trajectories at each ``(L, ψ)`` of ``conditions``, with random
+    initial fields keyed by ``config.seed``, the set's ``name`` and the condition's index (a new name gives new
+    trajectories; :func:`ks_dataset` uses the set names of :func:`ks_conditions`)."""
+    key = jax.random.fold_in(jax.random.key(config.seed), name_key(name))
+    trajectories = []
+    for i, c in enumerate(conditions):
+        trajectories.append(
+            np.asarray(_ks_generate(jax.random.fold_in(key, i), jnp.asarray(c, jnp.float32), n, config))
+        )
+        if progress is not None:
+            progress(1)
+    return np.stack(trajectories).astype(np.float32)
+
+
+_ks_generate = jax.jit(ks_trajectories, static_argnums=(2, 3))
+
+
+def name_key(name: str) -> int:
     """A stable small integer for a string (Python's ``hash`` is salted per process)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 

@@ -14,6 +14,7 @@ import os
 import time
 
 import numpy as np
+import scipy.stats
 import tqdm
 
 from experiments import battery, cache, pde
@@ -50,6 +51,40 @@ def ks_data(
             return pde.ks_dataset(config, bar.update)
 
     return cache.cached_arrays("ks", config, build, packages=KS_PACKAGES, data_dir=data_dir)
+
+
+def sobol_conditions(box: tuple[tuple[float, float], ...], n: int, seed: int) -> np.ndarray:
+    """``[n, d]`` conditions in ``box``: the first ``n`` points of a scrambled Sobol sequence (``seed``), so the
+    first ``k`` of them are space-filling for every ``k`` and the sets are nested."""
+    lows, highs = np.array([b[0] for b in box]), np.array([b[1] for b in box])
+    sobol = scipy.stats.qmc.Sobol(d=len(box), scramble=True, seed=np.random.default_rng([seed, 5]))
+    return lows + (highs - lows) * sobol.random_base2(max(n - 1, 0).bit_length())[:n]  # a power of 2, cut
+
+
+def condition_set(
+    config: pde.KSConfig | battery.BatteryConfig,
+    name: str,
+    conditions: np.ndarray,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Data at extra ``conditions`` with ``config``'s simulator and per-condition count (cached), in the layout of
+    :func:`split`: ``conditions`` and ``u`` (KS) or ``x, y, valid, t`` (battery). ``name`` keys the random
+    initial fields or load profiles, apart from those of the config's own sets."""
+    conditions = np.asarray(conditions, np.float64)
+    key = {"data": config, "name": name, "conditions": conditions}
+    ks = isinstance(config, pde.KSConfig)
+    n = config.trajectories if ks else config.profiles
+
+    def build():
+        with tqdm.tqdm(total=len(conditions) * (1 if ks else n), desc=name, disable=not progress) as bar:
+            if ks:
+                return {"u": pde.ks_condition_set(config, name, conditions, n, bar.update)}
+            return battery.battery_condition_set(config, pde.name_key(name), conditions, n, bar.update)
+
+    arrays = cache.cached_arrays(f"{'ks' if ks else 'battery'}-set", key, build,
+                                 packages=KS_PACKAGES if ks else BATTERY_PACKAGES, data_dir=data_dir)  # fmt: skip
+    return {"conditions": conditions.astype(np.float32), **arrays}
 
 
 def split(data: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

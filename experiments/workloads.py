@@ -184,16 +184,6 @@ def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | 
     statistics = train["conditions"].astype(np.float64)  # standardisation: the original training conditions
     if "replay" in anchor:
         train, replay = _replay(name, sets, config)
-    if name == "ks":
-        u = train["u"]
-        x, y = u[:, :, :-1], u[:, :, 1:]
-        w = np.ones((1, 1, 1, 1), np.float32)
-        scale = np.float32(model.du_scale).reshape(1)
-    else:
-        x, y = train["x"][:, :, None], train["y"][:, :, None]
-        w = train["valid"][:, :, None, :, None].astype(np.float32)
-        scale = np.asarray(model.y_scale, np.float32)
-    conditions = train["conditions"].astype(np.float64)
     mean = statistics.mean(0)
     if "centre" in anchor:
         mean = sets["nominal"]["conditions"][0].astype(np.float64)
@@ -201,18 +191,28 @@ def load_workload(name: str, config: ml_collections.ConfigDict, data_dir: str | 
         name,
         model,
         base,
-        x,
-        y,
-        np.broadcast_to(w, y.shape).astype(np.float32),
-        conditions.astype(np.float32),
+        *examples(name, train),
         sets,
-        scale,
+        np.float32(model.du_scale).reshape(1) if name == "ks" else np.asarray(model.y_scale, np.float32),
         tuple(float(v) for v in mean),
         tuple(float(v) for v in statistics.std(0)),
         pretrain_config,
         anchor,
         replay,
     )
+
+
+def examples(name: str, train: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """A training set's ``x, y, w [c, n, m, ...]`` and ``conditions [c, 2]`` (the layout of :class:`Workload`):
+    KS one-step pairs; battery whole profiles (``m = 1``) weighted by their valid samples."""
+    if name == "ks":
+        u = train["u"]
+        x, y = u[:, :, :-1], u[:, :, 1:]
+        w = np.ones((1, 1, 1, 1), np.float32)
+    else:
+        x, y = train["x"][:, :, None], train["y"][:, :, None]
+        w = train["valid"][:, :, None, :, None].astype(np.float32)
+    return x, y, np.broadcast_to(w, y.shape).astype(np.float32), train["conditions"].astype(np.float32)
 
 
 def draw_trajectories(n: int, n_val: int, conditions: int, draw: int, seed: int) -> np.ndarray:
@@ -269,6 +269,7 @@ def run_method(
     config: ml_collections.ConfigDict,
     seed: int = 0,
     draw_lrs: list[float] | None = None,
+    counts: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train one method's runs (vmapped), select the learning rate per draw, evaluate; one JSON record.
 
@@ -279,18 +280,29 @@ def run_method(
     lr. ``config.val_points`` records every run's validation loss at that many evenly spaced steps.
     ``draw_lrs`` (one lr per draw, e.g. the all-layer run's choice for the per-layer ablation) skips stage 1 and
     trains ``draws × seeds`` runs.
+
+    ``counts`` (with ``draw_lrs``, one entry each) turns the draws into a condition-count sweep: "draw" ``d``
+    trains on the first ``counts[d]`` training conditions, every one with the same trajectory split, and validates
+    on the first ``min(counts)`` conditions (which every count has), so the runs of all counts share one compiled
+    step.
     """
     start = time.perf_counter()
     name, adapted = adapted_model(work, method, targets, config)
     c, n, m = work.x.shape[:3]
-    draws, n_val = config.draws, config.val_trajectories
+    draws, n_val = len(counts) if counts else config.draws, config.val_trajectories
     lrs = list(config.full_ft_learning_rates if method == "full_ft" else config.learning_rates)
-    orders = [draw_trajectories(n, n_val, c, d, seed) for d in range(draws)]
+    if counts:
+        orders = [draw_trajectories(n, n_val, c, 0, seed)] * draws
+    else:
+        orders = [draw_trajectories(n, n_val, c, d, seed) for d in range(draws)]
+    used = list(counts) if counts else [c] * draws
     flat = lambda cond, traj, k: (cond * n + traj) * m + k  # noqa: E731
     cond_idx, k_idx = np.arange(c)[:, None, None], np.arange(m)[None, None, :]
-    train_idx = np.stack([flat(cond_idx, o[:, n_val:, None], k_idx).ravel() for o in orders])
-    val_k = k_idx[..., :: config[work.name].get("val_stride", 1)]
-    val_idx = np.stack([flat(cond_idx, o[:, :n_val, None], val_k).ravel() for o in orders])
+    rows = [flat(cond_idx[:u], o[:u, n_val:, None], k_idx).ravel() for o, u in zip(orders, used, strict=True)]
+    n_rows = np.array([len(r) for r in rows], np.int32)  # a batch samples the first n_rows[d] rows of draw d
+    train_idx = np.stack([np.pad(r, (0, n_rows.max() - len(r))) for r in rows])
+    val_k, first = k_idx[..., :: config[work.name].get("val_stride", 1)], min(used)
+    val_idx = np.stack([flat(cond_idx[:first], o[:first, :n_val, None], val_k).ravel() for o in orders])
     data = {
         "x": jnp.asarray(work.x.reshape(c * n * m, *work.x.shape[3:])),
         "y": jnp.asarray(work.y.reshape(c * n * m, *work.y.shape[3:])),
@@ -341,7 +353,8 @@ def run_method(
 
     def one_step(trainable, state, lr, key, idx, frozen, data, step):
         k = jax.random.fold_in(key, step)
-        rows = idx[jax.random.randint(k, (batch,), 0, idx.shape[0])]
+        idx, n_rows = idx
+        rows = idx[jax.random.randint(k, (batch,), 0, n_rows)]
         xb, yb, wb, pb = (data[f][rows] for f in ("x", "y", "w", "p"))
         loss, grads = jax.value_and_grad(_loss, argnums=1)(adapted, trainable, frozen, xb, yb, wb, pb, scale)
         updates, state = tx.update(grads, state)
@@ -375,7 +388,8 @@ def run_method(
         jax.block_until_ready(state)
         timings["init_s"] += time.perf_counter() - t
         draw = np.array([d for d, _, _ in runs])
-        args = (jnp.asarray([lr for _, _, lr in runs], jnp.float32), run_keys(runs), jnp.asarray(train_idx[draw]))
+        idx = (jnp.asarray(train_idx[draw]), jnp.asarray(n_rows[draw]))
+        args = (jnp.asarray([lr for _, _, lr in runs], jnp.float32), run_keys(runs), idx)
         if len(runs) not in compiled:
             t = time.perf_counter()
             compiled[len(runs)] = step_fn.lower(trainable, state, *args, frozen, data, jnp.int32(0)).compile()
