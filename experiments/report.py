@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 
 from experiments import stats  # noqa: E402
 from experiments.tasks import BUILT_FOR_RSS  # noqa: E402
@@ -54,6 +55,21 @@ def holm_ratios(pairs: list[tuple[Any, Any]], level: float = 0.05) -> list[str]:
     pvalues = [stats.paired_pvalue(np.asarray(e), np.asarray(r)) for e, r in pairs]
     adjusted = stats.holm(pvalues) if pairs else np.zeros(0)
     return [_ratio(e, r, bool(a < level)) for (e, r), a in zip(pairs, adjusted, strict=True)]
+
+
+def holm_equivalence(pairs: list[tuple[Any, Any]], margin: float = 0.10, level: float = 0.05) -> list[str]:
+    """Equivalence cells for a family ``[(errors, reference), ...]``: the 90 % draw-level interval of the paired
+    ratio, marked **≈** when the TOST p-value (:func:`experiments.stats.equivalence_pvalue`), Holm-adjusted over
+    the family, is below ``level``: the ratio is shown to lie within ``[1/(1+margin), 1+margin]``."""
+    pvalues = [stats.equivalence_pvalue(np.asarray(e), np.asarray(r), margin) for e, r in pairs]
+    adjusted = stats.holm(pvalues) if pairs else np.zeros(0)
+    cells = []
+    for (e, r), a in zip(pairs, adjusted, strict=True):
+        logs = np.log(np.asarray(e, np.float64) / np.asarray(r, np.float64)).mean(axis=1)
+        half = scipy.stats.t.ppf(0.95, logs.shape[0] - 1) * logs.std(ddof=1) / np.sqrt(logs.shape[0])
+        low, high = np.exp(logs.mean() - half), np.exp(logs.mean() + half)
+        cells.append(f"[{low:.3g}, {high:.3g}]" + (" **≈**" if a < level else ""))
+    return cells
 
 
 def _label(task: str) -> str:

@@ -73,6 +73,29 @@ def paired_pvalue(errors: np.ndarray, reference: np.ndarray) -> float:
     return float(2.0 * scipy.stats.t.sf(abs(t), draw_logs.shape[0] - 1))
 
 
+def equivalence_pvalue(errors: np.ndarray, reference: np.ndarray, margin: float = 0.10) -> float:
+    """p-value of "the geometric-mean ratio ``errors / reference`` lies outside ``[1/(1+margin), 1+margin]``", at
+    draw level: the larger of the two one-sided t-tests (TOST) on the draws' mean log ratios (``draws - 1``
+    degrees of freedom). ``p < 0.05`` iff the 90% interval of the ratio lies inside the margins: the two methods
+    are shown equivalent within ``margin``, a stronger statement than an interval that merely contains 1.
+
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.uniform(1.0, 2.0, (6, 3))
+    >>> equivalence_pvalue(a * 1.01, a) < 0.05, equivalence_pvalue(a * 1.5, a) < 0.05
+    (True, False)
+    """
+    draw_logs = np.log(np.asarray(errors, np.float64) / np.asarray(reference, np.float64)).mean(axis=1)
+    n, bound = draw_logs.shape[0], math.log1p(margin)
+    if n < 2:
+        return float("nan")
+    se = draw_logs.std(ddof=1) / math.sqrt(n)
+    if se == 0:
+        return 0.0 if abs(draw_logs.mean()) < bound else 1.0
+    lower = scipy.stats.t.sf((draw_logs.mean() + bound) / se, n - 1)  # H0: log ratio <= -bound
+    upper = scipy.stats.t.cdf((draw_logs.mean() - bound) / se, n - 1)  # H0: log ratio >= +bound
+    return float(max(lower, upper))
+
+
 def holm(pvalues: list[float] | np.ndarray) -> np.ndarray:
     """Holm–Bonferroni adjusted p-values of a family of ``m`` comparisons (step-down, family-wise error rate).
 

@@ -44,6 +44,7 @@ from experiments import workloads  # noqa: E402
 
 SETS = ("train", "heldout", "extrapolated", "nominal")
 CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
+EQUIVALENCE = 0.10  # a tie shown by TOST: the paired ratio within [1/1.1, 1.1]
 
 
 def _sub(config: ml_collections.ConfigDict, steps_factor: int = 1) -> ml_collections.ConfigDict:
@@ -141,6 +142,18 @@ def ratio_table(records: list[dict], metric: str, reference: str) -> list[str]:
     if any(a.shape != b.shape for a, b in pairs):
         raise ValueError(f"paired ratios against {reference}: the methods' [draws, seeds] shapes differ.")
     cells = report_lib.holm_ratios(pairs)
+    lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
+    for i, m in enumerate(others):
+        lines.append(f"| {m} | " + " | ".join(cells[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
+    return lines
+
+
+def equivalence_table(records: list[dict], metric: str, reference: str, margin: float = EQUIVALENCE) -> list[str]:
+    """Per method and set: the 90 % draw-level interval of method / reference, **≈** when TOST shows the ratio
+    within ``[1/(1+margin), 1+margin]`` after a Holm correction over the table."""
+    others = [m for m in _methods(records) if m not in (reference, "frozen")]
+    pairs = [(errors(records, m, s, metric), errors(records, reference, s, metric)) for m in others for s in SETS]
+    cells = report_lib.holm_equivalence(pairs, margin)
     lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
     for i, m in enumerate(others):
         lines.append(f"| {m} | " + " | ".join(cells[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
@@ -266,6 +279,11 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             for ref in ("rss", "rss_affine"):
                 if any(r["method"] == ref for r in main):
                     out += [f"### {metric}: paired ratio method / `{ref}`", "", *ratio_table(main, metric, ref), ""]
+            out += [f"### {metric}: equivalence to `rss` within ±{EQUIVALENCE:.0%} (TOST)", "",
+                    "90 % draw-level interval of method / `rss`; **≈**: the ratio is shown to lie in "
+                    f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over the "
+                    "table). No mark means equivalence is not shown, not that a difference is.", "",
+                    *equivalence_table(main, metric, "rss"), ""]  # fmt: skip
         if name == "ks":
             out += ["### The frozen base against persistence (relative L2)", "", *persistence_table(main), ""]
         out += ["### Learning-rate tuning (seed 0 of each draw)", "", *tuning_table(main), ""]

@@ -51,6 +51,26 @@ def test_paired_pvalue_is_the_t_test_of_the_interval():
     assert math.isnan(stats.paired_pvalue(np.ones((1, 3)), np.ones((1, 3))))
 
 
+def test_equivalence_pvalue_is_two_one_sided_t_tests_and_matches_the_90_percent_interval():
+    rng = np.random.default_rng(2)
+    bound = math.log(1.1)
+    for shift, spread in ((0.0, 0.02), (0.05, 0.05), (0.3, 0.05), (0.0, 0.5)):
+        errors = np.exp(rng.normal(shift, spread, (5, 3)))
+        reference = np.exp(rng.normal(0.0, spread, (5, 3)))
+        draws = np.log(errors / reference).mean(axis=1)
+        expected = max(scipy.stats.ttest_1samp(draws, -bound, alternative="greater").pvalue,
+                       scipy.stats.ttest_1samp(draws, bound, alternative="less").pvalue)  # fmt: skip
+        p = stats.equivalence_pvalue(errors, reference, 0.1)
+        assert p == pytest.approx(expected, rel=1e-10)
+        cell = report.holm_equivalence([(errors, reference)], 0.1)[0]
+        low, high = (float(v) for v in cell.split("]")[0].strip("[").split(","))
+        inside = low > 1 / 1.1 * (1 + 1e-3) and high < 1.1 * (1 - 1e-3)  # the cell rounds to 3 digits
+        outside = low < 1 / 1.1 * (1 - 1e-3) or high > 1.1 * (1 + 1e-3)
+        assert ("**≈**" in cell) == (p < 0.05)
+        assert (inside and p < 0.05) or (outside and p >= 0.05)
+    assert math.isnan(stats.equivalence_pvalue(np.ones((1, 3)), np.ones((1, 3))))
+
+
 def test_report_marks_are_holm_corrected():
     # three draw-level comparisons: an overwhelming one, one significant uncorrected (p ~ 0.035) but not after Holm
     # (2 x 0.035 > 0.05), and a null one
