@@ -281,8 +281,8 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
                     out += [f"### {metric}: paired ratio method / `{ref}`", "", *ratio_table(main, metric, ref), ""]
             out += [f"### {metric}: equivalence to `rss` within ±{EQUIVALENCE:.0%} (TOST)", "",
                     "90 % draw-level interval of method / `rss`; **≈**: the ratio is shown to lie in "
-                    f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over the "
-                    "table). No mark means equivalence is not shown, not that a difference is.", "",
+                    f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over "
+                    "the table). No mark means equivalence is not shown, not that a difference is.", "",
                     *equivalence_table(main, metric, "rss"), ""]  # fmt: skip
         if name == "ks":
             out += ["### The frozen base against persistence (relative L2)", "", *persistence_table(main), ""]
