@@ -29,4 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.seeds = 2  # per draw and count
     config.learning_rate = {m: 0.01 for m in config.methods if m not in ("frozen", "full_ft")} | {"full_ft": 1e-3}
     config.val_points = 4
+    # Part lr_check (run after the main parts): on draw 0, every method at K = 4 and 64 with lr / 3, lr, lr * 3
+    config.lr_check_counts = (4, 64)
+    config.lr_check_factor = 3.0
     return config

@@ -68,7 +68,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     counts = [int(k) for k in config.counts]
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.draws = 1
-    for name in config.workloads if config.get("part", "main") != "render" else ():
+    part = config.get("part", "main")
+    if part not in ("main", "lr_check", "render"):
+        raise ValueError(f"unknown part {part!r}; expected 'main', 'lr_check' or 'render'.")
+    for name in config.workloads if part == "lr_check" else ():
+        lr_check(name, config, sub, workdir, data_dir)
+    for name in config.workloads if part == "main" else ():
         for draw in config.run_draws:
             t = time.perf_counter()
             work = sweep_workload(name, sub, data_dir, draw)
@@ -88,6 +93,48 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     seconds = time.perf_counter() - start
     write_report(workdir)
     return seconds
+
+
+def lr_check(name: str, config: ml_collections.ConfigDict, sub: ml_collections.ConfigDict,
+             workdir: pathlib.Path, data_dir: str | None = None) -> None:  # fmt: skip
+    """Is the fixed rate still the best at the extreme counts? On the first draw of ``config.run_draws``, every
+    trained method at each count of ``config.lr_check_counts`` with the rates ``lr / f, lr, lr · f``
+    (``f = config.lr_check_factor``), one run each; the validation loss (the count's own training conditions,
+    validation trajectories) picks among them. Writes ``<workload>_lr_check.jsonl``."""
+    draw = config.run_draws[0]
+    t = time.perf_counter()
+    work = sweep_workload(name, sub, data_dir, draw)
+    load_s = time.perf_counter() - t
+    one = ml_collections.ConfigDict(sub.to_dict())
+    one.seeds = 1
+    records = []
+    for method in (m for m in config.methods if m != "frozen"):
+        lr, factor = float(config.learning_rate[method]), float(config.lr_check_factor)
+        for count in config.lr_check_counts:
+            k = int(count)
+            record = workloads.run_method(work, method, "all", one, draw, [lr / factor, lr, lr * factor], [k] * 3)
+            # with one count, validation runs on that count's own conditions (min of the counts)
+            record |= {"draw": draw, "count": k, "fixed_lr": lr, "part": "lr_check", "data_and_base_s": load_s}
+            records.append(record)
+            if config.get("progress", False):
+                print(f"{name} lr check K={k} {method}: {record['seconds']:.0f} s", flush=True)
+    workload_study._write(workdir / f"{name}_lr_check.jsonl", records)
+
+
+def lr_check_table(records: list[dict], metric: str) -> list[str]:
+    """Per method and count: final validation loss and held-out error at ``lr / f, lr, lr · f`` (one run each)."""
+    lines = ["| method | K | rates | final validation loss | held-out error | lowest validation loss at |",
+             "|---|---:|---|---|---|---:|"]  # fmt: skip
+    for r in records:
+        lrs = [run[2] for run in r["runs"]]
+        val = [curve[-1] for curve in r["val_curve"]["by_run"]]
+        held = workload_study.errors([r], r["method"], "heldout", metric)[0]
+        best = lrs[int(np.nanargmin(val))]
+        fixed = " (the fixed rate)" if abs(best - r["fixed_lr"]) < 1e-12 else ""
+        lines.append(f"| {r['method']} | {r['count']} | " + ", ".join(f"{v:g}" for v in lrs) + " | "
+                     + ", ".join(f"{v:.4g}" for v in val) + " | " + ", ".join(f"{v:.4g}" for v in held)
+                     + f" | {best:g}{fixed} |")  # fmt: skip
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -182,6 +229,13 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
                                                          [m for m in methods if m != "frozen"]), ""]  # fmt: skip
                 out += [f"### {metric}, {s}: what more conditions buy", "", *gain_table(table_rows, s), ""]
         out += ["### Rates, cost and the end of training (first draw)", "", *cost_lines(records), ""]
+        check = workdir / f"{name}_lr_check.jsonl"
+        if check.exists():
+            checked = [json.loads(line) for line in check.read_text().splitlines()]
+            out += [f"### Learning-rate check at the extreme counts (draw {checked[0]['draw']}, one run per rate)", "",
+                    "Validation on the count's own training conditions (validation trajectories); held-out error "
+                    f"in {workloads.METRICS[name][0]}.", "", *lr_check_table(checked, workloads.METRICS[name][0]),
+                    ""]  # fmt: skip
         first = workloads.METRICS[name][0]
         condition_count.plot(rows(records, first), first, workdir / f"{name}.png", splits=("heldout", "extrapolated"),
                              ylabel=first, unity=False)  # fmt: skip

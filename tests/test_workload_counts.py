@@ -12,7 +12,7 @@ from experiments import physics_data, stats, workload_counts, workloads
 def _tiny():
     config = workloads_tiny.get_config()
     study = counts_config.get_config()
-    for key in ("anchor", "val_points", "learning_rate", "seeds"):
+    for key in ("anchor", "val_points", "learning_rate", "seeds", "part", "lr_check_counts", "lr_check_factor"):
         config[key] = study[key]
     config.methods = ("frozen", "lora_concat", "rss")
     config.counts = (1, 2, 3)
@@ -83,6 +83,14 @@ def test_a_tiny_sweep_trains_only_on_its_first_conditions_and_reports(tmp_path):
     record = workloads.run_method(poisoned, "rss", "all", sub, 0, [0.01, 0.01], [1, 2])
     assert not np.all(np.isfinite(record["loss_curve"]))  # K = 2 reaches the poisoned condition
     workload_counts.run(config, tmp_path / "out", data_dir)
+    config.part, config.lr_check_counts, config.methods = "lr_check", (1, 3), ("frozen", "rss")
+    workload_counts.run(config, tmp_path / "out", data_dir)
+    checked = [workload_counts.json.loads(x) for x in (tmp_path / "out" / "ks_lr_check.jsonl").read_text().splitlines()]
+    assert [(r["count"], [run[2] for run in r["runs"]]) for r in checked] == [
+        (1, [0.01 / 3, 0.01, 0.03]),
+        (3, [0.01 / 3, 0.01, 0.03]),
+    ]
     report = (tmp_path / "out" / "report.md").read_text()
+    assert "### Learning-rate check at the extreme counts" in report
     assert "### one_step at heldout conditions" in report and "| rss | " in report
     assert (tmp_path / "out" / "ks.png").exists()
