@@ -122,28 +122,26 @@ class Runner:
             return init_params(model, base, stacked.train.x[0], stacked.train.p[0], key)
 
         def one_run(params, lr, key, draw, train_all):
+            """One run: the library's train step (:func:`rssbl_jax.make_train_step`, without its finite checks: a
+            diverged run shows as a non-finite loss and loses the lr choice) scanned over ``steps`` batches."""
             train = _at_draw(train_all, draw)
-            labels = jax.tree.map(lambda m: "train" if m else "freeze", adapters.trainable_mask(params, method))
             schedule = optax.cosine_decay_schedule(1.0, steps)
-            tx = optax.partition(
-                {"train": optax.chain(optax.adam(1.0), optax.scale_by_schedule(lambda s: lr * schedule(s))),
-                 "freeze": optax.set_to_zero()},
-                labels,
-            )  # fmt: skip
+            tx = optax.chain(optax.adam(1.0), optax.scale_by_schedule(lambda s: lr * schedule(s)))
+            train_step = rssbl_jax.make_train_step(
+                lambda q, rows, rng: jnp.mean(_mse_rows(model, q, rows)), tx, check_finite=False
+            )
+            state = rssbl_jax.init_train_state(params, tx, key, trainable=adapters.trainable_mask(params, method))
 
-            def step(carry, step_key):
-                params, state = carry
+            def step(state, step_key):
                 if sampler == "top_k":  # the same law (a uniform subset), O(n) instead of a sort per step
                     idx = jax.lax.top_k(jax.random.uniform(step_key, (n_rows,)), batch)[1]
                 else:
                     idx = jax.random.choice(step_key, n_rows, (batch,), replace=False)
-                rows = Split(train.x[idx], train.p[idx], train.y[idx], train.distance[idx])
-                loss, grads = jax.value_and_grad(lambda q: jnp.mean(_mse_rows(model, q, rows)))(params)
-                updates, state = tx.update(grads, state, params)
-                return (optax.apply_updates(params, updates), state), loss
+                state, metrics = train_step(state, Split(train.x[idx], train.p[idx], train.y[idx], train.distance[idx]))
+                return state, metrics["loss"]
 
-            (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key, steps))
-            return params, losses
+            state, losses = jax.lax.scan(step, state, jax.random.split(key, steps))
+            return rssbl_jax.combine(state.trainable, state.frozen), losses
 
         def one_eval(params, draw, splits_all):
             splits = _at_draw(splits_all, draw)

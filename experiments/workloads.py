@@ -254,9 +254,20 @@ def adapted_model(work: Workload, method: str, targets: str, config: ml_collecti
     return name, adapters.inject(work.model, name, TARGETS[targets], rank, alpha)
 
 
-def _loss(adapted, trainable, frozen, x, y, w, p, scale):
-    """Weighted MSE of the normalised error (the pretraining loss)."""
-    prediction = adapted.apply({"params": rssbl_jax.combine(trainable, frozen)}, x, p=p)
+def _descend(lr: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """``u ↦ -(lr · schedule(count)) u``: a descent step of size ``lr`` times the schedule, counted per update."""
+
+    def update(updates, state, params=None):
+        del params
+        factor = lr * schedule(state.count)
+        return jax.tree.map(lambda u: -(factor * u), updates), optax.ScaleByScheduleState(state.count + 1)
+
+    return optax.GradientTransformation(lambda params: optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), update)
+
+
+def _loss(adapted, params, x, y, w, p, scale):
+    """Weighted MSE of the normalised error (the pretraining loss), of the whole params tree."""
+    prediction = adapted.apply({"params": params}, x, p=p)
     lead = (1,) * (y.ndim - 1)
     residual = (prediction - y) / scale.reshape(*lead, -1)
     return jnp.sum(w * residual**2) / jnp.maximum(jnp.sum(w), 1.0)
@@ -348,27 +359,34 @@ def run_method(
         record["seconds"] = time.perf_counter() - start
         return record
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
     schedule = optax.cosine_decay_schedule(1.0, steps)
 
+    def optimizer(lr):  # Adam on globally clipped gradients; the step is -(lr · cosine(count)) times its update
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), _descend(lr, schedule))
+
     def one_step(trainable, state, lr, key, idx, frozen, data, step):
-        k = jax.random.fold_in(key, step)
-        idx, n_rows = idx
-        rows = idx[jax.random.randint(k, (batch,), 0, n_rows)]
-        xb, yb, wb, pb = (data[f][rows] for f in ("x", "y", "w", "p"))
-        loss, grads = jax.value_and_grad(_loss, argnums=1)(adapted, trainable, frozen, xb, yb, wb, pb, scale)
-        updates, state = tx.update(grads, state)
-        factor = lr * schedule(step)
-        return jax.tree.map(lambda t, u: t - factor * u, trainable, updates), state, loss
+        """One run's step: the library's train step (:func:`rssbl_jax.make_train_step`, no finite checks); its
+        ``rng`` (the run key folded with the step) draws the batch from the run's training rows."""
+        rows_of_run, n_rows = idx
+
+        def loss_fn(params, data, rng):
+            rows = rows_of_run[jax.random.randint(rng, (batch,), 0, n_rows)]
+            return _loss(adapted, params, *(data[f][rows] for f in ("x", "y", "w", "p")), scale)
+
+        train_step = rssbl_jax.make_train_step(loss_fn, optimizer(lr), check_finite=False)
+        run = rssbl_jax.TrainState(step, trainable, frozen, state, jax.random.key_data(key))
+        run, metrics = train_step(run, data)
+        return run.trainable, run.opt_state, metrics["loss"]
 
     step_fn = jax.jit(jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, None, None)), donate_argnums=(0, 1))
-    init_state = jax.jit(jax.vmap(tx.init))
+    init_state = jax.jit(jax.vmap(optimizer(1.0).init))
 
     @jax.jit
     def validate(trainable, idx, frozen, data):  # sequential over runs: low memory
         def one(args):
             t, i = args
-            return _loss(adapted, t, frozen, data["x"][i], data["y"][i], data["w"][i], data["p"][i], scale)
+            params = rssbl_jax.combine(t, frozen)
+            return _loss(adapted, params, data["x"][i], data["y"][i], data["w"][i], data["p"][i], scale)
 
         return jax.lax.map(one, (trainable, idx))
 

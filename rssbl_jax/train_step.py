@@ -125,6 +125,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     axis_name: str | None = None,
+    check_finite: bool = True,
 ) -> StepFn:
     r"""A pure train step ``(state, batch) -> (state, metrics)`` that updates only the adapters.
 
@@ -144,6 +145,9 @@ def make_train_step(
         gradients and optimizer state stay float32.
       tx: the adapters' optimizer, the one given to :func:`init_train_state`.
       axis_name: the ``pmap`` axis name, or ``None`` under ``jit``/single device.
+      check_finite: ``False`` drops the checks and always applies the update (``metrics["finite"]`` is then
+        empty): for many small runs inside one ``jax.lax.scan``, where a diverged run should simply show as a
+        non-finite loss and the checks would cost as much as the step.
 
     Returns:
       ``step(state, batch) -> (state, metrics)`` with ``metrics = {"loss": float32 scalar, "grad_norm": float32
@@ -181,6 +185,11 @@ def make_train_step(
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        grad_norm = optax.tree_utils.tree_norm(grads).astype(jnp.float32)
+        if not check_finite:
+            state = TrainState(state.step + 1, trainable, state.frozen, opt_state, state.rng)
+            return state, {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, "applied": jnp.array(True),
+                           "finite": {}}  # fmt: skip
 
         finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
         for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
@@ -197,7 +206,6 @@ def make_train_step(
         new, old = (state.step + 1, trainable, opt_state), (state.step, state.trainable, state.opt_state)
         counter, trainable, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         state = TrainState(counter, trainable, state.frozen, opt_state, state.rng)
-        grad_norm = optax.tree_utils.tree_norm(grads).astype(jnp.float32)
         return state, {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, "applied": ok, "finite": finite}
 
     return step

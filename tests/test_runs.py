@@ -148,3 +148,36 @@ def test_many_runs_resume_from_their_checkpoint(tmp_path):
     for got, want in zip(resumed, uninterrupted, strict=True):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(a, b)  # bitwise: the same program from the same state
+
+
+def test_unchecked_step_scanned_and_vmapped_matches_the_checked_step_and_lets_a_nan_through():
+    """``check_finite=False``: the same update as the checked step on finite data, pure enough for a
+    ``jax.lax.scan`` of a ``jax.vmap`` over runs; a NaN batch is applied (the run shows it) instead of skipped."""
+    tx = optax.adam(3e-2)
+    states = [training.init_train_state(common.init_params(i), tx, jax.random.key(i)) for i in range(2)]
+    batches = [jax.tree.map(jnp.asarray, common.global_batch(step)) for step in range(STEPS)]
+    checked = jax.jit(training.make_train_step(noisy_loss, tx))
+    want = []
+    for state in states:
+        for b in batches:
+            state, _ = checked(state, b)
+        want.append(state)
+    unchecked = training.make_train_step(noisy_loss, tx, check_finite=False)
+    stacked = runs.stack_runs(states, share_frozen=False)
+    xs = jax.tree.map(lambda *a: jnp.stack(a), *batches)
+    axes = runs._axes(share_frozen=False)
+
+    def scan(state):
+        return jax.lax.scan(lambda s, b: (lambda out: (out[0], out[1]["loss"]))(unchecked(s, b)), state, xs)
+
+    got, losses = jax.jit(jax.vmap(scan, in_axes=(axes,)))(stacked)
+    assert losses.shape == (2, STEPS) and bool(jnp.all(jnp.isfinite(losses)))
+    for i, state in enumerate(runs.unstack_runs(got, share_frozen=False)):
+        assert int(state.step) == STEPS
+        for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(want[i].trainable), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    bad = dict(batches[0], y=batches[0]["y"].at[0, 0].set(jnp.nan))
+    after, metrics = jax.jit(unchecked)(states[0], bad)
+    assert int(after.step) == 1 and metrics["finite"] == {} and bool(metrics["applied"])
+    assert not bool(jnp.isfinite(metrics["loss"]))
+    assert not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(after.trainable))
