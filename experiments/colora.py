@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
+import rssbl_jax
 from experiments import colora_data, colora_model, stats
 
 
@@ -110,7 +111,8 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
     n_params = colora_model.count(jax.tree.map(lambda v: v[0], params))
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps, alpha=0.0)
     optimizer = optax.adam(schedule)
-    opt_state = jax.vmap(optimizer.init)(params)
+    everything = jax.tree.map(lambda _: True, jax.tree.map(lambda v: v[0], params))  # CoLoRA trains W, A, B too
+    states = jax.vmap(lambda p, k: rssbl_jax.init_train_state(p, optimizer, k, trainable=everything))(params, seeds)
     n_snap, n_pts = y_tr.shape[0], x.shape[0]
     s_batch = min(config.snapshots_per_step, n_snap)
     points = point_sampler(arrays["grid_shape"], config.points_per_step, config.points_stride)
@@ -124,18 +126,19 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
         pred = model.apply(p, jnp.broadcast_to(x[pts], (s_batch, p_batch, x.shape[1])), mt_tr[rows])
         return jnp.mean(jnp.linalg.norm(target - pred, axis=(1, 2)) / jnp.linalg.norm(target, axis=(1, 2)))
 
-    def step(carry, key):
-        p, s = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, key)
-        updates, s = optimizer.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
+    # the library's step (no per-step checks), with the step's batch drawn from the key it is given as its batch
+    train_step = rssbl_jax.make_train_step(lambda p, key, rng: loss_fn(p, key), optimizer, check_finite=False)
+
+    def step(state, key):
+        state, metrics = train_step(state, key)
+        return state, metrics["loss"]
 
     every = max(1, config.steps // config.curve_points)
 
     @jax.jit
-    def chunk(p, s, keys):  # keys [seeds, every]
-        (p, s), losses = jax.vmap(lambda p, s, k: jax.lax.scan(step, (p, s), k))(p, s, keys)
-        return p, s, losses.mean(axis=1)
+    def chunk(states, keys):  # keys [seeds, every]
+        states, losses = jax.vmap(lambda st, k: jax.lax.scan(step, st, k))(states, keys)
+        return states, losses.mean(axis=1)
 
     rng = np.random.default_rng(config.seed)
     sub = jnp.asarray(np.sort(rng.choice(n_pts, min(config.curve_eval_points, n_pts), replace=False)))
@@ -149,7 +152,8 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
     while done < config.steps:
         n = min(every, config.steps - done)
         start = time.perf_counter()
-        params, opt_state, losses = chunk(params, opt_state, all_keys[:, done : done + n])
+        states, losses = chunk(states, all_keys[:, done : done + n])
+        params = rssbl_jax.combine(states.trainable, states.frozen)
         losses = np.asarray(losses)
         elapsed = time.perf_counter() - start
         if done == 0:  # the first chunk compiles; time a second copy of its steps' cost from the rest
