@@ -233,12 +233,6 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def _split_tree(params: Any, mask: Any) -> tuple[Any, Any]:
-    trainable = jax.tree.map(lambda v, m: v if m else None, params, mask)
-    frozen = jax.tree.map(lambda v, m: None if m else v, params, mask)
-    return trainable, frozen
-
-
 def adapted_model(work: Workload, method: str, targets: str, config: ml_collections.ConfigDict):
     """The method injected into the surrogate's ``targets`` layers; it is called with the standardised ``p̂``.
 
@@ -332,7 +326,8 @@ def run_method(
 
     @jax.jit
     def init_runs(keys):  # one compile: per-run trainable leaves, and the frozen ones once (shared by every run)
-        return jax.vmap(lambda k: _split_tree(init(k), mask)[0])(keys), _split_tree(init(keys[0]), mask)[1]
+        trainable = jax.vmap(lambda k: rssbl_jax.partition(init(k), mask=mask)[0])(keys)
+        return trainable, rssbl_jax.partition(init(keys[0]), mask=mask)[1]
 
     def run_keys(runs):
         return jnp.stack([jax.random.fold_in(jax.random.fold_in(root, d), s) for d, s, _ in runs])

@@ -67,8 +67,9 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
     return jax.tree_util.tree_map_with_path(trains, params)
 
 
-def partition(params: PyTree, config: Any = None) -> tuple[PyTree, PyTree]:
-    """Split any params tree into ``(trainable, frozen)``, deciding by :func:`trainable_mask`.
+def partition(params: PyTree, config: Any = None, *, mask: PyTree | None = None) -> tuple[PyTree, PyTree]:
+    """Split any params tree into ``(trainable, frozen)``, deciding by :func:`trainable_mask` (or by ``mask``, a tree
+    of bools with ``params``' structure, e.g. an ablation that freezes some adapter factors).
 
     Both trees keep the full structure with ``None`` where the other one holds the leaf, so ``jax.grad`` can
     differentiate with respect to ``trainable`` alone and :func:`combine` restores the tree.
@@ -82,7 +83,7 @@ def partition(params: PyTree, config: Any = None) -> tuple[PyTree, PyTree]:
     >>> jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), combine(trainable, frozen), params))
     True
     """
-    mask = trainable_mask(params, config)
+    mask = trainable_mask(params, config) if mask is None else mask
     trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
     frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
     return trainable, frozen

@@ -89,12 +89,7 @@ def init_train_state(
     >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
     (0, None, None, dtype('uint32'))
     """
-    if trainable is None:
-        trainable, frozen = partition(params, config)
-    else:
-        mask = trainable
-        trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
-        frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
+    trainable, frozen = partition(params, config, mask=trainable)
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     return TrainState(

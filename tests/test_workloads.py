@@ -221,7 +221,7 @@ def test_anchor_centre_rss_is_the_frozen_base_at_nominal(anchor_config, data_dir
     name, adapted = workloads.adapted_model(centre, "rss", "all", cfg)
     x, p = _examples(centre, 1)
     params = rssbl_jax.load_base(adapted.init(jax.random.key(0), x, p=p), centre.base)["params"]
-    trainable, frozen = workloads._split_tree(params, adapters.trainable_mask(params, name))
+    trainable, frozen = rssbl_jax.partition(params, mask=adapters.trainable_mask(params, name))
     keys = iter(jax.random.split(jax.random.key(1), 64))
     runs = jax.tree.map(lambda v: jax.random.normal(next(keys), (2, *v.shape)), trainable)  # 2 runs, every leaf
     no_update = jax.tree_util.tree_map_with_path(lambda k, v: v * (k[-1].key != "lora_b"), runs)
