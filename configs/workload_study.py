@@ -8,6 +8,8 @@
         --config.part=convergence           # part 3: draw 0 again at twice the steps (the convergence check)
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
         --config.part=render                # report.md from the committed records, no training
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.part=ablation --config.workloads="('ks',)"   # part 4: FiLM with a learnable offset, every draw
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
@@ -48,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
         "rss_affine",
     )
     config.references = ("rss", "rss_affine")
+    # Part "ablation": variants run apart, after the pre-registered ones: FiLM with a learnable offset (initialised
+    # to 0, the match of rss_affine) on the branch and on the layer.
+    config.ablation_methods = ("film_branch_affine0", "film_layer_affine0")
     config.convergence_methods = ("lora_concat", "film_layer0", "rss")  # one per kind (p as input, FiLM, rank space)
     config.draws = 3  # independent draws (data, conditions, re-pretrained base)
     config.seeds_at_lr = 2  # seeds 1..2 at the chosen lr: 3 seeds per draw with the tuning run (seed 0)

@@ -69,11 +69,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     part = config.get("part", "main")
-    if part not in ("main", "convergence", "render"):
-        raise ValueError(f"unknown part {part!r}; expected 'main', 'convergence' or 'render'.")
+    if part not in ("main", "ablation", "convergence", "render"):
+        raise ValueError(f"unknown part {part!r}; expected 'main', 'ablation', 'convergence' or 'render'.")
     for name in config.workloads if part != "render" else ():
-        draws = range(config.draws) if part == "main" else range(1)
-        methods = config.methods if part == "main" else ("frozen", *config.convergence_methods)
+        draws = range(config.draws) if part in ("main", "ablation") else range(1)
+        methods = {"main": config.methods, "ablation": config.get("ablation_methods", ())}.get(
+            part, ("frozen", *config.convergence_methods)
+        )
         sub = _sub(config, 1 if part == "main" else int(config.convergence_factor))
         for draw in draws:
             t = time.perf_counter()
@@ -86,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
                 records.append(record)
                 if config.get("progress", False):
                     print(f"{name} draw {draw} {method}: {record['seconds']:.0f} s", flush=True)
-            suffix = f"draw{draw}" if part == "main" else "convergence"
+            suffix = {"main": f"draw{draw}", "ablation": f"ablation_draw{draw}"}.get(part, "convergence")
             _write(workdir / f"{name}_{suffix}.jsonl", records)
     seconds = time.perf_counter() - start
     write_report(workdir)
@@ -297,6 +299,15 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
         curve = curve_table(main)
         if curve:
             out += ["### Validation loss along training (chosen rate; fraction of the final value)", "", *curve, ""]
+        if parts.get("ablation"):
+            metric = workloads.METRICS[name][0]
+            extra = parts["ablation"]
+            out += [f"### Variants run apart from the pre-registered ones ({metric})", "",
+                    "The same protocol and draws; not in the tables above, so their Holm families are their own.",
+                    "", *error_table(extra, metric), ""]  # fmt: skip
+            for ref in ("rss", "rss_affine"):
+                pairs = [r for r in main if r["method"] == ref] + extra
+                out += [f"Paired ratio variant / `{ref}`:", "", *ratio_table(pairs, metric, ref), ""]
         if parts.get("convergence"):
             metric = workloads.METRICS[name][0]
             out += [f"### Convergence check (draw 0, {metric})", "",
