@@ -80,7 +80,10 @@ def test_two_draws_train_tune_and_report(tmp_path):
     workload_study.run(config, tmp_path / "out", data_dir)
     config.part = "convergence"
     workload_study.run(config, tmp_path / "out", data_dir)
+    config.part, config.ablation_methods = "ablation", ("film_layer_affine0",)
+    workload_study.run(config, tmp_path / "out", data_dir)
     parts = workload_study.read(tmp_path / "out")["ks"]
+    assert [r["method"] for r in parts["ablation"]] == ["film_layer_affine0"] * 2  # every draw, apart from main
     main = parts["main"]
     assert sorted({r["draw"] for r in main}) == [0, 1]
     frozen = {r["draw"]: r for r in main if r["method"] == "frozen"}
@@ -95,4 +98,5 @@ def test_two_draws_train_tune_and_report(tmp_path):
     assert parts["convergence"][1]["steps"] == 2 * config.ks.steps
     text = (tmp_path / "out" / "report.md").read_text()
     assert "paired ratio method / `rss`" in text and "Convergence check" in text
+    assert "Paired ratio variant / `rss_affine`" in text and "| film_layer_affine0 |" in text
     assert (tmp_path / "out" / "ks.png").exists()
