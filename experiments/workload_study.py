@@ -305,7 +305,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             out += [f"### Variants run apart from the pre-registered ones ({metric})", "",
                     "The same protocol and draws; not in the tables above, so their Holm families are their own.",
                     "", *error_table(extra, metric), ""]  # fmt: skip
-            for ref in ("rss", "rss_affine"):
+            for ref in (m for m in ("rss", "rss_affine") if any(r["method"] == m for r in main)):
                 pairs = [r for r in main if r["method"] == ref] + extra
                 out += [f"Paired ratio variant / `{ref}`:", "", *ratio_table(pairs, metric, ref), ""]
         if parts.get("convergence"):

@@ -98,5 +98,5 @@ def test_two_draws_train_tune_and_report(tmp_path):
     assert parts["convergence"][1]["steps"] == 2 * config.ks.steps
     text = (tmp_path / "out" / "report.md").read_text()
     assert "paired ratio method / `rss`" in text and "Convergence check" in text
-    assert "Paired ratio variant / `rss_affine`" in text and "| film_layer_affine0 |" in text
+    assert "Paired ratio variant / `rss`" in text and "| film_layer_affine0 |" in text
     assert (tmp_path / "out" / "ks.png").exists()
