@@ -76,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
         methods = {"main": config.methods, "ablation": config.get("ablation_methods", ())}.get(
             part, ("frozen", *config.convergence_methods)
         )
-        sub = _sub(config, 1 if part == "main" else int(config.convergence_factor))
+        sub = _sub(config, int(config.convergence_factor) if part == "convergence" else 1)
         for draw in draws:
             t = time.perf_counter()
             work = workloads.load_workload(name, sub, data_dir, draw=draw)

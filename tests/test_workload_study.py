@@ -84,6 +84,7 @@ def test_two_draws_train_tune_and_report(tmp_path):
     workload_study.run(config, tmp_path / "out", data_dir)
     parts = workload_study.read(tmp_path / "out")["ks"]
     assert [r["method"] for r in parts["ablation"]] == ["film_layer_affine0"] * 2  # every draw, apart from main
+    assert {r["steps"] for r in parts["ablation"]} == {config.ks.steps}  # the main part's budget, not the longer one
     main = parts["main"]
     assert sorted({r["draw"] for r in main}) == [0, 1]
     frozen = {r["draw"]: r for r in main if r["method"] == "frozen"}
