@@ -270,7 +270,8 @@ def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path, splits: tupl
     by = _by(rows, task)
     counts = sorted({c for c, _ in by})
     methods = list(dict.fromkeys(m for _, m in by))
-    fig, axes = plt.subplots(1, len(splits), figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(splits), figsize=(12, 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, s in zip(axes, splits, strict=True):
         for i, m in enumerate(methods):
             pts = [(c, stats.log_interval(np.asarray(by[(c, m)]["errors"][s]))) for c in counts if (c, m) in by]
@@ -286,7 +287,7 @@ def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path, splits: tupl
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(counts, [str(c) for c in counts])
     axes[0].set_ylabel(ylabel)
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

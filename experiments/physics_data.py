@@ -55,7 +55,7 @@ def ks_data(
 
 def sobol_conditions(box: tuple[tuple[float, float], ...], n: int, seed: int) -> np.ndarray:
     """``[n, d]`` conditions in ``box``: the first ``n`` points of a scrambled Sobol sequence (``seed``), so the
-    first ``k`` of them are space-filling for every ``k`` and the sets are nested."""
+    first ``k`` of them are nested, balanced for every power of two ``k`` and well spread for the others."""
     lows, highs = np.array([b[0] for b in box]), np.array([b[1] for b in box])
     sobol = scipy.stats.qmc.Sobol(d=len(box), scramble=True, seed=np.random.default_rng([seed, 5]))
     return lows + (highs - lows) * sobol.random_base2(max(n - 1, 0).bit_length())[:n]  # a power of 2, cut

@@ -291,6 +291,8 @@ def run_method(
     on the first ``min(counts)`` conditions (which every count has), so the runs of all counts share one compiled
     step.
     """
+    if counts and (draw_lrs is None or len(draw_lrs) != len(counts)):
+        raise ValueError(f"counts={counts} needs draw_lrs with one learning rate per count; got {draw_lrs}.")
     start = time.perf_counter()
     name, adapted = adapted_model(work, method, targets, config)
     c, n, m = work.x.shape[:3]
@@ -305,7 +307,8 @@ def run_method(
     cond_idx, k_idx = np.arange(c)[:, None, None], np.arange(m)[None, None, :]
     rows = [flat(cond_idx[:u], o[:u, n_val:, None], k_idx).ravel() for o, u in zip(orders, used, strict=True)]
     n_rows = np.array([len(r) for r in rows], np.int32)  # a batch samples the first n_rows[d] rows of draw d
-    train_idx = np.stack([np.pad(r, (0, n_rows.max() - len(r))) for r in rows])
+    # padding (never drawn: a batch samples below n_rows) points at the last row, of the last condition
+    train_idx = np.stack([np.pad(r, (0, n_rows.max() - len(r)), constant_values=c * n * m - 1) for r in rows])
     val_k, first = k_idx[..., :: config[work.name].get("val_stride", 1)], min(used)
     val_idx = np.stack([flat(cond_idx[:first], o[:first, :n_val, None], val_k).ravel() for o in orders])
     data = {
@@ -499,7 +502,8 @@ def _eval_inputs(work: Workload, orders: list[np.ndarray], n_val: int, horizon: 
     """Per selected run, every condition set stacked along the condition axis (equal trajectories per condition).
 
     ``train`` uses the run's validation trajectories, tiled to the held-out sets' count (the mean is unchanged);
-    it is the original training conditions (a replayed nominal condition, the orders' last row, is not in it).
+    it is the workload's ``sets["train"]`` (a replayed nominal condition, the orders' last row, is not in it; a
+    condition-count sweep puts its first conditions there).
     """
     n_eval = min(n_eval, work.sets["heldout"]["u" if work.name == "ks" else "x"].shape[1])
     if n_eval % n_val:

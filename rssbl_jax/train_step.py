@@ -7,7 +7,8 @@ Only the trainable half of the params (:func:`rssbl_jax.partition`) is different
     \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
     \qquad k_t = \mathrm{fold\_in}(k, t)
 
-A step whose loss, gradients, batch, new adapters or new optimizer state hold NaN/inf is not applied. The step is
+A step whose loss, gradients, batch, new adapters or new optimizer state hold NaN/inf is not applied (unless it
+was made with ``check_finite=False``). The step is
 one pure function: the caller chooses ``jax.jit`` (with shardings, :func:`state_partition_specs`), ``jax.pmap``
 or ``jax.vmap`` over runs. :mod:`rssbl_jax.training` holds the loop and :mod:`rssbl_jax.train_checkpoints` the
 checkpoints; both use this module, and neither is needed to take one step.

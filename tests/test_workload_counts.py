@@ -77,11 +77,12 @@ def test_a_tiny_sweep_trains_only_on_its_first_conditions_and_reports(tmp_path):
     poisoned = workload_counts.dataclasses.replace(work, y=work.y.copy())
     poisoned.y[1:] = np.nan
     sub = workload_counts.ml_collections.ConfigDict(config.to_dict())
-    sub.draws = 1
-    record = workloads.run_method(poisoned, "rss", "all", sub, 0, [0.01], [1])
-    assert np.all(np.isfinite(record["loss_curve"]))
-    record = workloads.run_method(poisoned, "rss", "all", sub, 0, [0.01, 0.01], [1, 2])
-    assert not np.all(np.isfinite(record["loss_curve"]))  # K = 2 reaches the poisoned condition
+    sub.draws, sub.seeds = 1, 1
+    # runs of K = 1 and K = 3 share one compiled step; the K = 1 run's row indices are padded (with a poisoned row)
+    record = workloads.run_method(poisoned, "rss", "all", sub, 0, [0.01, 0.01], [1, 3])
+    by_run = np.asarray(record["val_curve"]["by_run"])  # validation on condition 0 only, per run
+    assert np.all(np.isfinite(by_run[0]))  # K = 1 never drew the padding nor another condition
+    assert not np.all(np.isfinite(by_run[1]))  # K = 3 reaches the poisoned conditions
     workload_counts.run(config, tmp_path / "out", data_dir)
     config.part, config.lr_check_counts, config.methods = "lr_check", (1, 3), ("frozen", "rss")
     workload_counts.run(config, tmp_path / "out", data_dir)
