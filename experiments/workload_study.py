@@ -137,29 +137,24 @@ def error_table(records: list[dict], metric: str) -> list[str]:
     return lines
 
 
-def ratio_table(records: list[dict], metric: str, reference: str) -> list[str]:
-    """Paired ratios method / reference per set, Holm-corrected over the table (every method × set)."""
+def ratio_table(records: list[dict], metric: str, reference: str, cells=report_lib.holm_ratios) -> list[str]:
+    """Paired ratios method / reference per set, Holm-corrected over the table (every method × set); ``cells``
+    turns the table's ``[(errors, reference), ...]`` pairs into its cells (default: the paired ratios)."""
     others = [m for m in _methods(records) if m not in (reference, "frozen")]
     pairs = [(errors(records, m, s, metric), errors(records, reference, s, metric)) for m in others for s in SETS]
     if any(a.shape != b.shape for a, b in pairs):
         raise ValueError(f"paired ratios against {reference}: the methods' [draws, seeds] shapes differ.")
-    cells = report_lib.holm_ratios(pairs)
+    row = cells(pairs)
     lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
     for i, m in enumerate(others):
-        lines.append(f"| {m} | " + " | ".join(cells[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
+        lines.append(f"| {m} | " + " | ".join(row[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
     return lines
 
 
 def equivalence_table(records: list[dict], metric: str, reference: str, margin: float = EQUIVALENCE) -> list[str]:
     """Per method and set: the 90 % draw-level interval of method / reference, **≈** when TOST shows the ratio
     within ``[1/(1+margin), 1+margin]`` after a Holm correction over the table."""
-    others = [m for m in _methods(records) if m not in (reference, "frozen")]
-    pairs = [(errors(records, m, s, metric), errors(records, reference, s, metric)) for m in others for s in SETS]
-    cells = report_lib.holm_equivalence(pairs, margin)
-    lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
-    for i, m in enumerate(others):
-        lines.append(f"| {m} | " + " | ".join(cells[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
-    return lines
+    return ratio_table(records, metric, reference, lambda pairs: report_lib.holm_equivalence(pairs, margin))
 
 
 def persistence_table(records: list[dict]) -> list[str]:
