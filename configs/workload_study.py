@@ -10,6 +10,9 @@
         --config.part=render                # report.md from the committed records, no training
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
         --config.part=ablation --config.workloads="('ks',)"   # part 4: FiLM with a learnable offset, every draw
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks1200 \
+        --config.workloads="('ks',)" --config.ks.steps=1200 --config.run_draws="(0,)"   # part 5: KS at twice the
+                                            # steps, one draw per command: (0,), (1,), (2,); then --config.part=convergence
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
@@ -55,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.ablation_methods = ("film_branch_affine0", "film_layer_affine0")
     config.convergence_methods = ("lora_concat", "film_layer0", "rss")  # one per kind (p as input, FiLM, rank space)
     config.draws = 3  # independent draws (data, conditions, re-pretrained base)
+    config.run_draws = (0, 1, 2)  # the draws parts main and ablation run; e.g. (0,) to run one draw per command
     config.seeds_at_lr = 2  # seeds 1..2 at the chosen lr: 3 seeds per draw with the tuning run (seed 0)
     # Five points, half a decade apart, the same for every adapter; full_ft's grid is 30x lower. An edge pick adds
     # one more point beyond that edge, up to twice.

@@ -73,6 +73,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
         raise ValueError(f"unknown part {part!r}; expected 'main', 'ablation', 'convergence' or 'render'.")
     for name in config.workloads if part != "render" else ():
         draws = range(config.draws) if part in ("main", "ablation") else range(1)
+        if part in ("main", "ablation"):
+            draws = [d for d in config.get("run_draws", draws) if d in draws]
         methods = {"main": config.methods, "ablation": config.get("ablation_methods", ())}.get(
             part, ("frozen", *config.convergence_methods)
         )
