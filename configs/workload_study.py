@@ -11,8 +11,8 @@
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
         --config.part=ablation --config.workloads="('ks',)"   # part 4: FiLM with a learnable offset, every draw
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks1200 \
-        --config.workloads="('ks',)" --config.ks.steps=1200 --config.run_draws="(0,)"   # part 5: KS at twice the
-                                            # steps, one draw per command: (0,), (1,), (2,); then --config.part=convergence
+        --config.workloads="('ks',)" --config.ks.steps=1200 --config.run_draws="(0,)"
+        # part 5: KS at twice the steps, one draw per command ((0,), (1,), (2,)), then --config.part=convergence
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the

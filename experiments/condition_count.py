@@ -311,7 +311,8 @@ def write(rows: list[dict[str, Any]], config: ml_collections.ConfigDict, workdir
         f"{config.num_draws} independent draws (base, conditions, inputs) × {config.num_seeds} seeds; learning rate "
         f"per (K, method) from {list(config.learning_rates)} ({config.tune_seeds} seeds on draw 0, by validation "
         f"error); {config.steps} Adam steps (cosine decay), batch {config.batch_size}; rank {config.rank}, "
-        f"lora_alpha {config.lora_alpha}. Methods (named in the config before the run): {list(config.methods)}.",
+        f"lora_alpha {config.lora_alpha}. Methods ({config.get('methods_note', 'named in the config before the run')})"
+        f": {list(config.methods)}.",
         "",
     ]
     text = [*header, tables(rows, config), "", *[f"![{n}]({n})" for n in images], ""]
