@@ -78,6 +78,7 @@ def test_every_method_injects_and_starts_at_the_frozen_base(ks, config, method):
     assert (adapters.count_trainable(variables["params"], name) > 0) == (method != "frozen")
 
 
+@pytest.mark.slow  # a tiny pretrained surrogate end to end: tens of seconds
 @pytest.mark.parametrize("targets,per_block", [("attention", 4), ("mlp", 2)])
 def test_per_layer_targets(battery, config, targets, per_block):
     _, adapted = workloads.adapted_model(battery, "rss", targets, config)
@@ -106,6 +107,7 @@ def test_an_adapter_trains_and_beats_the_frozen_base(ks, config):
     assert np.mean(one_step) < np.mean(frozen["metrics"]["train"]["one_step"])
 
 
+@pytest.mark.slow  # a tiny pretrained surrogate end to end: tens of seconds
 def test_frozen_metrics_equal_surrogate_evaluate(ks, config):
     """The harness's frozen row is ``surrogates.ks_metrics`` of the base on the same trajectories."""
     record = workloads.run_method(ks, "frozen", "all", config)
@@ -116,6 +118,7 @@ def test_frozen_metrics_equal_surrogate_evaluate(ks, config):
         np.testing.assert_allclose(run, reference["one_step"], rtol=1e-5)
 
 
+@pytest.mark.slow  # a tiny pretrained surrogate end to end: tens of seconds
 def test_battery_harness_reports_voltage_and_temperature(battery, config):
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.val_trajectories = 1
@@ -170,6 +173,7 @@ def _anchored(config, anchor, data_dir):
     return workloads.load_workload("ks", cfg, data_dir)
 
 
+@pytest.mark.slow  # a tiny pretrained surrogate end to end: tens of seconds
 def test_anchor_centre_puts_the_nominal_condition_at_zero(anchor_config, data_dir):
     none, centre = (_anchored(anchor_config, a, data_dir) for a in ("none", "centre"))
     nominal = none.sets["nominal"]["conditions"]
@@ -257,6 +261,7 @@ def test_anchor_config_defaults_to_none_and_names_every_anchor():
     assert config.ks.to_dict() == base.ks.to_dict()
 
 
+@pytest.mark.slow  # a tiny pretrained surrogate end to end: tens of seconds
 def test_anchor_replay_needs_enough_nominal_trajectories_and_replays_battery_profiles(config, data_dir):
     """The tiny data has 3 nominal KS trajectories: 2 evaluated + 2 replayed do not fit, and that is an error, not
     an overlap. The battery's profiles are replayed like the KS trajectories (its time grid ``t`` appended whole)."""
