@@ -1,9 +1,6 @@
 r"""The update and the fold: the one place the RSSBilinearLoRA update is computed, and its merge at a point.
 
-.. math::
-
-    \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad \hat p = (p - \mu) / \sigma
-
+:math:`\Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big),\ \hat p = (p - \mu) / \sigma`.
 :func:`adapter_update` computes it for every layer kind (a :class:`Factorization` supplies ``x ↦ A x`` and
 ``h ↦ B h``; ``s`` is folded into ``B`` here only), :func:`adapter_params` names the leaves for every front-end and
 :func:`fold` merges at one operating point with the same gate. Why the split: each concern can be read and changed
@@ -65,10 +62,8 @@ def adapter_update(
     ``up(modulate(down(x, A), p), s · B)`` (``s`` folded into ``B``; arrays in the compute dtype). Dropout acts when
     ``layer.lora_dropout > 0`` and ``dropout_rng`` is given. With ``add_to`` (the base output) it returns
     ``add_to + Δy`` via :func:`modulated_add`: fused for Dense, one matmul under ``jax.vmap`` over ``p`` up to
-    ``thresholds.sweep_max_basis`` (the fused add's threshold is :func:`dense_factorization`'s).
-
-    Raises:
-      ValueError: at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when either does not fit.
+    ``thresholds.sweep_max_basis`` (the fused add's threshold is :func:`dense_factorization`'s). Raises
+    ``ValueError`` at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when either does not fit.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
@@ -352,7 +347,5 @@ def merge_dense(
     shapes = (jnp.shape(kernel), jnp.shape(lora_a), jnp.shape(lora_b))
     if any(len(shape) != 2 for shape in shapes):
         raise ValueError(f"merge_dense needs 2-D kernel, lora_a and lora_b; got {shapes} (use merge_kernel).")
-    return merge_kernel(
-        kernel, bias, lora_a, lora_b, lora_c, lora_s, operating_params,
-        scale=scale, gate_offset=gate_offset, precision=precision,
-    )  # fmt: skip
+    layer, factors = _linear_gate_layer(lora_a, lora_b, lora_c, lora_s, scale, gate_offset)
+    return fold(kernel, bias, factors, operating_params, layer, precision=precision)

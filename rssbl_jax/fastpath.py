@@ -1,15 +1,11 @@
 r"""The two fast paths of the update: the fused Dense add (``custom_jvp``) and the sweep over ``p`` (``custom_vmap``).
 
-.. math::
-
-    y + h B \ \text{in one elementwise pass}, \qquad
-    y_k = y + \mathrm{up}(Z_0) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m) \ \text{for a sweep } p_1, \dots, p_K
-
-Why a module of its own: both change *how* the update is computed, never *what*, and each comes with a derivative
-or batching rule the rest of the library need not read. Their thresholds are arguments (:class:`Thresholds`, from
-:func:`rssbl_jax.core.adapter_update` and :func:`rssbl_jax.core.dense_factorization` to the trace), not globals
-read while tracing: a global set later does nothing to a function already jitted, and two models in one program
-could not use different limits.
+:math:`y + h B` in one elementwise pass, and :math:`y_k = y + \mathrm{up}(Z_0) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m)`
+for a sweep :math:`p_1, \dots, p_K`. Why a module of its own: both change *how* the update is computed, never
+*what*, and each has a derivative or batching rule the rest of the library need not read. Their thresholds are
+arguments (:class:`Thresholds`, carried from :func:`rssbl_jax.core.adapter_update` and
+:func:`rssbl_jax.core.dense_factorization` to the trace), not globals read while tracing: a global set later does
+nothing to a function already jitted, and two models in one program could not use different limits.
 
 >>> import numpy as np
 >>> add_low_rank(np.zeros((1, 2)), np.ones((1, 1)), np.ones((1, 2)), fused_max_b_size=0).tolist()   # matmul form
@@ -45,7 +41,7 @@ CPU, d = 1024, K = 256: the sweep took 1.03-1.15× the time of writing the outpu
 
 
 class Thresholds(NamedTuple):
-    """When each fast path is taken; static (hashable), so it can be a field of a module or a ``jit`` static argument.
+    """When each fast path is taken (:data:`FUSED_MAX_B_SIZE`, :data:`SWEEP_MAX_BASIS`); hashable, so static in ``jit``.
 
     Attributes:
       fused_max_b_size: the largest ``B`` (``r × d_out`` elements) added in the output's elementwise pass.
@@ -66,7 +62,6 @@ def _add_low_rank_fused(y: jax.Array, h: jax.Array, b: jax.Array) -> jax.Array:
 
 @_add_low_rank_fused.defjvp
 def _add_low_rank_jvp(primals, tangents):
-    # the tangent in matmul form: linear in the tangents, so reverse mode transposes it into ∂h = ȳ bᵀ, ∂b = hᵀ ȳ
     y, h, b = primals
     dy, dh, db = tangents
     return _add_low_rank_fused(y, h, b), dy + jnp.matmul(dh, b) + jnp.matmul(h, db)
@@ -82,15 +77,12 @@ def add_low_rank(
 ) -> Float[Array, "n d_out"]:
     r"""``y + h @ b`` for a small rank ``r``, without an ``n × d_out`` update array in the forward pass.
 
-    .. math::
-
-        y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}
-
-    For ``r × d_out ≤ fused_max_b_size`` the sum is a broadcast-multiply-reduce that XLA fuses with the add into
-    the one elementwise pass over ``y`` a bias add makes, so the update is never written and read back (at d = 1024
-    on CPU that round trip was most of the adapter's forward cost). Derivatives use the matmul form (``custom_jvp``,
-    tangent ``ẏ + ḣ b + h ḃ``): the reduce form would transpose into a reduction over ``n`` that XLA does not turn
-    back into a matmul. Forward mode works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.
+    :math:`y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}`. For ``r × d_out ≤ fused_max_b_size`` it is a
+    broadcast-multiply-reduce that XLA fuses into the elementwise pass over ``y`` a bias add makes, so the update is
+    never written and read back (at d = 1024 on CPU that round trip was most of the adapter's forward cost).
+    Derivatives use the matmul form (``custom_jvp``, tangent ``ẏ + ḣ b + h ḃ``, transposed to ``∂h = ȳ bᵀ``,
+    ``∂b = hᵀ ȳ``): the reduce form would transpose into a reduction over ``n`` that XLA does not turn back into a
+    matmul. Forward mode works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.
 
     >>> import numpy as np
     >>> add_low_rank(np.zeros((2, 3)), np.ones((2, 1)), np.arange(3.0)[None]).tolist()
@@ -138,15 +130,6 @@ def _rank_space_basis(h: jax.Array, factors: Factors, layer: Any) -> tuple[jax.A
     return h * jnp.asarray(constant, h.dtype).reshape(*expand, -1), stack
 
 
-def _basis_size(factors: Factors, layer: Any) -> int:
-    """``M``: 1 for the constant, one per feature, and ``d_p`` more for a shift outside the features' span."""
-    gate = gates.get(layer.gate)
-    n_basis = 1 + jnp.shape(gate.directions(factors))[0]
-    if not gate.features_are_p and factors.get("lora_s") is not None:
-        n_basis += gates.d_p_of(factors, layer)
-    return n_basis
-
-
 def modulated_add(
     factorization: Any,
     y: jax.Array,
@@ -164,19 +147,13 @@ def modulated_add(
     On one condition: :func:`rssbl_jax.gates.modulate`, then the kind's ``up_add`` or ``up`` (Dense:
     :func:`add_low_rank`). Under ``jax.vmap`` over ``p`` alone (``x`` and weights shared) it uses that the update is
     linear in the coordinates ``c(p)`` of :func:`sweep_coefficients`:
-
-    .. math::
-
-        y_k = \Big(y + \mathrm{up}(Z_0)\Big) + \sum_{m} c_m(p_k)\, \mathrm{up}(Z_m),
-        \qquad Z_0 = h \odot g_0, \quad Z_m = h \odot C_m + S_m
-
-    so the ``K`` outputs are one ``[K, M] @ [M, |y|]`` matmul over ``M = 1 + d_p`` basis outputs (``mlp``:
-    ``1 + hidden (+ d_p)``), each written once, the base output being the coefficient-1 element. Used when
-    ``M ≤ min(K, sweep_max_basis)``, ``p`` is ``[d_p]`` per condition and nothing else is batched; otherwise the
+    :math:`y_k = (y + \mathrm{up}(Z_0)) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m)`, :math:`Z_0 = h \odot g_0`,
+    :math:`Z_m = h \odot C_m + S_m`. The ``K`` outputs are one ``[K, M] @ [M, |y|]`` matmul over ``M = 1 + d_p``
+    basis outputs (``mlp``: ``1 + hidden (+ d_p)``), each written once, the base output the coefficient-1 element. Used
+    when ``M ≤ min(K, sweep_max_basis)``, ``p`` is ``[d_p]`` per condition and nothing else is batched; otherwise the
     vmapped one-condition form, whose derivatives (``custom_jvp``) it always uses.
     """
-    gate_factors = {name: value for name, value in factors.items() if name not in ("lora_a", "lora_b")}
-    gate_factors = {name: value for name, value in gate_factors.items() if value is not None}
+    gate_factors = {n: v for n, v in factors.items() if n not in ("lora_a", "lora_b") and v is not None}
 
     def one_condition(y, h, p, gate_factors, b):
         z = gates.modulate(h, p, gate_factors, layer, precision=precision)
@@ -200,7 +177,11 @@ def modulated_add(
         y_batched, h_batched, p_batched, factors_batched, b_batched = in_batched
         shared = not (y_batched or h_batched or b_batched or any(jax.tree.leaves(factors_batched)))
         if shared and p_batched and p.ndim == 2:
-            if _basis_size(gate_factors, layer) <= min(axis_size, sweep_max_basis):
+            gate = gates.get(layer.gate)  # M: the constant, one per feature, d_p for a shift outside their span
+            n_basis = 1 + jnp.shape(gate.directions(gate_factors))[0]
+            if not gate.features_are_p and gate_factors.get("lora_s") is not None:
+                n_basis += gates.d_p_of(gate_factors, layer)
+            if n_basis <= min(axis_size, sweep_max_basis):
                 return sweep(y, h, p, gate_factors, b), True
         axes = tuple(jax.tree.map(lambda batched: 0 if batched else None, ib) for ib in in_batched)
         return jax.vmap(one_condition, in_axes=axes)(y, h, p, gate_factors, b), True

@@ -1,20 +1,13 @@
 r"""The gate family as objects: one class per gate, registered by the name an :class:`~rssbl_jax.AdapterConfig` uses.
 
-.. math::
-
-    g(\hat p) = g_0 + \phi(\hat p)\, C, \qquad b(\hat p) = S \hat p, \qquad
-    \Delta y = s\, B\big((A x) \odot g(\hat p) + b(\hat p)\big)
-
-A gate is its leaves (names, shapes, initialisers), its features ``φ(p̂)``, the directions ``C`` and ``g0``:
-``linear`` ``g0 + C p̂`` (``g0`` fixed, ``lora_c (d_p, r)``); ``affine`` ``c0 + C p̂`` (``lora_c0 (r,)`` learnable);
-``mlp`` ``c0 + C tanh(W p̂ + b)`` (``lora_c (hidden, r)``, ``lora_gate_w``, ``lora_gate_b``). ``scalar_gate=True``
-gives every gate one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every rank, as CoLoRA.
-
-Why objects in one registry: parameter creation, shape checks, the update, the fold, the sweep basis of
-:mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal` and d_p discovery all ask the :class:`Gate` instead of
-switching on a string, so a new gate is one subclass, registered with :func:`register`. Since ``g`` is affine in
-``φ(p̂)`` for every gate, the update at a fixed ``p0`` is still ``B diag(g(p̂0)) A`` plus a bias: merge and the
-sweep serve a new gate unchanged.
+:math:`g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p,\ \Delta y = s\, B((A x) \odot g(\hat p) + b(\hat p))`.
+``linear``: ``g0 + C p̂``, ``g0`` fixed, ``lora_c (d_p, r)``; ``affine``: ``c0 + C p̂``, ``lora_c0 (r,)`` learnable;
+``mlp``: ``c0 + C tanh(W p̂ + b)``, ``lora_c (hidden, r)``, ``lora_gate_w``, ``lora_gate_b``. With
+``scalar_gate=True`` every gate has one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every
+rank, as CoLoRA. Why objects in one registry: parameter creation, shape checks, the update, the fold, the sweep
+basis of :mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal` and d_p discovery ask the :class:`Gate`
+instead of switching on a string, so a new gate is one registered subclass; since ``g`` is affine in ``φ(p̂)``,
+the update at a fixed ``p0`` is still ``B diag(g(p̂0)) A`` plus a bias, and merge and the sweep serve it unchanged.
 
 >>> import jax.numpy as jnp
 >>> class Cubic(Gate):             # register(Cubic) would make gate="cubic" work everywhere
@@ -52,12 +45,11 @@ def width(layer: Any) -> int:
 
 
 class Gate:
-    r"""One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
+    """One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
 
-    Override what differs from the linear gate: :meth:`leaves`, :meth:`features`, :meth:`directions`,
-    :meth:`constant`, and the class attributes: ``features_are_p`` (``φ(p̂) = p̂``, so ``S p̂`` shares the sweep
-    basis), ``optional`` (leaves that may be absent), ``linear_leaves`` (``g`` is linear in them: all zero gives
-    ``g ≡ 0``, as :func:`rssbl_jax.init_principal` starts it).
+    Override what differs from the linear gate: the methods and ``features_are_p`` (``φ(p̂) = p̂``: ``S p̂`` shares the
+    sweep basis), ``optional`` (leaves that may be absent), ``linear_leaves`` (all zero gives ``g ≡ 0``, as
+    :func:`rssbl_jax.init_principal` starts it).
     """
 
     name: ClassVar[str] = ""
@@ -130,11 +122,7 @@ def get(name: str) -> Gate:
 
 
 def names() -> tuple[str, ...]:
-    """The registered gates' names, in registration order.
-
-    >>> names()[:3]
-    ('linear', 'affine', 'mlp')
-    """
+    """The registered gates' names, in registration order: ``('linear', 'affine', 'mlp', ...)``."""
     return tuple(_REGISTRY)
 
 
@@ -209,12 +197,7 @@ def d_p_of(factors: Factors, layer: Any) -> int:
 
 
 def d_p_from_shapes(shapes: Mapping[str, Sequence[int]], layer: Any) -> int | None:
-    """d_p from the adapter leaves created so far, ``None`` before they exist (lazy front-ends: take it from ``p``).
-
-    >>> from rssbl_jax.config import LayerConfig
-    >>> d_p_from_shapes({"lora_c": (16, 2), "lora_gate_w": (3, 16)}, LayerConfig(2, 2.0, 1.0, gate="mlp"))
-    3
-    """
+    """d_p from the adapter leaves created so far, ``None`` before they exist (lazy front-ends: take it from ``p``)."""
     try:
         return get(layer.gate).d_p(shapes)
     except KeyError:
@@ -254,21 +237,11 @@ def check_factors(factors: Factors, layer: Any) -> None:
 def gate_and_shift(
     p: Float[ArrayLike, "n d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
 ) -> tuple[Float[Array, "n r"], Float[Array, "n r"] | None]:
-    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows of operating parameters: where ``p`` acts.
+    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows ``p [n, d_p]``: where ``p`` acts.
 
-    .. math::
-
-        \hat p = (p - \mu)/\sigma, \qquad g(\hat p) = g_0 + \phi(\hat p)\, C, \qquad b(\hat p) = S \hat p
-
-    with ``g0`` and ``φ`` from the layer's gate (:func:`get`).
-
-    Args:
-      p: operating parameters ``[n, d_p]``.
-      factors: ``lora_c`` (and ``lora_s`` and whatever else the gate needs).
-      layer: the layer's resolved settings; precision: of the small matmuls with ``p``.
-
-    Returns:
-      ``(gate [n, r], shift [n, r] or None)``.
+    :math:`\hat p = (p - \mu)/\sigma,\ g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p`, with ``g0`` and
+    ``φ`` from the layer's gate (:func:`get`); ``factors`` hold ``lora_c``, ``lora_s`` and what the gate needs.
+    Returns ``(gate [n, r], shift [n, r] or None)``.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
