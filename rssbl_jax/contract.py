@@ -22,9 +22,8 @@ import jax.numpy as jnp
 def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
     """Check an operating-parameter shape against an input shape and return its number of lead axes.
 
-    ``p`` is ``[d_p]`` (one condition for every row of ``x``) or ``[*lead, d_p]`` with ``lead`` a prefix of
-    ``x.shape[:-1]`` (one condition per example, broadcast over tokens or pixels); a lead axis of size 1 is not
-    broadcast. Returns ``len(lead)`` (0 for a shared condition); ``ValueError`` naming ``d_p`` and both shapes.
+    ``p [*lead, d_p]`` gives one condition per example, broadcast over the other axes (tokens, pixels); sizes must
+    match (a lead of size 1 is not broadcast). Returns ``len(lead)``; ``ValueError`` naming ``d_p`` and both shapes.
 
     >>> lead_axes((4, 16, 32), (4, 3), d_p=3), lead_axes((4, 16, 32), (3,), d_p=3)
     (1, 0)

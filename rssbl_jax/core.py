@@ -240,9 +240,8 @@ def fold(
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
-    >>> a, b, c, c0 = np.ones((2, 1)), np.ones((1, 2)), np.array([[2.0]]), np.array([1.0])  # affine gate: 1 + 2 p
-    >>> merged = fold(np.zeros((2, 2)), None, {"lora_a": a, "lora_b": b, "lora_c": c, "lora_c0": c0}, np.array([0.5]),
-    ...               LayerConfig(1, 1.0, 1.0, gate="affine"))
+    >>> f = {"lora_a": np.ones((2, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]]), "lora_c0": np.ones(1)}
+    >>> merged = fold(np.zeros((2, 2)), None, f, np.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))  # 1 + 2p
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[2.0, 2.0], [2.0, 2.0]], [0.0, 0.0])
     """

@@ -125,9 +125,7 @@ def _rank_space_basis(h: jax.Array, factors: Factors, layer: Any) -> tuple[jax.A
     constant = gate.constant(factors, layer)
     if constant is None:
         return None, stack
-    if jnp.ndim(constant) == 0:
-        return h * jnp.asarray(constant, h.dtype), stack
-    return h * jnp.asarray(constant, h.dtype).reshape(*expand, -1), stack
+    return h * jnp.asarray(constant, h.dtype).reshape(() if jnp.ndim(constant) == 0 else (*expand, -1)), stack
 
 
 def modulated_add(

@@ -1,13 +1,12 @@
 r"""The gate family as objects: one class per gate, registered by the name an :class:`~rssbl_jax.AdapterConfig` uses.
 
 :math:`g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p,\ \Delta y = s\, B((A x) \odot g(\hat p) + b(\hat p))`.
-``linear``: ``g0 + C p̂``, ``g0`` fixed, ``lora_c (d_p, r)``; ``affine``: ``c0 + C p̂``, ``lora_c0 (r,)`` learnable;
-``mlp``: ``c0 + C tanh(W p̂ + b)``, ``lora_c (hidden, r)``, ``lora_gate_w``, ``lora_gate_b``. With
-``scalar_gate=True`` every gate has one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every
-rank, as CoLoRA. Why objects in one registry: parameter creation, shape checks, the update, the fold, the sweep
-basis of :mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal` and d_p discovery ask the :class:`Gate`
-instead of switching on a string, so a new gate is one registered subclass; since ``g`` is affine in ``φ(p̂)``,
-the update at a fixed ``p0`` is still ``B diag(g(p̂0)) A`` plus a bias, and merge and the sweep serve it unchanged.
+The gates are :class:`Linear` (the default), :class:`Affine` and :class:`MLP`; with ``scalar_gate=True`` each has
+one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every rank, as CoLoRA. Why objects in one
+registry: parameter creation, shape checks, the update, the fold, the sweep basis of :mod:`rssbl_jax.fastpath`,
+:func:`rssbl_jax.init_principal` and d_p discovery ask the :class:`Gate` instead of switching on a string, so a new
+gate is one registered subclass; since ``g`` is affine in ``φ(p̂)``, the update at a fixed ``p0`` is still
+``B diag(g(p̂0)) A`` plus a bias, and merge and the sweep serve it unchanged.
 
 >>> import jax.numpy as jnp
 >>> class Cubic(Gate):             # register(Cubic) would make gate="cubic" work everywhere
@@ -166,7 +165,7 @@ class Affine(Gate):
 
 @register
 class MLP(Affine):
-    """``c0 + C tanh(W p̂ + b)``, ``gate_hidden`` units; ``W`` starts lecun-normal, ``b`` zero, ``C (hidden, r)``."""
+    """``c0 + C tanh(W p̂ + b)``, ``gate_hidden`` units: ``lora_gate_w`` lecun-normal, ``lora_gate_b`` 0, ``C (h, r)``"""
 
     name = "mlp"
     features_are_p = False
