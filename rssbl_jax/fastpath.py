@@ -115,8 +115,7 @@ def _rank_space_basis(h: jax.Array, factors: Factors, layer: Any) -> tuple[jax.A
     expand = (1,) * (h.ndim - 1)
     directions = jnp.asarray(gate.directions(factors), h.dtype)
     stack = h[None] * directions.reshape(directions.shape[0], *expand, directions.shape[1])
-    lora_s = factors.get("lora_s")
-    if lora_s is not None:
+    if (lora_s := factors.get("lora_s")) is not None:
         rows = jnp.asarray(lora_s, h.dtype).reshape(lora_s.shape[0], *expand, lora_s.shape[1])
         if gate.features_are_p:
             stack = stack + rows

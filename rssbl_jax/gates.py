@@ -88,8 +88,7 @@ class Gate:
     ) -> Float[Array, "n r"]:
         """``g(p̂) = g0 + φ(p̂) C`` for rows of already standardised ``p̂``."""
         gate = jnp.matmul(self.features(p, factors, precision=precision), self.directions(factors), precision=precision)
-        constant = self.constant(factors, layer)
-        if constant is not None:
+        if (constant := self.constant(factors, layer)) is not None:
             gate = gate + (
                 jnp.asarray(constant, gate.dtype) if jnp.ndim(constant) == 0 else jnp.asarray(constant)[None]
             )
@@ -222,12 +221,10 @@ def check_factors(factors: Factors, layer: Any) -> None:
     expected = {name: spec[0] for name, spec in gate.leaves(layer, d_p).items()} | {"lora_s": (d_p, rank)}
     bad = {name: want for name, want in expected.items() if name in shape and shape[name][-len(want) :] != want}
     if bad or shape["lora_b"][0] != rank or rank != layer.rank:
+        extra, got = "".join(f", {n} {s}" for n, s in bad.items()), ", ".join(f"{n} {s}" for n, s in shape.items())
         raise ValueError(
             f"adapter factors do not fit rank r={layer.rank}, d_p={d_p}, gate={layer.gate!r} "
-            "(expected lora_a (..., r), "
-            f"lora_b (r, ...){''.join(f', {name} {s}' for name, s in bad.items())}); got "
-            + ", ".join(f"{name} {s}" for name, s in shape.items())
-            + "."
+            f"(expected lora_a (..., r), lora_b (r, ...){extra}); got {got}."
         )
     if layer.p_mean is not None and len(layer.p_mean) != d_p:
         raise ValueError(f"p_mean/p_std have {len(layer.p_mean)} entries but the adapter has d_p={d_p}.")
