@@ -2,16 +2,12 @@ r"""The operating-parameter contract: which shapes of ``p`` a layer accepts, and
 
 .. math::
 
-    p \in \mathbb{R}^{d_p} \ \text{(one condition)} \quad\text{or}\quad p \in \mathbb{R}^{\ell_1 \times \dots
-    \times \ell_k \times d_p}\ \text{with}\ (\ell_1, \dots, \ell_k)\ \text{a prefix of}\ x\text{'s leading axes},
-    \qquad \hat p = (p - \mu) / \sigma
+    p \in \mathbb{R}^{d_p} \quad\text{or}\quad p \in \mathbb{R}^{\ell_1 \times \dots \times \ell_k \times d_p},\
+    (\ell_1, \dots, \ell_k)\ \text{a prefix of}\ x\text{'s leading axes}, \qquad \hat p = (p - \mu) / \sigma
 
-Every front-end (the linen layer, injection, NNX) and every :class:`~rssbl_jax.methods.AdapterMethod` relies on these
-two rules, so they sit in a module of their own that imports nothing else of the library: a method or a front-end
-can check and standardise ``p`` without importing the update, the gates or the fast paths.
-
->>> lead_axes((4, 16, 32), (4, 3), d_p=3)
-1
+Every front-end and every :class:`~rssbl_jax.methods.AdapterMethod` relies on these two rules, so they sit in a
+module that imports nothing else of the library: ``p`` can be checked and standardised without importing the
+update, the gates or the fast paths.
 """
 
 from __future__ import annotations
@@ -26,25 +22,11 @@ import jax.numpy as jnp
 def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
     """Check an operating-parameter shape against an input shape and return its number of lead axes.
 
-    ``p`` is either ``[d_p]`` (one condition shared by every row of ``x``) or ``[*lead, d_p]`` where
-    ``lead`` equals a prefix of ``x.shape[:-1]`` (one condition per example, broadcast over the remaining
-    axes, e.g. tokens or pixels). Sizes must match exactly: a lead axis of size 1 is not broadcast.
+    ``p [*lead, d_p]`` gives one condition per example, broadcast over the other axes (tokens, pixels); sizes must
+    match (a lead of size 1 is not broadcast). Returns ``len(lead)``; ``ValueError`` naming ``d_p`` and both shapes.
 
-    Args:
-      x_shape: shape of the input, ``[..., d_in]``.
-      p_shape: shape of the operating parameters.
-      d_p: the number of operating parameters the layer was built for.
-
-    Returns:
-      ``len(lead)``: 0 for a shared condition.
-
-    Raises:
-      ValueError: naming ``d_p`` and both shapes, when ``p`` does not fit.
-
-    >>> lead_axes((4, 16, 32), (4, 3), d_p=3)
-    1
-    >>> lead_axes((4, 16, 32), (3,), d_p=3)
-    0
+    >>> lead_axes((4, 16, 32), (4, 3), d_p=3), lead_axes((4, 16, 32), (3,), d_p=3)
+    (1, 0)
     """
     x_shape, p_shape = tuple(x_shape), tuple(p_shape)
     if len(p_shape) == 0 or p_shape[-1] != d_p:
@@ -62,23 +44,14 @@ def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
 
 
 def normalize_operating_params(p: jax.Array, layer: Any) -> jax.Array:
-    r"""``(p - p_mean) / p_std`` over the last axis when the layer has a normalisation, else ``p`` itself.
+    """``(p - p_mean) / p_std`` over the last axis when ``layer`` has a normalisation, else ``p``.
 
-    .. math::
-
-        \hat p = (p - \mu) / \sigma
-
-    The one place ``p`` is standardised: the gates (:func:`rssbl_jax.gates.gate_and_shift`, so :func:`fold` folds
-    it in), the sweep basis and injection before any other :class:`AdapterMethod`'s ``update`` all call it, so
-    every method sees the same standardised ``p``.
-
-    Args:
-      p: operating parameters ``[..., d_p]``.
-      layer: anything with ``p_mean`` and ``p_std`` (a :class:`~rssbl_jax.LayerConfig`).
+    The one place ``p`` is standardised: the gates (:func:`rssbl_jax.gates.gate_and_shift`, so :func:`fold` folds it
+    in), the sweep basis and injection before any other :class:`AdapterMethod`'s ``update``, so every method sees the
+    same ``p̂``.
 
     >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(1, 1.0, 1.0, p_mean=(10.0,), p_std=(2.0,))
-    >>> normalize_operating_params(jnp.array([[14.0]]), layer).tolist()
+    >>> normalize_operating_params(jnp.array([[14.0]]), LayerConfig(1, 1.0, 1.0, p_mean=(10.0,), p_std=(2.0,))).tolist()
     [[2.0]]
     """
     if layer.p_mean is None:

@@ -1,32 +1,19 @@
 r"""The update and the fold: the one place the RSSBilinearLoRA update is computed, and its merge at a point.
 
-.. math::
-
-    \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad \hat p = (p - \mu) / \sigma
-
-- :func:`adapter_update` is the one function that computes the update for every layer kind: a
-  :class:`Factorization` supplies the kind's two linear maps ``x ↦ A x`` and ``h ↦ B h``
-  (:mod:`rssbl_jax.factorization` holds them for Dense, DenseGeneral, Einsum, Conv and Embed), and the scale is
-  folded into ``B`` here and nowhere else;
-- :func:`adapter_params` names every adapter leaf with its shape and initialiser, for every front-end;
-- :func:`fold` merges an adapter into its kernel at one operating point, with the same gate.
-
-Why the split: each concern can be read and changed on its own. :mod:`rssbl_jax.contract` holds the shape
-contract of ``p`` and its standardisation, :mod:`rssbl_jax.gates` the gate family as registered objects,
-:mod:`rssbl_jax.fastpath` the two faster ways to compute the same update (thresholds as arguments), and
-:mod:`rssbl_jax.factorization` the layer kinds; their names stay importable from here. Every front-end and
-:func:`rssbl_jax.merge` call these. Shapes use Flax's kernel convention (inputs on the left, ``x @ kernel``)::
-
-    kernel (d_in, d_out)   bias (d_out,)
-    lora_a (d_in, r)       lora_b (r, d_out)
-    lora_c (d_p, r)        lora_s (d_p, r)         (mlp gate: lora_c (hidden, r))
-    lora_c0 (r,)           lora_gate_w (d_p, hidden)   lora_gate_b (hidden,)
+:math:`\Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big),\ \hat p = (p - \mu) / \sigma`.
+:func:`adapter_update` computes it for every layer kind (a :class:`Factorization` supplies ``x ↦ A x`` and
+``h ↦ B h``; ``s`` is folded into ``B`` here only), :func:`adapter_params` names the leaves for every front-end and
+:func:`fold` merges at one operating point with the same gate. Why the split: each concern can be read and changed
+on its own; :mod:`rssbl_jax.contract` (the ``p`` contract), :mod:`rssbl_jax.gates`, :mod:`rssbl_jax.fastpath` and
+:mod:`rssbl_jax.factorization` (Dense, DenseGeneral, Einsum, Conv, Embed) hold the rest, their names importable
+from here. Flax's kernel convention (``x @ kernel``): ``kernel (d_in, d_out)``, ``lora_a (d_in, r)``,
+``lora_b (r, d_out)``, ``lora_c`` and ``lora_s (d_p, r)``; the mlp gate has ``lora_c (hidden, r)``,
+``lora_c0 (r,)``, ``lora_gate_w (d_p, hidden)``, ``lora_gate_b (hidden,)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +31,7 @@ from rssbl_jax.fastpath import FUSED_MAX_B_SIZE as FUSED_MAX_B_SIZE
 from rssbl_jax.fastpath import SWEEP_MAX_BASIS as SWEEP_MAX_BASIS
 from rssbl_jax.fastpath import add_low_rank as add_low_rank
 from rssbl_jax.fastpath import sweep_coefficients as sweep_coefficients
+from rssbl_jax.gates import Factors, LeafSpecs, PrecisionLike
 from rssbl_jax.gates import check_factors as check_factors
 from rssbl_jax.gates import d_p_of as d_p_of
 from rssbl_jax.gates import default_lora_c_init as default_lora_c_init
@@ -51,10 +39,6 @@ from rssbl_jax.gates import gate_and_shift as gate_and_shift
 from rssbl_jax.gates import modulate as modulate
 from rssbl_jax.tree import ADAPTER_NAMES as ADAPTER_NAMES
 from rssbl_jax.tree import is_adapter_leaf_name as is_adapter_leaf_name
-
-PrecisionLike = Any
-Factors = Mapping[str, Any]
-Initializer = jax.nn.initializers.Initializer
 
 default_lora_a_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 """PEFT's LoRA ``A`` initialiser (Kaiming-uniform with a=√5): U(-1/√d_in, 1/√d_in)."""
@@ -74,21 +58,12 @@ def adapter_update(
 ) -> jax.Array:
     r"""The update of any layer kind, the one function that computes it.
 
-    .. math::
-
-        \Delta y = s\, B\big((A\, \mathrm{dropout}(x)) \odot g(\hat p) + S \hat p\big)
-
-    computed as ``up(modulate(down(x, A), p), s · B)``: the scale ``s`` is folded into ``B`` (``r × out``), never
-    applied to the ``[..., out]`` result. Dropout acts only when ``layer.lora_dropout > 0`` and a
-    ``dropout_rng`` is given (training). Arrays must already be in the compute dtype. With ``add_to`` (an array of the
-    output's shape, e.g. the base layer's output) it returns ``add_to + Δy`` through :func:`modulated_add`: for a
-    Dense kernel without materialising ``Δy`` (:func:`add_low_rank`), and under ``jax.vmap`` over ``p`` alone as one
-    matmul over a basis of the conditions, up to ``thresholds.sweep_max_basis`` basis outputs (the fused Dense add's
-    threshold belongs to the factorization: :func:`dense_factorization`).
-
-    Raises:
-      ValueError: at trace time, naming ``d_p`` and the shapes of ``x`` and ``p`` (checked against the layer's own
-        input, before any reshape) when ``p`` does not fit, or the factors do not fit ``layer``.
+    :math:`\Delta y = s\, B\big((A\, \mathrm{dropout}(x)) \odot g(\hat p) + S \hat p\big)`, computed as
+    ``up(modulate(down(x, A), p), s · B)`` (``s`` folded into ``B``; arrays in the compute dtype). Dropout acts when
+    ``layer.lora_dropout > 0`` and ``dropout_rng`` is given. With ``add_to`` (the base output) it returns
+    ``add_to + Δy`` via :func:`modulated_add`: fused for Dense, one matmul under ``jax.vmap`` over ``p`` up to
+    ``thresholds.sweep_max_basis`` (the fused add's threshold is :func:`dense_factorization`'s). Raises
+    ``ValueError`` at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when either does not fit.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
@@ -120,21 +95,12 @@ def adapter_update(
     )  # fmt: skip
 
 
-def adapter_params(
-    layer: LayerConfig,
-    factorization: Factorization,
-    d_p: int,
-    *,
-    shift: bool,
-) -> dict[str, tuple[tuple[int, ...], Initializer]]:
-    """The adapter leaves of one layer: ``{name: (shape, initializer)}``, shared by every front-end.
+def adapter_params(layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> LeafSpecs:
+    """The adapter leaves of one layer, ``{name: (shape, initializer)}``, shared by every front-end.
 
-    Default initialisation, so that training starts for every ``p`` and the model starts as its base: ``B = 0``;
-    ``A`` PEFT's Kaiming-uniform (``lora_a_init="lora"``), ``N(0, 1/r²)`` (``"gaussian"``), or ``N(0, 1)`` rows
-    for an embedding table; the gate's own leaves as the gate says (:meth:`rssbl_jax.gates.Gate.leaves`: ``C``
-    lecun-normal, so ``∂L/∂B = (A x ⊙ C p)ᵀ ∂L/∂y ≠ 0`` for every ``p ≠ 0``; zeros for the linear gate with an
-    offset ``g0 ≠ 0``, which then starts as plain LoRA; ``c0 = gate_offset``); ``S = 0``. A front-end overrides
-    any of them by name (:func:`rssbl_jax.apply.leaf_specs`).
+    Defaults start the model as its base and let training start for every ``p``: ``B = S = 0``; ``A`` PEFT's
+    Kaiming-uniform (``"lora"``), ``N(0, 1/r²)`` (``"gaussian"``) or ``N(0, 1)`` for embeddings; the gate's leaves from
+    :meth:`rssbl_jax.gates.Gate.leaves`. Front-ends override any by name (:func:`rssbl_jax.apply.leaf_specs`).
     """
     if d_p < 1:
         raise ValueError(f"d_p must be positive; got d_p={d_p}.")
@@ -184,22 +150,14 @@ def rss_update(
     gate_offset: float = 0.0,
     precision: PrecisionLike = None,
 ) -> Float[Array, "*batch d_out"]:
-    r"""The original formulation's dense update alone, on plain arrays: :func:`adapter_update` for a Dense kernel.
+    r"""The original formulation's dense update on plain arrays: :func:`adapter_update` for a Dense kernel.
 
-    .. math::
-
-        \Delta y = \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big), \qquad \alpha = \text{scale}
-
-    written in the kernel convention as ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``.
-
-    Raises:
-      ValueError: at trace time, when ``x`` or ``operating_params`` does not fit the factors.
+    :math:`\Delta y = \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`, i.e.
+    ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``; ``ValueError`` when ``x`` or ``p`` does not fit.
 
     >>> import numpy as np
-    >>> x, p = np.ones((2, 3)), np.array([2.0])
-    >>> a, b = np.ones((3, 1)), np.ones((1, 4))
-    >>> c, s = np.array([[0.5]]), np.array([[1.0]])
-    >>> rss_update(x, p, a, b, c, s, scale=2.0).tolist()[0]   # 2 * (3 * (0.5*2) + 1*2)
+    >>> a, b, c, s = np.ones((3, 1)), np.ones((1, 4)), np.array([[0.5]]), np.array([[1.0]])
+    >>> rss_update(np.ones((2, 3)), np.array([2.0]), a, b, c, s, scale=2.0).tolist()[0]  # 2 * (3 * (0.5*2) + 1*2)
     [10.0, 10.0, 10.0, 10.0]
     """
     _check_dense(x, lora_a, lora_b)
@@ -225,21 +183,13 @@ def rss_dense(
 ) -> Float[Array, "*batch d_out"]:
     r"""The original formulation's dense layer on plain arrays: ``x @ kernel + bias`` plus :func:`rss_update`.
 
-    .. math::
-
-        y = W x + b + \alpha \, B\big((A x) \odot (g_0 + C p) + S p\big)
-
-    The update is added inside the bias-add pass over ``y`` (:func:`add_low_rank`) and swept as one matmul under
-    ``jax.vmap`` over ``p`` (:func:`modulated_add`), with ``thresholds`` deciding when.
-
-    Raises:
-      ValueError: at trace time, when ``x``, ``bias`` or ``operating_params`` does not fit the kernel and factors.
+    :math:`y = W x + b + \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`. The update is added in the bias-add pass
+    (:func:`add_low_rank`) and swept as one matmul under ``jax.vmap`` over ``p`` (:func:`modulated_add`) as
+    ``thresholds`` allow; ``ValueError`` when ``x``, ``bias`` or ``p`` does not fit.
 
     >>> import numpy as np
-    >>> x, p = np.ones((1, 2)), np.ones((1,))
-    >>> w, b = np.eye(2), np.zeros(2)
     >>> a, bb, c, s = np.ones((2, 1)), np.zeros((1, 2)), np.ones((1, 1)), np.zeros((1, 1))
-    >>> rss_dense(x, p, w, b, a, bb, c, s, scale=1.0).tolist()   # B = 0: the base layer
+    >>> rss_dense(np.ones((1, 2)), np.ones(1), np.eye(2), np.zeros(2), a, bb, c, s, scale=1.0).tolist()  # B = 0
     [[1.0, 1.0]]
     """
     _check_dense(x, lora_a, lora_b)
@@ -281,29 +231,17 @@ def fold(
 ) -> MergedDense:
     r"""Fold the adapter of any kernel kind into it at one operating point ``p0``.
 
-    .. math::
-
-        W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}, \qquad b' = b + s\, (S \hat p_0)\, B
-
-    with ``g`` and ``S p̂0`` from :func:`gate_and_shift`, the same function the update uses. Two factor layouts:
-
-    - compact: ``lora_a (*in, r)``, ``lora_b (r, *out)`` with ``kernel.shape == (*in, *out)`` (Dense,
-      DenseGeneral, Conv with ``in = (*window, c_in)``, Embed, Einsum with input axes first);
-    - aligned: ``lora_a`` and ``lora_b`` both have the kernel's axes, each with the other factor's axes set
-      to 1 (Einsum kernels whose input and output axes interleave); the outer product broadcasts.
-
-    Adapters stacked over leading axes (``nn.scan``/``nn.vmap`` over layers: ``lora_c (L, d_p, r)``, ``kernel
-    (L, ...)``) are folded slice by slice. A layer without bias gets one of ``B``'s output shape. Kernel and bias
-    dtypes are preserved.
-
-    Raises:
-      ValueError: when ``operating_params`` is not ``[d_p]`` or the factors do not fit the kernel.
+    :math:`W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`, :math:`b' = b + s\, (S \hat p_0)\, B`,
+    with ``g`` and ``S p̂0`` from :func:`gate_and_shift` as in the update. Factors are compact (``lora_a (*in, r)``,
+    ``lora_b (r, *out)``, ``kernel (*in, *out)``: Dense, DenseGeneral, Conv, Embed, input-first Einsum) or aligned
+    (both with the kernel's axes, the other factor's set to 1: interleaved Einsum). Stacked adapters (``nn.scan``:
+    ``lora_c (L, d_p, r)``) fold slice by slice; a layer without bias gets one; dtypes are kept. ``ValueError`` when
+    ``p`` is not ``[d_p]`` or the factors do not fit the kernel.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
-    >>> factors = {"lora_a": np.ones((2, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]]),
-    ...            "lora_c0": np.array([1.0])}                                    # affine gate: 1 + 2 p
-    >>> merged = fold(np.zeros((2, 2)), None, factors, np.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))
+    >>> f = {"lora_a": np.ones((2, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]]), "lora_c0": np.ones(1)}
+    >>> merged = fold(np.zeros((2, 2)), None, f, np.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))  # 1 + 2p
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[2.0, 2.0], [2.0, 2.0]], [0.0, 0.0])
     """
@@ -369,15 +307,12 @@ def merge_kernel(
 ) -> MergedDense:
     r""":func:`fold` for the linear gate on plain arrays (any kernel kind; ``lora_s=None``: no shift).
 
-    .. math::
-
-        W' = W + \alpha \sum_k (g_0 + C p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}, \qquad
-        b' = b + \alpha\, (S p_0)\, B
+    :math:`W' = W + \alpha \sum_k (g_0 + C p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`,
+    :math:`b' = b + \alpha\, (S p_0)\, B`.
 
     >>> import numpy as np
-    >>> kernel = np.zeros((3, 2, 4))                   # DenseGeneral: in (3,), features (2, 4)
-    >>> a, b = np.ones((3, 1)), np.ones((1, 2, 4))
-    >>> merged = merge_kernel(kernel, None, a, b, np.ones((1, 1)), None, np.array([2.0]), scale=0.5)
+    >>> a, b = np.ones((3, 1)), np.ones((1, 2, 4))  # DenseGeneral: in (3,), features (2, 4)
+    >>> merged = merge_kernel(np.zeros((3, 2, 4)), None, a, b, np.ones((1, 1)), None, np.array([2.0]), scale=0.5)
     >>> merged.kernel.shape, float(merged.kernel[0, 0, 0]), merged.bias.shape
     ((3, 2, 4), 1.0, (2, 4))
     """
@@ -400,22 +335,16 @@ def merge_dense(
 ) -> MergedDense:
     r"""Fold a dense adapter (linear gate) into its kernel at ``p0``: :func:`merge_kernel` for 2-D kernels.
 
-    .. math::
-
-        W' = W + \alpha\, A \,\mathrm{diag}(g_0 + C p_0)\, B, \qquad b' = b + \alpha\, (S p_0)\, B
+    :math:`W' = W + \alpha\, A \,\mathrm{diag}(g_0 + C p_0)\, B`, :math:`b' = b + \alpha\, (S p_0)\, B`.
 
     >>> import numpy as np
-    >>> kernel, bias = np.zeros((2, 2)), np.zeros(2)
-    >>> a, b = np.array([[1.0], [0.0]]), np.array([[0.0, 1.0]])        # A e_1, B e_2: one rank direction
-    >>> c, s = np.array([[2.0]]), np.array([[3.0]])                    # gate 2 p, shift 3 p
-    >>> merged = merge_dense(kernel, bias, a, b, c, s, np.array([0.5]), scale=1.0)
+    >>> a, b, c, s = np.array([[1.0], [0.0]]), np.array([[0.0, 1.0]]), np.array([[2.0]]), np.array([[3.0]])
+    >>> merged = merge_dense(np.zeros((2, 2)), np.zeros(2), a, b, c, s, np.array([0.5]), scale=1.0)  # g = 2p, S p = 3p
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[0.0, 1.0], [0.0, 0.0]], [0.0, 1.5])
     """
     shapes = (jnp.shape(kernel), jnp.shape(lora_a), jnp.shape(lora_b))
     if any(len(shape) != 2 for shape in shapes):
         raise ValueError(f"merge_dense needs 2-D kernel, lora_a and lora_b; got {shapes} (use merge_kernel).")
-    return merge_kernel(
-        kernel, bias, lora_a, lora_b, lora_c, lora_s, operating_params,
-        scale=scale, gate_offset=gate_offset, precision=precision,
-    )  # fmt: skip
+    layer, factors = _linear_gate_layer(lora_a, lora_b, lora_c, lora_s, scale, gate_offset)
+    return fold(kernel, bias, factors, operating_params, layer, precision=precision)

@@ -1,8 +1,8 @@
 """Paths and digests shared by the adapter checkpoints and the training checkpoints.
 
-Both kinds of checkpoint live on ``etils.epath`` paths (local disk or ``gs://`` and the rest) and store a SHA-256
-per leaf and one of their JSON config; these are the definitions both use, so a digest means the same thing in
-:mod:`rssbl_jax.checkpoint` and :mod:`rssbl_jax.train_checkpoints`.
+Both live on ``etils.epath`` paths (local disk, ``gs://`` and the rest) and store a SHA-256 per leaf and one of
+their JSON config; one definition keeps a digest meaning the same in :mod:`rssbl_jax.checkpoint` and
+:mod:`rssbl_jax.train_checkpoints`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from etils import epath
 def is_local(path: str | os.PathLike) -> bool:
     """Whether ``path`` is on a local file system (no URI scheme such as ``gs://``).
 
-    >>> is_local("/tmp/run/adapters"), is_local("runs/adapters"), is_local("gs://bucket/run/adapters")
+    >>> is_local("/tmp/run"), is_local("runs/adapters"), is_local("gs://bucket/run")
     (True, True, False)
     """
     return "://" not in os.fspath(path)

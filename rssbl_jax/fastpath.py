@@ -1,15 +1,11 @@
 r"""The two fast paths of the update: the fused Dense add (``custom_jvp``) and the sweep over ``p`` (``custom_vmap``).
 
-.. math::
-
-    y + h B \ \text{in one elementwise pass}, \qquad
-    y_k = y + \mathrm{up}(Z_0) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m) \ \text{for a sweep } p_1, \dots, p_K
-
-Why a module of its own: both change *how* the update is computed, never *what* it is, and both come with a
-derivative or batching rule that the rest of the library need not read. Their thresholds are arguments
-(:class:`Thresholds`, carried from :func:`rssbl_jax.core.adapter_update` and
-:func:`rssbl_jax.core.dense_factorization` to the trace), not module globals read while tracing: setting a global
-would do nothing to a function already jitted, and two models in one program could not use different limits.
+:math:`y + h B` in one elementwise pass, and :math:`y_k = y + \mathrm{up}(Z_0) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m)`
+for a sweep :math:`p_1, \dots, p_K`. Why a module of its own: both change *how* the update is computed, never
+*what*, and each has a derivative or batching rule the rest of the library need not read. Their thresholds are
+arguments (:class:`Thresholds`, carried from :func:`rssbl_jax.core.adapter_update` and
+:func:`rssbl_jax.core.dense_factorization` to the trace), not globals read while tracing: a global set later does
+nothing to a function already jitted, and two models in one program could not use different limits.
 
 >>> import numpy as np
 >>> add_low_rank(np.zeros((1, 2)), np.ones((1, 1)), np.ones((1, 2)), fused_max_b_size=0).tolist()   # matmul form
@@ -18,7 +14,6 @@ would do nothing to a function already jitted, and two models in one program cou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -27,31 +22,26 @@ from jaxtyping import Array, ArrayLike, Float
 
 from rssbl_jax import gates
 from rssbl_jax.contract import normalize_operating_params
-
-PrecisionLike = Any
-Factors = Mapping[str, Any]
+from rssbl_jax.gates import Factors, PrecisionLike
 
 FUSED_MAX_B_SIZE = 32768
 """Default of :attr:`Thresholds.fused_max_b_size`: up to this many elements of ``B`` (``r × d_out``)
 :func:`add_low_rank` adds ``h B`` inside the output's elementwise loop; above it, a matmul and an add.
 
-The loop reads all of ``B`` for every row, so it pays while ``B`` stays in the core's cache. Measured on CPU
-(fused / matmul time of the forward and the train step, 2-4k tokens): ``r × d_out`` = 16384 (r = 16, d_out = 1024):
-0.71-0.73 / 0.75-0.78; 32768 (r = 16, d_out = 2048): 0.94 / 0.97; 65536 (r = 16, d_out = 4096; r = 32,
-d_out = 2048; r = 64, d_out = 1024): 1.03-1.22 / 1.04-1.18. The matmul form costs memory: one ``n × d_out`` update
-array per layer while it is added (the pod-shaped model of BENCHMARKS.md: compiled-step temporaries 230 MiB against
-198 MiB fused). Pass ``Thresholds(fused_max_b_size=2**62)`` to trade that speed back for the memory."""
+The loop reads all of ``B`` per row, so it pays while ``B`` stays in cache. CPU, fused / matmul time (forward,
+step): 0.71-0.78 at ``r × d_out`` = 16384, 0.94-0.97 at 32768, 1.03-1.22 at 65536 (BENCHMARKS.md). The matmul form
+keeps one ``n × d_out`` array per layer (pod-shaped model: step temporaries 230 MiB against 198 MiB fused); pass
+``Thresholds(fused_max_b_size=2**62)`` to trade that speed back for the memory."""
 
 SWEEP_MAX_BASIS = 128
-"""Default of :attr:`Thresholds.sweep_max_basis`: the largest number of basis outputs ``M`` for which
-:func:`modulated_add` sweeps through the condition basis.
+"""Default of :attr:`Thresholds.sweep_max_basis`: the largest basis ``M`` :func:`modulated_add` sweeps through.
 
-Measured on CPU (d = 1024, K = 256): the basis sweep took 1.03-1.15× the time of writing the outputs at M ≤ 65,
-1.7× at M = 129 and 2.2× at M = 201, against 2.0-2.3× for the vmapped one-condition form."""
+CPU, d = 1024, K = 256: the sweep took 1.03-1.15× the time of writing the outputs at M ≤ 65, 1.7× at M = 129 and
+2.2× at M = 201, against 2.0-2.3× for the vmapped one-condition form."""
 
 
 class Thresholds(NamedTuple):
-    """When each fast path is taken; static (hashable), so it can be a field of a module or a ``jit`` static argument.
+    """When each fast path is taken (:data:`FUSED_MAX_B_SIZE`, :data:`SWEEP_MAX_BASIS`); hashable, so static in ``jit``.
 
     Attributes:
       fused_max_b_size: the largest ``B`` (``r × d_out`` elements) added in the output's elementwise pass.
@@ -65,18 +55,13 @@ class Thresholds(NamedTuple):
 DEFAULT_THRESHOLDS = Thresholds()
 
 
-def _fused_sum(y: jax.Array, h: jax.Array, b: jax.Array) -> jax.Array:
-    return y + jnp.sum(h[:, :, None] * b[None, :, :], axis=1)
-
-
 @jax.custom_jvp
 def _add_low_rank_fused(y: jax.Array, h: jax.Array, b: jax.Array) -> jax.Array:
-    return _fused_sum(y, h, b)
+    return y + jnp.sum(h[:, :, None] * b[None, :, :], axis=1)
 
 
 @_add_low_rank_fused.defjvp
 def _add_low_rank_jvp(primals, tangents):
-    # the tangent in matmul form: linear in the tangents, so reverse mode transposes it into ∂h = ȳ bᵀ, ∂b = hᵀ ȳ
     y, h, b = primals
     dy, dh, db = tangents
     return _add_low_rank_fused(y, h, b), dy + jnp.matmul(dh, b) + jnp.matmul(h, db)
@@ -92,18 +77,12 @@ def add_low_rank(
 ) -> Float[Array, "n d_out"]:
     r"""``y + h @ b`` for a small rank ``r``, without an ``n × d_out`` update array in the forward pass.
 
-    .. math::
-
-        y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}
-
-    For ``r × d_out ≤ fused_max_b_size`` the sum is written as a broadcast-multiply-reduce, which XLA fuses with
-    the add into one elementwise pass over ``y`` (the pass a bias add already makes): the update is never written
-    and read back. A ``h @ b`` matmul would write it (``n × d_out``) and the add read it again; at d = 1024 on CPU
-    that was most of the adapter's forward cost. Derivatives use the matmul form (``custom_jvp`` with the tangent
-    ``ẏ + ḣ b + h ḃ``, whose transpose gives ``∂h = ȳ bᵀ``, ``∂b = hᵀ ȳ``), since the reduce form's transpose would
-    be a reduction over ``n`` that XLA does not turn back into a matmul; forward mode (``jax.jvp``,
-    ``jax.jacfwd``, ``jax.hessian``) works too. Above the threshold, and under ``precision`` other than ``None``,
-    it is ``y + h @ b``.
+    :math:`y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}`. For ``r × d_out ≤ fused_max_b_size`` it is a
+    broadcast-multiply-reduce that XLA fuses into the elementwise pass over ``y`` a bias add makes, so the update is
+    never written and read back (at d = 1024 on CPU that round trip was most of the adapter's forward cost).
+    Derivatives use the matmul form (``custom_jvp``, tangent ``ẏ + ḣ b + h ḃ``, transposed to ``∂h = ȳ bᵀ``,
+    ``∂b = hᵀ ȳ``): the reduce form would transpose into a reduction over ``n`` that XLA does not turn back into a
+    matmul. Forward mode works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.
 
     >>> import numpy as np
     >>> add_low_rank(np.zeros((2, 3)), np.ones((2, 1)), np.arange(3.0)[None]).tolist()
@@ -118,10 +97,9 @@ def add_low_rank(
 def sweep_coefficients(
     p: Float[ArrayLike, "k d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
 ) -> Float[Array, "k m"]:
-    r"""The coordinates ``c(p)`` in which the update is linear: ``Δy(p) = Σ_m c_m(p) M_m`` (see :func:`modulated_add`).
+    r"""The coordinates ``c(p)`` in which the update is linear, ``Δy(p) = Σ_m c_m(p) M_m`` (:func:`modulated_add`).
 
-    ``c = [1, φ(p̂)]`` with the gate's features ``φ`` (``p̂`` for the ``linear`` and ``affine`` gates), then ``p̂``
-    when the layer has a shift and ``φ(p̂) ≠ p̂`` (the ``mlp`` gate: ``[1, tanh(W_g p̂ + b_g), p̂]``).
+    ``c = [1, φ(p̂)]``, plus ``p̂`` when there is a shift and ``φ(p̂) ≠ p̂`` (``mlp``: ``[1, tanh(W_g p̂ + b_g), p̂]``).
     """
     gate = gates.get(layer.gate)
     p = normalize_operating_params(jnp.asarray(p), layer)
@@ -137,8 +115,7 @@ def _rank_space_basis(h: jax.Array, factors: Factors, layer: Any) -> tuple[jax.A
     expand = (1,) * (h.ndim - 1)
     directions = jnp.asarray(gate.directions(factors), h.dtype)
     stack = h[None] * directions.reshape(directions.shape[0], *expand, directions.shape[1])
-    lora_s = factors.get("lora_s")
-    if lora_s is not None:
+    if (lora_s := factors.get("lora_s")) is not None:
         rows = jnp.asarray(lora_s, h.dtype).reshape(lora_s.shape[0], *expand, lora_s.shape[1])
         if gate.features_are_p:
             stack = stack + rows
@@ -147,18 +124,7 @@ def _rank_space_basis(h: jax.Array, factors: Factors, layer: Any) -> tuple[jax.A
     constant = gate.constant(factors, layer)
     if constant is None:
         return None, stack
-    if jnp.ndim(constant) == 0:
-        return h * jnp.asarray(constant, h.dtype), stack
-    return h * jnp.asarray(constant, h.dtype).reshape(*expand, -1), stack
-
-
-def _basis_size(factors: Factors, layer: Any) -> int:
-    """``M``: 1 for the constant, one per feature, and ``d_p`` more for a shift outside the features' span."""
-    gate = gates.get(layer.gate)
-    n_basis = 1 + jnp.shape(gate.directions(factors))[0]
-    if not gate.features_are_p and factors.get("lora_s") is not None:
-        n_basis += gates.d_p_of(factors, layer)
-    return n_basis
+    return h * jnp.asarray(constant, h.dtype).reshape(() if jnp.ndim(constant) == 0 else (*expand, -1)), stack
 
 
 def modulated_add(
@@ -175,29 +141,16 @@ def modulated_add(
 ) -> jax.Array:
     r"""``y + up(h ⊙ g(p̂) + S p̂, sB)``: the last step of the update, where ``p`` enters, with a rule for sweeps.
 
-    Called on one condition it is :func:`rssbl_jax.gates.modulate` followed by the kind's ``up`` (for Dense,
-    :func:`add_low_rank`: the update added inside the output's elementwise pass). Under ``jax.vmap`` over ``p``
-    alone, with ``x`` and the weights shared (a sweep over operating conditions), it uses that the update is
+    On one condition: :func:`rssbl_jax.gates.modulate`, then the kind's ``up_add`` or ``up`` (Dense:
+    :func:`add_low_rank`). Under ``jax.vmap`` over ``p`` alone (``x`` and weights shared) it uses that the update is
     linear in the coordinates ``c(p)`` of :func:`sweep_coefficients`:
-
-    .. math::
-
-        y_k = \Big(y + \mathrm{up}(Z_0)\Big) + \sum_{m} c_m(p_k)\, \mathrm{up}(Z_m),
-        \qquad Z_0 = h \odot g_0, \quad Z_m = h \odot C_m + S_m
-
-    so the ``K`` outputs are one ``[K, M] @ [M, |y|]`` matmul over ``M = 1 + d_p`` basis outputs (``1 + hidden
-    (+ d_p)`` for the ``mlp`` gate): each output element is written once, with ``M`` multiply-adds, and the base
-    output enters the sum as the basis element of coefficient 1 instead of in a second pass. Used when ``M ≤ K``
-    and ``M ≤ sweep_max_basis``, ``p`` has one row per condition (``[d_p]``), and nothing else is batched;
-    otherwise the vmapped one-condition computation. Derivatives (``custom_jvp``, forward and reverse mode) are
-    those of the one-condition form, and differentiating a sweep batches them as usual.
-
-    Args:
-      factorization: the kind's :class:`~rssbl_jax.core.Factorization` (its ``up`` and ``up_add``).
-      sweep_max_basis: the largest ``M`` swept through the basis (:attr:`Thresholds.sweep_max_basis`).
+    :math:`y_k = (y + \mathrm{up}(Z_0)) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m)`, :math:`Z_0 = h \odot g_0`,
+    :math:`Z_m = h \odot C_m + S_m`. The ``K`` outputs are one ``[K, M] @ [M, |y|]`` matmul over ``M = 1 + d_p``
+    basis outputs (``mlp``: ``1 + hidden (+ d_p)``), each written once, the base output the coefficient-1 element. Used
+    when ``M ≤ min(K, sweep_max_basis)``, ``p`` is ``[d_p]`` per condition and nothing else is batched; otherwise the
+    vmapped one-condition form, whose derivatives (``custom_jvp``) it always uses.
     """
-    gate_factors = {name: value for name, value in factors.items() if name not in ("lora_a", "lora_b")}
-    gate_factors = {name: value for name, value in gate_factors.items() if value is not None}
+    gate_factors = {n: v for n, v in factors.items() if n not in ("lora_a", "lora_b") and v is not None}
 
     def one_condition(y, h, p, gate_factors, b):
         z = gates.modulate(h, p, gate_factors, layer, precision=precision)
@@ -221,7 +174,11 @@ def modulated_add(
         y_batched, h_batched, p_batched, factors_batched, b_batched = in_batched
         shared = not (y_batched or h_batched or b_batched or any(jax.tree.leaves(factors_batched)))
         if shared and p_batched and p.ndim == 2:
-            if _basis_size(gate_factors, layer) <= min(axis_size, sweep_max_basis):
+            gate = gates.get(layer.gate)  # M: the constant, one per feature, d_p for a shift outside their span
+            n_basis = 1 + jnp.shape(gate.directions(gate_factors))[0]
+            if not gate.features_are_p and gate_factors.get("lora_s") is not None:
+                n_basis += gates.d_p_of(gate_factors, layer)
+            if n_basis <= min(axis_size, sweep_max_basis):
                 return sweep(y, h, p, gate_factors, b), True
         axes = tuple(jax.tree.map(lambda batched: 0 if batched else None, ib) for ib in in_batched)
         return jax.vmap(one_condition, in_axes=axes)(y, h, p, gate_factors, b), True

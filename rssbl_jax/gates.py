@@ -1,27 +1,12 @@
 r"""The gate family as objects: one class per gate, registered by the name an :class:`~rssbl_jax.AdapterConfig` uses.
 
-.. math::
-
-    g(\hat p) = g_0 + \phi(\hat p)\, C, \qquad b(\hat p) = S \hat p, \qquad
-    \Delta y = s\, B\big((A x) \odot g(\hat p) + b(\hat p)\big)
-
-A gate is its leaves (names, shapes, initialisers), its features ``φ(p̂)``, the directions ``C`` they weigh and
-its constant ``g0``:
-
-- ``linear``: ``g = g0 + C p̂`` with ``g0`` fixed; ``φ(p̂) = p̂``; leaves ``lora_c (d_p, r)``.
-- ``affine``: ``g = c0 + C p̂``; ``φ(p̂) = p̂``; leaves ``lora_c`` and ``lora_c0 (r,)``.
-- ``mlp``: ``g = c0 + C tanh(W p̂ + b)``; ``φ(p̂) = tanh(W p̂ + b)``; leaves ``lora_c (hidden, r)``, ``lora_c0``,
-  ``lora_gate_w``, ``lora_gate_b``.
-
-(``linear`` with ``gate_offset=1`` is the ``1 + C p`` gate. With ``scalar_gate=True`` every gate has one column
-``C (m, 1)`` and ``c0 (1,)``: one value per condition multiplies every rank, CoLoRA's coefficient per layer.)
-
-Why objects in one registry: the gate used to be a
-string switch in every place that depends on it (parameter creation, shape checks, the update, the fold, the
-sweep basis of :mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal`, d_p discovery), so adding one meant
-editing a dozen places. Every one of them now asks the :class:`Gate`, and since ``g`` is affine in the
-coordinates ``φ(p̂)`` for every gate, the update at a fixed ``p0`` is still ``B diag(g(p̂0)) A`` plus a bias: merge
-and the sweep fast path serve a new gate unchanged. A new gate is one subclass, registered with :func:`register`:
+:math:`g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p,\ \Delta y = s\, B((A x) \odot g(\hat p) + b(\hat p))`.
+The gates are :class:`Linear` (the default), :class:`Affine` and :class:`MLP`; with ``scalar_gate=True`` each has
+one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every rank, as CoLoRA. Why objects in one
+registry: parameter creation, shape checks, the update, the fold, the sweep basis of :mod:`rssbl_jax.fastpath`,
+:func:`rssbl_jax.init_principal` and d_p discovery ask the :class:`Gate` instead of switching on a string, so a new
+gate is one registered subclass; since ``g`` is affine in ``φ(p̂)``, the update at a fixed ``p0`` is still
+``B diag(g(p̂0)) A`` plus a bias, and merge and the sweep serve it unchanged.
 
 >>> import jax.numpy as jnp
 >>> class Cubic(Gate):             # register(Cubic) would make gate="cubic" work everywhere
@@ -59,14 +44,11 @@ def width(layer: Any) -> int:
 
 
 class Gate:
-    r"""One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
+    """One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
 
-    Override what differs from the linear gate's defaults: :meth:`leaves` (names, shapes, initialisers of the
-    gate's own leaves, ``lora_*``), :meth:`features` (``φ``), :meth:`directions` (``C``, ``[m, r]``),
-    :meth:`constant` (``g0``) and the class attributes. ``features_are_p`` says that ``φ(p̂) = p̂``, so the shift
-    ``S p̂`` shares the sweep basis of :mod:`rssbl_jax.fastpath`; ``optional`` names leaves that may be absent;
-    ``linear_leaves`` are the leaves ``g`` is linear in (all zero: ``g ≡ 0``, as :func:`rssbl_jax.init_principal`
-    starts it).
+    Override what differs from the linear gate: the methods and ``features_are_p`` (``φ(p̂) = p̂``: ``S p̂`` shares the
+    sweep basis), ``optional`` (leaves that may be absent), ``linear_leaves`` (all zero gives ``g ≡ 0``, as
+    :func:`rssbl_jax.init_principal` starts it).
     """
 
     name: ClassVar[str] = ""
@@ -106,8 +88,7 @@ class Gate:
     ) -> Float[Array, "n r"]:
         """``g(p̂) = g0 + φ(p̂) C`` for rows of already standardised ``p̂``."""
         gate = jnp.matmul(self.features(p, factors, precision=precision), self.directions(factors), precision=precision)
-        constant = self.constant(factors, layer)
-        if constant is not None:
+        if (constant := self.constant(factors, layer)) is not None:
             gate = gate + (
                 jnp.asarray(constant, gate.dtype) if jnp.ndim(constant) == 0 else jnp.asarray(constant)[None]
             )
@@ -120,11 +101,7 @@ _REGISTRY: dict[str, Gate] = {}
 
 
 def register(cls: type[Gate]) -> type[Gate]:
-    """Register a :class:`Gate` subclass under its ``name`` (usable as a class decorator); returns the class.
-
-    Raises:
-      ValueError: when the name is empty or taken by another class.
-    """
+    """Register a :class:`Gate` subclass under its ``name`` (a class decorator); ``ValueError`` if empty or taken."""
     name = cls.name
     if not isinstance(name, str) or not name:
         raise ValueError(f"a gate needs a non-empty string name; {cls.__name__}.name={name!r}.")
@@ -143,20 +120,15 @@ def get(name: str) -> Gate:
 
 
 def names() -> tuple[str, ...]:
-    """The registered gates' names, in registration order.
-
-    >>> names()[:3]
-    ('linear', 'affine', 'mlp')
-    """
+    """The registered gates' names, in registration order: ``('linear', 'affine', 'mlp', ...)``."""
     return tuple(_REGISTRY)
 
 
 @register
 class Linear(Gate):
-    """The original formulation's gate ``g0 + C p̂`` with a constant ``g0 = gate_offset`` (0 by default).
+    """The original formulation's gate ``g0 + C p̂``, ``g0 = gate_offset`` fixed (0 by default).
 
-    ``C`` starts lecun-normal, so ``∂L/∂B ≠ 0`` for every ``p ≠ 0``; with an offset ``g0 ≠ 0`` it starts at zero and
-    the layer starts as plain LoRA scaled by ``g0``.
+    ``C`` starts lecun-normal (``∂L/∂B ≠ 0`` for ``p ≠ 0``), or zero when ``g0 ≠ 0``: then plain LoRA scaled by ``g0``.
     """
 
     name = "linear"
@@ -192,10 +164,7 @@ class Affine(Gate):
 
 @register
 class MLP(Affine):
-    """``c0 + C tanh(W p̂ + b)``: a hidden layer of ``gate_hidden`` units (``lora_gate_w``, ``lora_gate_b``).
-
-    The hidden layer starts lecun-normal with zero bias; ``C`` is ``(gate_hidden, r)``.
-    """
+    """``c0 + C tanh(W p̂ + b)``, ``gate_hidden`` units: ``lora_gate_w`` lecun-normal, ``lora_gate_b`` 0, ``C (h, r)``"""
 
     name = "mlp"
     features_are_p = False
@@ -220,26 +189,13 @@ class MLP(Affine):
         return jnp.tanh(hidden)
 
 
-# --------------------------------------------------------------------------------------------------
-# What every front-end asks of the gate
-# --------------------------------------------------------------------------------------------------
-
-
 def d_p_of(factors: Factors, layer: Any) -> int:
     """The number of operating parameters an adapter was built for, read from its leaves' shapes."""
     return get(layer.gate).d_p({name: jnp.shape(value) for name, value in factors.items() if value is not None})
 
 
 def d_p_from_shapes(shapes: Mapping[str, Sequence[int]], layer: Any) -> int | None:
-    """d_p from the shapes of the adapter leaves a layer has created so far, or ``None`` before they exist.
-
-    The one d_p discovery for front-ends that create leaves lazily (linen): ``None`` means "take it from ``p``".
-
-    >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(rank=2, lora_alpha=2.0, scale=1.0, gate="mlp")
-    >>> d_p_from_shapes({"lora_c": (16, 2), "lora_gate_w": (3, 16)}, layer), d_p_from_shapes({}, layer)
-    (3, None)
-    """
+    """d_p from the adapter leaves created so far, ``None`` before they exist (lazy front-ends: take it from ``p``)."""
     try:
         return get(layer.gate).d_p(shapes)
     except KeyError:
@@ -263,18 +219,12 @@ def check_factors(factors: Factors, layer: Any) -> None:
     rank = shape["lora_a"][-1]
     d_p = gate.d_p(shape)
     expected = {name: spec[0] for name, spec in gate.leaves(layer, d_p).items()} | {"lora_s": (d_p, rank)}
-    bad = {
-        name: expected[name]
-        for name in expected
-        if name in shape and shape[name][-len(expected[name]) :] != expected[name]
-    }
+    bad = {name: want for name, want in expected.items() if name in shape and shape[name][-len(want) :] != want}
     if bad or shape["lora_b"][0] != rank or rank != layer.rank:
+        extra, got = "".join(f", {n} {s}" for n, s in bad.items()), ", ".join(f"{n} {s}" for n, s in shape.items())
         raise ValueError(
             f"adapter factors do not fit rank r={layer.rank}, d_p={d_p}, gate={layer.gate!r} "
-            "(expected lora_a (..., r), "
-            f"lora_b (r, ...){''.join(f', {name} {s}' for name, s in bad.items())}); got "
-            + ", ".join(f"{name} {s}" for name, s in shape.items())
-            + "."
+            f"(expected lora_a (..., r), lora_b (r, ...){extra}); got {got}."
         )
     if layer.p_mean is not None and len(layer.p_mean) != d_p:
         raise ValueError(f"p_mean/p_std have {len(layer.p_mean)} entries but the adapter has d_p={d_p}.")
@@ -283,30 +233,17 @@ def check_factors(factors: Factors, layer: Any) -> None:
 def gate_and_shift(
     p: Float[ArrayLike, "n d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
 ) -> tuple[Float[Array, "n r"], Float[Array, "n r"] | None]:
-    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows of operating parameters: where ``p`` acts.
+    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows ``p [n, d_p]``: where ``p`` acts.
 
-    .. math::
-
-        \hat p = (p - \mu)/\sigma, \qquad g(\hat p) = g_0 + \phi(\hat p)\, C, \qquad b(\hat p) = S \hat p
-
-    with the layer's gate (:func:`get`) giving ``g0`` and ``φ``.
-
-    Args:
-      p: operating parameters ``[n, d_p]``.
-      factors: ``lora_c`` (and ``lora_s`` and whatever else the gate needs).
-      layer: the layer's resolved settings.
-      precision: of the small matmuls with ``p``.
-
-    Returns:
-      ``(gate [n, r], shift [n, r] or None)``.
+    :math:`\hat p = (p - \mu)/\sigma,\ g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p`, with ``g0`` and
+    ``φ`` from the layer's gate (:func:`get`); ``factors`` hold ``lora_c``, ``lora_s`` and what the gate needs.
+    Returns ``(gate [n, r], shift [n, r] or None)``.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, gate="affine")
-    >>> gate, shift = gate_and_shift(np.array([[2.0]]), {"lora_c": np.array([[3.0]]), "lora_c0": np.array([1.0])},
-    ...                              layer)
-    >>> gate.tolist(), shift
-    ([[7.0]], None)
+    >>> factors = {"lora_c": np.array([[3.0]]), "lora_c0": np.array([1.0])}
+    >>> gate_and_shift(np.array([[2.0]]), factors, LayerConfig(1, 1.0, 1.0, gate="affine"))[0].tolist()
+    [[7.0]]
     """
     p = normalize_operating_params(jnp.asarray(p), layer)
     gate = get(layer.gate)(p, factors, layer, precision=precision)
@@ -325,17 +262,13 @@ def modulate(
 ) -> Float[Array, "*batch r"]:
     r"""The rank-space modulation ``h ⊙ g(p̂) + S p̂`` of rank-space activations ``h = A x``.
 
-    ``p`` is ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of ``h.shape[:-1]``; the gate is applied on a
-    ``[lead, rest, r]`` view, so no ``[..., r]`` copy of ``p`` is materialised.
-
-    Raises:
-      ValueError: at trace time, naming ``d_p`` and both shapes, when ``p`` does not fit ``h``.
+    ``p`` is ``[d_p]`` or ``[*lead, d_p]`` (:func:`rssbl_jax.contract.lead_axes`), applied on a ``[lead, rest, r]``
+    view of ``h``: no ``[..., r]`` copy of ``p``. Raises ``ValueError`` at trace time, naming ``d_p`` and the shapes.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
-    >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0)
     >>> factors = {"lora_c": np.array([[2.0]]), "lora_s": np.array([[1.0]])}
-    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), factors, layer)[:, 0, 0].tolist()
+    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), factors, LayerConfig(1, 1.0, 1.0))[:, 0, 0].tolist()
     [3.0, 6.0]
     """
     h, p = jnp.asarray(h), jnp.asarray(operating_params)

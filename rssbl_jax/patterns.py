@@ -1,13 +1,11 @@
 """Path patterns: one matching rule (``re.fullmatch``) for injection, merge, sharding, checkpoints and partitioning.
 
-A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root layer is ``""``).
-Every pattern in the library is a regular expression that must match the *whole* path. ``"query"`` therefore
-matches a root-level layer named ``query`` only; write ``".*/query"`` for every ``query`` at any depth.
+A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root layer is ``""``), and
+every pattern must match the *whole* path: ``"query"`` matches a root-level ``query`` only, ``".*/query"`` every
+``query`` at any depth.
 
->>> matches([r".*/query", "head"], "block_0/attention/query")
-True
->>> matches([r"query"], "block_0/attention/query")
-False
+>>> matches([r".*/query", "head"], "block_0/attention/query"), matches([r"query"], "block_0/attention/query")
+(True, False)
 >>> first_match(((r".*/value", 4), (r".*", 8)), "block_0/attention/value", default=16)
 4
 """
@@ -20,11 +18,9 @@ from typing import Any
 
 
 def as_patterns(patterns: str | Iterable[str] | None, name: str = "patterns") -> tuple[str, ...]:
-    """A tuple of compiled-checked regexes from one regex or an iterable of them (``None`` gives ``()``).
+    """A tuple of checked regexes from one regex or an iterable of them (``None`` gives ``()``).
 
-    Raises:
-      TypeError: when a pattern is not a string.
-      ValueError: naming ``name`` and the pattern when it is not a valid regex.
+    Raises ``TypeError`` for a non-string, ``ValueError`` naming ``name`` and the pattern for an invalid regex.
 
     >>> as_patterns("a|b")
     ('a|b',)
@@ -43,11 +39,7 @@ def as_patterns(patterns: str | Iterable[str] | None, name: str = "patterns") ->
 
 
 def as_pairs(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]] | None, name: str) -> tuple[tuple[str, Any], ...]:
-    """``{regex: value}`` (or ``(regex, value)`` pairs) as a tuple of pairs, in order, regexes checked.
-
-    >>> as_pairs({".*/value": 4}, "rank_pattern")
-    (('.*/value', 4),)
-    """
+    """``{regex: value}`` (or ``(regex, value)`` pairs) as a tuple of pairs, in order, regexes checked."""
     items = tuple((mapping or {}).items()) if isinstance(mapping, Mapping) or mapping is None else tuple(mapping)
     as_patterns([pattern for pattern, _ in items], name)
     return tuple((pattern, value) for pattern, value in items)
@@ -60,10 +52,7 @@ def matches(patterns: Sequence[str], path: str) -> bool:
 
 def first_match(pairs: Sequence[tuple[str, Any]], path: str, default: Any) -> Any:
     """The value of the first ``(regex, value)`` pair whose regex fully matches ``path``, else ``default``."""
-    for pattern, value in pairs:
-        if re.fullmatch(pattern, path):
-            return value
-    return default
+    return next((value for pattern, value in pairs if re.fullmatch(pattern, path)), default)
 
 
 def unmatched(patterns: Iterable[str], paths: Iterable[str]) -> list[str]:
@@ -83,8 +72,4 @@ def path_str(key_path: Sequence[Any]) -> str:
     >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": {"b": 1}, "c": [2]})[0]]
     ['a/b', 'c/0']
     """
-    parts = []
-    for key in key_path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        parts.append(str(name))
-    return "/".join(parts)
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in key_path)
