@@ -1,17 +1,16 @@
 r"""The one function that applies an adapter, used by the linen layer, linen injection and NNX alike.
 
 Each front-end only finds the base output ``y``, its input ``x`` and the adapter leaves its own way (a linen scope,
-an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: the leaves of a layer with
-the one sharding rule (:func:`leaf_specs`), its factorization with the method's thresholds (:func:`factorize`),
-``d_p`` from ``p`` (:func:`d_p_of`), the checks, normalisation, dropout and dtype promotion around
-``method.adapt`` with errors naming the layer (:func:`apply_adapter`), and the linear gate's pitfall said aloud
+an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: leaves with the one sharding
+rule (:func:`leaf_specs`), factorizations (:func:`factorize`), ``d_p`` (:func:`d_p_of`), checks, normalisation,
+dropout and dtype promotion around ``method.adapt`` (:func:`apply_adapter`), the linear gate's pitfall
 (:func:`warn_if_silent`).
 
 .. math::
 
     y' = y + \Delta y(x, \hat p), \qquad \hat p = (p - \mu) / \sigma
 
->>> import jax, jax.numpy as jnp
+>>> import jax.numpy as jnp
 >>> from rssbl_jax import core, methods
 >>> from rssbl_jax.config import LayerConfig
 >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, p_mean=(1.0,), p_std=(2.0,))
@@ -111,7 +110,7 @@ def factorize(
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
-    """The number of operating parameters, from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
+    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
 
     Raises:
       ValueError: when the method uses ``p`` and ``p`` is ``None`` or a scalar.
@@ -145,12 +144,6 @@ def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str
         )
 
 
-def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, x.shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-
-
 def apply_adapter(
     method: AdapterMethod, layer: LayerConfig, factorization: Factorization, x: Any, p: Any, y: jax.Array,
     factors: Mapping[str, Any], *, dtype: Any = None, precision: Any = None, dropout_rng: jax.Array | None = None,
@@ -179,7 +172,9 @@ def apply_adapter(
         p, promoted = promoted[0], promoted[1:]
     factors = dict(zip(factors, promoted, strict=True))
     if dropout_rng is not None and layer.lora_dropout > 0 and not factorization.integer_inputs:
-        x = _dropout(x, layer.lora_dropout, dropout_rng)
+        keep = 1.0 - layer.lora_dropout
+        mask = jax.random.bernoulli(dropout_rng, keep, x.shape)
+        x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
     try:
         if p is not None and layer.p_mean is not None:
             if p.ndim == 0 or p.shape[-1] != len(layer.p_mean):

@@ -1,24 +1,17 @@
 r"""Adapt an existing, unmodified Flax linen model by layer-path patterns (method interception, as qwix does).
 
-While the model runs, every layer of a kind in :data:`rssbl_jax.factorization.KINDS` whose path the
-:class:`~rssbl_jax.AdapterConfig` adapts returns its own output plus
-
-.. math::
-
-    \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
-
-by :func:`rssbl_jax.apply.apply_adapter` (the same function as the linen layer's and NNX's), with ``lora_*`` leaves
-beside the layer's kernel. The model's code is untouched, so its params are its own tree plus ``lora_*`` leaves and
-pretrained weights load with :func:`load_base`; a partitioned kernel gives adapters partitioned by the one rule of
-:func:`rssbl_jax.tree.axes_from_kernel`.
+While the model runs, every layer of a kind in :data:`rssbl_jax.factorization.KINDS` that the config adapts adds
+the update of :func:`rssbl_jax.apply.apply_adapter` (the linen layer's and NNX's function) to its output, with
+``lora_*`` leaves beside its kernel. The model's code is untouched: its params are its own tree plus ``lora_*``
+leaves (pretrained weights load with :func:`load_base`), partitioned by :func:`rssbl_jax.tree.axes_from_kernel`.
 
 Why ``p`` is an argument: ``adapted.apply(variables, x, p=p)`` builds, for that call only, the interceptor that
 hands ``p`` to every adapted layer. Nothing outlives the call, so a ``jax.jit``-traced function computes with the
 ``p`` it is given, never one captured at trace time.
 
-Why :class:`Adapted` shares the wrapped model's scope: its params stay the wrapped model's own tree (no prefix),
-``tabulate`` lists the ``lora_*`` leaves, it nests in a larger linen module (params under its submodule name), and
-targets name layers by their path in the wrapped model wherever it sits (guide: ``docs/guides/adapt.md``).
+Why :class:`Adapted` shares the wrapped model's scope: its params stay the wrapped model's tree (no prefix), so
+``tabulate`` lists the ``lora_*`` leaves, it nests in larger linen modules, and targets name paths in the wrapped
+model wherever it sits.
 """
 
 from __future__ import annotations
@@ -53,10 +46,8 @@ class _Unadopted:
 class Adapted(nn.Module):
     r"""An unmodified linen ``model`` whose adapted layers carry a rank-space update modulated by ``p``: a linen module.
 
-    Built by :func:`inject`. ``init``, ``apply``, ``tabulate`` and calls as a submodule run ``model`` under an
-    interceptor handing ``p`` (keyword ``config.p_keyword``, ``"p"`` by default) to every adapted layer; ``apply``'s
-    ``method`` names a method of the wrapped model (or is a function taking it). ``lora_dropout`` acts only when a
-    ``"dropout"`` rng is passed (``rngs={"dropout": key}``).
+    Built by :func:`inject`; ``init``, ``apply``, ``tabulate`` and calls as a submodule hand ``p`` (the keyword
+    ``config.p_keyword``) to every adapted layer. ``lora_dropout`` acts only with a ``"dropout"`` rng.
 
     Attributes:
       model: the linen model (not modified); a property reading ``base``, where linen does not adopt it.
@@ -73,10 +64,8 @@ class Adapted(nn.Module):
     ...     def __call__(self, x, p):
     ...         return self.inner(nn.Dense(3, name="stem")(x), p=p)
     >>> variables = Outer(adapted).init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))
-    >>> sorted(variables["params"]["inner"]["layers_0"])
+    >>> sorted(variables["params"]["inner"]["layers_0"])                                    # no extra prefix
     ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
-    >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
-    True
     """
 
     base: _Unadopted
@@ -105,7 +94,7 @@ class Adapted(nn.Module):
 
     @nn.nowrap
     def apply(self, variables: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
-        """``Module.apply``; a ``method`` names a method of the wrapped model (or is a function taking it)."""
+        """``Module.apply``; ``method`` names a method of the wrapped model (or is a function taking it)."""
         return super().apply(variables, *args, method=self._entry(method), **kwargs)
 
     @nn.nowrap
@@ -221,9 +210,8 @@ def inject(
 
         y_\ell = f_\ell(x_\ell) + s_\ell\, B_\ell\big((A_\ell x_\ell) \odot g_\ell(\hat p) + S_\ell \hat p\big)
 
-    for every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` and ``Embed`` layer ``ℓ`` whose path (params keys
-    joined by ``/``, e.g. ``"block_0/attention/query"``) fully matches a target and no ``exclude``. At init
-    ``B = 0``: the adapted model computes exactly the base model; ``d_p`` is read from ``p``.
+    for every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed`` layer ``ℓ`` whose path (params keys joined
+    by ``/``, e.g. ``"block_0/attention/query"``) fully matches a target and no ``exclude``. ``B = 0`` at init.
 
     Args:
       model: the linen model (not modified).
@@ -234,7 +222,8 @@ def inject(
       initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).
 
     Returns:
-      an :class:`Adapted` linen module; its ``config`` is what ``partition``, ``merge`` and ``save_adapters`` take.
+      an :class:`Adapted` module; ``adapted.init(key, *args, p=p)`` reads ``d_p`` from ``p``; ``adapted.config`` is
+      what ``partition``, ``merge`` and ``save_adapters`` take.
 
     Raises:
       TypeError: naming an unknown keyword.
@@ -246,8 +235,6 @@ def inject(
     >>> adapted = inject(model, r"layers_0", rank=2, lora_alpha=4.0)
     >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))
     >>> variables = adapted.init(jax.random.key(0), x, p=p)
-    >>> sorted(variables["params"]["layers_0"])
-    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
     >>> bool(jnp.all(adapted.apply(variables, x, p=p) == model.apply(variables, x)))   # B = 0 at init
     True
     """
@@ -297,8 +284,8 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
 
     Args:
       variables: the adapted model's variables (or params); its adapter leaves are kept.
-      pretrained: the unmodified model's params, or its variables (then every collection, e.g. ``batch_stats``);
-        paths and shapes must match the non-adapter leaves exactly; values keep their dtype.
+      pretrained: the model's params, or variables (every collection, e.g. ``batch_stats``); paths and shapes must
+        match exactly, values keep their dtype.
 
     Raises:
       ValueError: naming the first path that is missing, unexpected or of another shape.
@@ -308,23 +295,18 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     >>> adapted = inject(model, "", rank=1, lora_alpha=1.0)   # the root layer's path is ""
     >>> variables = adapted.init(jax.random.key(0), jnp.ones((1, 2)), p=jnp.ones(1))
     >>> pretrained = model.init(jax.random.key(1), jnp.ones((1, 2)))["params"]
-    >>> loaded = load_base(variables, pretrained)
-    >>> bool(jnp.all(loaded["params"]["kernel"] == pretrained["kernel"])), sorted(loaded["params"])
+    >>> loaded = load_base(variables, pretrained)["params"]
+    >>> bool(jnp.all(loaded["kernel"] == pretrained["kernel"])), sorted(loaded)
     (True, ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s'])
     """
     if not (isinstance(variables, Mapping) and "params" in variables):
         return load_base({"params": variables}, {"params": pretrained})["params"]
     if not (isinstance(pretrained, Mapping) and "params" in pretrained):
         pretrained = {"params": pretrained}
-
     adapters = {f"params/{path}" for path in adapter_leaf_paths(variables["params"])}
     flat_pretrained = _flat(pretrained)
     collections = {str(name) for name in pretrained}
-    frozen = {
-        path: leaf
-        for path, leaf in _flat(variables).items()
-        if path.split("/")[0] in collections and path not in adapters
-    }
+    frozen = {k: v for k, v in _flat(variables).items() if k.split("/")[0] in collections and k not in adapters}
     for path, leaf in frozen.items():
         if path not in flat_pretrained:
             raise ValueError(

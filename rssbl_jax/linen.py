@@ -39,15 +39,13 @@ class RSSBilinearLoRADense(nn.Module):
         y = W x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad s = \frac{\alpha_{\text{lora}}}{r}
 
     with the gate ``g`` of :class:`rssbl_jax.AdapterConfig` (the linear gate ``g0 + C p`` by default). ``kernel`` and
-    ``bias`` have ``nn.Dense``'s names and shapes, so a Dense checkpoint loads unchanged; the adapter adds
-    ``lora_a (d_in, r)``, ``lora_b (r, d_out)``, ``lora_c (d_p, r)``, ``lora_s (d_p, r)`` (plus the affine and MLP
-    gates' leaves), ``d_p`` from ``p`` at ``init``. ``p`` is ``[d_p]`` or ``[*lead, d_p]`` with ``lead`` a prefix of
-    ``x``'s leading axes; anything else is a ``ValueError`` naming ``d_p`` and both shapes, at trace time.
+    ``bias`` are ``nn.Dense``'s, so a Dense checkpoint loads unchanged; the adapter adds ``lora_a (d_in, r)``,
+    ``lora_b (r, d_out)``, ``lora_c (d_p, r)``, ``lora_s (d_p, r)`` (and the affine and MLP gates' leaves), ``d_p``
+    from ``p`` at ``init``. ``p`` is ``[d_p]`` or ``[*lead, d_p]``, ``lead`` a prefix of ``x``'s leading axes (else a
+    ``ValueError`` naming ``d_p`` and both shapes, at trace time).
 
-    Initialisation (:func:`rssbl_jax.core.adapter_params`): ``B = 0`` (the base output), ``A`` as PEFT's, ``C``
-    lecun-normal so ``∂L/∂B ≠ 0`` for ``p ≠ 0``, ``S = 0``. At ``p = 0`` the linear gate and shift vanish, so no
-    initialisation acts there: ``gate_offset=1.0`` (plain LoRA at init) or ``gate="affine"`` does, and ``init``
-    warns when a concrete ``p`` has such rows and no ``p_mean`` is set.
+    ``B = 0`` at init (:func:`rssbl_jax.core.adapter_params`; the options guide explains the ``p = 0`` pitfall);
+    ``init`` warns when a concrete ``p`` has all-zero rows, where the linear gate and shift vanish, without ``p_mean``.
 
     Attributes:
       features: output width ``d_out``.
@@ -70,8 +68,6 @@ class RSSBilinearLoRADense(nn.Module):
     >>> layer = RSSBilinearLoRADense(features=4, rank=2, lora_alpha=4.0)
     >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))           # per-example p
     >>> variables = layer.init(jax.random.key(0), x, p)
-    >>> sorted(variables["params"])
-    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
     >>> layer.apply(variables, x, p).shape, layer.adapter_config.scale
     ((3, 4), 2.0)
     """
@@ -125,8 +121,7 @@ class RSSBilinearLoRADense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, operating_params: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """Apply the adapted layer to ``x [..., d_in]`` under operating parameters ``p``."""
-        config = self.adapter_config
-        layer = config.resolve(None)
+        layer = self.adapter_config.resolve(None)
         if self.features < 1:
             raise ValueError(f"features must be positive; got features={self.features}.")
         x = jnp.asarray(x)

@@ -13,20 +13,9 @@ through the same factorizations ``down(x, A)``, ``up(h, B)``. With ``s`` the sca
 - :class:`HyperNet`: ``Δy = s B(p)(A(p) x + S p)``, ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``; leaves
   ``lora_hyper_*``.
 
-FiLM's offset ``o`` is a constant (0: vanishes at ``p = 0`` like ``C p``; 1: an unconditioned update at ``p = 0``
-like ``1 + C p``) or learnable (``lora_gamma0``, from ``o``, as the affine gate's ``c0``); ``γ(p) = Γ p``, or
-``Γ tanh(W p + b)`` with ``hidden > 0`` (as the MLP gate). The hypernetwork's ``u·[A0; B0]`` can be switched off
-(``u = 0``: ``lora_a``/``lora_b`` are the heads ``H_a``/``H_b``) and its shift ``S p`` on.
-
 Every method starts at ``Δy = 0`` (``B``-like factors, ``Β``, ``S`` and the heads feeding ``B`` are zero) with a
 non-zero gradient for ``p ≠ 0`` on its multiplicative factors: ``Γ`` starts random only on the branch with offset
 0, where ``Γ = B = 0`` would never move (as RSS's ``C``); on the layer ``Γ`` multiplies ``y``, so it starts at 0.
-
->>> from rssbl_jax import core
->>> from rssbl_jax.config import LayerConfig
->>> factorization = core.dense_factorization((3, 2), rank=1)
->>> sorted(FiLM(1.0, learn_offset=True).params(LayerConfig(1, 1.0, 1.0), factorization, 2, shift=False))
-['lora_a', 'lora_b', 'lora_beta', 'lora_gamma', 'lora_gamma0']
 """
 
 from __future__ import annotations
@@ -57,14 +46,11 @@ class AdapterMethod(Protocol):
       uses_p: whether the output depends on ``p``; a method that does not (:class:`LoRA`) needs no ``p``.
       mergeable: whether :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only).
 
-    ``params(layer, factorization, d_p, *, shift)`` returns ``{leaf name: (shape, initializer)}``; names start with
-    ``lora_`` (the trainable prefix) and include ``lora_a``, ``lora_b``; ``shift``: the config asks for a shift here.
-    ``adapt(y, factorization, x, p, factors, layer, *, precision)`` returns ``y + Δy`` (so ``Δy`` may be added inside
-    ``y``'s pass): ``y`` the base output, ``x`` its input after dropout, ``p`` normalised (``None`` when ``uses_p``
-    is false), all in the compute dtype; the scale is ``layer.scale``. ``vanishes_at_zero(layer)``: whether ``Δy``
-    is identically 0 where ``p̂ = 0``.
+    ``params(layer, factorization, d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the
+    trainable prefix) with ``lora_a``, ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``:
+    ``y + Δy`` (``Δy`` may join ``y``'s pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``),
+    all in the compute dtype; scale ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
 
-    >>> from rssbl_jax import core
     >>> from rssbl_jax.config import LayerConfig
     >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
     >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
@@ -221,7 +207,8 @@ class FiLM:
     """Output-space FiLM on the LoRA branch (``on_layer=False``) or on the whole layer's output (``True``).
 
     Attributes:
-      offset: the constant ``o`` (or the initial value of the learnable one).
+      offset: the constant ``o``, or the learnable one's start (0: ``Δy = 0`` at ``p = 0`` like ``C p``; 1: an
+        unconditioned update there, like ``1 + C p``).
       on_layer: modulate the whole layer output ``y + branch`` instead of the branch.
       learn_offset: learn ``o`` per output unit (``lora_gamma0``), as the affine gate learns ``c0``.
       hidden: 0 for ``γ(p) = Γ p``; otherwise the width of ``γ(p) = Γ tanh(W p + b)`` (as the MLP gate).
@@ -263,9 +250,8 @@ class FiLM:
         branch = LoRA().branch(factorization, x, factors, layer)
         features = p2
         if self.hidden:
-            features = jnp.tanh(
-                jnp.matmul(p2, factors["lora_film_w"], precision=precision) + factors["lora_film_b"][None]
-            )
+            hidden = jnp.matmul(p2, factors["lora_film_w"], precision=precision)
+            features = jnp.tanh(hidden + factors["lora_film_b"][None])
         gamma = jnp.matmul(features, factors["lora_gamma"], precision=precision).reshape(-1, *out_shape)
         beta = jnp.matmul(p2, factors["lora_beta"], precision=precision).reshape(-1, *out_shape)
         gamma, beta = _per_lead(gamma, branch), _per_lead(beta, branch)
@@ -290,14 +276,14 @@ class HyperNet:
     Attributes:
       hidden: the width of ``tanh(P p)``; parameters grow as ``hidden · (d_p + |A| + |B|)``: the knob that matches
         it to another method on parameters (:meth:`count`, :meth:`width_for`).
-      unconditioned: keep the unconditioned factors ``A0``, ``B0`` (``u = 1``).
+      unconditioned: keep ``A0``, ``B0`` (``u = 1``); else ``lora_a``/``lora_b`` are the heads ``H_a``/``H_b``.
       shift: add a rank-space shift ``S p`` (``lora_s (d_p, r)``, zero at init), as RSS's.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import core, inject
     >>> method = HyperNet(hidden=2)
-    >>> f = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=method).init(jax.random.key(0), jnp.ones((4, 3)),
-    ...                                                                         p=jnp.ones((4, 1)))["params"]
+    >>> adapted = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=method)
+    >>> f = adapted.init(jax.random.key(0), jnp.ones((4, 3)), p=jnp.ones((4, 1)))["params"]
     >>> count = method.count(core.dense_factorization((3, 2), 1), 1)                      # 1·2 + (3 + 2)·3
     >>> sum(v.size for k, v in f.items() if k.startswith("lora_")), count
     (17, 17)
