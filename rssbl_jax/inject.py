@@ -58,14 +58,8 @@ class Adapted(nn.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
-    >>> class Outer(nn.Module):   # the adapted model nested in a larger one
-    ...     inner: nn.Module
-    ...     @nn.compact
-    ...     def __call__(self, x, p):
-    ...         return self.inner(nn.Dense(3, name="stem")(x), p=p)
-    >>> variables = Outer(adapted).init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))
-    >>> sorted(variables["params"]["inner"]["layers_0"])                                    # no extra prefix
-    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
+    >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
+    True
     """
 
     base: _Unadopted
@@ -215,8 +209,8 @@ def inject(
 
     Args:
       model: the linen model (not modified).
-      config: an :class:`~rssbl_jax.AdapterConfig`, or the targets (then ``rank``, ``lora_alpha`` and config fields
-        as keywords; PEFT's ``target_modules`` too).
+      config: an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes over layer paths).
+      rank, lora_alpha, settings: with targets, the config's fields as keywords (PEFT's ``target_modules`` too).
       param_dtype: dtype of the adapter parameters.
       method: an :class:`~rssbl_jax.AdapterMethod`, e.g. a baseline of :mod:`rssbl_jax.methods` (default: RSS).
       initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).

@@ -51,8 +51,8 @@ class AdapterMethod(Protocol):
     ``y + Δy`` (``Δy`` may join ``y``'s pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``),
     all in the compute dtype; scale ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
 
-    >>> from rssbl_jax.config import LayerConfig
-    >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
+    >>> from rssbl_jax import config, core
+    >>> layer, factorization = config.LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
     >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
     {'lora_a': (3, 2), 'lora_b': (2, 4), 'lora_c': (5, 2), 'lora_s': (5, 2)}
     """
