@@ -65,7 +65,8 @@ def leaf_specs(
     Raises:
       ValueError: when an ``initializers`` key names no leaf of the method.
 
-    >>> from rssbl_jax import methods
+    >>> from rssbl_jax import core, methods
+    >>> from rssbl_jax.config import LayerConfig
     >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
     ...                    shift=False, kernel_names=("embed", "mlp"), kernel_shape=(8, 16))
     >>> specs["lora_a"].names, specs["lora_b"].names, specs["lora_c"].names
