@@ -1,22 +1,16 @@
 r"""The one function that applies an adapter, used by the linen layer, linen injection and NNX alike.
 
-Each front-end only finds the base layer's output ``y``, its input ``x`` and the adapter leaves in its own way (a
-linen scope, an NNX attribute); everything else is here and written once:
-
-- :func:`leaf_specs`: the adapter leaves of one layer (shape, initializer, partition names) from its
-  :class:`~rssbl_jax.methods.AdapterMethod`, with initializer overrides and the one sharding rule
-  (:func:`rssbl_jax.tree.axes_from_kernel`);
-- :func:`factorize`: a layer kind's factorization with the method's fast-path thresholds;
-- :func:`d_p_of`: the number of operating parameters, read from ``p`` when the leaves are created;
-- :func:`apply_adapter`: ``y' = method.adapt(y, ...)`` after ``p`` is checked and normalised, dropout and dtype
-  promotion, with errors naming the layer's path;
-- :func:`warn_if_silent`: the one pitfall of the linear gate, said aloud when the leaves are created.
+Each front-end only finds the base output ``y``, its input ``x`` and the adapter leaves its own way (a linen scope,
+an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: leaves with the one sharding
+rule (:func:`leaf_specs`), factorizations (:func:`factorize`), ``d_p`` (:func:`d_p_of`), checks, normalisation,
+dropout and dtype promotion around ``method.adapt`` (:func:`apply_adapter`), the linear gate's pitfall
+(:func:`warn_if_silent`).
 
 .. math::
 
     y' = y + \Delta y(x, \hat p), \qquad \hat p = (p - \mu) / \sigma
 
->>> import jax, jax.numpy as jnp
+>>> import jax.numpy as jnp
 >>> from rssbl_jax import core, methods
 >>> from rssbl_jax.config import LayerConfig
 >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, p_mean=(1.0,), p_std=(2.0,))
@@ -60,30 +54,23 @@ class Leaf(NamedTuple):
 
 
 def leaf_specs(
-    method: AdapterMethod,
-    layer: LayerConfig,
-    factorization: Factorization,
-    d_p: int,
-    *,
-    shift: bool,
-    initializers: Mapping[str, Initializer | None] | None = None,
-    kernel_names: tuple[Any, ...] | None = None,
+    method: AdapterMethod, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool,
+    initializers: Mapping[str, Initializer | None] | None = None, kernel_names: tuple[Any, ...] | None = None,
     kernel_shape: tuple[int, ...] | None = None,
-) -> dict[str, Leaf]:
+) -> dict[str, Leaf]:  # fmt: skip
     """The adapter leaves of one layer: the method's ``params`` with ``initializers`` overrides and sharding names.
 
-    With the kernel's partition names (``kernel_names``) and shape, each leaf's names follow
-    :func:`rssbl_jax.tree.axes_from_kernel`, the one sharding rule for adapters.
+    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`.
 
-    >>> from rssbl_jax import methods
+    Raises:
+      ValueError: when an ``initializers`` key names no leaf of the method.
+
+    >>> from rssbl_jax import core, methods
     >>> from rssbl_jax.config import LayerConfig
     >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
     ...                    shift=False, kernel_names=("embed", "mlp"), kernel_shape=(8, 16))
     >>> specs["lora_a"].names, specs["lora_b"].names, specs["lora_c"].names
     (('embed', None), (None, 'mlp'), (None, None))
-
-    Raises:
-      ValueError: when an ``initializers`` key names no leaf of the method.
     """
     specs = method.params(layer, factorization, d_p, shift=shift)
     unknown = sorted({name for name, init in (initializers or {}).items() if init is not None} - set(specs))
@@ -107,16 +94,10 @@ def thresholds_of(method: AdapterMethod) -> Thresholds:
 
 
 def factorize(
-    kind: LayerKind,
-    module: Any,
-    kernel_shape: tuple[int, ...],
-    method: AdapterMethod,
-    rank: int,
-    x_shape: tuple[int, ...] | None = None,
-    args: tuple = (),
-    kwargs: Mapping[str, Any] | None = None,
-) -> Factorization:
-    """``kind.factorize`` for ``module`` with the method's thresholds: what every front-end builds its factors on.
+    kind: LayerKind, module: Any, kernel_shape: tuple[int, ...], method: AdapterMethod, rank: int,
+    x_shape: tuple[int, ...] | None = None, args: tuple = (), kwargs: Mapping[str, Any] | None = None,
+) -> Factorization:  # fmt: skip
+    """``kind.factorize`` for ``module`` with the method's thresholds: what every front-end builds on.
 
     >>> import flax.linen as nn
     >>> from rssbl_jax import factorization, fastpath, methods
@@ -130,7 +111,7 @@ def factorize(
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
-    """The number of operating parameters, from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
+    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
 
     Raises:
       ValueError: when the method uses ``p`` and ``p`` is ``None`` or a scalar.
@@ -145,11 +126,10 @@ def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
 
 
 def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str) -> None:
-    """Warn (once per call site) when ``p`` has rows of zeros where the method's update vanishes identically.
+    """Warn (once per call site) when ``p`` has all-zero rows where the method's update vanishes identically.
 
-    The linear gate ``C p̂`` and the shift ``S p̂`` are both 0 at ``p̂ = 0``: an adapter initialised (and trained) on
-    such rows learns nothing for them. Only a concrete ``p`` is inspected (not a traced one). The linen layer and
-    linen injection call it at ``init``; NNX's ``inject`` sees no ``p`` when it creates the leaves.
+    ``C p̂`` and ``S p̂`` are 0 at ``p̂ = 0``, so the adapter learns nothing for such rows. Only a concrete ``p`` is
+    inspected; the linen front-ends call it at ``init`` (NNX's ``inject`` sees no ``p`` then).
     """
     if p is None or layer.p_mean is not None or not method.vanishes_at_zero(layer) or isinstance(p, jax.core.Tracer):
         return
@@ -165,33 +145,16 @@ def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str
         )
 
 
-def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, x.shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-
-
 def apply_adapter(
-    method: AdapterMethod,
-    layer: LayerConfig,
-    factorization: Factorization,
-    x: Any,
-    p: Any,
-    y: jax.Array,
-    factors: Mapping[str, Any],
-    *,
-    dtype: Any = None,
-    precision: Any = None,
-    dropout_rng: jax.Array | None = None,
-    where: str = "adapted layer",
-    keyword: str = "p",
-) -> jax.Array:
+    method: AdapterMethod, layer: LayerConfig, factorization: Factorization, x: Any, p: Any, y: jax.Array,
+    factors: Mapping[str, Any], *, dtype: Any = None, precision: Any = None, dropout_rng: jax.Array | None = None,
+    where: str = "adapted layer", keyword: str = "p",
+) -> jax.Array:  # fmt: skip
     r"""The adapted layer's output ``y + Δy``: the one place every front-end applies an adapter.
 
-    Steps, in order: refuse ``p = None`` when the method uses ``p``; promote ``x``, ``p`` and the factors to the
-    compute dtype (``dtype``, or inferred); dropout on ``x`` (rate ``layer.lora_dropout``, only with a
-    ``dropout_rng``); normalise ``p̂ = (p - p_mean) / p_std``; ``method.adapt``; check the output's shape and cast
-    it to ``y``'s dtype.
+    In order: refuse ``p = None`` when the method uses ``p``; promote ``x``, ``p``, the factors to ``dtype`` (or
+    inferred); dropout on ``x`` (only with ``dropout_rng``); ``p̂ = (p - p_mean) / p_std``; ``method.adapt``; check
+    the output shape and cast to ``y``'s dtype.
 
     Raises:
       ValueError: prefixed with ``where``, naming ``d_p`` and the shapes when ``p`` does not fit the layer.
@@ -202,17 +165,17 @@ def apply_adapter(
             f"{jnp.shape(x)}; pass p of shape [d_p] or [*lead, d_p]."
         )
     x = jnp.asarray(x)
-    names = list(factors)
-    arrays = [jnp.asarray(value) for value in factors.values()]
     inputs = ([] if factorization.integer_inputs else [x]) + ([] if p is None else [jnp.asarray(p)])
-    promoted = promote_dtype(*inputs, *arrays, dtype=dtype)
+    promoted = promote_dtype(*inputs, *(jnp.asarray(value) for value in factors.values()), dtype=dtype)
     if not factorization.integer_inputs:
         x, promoted = promoted[0], promoted[1:]
     if p is not None:
         p, promoted = promoted[0], promoted[1:]
-    factors = dict(zip(names, promoted, strict=True))
+    factors = dict(zip(factors, promoted, strict=True))
     if dropout_rng is not None and layer.lora_dropout > 0 and not factorization.integer_inputs:
-        x = _dropout(x, layer.lora_dropout, dropout_rng)
+        keep = 1.0 - layer.lora_dropout
+        mask = jax.random.bernoulli(dropout_rng, keep, x.shape)
+        x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
     try:
         if p is not None and layer.p_mean is not None:
             if p.ndim == 0 or p.shape[-1] != len(layer.p_mean):
@@ -229,9 +192,7 @@ def apply_adapter(
     return out.astype(y.dtype)
 
 
-# --------------------------------------------------------------------------------------------------
 # Shared front-end glue: config from inject's arguments, the p keyword, quantised bases
-# --------------------------------------------------------------------------------------------------
 
 ALIASES = {"target_modules": "targets"}
 """PEFT's names for :class:`~rssbl_jax.AdapterConfig` fields, accepted by ``inject``."""
@@ -239,8 +200,6 @@ ALIASES = {"target_modules": "targets"}
 
 def make_config(config: Any, rank: Any, lora_alpha: Any, settings: Mapping[str, Any]) -> AdapterConfig:
     """The :class:`AdapterConfig` of an ``inject`` call: ``config`` itself, or one built from targets and settings.
-
-    PEFT's ``target_modules`` is accepted for ``targets``; any other unknown keyword is named in the error.
 
     >>> make_config(None, 2, 4.0, {"target_modules": ["q", "v"]}).targets
     ('q', 'v')
@@ -291,16 +250,14 @@ def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
 def outside_quantizer(fn: Any) -> Any:
     """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
 
-    A model quantised by ``qwix.quantize_model`` has its ``dot_general``/``einsum`` calls intercepted, and qwix
-    quantises any operand that is a param of the current module: inside an adapted layer that would be ``lora_a``
-    and ``lora_b`` too. The base layer's own call stays intercepted (its kernel runs quantised); the adapter's
-    update runs outside, in full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
+    qwix quantises every ``dot_general``/``einsum`` operand that is a param of the current module: inside an adapted
+    layer ``lora_a``/``lora_b`` too. The base call stays intercepted (quantised kernel); the update runs outside, in
+    full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
     """
-    if "qwix" not in sys.modules:  # nothing can intercept: qwix quantises only models it was imported to quantise
+    if "qwix" not in sys.modules:  # qwix quantises only models it was imported to quantise
         return fn
     disable = getattr(sys.modules.get("qwix._src.interception"), "disable_interceptions", None)
-    if disable is None:
-        # without the switch the adapters would run quantised, silently: refuse instead
+    if disable is None:  # the adapters would run quantised, silently: refuse
         version = getattr(sys.modules["qwix"], "__version__", "unknown")
         raise RuntimeError(
             f"qwix {version} is loaded but has no qwix._src.interception.disable_interceptions, which rssbl_jax uses "
@@ -311,32 +268,20 @@ def outside_quantizer(fn: Any) -> Any:
 
 
 def metadata_holder(box: Any) -> Any:
-    """What carries a kernel's partitioning metadata (linen box or NNX variable): the kernel itself, or for a
-    qwix-quantised kernel (a ``WithAux`` of a ``QArray``) its ``qvalue``, which keeps the float kernel's names."""
+    """The kernel box carrying partition names; for a qwix ``WithAux`` of a ``QArray``, its ``qvalue``."""
     qvalue = getattr(getattr(box, "array", None), "qvalue", None)
     return qvalue if isinstance(qvalue, meta.Partitioned) or hasattr(qvalue, "get_metadata") else box
 
 
 def linen_leaves(
-    module: Any,
-    method: AdapterMethod,
-    layer: LayerConfig,
-    factorization: Factorization,
-    p: Any,
-    *,
-    shift: bool,
-    param_dtype: Any,
-    initializers: Mapping[str, Initializer | None] | None = None,
-    kernel_box: Any = None,
-    keyword: str = "p",
-    where: str = "adapted layer",
-) -> dict[str, Any]:
+    module: Any, method: AdapterMethod, layer: LayerConfig, factorization: Factorization, p: Any, *, shift: bool,
+    param_dtype: Any, initializers: Mapping[str, Initializer | None] | None = None, kernel_box: Any = None,
+    keyword: str = "p", where: str = "adapted layer",
+) -> dict[str, Any]:  # fmt: skip
     """The adapter leaves of a linen layer, read from its scope, or created there (``d_p`` from ``p``) at init.
 
-    Leaves that exist are read as they are, so a ``p`` that does not fit them is reported against the layer's
-    input by :func:`apply_adapter`, not as a parameter-shape mismatch. A kernel annotated with
-    ``nn.with_partitioning``/``nn.with_logical_partitioning`` (``kernel_box``) gives leaves annotated by
-    :func:`rssbl_jax.tree.axes_from_kernel`.
+    Existing leaves are read as they are, so a ``p`` that does not fit is reported by :func:`apply_adapter` against
+    the input, not as a shape mismatch. A partitioned ``kernel_box`` gives leaves annotated the same way.
     """
     if module.has_variable("params", "lora_a"):
         names = method.params(layer, factorization, 1, shift=shift)
@@ -359,7 +304,6 @@ def linen_leaves(
             def init(*args, init=leaf.init, names=leaf.names):
                 return dataclasses.replace(kernel_box, value=init(*args), names=names)
 
-        # through the scope: layers such as nn.Embed define their params in setup(), where Module.param refuses
-        # to run from __call__
+        # through the scope: Module.param refuses in __call__ for layers (nn.Embed) defining params in setup()
         factors[name] = meta.unbox(module.scope.param(name, init, leaf.shape, param_dtype))
     return factors

@@ -1,30 +1,17 @@
 r"""Adapt an existing, unmodified Flax linen model by layer-path patterns (method interception, as qwix does).
 
-:func:`inject` wraps a model so that, while it runs, every linen layer whose kind is in
-:data:`rssbl_jax.factorization.KINDS` (``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed``) and whose path
-the :class:`~rssbl_jax.AdapterConfig` adapts returns its own output plus
+While the model runs, every layer of a kind in :data:`rssbl_jax.factorization.KINDS` that the config adapts adds
+the update of :func:`rssbl_jax.apply.apply_adapter` (the linen layer's and NNX's function) to its output, with
+``lora_*`` leaves beside its kernel. The model's code is untouched: its params are its own tree plus ``lora_*``
+leaves (pretrained weights load with :func:`load_base`), partitioned by :func:`rssbl_jax.tree.axes_from_kernel`.
 
-.. math::
+Why ``p`` is an argument: ``adapted.apply(variables, x, p=p)`` builds, for that call only, the interceptor that
+hands ``p`` to every adapted layer. Nothing outlives the call, so a ``jax.jit``-traced function computes with the
+``p`` it is given, never one captured at trace time.
 
-    \Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
-
-applied by :func:`rssbl_jax.apply.apply_adapter` (the same function as the linen layer's and NNX's), with the
-``lora_*`` leaves created beside the layer's own kernel. The model's code is not touched, so
-``variables["params"]`` is the model's own tree plus ``lora_*`` leaves and pretrained weights load with
-:func:`load_base`. A kernel annotated with ``nn.with_partitioning`` or
-``nn.with_logical_partitioning`` gives adapters annotated the same way, by the one rule of
-:func:`rssbl_jax.tree.axes_from_kernel`.
-
-How ``p`` flows: ``adapted.apply(variables, x, p=p)`` takes ``p`` as an argument of that call and builds, for that
-call only, the method interceptor that hands it to every adapted layer; nothing outlives the call, so a function
-traced by ``jax.jit`` computes with the ``p`` it is given (``p`` is one of its traced arguments), never one captured
-when it was traced.
-
-Nesting and summaries: the adapted model is a linen ``Module`` (:class:`Adapted`) that shares its scope with the
-wrapped model, so its params are the wrapped model's own tree (no prefix), ``adapted.tabulate`` (or
-``nn.tabulate``) lists the ``lora_*`` leaves, and it can be a submodule of a larger linen module, whose params then
-hold the adapted model's tree under its submodule name. Targets always name layers by their path in the wrapped
-model (``"encoder/layers_0"``), wherever the adapted model sits.
+Why :class:`Adapted` shares the wrapped model's scope: its params stay the wrapped model's tree (no prefix), so
+``tabulate`` lists the ``lora_*`` leaves, it nests in larger linen modules, and targets name paths in the wrapped
+model wherever it sits.
 """
 
 from __future__ import annotations
@@ -51,8 +38,7 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class _Unadopted:
-    """Holds the wrapped model out of linen's reach: a module in a field would be adopted as a child named after
-    the field, and its params would move under that name."""
+    """Holds the wrapped model out of linen's reach (a module field is adopted as a child: params under its name)."""
 
     module: nn.Module
 
@@ -60,34 +46,18 @@ class _Unadopted:
 class Adapted(nn.Module):
     r"""An unmodified linen ``model`` whose adapted layers carry a rank-space update modulated by ``p``: a linen module.
 
-    Built by :func:`inject`. Calling it runs ``model`` under a method interceptor that hands ``p`` (the keyword
-    ``config.p_keyword``, ``"p"`` by default) to every adapted layer, so ``adapted.init(key, x, p=p)``,
-    ``adapted.apply(variables, x, p=p)``, ``adapted.tabulate(key, x, p=p)`` and use as a submodule of another
-    linen module all work. The wrapped model shares this module's scope: its params keep their own paths (no
-    ``model/`` prefix), with the ``lora_*`` leaves beside each adapted kernel, and targets name layers by their path
-    in the wrapped model, wherever the adapted model sits. ``apply``'s ``method`` names a method of the wrapped
-    model (a name, or a function taking it), run under the same interceptor. ``lora_dropout`` acts when a
-    ``"dropout"`` rng is passed (``rngs={"dropout": key}``, training) and not otherwise (evaluation).
+    Built by :func:`inject`; ``init``, ``apply``, ``tabulate`` and calls as a submodule hand ``p`` (the keyword
+    ``config.p_keyword``) to every adapted layer. ``lora_dropout`` acts only with a ``"dropout"`` rng.
 
     Attributes:
-      model: the linen model (not modified); a property reading ``base``, which holds it where linen does not
-        adopt it as a child (that would move its params under a prefix).
+      model: the linen model (not modified); a property reading ``base``, where linen does not adopt it.
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype: dtype of the adapter parameters.
       method: the :class:`~rssbl_jax.AdapterMethod` computing the update (:class:`~rssbl_jax.RSS` by default).
-      initializers: ``{leaf name: initializer}`` overrides of the method's adapter leaves' initialisers, as a tuple
-        of pairs.
+      initializers: ``{leaf name: initializer}`` overrides of the method's leaves, as a tuple of pairs.
 
     >>> import jax, jax.numpy as jnp
     >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
-    >>> class Outer(nn.Module):   # the adapted model nested in a larger one
-    ...     inner: nn.Module
-    ...     @nn.compact
-    ...     def __call__(self, x, p):
-    ...         return self.inner(nn.Dense(3, name="stem")(x), p=p)
-    >>> variables = Outer(adapted).init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))
-    >>> sorted(variables["params"]["inner"]["layers_0"])
-    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
     >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
     True
     """
@@ -113,16 +83,12 @@ class Adapted(nn.Module):
         object.__setattr__(self, "_bound", self.base.module.clone(parent=self.scope))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` with the adapted layers under the operating parameters ``p`` (a keyword).
-
-        ``p`` is ``[d_p]`` (one condition for everything) or ``[batch, d_p]`` (one per example; every adapted
-        layer's input must then lead with the batch axis); at init ``d_p`` is read from it.
-        """
+        """``model(*args, **kwargs)`` with the adapted layers under ``p`` (a keyword): ``[d_p]`` or ``[batch, d_p]``."""
         return self._run(None, args, kwargs)
 
     @nn.nowrap
     def apply(self, variables: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
-        """``Module.apply``; a ``method`` names a method of the wrapped model (or is a function taking it)."""
+        """``Module.apply``; ``method`` names a method of the wrapped model (or is a function taking it)."""
         return super().apply(variables, *args, method=self._entry(method), **kwargs)
 
     @nn.nowrap
@@ -228,49 +194,41 @@ def _check_targets(config: AdapterConfig, seen: Mapping[str, str], adapted: Sequ
 
 
 def inject(
-    model: nn.Module,
-    config: AdapterConfig | str | Sequence[str] | None = None,
-    rank: int | None = None,
-    lora_alpha: float | None = None,
-    *,
-    param_dtype: Any = jnp.float32,
-    method: Any = None,
-    initializers: Mapping[str, Any] | None = None,
-    **settings: Any,
-) -> Adapted:
+    model: nn.Module, config: AdapterConfig | str | Sequence[str] | None = None, rank: int | None = None,
+    lora_alpha: float | None = None, *, param_dtype: Any = jnp.float32, method: Any = None,
+    initializers: Mapping[str, Any] | None = None, **settings: Any,
+) -> Adapted:  # fmt: skip
     r"""Adapt the layers of an unmodified linen model that an :class:`~rssbl_jax.AdapterConfig` targets.
 
     .. math::
 
         y_\ell = f_\ell(x_\ell) + s_\ell\, B_\ell\big((A_\ell x_\ell) \odot g_\ell(\hat p) + S_\ell \hat p\big)
 
-    for every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` layer ``ℓ`` whose
-    path in the model (its params' keys joined by ``/``, e.g. ``"block_0/attention/query"``) fully matches one
-    of the targets and none of ``exclude``. Call it as ``inject(model, config)`` or, equivalently,
-    ``inject(model, targets, rank, lora_alpha, **settings)`` with any :class:`~rssbl_jax.AdapterConfig` field as a
-    keyword. The result is a linen ``Module`` (:class:`Adapted`); ``adapted.init(key, *args, p=p)`` returns
-    ``model.init``'s variables with ``lora_*`` leaves beside each adapted kernel; ``d_p`` is read from ``p``. At
-    init ``B = 0``, so the adapted model computes exactly the base model. ``partition``, ``freeze_base``, ``merge``
-    and ``save_adapters`` take ``adapted.config``.
+    for every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed`` layer ``ℓ`` whose path (params keys joined
+    by ``/``, e.g. ``"block_0/attention/query"``) fully matches a target and no ``exclude``. ``B = 0`` at init.
 
-    ``initializers`` overrides the initialiser of any adapter leaf of the method by name (``{"lora_a": ...}``); for the
-    principal-subspace start (PiSSA-like, exact merge) see :func:`rssbl_jax.init_principal`. ``method`` replaces what
-    the adapters compute (an :class:`~rssbl_jax.AdapterMethod`, :class:`~rssbl_jax.RSS` by default): the
-    baselines of :mod:`rssbl_jax.methods` (LoRA, LoRA on ``[x, p]``, FiLM, a hypernetwork) reach every layer kind the
-    same way, and a method that ignores ``p`` needs none. PEFT's ``target_modules`` is accepted for ``targets``; an
-    unknown keyword is a ``TypeError`` that names it.
+    Args:
+      model: the linen model (not modified).
+      config: an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes over layer paths).
+      rank, lora_alpha, settings: with targets, the config's fields as keywords (PEFT's ``target_modules`` too).
+      param_dtype: dtype of the adapter parameters.
+      method: an :class:`~rssbl_jax.AdapterMethod`, e.g. a baseline of :mod:`rssbl_jax.methods` (default: RSS).
+      initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).
+
+    Returns:
+      an :class:`Adapted` module; ``adapted.init(key, *args, p=p)`` reads ``d_p`` from ``p``; ``adapted.config`` is
+      what ``partition``, ``merge`` and ``save_adapters`` take.
 
     Raises:
-      ValueError: when the model's ``__call__`` already takes an argument named ``p_keyword``; at the first
-        call, when a target matches no adaptable layer (the error lists them) or a pattern matches no adapted one.
+      TypeError: naming an unknown keyword.
+      ValueError: when the model's ``__call__`` already takes ``p_keyword``; at the first call, when a target matches
+        no adaptable layer (the error lists them) or a pattern matches no adapted one.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
     >>> adapted = inject(model, r"layers_0", rank=2, lora_alpha=4.0)
     >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))
     >>> variables = adapted.init(jax.random.key(0), x, p=p)
-    >>> sorted(variables["params"]["layers_0"])
-    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
     >>> bool(jnp.all(adapted.apply(variables, x, p=p) == model.apply(variables, x)))   # B = 0 at init
     True
     """
@@ -283,18 +241,13 @@ def inject(
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
     return Adapted(
-        base=_Unadopted(model),
-        config=cfg,
-        param_dtype=param_dtype,
-        method=RSS() if method is None else method,
+        base=_Unadopted(model), config=cfg, param_dtype=param_dtype, method=RSS() if method is None else method,
         initializers=tuple(initializers.items()) if initializers else None,
-    )
+    )  # fmt: skip
 
 
 def adaptable_paths(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
-    """The paths and kinds of the layers of a linen ``model`` that :func:`inject` can adapt.
-
-    Found by one abstract trace (``jax.eval_shape`` of ``model.init``), without computing anything.
+    """The paths and kinds of the layers of a linen ``model`` that :func:`inject` can adapt (by ``jax.eval_shape``).
 
     >>> import jax.numpy as jnp, flax.linen as nn
     >>> adaptable_paths(nn.Sequential([nn.Dense(8), nn.Conv(4, (3,))]), jnp.ones((2, 6, 3)))
@@ -316,11 +269,6 @@ def adaptable_paths(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, st
     return found
 
 
-# --------------------------------------------------------------------------------------------------
-# Pretrained base weights
-# --------------------------------------------------------------------------------------------------
-
-
 def _flat(tree: PyTree) -> dict[str, Any]:
     return {patterns.path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -328,10 +276,10 @@ def _flat(tree: PyTree) -> dict[str, Any]:
 def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     """Replace every non-adapter leaf of an adapted model's ``variables`` by the pretrained one.
 
-    ``pretrained`` is the unmodified model's params (``model.init(...)["params"]`` or a checkpoint of
-    them), or its whole variables dict (then every collection it holds, e.g. ``batch_stats``, is
-    loaded). Paths and shapes must match the adapted tree's non-adapter leaves exactly; values keep
-    ``pretrained``'s dtype. The adapter leaves are kept.
+    Args:
+      variables: the adapted model's variables (or params); its adapter leaves are kept.
+      pretrained: the model's params, or variables (every collection, e.g. ``batch_stats``); paths and shapes must
+        match exactly, values keep their dtype.
 
     Raises:
       ValueError: naming the first path that is missing, unexpected or of another shape.
@@ -341,27 +289,18 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     >>> adapted = inject(model, "", rank=1, lora_alpha=1.0)   # the root layer's path is ""
     >>> variables = adapted.init(jax.random.key(0), jnp.ones((1, 2)), p=jnp.ones(1))
     >>> pretrained = model.init(jax.random.key(1), jnp.ones((1, 2)))["params"]
-    >>> loaded = load_base(variables, pretrained)
-    >>> bool(jnp.all(loaded["params"]["kernel"] == pretrained["kernel"])), sorted(loaded["params"])
+    >>> loaded = load_base(variables, pretrained)["params"]
+    >>> bool(jnp.all(loaded["kernel"] == pretrained["kernel"])), sorted(loaded)
     (True, ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s'])
     """
-    if (
-        isinstance(variables, Mapping)
-        and "params" in variables
-        and not (isinstance(pretrained, Mapping) and "params" in pretrained)
-    ):
-        pretrained = {"params": pretrained}
-    elif not (isinstance(variables, Mapping) and "params" in variables):
+    if not (isinstance(variables, Mapping) and "params" in variables):
         return load_base({"params": variables}, {"params": pretrained})["params"]
-
+    if not (isinstance(pretrained, Mapping) and "params" in pretrained):
+        pretrained = {"params": pretrained}
     adapters = {f"params/{path}" for path in adapter_leaf_paths(variables["params"])}
     flat_pretrained = _flat(pretrained)
     collections = {str(name) for name in pretrained}
-    frozen = {
-        path: leaf
-        for path, leaf in _flat(variables).items()
-        if path.split("/")[0] in collections and path not in adapters
-    }
+    frozen = {k: v for k, v in _flat(variables).items() if k.split("/")[0] in collections and k not in adapters}
     for path, leaf in frozen.items():
         if path not in flat_pretrained:
             raise ValueError(

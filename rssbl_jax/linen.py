@@ -1,7 +1,7 @@
 """Flax linen front-end: a thin ``nn.Module`` over :func:`rssbl_jax.apply.apply_adapter`.
 
-``p`` is the layer's second argument, on every call: nothing is stored between calls, so a traced function
-always computes with the ``p`` it was given.
+``p`` is the layer's second argument on every call; nothing is stored between calls, so a traced function always
+computes with the ``p`` it was given.
 """
 
 from __future__ import annotations
@@ -20,17 +20,7 @@ from rssbl_jax.config import AdapterConfig
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
 from rssbl_jax.methods import RSS
 
-SETTINGS = (
-    "gate",
-    "gate_offset",
-    "gate_hidden",
-    "shift",
-    "use_rslora",
-    "lora_dropout",
-    "lora_a_init",
-    "p_mean",
-    "p_std",
-)
+SETTINGS = tuple("gate gate_offset gate_hidden shift use_rslora lora_dropout lora_a_init p_mean p_std".split())
 """The :class:`~rssbl_jax.AdapterConfig` fields that are also fields of the layer (defaults read from the config)."""
 _DEFAULT = {field.name: field.default for field in dataclasses.fields(AdapterConfig)}
 
@@ -48,50 +38,36 @@ class RSSBilinearLoRADense(nn.Module):
 
         y = W x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big), \qquad s = \frac{\alpha_{\text{lora}}}{r}
 
-    with the gate ``g`` of :class:`rssbl_jax.AdapterConfig` (the linear gate ``g0 + C p`` by default).
-    ``W`` (``kernel``) and ``b`` (``bias``) have exactly ``nn.Dense``'s names and shapes, so a pretrained
-    Dense checkpoint loads unchanged; the adapter adds ``lora_a (d_in, r)``, ``lora_b (r, d_out)``,
-    ``lora_c (d_p, r)`` and ``lora_s (d_p, r)`` (plus ``lora_c0`` and ``lora_gate_*`` for the affine and MLP
-    gates), with ``d_p`` taken from ``p`` at ``init``. The layer's settings are :attr:`adapter_config`, which
-    :func:`rssbl_jax.merge` and :func:`rssbl_jax.save_adapters` take.
+    with the gate ``g`` of :class:`rssbl_jax.AdapterConfig` (the linear gate ``g0 + C p`` by default). ``kernel`` and
+    ``bias`` are ``nn.Dense``'s, so a Dense checkpoint loads unchanged; the adapter adds ``lora_a (d_in, r)``,
+    ``lora_b (r, d_out)``, ``lora_c (d_p, r)``, ``lora_s (d_p, r)`` (and the affine and MLP gates' leaves), ``d_p``
+    from ``p`` at ``init``. ``p`` is ``[d_p]`` or ``[*lead, d_p]``, ``lead`` a prefix of ``x``'s leading axes (else a
+    ``ValueError`` naming ``d_p`` and both shapes, at trace time).
 
-    ``p`` is ``[d_p]`` (shared by all rows of ``x``) or ``[*lead, d_p]`` with ``lead`` a prefix of ``x``'s
-    leading axes (one condition per example, broadcast over tokens/pixels). Anything else raises a
-    ``ValueError`` naming ``d_p`` and both shapes, at trace time.
-
-    Initialisation (:func:`rssbl_jax.core.adapter_params`): ``B = 0`` so the output equals the base layer;
-    ``A`` as in PEFT's LoRA; ``C`` lecun-normal so ``∂L/∂B`` is non-zero for every ``p ≠ 0``; ``S = 0``. At
-    ``p = 0`` exactly, the linear gate ``C p`` and the shift ``S p`` both vanish, so no initialisation can make
-    the adapter act there; ``gate_offset=1.0`` (gate ``1 + C p``, ``C = 0`` at init: plain LoRA) or
-    ``gate="affine"`` does, and ``init`` warns when a concrete ``p`` has such rows and no ``p_mean`` is set.
+    ``B = 0`` at init (:func:`rssbl_jax.core.adapter_params`; the options guide explains the ``p = 0`` pitfall);
+    ``init`` warns when a concrete ``p`` has all-zero rows, where the linear gate and shift vanish, without ``p_mean``.
 
     Attributes:
       features: output width ``d_out``.
       rank: adapter rank ``r``.
-      lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / rank`` (PEFT's convention).
+      lora_alpha: the update is multiplied by ``lora_alpha / rank`` (PEFT's convention).
       use_bias: whether the base layer has a bias.
       gate, gate_offset, gate_hidden, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
         :class:`rssbl_jax.AdapterConfig`.
-      shift: whether to learn the shift ``S p`` (``None``: where the layer has a bias, as in the config).
-      config: the full :class:`~rssbl_jax.AdapterConfig` the layer was built from (:meth:`from_config`), which
-        :attr:`adapter_config` returns; ``None``: the config of the fields above.
-      deterministic: disable ``lora_dropout`` (may also be passed to ``__call__``); dropout draws from the
-        ``"dropout"`` rng stream.
-      dtype: compute dtype (e.g. ``jnp.bfloat16``); inferred from inputs and params when ``None``.
+      shift: whether to learn the shift ``S p`` (``None``: where the layer has a bias).
+      config: the :class:`~rssbl_jax.AdapterConfig` of :meth:`from_config`; ``None``: the one of the fields above.
+      deterministic: disable ``lora_dropout`` (also a ``__call__`` argument); dropout uses the ``"dropout"`` rng.
+      dtype: compute dtype; inferred from inputs and params when ``None``.
       param_dtype: dtype of all parameters.
       precision: matmul precision, as in ``nn.Dense``.
-      thresholds: when the update takes its fast paths (:class:`rssbl_jax.fastpath.Thresholds`: the fused add
-        in the bias pass, the sweep under ``jax.vmap`` over ``p``); the same output either way.
+      thresholds: when the fast paths are taken (:class:`rssbl_jax.fastpath.Thresholds`); same output either way.
       kernel_init, bias_init: initialisers of the base ``kernel`` and ``bias``.
-      lora_a_init_fn, lora_b_init, lora_c_init, lora_s_init: initialiser overrides of the adapter factors
-        (``None``: the defaults above).
+      lora_a_init_fn, lora_b_init, lora_c_init, lora_s_init: initialiser overrides (``None``: the defaults).
 
     >>> import jax, jax.numpy as jnp
     >>> layer = RSSBilinearLoRADense(features=4, rank=2, lora_alpha=4.0)
     >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))           # per-example p
     >>> variables = layer.init(jax.random.key(0), x, p)
-    >>> sorted(variables["params"])
-    ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
     >>> layer.apply(variables, x, p).shape, layer.adapter_config.scale
     ((3, 4), 2.0)
     """
@@ -124,11 +100,7 @@ class RSSBilinearLoRADense(nn.Module):
 
     @property
     def adapter_config(self) -> AdapterConfig:
-        """This layer's :class:`~rssbl_jax.AdapterConfig` (validated): what merge and checkpoints take.
-
-        The config the layer was built from (:meth:`from_config`, with any setting overridden there), or the one of
-        its settings fields.
-        """
+        """This layer's validated :class:`~rssbl_jax.AdapterConfig` (``config`` with its fields): what merge takes."""
         settings = {name: getattr(self, name) for name in SETTINGS}
         if self.config is not None:  # the layer's own fields win over the config's (from_config(..., shift=True))
             return self.config.replace(rank=self.rank, lora_alpha=self.lora_alpha, **settings)
@@ -136,9 +108,7 @@ class RSSBilinearLoRADense(nn.Module):
 
     @classmethod
     def from_config(cls, features: int, config: AdapterConfig, **kwargs: Any) -> RSSBilinearLoRADense:
-        """A layer with the settings of ``config``, which :attr:`adapter_config` returns unchanged.
-
-        Patterns are not applied (one config, one layer); ``shift=None`` learns a shift when the layer has a bias.
+        """A layer with the settings of ``config`` (patterns not applied), which :attr:`adapter_config` returns.
 
         >>> config = AdapterConfig(rank=2, lora_alpha=4.0, gate="affine", targets=("hidden",))
         >>> RSSBilinearLoRADense.from_config(8, config).adapter_config == config
@@ -151,8 +121,7 @@ class RSSBilinearLoRADense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, operating_params: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """Apply the adapted layer to ``x [..., d_in]`` under operating parameters ``p``."""
-        config = self.adapter_config
-        layer = config.resolve(None)
+        layer = self.adapter_config.resolve(None)
         if self.features < 1:
             raise ValueError(f"features must be positive; got features={self.features}.")
         x = jnp.asarray(x)
