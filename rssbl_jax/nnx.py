@@ -71,8 +71,7 @@ Initializer = jax.nn.initializers.Initializer
 def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
     """Give every adapted layer of ``model`` the operating parameters ``p`` inside the ``with`` block.
 
-    For calling a method other than ``__call__`` (``adapted(x, p=p)`` does this itself); the previous values are
-    restored on exit.
+    For calling a method other than ``__call__`` (``adapted(x, p=p)`` does this itself); restored on exit.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(1))
@@ -93,17 +92,15 @@ def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
         yield
 
 
-def _path(parts: Sequence[Any]) -> str:
-    return "/".join(str(part) for part in parts)
-
-
 def adaptable_paths(model: nnx.Module) -> dict[str, str]:
     """Paths and kinds of the layers :func:`inject` can adapt: Linear, LinearGeneral, Einsum, Conv and Embed.
 
     >>> adaptable_paths(nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Embed(8, 1, rngs=nnx.Rngs(0))))
     {'layers/0': 'Dense', 'layers/2': 'Embed'}
     """
-    return {_path(path): kind.name for path, m in nnx.iter_modules(model) if (kind := kind_of(m)) is not None}
+    return {
+        patterns.path_str(path): kind.name for path, m in nnx.iter_modules(model) if (kind := kind_of(m)) is not None
+    }
 
 
 class Adapted(nnx.Module):
@@ -223,7 +220,7 @@ def inject(
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
     model = nnx.clone(model)
-    modules = {_path(path): module for path, module in nnx.iter_modules(model)}
+    modules = {patterns.path_str(path): module for path, module in nnx.iter_modules(model)}
     adaptable = {path: kind_of(m) for path, m in modules.items() if kind_of(m) is not None}
     listing = "\n".join(f"  {path or repr(path)}  ({kind.name})" for path, kind in adaptable.items()) or "  (none)"
     for pattern in cfg.targets:
@@ -269,7 +266,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     'Linear'
     """
     merged = nnx.clone(model.model if isinstance(model, Adapted) else model)
-    layers = [(_path(path), layer) for path, layer in nnx.iter_modules(merged) if type(layer) in BASE_CLASS]
+    layers = [(patterns.path_str(path), layer) for path, layer in nnx.iter_modules(merged) if type(layer) in BASE_CLASS]
     if not layers:
         raise ValueError(
             "nnx merge found no adapted layer in the model (was it merged already? merge returns a new, plain model)."
@@ -280,7 +277,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
                 f"{path or 'layer'} was adapted with {layer.rss_adapter.method!r}, which merge cannot fold."
             )
     for path, layer in layers:
-        base = BASE_CLASS[type(layer)]
+        base, info = BASE_CLASS[type(layer)], layer.rss_adapter
         kernel = kernel_of(layer, kind_of_class(base))
         bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
         factors = factors_of(layer)
@@ -291,19 +288,14 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
             )
         try:
             folded = core.fold(
-                kernel[...],
-                bias,
-                factors,
-                operating_params,
-                layer.rss_adapter.layer,
-                precision=jax.lax.Precision.HIGHEST,
+                kernel[...], bias, factors, operating_params, info.layer, precision=jax.lax.Precision.HIGHEST
             )
         except ValueError as error:
             raise ValueError(f"{path or 'layer'}: {error}") from None
         kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias
-        for name in (*layer.rss_adapter.leaves, "rss_adapter", "operating_params", "rss_dropout", "rss_config"):
+        for name in (*info.leaves, "rss_adapter", "operating_params", "rss_dropout", "rss_config"):
             if name in vars(layer):
                 delattr(layer, name)
         layer.__class__ = base
