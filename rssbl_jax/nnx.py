@@ -188,14 +188,12 @@ def inject(
     NNX and linen adapters of one model have the same state tree. ``B = 0`` at init: the output is unchanged.
 
     Args:
-      model: the NNX model; not modified.
-      config: an ``AdapterConfig``, or the targets (regexes over layer paths; PEFT's ``target_modules`` also works).
-      rank, lora_alpha, settings: with targets, the config's fields.
-      d_p: the number of operating parameters (not needed by a method that ignores ``p``).
-      rngs: the ``nnx.Rngs`` the adapters are drawn from.
-      param_dtype, initializers: the adapters' dtype and ``{leaf name: initializer}`` overrides.
-      method: what the adapters compute (an :class:`~rssbl_jax.AdapterMethod`, :class:`~rssbl_jax.methods.RSS` by
-        default).
+      model: the NNX model (not modified).
+      config, rank, lora_alpha, settings: an ``AdapterConfig``, or targets (regexes over layer paths; PEFT's
+        ``target_modules`` works too) with the config's fields.
+      d_p, rngs: the number of operating parameters (not needed by a method that ignores ``p``); the ``nnx.Rngs``.
+      param_dtype, initializers: the adapters' dtype; ``{leaf name: initializer}`` overrides.
+      method: what the adapters compute (an :class:`~rssbl_jax.AdapterMethod`; :class:`~rssbl_jax.methods.RSS`).
 
     Raises:
       ValueError: a target matches no adaptable layer (the error lists them), a pattern matches no adapted layer,
@@ -253,8 +251,9 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
         W' = W + s\, A\,\mathrm{diag}\big(g(\hat p_0)\big)\,B, \qquad b' = b + s\,(S \hat p_0)\,B
 
     with each layer's settings read from the layer. Takes an :class:`Adapted` (merges its ``model``) or a model
-    holding adapted layers; the result has the unmodified model's classes and state tree. For a batch of operating
-    points, ``jax.vmap`` :func:`rssbl_jax.merge` over ``nnx.state(adapted.model, nnx.Param).to_pure_dict()``.
+    holding adapted layers; the result has the unmodified model's classes and state tree, and the adapted model's
+    output at ``p0``. For a batch of points, ``jax.vmap`` :func:`rssbl_jax.merge` over
+    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()``.
 
     Raises:
       ValueError: the model holds no adapted layer (e.g. merged already), a layer's method cannot be folded (checked

@@ -115,8 +115,9 @@ def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, a
     info: AdapterInfo = layer.rss_adapter
     kind = kind_of_class(base)
     x = jnp.asarray(x)
-    shape = tuple(kernel_of(layer, kind)[...].shape)
-    factorization = factorize(kind, layer, shape, info.method, info.layer.rank, x.shape, args, kwargs)
+    factorization = factorize(
+        kind, layer, tuple(kernel_of(layer, kind)[...].shape), info.method, info.layer.rank, x.shape, args, kwargs
+    )
     if layer.rss_dropout is not None and not factorization.integer_inputs:
         x = layer.rss_dropout(x)
     return apply_adapter(
@@ -128,8 +129,7 @@ def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, a
 def adapted_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, kwargs: dict, p: Any = None):
     """An adapted layer's call: the base class's output plus the update, ``p`` given or from the model's call."""
     info: AdapterInfo = layer.rss_adapter
-    if p is None:
-        p = layer.operating_params.get_value()
+    p = layer.operating_params.get_value() if p is None else p
     if p is None and info.method.uses_p:
         raise ValueError(
             f"adapted layer {info.path!r} was called without operating parameters: call the adapted model as "
@@ -148,7 +148,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
 
     ``kernel (in_features, out_features)`` and ``bias (out_features,)`` are ``nnx.Linear``'s ``nnx.Param``;
     ``lora_a (in_features, r)``, ``lora_b (r, out_features)``, ``lora_c (d_p, r)``, ``lora_s (d_p, r)`` (and the
-    affine/MLP gate's leaves) are :class:`RSSBilinearLoRAParam`, initialised as in the linen layer.
+    affine/MLP gate's leaves) are :class:`RSSBilinearLoRAParam`, initialised by :func:`rssbl_jax.core.adapter_params`.
 
     Args:
       in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
@@ -254,8 +254,7 @@ class RSSBilinearLoRAConv(nnx.Conv):
     >>> import jax.numpy as jnp, rssbl_jax
     >>> adapted = rssbl_jax.nnx.inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2,
     ...                                lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
-    >>> m = adapted.model
-    >>> m.lora_a.shape, m.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones((2, 1))).shape
+    >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones(1)).shape
     ((3, 3, 3, 2), (2, 4), (2, 6, 6, 4))
     """
 
@@ -286,12 +285,9 @@ ADAPTED_CLASS: dict[type, type] = {
     nnx.Conv: RSSBilinearLoRAConv,
     nnx.Embed: RSSBilinearLoRAEmbed,
 }
-"""The adapted subclass of each NNX base class."""
 BASE_CLASS = {adapted: base for base, adapted in ADAPTED_CLASS.items()}
-"""The base class of each adapted subclass."""
 
 
 def kind_of_class(cls: type) -> LayerKind:
     """The :class:`~rssbl_jax.factorization.LayerKind` of an NNX base class or its adapted subclass."""
-    base = BASE_CLASS.get(cls, cls)
-    return next(kind for kind in KINDS if kind.nnx is base)
+    return next(kind for kind in KINDS if kind.nnx is BASE_CLASS.get(cls, cls))

@@ -74,9 +74,8 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
       ValueError: naming the path: a base leaf has no spec, a spec has more entries than the leaf has axes, an
         adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
 
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> from jax.sharding import PartitionSpec as P
-    >>> import rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
     >>> params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8)), jnp.ones((2, 3)))["params"]
     >>> specs = adapter_partition_specs(params, [("kernel", P(None, "model"))])
@@ -109,15 +108,14 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
         return base[kernel], shapes[kernel]
 
     def spec_for(path: Sequence[Any], leaf: Any) -> PartitionSpec:
-        name, shape = _path_str(path), tuple(leaf.shape)
-        key = getattr(path[-1], "key", None)
+        name, key = _path_str(path), getattr(path[-1], "key", None)
         if name in given:
             return given[name][2]
         if is_adapter_leaf_name(key) and key not in ("lora_a", "lora_b"):
             return PartitionSpec()
         if key in ("lora_a", "lora_b", "bias"):  # A keeps the kernel's input axes, B (and a bias) its output axes
             kspec, kshape = kernel_of(path, key)
-            return PartitionSpec(*axes_from_kernel(key, shape, kspec, kshape))
+            return PartitionSpec(*axes_from_kernel(key, tuple(leaf.shape), kspec, kshape))
         raise ValueError(f"no partition spec for '{name}'.")
 
     specs = jax.tree.unflatten(treedef, [spec_for(path, leaf) for path, leaf in flat])

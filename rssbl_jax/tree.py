@@ -8,10 +8,6 @@ its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``
 Why a module of its own: partitioning, merging, principal initialisation, checkpoints, sharding and quantisation all
 ask "is this an adapter layer, and which leaves are the adapter?"; this is the one answer, and it imports neither
 linen nor the update, so a tree utility does not pull in the whole method to check a few names.
-
->>> params = {"block": {"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}}, "mine": {"lora_a": 0}}
->>> adapter_layers(params)
-['block/dense']
 """
 
 from __future__ import annotations
@@ -29,6 +25,9 @@ ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s", "lora_c0", "lora_gate_w
 """RSS adapter leaf names with the built-in gates (``lora_s``, ``lora_c0``, ``lora_gate_*`` optional); a registered
 :class:`~rssbl_jax.gates.Gate` or plug-in method may add other ``lora_*`` leaves (:func:`is_adapter_leaf_name`)."""
 
+REQUIRED_LEAVES = ("lora_a", "lora_b")
+"""The leaves whose presence (not ``None``) makes a mapping an adapter layer."""
+
 BASE_WEIGHT_NAMES = ("kernel", "embedding")
 """The names of the base weight an adapter folds into, in order of preference."""
 
@@ -44,7 +43,7 @@ def is_adapter_layer(node: Any) -> bool:
     >>> is_adapter_layer({"kernel": 0, "lora_a": 0, "lora_b": 0}), is_adapter_layer({"lora_a": 0})
     (True, False)
     """
-    return isinstance(node, Mapping) and node.get("lora_a") is not None and node.get("lora_b") is not None
+    return isinstance(node, Mapping) and all(node.get(name) is not None for name in REQUIRED_LEAVES)
 
 
 def base_weight_name(node: Mapping) -> str | None:
@@ -84,8 +83,8 @@ def map_adapter_layers(params: PyTree, fn: Callable[[str, Mapping], Any]) -> tup
 def adapter_layers(params: PyTree) -> list[str]:
     """Paths of the adapter layers in ``params`` (:func:`is_adapter_layer`), in tree order.
 
-    >>> adapter_layers({"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}, "mine": {"lora_a": 0}})
-    ['dense']
+    >>> adapter_layers({"block": {"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0}}, "mine": {"lora_a": 0}})
+    ['block/dense']
     """
     return map_adapter_layers(params, lambda path, node: node)[1]
 
