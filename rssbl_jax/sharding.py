@@ -209,7 +209,7 @@ def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
 
 
 def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
-    """Place a params tree on ``mesh`` with ``jax.device_put``, after checking the specs fit.
+    """Place a params tree on ``mesh`` (``jax.device_put`` with ``NamedSharding``), after checking the specs fit.
 
     Every process must pass the same values (as with parameters from one seed or one checkpoint).
 
@@ -217,9 +217,6 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
       params: arrays.
       mesh: the device mesh.
       specs: a ``PartitionSpec`` tree with ``params``' structure, e.g. from :func:`adapter_partition_specs`.
-
-    Returns:
-      ``params`` as ``jax.Array``s sharded by ``NamedSharding(mesh, spec)``.
 
     >>> import numpy as np, jax
     >>> from jax.sharding import PartitionSpec as P
@@ -234,25 +231,18 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None = None) -> PyTree:
     """Global arrays from each process's part of a batch (``jax.make_array_from_process_local_data``).
 
-    With several processes each passes its own rows (in one, the whole batch); each leaf becomes one global array.
-
     Args:
-      batch: a tree of host arrays, this process's rows.
+      batch: a tree of host arrays, this process's rows (in a single process, the whole batch).
       mesh: the (global) device mesh.
       specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading axis
         over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
-
-    Returns:
-      ``batch`` as global ``jax.Array``s.
 
     >>> import numpy as np, jax
     >>> mesh = jax.make_mesh((1,), ("data",))
     >>> shard_batch({"x": np.ones((4, 2))}, mesh)["x"].sharding.spec
     P('data',)
     """
-    if specs is None:
-        specs = batch_spec(mesh.axis_names[0])
-    shardings = named_shardings(mesh, specs)
+    shardings = named_shardings(mesh, batch_spec(mesh.axis_names[0]) if specs is None else specs)
     return jax.tree.map(
         lambda sharding, leaf: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), leaf),
         shardings,
@@ -269,8 +259,8 @@ def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple
       global_batch_size: rows of the global batch.
       data_axis: the mesh axis (or axes) the batch is sharded over.
 
-    Returns:
-      ``slice(start, stop)``: in one process, all rows.
+    Raises:
+      ValueError: when this process's devices do not hold one contiguous range of rows.
 
     >>> import jax
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
