@@ -115,9 +115,8 @@ def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, a
     info: AdapterInfo = layer.rss_adapter
     kind = kind_of_class(base)
     x = jnp.asarray(x)
-    factorization = factorize(
-        kind, layer, tuple(kernel_of(layer, kind)[...].shape), info.method, info.layer.rank, x.shape, args, kwargs
-    )
+    shape = tuple(kernel_of(layer, kind)[...].shape)
+    factorization = factorize(kind, layer, shape, info.method, info.layer.rank, x.shape, args, kwargs)
     if layer.rss_dropout is not None and not factorization.integer_inputs:
         x = layer.rss_dropout(x)
     return apply_adapter(
