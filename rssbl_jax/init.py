@@ -1,17 +1,17 @@
 r"""Principal-subspace initialisation (in the spirit of PiSSA / OLoRA) that keeps the model exactly its base.
 
-PiSSA starts LoRA from the kernel's top-``r`` singular directions and subtracts them from the frozen kernel, so
-the model is unchanged at the start. With a conditioned update ``ΔW(p) = s A diag(g(p)) B`` no fixed residual
-can cancel it for every ``p``; instead the gate starts at zero:
+PiSSA starts LoRA from the kernel's top-``r`` singular directions and subtracts them from the frozen kernel. A
+conditioned update ``ΔW(p) = s A diag(g(p)) B`` cannot be cancelled by a fixed residual for every ``p``; instead the
+gate starts at zero:
 
 .. math::
 
     W = U \Sigma V^\top, \qquad A = U_r \Sigma_r^{1/2}, \qquad B = \Sigma_r^{1/2} V_r^\top, \qquad
     C = 0,\ c_0 = 0,\ S = 0
 
-(kernel convention, ``W`` of shape ``(d_in, d_out)``). Then ``ΔW(p) = 0`` for every ``p``: the model is exactly
-its base, the kernel is untouched (so merging stays exact), and training starts because ``∂L/∂C`` is non-zero
-(``A`` and ``B`` are). The rank-space directions are the kernel's principal ones from the first step.
+(kernel convention, ``W (d_in, d_out)``). Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, the
+kernel is untouched (merging stays exact), training starts since ``∂L/∂C ≠ 0`` (``A`` and ``B`` are non-zero), and
+the rank-space directions are the kernel's principal ones from the first step.
 """
 
 from __future__ import annotations
@@ -32,16 +32,13 @@ PyTree = Any
 def init_principal(params: PyTree, config: Any) -> PyTree:
     """Set every adapted layer's ``A``, ``B`` to its kernel's top singular directions and its gate and shift to 0.
 
-    Works on nested mappings (linen params, an NNX pure state dict) for kernels whose factors use the compact
-    layout (Dense, DenseGeneral, Conv, Embed, Einsum with input axes first): the kernel is read as a
-    ``(prod(in), prod(out))`` matrix.
-
-    The gate starts at zero through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`:
-    ``C``, and ``c0`` for the affine and MLP gates), and the shift ``S`` with it.
+    For nested mappings (linen params, an NNX pure state dict) whose factors use the compact layout (Dense,
+    DenseGeneral, Conv, Embed, Einsum with input axes first); the kernel is read as a ``(prod(in), prod(out))``
+    matrix. The gate is zeroed through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`).
 
     Raises:
-      ValueError: for a gate with a fixed offset (the linear gate with ``gate_offset != 0``: it cannot start at
-        zero), or a layer whose factors do not use the compact layout.
+      ValueError: a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero), or
+        a layer whose factors do not use the compact layout.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
@@ -76,13 +73,9 @@ def init_principal(params: PyTree, config: Any) -> PyTree:
         root = np.sqrt(sigma[:rank])
         new_a = (u[:, :rank] * root[None]).reshape(a.shape)
         new_b = (root[:, None] * vt[:rank]).reshape(b.shape)
-        out = dict(node)
-        out["lora_a"] = jnp.asarray(new_a, jnp.asarray(node["lora_a"]).dtype)
-        out["lora_b"] = jnp.asarray(new_b, jnp.asarray(node["lora_b"]).dtype)
-        for name in (*gate.linear_leaves, "lora_s"):
-            if name in node:
-                out[name] = jnp.zeros_like(jnp.asarray(node[name]))
-        return out
+        out = {k: jnp.asarray(v, jnp.asarray(node[k]).dtype) for k, v in (("lora_a", new_a), ("lora_b", new_b))}
+        out |= {k: jnp.zeros_like(jnp.asarray(node[k])) for k in (*gate.linear_leaves, "lora_s") if k in node}
+        return {**node, **out}
 
     result, found = tree.map_adapter_layers(params, start)
     if not found:

@@ -26,33 +26,30 @@ def merge(
 
         W' = W + s\, A\,\mathrm{diag}\big(g(\hat p_0)\big)\,B, \qquad b' = b + s\, (S \hat p_0)\, B
 
-    with each layer's rank, scale, gate and ``p`` normalisation taken from ``config`` (an
-    :class:`~rssbl_jax.AdapterConfig`, or the adapted model / layer that carries one), the same config the model
-    trained with: nothing is restated, so nothing can silently differ. ``params`` is one layer's params or a whole
-    model's tree (nested mappings, linen params or an NNX pure state dict); every adapter layer
-    (:func:`rssbl_jax.tree.is_adapter_layer`) is replaced by its base leaves, its ``kernel`` (or ``embedding``) with
-    the update folded in (:func:`rssbl_jax.core.fold`); everything else is returned unchanged, so the result loads
-    into the unmodified architecture. Adapters stacked by ``nn.scan`` fold slice by slice.
+    Each layer's rank, scale, gate and ``p`` normalisation come from the config the model trained with, so nothing is
+    restated and nothing can silently differ. Every adapter layer (:func:`rssbl_jax.tree.is_adapter_layer`) becomes
+    its base leaves with the update folded into ``kernel`` (or ``embedding``) by :func:`rssbl_jax.core.fold`; the rest
+    is unchanged, so the result loads into the unmodified architecture. ``nn.scan``-stacked adapters fold per slice.
+    A pure function of arrays: ``jax.vmap(lambda q: merge(params, q, config))(ps)`` merges a batch of points.
 
-    A layer without bias but with a shift ``S p`` needs a bias to hold ``s (S p̂0) B``; Flax would silently ignore an
-    extra ``bias`` leaf in a ``use_bias=False`` layer, so this raises unless ``add_bias=True``. The fold runs at
-    ``Precision.HIGHEST`` (once), so a merged model matches the adapted one to float32 round-off on GPU and TPU.
-    ``merge`` is a pure function of arrays: ``jax.vmap(lambda q: merge(params, q, config))(ps)`` merges a batch of
-    operating points.
+    Args:
+      params: one layer's params or a whole tree (linen params, an NNX pure state dict).
+      operating_params: ``p0 [d_p]``.
+      config: an :class:`~rssbl_jax.AdapterConfig`, or the adapted model or layer that carries one.
+      add_bias: give a bias-free layer with a shift a ``bias`` for ``s (S p̂0) B`` (without it this raises: Flax
+        silently ignores a ``bias`` leaf in a ``use_bias=False`` layer).
+      precision: of the fold; ``HIGHEST`` (run once) matches the adapted model to float32 round-off on GPU and TPU.
 
     Raises:
-      TypeError: when ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha``, the pre-0.2 API).
-      ValueError: if no adapted layer is found, an adapter layer has no kernel or its gate's leaves (an adapter of
-        another method, which has no fold), a layer's factors do not fit its resolved rank (a forgotten
-        ``rank_pattern``), the config does not adapt a layer's path, ``operating_params`` is not ``[d_p]``, a
-        pattern matches no adapted layer, or a bias-free layer with a shift is merged without ``add_bias=True``.
+      TypeError: ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha``, the pre-0.2 API).
+      ValueError: no adapted layer; an adapter layer without a kernel or its gate's leaves (another method's, which
+        has no fold); factors that do not fit the resolved rank (a forgotten ``rank_pattern``); a path the config
+        does not adapt; ``operating_params`` not ``[d_p]``; an unused pattern; a shift without bias or ``add_bias``.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from rssbl_jax import RSSBilinearLoRADense
-    >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
-    >>> x, p0 = jnp.ones((2, 3)), jnp.array([0.5])
-    >>> variables = layer.init(jax.random.key(0), x, p0)
-    >>> sorted(merge(variables["params"], p0, layer.adapter_config))
+    >>> import jax, jax.numpy as jnp, rssbl_jax
+    >>> layer, p0 = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0), jnp.array([0.5])
+    >>> params = layer.init(jax.random.key(0), jnp.ones((2, 3)), p0)["params"]
+    >>> sorted(merge(params, p0, layer.adapter_config))
     ['bias', 'kernel']
     """
     cfg = as_config(config, "merge")

@@ -4,28 +4,26 @@ r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an e
 
     y = f(x) + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-applied by :func:`rssbl_jax.apply.apply_adapter`, the same function as linen's. Adapter parameters are
-:class:`RSSBilinearLoRAParam`, a subclass of ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
-``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters.
+applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen. Adapter factors are :class:`RSSBilinearLoRAParam`,
+an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, ``nnx.state(model, nnx.LoRAParam)`` and
+every tool built on ``LoRAParam`` select exactly the adapters.
 
-How ``p`` reaches the layers. An unmodified model's code does not pass ``p`` to its layers, so
-``adapted(*args, p=p)`` writes ``p`` into an :class:`OperatingParams` variable that every adapted layer of the model
-holds (one variable, shared), runs the model, and puts the previous value back, also when the model raises. A
-standalone :class:`RSSBilinearLoRALinear` also takes ``p`` as its second argument. The variable is graph state like
-the weights, so ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and ``nnx.remat`` pass it as an input of the trace: a traced
-function computes with the ``p`` of the call that runs it, never with one captured when it was traced, and
-``adapted(x, p=p2)`` inside another call or an :func:`operating_params` block uses ``p2``. Outside a call the
-variable holds ``None``, and an adapted layer reached without ``p`` raises an error that says how to pass it. (A
-``jax.jit`` that closes over an NNX model captures its weights and this variable as constants alike; pass the model
-as an argument of ``nnx.jit``, as NNX asks for its weights.) The alternatives: a thread-local context is invisible
-to the tracer, so a context entered outside ``nnx.jit`` was baked into the trace; and composition (a wrapper
-holding the base layer and ``self.lora``, as ``nnx.LoRALinear``) moves the base weights to ``<layer>/base/kernel``,
-so pretrained checkpoints and linen-adapted trees no longer share paths, and still needs a way to hand ``p`` past
-the unmodified model code.
+How ``p`` reaches the layers. An unmodified model's code does not pass ``p`` on, so ``adapted(*args, p=p)`` writes
+``p`` into the one :class:`OperatingParams` variable all its adapted layers share, runs the model and restores the
+previous value, also when the model raises; a standalone :class:`RSSBilinearLoRALinear` also takes ``p`` as its
+second argument. The variable is graph state like the weights, so ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and
+``nnx.remat`` pass it as an input of the trace: a traced function computes with the ``p`` of the call that runs it,
+never one captured when it was traced, and a nested ``adapted(x, p=p2)`` or :func:`operating_params` block uses
+``p2``. Between calls it holds ``None``, and a layer reached without ``p`` raises an error saying how to pass it. (A
+``jax.jit`` closing over an NNX model captures its weights and this variable as constants alike; pass the model to
+``nnx.jit``, as NNX asks for its weights.) Rejected alternatives: a thread-local context is invisible to the tracer,
+so one entered outside ``nnx.jit`` gets baked into the trace; composition (a wrapper holding the base layer and
+``self.lora``, as ``nnx.LoRALinear``) moves the base weights to ``<layer>/base/kernel``, so pretrained checkpoints
+and linen-adapted trees no longer share paths, and still needs a way to hand ``p`` past the model's code.
 
-Adapting: :func:`inject` works on a copy (``nnx.clone``, as qwix's ``quantize_nnx_model`` does), so the caller's
-model is unchanged; in the copy each targeted layer becomes an instance of its RSSBilinearLoRA subclass
-(``nnx.Linear`` → :class:`RSSBilinearLoRALinear`), which keeps every path and attribute of the base layer.
+:func:`inject` works on a copy (``nnx.clone``, as qwix's ``quantize_nnx_model``), the caller's model is unchanged;
+each targeted layer becomes its RSSBilinearLoRA subclass (``nnx.Linear`` → :class:`RSSBilinearLoRALinear`), keeping
+every path and attribute of the base layer.
 
 >>> import jax.numpy as jnp, optax
 >>> from flax import nnx
@@ -73,9 +71,7 @@ Initializer = jax.nn.initializers.Initializer
 def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
     """Give every adapted layer of ``model`` the operating parameters ``p`` inside the ``with`` block.
 
-    For calling another method of an adapted model than ``__call__`` (``adapted(x, p=p)`` does this itself). ``p``
-    is written into the model's :class:`OperatingParams` variables and the previous values are restored on exit,
-    so an ``nnx.jit``-ed function that takes the model computes with the ``p`` set when it runs.
+    For calling a method other than ``__call__`` (``adapted(x, p=p)`` does this itself); restored on exit.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(1))
@@ -96,43 +92,28 @@ def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
         yield
 
 
-def _path(parts: Sequence[Any]) -> str:
-    return "/".join(str(part) for part in parts)
-
-
 def adaptable_paths(model: nnx.Module) -> dict[str, str]:
     """Paths and kinds of the layers :func:`inject` can adapt: Linear, LinearGeneral, Einsum, Conv and Embed.
 
-    >>> class Net(nnx.Module):
-    ...     def __init__(self, rngs):
-    ...         self.hidden = nnx.Linear(3, 8, rngs=rngs)
-    ...         self.out = nnx.Linear(8, 1, rngs=rngs)
-    >>> adaptable_paths(Net(nnx.Rngs(0)))
-    {'hidden': 'Dense', 'out': 'Dense'}
+    >>> adaptable_paths(nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Embed(8, 1, rngs=nnx.Rngs(0))))
+    {'layers/0': 'Dense', 'layers/2': 'Embed'}
     """
-    found = {}
-    for path, module in nnx.iter_modules(model):
-        kind = kind_of(module)
-        if kind is not None:
-            found[_path(path)] = kind.name
-    return found
+    return {
+        patterns.path_str(path): kind.name for path, m in nnx.iter_modules(model) if (kind := kind_of(m)) is not None
+    }
 
 
 class Adapted(nnx.Module):
     """An NNX model with injected RSSBilinearLoRA layers: ``adapted(*args, p=p, **kwargs)`` runs ``model`` under ``p``.
 
-    Built by :func:`inject`. ``adapted.model`` is the adapted copy of the model; its state has the original paths
-    plus ``lora_*`` beside each adapted kernel. ``adapted.config`` is the :class:`~rssbl_jax.AdapterConfig` and
-    ``adapted.method`` the :class:`~rssbl_jax.AdapterMethod`, static attributes of the graph. ``p`` is passed under
-    the keyword ``config.p_keyword`` and written, for this call only, into :attr:`operating_params`, the variable
-    every adapted layer reads (see the module's notes).
+    Built by :func:`inject`. ``model`` is the adapted copy (the original paths plus ``lora_*`` beside each adapted
+    kernel); ``config`` (:class:`~rssbl_jax.AdapterConfig`) and ``method`` (:class:`~rssbl_jax.AdapterMethod`) are
+    static attributes. ``p``, under the keyword ``config.p_keyword``, is held for the call in :attr:`operating_params`.
 
     >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
-    >>> adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))).shape
-    (4, 2)
-    >>> adapted.config.rank, adapted.config.lora_alpha, adapted.config.gate
-    (1, 2.0, 'linear')
+    >>> adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))).shape, adapted.config.gate
+    ((4, 2), 'linear')
     """
 
     def __init__(self, model: nnx.Module, config: AdapterConfig, method: AdapterMethod, variable: OperatingParams):
@@ -161,30 +142,22 @@ class Adapted(nnx.Module):
 def trainable(config: Any) -> Any:
     """An NNX filter for what trains: the adapters (``nnx.LoRAParam``) and the config's ``modules_to_save``.
 
-    Use it where ``nnx.LoRAParam`` would go: ``nnx.Optimizer(adapted, tx, wrt=trainable(adapted))``,
-    ``nnx.DiffState(0, trainable(adapted))``, ``nnx.state(adapted, trainable(adapted))``. ``modules_to_save`` patterns
-    match leaf paths relative to ``adapted.model`` (``"head/bias"``), as in linen.
+    Use it where ``nnx.LoRAParam`` would go (``nnx.Optimizer``'s ``wrt``, ``nnx.DiffState``, ``nnx.state``).
+    ``modules_to_save`` patterns match leaf paths relative to ``adapted.model`` (``"head/bias"``), as in linen.
 
-    >>> import jax.numpy as jnp
-    >>> class Net(nnx.Module):
-    ...     def __init__(self, rngs):
-    ...         self.hidden, self.head = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 1, rngs=rngs)
-    ...     def __call__(self, x):
-    ...         return self.head(self.hidden(x))
-    >>> adapted = inject(Net(nnx.Rngs(0)), "hidden", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1),
-    ...                  modules_to_save=["head/bias"])
-    >>> sorted(nnx.state(adapted, trainable(adapted)).flat_state())[:1]
-    [(('model', 'head', 'bias'), ...)]
+    >>> net = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+    >>> adapted = inject(net, "layers/0", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(2),
+    ...                  modules_to_save=["layers/1/bias"])
+    >>> sorted("/".join(map(str, path[1:])) for path, _ in nnx.state(adapted, trainable(adapted)).flat_state())
+    ['layers/0/lora_a', 'layers/0/lora_b', 'layers/0/lora_c', 'layers/0/lora_s', 'layers/1/bias']
     """
-    cfg = config if isinstance(config, AdapterConfig) else config.config
-    extra = cfg.modules_to_save
+    extra = (config if isinstance(config, AdapterConfig) else config.config).modules_to_save
 
     def keep(path: tuple, value: Any) -> bool:
         if isinstance(value, nnx.LoRAParam):
             return True
         parts = [str(part) for part in path]
-        if parts and parts[0] == "model":
-            parts = parts[1:]
+        parts = parts[1:] if parts[:1] == ["model"] else parts
         return isinstance(value, nnx.Param) and patterns.matches(extra, "/".join(parts))
 
     return keep
@@ -209,37 +182,30 @@ def inject(
 
         y_\ell = f_\ell(x_\ell) + s_\ell\, B_\ell\big((A_\ell x_\ell) \odot g_\ell(\hat p) + S_\ell \hat p\big)
 
-    Every ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` whose path (attribute names joined by
-    ``/``, e.g. ``"blocks/0/attention/query"``) the config adapts becomes, in a copy of the model
-    (``nnx.clone``), the corresponding ``RSSBilinearLoRA*`` layer: same base variables, plus
-    :class:`RSSBilinearLoRAParam` factors laid out as in :mod:`rssbl_jax.factorization` (so NNX and linen adapters of
-    the same model have the same state tree). Call it as ``inject(model, config, d_p=..., rngs=...)`` or
-    ``inject(model, targets, rank, lora_alpha, d_p, rngs, **settings)`` (PEFT's ``target_modules`` is accepted for
-    ``targets``). ``B = 0`` at init: the model is unchanged until trained. ``method`` replaces what the adapters
-    compute (an :class:`~rssbl_jax.AdapterMethod`, :class:`~rssbl_jax.methods.RSS` by default); a method that ignores
-    ``p`` needs no ``d_p``.
+    Each ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` whose path (attribute names joined by
+    ``/``, e.g. ``"blocks/0/attention/query"``) the config adapts becomes the matching ``RSSBilinearLoRA*`` layer: the
+    same base variables plus :class:`RSSBilinearLoRAParam` factors laid out as in :mod:`rssbl_jax.factorization`, so
+    NNX and linen adapters of one model have the same state tree. ``B = 0`` at init: the output is unchanged.
+
+    Args:
+      model: the NNX model (not modified).
+      config, rank, lora_alpha, settings: an ``AdapterConfig``, or targets (regexes over layer paths; PEFT's
+        ``target_modules`` works too) with the config's fields.
+      d_p, rngs: the number of operating parameters (not needed by a method that ignores ``p``); the ``nnx.Rngs``.
+      param_dtype, initializers: the adapters' dtype; ``{leaf name: initializer}`` overrides.
+      method: what the adapters compute (an :class:`~rssbl_jax.AdapterMethod`; :class:`~rssbl_jax.methods.RSS`).
 
     Raises:
-      ValueError: when a target matches no adaptable layer (the error lists them), a pattern matches no adapted
-        layer, or the model's ``__call__`` already takes an argument named ``p_keyword``.
+      ValueError: a target matches no adaptable layer (the error lists them), a pattern matches no adapted layer,
+        or the model's ``__call__`` already takes an argument named ``p_keyword``.
       TypeError: naming an unknown keyword.
 
     >>> import jax.numpy as jnp
-    >>> class Net(nnx.Module):
-    ...     def __init__(self, rngs):
-    ...         self.hidden = nnx.Linear(3, 8, rngs=rngs)
-    ...         self.out = nnx.Linear(8, 1, rngs=rngs)
-    ...     def __call__(self, x):
-    ...         return self.out(nnx.relu(self.hidden(x)))
-    >>> net = Net(nnx.Rngs(0))
-    >>> before = net(jnp.ones((4, 3)))
-    >>> adapted = inject(net, "hidden", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(1))
-    >>> bool(jnp.all(adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))) == before))      # B = 0
-    True
-    >>> sorted(nnx.state(adapted, nnx.LoRAParam).to_pure_dict()["model"]["hidden"])
-    ['lora_a', 'lora_b', 'lora_c', 'lora_s']
-    >>> type(net.hidden).__name__                                                     # the caller's model: as it was
-    'Linear'
+    >>> net = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
+    >>> adapted = inject(net, "layers/0", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
+    >>> x = jnp.ones((4, 3))
+    >>> bool(jnp.all(adapted(x, p=jnp.ones((4, 2))) == net(x))), type(net.layers[0]).__name__  # B = 0; net as it was
+    (True, 'Linear')
     """
     method = RSS() if method is None else method
     if rngs is None or (d_p is None and method.uses_p):
@@ -252,7 +218,7 @@ def inject(
         raise ValueError("inject needs targets (regexes over layer paths) in its AdapterConfig.")
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
     model = nnx.clone(model)
-    modules = {_path(path): module for path, module in nnx.iter_modules(model)}
+    modules = {patterns.path_str(path): module for path, module in nnx.iter_modules(model)}
     adaptable = {path: kind_of(m) for path, m in modules.items() if kind_of(m) is not None}
     listing = "\n".join(f"  {path or repr(path)}  ({kind.name})" for path, kind in adaptable.items()) or "  (none)"
     for pattern in cfg.targets:
@@ -284,24 +250,22 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
 
         W' = W + s\, A\,\mathrm{diag}\big(g(\hat p_0)\big)\,B, \qquad b' = b + s\,(S \hat p_0)\,B
 
-    with each layer's settings read from the layer itself (set by :func:`inject` from the config). Accepts an
-    :class:`Adapted` (returns a merged copy of its ``model``) or a model holding adapted layers. The result has the
-    unmodified model's classes and state tree and computes the adapted model's output at ``p0``. To merge a batch of
-    operating points, ``jax.vmap`` :func:`rssbl_jax.merge` over ``nnx.state(adapted.model, nnx.Param)
-    .to_pure_dict()`` with ``adapted.config``.
+    with each layer's settings read from the layer. Takes an :class:`Adapted` (merges its ``model``) or a model
+    holding adapted layers; the result has the unmodified model's classes and state tree, and the adapted model's
+    output at ``p0``. For a batch of points, ``jax.vmap`` :func:`rssbl_jax.merge` over
+    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()``.
 
     Raises:
-      ValueError: when the model holds no adapted layer (e.g. it was merged already), a layer's method cannot be
-        folded (checked before anything is folded), ``p0`` is not ``[d_p]``, or a bias-free layer learned a shift.
+      ValueError: the model holds no adapted layer (e.g. merged already), a layer's method cannot be folded (checked
+        before anything is folded), ``p0`` is not ``[d_p]``, or a bias-free layer learned a shift.
 
     >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(0))
     >>> type(merge(layer, jnp.ones(1))).__name__
     'Linear'
     """
-    source = model.model if isinstance(model, Adapted) else model
-    merged = nnx.clone(source)
-    layers = [(_path(path), layer) for path, layer in nnx.iter_modules(merged) if type(layer) in BASE_CLASS]
+    merged = nnx.clone(model.model if isinstance(model, Adapted) else model)
+    layers = [(patterns.path_str(path), layer) for path, layer in nnx.iter_modules(merged) if type(layer) in BASE_CLASS]
     if not layers:
         raise ValueError(
             "nnx merge found no adapted layer in the model (was it merged already? merge returns a new, plain model)."
@@ -312,7 +276,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
                 f"{path or 'layer'} was adapted with {layer.rss_adapter.method!r}, which merge cannot fold."
             )
     for path, layer in layers:
-        base = BASE_CLASS[type(layer)]
+        base, info = BASE_CLASS[type(layer)], layer.rss_adapter
         kernel = kernel_of(layer, kind_of_class(base))
         bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
         factors = factors_of(layer)
@@ -323,19 +287,14 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
             )
         try:
             folded = core.fold(
-                kernel[...],
-                bias,
-                factors,
-                operating_params,
-                layer.rss_adapter.layer,
-                precision=jax.lax.Precision.HIGHEST,
+                kernel[...], bias, factors, operating_params, info.layer, precision=jax.lax.Precision.HIGHEST
             )
         except ValueError as error:
             raise ValueError(f"{path or 'layer'}: {error}") from None
         kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias
-        for name in (*layer.rss_adapter.leaves, "rss_adapter", "operating_params", "rss_dropout", "rss_config"):
+        for name in (*info.leaves, "rss_adapter", "operating_params", "rss_dropout", "rss_config"):
             if name in vars(layer):
                 delattr(layer, name)
         layer.__class__ = base

@@ -24,7 +24,6 @@ from rssbl_jax.methods import RSS, AdapterMethod
 Initializer = jax.nn.initializers.Initializer
 zeros_init = nnx.initializers.zeros_init()
 default_kernel_init = nnx.initializers.lecun_normal()
-"""Default initialiser of ``bias``."""
 
 
 class RSSBilinearLoRAParam(nnx.LoRAParam):
@@ -56,11 +55,6 @@ def holding(variables: Sequence[OperatingParams], p: Any) -> Iterator[None]:
     finally:
         for variable, value in zip(variables, previous, strict=True):
             variable.set_value(value)
-
-
-# --------------------------------------------------------------------------------------------------
-# Adapter parameters and the call, shared by every kind
-# --------------------------------------------------------------------------------------------------
 
 
 class AdapterInfo(NamedTuple):
@@ -97,7 +91,7 @@ def add_adapters(
     factorization = factorize(kind, layer, kernel_shape, method, settings.rank)
     source = metadata_holder(kernel)  # a qwix-quantised kernel's partitioning is on its qvalue
     metadata = source.get_metadata() if hasattr(source, "get_metadata") else {}
-    # the kernel's partition names, under whichever key this Flax version uses (adapters inherit them, as qwix does)
+    # the kernel's partition names, under this Flax version's key (adapters inherit them, as in qwix)
     key = next((k for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k) is not None), None)
     specs = leaf_specs(
         method, settings, factorization, d_p, shift=shift, initializers=initializers,
@@ -134,8 +128,7 @@ def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, a
 def adapted_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, kwargs: dict, p: Any = None):
     """An adapted layer's call: the base class's output plus the update, ``p`` given or from the model's call."""
     info: AdapterInfo = layer.rss_adapter
-    if p is None:
-        p = layer.operating_params.get_value()
+    p = layer.operating_params.get_value() if p is None else p
     if p is None and info.method.uses_p:
         raise ValueError(
             f"adapted layer {info.path!r} was called without operating parameters: call the adapted model as "
@@ -145,11 +138,6 @@ def adapted_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, 
     return outside_quantizer(_update)(layer, base, inputs, p, y, args, kwargs)
 
 
-# --------------------------------------------------------------------------------------------------
-# Layers
-# --------------------------------------------------------------------------------------------------
-
-
 class RSSBilinearLoRALinear(nnx.Linear):
     r"""An ``nnx.Linear`` with a rank-space update modulated by operating parameters ``p``.
 
@@ -157,26 +145,19 @@ class RSSBilinearLoRALinear(nnx.Linear):
 
         y = x W + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-    ``kernel (in_features, out_features)`` and ``bias (out_features,)`` are ``nnx.Param`` exactly as in
-    ``nnx.Linear``; ``lora_a (in_features, r)``, ``lora_b (r, out_features)``, ``lora_c (d_p, r)`` and
-    ``lora_s (d_p, r)`` (and the affine/MLP gate's leaves) are :class:`RSSBilinearLoRAParam`, initialised by
-    :func:`rssbl_jax.core.adapter_params` as in the linen layer.
+    ``kernel (in_features, out_features)`` and ``bias (out_features,)`` are ``nnx.Linear``'s ``nnx.Param``;
+    ``lora_a (in_features, r)``, ``lora_b (r, out_features)``, ``lora_c (d_p, r)``, ``lora_s (d_p, r)`` (and the
+    affine/MLP gate's leaves) are :class:`RSSBilinearLoRAParam`, initialised by :func:`rssbl_jax.core.adapter_params`.
 
     Args:
-      in_features, out_features: input and output widths.
-      rank: adapter rank ``r``.
-      lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / rank``.
+      in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
+        ``nnx.Linear`` (``param_dtype`` also for the adapters).
+      rank, lora_alpha: adapter rank ``r``; the update is scaled by ``lora_alpha / rank``.
       d_p: number of operating parameters.
-      use_bias: whether the base layer has a bias.
-      gate, gate_offset, gate_hidden, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
-        :class:`rssbl_jax.AdapterConfig`.
-      shift: whether to learn the shift ``S p`` (``lora_s``).
-      dtype: compute dtype; inferred from inputs and params when ``None``.
-      param_dtype: dtype of all parameters.
-      precision: matmul precision.
-      kernel_init, bias_init: initialisers of the base kernel and bias.
+      gate, gate_offset, gate_hidden, shift, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
+        :class:`rssbl_jax.AdapterConfig` (``shift``: learn ``S p``, ``lora_s``).
       initializers: ``{leaf name: initializer}`` overrides of the adapter leaves.
-      rngs: the ``nnx.Rngs`` to draw initial values (and dropout masks) from.
+      rngs: the ``nnx.Rngs`` for initial values and dropout masks.
 
     >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(5, 4, rank=2, lora_alpha=4.0, d_p=3, rngs=nnx.Rngs(0))
@@ -239,13 +220,11 @@ class RSSBilinearLoRALinear(nnx.Linear):
 class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
     """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
 
-    >>> import jax.numpy as jnp
-    >>> from rssbl_jax.nnx import inject
-    >>> adapted = inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
-    ...                  rngs=nnx.Rngs(1))                      # "" is the path of the root layer
-    >>> layer = adapted.model
-    >>> type(layer).__name__, layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((3, 8)), p=jnp.ones(1)).shape
-    ('RSSBilinearLoRALinearGeneral', (8, 2), (2, 2, 4), (3, 2, 4))
+    >>> import jax.numpy as jnp, rssbl_jax
+    >>> adapted = rssbl_jax.nnx.inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0,
+    ...                                d_p=1, rngs=nnx.Rngs(1))                     # "" is the root layer's path
+    >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((3, 8)), p=jnp.ones(1)).shape
+    ((8, 2), (2, 2, 4), (3, 2, 4))
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
@@ -254,14 +233,12 @@ class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
 
 
 class RSSBilinearLoRAEinsum(nnx.Einsum):
-    """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`; see :func:`inject`.
+    """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`.
 
-    >>> import jax.numpy as jnp
-    >>> from rssbl_jax.nnx import inject
-    >>> adapted = inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0,
-    ...                  d_p=1, rngs=nnx.Rngs(1))
-    >>> layer = adapted.model
-    >>> layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((3, 5, 8)), p=jnp.ones((3, 1))).shape
+    >>> import jax.numpy as jnp, rssbl_jax
+    >>> adapted = rssbl_jax.nnx.inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", rank=2,
+    ...                                lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
+    >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((3, 5, 8)), p=jnp.ones((3, 1))).shape
     ((8, 2), (2, 2, 4), (3, 5, 2, 4))
     """
 
@@ -271,14 +248,12 @@ class RSSBilinearLoRAEinsum(nnx.Einsum):
 
 
 class RSSBilinearLoRAConv(nnx.Conv):
-    """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1; see :func:`inject`.
+    """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1.
 
-    >>> import jax.numpy as jnp
-    >>> from rssbl_jax.nnx import inject
-    >>> adapted = inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
-    ...                  rngs=nnx.Rngs(1))
-    >>> layer = adapted.model
-    >>> layer.lora_a.shape, layer.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones((2, 1))).shape
+    >>> import jax.numpy as jnp, rssbl_jax
+    >>> adapted = rssbl_jax.nnx.inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2,
+    ...                                lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
+    >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones(1)).shape
     ((3, 3, 3, 2), (2, 4), (2, 6, 6, 4))
     """
 
@@ -288,11 +263,11 @@ class RSSBilinearLoRAConv(nnx.Conv):
 
 
 class RSSBilinearLoRAEmbed(nnx.Embed):
-    """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``; see :func:`inject`.
+    """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``.
 
-    >>> import jax.numpy as jnp
-    >>> from rssbl_jax.nnx import inject
-    >>> adapted = inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
+    >>> import jax.numpy as jnp, rssbl_jax
+    >>> adapted = rssbl_jax.nnx.inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
+    ...                                rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted(jnp.array([[1, 2, 3]]), p=jnp.ones((1, 1))).shape
     ((10, 2), (1, 3, 4))
     """
@@ -309,12 +284,9 @@ ADAPTED_CLASS: dict[type, type] = {
     nnx.Conv: RSSBilinearLoRAConv,
     nnx.Embed: RSSBilinearLoRAEmbed,
 }
-"""The adapted subclass of each NNX base class."""
 BASE_CLASS = {adapted: base for base, adapted in ADAPTED_CLASS.items()}
-"""The base class of each adapted subclass."""
 
 
 def kind_of_class(cls: type) -> LayerKind:
     """The :class:`~rssbl_jax.factorization.LayerKind` of an NNX base class or its adapted subclass."""
-    base = BASE_CLASS.get(cls, cls)
-    return next(kind for kind in KINDS if kind.nnx is base)
+    return next(kind for kind in KINDS if kind.nnx is BASE_CLASS.get(cls, cls))

@@ -1,28 +1,16 @@
 """Partition specs for adapter params that follow their base kernel; batch specs; placing trees on a mesh.
 
-Given the base model's partition specs (the ones a user already has for ``kernel`` and ``bias``), each
-adapted layer's factors get specs that follow its kernel, so no factor is ever gathered more than the kernel
-itself:
+Given the base model's specs (those a user already has for ``kernel`` and ``bias``), each adapted layer's factors
+follow its kernel, so no factor is ever gathered more than the kernel itself. For a Dense ``kernel (d_in, d_out)``
+with spec ``P(i, o)``: ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)`` ``P(None, o)``, ``bias``
+``P(o)`` unless given, and ``lora_c``, ``lora_s (d_p, r)`` are replicated (``P()``). Kernels with more axes
+(``DenseGeneral``, ``Conv``) work the same way: ``lora_a``'s leading axes take the kernel's leading (input) specs,
+``lora_b``'s trailing axes its trailing (output) specs, wherever the sizes agree; an axis of another size is
+replicated. Per-example inputs, targets and ``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``); a
+shared ``p [d_p]`` is replicated.
 
-=============  ==========================================  ===================================
-leaf           shape (Dense)                               spec, for ``kernel: P(i, o)``
-=============  ==========================================  ===================================
-``kernel``     ``(d_in, d_out)``                           ``P(i, o)`` (given)
-``bias``       ``(d_out,)``                                ``P(o)`` unless given
-``lora_a``     ``(d_in, r)``                               ``P(i, None)``
-``lora_b``     ``(r, d_out)``                              ``P(None, o)``
-``lora_c``     ``(d_p, r)``                                ``P()`` replicated
-``lora_s``     ``(d_p, r)``                                ``P()`` replicated
-=============  ==========================================  ===================================
-
-Kernels with more axes (``DenseGeneral``, ``Conv``) work the same way: ``lora_a``'s leading axes take the
-kernel's leading (input) specs and ``lora_b``'s trailing axes its trailing (output) specs, wherever the sizes
-agree; an axis whose size does not match the kernel's is replicated. Per-example inputs, targets and
-operating parameters ``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``); a shared ``p [d_p]``
-is replicated.
-
-Everything here returns ordinary ``jax.sharding.PartitionSpec`` trees for ``jax.jit``'s
-``in_shardings``/``out_shardings`` or ``jax.device_put``; nothing replaces JAX's own partitioner.
+Everything here returns ordinary ``PartitionSpec`` trees for ``jax.jit``'s ``in_shardings``/``out_shardings`` or
+``jax.device_put``; nothing replaces JAX's own partitioner.
 """
 
 from __future__ import annotations
@@ -54,26 +42,12 @@ def _padded(spec: PartitionSpec, ndim: int, path: str) -> tuple[Any, ...]:
     return entries + (None,) * (ndim - len(entries))
 
 
-def _is_rules(base_specs: Any) -> bool:
-    return (
-        isinstance(base_specs, (list, tuple))
-        and len(base_specs) > 0
-        and all(
-            isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str) and _is_spec(rule[1])
-            for rule in base_specs
-        )
-    )
-
-
 def _base_lookup(base_specs: PyTree | SpecRules):
     """A function ``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
-    if _is_rules(base_specs):
-        rules = [(pattern, spec) for pattern, spec in patterns.as_pairs(base_specs, "base_specs")]
-
-        def by_rule(path: str) -> PartitionSpec | None:
-            return patterns.first_match(rules, path, None)
-
-        return by_rule
+    if isinstance(base_specs, (list, tuple)) and len(base_specs) > 0:
+        if all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and _is_spec(r[1]) for r in base_specs):
+            rules = patterns.as_pairs(base_specs, "base_specs")
+            return lambda path: patterns.first_match(rules, path, None)
     flat = jax.tree_util.tree_flatten_with_path(base_specs, is_leaf=_is_spec)[0]
     table = {_path_str(path): spec for path, spec in flat}
     bad = [path for path, spec in table.items() if not _is_spec(spec)]
@@ -87,25 +61,21 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
 
     Args:
       params: a params tree (arrays or ``jax.ShapeDtypeStruct``), e.g. ``variables["params"]``.
-      base_specs: the base model's specs, either a tree of ``PartitionSpec`` with the paths of the base
-        leaves (the same tree as ``params`` with or without the ``lora_*`` leaves; extra entries are
-        ignored), or a sequence of ``(regex, PartitionSpec)`` rules matched against each base leaf's whole
-        ``/``-joined path with ``re.fullmatch`` (``".*/mlp/kernel"`` matches ``"block_0/mlp/kernel"``), first match
-        wins, as every pattern in the library (:mod:`rssbl_jax.patterns`). A base leaf without a spec is an error; a
-        ``bias`` without one follows its kernel's output axes.
-      mesh: when given, every spec is checked against the mesh with :func:`validate_specs`.
+      base_specs: the base leaves' specs: a ``PartitionSpec`` tree at their paths (with or without the ``lora_*``
+        leaves; extra entries ignored), or ``(regex, PartitionSpec)`` rules, first ``re.fullmatch`` of the whole
+        ``/``-joined path wins (``".*/mlp/kernel"`` matches ``"block_0/mlp/kernel"``). A ``bias`` without a spec
+        follows its kernel's output axes; any other base leaf without one is an error.
+      mesh: when given, every spec is checked against it with :func:`validate_specs`.
 
     Returns:
-      A tree with ``params``' structure and a ``PartitionSpec`` at every leaf: ``lora_a`` takes the kernel's
-      input-axis specs, ``lora_b`` its output-axis specs, ``lora_c`` and ``lora_s`` are replicated.
+      ``params``' structure with a ``PartitionSpec`` at every leaf (the rule of the module docstring).
 
     Raises:
-      ValueError: naming the path, when a base leaf has no spec, a spec has more entries than the leaf has
-        axes, an adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
+      ValueError: naming the path: a base leaf has no spec, a spec has more entries than the leaf has axes, an
+        adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
 
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> from jax.sharding import PartitionSpec as P
-    >>> import rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
     >>> params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8)), jnp.ones((2, 3)))["params"]
     >>> specs = adapter_partition_specs(params, [("kernel", P(None, "model"))])
@@ -118,11 +88,10 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     base: dict[str, tuple[Any, ...]] = {}
     given: dict[str, tuple[Any, Any, PartitionSpec]] = {}
     adapter_paths = adapter_leaf_paths(params)
-
     for path, leaf in flat:
-        if _path_str(path) in adapter_paths:
-            continue
         name = _path_str(path)
+        if name in adapter_paths:
+            continue
         spec = lookup(name)
         if spec is None and getattr(path[-1], "key", None) == "bias":
             continue  # derived from the kernel below
@@ -139,15 +108,14 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
         return base[kernel], shapes[kernel]
 
     def spec_for(path: Sequence[Any], leaf: Any) -> PartitionSpec:
-        name, shape = _path_str(path), tuple(leaf.shape)
-        key = getattr(path[-1], "key", None)
+        name, key = _path_str(path), getattr(path[-1], "key", None)
         if name in given:
             return given[name][2]
         if is_adapter_leaf_name(key) and key not in ("lora_a", "lora_b"):
             return PartitionSpec()
         if key in ("lora_a", "lora_b", "bias"):  # A keeps the kernel's input axes, B (and a bias) its output axes
             kspec, kshape = kernel_of(path, key)
-            return PartitionSpec(*axes_from_kernel(key, shape, kspec, kshape))
+            return PartitionSpec(*axes_from_kernel(key, tuple(leaf.shape), kspec, kshape))
         raise ValueError(f"no partition spec for '{name}'.")
 
     specs = jax.tree.unflatten(treedef, [spec_for(path, leaf) for path, leaf in flat])
@@ -167,8 +135,7 @@ def validate_specs(tree: PyTree, specs: PyTree, mesh: Mesh) -> None:
       mesh: the mesh the specs are meant for.
 
     Raises:
-      ValueError: naming the path, the leaf's shape, the spec and the mesh axis sizes, for the first spec that
-        does not fit.
+      ValueError: for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
 
     >>> import numpy as np, jax
     >>> from jax.sharding import PartitionSpec as P
@@ -242,18 +209,14 @@ def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
 
 
 def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
-    """Place a params tree on ``mesh`` with ``jax.device_put``, after checking the specs fit.
+    """Place a params tree on ``mesh`` (``jax.device_put`` with ``NamedSharding``), after checking the specs fit.
 
-    Every process must pass the same values (the usual case for parameters built from the same seed or
-    loaded from the same checkpoint).
+    Every process must pass the same values (as with parameters from one seed or one checkpoint).
 
     Args:
       params: arrays.
       mesh: the device mesh.
       specs: a ``PartitionSpec`` tree with ``params``' structure, e.g. from :func:`adapter_partition_specs`.
-
-    Returns:
-      ``params`` as ``jax.Array``s sharded by ``NamedSharding(mesh, spec)``.
 
     >>> import numpy as np, jax
     >>> from jax.sharding import PartitionSpec as P
@@ -268,26 +231,18 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None = None) -> PyTree:
     """Global arrays from each process's part of a batch (``jax.make_array_from_process_local_data``).
 
-    In a single process the local part is the whole batch; with several processes each passes its own rows
-    and the result is one global array per leaf, sharded over the mesh.
-
     Args:
-      batch: a tree of host arrays, this process's rows.
+      batch: a tree of host arrays, this process's rows (in a single process, the whole batch).
       mesh: the (global) device mesh.
-      specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading
-        axis over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
-
-    Returns:
-      ``batch`` as global ``jax.Array``s.
+      specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading axis
+        over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
 
     >>> import numpy as np, jax
     >>> mesh = jax.make_mesh((1,), ("data",))
     >>> shard_batch({"x": np.ones((4, 2))}, mesh)["x"].sharding.spec
     P('data',)
     """
-    if specs is None:
-        specs = batch_spec(mesh.axis_names[0])
-    shardings = named_shardings(mesh, specs)
+    shardings = named_shardings(mesh, batch_spec(mesh.axis_names[0]) if specs is None else specs)
     return jax.tree.map(
         lambda sharding, leaf: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), leaf),
         shardings,
@@ -304,19 +259,17 @@ def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple
       global_batch_size: rows of the global batch.
       data_axis: the mesh axis (or axes) the batch is sharded over.
 
-    Returns:
-      ``slice(start, stop)``: in one process, all rows.
+    Raises:
+      ValueError: when this process's devices do not hold one contiguous range of rows.
 
     >>> import jax
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
     slice(0, 16, None)
     """
-    sharding = NamedSharding(mesh, batch_spec(data_axis))
-    index = sharding.addressable_devices_indices_map((global_batch_size,))
-    starts = [idx[0].indices(global_batch_size)[0] for idx in index.values()]
-    stops = [idx[0].indices(global_batch_size)[1] for idx in index.values()]
-    start, stop = min(starts), max(stops)
-    covered = {r for idx in index.values() for r in range(*idx[0].indices(global_batch_size)[:2])}
+    index = NamedSharding(mesh, batch_spec(data_axis)).addressable_devices_indices_map((global_batch_size,))
+    ranges = [idx[0].indices(global_batch_size)[:2] for idx in index.values()]
+    start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    covered = {row for r in ranges for row in range(*r)}
     if covered != set(range(start, stop)):
         raise ValueError(
             f"this process's devices hold rows {sorted(covered)} of the batch, not a contiguous range; "

@@ -1,18 +1,13 @@
 """What an adapter layer is, and the one walker over params trees that finds them.
 
-An *adapter layer* is a mapping in a params tree that holds both ``lora_a`` and ``lora_b`` (every LoRA-family
-adapter does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add leaves of
-its own); its ``lora_*`` leaves are the adapter and the rest (``kernel`` or ``embedding``, ``bias``) its base. A
-leaf merely *named* ``lora_a`` in a mapping that is not an adapter layer stays a base leaf.
+An *adapter layer* is a mapping in a params tree holding both ``lora_a`` and ``lora_b`` (every LoRA-family adapter
+does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add its own leaves);
+its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base. A leaf merely
+*named* ``lora_a`` outside an adapter layer stays a base leaf.
 
-Why a module of its own: partitioning, merging, principal initialisation, checkpoints, sharding and quantisation
-all ask "is this an adapter layer, and which of its leaves are the adapter?". Each used to answer it in its own
-way (three different sets of required names). This module is the one answer, and it imports neither Flax's linen
-nor the update, so a tree utility does not pull in the whole method to check three names.
-
->>> params = {"block": {"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}}, "mine": {"lora_a": 0}}
->>> adapter_layers(params)
-['block/dense']
+Why a module of its own: partitioning, merging, principal initialisation, checkpoints, sharding and quantisation all
+ask "is this an adapter layer, and which leaves are the adapter?"; this is the one answer, and it imports neither
+linen nor the update, so a tree utility does not pull in the whole method to check a few names.
 """
 
 from __future__ import annotations
@@ -27,9 +22,8 @@ from rssbl_jax import patterns
 PyTree = Any
 
 ADAPTER_NAMES = ("lora_a", "lora_b", "lora_c", "lora_s", "lora_c0", "lora_gate_w", "lora_gate_b")
-"""Leaf names of the RSS adapter parameters with the built-in gates (``lora_s``, ``lora_c0`` and the
-``lora_gate_*`` leaves are optional); a registered :class:`~rssbl_jax.gates.Gate` or a plug-in method may add other
-``lora_*`` leaves, which :func:`is_adapter_leaf_name` recognises too."""
+"""RSS adapter leaf names with the built-in gates (``lora_s``, ``lora_c0``, ``lora_gate_*`` optional); a registered
+:class:`~rssbl_jax.gates.Gate` or plug-in method may add other ``lora_*`` leaves (:func:`is_adapter_leaf_name`)."""
 
 REQUIRED_LEAVES = ("lora_a", "lora_b")
 """The leaves whose presence (not ``None``) makes a mapping an adapter layer."""
@@ -60,9 +54,8 @@ def base_weight_name(node: Mapping) -> str | None:
 def map_adapter_layers(params: PyTree, fn: Callable[[str, Mapping], Any]) -> tuple[PyTree, list[str]]:
     """Replace every adapter layer by ``fn(path, layer)``; returns the new tree and the layers' paths, in order.
 
-    The walker descends mappings (rebuilt as ``dict``), lists and tuples; paths are keys and indices joined by
-    ``/`` (the root is ``""``), as :func:`rssbl_jax.patterns.path_str` writes them. An adapter layer is not
-    descended into. Every other node is returned as it is.
+    Descends mappings (rebuilt as ``dict``), lists and tuples, not adapter layers; paths are keys and indices joined
+    by ``/`` (the root is ``""``), as :func:`rssbl_jax.patterns.path_str` writes them. Other nodes are kept as is.
 
     >>> tree, found = map_adapter_layers([{"lora_a": 1, "lora_b": 2, "kernel": 3}], lambda path, node: node["kernel"])
     >>> tree, found
@@ -90,8 +83,8 @@ def map_adapter_layers(params: PyTree, fn: Callable[[str, Mapping], Any]) -> tup
 def adapter_layers(params: PyTree) -> list[str]:
     """Paths of the adapter layers in ``params`` (:func:`is_adapter_layer`), in tree order.
 
-    >>> adapter_layers({"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0, "lora_c": 0}, "mine": {"lora_a": 0}})
-    ['dense']
+    >>> adapter_layers({"block": {"dense": {"kernel": 0, "lora_a": 0, "lora_b": 0}}, "mine": {"lora_a": 0}})
+    ['block/dense']
     """
     return map_adapter_layers(params, lambda path, node: node)[1]
 
@@ -102,11 +95,8 @@ def leaves(params: PyTree) -> list[tuple[str, str, Any]]:
     >>> leaves({"dense": {"kernel": 1}})
     [('dense', 'kernel', 1)]
     """
-    out = []
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        layer, _, name = patterns.path_str(key_path).rpartition("/")
-        out.append((layer, name, leaf))
-    return out
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [(*patterns.path_str(key_path).rpartition("/")[::2], leaf) for key_path, leaf in flat]
 
 
 def adapter_leaf_paths(params: PyTree) -> set[str]:
@@ -128,11 +118,10 @@ def axes_from_kernel(
 ) -> tuple[Any, ...]:
     """The per-axis partitioning of an adapter leaf, from its kernel's: ``A`` keeps the input axes, ``B`` the output.
 
-    The one sharding rule for adapters, whatever names the axes carry (mesh axes of a ``PartitionSpec``, logical
-    names of ``nn.with_logical_partitioning``, NNX sharding metadata). ``lora_a (*in, r)`` takes the kernel's
-    leading (input) axes, ``lora_b (r, *out)`` and a ``bias (*out)`` its trailing (output) axes, each wherever the
-    sizes agree (an axis of another size, such as an Einsum factor's axis of size 1, is replicated); the rank axis
-    and every other adapter leaf (``C``, ``S``, the gate's) are replicated (``None``).
+    The one sharding rule for adapters, whatever the axis names are (mesh axes, linen logical names, NNX sharding
+    metadata): ``lora_a (*in, r)`` takes the kernel's leading axes, ``lora_b (r, *out)`` and a ``bias (*out)`` its
+    trailing ones, where the sizes agree (else, e.g. an Einsum factor's axis of size 1, ``None``); the rank axis and
+    every other leaf (``C``, ``S``, the gate's) are replicated (``None``).
 
     >>> axes_from_kernel("lora_a", (8, 4), ("embed", "mlp"), (8, 16)), axes_from_kernel("lora_b", (4, 16),
     ...                  ("embed", "mlp"), (8, 16)), axes_from_kernel("lora_c", (3, 4), ("embed", "mlp"), (8, 16))
