@@ -4,22 +4,16 @@ r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters
 
     y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-``Q(W)`` is the base kernel stored quantised (int8, int4, nf4, fp8, ... : any ``qtype`` qwix knows), computed by
-qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. We do not quantise
-anything ourselves: :func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and
-:func:`rssbl_jax.inject` (linen) and :func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs
-with qwix's interception switched off (:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own
-products see the quantised kernel.
+``Q(W)`` is the base kernel stored quantised (any ``qtype`` qwix knows: int8, int4, nf4, fp8, ...) and computed by
+qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. Nothing is quantised here:
+:func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and :func:`rssbl_jax.inject` /
+:func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs with qwix's interception off
+(:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own products see the quantised kernel.
 
-In the params tree a quantised kernel is a ``WithAux`` (qwix's PTQ leaf: a ``QArray`` of ``qvalue`` and per-channel
-``scale`` plus how it was quantised). :func:`rssbl_jax.partition`, :func:`rssbl_jax.freeze_base` and the training
-step treat its leaves as frozen; gradients are taken w.r.t. the adapters only, so no integer leaf is differentiated.
-
-Merging at ``p0`` (:func:`merge`) folds the update into the *dequantised* kernel, then either re-quantises the
-result with the kernel's own recipe (``requantize=True``: it loads into the quantised model and keeps its memory;
-the fold is exact, the re-quantisation adds the format's rounding error to the whole merged kernel) or returns it
-dequantised (``requantize=False``: float kernels for the unmodified float model, equal to the adapted quantised model
-to float round-off). BENCHMARKS.md ("Quantised base") measures both errors.
+A quantised kernel is a ``WithAux`` leaf (qwix's PTQ ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
+recipe). :func:`rssbl_jax.partition`, :func:`rssbl_jax.freeze_base` and the train step treat it as frozen:
+gradients are taken w.r.t. the adapters only, so no integer leaf is differentiated. :func:`merge` folds the update
+into the dequantised kernel, then re-quantises or not; BENCHMARKS.md ("Quantised base") measures both errors.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn
 >>> import rssbl_jax
@@ -72,11 +66,9 @@ def quantize_base(
 ) -> Any:
     r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
 
-    ``qwix.quantize_model(model, qwix.PtqProvider([QuantizationRule(module_path, weight_qtype=qtype,
-    tile_size=tile_size)]))``. Linen: ``model.init`` (or ``inject(...).init``) then creates the quantised kernels,
-    and float kernels given to ``apply`` are refused by qwix (quantise a pretrained tree with
-    :func:`quantize_params`). NNX: pass the model's inputs (as for ``qwix.quantize_model``); an adapted NNX model
-    (:func:`rssbl_jax.nnx.inject`) may be quantised, then its inputs include ``p=...``.
+    Linen: ``model.init`` (or ``inject(...).init``) creates the quantised kernels; qwix refuses float kernels given
+    to ``apply`` (quantise a pretrained tree with :func:`quantize_params`). NNX: pass the model's inputs as for
+    ``qwix.quantize_model`` (an adapted NNX model may be quantised; its inputs then include ``p=...``).
 
     Args:
       model: a linen or NNX model (unadapted, or NNX already adapted).
@@ -110,27 +102,24 @@ def quantized_kernels(params: PyTree) -> dict[str, Any]:
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
     {'layers_0/kernel': (8, 4)}"""
-    found = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]:
-        if _is_quantized(leaf):
-            found[patterns.path_str(path)] = leaf.array
-    return found
+    return {path: leaf.array for path, leaf in _quantized_leaves(params).items()}
+
+
+def _quantized_leaves(params: PyTree) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]
+    return {patterns.path_str(path): leaf for path, leaf in flat if _is_quantized(leaf)}
 
 
 def dequantize(params: PyTree) -> PyTree:
     """``params`` with every quantised kernel replaced by its dequantised float array (``qwix.dequantize``).
 
-    The result is a plain tree for the unquantised model (``rssbl_jax.inject(model, config)``), which computes what
-    the quantised one does up to float round-off: the float64 reference of the tests.
+    The unquantised model computes with the result what the quantised one does, up to float round-off.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
     >>> from rssbl_jax import quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x := jnp.ones((2, 8)))["params"]
     >>> float_params = quantize.dequantize(params)
-    >>> str(float_params["layers_0"]["kernel"].dtype)
-    'float32'
     >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": float_params}, x),
     ...                   model.apply({"params": params}, x), atol=1e-6))
     True
@@ -144,8 +133,8 @@ def dequantize(params: PyTree) -> PyTree:
 def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     """Quantise a float (e.g. pretrained) params tree like ``abstract_quantized`` (``qwix.quantize_params``).
 
-    ``abstract_quantized`` is the quantised model's params (``jax.eval_shape`` of its ``init`` is enough); leaves
-    absent from it (adapters of a float adapted tree) are kept as they are.
+    ``abstract_quantized``: the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves absent
+    from it (adapters of a float adapted tree) are kept.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
     >>> from rssbl_jax import quantize
@@ -176,17 +165,17 @@ def merge(
         W' = \begin{cases} Q\big(D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B\big) & \text{requantize} \\
                            D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B & \text{otherwise} \end{cases}
 
-    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (its ``qtype``, channel axes, tiles and
-    calibration). Re-quantising re-computes the scales from the merged kernel, so the whole kernel (not only the
-    update) is rounded again: the merged model differs from the adapted one by up to half a quantisation step per
-    weight. Dequantised kernels load into the unquantised model and match the adapted quantised model to float
-    round-off, at float memory. ``merge_kwargs`` go to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
+    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (``qtype``, channel axes, tiles,
+    calibration). The fold is exact; re-quantising recomputes the scales, so the whole merged kernel is rounded again
+    (up to half a quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load
+    into the unquantised model and match the adapted one to float round-off, at float memory.
 
     Args:
       params: the adapted quantised model's params (``variables["params"]``).
       operating_params: ``p0`` of shape ``[d_p]``.
       config: the :class:`~rssbl_jax.AdapterConfig` (or the adapted model).
       requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
+      merge_kwargs: passed to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
     >>> from rssbl_jax import quantize
@@ -202,14 +191,7 @@ def merge(
     _qwix()
     from qwix._src.core import qarray
 
-    recipes = {}
-
-    def strip(path, leaf):
-        if _is_quantized(leaf):
-            recipes[patterns.path_str(path)] = leaf
-        return leaf
-
-    jax.tree_util.tree_map_with_path(strip, params, is_leaf=_is_quantized)
+    recipes = _quantized_leaves(params)
     merged = merge_params(dequantize(params), operating_params, config, **merge_kwargs)
     if not requantize:
         return merged
@@ -226,10 +208,8 @@ def merge(
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
-    Adapter leaves are those of :func:`rssbl_jax.tree.adapter_leaf_paths`; every other leaf is the base.
-
-    ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA's buffer assignment
-    stores them); ``packed=False`` uses numpy's ``nbytes`` (a byte per element).
+    Adapter leaves are :func:`rssbl_jax.tree.adapter_leaf_paths`'. ``packed=True`` counts sub-byte types at their
+    width (``int4``/``nf4``: half a byte, as XLA's buffer assignment stores them), ``packed=False`` a byte each.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
     >>> from rssbl_jax import quantize
