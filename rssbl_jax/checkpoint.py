@@ -1,29 +1,21 @@
 """Adapter-only orbax checkpoints on any ``etils.epath`` path: the ``lora_*`` leaves and their configuration.
 
-A checkpoint is one orbax composite directory with two items: ``adapters``, the ``lora_*`` leaves nested by their
-paths in ``params``; and ``config``, JSON with the format version, the whole :class:`~rssbl_jax.AdapterConfig`,
-``d_p``, each layer's resolved ``rank`` and ``lora_alpha`` (for readers), every leaf's shape, dtype and SHA-256, and
-the config's own SHA-256. Paths may be local, ``gs://bucket/...`` or any scheme orbax and ``epath`` support.
+A checkpoint is one orbax composite directory: ``adapters``, the ``lora_*`` leaves nested by their paths in
+``params``; ``config``, JSON with the format version, the whole :class:`~rssbl_jax.AdapterConfig`, ``d_p``, each
+layer's resolved ``rank`` and ``lora_alpha``, every leaf's shape, dtype and SHA-256, and the config's own SHA-256.
 
-Integrity: orbax/tensorstore read a flipped bit back without complaint, so every load recomputes each leaf's
-SHA-256 and the config's (whatever version it claims) and raises :class:`CheckpointCorruptError`, naming the
-checkpoint and the leaf, on a mismatch or an unreadable file. A newer format version than this library's is
-refused, naming both. Nothing is repaired on load.
+Integrity: orbax/tensorstore read a flipped bit back without complaint, so every load recomputes every digest
+(whatever version the config claims) and raises :class:`CheckpointCorruptError`, naming the checkpoint and the
+leaf, on a mismatch or an unreadable file. A newer format version is refused. Nothing is repaired on load.
 
-What is atomic where:
-
-- **Local disk** (:mod:`rssbl_jax.localdisk`): an exclusive ``flock`` on ``dir/.adapters.lock`` (POSIX only; a
-  second writer fails at once with :class:`CheckpointBusyError`; the kernel drops a killed holder's lock, so none
-  is stale), a staged copy at ``dir/.adapters.new`` read back with its digests verified and fsynced, then one atomic
-  ``renameat2(RENAME_EXCHANGE)`` (Linux) or, elsewhere, two renames through ``dir/.adapters.old``. A kill at any
-  point leaves ``dir/adapters`` holding the whole old or the whole new checkpoint; only between the fallback's two
-  renames is the old one at ``.adapters.old`` (loads say where, the next write puts it back). The next write
-  removes a killed writer's leftovers.
-- **gs://** (other remote schemes are not supported yet: orbax writes its commit file only on ``gs://``): no lock,
-  staging or rename; orbax writes in place and commits last (``commit_success.txt``), and a load refuses an
-  uncommitted checkpoint. ``force=True`` deletes the old checkpoint first, so a crash mid-overwrite can leave no
-  committed checkpoint (refused on load, replaced by the next save), never a mix that loads. Two writers at once
-  are not excluded: the result is one of them or, if their files mix, a checkpoint whose digests refuse it.
+Crash safety (docs/guides/checkpoints.md): on local disk (:mod:`rssbl_jax.localdisk`) a write is locked (a second
+writer gets :class:`CheckpointBusyError`), staged, verified, fsynced and swapped in, so a kill at any point leaves
+the whole old or the whole new checkpoint (with the two-rename fallback off Linux, between the renames the old one
+is at ``.adapters.old``: loads say so, the next write puts it back). On ``gs://`` (other remote schemes are not
+supported yet: orbax writes its commit file only there) orbax writes in place and commits last
+(``commit_success.txt``); loads refuse an uncommitted checkpoint. ``force=True`` deletes the old one first, so a
+crashed overwrite leaves no committed checkpoint, never a mix that loads; two writers at once give one of them or a
+checkpoint whose digests refuse it.
 """
 
 from __future__ import annotations
@@ -81,15 +73,12 @@ class LoadedAdapters(NamedTuple):
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
     """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (as :mod:`rssbl_jax.tree` defines them)."""
     paths = tree.adapter_leaf_paths(params)
-    return {_join(layer, name): leaf for layer, name, leaf in tree.leaves(params) if _join(layer, name) in paths}
+    named = ((f"{layer}/{name}" if layer else name, leaf) for layer, name, leaf in tree.leaves(params))
+    return {path: leaf for path, leaf in named if path in paths}
 
 
 def _nested(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict({tuple(path.split("/")): leaf for path, leaf in flat.items()})
-
-
-def _join(layer: str, name: str) -> str:
-    return f"{layer}/{name}" if layer else name
 
 
 def _nnx_root(model: nnx.Module) -> nnx.Module:
@@ -166,7 +155,7 @@ def _prepare(
         )
     check_patterns_used(cfg, layers)
     for layer in layers:
-        have, want = int(jnp.shape(leaves[_join(layer, "lora_a")])[-1]), cfg.resolve(layer).rank
+        have, want = int(jnp.shape(by_layer[layer]["lora_a"])[-1]), cfg.resolve(layer).rank
         if have != want:
             raise ValueError(f"adapter {layer!r} has rank {have} but the config resolves rank {want} for it.")
     d_ps = {
@@ -257,6 +246,7 @@ def _check_replaceable(path: str | epath.Path, force: bool) -> None:
 
 
 def _where(path: epath.Path) -> str:
+    """Where an interrupted write left a checkpoint, for the error that finds none."""
     if not is_local(path):
         if _uncommitted(path):
             return "; an interrupted write left an uncommitted copy there (the next save_adapters replaces it)"
@@ -281,10 +271,7 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             config = checkpointer.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as error:  # orbax raises many kinds for a damaged file; all mean "cannot read it"
-        raise CheckpointCorruptError(
-            f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config cannot be read "
-            f"({type(error).__name__}: {str(error)[:200]})."
-        ) from error
+        raise _damaged(path, f"its config cannot be read ({type(error).__name__}: {str(error)[:200]})") from error
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         format_ = config.get("format") if isinstance(config, dict) else None
         raise ValueError(f"{os.fspath(path)!r} is not an rssbl_jax adapter checkpoint (format={format_!r}).")
@@ -298,9 +285,7 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
         )
     # Checked whenever present, whatever older version is claimed: the digest covers the version field.
     if ("sha256" in config or config.get("version", 1) >= 2) and config.get("sha256") != json_sha256(config):
-        raise CheckpointCorruptError(
-            f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config does not match its SHA-256 digest."
-        )
+        raise _damaged(path, "its config does not match its SHA-256 digest")
     if version < 3 or "adapter_config" not in config:
         raise ValueError(
             f"{os.fspath(path)!r} is an adapter checkpoint of format version {version}, written before the "
@@ -315,7 +300,6 @@ def _read_leaves(
     path: str | epath.Path, config: Mapping[str, Any], wanted: Mapping[str, tuple[tuple[int, ...], Any]]
 ) -> dict[str, np.ndarray]:
     """The leaves at ``path`` (``wanted``: name -> saved ``(shape, dtype)``), each checked against its SHA-256."""
-    where = os.fspath(path)
     target = _nested({name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in wanted.items()})
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -324,21 +308,18 @@ def _read_leaves(
             "/".join(key): np.asarray(leaf) for key, leaf in traverse_util.flatten_dict(restored["adapters"]).items()
         }
     except Exception as error:
-        raise CheckpointCorruptError(
-            f"the adapter checkpoint {where!r} is damaged: its arrays cannot be read ({type(error).__name__}: "
-            f"{str(error)[:200]})."
-        ) from error
+        raise _damaged(path, f"its arrays cannot be read ({type(error).__name__}: {str(error)[:200]})") from error
     for name, (shape, dtype) in wanted.items():
         leaf = flat.get(name)
         if leaf is None or leaf.shape != tuple(shape) or leaf.dtype != np.dtype(dtype):
-            raise CheckpointCorruptError(
-                f"the adapter checkpoint {where!r} is damaged: leaf {name!r} did not read back."
-            )
+            raise _damaged(path, f"leaf {name!r} did not read back")
         if array_sha256(leaf) != config["leaves"][name].get("sha256"):
-            raise CheckpointCorruptError(
-                f"the adapter checkpoint {where!r} is damaged: leaf {name!r} does not match its SHA-256 digest."
-            )
+            raise _damaged(path, f"leaf {name!r} does not match its SHA-256 digest")
     return flat
+
+
+def _damaged(path: str | epath.Path, what: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"the adapter checkpoint {os.fspath(path)!r} is damaged: {what}.")
 
 
 def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:

@@ -177,9 +177,8 @@ class AdapterConfig:
 
         set_("rank", _positive_int(self.rank, "rank"))
         set_("lora_alpha", _alpha(self.lora_alpha, "lora_alpha"))
-        set_("targets", patterns.as_patterns(self.targets, "targets"))
-        set_("exclude", patterns.as_patterns(self.exclude, "exclude"))
-        set_("modules_to_save", patterns.as_patterns(self.modules_to_save, "modules_to_save"))
+        for name in ("targets", "exclude", "modules_to_save"):
+            set_(name, patterns.as_patterns(getattr(self, name), name))
         for name in ("rank_pattern", "alpha_pattern"):
             if isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a mapping {{regex: value}} or (regex, value) pairs; got a string.")
@@ -210,11 +209,7 @@ class AdapterConfig:
                 )
             if any(s <= 0 for s in self.p_std):
                 raise ValueError(f"p_std must be > 0 everywhere; got p_std={self.p_std}.")
-        if (
-            not isinstance(self.p_keyword, str)
-            or not self.p_keyword.isidentifier()
-            or keyword.iskeyword(self.p_keyword)
-        ):
+        if not (isinstance(self.p_keyword, str) and self.p_keyword.isidentifier()) or keyword.iskeyword(self.p_keyword):
             raise ValueError(
                 f"p_keyword must be a Python identifier that is not a keyword (it is passed as `{{p_keyword}}=p`); "
                 f"got p_keyword={self.p_keyword!r}."

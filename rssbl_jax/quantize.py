@@ -15,18 +15,13 @@ recipe). :func:`rssbl_jax.partition`, :func:`rssbl_jax.freeze_base` and the trai
 gradients are taken w.r.t. the adapters only, so no integer leaf is differentiated. :func:`merge` folds the update
 into the dequantised kernel, then re-quantises or not; BENCHMARKS.md ("Quantised base") measures both errors.
 
->>> import jax, jax.numpy as jnp, flax.linen as nn
->>> import rssbl_jax
->>> from rssbl_jax import quantize
->>> model = quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
+>>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+>>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
 >>> adapted = rssbl_jax.inject(model, r"layers_\d", rank=2, lora_alpha=4.0)
->>> x, p = jnp.ones((3, 16)), jnp.ones((3, 2))
->>> variables = adapted.init(jax.random.key(0), x, p=p)
+>>> variables = adapted.init(jax.random.key(0), x := jnp.ones((3, 16)), p=(p := jnp.ones((3, 2))))
 >>> layer = variables["params"]["layers_0"]
->>> str(quantize.quantized_kernels(layer)["kernel"].qvalue.dtype), str(layer["lora_a"].dtype)
-('int8', 'float32')
->>> adapted.apply(variables, x, p=p).shape
-(3, 4)
+>>> str(layer["kernel"].array.qvalue.dtype), str(layer["lora_a"].dtype), adapted.apply(variables, x, p=p).shape
+('int8', 'float32', (3, 4))
 
 ``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as here), not a bare root layer.
 """
@@ -76,8 +71,7 @@ def quantize_base(
       module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
       tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "nf4")
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> str(quantize.quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)   # nf4 codes in 4 bits
@@ -96,8 +90,7 @@ def _is_quantized(x: Any) -> bool:
 def quantized_kernels(params: PyTree) -> dict[str, Any]:
     """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
@@ -115,8 +108,7 @@ def dequantize(params: PyTree) -> PyTree:
 
     The unquantised model computes with the result what the quantised one does, up to float round-off.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> params = model.init(jax.random.key(0), x := jnp.ones((2, 8)))["params"]
     >>> float_params = quantize.dequantize(params)
@@ -136,8 +128,7 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     ``abstract_quantized``: the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves absent
     from it (adapters of a float adapted tree) are kept.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> pretrained = nn.Sequential([nn.Dense(4)]).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
@@ -177,8 +168,7 @@ def merge(
       requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
       merge_kwargs: passed to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
     >>> x, p0 = jnp.ones((2, 8)), jnp.ones(3)
@@ -208,11 +198,10 @@ def merge(
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
-    Adapter leaves are :func:`rssbl_jax.tree.adapter_leaf_paths`'. ``packed=True`` counts sub-byte types at their
-    width (``int4``/``nf4``: half a byte, as XLA's buffer assignment stores them), ``packed=False`` a byte each.
+    Adapter leaves (:func:`rssbl_jax.tree.adapter_leaf_paths`) are not counted. ``packed=True`` counts sub-byte
+    types at their width (``int4``/``nf4``: half a byte, as XLA stores them), ``packed=False`` a byte each.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")
     >>> params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 256))))["params"]
     >>> quantize.base_bytes(params)    # 256·256 values at 4 bits + 256 float32 scales

@@ -172,11 +172,10 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
 def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tuple[TrainState, int | None]:
     """Restore the newest good checkpoint in ``checkpoint_dir`` into the layout (shardings) of ``state``.
 
-    Checkpoints are tried newest first. One that cannot be read, or whose arrays do not match their SHA-256
-    digests, is skipped with a warning and renamed ``<step>.corrupt`` (so it blocks no later save). One of another
-    architecture or optimizer (a leaf of the adapters, optimizer state or frozen base missing, added or of another
-    shape or dtype; or the same leaves in another tree, e.g. ``adamw`` state for ``adam``'s) raises, naming what
-    changed, and is kept. In several processes, every process calls it.
+    Newest first; one that cannot be read or fails its SHA-256 digests is skipped with a warning and renamed
+    ``<step>.corrupt`` (so it blocks no later save). One of another architecture or optimizer (a leaf of the
+    adapters, optimizer state or frozen base missing, added or of another shape or dtype; or the same leaves in
+    another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls it.
 
     Args:
       checkpoint_dir: the directory :func:`train` saves into: local, or remote such as ``gs://bucket/run``.
@@ -187,18 +186,15 @@ def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tupl
       ``(state, step)``, or ``(state, None)`` when there is no checkpoint (the directory is created if missing).
 
     Raises:
-      ValueError: naming the mismatched path and both shapes/dtypes, or both tree structures, for a checkpoint
-        of another architecture or optimizer.
+      ValueError: for a checkpoint of another architecture or optimizer, naming both paths/shapes/trees.
       RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
 
     >>> import tempfile, jax, jax.numpy as jnp, optax
     >>> from rssbl_jax.training import init_train_state, make_train_step, train
-    >>> tx = optax.sgd(0.1)
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, tx, jax.random.key(0))
-    >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
-    >>> directory = tempfile.mkdtemp()
-    >>> _ = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.ones(2), 4, checkpoint_dir=directory)
+    >>> state = init_train_state(params, tx := optax.sgd(0.1), jax.random.key(0))
+    >>> step_fn = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] * batch), tx))
+    >>> _ = train(state, step_fn, lambda step: jnp.ones(2), 4, checkpoint_dir=(directory := tempfile.mkdtemp()))
     >>> restored, step = restore_latest(directory, state)   # e.g. in a new process, after a crash
     >>> step, [round(float(v), 3) for v in restored.trainable["lora_b"]]
     (4, [0.6, 0.6])
