@@ -36,10 +36,7 @@ from flax import nnx, traverse_util
 
 from rssbl_jax import gates, localdisk, patterns, tree
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
-from rssbl_jax.digests import array_sha256 as array_sha256
-from rssbl_jax.digests import as_path as as_path
-from rssbl_jax.digests import is_local as is_local
-from rssbl_jax.digests import json_sha256 as json_sha256
+from rssbl_jax.digests import array_sha256, as_path, is_local, json_sha256
 from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
 
 PyTree = Any
@@ -328,8 +325,7 @@ def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     Raises:
       FileNotFoundError: when there is no complete (committed) checkpoint at ``path``.
       CheckpointCorruptError: when the stored config does not match its SHA-256 digest.
-      ValueError: when the checkpoint's format version is newer than this library's, or older than the one that
-        stores the whole config.
+      ValueError: when the format version is newer than this library's, or older than the whole config's.
 
     >>> import tempfile, jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
@@ -346,15 +342,17 @@ def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
 def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any = None) -> LoadedAdapters:
     """Load the adapters saved at ``path`` into ``params``; return them with their stored ``AdapterConfig``.
 
-    ``config`` (the model's AdapterConfig, or the adapted model / layer carrying it) must equal the stored one, else
-    this names each differing field with both values: the adapters would silently compute something else. Without
-    it, use the returned config from then on (``merge``, building the model). The checkpoint's and ``params``'
-    adapter leaves must match one to one, shapes included; loaded leaves take ``params``' dtypes, base leaves are
-    returned unchanged. Given an NNX model (adapted, or a module holding adapters), the config defaults to its own
-    and a copy of the model with the adapters loaded is returned (the argument is left unchanged).
+    A given ``config`` must equal the stored one (else the adapters would silently compute something else);
+    without one, use the returned config from then on. The checkpoint's and ``params``' adapter leaves must match
+    one to one, shapes included; loaded leaves take ``params``' dtypes, base leaves are returned unchanged.
+
+    Args:
+      path: the checkpoint directory.
+      params: a params tree, or an NNX model (adapted, or holding adapters): then a copy of it is returned.
+      config: the model's AdapterConfig, or the adapted model / layer carrying it; default: an NNX model's own.
 
     Raises:
-      ValueError: when the configs differ, or naming the first mismatched path with both shapes.
+      ValueError: naming each differing config field with both values, or the first mismatched path and shapes.
       FileNotFoundError: when there is no complete checkpoint at ``path``.
       CheckpointCorruptError: when a leaf or the config does not match its SHA-256 digest, or cannot be read.
 

@@ -141,14 +141,7 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     return qwix.quantize_params(params, abstract_quantized, allow_extra_params=False)
 
 
-def merge(
-    params: PyTree,
-    operating_params: Any,
-    config: Any,
-    *,
-    requantize: bool,
-    **merge_kwargs: Any,
-) -> PyTree:
+def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: bool, **merge_kwargs: Any) -> PyTree:
     r"""Merge every adapted layer at ``p0`` onto a quantised base: re-quantised, or dequantised, as asked.
 
     .. math::
