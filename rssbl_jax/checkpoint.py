@@ -388,10 +388,8 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     for name, shape in saved.items():
         if name not in current:
             raise ValueError(f"checkpoint adapter {name!r} (shape {shape}) has no counterpart in params.")
-        if tuple(jnp.shape(current[name])) != shape:
-            raise ValueError(
-                f"adapter {name!r} has shape {shape} in the checkpoint but {tuple(jnp.shape(current[name]))} in params."
-            )
+        if (have := tuple(jnp.shape(current[name]))) != shape:
+            raise ValueError(f"adapter {name!r} has shape {shape} in the checkpoint but {have} in params.")
     for name, leaf in current.items():
         if name not in saved:
             raise ValueError(

@@ -10,10 +10,9 @@ qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``para
 :func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs with qwix's interception off
 (:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own products see the quantised kernel.
 
-A quantised kernel is a ``WithAux`` leaf (qwix's PTQ ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
-recipe). :func:`rssbl_jax.partition`, :func:`rssbl_jax.freeze_base` and the train step treat it as frozen:
-gradients are taken w.r.t. the adapters only, so no integer leaf is differentiated. :func:`merge` folds the update
-into the dequantised kernel, then re-quantises or not; BENCHMARKS.md ("Quantised base") measures both errors.
+A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
+recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
+differentiated. :func:`merge` folds the update into it (errors measured in BENCHMARKS.md, "Quantised base").
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
 >>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
