@@ -163,8 +163,7 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
-    >>> x, p0 = jnp.ones((2, 8)), jnp.ones(3)
-    >>> params = adapted.init(jax.random.key(0), x, p=p0)["params"]
+    >>> params = adapted.init(jax.random.key(0), x := jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
     >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
     >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
     (['bias', 'kernel'], 'int8')

@@ -24,8 +24,7 @@ class TensorBoardWriter:
         shows one curve per run.
 
     >>> import glob, tempfile
-    >>> logdir = tempfile.mkdtemp()
-    >>> with TensorBoardWriter(logdir) as writer:
+    >>> with TensorBoardWriter(logdir := tempfile.mkdtemp()) as writer:
     ...     writer.write_scalars(10, {"loss": 0.5, "eval/mse": 0.25})
     >>> len(glob.glob(f"{logdir}/events.out.tfevents.*"))
     1
