@@ -1,33 +1,21 @@
-"""Adapter-only orbax checkpoints on any path orbax supports: the ``lora_*`` leaves and their configuration.
+"""Adapter-only orbax checkpoints on any ``etils.epath`` path: the ``lora_*`` leaves and their configuration.
 
-A checkpoint is one orbax composite directory holding two items: ``adapters``, the ``lora_*`` leaves as a nested
-dict keyed by their paths in ``params``; and ``config``, JSON with the format version, the whole
-:class:`~rssbl_jax.AdapterConfig`, ``d_p``, each layer's resolved ``rank`` and ``lora_alpha`` (for readers), every
-leaf's shape, dtype and SHA-256, and a SHA-256 of the config itself. Paths are ``etils.epath`` paths: a local
-directory, ``gs://bucket/...`` or any other scheme orbax and ``epath`` support.
+A checkpoint is one orbax composite directory: ``adapters``, the ``lora_*`` leaves nested by their paths in
+``params``; ``config``, JSON with the format version, the whole :class:`~rssbl_jax.AdapterConfig`, ``d_p``, each
+layer's resolved ``rank`` and ``lora_alpha``, every leaf's shape, dtype and SHA-256, and the config's own SHA-256.
 
-Integrity, everywhere: orbax/tensorstore read a flipped bit inside an array file back without complaint, so every
-load recomputes each leaf's SHA-256 (and the config's, whatever version the config claims) and raises
-:class:`CheckpointCorruptError`, naming the checkpoint and the leaf, on a mismatch or an unreadable file. A
-checkpoint of a newer format version than this library's is refused, naming both. Nothing is repaired on load.
+Integrity: orbax/tensorstore read a flipped bit back without complaint, so every load recomputes every digest
+(whatever version the config claims) and raises :class:`CheckpointCorruptError`, naming the checkpoint and the
+leaf, on a mismatch or an unreadable file. A newer format version is refused. Nothing is repaired on load.
 
-What is atomic where:
-
-- **Local disk.** A write of ``dir/adapters`` holds an exclusive ``flock`` on ``dir/.adapters.lock`` (POSIX only;
-  a second writer fails at once with :class:`CheckpointBusyError`; the kernel drops the lock of a killed holder,
-  so a lock is never stale; on Windows there is no lock). The new checkpoint is written to ``dir/.adapters.new``,
-  read back with its digests verified and fsynced, then swapped with the old one by one atomic
-  ``renameat2(RENAME_EXCHANGE)`` (Linux); elsewhere by two renames through ``dir/.adapters.old``. A process killed
-  at any point leaves ``dir/adapters`` holding the whole old or the whole new checkpoint; only between the two
-  renames of the fallback is the old one at ``.adapters.old`` instead (loads say where, the next write puts it
-  back). Leftovers of a killed writer are removed by the next write.
-- **gs:// paths** (other remote schemes are not supported yet: orbax writes its commit file only on ``gs://``).
-  No lock, no staging copy, no rename: orbax writes the checkpoint in place and commits it last (a
-  ``commit_success.txt`` object, written after every other file). A load refuses a checkpoint without that commit.
-  ``force=True`` deletes the old checkpoint before the new one is written, so a crash during an overwrite can leave
-  no committed checkpoint at the path (refused on load, replaced by the next save without ``force``), never a mix
-  that loads. Two writers at once are not excluded: the result is one of them or, if their files mix, a checkpoint
-  whose digests refuse it.
+Crash safety (docs/guides/checkpoints.md): on local disk (:mod:`rssbl_jax.localdisk`) a write is locked (a second
+writer gets :class:`CheckpointBusyError`), staged, verified, fsynced and swapped in, so a kill at any point leaves
+the whole old or the whole new checkpoint (with the two-rename fallback off Linux, between the renames the old one
+is at ``.adapters.old``: loads say so, the next write puts it back). On ``gs://`` (other remote schemes are not
+supported yet: orbax writes its commit file only there) orbax writes in place and commits last
+(``commit_success.txt``); loads refuse an uncommitted checkpoint. ``force=True`` deletes the old one first, so a
+crashed overwrite leaves no committed checkpoint, never a mix that loads; two writers at once give one of them or a
+checkpoint whose digests refuse it.
 """
 
 from __future__ import annotations
@@ -48,10 +36,7 @@ from flax import nnx, traverse_util
 
 from rssbl_jax import gates, localdisk, patterns, tree
 from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
-from rssbl_jax.digests import array_sha256 as array_sha256
-from rssbl_jax.digests import as_path as as_path
-from rssbl_jax.digests import is_local as is_local
-from rssbl_jax.digests import json_sha256 as json_sha256
+from rssbl_jax.digests import array_sha256, as_path, is_local, json_sha256
 from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
 
 PyTree = Any
@@ -65,8 +50,6 @@ logger = logging.getLogger(__name__)
 
 class CheckpointCorruptError(ValueError):
     """An adapter checkpoint's bytes do not match their SHA-256 digests, or a file of it cannot be read.
-
-    ``tests/test_faults.py`` flips bytes and truncates every file kind of a checkpoint to check this is raised.
 
     >>> issubclass(CheckpointCorruptError, ValueError)
     True
@@ -85,17 +68,14 @@ class LoadedAdapters(NamedTuple):
 
 
 def _adapter_leaves(params: PyTree) -> dict[str, jax.Array]:
-    """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (as :func:`rssbl_jax.tree` defines them)."""
+    """``{"layer/path/lora_x": leaf}`` for every adapter leaf of ``params`` (as :mod:`rssbl_jax.tree` defines them)."""
     paths = tree.adapter_leaf_paths(params)
-    return {_join(layer, name): leaf for layer, name, leaf in tree.leaves(params) if _join(layer, name) in paths}
+    named = ((f"{layer}/{name}" if layer else name, leaf) for layer, name, leaf in tree.leaves(params))
+    return {path: leaf for path, leaf in named if path in paths}
 
 
 def _nested(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict({tuple(path.split("/")): leaf for path, leaf in flat.items()})
-
-
-def _join(layer: str, name: str) -> str:
-    return f"{layer}/{name}" if layer else name
 
 
 def _nnx_root(model: nnx.Module) -> nnx.Module:
@@ -105,11 +85,7 @@ def _nnx_root(model: nnx.Module) -> nnx.Module:
 
 
 def _params_of(params: PyTree) -> PyTree:
-    """A params tree: ``params`` itself, or the pure state dict of an NNX model's (adapted) module's parameters.
-
-    Only ``nnx.Param`` variables (adapters are ``nnx.LoRAParam``, a kind of ``Param``): graph state such as the
-    ``operating_params`` variable of an adapted layer is no part of a checkpoint.
-    """
+    """``params``, or an NNX model's pure dict of ``nnx.Param`` state (adapters included; ``operating_params`` not)."""
     if isinstance(params, nnx.Module):
         return nnx.state(_nnx_root(params), nnx.Param).to_pure_dict()
     return params
@@ -120,17 +96,15 @@ def save_adapters(
 ) -> None:
     """Save only the adapter leaves of ``params`` and their :class:`~rssbl_jax.AdapterConfig` to ``path``.
 
-    ``config`` is the config the adapters were trained with (or the adapted model / layer carrying it:
-    ``save_adapters(path, params, adapted)``); it is stored whole, and :func:`load_adapters` checks it against the
-    model it loads into. An NNX adapted model can be given as ``params`` directly, its config then taken from it:
-    ``save_adapters(path, adapted)``. See the module docstring for what is atomic on which kind of path.
+    The config is stored whole; :func:`load_adapters` checks it against the model it loads into. What is atomic on
+    which kind of path: see the module docstring.
 
     Args:
-      path: the checkpoint directory to create (local, or remote such as ``gs://bucket/run/adapters``); must not
-        exist unless ``force``.
-      params: a params tree holding adapters (linen ``variables["params"]``, an NNX pure state dict of
-        ``adapted.model``), or an NNX model holding adapters.
-      config: the adapters' AdapterConfig; default: the one ``params`` carries (an NNX adapted model).
+      path: the checkpoint directory (local, or remote such as ``gs://bucket/run/adapters``); must not exist unless
+        ``force``.
+      params: a params tree holding adapters (linen ``variables["params"]``, a pure state dict of ``adapted.model``),
+        or an NNX model holding adapters (``save_adapters(path, adapted)``).
+      config: the AdapterConfig trained with, or the adapted model / layer carrying it; default: ``params``' own.
       force: overwrite an existing checkpoint at ``path``.
 
     Raises:
@@ -141,8 +115,7 @@ def save_adapters(
     >>> from rssbl_jax import RSSBilinearLoRADense
     >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
-    >>> path = tempfile.mkdtemp() + "/adapters"
-    >>> save_adapters(path, params, layer.adapter_config)
+    >>> save_adapters(path := tempfile.mkdtemp() + "/adapters", params, layer.adapter_config)
     >>> restored, config = load_adapters(path, params, layer.adapter_config)
     >>> bool(jnp.all(restored["lora_c"] == params["lora_c"])), config.lora_alpha
     (True, 4.0)
@@ -158,11 +131,11 @@ def _prepare(
     leaves = _adapter_leaves(_params_of(params))
     if not leaves:
         raise ValueError("save_adapters found no adapter layer (lora_a, lora_b, lora_c) in params.")
-    layers = sorted({leaf_path.rpartition("/")[0] for leaf_path in leaves})
-    by_layer = {layer: {} for layer in layers}
+    by_layer: dict[str, dict[str, jax.Array]] = {}
     for leaf_path, leaf in leaves.items():
         layer, _, name = leaf_path.rpartition("/")
-        by_layer[layer][name] = leaf
+        by_layer.setdefault(layer, {})[name] = leaf
+    layers = sorted(by_layer)
     for layer in layers:  # every leaf the configured gate needs (registered gates included), else not ours
         try:
             gates.require_leaves(by_layer[layer], cfg.resolve(layer))
@@ -179,7 +152,7 @@ def _prepare(
         )
     check_patterns_used(cfg, layers)
     for layer in layers:
-        have, want = int(jnp.shape(leaves[_join(layer, "lora_a")])[-1]), cfg.resolve(layer).rank
+        have, want = int(jnp.shape(by_layer[layer]["lora_a"])[-1]), cfg.resolve(layer).rank
         if have != want:
             raise ValueError(f"adapter {layer!r} has rank {have} but the config resolves rank {want} for it.")
     d_ps = {
@@ -210,22 +183,27 @@ def _write(
     force: bool,
     on_stage: Callable[[str], object] | None = None,
 ) -> None:
-    """Write a prepared checkpoint (:func:`_prepare`) where it belongs: local disk or a remote store.
-
-    ``on_stage`` is called with each stage's name (``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``,
-    ``"done"``) as the write passes it, so a fault-injection test can pause or kill the writer there.
-    """
+    """Write a prepared checkpoint (:func:`_prepare`) locally or remotely; ``on_stage(name)`` marks each stage."""
     on_stage = on_stage or (lambda stage: None)
-    if is_local(path):
-        _write_local(str(path), leaves, config, force=force, on_stage=on_stage)
-    else:
-        _write_remote(path, leaves, config, force=force, on_stage=on_stage)
-
-
-# --------------------------------------------------------------------------------------------------
-# Storage. These take the already-built ``leaves`` ({"layer/lora_x": array}) and ``config`` (JSON-able dict,
-# digests included) and know nothing of adapters.
-# --------------------------------------------------------------------------------------------------
+    if is_local(path):  # locked, staged, verified, then swapped in
+        localdisk.replace_directory(
+            str(path),
+            lambda staging: _orbax_save(staging, leaves, config),
+            verify=lambda staging: _verify(staging, leaves),
+            is_ours=_is_adapter_checkpoint,
+            check_existing=lambda existing: _check_replaceable(existing, force),
+            on_stage=on_stage,
+        )
+        return
+    if path.exists():  # remote: orbax's own commit; an uncommitted leftover of a failed write is replaced
+        if _uncommitted(path):
+            logger.warning("replacing %s: an interrupted write left it uncommitted", path)
+        else:
+            _check_replaceable(path, force)
+        path.rmtree()
+    _orbax_save(path, leaves, config)
+    _verify(path, leaves)
+    on_stage("done")
 
 
 def _orbax_save(path: str | epath.Path, leaves: Mapping[str, np.ndarray], config: dict[str, Any]) -> None:
@@ -240,6 +218,10 @@ def _orbax_save(path: str | epath.Path, leaves: Mapping[str, np.ndarray], config
 def _verify(path: str | epath.Path, leaves: Mapping[str, np.ndarray]) -> None:
     """Read a just-written checkpoint back, every digest checked."""
     _read_leaves(path, _read_config(path), {n: (x.shape, x.dtype) for n, x in leaves.items()})
+
+
+def _uncommitted(path: epath.Path) -> bool:
+    return (path / _STARTED).exists() and not (path / _COMMITTED).exists()
 
 
 def _is_adapter_checkpoint(path: str | epath.Path) -> bool:
@@ -260,48 +242,10 @@ def _check_replaceable(path: str | epath.Path, force: bool) -> None:
         )
 
 
-def _write_remote(
-    path: epath.Path,
-    leaves: Mapping[str, np.ndarray],
-    config: dict[str, Any],
-    *,
-    force: bool,
-    on_stage: Callable[[str], object],
-) -> None:
-    """Write to a remote path with orbax's own commit; an uncommitted leftover of a failed write is replaced."""
-    if path.exists():
-        if (path / _STARTED).exists() and not (path / _COMMITTED).exists():
-            logger.warning("replacing %s: an interrupted write left it uncommitted", path)
-        else:
-            _check_replaceable(path, force)
-        path.rmtree()
-    _orbax_save(path, leaves, config)
-    _verify(path, leaves)
-    on_stage("done")
-
-
-def _write_local(
-    path: str,
-    leaves: Mapping[str, np.ndarray],
-    config: dict[str, Any],
-    *,
-    force: bool,
-    on_stage: Callable[[str], object],
-) -> None:
-    """Write to a local path: locked, staged, verified, then swapped in (:mod:`rssbl_jax.localdisk`)."""
-    localdisk.replace_directory(
-        path,
-        lambda staging: _orbax_save(staging, leaves, config),
-        verify=lambda staging: _verify(staging, leaves),
-        is_ours=_is_adapter_checkpoint,
-        check_existing=lambda existing: _check_replaceable(existing, force),
-        on_stage=on_stage,
-    )
-
-
 def _where(path: epath.Path) -> str:
+    """Where an interrupted write left a checkpoint, for the error that finds none."""
     if not is_local(path):
-        if (path / _STARTED).exists() and not (path / _COMMITTED).exists():
+        if _uncommitted(path):
             return "; an interrupted write left an uncommitted copy there (the next save_adapters replaces it)"
         return ""
     old = localdisk.sibling(str(path), "old")
@@ -324,10 +268,7 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             config = checkpointer.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as error:  # orbax raises many kinds for a damaged file; all mean "cannot read it"
-        raise CheckpointCorruptError(
-            f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config cannot be read "
-            f"({type(error).__name__}: {str(error)[:200]})."
-        ) from error
+        raise _damaged(path, f"its config cannot be read ({type(error).__name__}: {str(error)[:200]})") from error
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         format_ = config.get("format") if isinstance(config, dict) else None
         raise ValueError(f"{os.fspath(path)!r} is not an rssbl_jax adapter checkpoint (format={format_!r}).")
@@ -339,13 +280,9 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
             f"the adapter checkpoint {os.fspath(path)!r} has format version {version}, newer than this rssbl_jax's "
             f"(version {VERSION}); upgrade rssbl_jax to load it."
         )
-    # The digest is checked whenever there is one, whatever older version the config claims: it covers the version
-    # field, so a relabelled version is damage, not an older format.
-    if "sha256" in config or config.get("version", 1) >= 2:
-        if config.get("sha256") != json_sha256(config):
-            raise CheckpointCorruptError(
-                f"the adapter checkpoint {os.fspath(path)!r} is damaged: its config does not match its SHA-256 digest."
-            )
+    # Checked whenever present, whatever older version is claimed: the digest covers the version field.
+    if ("sha256" in config or config.get("version", 1) >= 2) and config.get("sha256") != json_sha256(config):
+        raise _damaged(path, "its config does not match its SHA-256 digest")
     if version < 3 or "adapter_config" not in config:
         raise ValueError(
             f"{os.fspath(path)!r} is an adapter checkpoint of format version {version}, written before the "
@@ -359,11 +296,7 @@ def _read_config(path: str | epath.Path) -> dict[str, Any]:
 def _read_leaves(
     path: str | epath.Path, config: Mapping[str, Any], wanted: Mapping[str, tuple[tuple[int, ...], Any]]
 ) -> dict[str, np.ndarray]:
-    """The leaves of the checkpoint at ``path`` in their saved dtypes, each checked against its SHA-256.
-
-    ``wanted`` maps each leaf name to the ``(shape, dtype)`` it must have (a checked config says so).
-    """
-    where = os.fspath(path)
+    """The leaves at ``path`` (``wanted``: name -> saved ``(shape, dtype)``), each checked against its SHA-256."""
     target = _nested({name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in wanted.items()})
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -372,21 +305,18 @@ def _read_leaves(
             "/".join(key): np.asarray(leaf) for key, leaf in traverse_util.flatten_dict(restored["adapters"]).items()
         }
     except Exception as error:
-        raise CheckpointCorruptError(
-            f"the adapter checkpoint {where!r} is damaged: its arrays cannot be read ({type(error).__name__}: "
-            f"{str(error)[:200]})."
-        ) from error
+        raise _damaged(path, f"its arrays cannot be read ({type(error).__name__}: {str(error)[:200]})") from error
     for name, (shape, dtype) in wanted.items():
         leaf = flat.get(name)
         if leaf is None or leaf.shape != tuple(shape) or leaf.dtype != np.dtype(dtype):
-            raise CheckpointCorruptError(
-                f"the adapter checkpoint {where!r} is damaged: leaf {name!r} did not read back."
-            )
+            raise _damaged(path, f"leaf {name!r} did not read back")
         if array_sha256(leaf) != config["leaves"][name].get("sha256"):
-            raise CheckpointCorruptError(
-                f"the adapter checkpoint {where!r} is damaged: leaf {name!r} does not match its SHA-256 digest."
-            )
+            raise _damaged(path, f"leaf {name!r} does not match its SHA-256 digest")
     return flat
+
+
+def _damaged(path: str | epath.Path, what: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"the adapter checkpoint {os.fspath(path)!r} is damaged: {what}.")
 
 
 def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
@@ -395,16 +325,14 @@ def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     Raises:
       FileNotFoundError: when there is no complete (committed) checkpoint at ``path``.
       CheckpointCorruptError: when the stored config does not match its SHA-256 digest.
-      ValueError: when the checkpoint's format version is newer than this library's, or older than the one that
-        stores the whole config.
+      ValueError: when the format version is newer than this library's, or older than the whole config's.
 
     >>> import tempfile, jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
     >>> params = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0).init(
     ...     jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
-    >>> path = tempfile.mkdtemp() + "/adapters"
     >>> config = AdapterConfig(rank=2, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
-    >>> save_adapters(path, params, config)
+    >>> save_adapters(path := tempfile.mkdtemp() + "/adapters", params, config)
     >>> load_adapter_config(path) == config
     True
     """
@@ -414,18 +342,17 @@ def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
 def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig | Any = None) -> LoadedAdapters:
     """Load the adapters saved at ``path`` into ``params``; return them with their stored ``AdapterConfig``.
 
-    ``config`` is the config of the model the adapters go into (or the adapted model / layer carrying it). When
-    given, it must equal the stored config: if any setting differs (``lora_alpha``, ``gate_offset``, a pattern, the
-    ``p`` normalisation, ...) this refuses and names each field with both values, because the adapters would
-    silently compute something else than they were trained to. Without it, use the returned config for everything
-    that follows (``merge``, building the model). Every adapter leaf of the checkpoint must exist in ``params`` with
-    the same shape, and every adapter leaf of ``params`` must be in the checkpoint; base leaves are returned
-    unchanged. Loaded leaves take the dtype of ``params``' leaves. Given an NNX model (an adapted model, or a
-    module holding adapters), the config defaults to the model's, and the returned ``params`` is a copy of the
-    model with the adapters loaded (``nnx.clone`` then ``nnx.update``; the argument is left unchanged).
+    A given ``config`` must equal the stored one (else the adapters would silently compute something else);
+    without one, use the returned config from then on. The checkpoint's and ``params``' adapter leaves must match
+    one to one, shapes included; loaded leaves take ``params``' dtypes, base leaves are returned unchanged.
+
+    Args:
+      path: the checkpoint directory.
+      params: a params tree, or an NNX model (adapted, or holding adapters): then a copy of it is returned.
+      config: the model's AdapterConfig, or the adapted model / layer carrying it; default: an NNX model's own.
 
     Raises:
-      ValueError: when the configs differ, or naming the first mismatched path with both shapes.
+      ValueError: naming each differing config field with both values, or the first mismatched path and shapes.
       FileNotFoundError: when there is no complete checkpoint at ``path``.
       CheckpointCorruptError: when a leaf or the config does not match its SHA-256 digest, or cannot be read.
 
@@ -434,8 +361,7 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
     >>> trained = layer.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> trained = {**trained, "lora_b": jnp.ones((2, 4))}             # as if trained
-    >>> path = tempfile.mkdtemp() + "/adapters"
-    >>> save_adapters(path, trained, layer)
+    >>> save_adapters(path := tempfile.mkdtemp() + "/adapters", trained, layer)
     >>> fresh = layer.init(jax.random.key(1), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> restored, config = load_adapters(path, fresh, layer)
     >>> bool(jnp.all(restored["lora_b"] == 1.0)), bool(jnp.all(restored["kernel"] == fresh["kernel"]))
@@ -462,10 +388,8 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
     for name, shape in saved.items():
         if name not in current:
             raise ValueError(f"checkpoint adapter {name!r} (shape {shape}) has no counterpart in params.")
-        if tuple(jnp.shape(current[name])) != shape:
-            raise ValueError(
-                f"adapter {name!r} has shape {shape} in the checkpoint but {tuple(jnp.shape(current[name]))} in params."
-            )
+        if (have := tuple(jnp.shape(current[name]))) != shape:
+            raise ValueError(f"adapter {name!r} has shape {shape} in the checkpoint but {have} in params.")
     for name, leaf in current.items():
         if name not in saved:
             raise ValueError(

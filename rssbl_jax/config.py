@@ -10,13 +10,7 @@ between training, saving, loading and merging.
     s_\ell = \frac{\alpha_\ell}{r_\ell}\ \Big(\text{or } \frac{\alpha_\ell}{\sqrt{r_\ell}}\text{ with rsLoRA}\Big),
     \qquad \hat p = \frac{p - \mu}{\sigma}
 
-with the gate ``g`` one of
-
-- ``"linear"`` (the original formulation's): ``g(p) = g_0 + C p`` with a constant ``g_0 = gate_offset`` (0 by
-  default);
-- ``"affine"``: ``g(p) = c_0 + C p`` with ``c_0`` learnable (``lora_c0``), initialised to ``gate_offset``;
-- ``"mlp"``: ``g(p) = c_0 + C \tanh(W_g p + b_g)`` with a hidden layer of ``gate_hidden`` units
-  (``lora_gate_w``, ``lora_gate_b``), ``C`` (``lora_c``) of shape ``(gate_hidden, r)``.
+with the gate ``g`` a member of :mod:`rssbl_jax.gates` (``AdapterConfig.gate``; its leaves are listed there).
 
 >>> config = AdapterConfig(rank=8, lora_alpha=16.0, alpha_pattern={r".*/value": 4.0})
 >>> config.scale, config.resolve("block_0/attention/value").scale
@@ -43,13 +37,8 @@ LORA_A_INITS = ("lora", "gaussian")
 class LayerConfig(NamedTuple):
     """The settings of one adapted layer, resolved from an :class:`AdapterConfig` by its path (hashable, static).
 
-    Attributes:
-      rank, lora_alpha: this layer's rank and scaling numerator after ``rank_pattern`` / ``alpha_pattern``.
-      scale: ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
-      gate, gate_offset, gate_hidden, scalar_gate: the gate family member and its settings.
-      lora_dropout: dropout rate on the adapter's input.
-      lora_a_init: initialiser name of ``A``.
-      p_mean, p_std: normalisation of ``p`` (``None``: none).
+    Fields mean what :class:`AdapterConfig`'s do; ``rank`` and ``lora_alpha`` are after ``rank_pattern`` /
+    ``alpha_pattern``, and ``scale`` is ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
 
     >>> AdapterConfig(rank=4, lora_alpha=8.0, rank_pattern={"head": 2}).resolve("head").scale
     4.0
@@ -135,33 +124,28 @@ class AdapterConfig:
         :class:`rssbl_jax.RSSBilinearLoRADense` layers, where every such layer is an adapter.
       exclude: regexes of layer paths never adapted, even when a target matches.
       rank_pattern, alpha_pattern: ``{regex: value}`` per-path overrides, as PEFT's; the first full match wins.
-      gate: ``"linear"`` (the original formulation's ``g0 + C p``, the default), ``"affine"`` (``c0 + C p``, ``c0``
-        learnable), ``"mlp"`` (``c0 + C tanh(W p + b)``), or the name of any gate registered with
-        :func:`rssbl_jax.gates.register`.
-      gate_offset: for ``linear`` the constant ``g0`` (0: the original formula, 1: ``1 + C p`` which starts as plain
+      gate: ``"linear"`` (``g0 + C p``, the original formulation's; default), ``"affine"`` (``c0 + C p``, ``c0``
+        learnable), ``"mlp"`` (``c0 + C tanh(W p + b)``), or any name registered with :func:`rssbl_jax.gates.register`.
+      gate_offset: ``linear``'s constant ``g0`` (0: the original formula; 1: ``1 + C p``, which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
-      scalar_gate: one gate value shared by every rank (``C`` of shape ``(d_p, 1)``, ``c0`` of shape ``(1,)``)
-        instead of one per rank: ``ΔW(p) = g(p̂) B A``, CoLoRA's scalar coefficient per layer.
+      scalar_gate: one gate value shared by every rank (``C`` of shape ``(d_p, 1)``, ``c0`` of shape ``(1,)``):
+        ``ΔW(p) = g(p̂) B A``, CoLoRA's scalar coefficient per layer.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
-
-      lora_dropout: dropout rate applied to the adapter's input ``x`` (before ``A``) while training.
+      lora_dropout: dropout rate on the adapter's input ``x`` (before ``A``) while training.
       lora_a_init: ``"lora"`` (PEFT's Kaiming-uniform) or ``"gaussian"`` (``N(0, 1/r²)``); ``B`` starts at 0.
-      p_mean, p_std: normalisation of the operating parameters, ``p̂ = (p - p_mean) / p_std``, applied inside
-        every adapted layer and folded in by :func:`rssbl_jax.merge`; ``None``: ``p`` is used as given.
-      p_keyword: the keyword under which an injected model takes ``p`` (``adapted.apply(..., p=p)``).
-      modules_to_save: regexes over *leaf* paths of base parameters that are trained too (a head, a LayerNorm),
-        PEFT's ``modules_to_save``; :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base` read it.
+      p_mean, p_std: ``p̂ = (p - p_mean) / p_std``, applied in every adapted layer and folded in by
+        :func:`rssbl_jax.merge`; ``None``: ``p`` is used as given.
+      p_keyword: the keyword an injected model takes ``p`` under (``adapted.apply(..., p=p)``).
+      modules_to_save: regexes over *leaf* paths of base parameters trained too (a head, a LayerNorm), PEFT's
+        ``modules_to_save``; read by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`.
 
-    Parsing is strict, so a config read from JSON, YAML or a command line means what it says. The flags
-    (``use_rslora``, ``shift``, ``scalar_gate``) take a bool, 0 or 1, or the strings
-    ``"true"``/``"false"``/``"1"``/``"0"`` in any case; anything else (``"yes"``, ``2``) is an error naming the
-    field. The pattern fields (``targets``, ``exclude``, ``modules_to_save``) given one string take it as one regex,
-    never as a sequence of characters;
-    ``rank_pattern``/``alpha_pattern`` take a mapping or ``(regex, value)`` pairs, and ``p_mean``/``p_std`` a
-    sequence of numbers (a string is an error). ``p_keyword`` must be an identifier that is not a Python keyword.
+    Parsing is strict, so a config from JSON, YAML or a command line means what it says: the flags take a bool, 0,
+    1 or ``"true"``/``"false"``/``"1"``/``"0"`` in any case (``"yes"`` or ``2`` is an error naming the field); a
+    pattern field given one string takes it as one regex; ``rank_pattern``/``alpha_pattern`` take a mapping or
+    ``(regex, value)`` pairs; ``p_mean``/``p_std`` numbers, not a string; ``p_keyword`` an identifier, no keyword.
 
     >>> config = AdapterConfig(rank=4, lora_alpha=8.0, targets=r".*/(query|value)", gate="affine")
     >>> config.adapts("block_0/attention/query"), config.adapts("block_0/mlp"), config.scale
@@ -188,15 +172,13 @@ class AdapterConfig:
     scalar_gate: bool = False
 
     def __post_init__(self) -> None:
-
         def set_(name: str, value: Any) -> None:  # frozen: normalise once, here
             object.__setattr__(self, name, value)
 
         set_("rank", _positive_int(self.rank, "rank"))
         set_("lora_alpha", _alpha(self.lora_alpha, "lora_alpha"))
-        set_("targets", patterns.as_patterns(self.targets, "targets"))
-        set_("exclude", patterns.as_patterns(self.exclude, "exclude"))
-        set_("modules_to_save", patterns.as_patterns(self.modules_to_save, "modules_to_save"))
+        for name in ("targets", "exclude", "modules_to_save"):
+            set_(name, patterns.as_patterns(getattr(self, name), name))
         for name in ("rank_pattern", "alpha_pattern"):
             if isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a mapping {{regex: value}} or (regex, value) pairs; got a string.")
@@ -227,17 +209,11 @@ class AdapterConfig:
                 )
             if any(s <= 0 for s in self.p_std):
                 raise ValueError(f"p_std must be > 0 everywhere; got p_std={self.p_std}.")
-        if (
-            not isinstance(self.p_keyword, str)
-            or not self.p_keyword.isidentifier()
-            or keyword.iskeyword(self.p_keyword)
-        ):
+        if not (isinstance(self.p_keyword, str) and self.p_keyword.isidentifier()) or keyword.iskeyword(self.p_keyword):
             raise ValueError(
                 f"p_keyword must be a Python identifier that is not a keyword (it is passed as `{{p_keyword}}=p`); "
                 f"got p_keyword={self.p_keyword!r}."
             )
-
-    # ----------------------------------------------------------------------------------------------
 
     @property
     def scale(self) -> float:
@@ -259,19 +235,8 @@ class AdapterConfig:
         rank = self.rank if path is None else patterns.first_match(self.rank_pattern, path, self.rank)
         alpha = self.lora_alpha if path is None else patterns.first_match(self.alpha_pattern, path, self.lora_alpha)
         scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-        return LayerConfig(
-            rank=rank,
-            lora_alpha=alpha,
-            scale=scale,
-            gate=self.gate,
-            gate_offset=self.gate_offset,
-            gate_hidden=self.gate_hidden,
-            lora_dropout=self.lora_dropout,
-            lora_a_init=self.lora_a_init,
-            p_mean=self.p_mean,
-            p_std=self.p_std,
-            scalar_gate=self.scalar_gate,
-        )
+        shared = {name: getattr(self, name) for name in LayerConfig._fields[3:]}  # every field after ``scale``
+        return LayerConfig(rank=rank, lora_alpha=alpha, scale=scale, **shared)
 
     def use_shift(self, has_bias: bool) -> bool:
         """Whether a layer with (``has_bias``) or without a bias learns the shift ``S p``."""
@@ -281,26 +246,19 @@ class AdapterConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    # ----------------------------------------------------------------------------------------------
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` inverts it exactly."""
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name in ("rank_pattern", "alpha_pattern"):
-                value = [list(pair) for pair in value]
+        out: dict[str, Any] = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        for name, value in out.items():
+            if name in ("rank_pattern", "alpha_pattern"):
+                out[name] = [list(pair) for pair in value]
             elif isinstance(value, tuple):
-                value = list(value)
-            out[field.name] = value
+                out[name] = list(value)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
-        """Rebuild a config from :meth:`to_dict`'s output (or JSON like it); unknown keys are an error naming them.
-
-        Values are parsed as :class:`AdapterConfig` parses them (strictly): ``{"use_rslora": "0"}`` is ``False``,
-        ``{"targets": "abc"}`` is the one pattern ``"abc"``.
+        """Rebuild a config from :meth:`to_dict`'s output (or JSON like it), parsed as strictly; unknown keys raise.
 
         >>> AdapterConfig.from_dict({"rank": 2, "lora_alpha": 4.0, "targets": "abc", "use_rslora": "0"}).targets
         ('abc',)
@@ -343,8 +301,7 @@ def as_config(config: Any, where: str) -> AdapterConfig:
     """The :class:`AdapterConfig` of ``config``: itself, or the ``.config``/``.adapter_config`` of an adapted model.
 
     Raises:
-      TypeError: naming ``where`` when ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha`` number,
-        the old API, which let the other settings silently default).
+      TypeError: naming ``where`` when ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha`` number).
     """
     if isinstance(config, AdapterConfig):
         return config

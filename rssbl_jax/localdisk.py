@@ -1,17 +1,16 @@
 """Replace a directory on local disk so that a crash at any point leaves the whole old or the whole new one.
 
-Used by :mod:`rssbl_jax.checkpoint` for adapter checkpoints on a local path (remote paths such as ``gs://`` rely
-on orbax's own commit instead). Writing ``dir/name`` uses three siblings in ``dir``:
+Used by :mod:`rssbl_jax.checkpoint` on local paths (remote ones rely on orbax's commit). Writing ``dir/name`` uses:
 
-- ``.name.lock``: an exclusive, non-blocking ``fcntl.flock`` held for the whole write (POSIX only; ``fcntl`` is
-  imported here, where it is used). A second writer fails at once with :class:`CheckpointBusyError`; the kernel
-  releases the lock of a holder that exits, even by ``kill -9``, so a leftover lock file is simply taken by the
-  next writer. (``flock`` is per host: on a network file system it is as good as that file system's locks.)
-- ``.name.new``: the new directory, written completely, verified by the caller and fsynced first;
-- then one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux) swaps it with the old directory, which is deleted.
-  Elsewhere the swap is two renames through ``.name.old``; a kill between them leaves the old directory there,
-  and the next write puts it back before anything else. Partial copies of a killed or failed writer (orbax's
-  threads may still write into them) are removed by the next write.
+- ``.name.lock``: an exclusive, non-blocking ``fcntl.flock`` held for the whole write (POSIX only). A second writer
+  fails at once with :class:`CheckpointBusyError`; the kernel releases a holder's lock when it exits, even by
+  ``kill -9``, so a leftover lock file is simply taken by the next writer. ``flock`` is per host: on a network file
+  system it is as good as that file system's locks.
+- ``.name.new``: the new directory, written completely, verified by the caller and fsynced; then one atomic
+  ``renameat2(RENAME_EXCHANGE)`` (Linux) swaps it with the old one, which is deleted. Elsewhere the swap is two
+  renames through ``.name.old``; a kill between them leaves the old directory there and the next write puts it
+  back first. The next write also removes a killed or failed writer's partial copies (orbax's threads may still
+  write into them, so they are not removed at once).
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "out")
@@ -60,9 +59,8 @@ def sibling(path: str, suffix: str) -> str:
 def exclusive(path: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking ``flock`` on ``path``'s lock file, or raise :class:`CheckpointBusyError`.
 
-    The holder unlinks the lock file before releasing it; a writer that opened the old file in between sees
-    that its inode is no longer the one at the lock path and tries again, so two writers never both hold it.
-    Where the OS has no ``flock`` (Windows) nothing is locked.
+    The holder unlinks the lock file before releasing it; a writer that opened it in between sees another inode at
+    the lock path and tries again, so two writers never both hold it. Without ``flock`` (Windows) nothing is locked.
     """
     try:
         import fcntl
@@ -81,12 +79,9 @@ def exclusive(path: str) -> Iterator[None]:
                 f"another writer is saving the adapter checkpoint {path!r} ({holder}; lock file {lock_path!r}). "
                 "Nothing was written. Retry when it is done, or save to another path."
             ) from None
-        try:
-            current = os.stat(lock_path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(os.fstat(fd), current):
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                break
         os.close(fd)  # the previous holder removed this file after we opened it: take the new one
     try:
         os.ftruncate(fd, 0)
@@ -116,7 +111,7 @@ def exchange(a: str, b: str) -> bool:
 
 
 def _fsync(path: str, tree: bool = False) -> None:
-    """Flush ``path`` (every file and directory under it with ``tree``); directories only where POSIX allows."""
+    """Flush ``path`` (with ``tree``: everything under it); directories only on POSIX."""
     walk = os.walk(path) if tree else [(path, [], [])]
     for root, _, files in walk:
         for name in [*files, "."] if os.name == "posix" else files:
@@ -150,8 +145,8 @@ def replace_directory(
       path: the absolute local path of the directory.
       write: writes the new directory at the path it is given.
       verify: raises if the directory at the path it is given is not what was meant to be written.
-      is_ours: whether a directory is a whole one of this kind (an interrupted swap's ``.old`` is put back only then).
-      check_existing: called when ``path`` exists (under the lock); raises to refuse replacing it.
+      is_ours: whether a directory is a whole one of this kind (only then is an interrupted swap's ``.old`` put back).
+      check_existing: called (under the lock) when ``path`` exists; raises to refuse replacing it.
       on_stage: called with ``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``, ``"done"`` (fault tests).
 
     Raises:

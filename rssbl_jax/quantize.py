@@ -4,35 +4,23 @@ r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters
 
     y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-``Q(W)`` is the base kernel stored quantised (int8, int4, nf4, fp8, ... : any ``qtype`` qwix knows), computed by
-qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. We do not quantise
-anything ourselves: :func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and
-:func:`rssbl_jax.inject` (linen) and :func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs
-with qwix's interception switched off (:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own
-products see the quantised kernel.
+``Q(W)`` is the base kernel stored quantised (any ``qtype`` qwix knows: int8, int4, nf4, fp8, ...) and computed by
+qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. Nothing is quantised here:
+:func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and :func:`rssbl_jax.inject` /
+:func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs with qwix's interception off
+(:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own products see the quantised kernel.
 
-In the params tree a quantised kernel is a ``WithAux`` (qwix's PTQ leaf: a ``QArray`` of ``qvalue`` and per-channel
-``scale`` plus how it was quantised). :func:`rssbl_jax.partition`, :func:`rssbl_jax.freeze_base` and the training
-step treat its leaves as frozen; gradients are taken w.r.t. the adapters only, so no integer leaf is differentiated.
+A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
+recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
+differentiated. :func:`merge` folds the update into it (errors measured in BENCHMARKS.md, "Quantised base").
 
-Merging at ``p0`` (:func:`merge`) folds the update into the *dequantised* kernel, then either re-quantises the
-result with the kernel's own recipe (``requantize=True``: it loads into the quantised model and keeps its memory;
-the fold is exact, the re-quantisation adds the format's rounding error to the whole merged kernel) or returns it
-dequantised (``requantize=False``: float kernels for the unmodified float model, equal to the adapted quantised model
-to float round-off). BENCHMARKS.md ("Quantised base") measures both errors.
-
->>> import jax, jax.numpy as jnp, flax.linen as nn
->>> import rssbl_jax
->>> from rssbl_jax import quantize
->>> model = quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
+>>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+>>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
 >>> adapted = rssbl_jax.inject(model, r"layers_\d", rank=2, lora_alpha=4.0)
->>> x, p = jnp.ones((3, 16)), jnp.ones((3, 2))
->>> variables = adapted.init(jax.random.key(0), x, p=p)
+>>> variables = adapted.init(jax.random.key(0), x := jnp.ones((3, 16)), p=(p := jnp.ones((3, 2))))
 >>> layer = variables["params"]["layers_0"]
->>> str(quantize.quantized_kernels(layer)["kernel"].qvalue.dtype), str(layer["lora_a"].dtype)
-('int8', 'float32')
->>> adapted.apply(variables, x, p=p).shape
-(3, 4)
+>>> str(layer["kernel"].array.qvalue.dtype), str(layer["lora_a"].dtype), adapted.apply(variables, x, p=p).shape
+('int8', 'float32', (3, 4))
 
 ``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as here), not a bare root layer.
 """
@@ -72,11 +60,9 @@ def quantize_base(
 ) -> Any:
     r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
 
-    ``qwix.quantize_model(model, qwix.PtqProvider([QuantizationRule(module_path, weight_qtype=qtype,
-    tile_size=tile_size)]))``. Linen: ``model.init`` (or ``inject(...).init``) then creates the quantised kernels,
-    and float kernels given to ``apply`` are refused by qwix (quantise a pretrained tree with
-    :func:`quantize_params`). NNX: pass the model's inputs (as for ``qwix.quantize_model``); an adapted NNX model
-    (:func:`rssbl_jax.nnx.inject`) may be quantised, then its inputs include ``p=...``.
+    Linen: ``model.init`` (or ``inject(...).init``) creates the quantised kernels; qwix refuses float kernels given
+    to ``apply`` (quantise a pretrained tree with :func:`quantize_params`). NNX: pass the model's inputs as for
+    ``qwix.quantize_model`` (an adapted NNX model may be quantised; its inputs then include ``p=...``).
 
     Args:
       model: a linen or NNX model (unadapted, or NNX already adapted).
@@ -84,8 +70,7 @@ def quantize_base(
       module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
       tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "nf4")
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> str(quantize.quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)   # nf4 codes in 4 bits
@@ -104,33 +89,28 @@ def _is_quantized(x: Any) -> bool:
 def quantized_kernels(params: PyTree) -> dict[str, Any]:
     """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
     {'layers_0/kernel': (8, 4)}"""
-    found = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]:
-        if _is_quantized(leaf):
-            found[patterns.path_str(path)] = leaf.array
-    return found
+    return {path: leaf.array for path, leaf in _quantized_leaves(params).items()}
+
+
+def _quantized_leaves(params: PyTree) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]
+    return {patterns.path_str(path): leaf for path, leaf in flat if _is_quantized(leaf)}
 
 
 def dequantize(params: PyTree) -> PyTree:
     """``params`` with every quantised kernel replaced by its dequantised float array (``qwix.dequantize``).
 
-    The result is a plain tree for the unquantised model (``rssbl_jax.inject(model, config)``), which computes what
-    the quantised one does up to float round-off: the float64 reference of the tests.
+    The unquantised model computes with the result what the quantised one does, up to float round-off.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x := jnp.ones((2, 8)))["params"]
     >>> float_params = quantize.dequantize(params)
-    >>> str(float_params["layers_0"]["kernel"].dtype)
-    'float32'
     >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": float_params}, x),
     ...                   model.apply({"params": params}, x), atol=1e-6))
     True
@@ -144,11 +124,10 @@ def dequantize(params: PyTree) -> PyTree:
 def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     """Quantise a float (e.g. pretrained) params tree like ``abstract_quantized`` (``qwix.quantize_params``).
 
-    ``abstract_quantized`` is the quantised model's params (``jax.eval_shape`` of its ``init`` is enough); leaves
-    absent from it (adapters of a float adapted tree) are kept as they are.
+    ``abstract_quantized``: the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves absent
+    from it (adapters of a float adapted tree) are kept.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> pretrained = nn.Sequential([nn.Dense(4)]).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
@@ -161,14 +140,7 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     return qwix.quantize_params(params, abstract_quantized, allow_extra_params=False)
 
 
-def merge(
-    params: PyTree,
-    operating_params: Any,
-    config: Any,
-    *,
-    requantize: bool,
-    **merge_kwargs: Any,
-) -> PyTree:
+def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: bool, **merge_kwargs: Any) -> PyTree:
     r"""Merge every adapted layer at ``p0`` onto a quantised base: re-quantised, or dequantised, as asked.
 
     .. math::
@@ -176,24 +148,22 @@ def merge(
         W' = \begin{cases} Q\big(D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B\big) & \text{requantize} \\
                            D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B & \text{otherwise} \end{cases}
 
-    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (its ``qtype``, channel axes, tiles and
-    calibration). Re-quantising re-computes the scales from the merged kernel, so the whole kernel (not only the
-    update) is rounded again: the merged model differs from the adapted one by up to half a quantisation step per
-    weight. Dequantised kernels load into the unquantised model and match the adapted quantised model to float
-    round-off, at float memory. ``merge_kwargs`` go to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
+    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (``qtype``, channel axes, tiles,
+    calibration). The fold is exact; re-quantising recomputes the scales, so the whole merged kernel is rounded again
+    (up to half a quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load
+    into the unquantised model and match the adapted one to float round-off, at float memory.
 
     Args:
       params: the adapted quantised model's params (``variables["params"]``).
       operating_params: ``p0`` of shape ``[d_p]``.
       config: the :class:`~rssbl_jax.AdapterConfig` (or the adapted model).
       requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
+      merge_kwargs: passed to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
-    >>> x, p0 = jnp.ones((2, 8)), jnp.ones(3)
-    >>> params = adapted.init(jax.random.key(0), x, p=p0)["params"]
+    >>> params = adapted.init(jax.random.key(0), x := jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
     >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
     >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
     (['bias', 'kernel'], 'int8')
@@ -202,14 +172,7 @@ def merge(
     _qwix()
     from qwix._src.core import qarray
 
-    recipes = {}
-
-    def strip(path, leaf):
-        if _is_quantized(leaf):
-            recipes[patterns.path_str(path)] = leaf
-        return leaf
-
-    jax.tree_util.tree_map_with_path(strip, params, is_leaf=_is_quantized)
+    recipes = _quantized_leaves(params)
     merged = merge_params(dequantize(params), operating_params, config, **merge_kwargs)
     if not requantize:
         return merged
@@ -226,13 +189,10 @@ def merge(
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
-    Adapter leaves are those of :func:`rssbl_jax.tree.adapter_leaf_paths`; every other leaf is the base.
+    Adapter leaves (:func:`rssbl_jax.tree.adapter_leaf_paths`) are not counted. ``packed=True`` counts sub-byte
+    types at their width (``int4``/``nf4``: half a byte, as XLA stores them), ``packed=False`` a byte each.
 
-    ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA's buffer assignment
-    stores them); ``packed=False`` uses numpy's ``nbytes`` (a byte per element).
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
-    >>> from rssbl_jax import quantize
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")
     >>> params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 256))))["params"]
     >>> quantize.base_bytes(params)    # 256·256 values at 4 bits + 256 float32 scales

@@ -1,12 +1,11 @@
 """Training checkpoints: the saving and restoring half of :func:`rssbl_jax.training.train`.
 
-Each step is one orbax checkpoint in an ``etils.epath`` directory (local, or remote such as ``gs://``): orbax
-commits it its own way, and beside the arrays it stores metadata with the shape, dtype and SHA-256 digest of every
-saved leaf (the same digests as adapter checkpoints, :func:`rssbl_jax.digests.array_sha256` /
-:func:`~rssbl_jax.digests.json_sha256`), the frozen base's shapes, and the tree structures of the adapters and
-the optimizer state. A restore tries the newest step first, sets damaged steps aside as ``<step>.corrupt``, and
-refuses, naming what changed, a checkpoint of another architecture or optimizer. It lives apart from the loop so
-that each module keeps to one concern; :mod:`rssbl_jax.training` re-exports :func:`restore_latest`.
+Each step is one orbax checkpoint (orbax commits it) in an ``etils.epath`` directory, local or remote such as
+``gs://``. Beside the arrays it stores metadata: every saved leaf's shape, dtype and SHA-256 (the digests of adapter
+checkpoints, :func:`rssbl_jax.digests.array_sha256`), the frozen base's shapes, and the tree structures of the
+adapters and the optimizer state. A restore tries the newest step first, sets damaged steps aside as
+``<step>.corrupt``, and refuses, naming what changed, a checkpoint of another architecture or optimizer. Kept apart
+from the loop (one concern per module); :mod:`rssbl_jax.training` re-exports :func:`restore_latest`.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ def _saved_tree(state: TrainState) -> dict[str, Any]:
 
 
 def _describe(tree: PyTree, *, digest: bool) -> dict[str, dict[str, Any]]:
+    """``{path: {"shape", "dtype"[, "sha256"]}}`` for every leaf of ``tree``."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
@@ -98,14 +98,9 @@ def _nonfinite(state: TrainState) -> list[str]:
 def _compare(kind: str, saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:
     """Raise a ValueError naming the first path whose presence, shape or dtype differs."""
     for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("trainable/"), p)):
-        if path not in expected:
-            raise ValueError(
-                f"checkpoint {where} does not fit this model: {kind} '{path}' is in the checkpoint but not here."
-            )
-        if path not in saved:
-            raise ValueError(
-                f"checkpoint {where} does not fit this model: {kind} '{path}' is here but not in the checkpoint."
-            )
+        if path not in expected or path not in saved:
+            side = "in the checkpoint but not here" if path in saved else "here but not in the checkpoint"
+            raise ValueError(f"checkpoint {where} does not fit this model: {kind} '{path}' is {side}.")
         a, b = saved[path], expected[path]
         if list(a["shape"]) != list(b["shape"]) or a["dtype"] != b["dtype"]:
             raise ValueError(
@@ -132,8 +127,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
         raise _Corrupt(f"metadata could not be read: {type(error).__name__}: {str(error)[:300]}") from error
     found = meta.get("format") if isinstance(meta, dict) else None
     if isinstance(found, str) and found.startswith("rssbl_jax.training/") and found != _FORMAT:
-        # A format this library does not know (a newer release's): refuse loudly instead of setting the step
-        # aside as damaged and silently resuming from an older one.
+        # Unknown (newer) format: refuse, rather than set the step aside and silently resume from an older one.
         raise ValueError(
             f"checkpoint {where} has format {found!r}, not this rssbl_jax's {_FORMAT!r} (written by a newer release?); "
             "upgrade rssbl_jax to resume from it. The checkpoint is kept."
@@ -161,11 +155,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
                     f"checkpoint {where} does not fit this run: {what[name]} has another structure ({hint[name]}). "
                     f"In the checkpoint: {then.get('skeleton')}; here: {now['skeleton']}. The checkpoint is kept."
                 )
-
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        _saved_tree(state),
-    )
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _saved_tree(state))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as error:
@@ -182,34 +172,29 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
 def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tuple[TrainState, int | None]:
     """Restore the newest good checkpoint in ``checkpoint_dir`` into the layout (shardings) of ``state``.
 
-    Checkpoints are tried newest first. One that cannot be read or whose arrays do not match their stored
-    SHA-256 digests is skipped with a logged warning and renamed ``<step>.corrupt`` (so later saves are not
-    blocked by it). A checkpoint of another architecture or optimizer (a path missing, added, or with another
-    shape or dtype, adapters, optimizer state or frozen base; or the same leaves in another tree, e.g. ``adamw``
-    state where ``adam``'s is expected) is never skipped or renamed: it raises, naming what changed.
+    Newest first; one that cannot be read or fails its SHA-256 digests is skipped with a warning and renamed
+    ``<step>.corrupt`` (so it blocks no later save). One of another architecture or optimizer (a leaf of the
+    adapters, optimizer state or frozen base missing, added or of another shape or dtype; or the same leaves in
+    another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls it.
 
     Args:
       checkpoint_dir: the directory :func:`train` saves into: local, or remote such as ``gs://bucket/run``.
-      state: a :class:`TrainState` of the model being trained (e.g. from :func:`init_train_state`, placed on
-        its devices); its frozen half is kept, its shapes, dtypes and shardings are the expected ones.
+      state: a :class:`TrainState` of the model being trained, placed on its devices; its frozen half is kept,
+        its shapes, dtypes and shardings are the expected ones.
 
     Returns:
-      ``(state, step)``: the restored state and its step, or ``(state, None)`` when there is no checkpoint
-      (the directory is created if missing). In several processes, every process calls it.
+      ``(state, step)``, or ``(state, None)`` when there is no checkpoint (the directory is created if missing).
 
     Raises:
-      ValueError: naming the mismatched path and both shapes/dtypes, or both tree structures, for a checkpoint
-        of another architecture or optimizer.
+      ValueError: for a checkpoint of another architecture or optimizer, naming both paths/shapes/trees.
       RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
 
     >>> import tempfile, jax, jax.numpy as jnp, optax
     >>> from rssbl_jax.training import init_train_state, make_train_step, train
-    >>> tx = optax.sgd(0.1)
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, tx, jax.random.key(0))
-    >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
-    >>> directory = tempfile.mkdtemp()
-    >>> _ = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.ones(2), 4, checkpoint_dir=directory)
+    >>> state = init_train_state(params, tx := optax.sgd(0.1), jax.random.key(0))
+    >>> step_fn = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] * batch), tx))
+    >>> _ = train(state, step_fn, lambda step: jnp.ones(2), 4, checkpoint_dir=(directory := tempfile.mkdtemp()))
     >>> restored, step = restore_latest(directory, state)   # e.g. in a new process, after a crash
     >>> step, [round(float(v), 3) for v in restored.trainable["lora_b"]]
     (4, [0.6, 0.6])
@@ -248,8 +233,7 @@ def _restore_newest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[
 
 
 def _quarantine(checkpoint_dir: epath.Path, steps: list[int]) -> None:
-    """Rename damaged steps ``<step>.corrupt`` (on a remote path a rename is a copy and a delete; a crash halfway
-    leaves a partial copy of a step already known damaged, which the next restore sets aside again)."""
+    """Rename damaged steps ``<step>.corrupt`` (remotely a copy and a delete; the next restore redoes a half one)."""
     if jax.process_count() > 1:  # every process is done reading before one renames
         multihost_utils.sync_global_devices("rssbl_jax.training.quarantine.start")
     if jax.process_index() == 0:

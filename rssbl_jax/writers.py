@@ -1,17 +1,9 @@
 """Training metrics as TensorBoard event files, through tensorboardX, behind clu's metric-writer interface.
 
-:func:`rssbl_jax.train` writes through any object with clu's ``write_scalars(step, scalars)``. clu's own
-writers need TensorFlow (its ``SummaryWriter``) or PyTorch; this one needs only ``tensorboardX`` (pure Python,
-installed with the ``plot`` extra: ``pip install 'rssbl_jax[plot]'``), which is imported when a writer is made,
-so the core install does not need it.
-
->>> import tempfile, jax, jax.numpy as jnp, optax
->>> from rssbl_jax import init_train_state, make_train_step, train
->>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
->>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
->>> step = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] ** 2), optax.sgd(0.1)))
->>> with TensorBoardWriter(tempfile.mkdtemp()) as writer:   # then: tensorboard --logdir <that directory>
-...     final = train(state, step, lambda i: None, 20, log_every=5, writer=writer)
+:func:`rssbl_jax.train` writes through any object with clu's ``write_scalars(step, scalars)``
+(``train(..., writer=TensorBoardWriter(logdir))``). clu's own writers need TensorFlow or PyTorch; this one needs
+only ``tensorboardX`` (pure Python, in the ``plot`` extra: ``pip install 'rssbl_jax[plot]'``), imported when a
+writer is made, so the core install does not need it.
 """
 
 from __future__ import annotations
@@ -24,16 +16,15 @@ from typing import Any
 class TensorBoardWriter:
     """Scalars to TensorBoard event files in ``logdir`` (``tensorboard --logdir <logdir>`` shows them).
 
-    The methods are those of clu's ``MetricWriter`` that :func:`rssbl_jax.train` uses: ``write_scalars``,
-    ``flush`` and ``close``; it is also a context manager that closes on exit.
+    Has the methods of clu's ``MetricWriter`` that :func:`rssbl_jax.train` uses (``write_scalars``, ``flush``,
+    ``close``) and closes on leaving a ``with`` block.
 
     Args:
-      logdir: the directory of the event files (created if missing); one directory per run, e.g.
-        ``runs/demo/rss`` and ``runs/demo/lora``, shows as one curve per run.
+      logdir: the event files' directory (created if missing); one per run (``runs/demo/rss``, ``runs/demo/lora``)
+        shows one curve per run.
 
     >>> import glob, tempfile
-    >>> logdir = tempfile.mkdtemp()
-    >>> with TensorBoardWriter(logdir) as writer:
+    >>> with TensorBoardWriter(logdir := tempfile.mkdtemp()) as writer:
     ...     writer.write_scalars(10, {"loss": 0.5, "eval/mse": 0.25})
     >>> len(glob.glob(f"{logdir}/events.out.tfevents.*"))
     1
