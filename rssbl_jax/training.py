@@ -1,43 +1,28 @@
 r"""A small training loop for adapters: a pure train step, resumable orbax checkpoints, non-finite guards.
 
-The same code runs on one device, under ``jax.jit`` with shardings on a mesh (data-, tensor- or
-FSDP-parallel; see :mod:`rssbl_jax.sharding`), under ``jax.pmap`` and in several processes of JAX's
-multi-controller runtime (``jax.distributed.initialize``): the step is one pure function, the caller chooses the
-transformation. The state and the step live in :mod:`rssbl_jax.train_step` and the checkpoints in
-:mod:`rssbl_jax.train_checkpoints`; their public names are importable from here too.
+The step (:mod:`rssbl_jax.train_step`) is one pure function, so the caller chooses the transformation: one
+device, ``jax.jit`` with shardings on a mesh (see :mod:`rssbl_jax.sharding`), ``jax.pmap``, or several processes
+(``jax.distributed.initialize``). Checkpoints live in :mod:`rssbl_jax.train_checkpoints`; the public names of
+both are importable from here. Step ``t`` trains on ``batch_fn(t)`` with the key ``fold_in(k, t)``, so data and
+randomness are functions of ``t`` alone and a run resumed at step ``t`` replays exactly what an uninterrupted run
+would have done. A checkpoint holds adapters, optimizer state, step (also the data position) and rng key; the
+frozen base is the caller's and only its shapes are stored (checked on restore).
 
-Only the trainable half of the params (:func:`rssbl_jax.partition`) is differentiated and updated:
+Crash safety: orbax/tensorstore read a flipped bit inside an array file back without complaint, so every
+checkpoint also stores each leaf's shape, dtype and SHA-256, and the tree structures of the adapters and the
+optimizer state (so ``adamw`` resumed after ``adam``, the same leaves in another tree, is named as such rather
+than taken for damage). Only damage (a digest mismatch, an unreadable file) sets a checkpoint aside; a caller's
+mismatch is an error that moves nothing. Non-finite state is never saved: a step whose loss, gradients, batch,
+new adapters or new optimizer state hold NaN/inf is not applied, and saving such a state raises
+:class:`NonFiniteError`.
 
-.. math::
-
-    \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
-    \qquad \text{batch}_t = \text{batch\_fn}(t), \quad k_t = \mathrm{fold\_in}(k, t)
-
-so the data and randomness of step ``t`` are functions of ``t`` alone and a run resumed at step ``t`` replays
-exactly what an uninterrupted run would have done. A checkpoint holds the adapters, the optimizer state, the
-step (which is also the data position) and the rng key; the frozen base ``W`` is the caller's and is not
-stored, only its shapes (checked on restore).
-
-Every checkpoint also stores, per leaf, its shape, dtype and a SHA-256 of its bytes: orbax/tensorstore read a
-flipped bit inside an array file back without complaint, so the digest is what keeps a damaged checkpoint
-from being restored silently. It also stores the tree structure of the adapters and of the optimizer state, so
-a run resumed with another optimizer (``adamw`` after ``adam``: the same leaves in another tree) is told so
-instead of the checkpoint being taken for a damaged one. Only damage (a digest mismatch, a file that cannot be
-read) sets a checkpoint aside; a caller's mismatch is an error that leaves every checkpoint where it is.
-
-Non-finite state is never saved: a step whose loss, gradients, batch, new adapters or new optimizer state hold
-NaN/inf is not applied, and a state holding them is refused at save time (:class:`NonFiniteError`).
-
-Metrics stay on the device: :func:`train` reads them back every ``log_every`` steps (and before each checkpoint),
-not after every step, so the host keeps dispatching steps while the device computes. A ``hook`` and a metric
-``writer`` (clu's interface; :class:`rssbl_jax.writers.TensorBoardWriter` writes TensorBoard event files) get
-the loss, the gradient norm and an optional ``eval_fn``'s results. Many runs at once (seeds, learning rates) are
-:mod:`rssbl_jax.runs`.
+Metrics stay on the device and are read back every ``log_every`` steps (and before each checkpoint), not after
+every step, so the host keeps dispatching while the device computes. A ``hook`` and a clu-style ``writer``
+(:class:`rssbl_jax.writers.TensorBoardWriter`) get them. Many runs at once: :mod:`rssbl_jax.runs`.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -60,18 +45,14 @@ from rssbl_jax.train_step import state_partition_specs as state_partition_specs
 
 PyTree = Any
 
-logger = logging.getLogger(__name__)
-
 
 class NonFiniteError(FloatingPointError):
     """Training stopped because the loss, gradients, batch (e.g. ``p``), adapters or optimizer state held NaN/inf.
 
     Attributes:
-      step: the step whose loss/gradients/batch/update was not finite (its update was not applied), or the
-        step of a state that was about to be saved with non-finite leaves (nothing was saved).
+      step: the step whose update was not applied, or whose state was refused at save time.
       names: what was not finite: ``"loss"``, ``"grads"``, ``"batch/<path>"``, or, when those were finite but
-        the optimizer produced NaN/inf (e.g. Adam with ``eps=0`` on a zero gradient), ``"params/<path>"`` and
-        ``"opt_state/<path>"``.
+        the optimizer made NaN/inf (e.g. Adam with ``eps=0``), ``"params/<path>"`` / ``"opt_state/<path>"``.
       last_checkpoint: the step of the last good checkpoint, or ``None``.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -92,11 +73,6 @@ class NonFiniteError(FloatingPointError):
         self.step, self.names, self.last_checkpoint = step, names, last_checkpoint
 
 
-# --------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------
-
-
 def _replicate(tree: PyTree, n: int) -> PyTree:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
 
@@ -106,7 +82,7 @@ def _unreplicate(tree: PyTree) -> PyTree:
 
 
 def _fetch(tree: PyTree) -> PyTree:
-    """A tree's values on the host, all copies started before the first is waited for (one sync per call)."""
+    """A tree's host values, every copy started before the first is waited for (one sync)."""
     for leaf in jax.tree.leaves(tree):
         if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
             leaf.copy_to_host_async()
@@ -121,7 +97,7 @@ def _host_step(step: jax.Array) -> int:
 
 
 def _values(metrics: dict[str, Any], *, replicated: bool) -> dict[str, Any]:
-    """Host values of a step's metrics, the finite checks left out: a float per scalar, an array per run axis."""
+    """Host values of a step's metrics without the finite checks: a float per scalar, an array per run axis."""
     tree = {k: v for k, v in metrics.items() if k not in ("finite", "applied")}
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(_fetch(tree))[0]:
@@ -147,7 +123,7 @@ def _first_nonfinite(pending: list[tuple[int, dict[str, Any]]], replicated: bool
 
 
 def _tags(values: dict[str, Any]) -> dict[str, float]:
-    """Scalars for a metric writer: ``name`` for a scalar, ``name/<run>`` for each run of a per-run value."""
+    """Writer scalars: ``name`` for a scalar, ``name/<run>`` per run of a per-run value."""
     out = {}
     for name, value in values.items():
         if name != "step":
@@ -177,59 +153,46 @@ def train(
 ) -> TrainState:
     """Run ``train_step`` until ``num_steps`` steps are done, saving and resuming orbax checkpoints.
 
-    With ``checkpoint_dir`` the run first restores the newest intact checkpoint there
-    (:func:`restore_latest`), so re-running the same command after a crash or preemption continues where it
-    left off and, the data being ``batch_fn(step)``, ends with the same params as an uninterrupted run.
-    Checkpoints (adapters, optimizer state, step, rng; see the module docstring) are written every
-    ``save_every`` steps and at the end, keeping the newest ``max_to_keep``. In several processes every
-    process runs this same call (orbax coordinates the writes).
+    With ``checkpoint_dir`` the run first restores the newest intact checkpoint there (:func:`restore_latest`), so
+    re-running the same command after a crash continues where it left off and ends with the same params as an
+    uninterrupted run. In several processes every process makes this same call (orbax coordinates the writes).
 
-    The loop does not wait for the device between steps: each step's metrics stay on the device and are read
-    back together every ``log_every`` steps, before each checkpoint and at the end (one host sync each). Then
-    the finite checks of every step since the last read are looked at (a step that failed them was not applied,
-    and nothing after it is kept or saved), and at every ``log_every``-th step and the last one ``hook`` is
-    called and ``writer`` written with that step's metrics::
+    Metrics are read back (one host sync) every ``log_every`` steps, before each checkpoint and at the end; then
+    the finite checks of every step since the last read are looked at (a failed step was not applied, and nothing
+    after it is kept or saved), and at every ``log_every``-th and the last step ``hook``/``writer`` get::
 
         {"step": int, "loss": float, "grad_norm": float, "eval/<name>": float, ...}
 
-    where ``loss`` and ``grad_norm`` are the step's own (:func:`make_train_step`; any other scalar metrics a
-    custom step returns are passed on too) and the ``eval/`` entries, at every ``eval_every``-th step and the
-    last one, are ``eval_fn(state)`` of the state after that step. When the state carries several runs
-    (:mod:`rssbl_jax.runs`) each value is an array over the runs, and the writer gets ``loss/0``, ``loss/1``...
+    (the step's own metrics, :func:`make_train_step`, plus any other scalars a custom step returns; ``eval/``
+    entries at every ``eval_every``-th and the last step). With several runs (:mod:`rssbl_jax.runs`) each value
+    is an array over the runs and the writer gets ``loss/0``, ``loss/1``...
 
     Args:
       state: the initial state (:func:`init_train_state`), placed as ``train_step`` expects it.
       train_step: :func:`make_train_step`'s step, jitted (with shardings) or pmapped.
-      batch_fn: ``batch_fn(step) -> batch``, deterministic in ``step`` (e.g. drawn from
-        ``fold_in(key, step)``); in several processes it returns global arrays
-        (:func:`rssbl_jax.sharding.shard_batch`); with ``replicated`` it has a leading device axis.
+      batch_fn: ``batch_fn(step) -> batch``, deterministic in ``step``; global arrays in several processes
+        (:func:`rssbl_jax.sharding.shard_batch`); a leading device axis with ``replicated``.
       num_steps: total number of steps of the run (not steps to add).
-      checkpoint_dir: where to save and resume from, local or remote (``gs://bucket/run``: orbax commits each
-        checkpoint there with a commit file); ``None`` for no checkpoints.
+      checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
       save_every: checkpoint interval in steps.
       max_to_keep: how many checkpoints to keep (``None`` keeps all).
-      replicated: ``True`` when ``train_step`` is a ``jax.pmap``: ``state`` is given unreplicated, is
-        replicated over the local devices for the steps, and checkpoints hold one copy.
-      log_every: interval in steps of the host reads, the finite checks and the ``hook``/``writer`` calls.
+      replicated: ``True`` when ``train_step`` is a ``jax.pmap``: ``state`` is given unreplicated, replicated
+        over the local devices, and checkpoints hold one copy.
+      log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
       hook: ``hook(metrics)``, called with the dict above.
-      writer: a metric writer, any object with clu's ``write_scalars(step, scalars)`` (e.g.
-        :class:`rssbl_jax.writers.TensorBoardWriter`, or ``clu.metric_writers.create_default_writer``);
-        ``flush()`` is called at the end if it has one, closing it is the caller's.
-      eval_fn: ``eval_fn(state) -> {name: scalar}`` (the state unreplicated); needs ``hook`` or ``writer``.
+      writer: any object with clu's ``write_scalars(step, scalars)``; flushed at the end, closed by the caller.
+      eval_fn: ``eval_fn(state) -> {name: scalar}`` (state unreplicated); needs ``hook`` or ``writer``.
       eval_every: evaluation interval in steps (default ``log_every``).
-      on_step: deprecated, use ``hook``: called as ``on_step(step, loss)`` after every step, which makes every
-        step wait for the device (a host sync per step).
+      on_step: deprecated, use ``hook``: ``on_step(step, loss)`` after every step (a host sync per step).
 
     Returns:
       The final state (unreplicated when ``replicated``).
 
     Raises:
-      NonFiniteError: when the loss, gradients or batch (``p`` included) held NaN/inf, or the update would make
-        adapters or optimizer state non-finite; raised at the next read (up to ``log_every`` steps later),
-        naming that step, and nothing of that step or after it is reported or saved: the last good checkpoint
-        is kept. Also raised, naming the step and leaves, instead of saving a state that holds NaN/inf.
-      ValueError: when ``num_steps`` is below the step of ``state`` or of the restored checkpoint; for an interval
-        below 1 or ``eval_fn`` with nowhere to report; and from :func:`restore_latest`.
+      NonFiniteError: at the next read after a step with NaN/inf in loss, gradients, batch or the updated state
+        (naming that step; the last good checkpoint is kept), or instead of saving a non-finite state.
+      ValueError: ``num_steps`` below the state's or restored checkpoint's step; an interval below 1;
+        ``eval_fn`` with nowhere to report; and from :func:`restore_latest`.
       RuntimeError: from :func:`restore_latest`.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -243,8 +206,7 @@ def train(
     >>> int(final.step), [(m["step"], round(m["loss"], 4), round(m["eval/max"], 4)) for m in logged]
     (50, [(20, 0.0727, 0.2516), (40, 0.0046, 0.0633), (50, 0.0012, 0.0318)])
 
-    Here ``lora_b`` is ``(1 - 0.2/3)^t`` after ``t`` steps: step 20's loss is ``0.9333^38``, its evaluation
-    ``0.9333^20``.
+    (``lora_b = 0.9333^t`` after ``t`` steps: step 20's loss is ``0.9333^38``, its evaluation ``0.9333^20``.)
     """
     for name, value in (("save_every", save_every), ("log_every", log_every), ("eval_every", eval_every or 1)):
         if value < 1:
@@ -261,7 +223,6 @@ def train(
             DeprecationWarning,
             stacklevel=2,
         )
-    n_local = jax.local_device_count()
     manager, last_saved = None, None
     if checkpoint_dir is not None:
         manager = _manager(checkpoint_dir, max_to_keep=max_to_keep)
@@ -280,7 +241,7 @@ def train(
             "(not steps to add), so this run would train nothing. Pass num_steps >= the step, or start afresh."
         )
     if replicated:
-        state = _replicate(state, n_local)
+        state = _replicate(state, jax.local_device_count())
 
     def save(current: TrainState, at: int) -> None:
         snapshot = _unreplicate(current) if replicated else current
@@ -295,12 +256,8 @@ def train(
                 names=tuple(bad),
                 last_checkpoint=good,
             )
-        manager.save(
-            at,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_saved_tree(snapshot)), meta=ocp.args.JsonSave(_meta(snapshot))
-            ),
-        )
+        saved = ocp.args.StandardSave(_saved_tree(snapshot))
+        manager.save(at, args=ocp.args.Composite(state=saved, meta=ocp.args.JsonSave(_meta(snapshot))))
 
     def check(pending: list[tuple[int, dict[str, Any]]]) -> None:
         found = _first_nonfinite(pending, replicated)
