@@ -7,10 +7,10 @@ Only the trainable half of the params (:func:`rssbl_jax.partition`) is different
     \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
     \qquad k_t = \mathrm{fold\_in}(k, t)
 
-A step whose loss, gradients, batch, new adapters or new optimizer state hold NaN/inf is not applied (unless made
-with ``check_finite=False``). The step is one pure function, so the caller chooses ``jax.jit`` (with shardings,
-:func:`state_partition_specs`), ``jax.pmap`` or ``jax.vmap`` over runs. The loop (:mod:`rssbl_jax.training`) and
-the checkpoints (:mod:`rssbl_jax.train_checkpoints`) build on this module; neither is needed to take one step.
+A step whose loss, gradients, batch or updated state hold NaN/inf is not applied (unless ``check_finite=False``).
+The step is pure, so the caller chooses ``jax.jit`` (with :func:`state_partition_specs`), ``jax.pmap`` or
+``jax.vmap`` over runs; the loop (:mod:`rssbl_jax.training`) and checkpoints (:mod:`rssbl_jax.train_checkpoints`)
+build on this module and are not needed to take one step.
 """
 
 from __future__ import annotations
@@ -87,13 +87,7 @@ def init_train_state(
     trainable, frozen = partition(params, config, mask=trainable)
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        frozen=frozen,
-        opt_state=tx.init(trainable),
-        rng=jnp.asarray(rng, jnp.uint32),
-    )
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable), jnp.asarray(rng, jnp.uint32))
 
 
 def _finite_leaves(tree: PyTree) -> dict[str, jax.Array]:
@@ -145,10 +139,8 @@ def make_train_step(
     >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch["y"]) ** 2)
     >>> step = jax.jit(make_train_step(loss, tx))
     >>> state, metrics = step(state, {"y": jnp.zeros(2)})
-    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"])
-    (1, [0.0, 0.0], 2.0)
-    >>> round(float(metrics["grad_norm"]), 4)   # |2 (b - y)| at b = (1, 1), y = 0
-    2.8284
+    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"]), metrics["grad_norm"].round(4)
+    (1, [0.0, 0.0], 2.0, Array(2.8284, dtype=float32))
     >>> state, metrics = step(state, {"y": jnp.array([0.0, jnp.nan])})   # not applied
     >>> int(state.step), bool(metrics["applied"]), bool(metrics["finite"]["batch/y"])
     (1, False, False)

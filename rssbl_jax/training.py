@@ -1,24 +1,14 @@
-r"""A small training loop for adapters: a pure train step, resumable orbax checkpoints, non-finite guards.
+"""A small training loop for adapters: a pure train step, resumable orbax checkpoints, non-finite guards.
 
-The step (:mod:`rssbl_jax.train_step`) is one pure function, so the caller chooses the transformation: one
-device, ``jax.jit`` with shardings on a mesh (see :mod:`rssbl_jax.sharding`), ``jax.pmap``, or several processes
-(``jax.distributed.initialize``). Checkpoints live in :mod:`rssbl_jax.train_checkpoints`; the public names of
-both are importable from here. Step ``t`` trains on ``batch_fn(t)`` with the key ``fold_in(k, t)``, so data and
-randomness are functions of ``t`` alone and a run resumed at step ``t`` replays exactly what an uninterrupted run
-would have done. A checkpoint holds adapters, optimizer state, step (also the data position) and rng key; the
-frozen base is the caller's and only its shapes are stored (checked on restore).
-
-Crash safety: orbax/tensorstore read a flipped bit inside an array file back without complaint, so every
-checkpoint also stores each leaf's shape, dtype and SHA-256, and the tree structures of the adapters and the
-optimizer state (so ``adamw`` resumed after ``adam``, the same leaves in another tree, is named as such rather
-than taken for damage). Only damage (a digest mismatch, an unreadable file) sets a checkpoint aside; a caller's
-mismatch is an error that moves nothing. Non-finite state is never saved: a step whose loss, gradients, batch,
-new adapters or new optimizer state hold NaN/inf is not applied, and saving such a state raises
-:class:`NonFiniteError`.
-
-Metrics stay on the device and are read back every ``log_every`` steps (and before each checkpoint), not after
-every step, so the host keeps dispatching while the device computes. A ``hook`` and a clu-style ``writer``
-(:class:`rssbl_jax.writers.TensorBoardWriter`) get them. Many runs at once: :mod:`rssbl_jax.runs`.
+The step (:mod:`rssbl_jax.train_step`, re-exported here with :mod:`rssbl_jax.train_checkpoints`' names) is pure,
+so the caller picks one device, ``jax.jit`` on a mesh (:mod:`rssbl_jax.sharding`), ``jax.pmap`` or several
+processes. Step ``t`` trains on ``batch_fn(t)`` with key ``fold_in(k, t)``: a run resumed at ``t`` replays exactly
+what an uninterrupted one would. A checkpoint holds adapters, optimizer state, step and rng; of the caller's
+frozen base only the shapes (checked on restore). Orbax reads a flipped bit back without complaint, so each leaf's
+SHA-256 and the trees' structures are stored too: only damage sets a checkpoint aside, while a caller's mismatch
+(``adamw`` resumed after ``adam``) is an error that moves nothing. A step with NaN/inf is not applied and a
+non-finite state is never saved (:class:`NonFiniteError`). Metrics stay on the device until every ``log_every``
+steps, so the host keeps dispatching while the device computes. Many runs at once: :mod:`rssbl_jax.runs`.
 """
 
 from __future__ import annotations
@@ -51,8 +41,8 @@ class NonFiniteError(FloatingPointError):
 
     Attributes:
       step: the step whose update was not applied, or whose state was refused at save time.
-      names: what was not finite: ``"loss"``, ``"grads"``, ``"batch/<path>"``, or, when those were finite but
-        the optimizer made NaN/inf (e.g. Adam with ``eps=0``), ``"params/<path>"`` / ``"opt_state/<path>"``.
+      names: ``"loss"``, ``"grads"``, ``"batch/<path>"``, or, when only the optimizer made NaN/inf (e.g. Adam with
+        ``eps=0``), ``"params/<path>"``/``"opt_state/<path>"``.
       last_checkpoint: the step of the last good checkpoint, or ``None``.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -71,10 +61,6 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, *, step: int, names: tuple[str, ...], last_checkpoint: int | None):
         super().__init__(message)
         self.step, self.names, self.last_checkpoint = step, names, last_checkpoint
-
-
-def _replicate(tree: PyTree, n: int) -> PyTree:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
 
 
 def _unreplicate(tree: PyTree) -> PyTree:
@@ -153,19 +139,14 @@ def train(
 ) -> TrainState:
     """Run ``train_step`` until ``num_steps`` steps are done, saving and resuming orbax checkpoints.
 
-    With ``checkpoint_dir`` the run first restores the newest intact checkpoint there (:func:`restore_latest`), so
-    re-running the same command after a crash continues where it left off and ends with the same params as an
-    uninterrupted run. In several processes every process makes this same call (orbax coordinates the writes).
-
-    Metrics are read back (one host sync) every ``log_every`` steps, before each checkpoint and at the end; then
-    the finite checks of every step since the last read are looked at (a failed step was not applied, and nothing
-    after it is kept or saved), and at every ``log_every``-th and the last step ``hook``/``writer`` get::
+    With ``checkpoint_dir`` it first restores the newest intact checkpoint (:func:`restore_latest`), so re-running
+    the command after a crash ends with the params of an uninterrupted run. Every process makes the same call.
+    Metrics are read back (one host sync) every ``log_every`` steps, before each checkpoint and at the end, where
+    the finite checks since the last read are looked at; ``hook``/``writer`` then get the step's metrics
+    (:func:`make_train_step`'s and any other scalars of a custom step; arrays over runs for :mod:`rssbl_jax.runs`,
+    written as ``loss/0``, ``loss/1``...)::
 
         {"step": int, "loss": float, "grad_norm": float, "eval/<name>": float, ...}
-
-    (the step's own metrics, :func:`make_train_step`, plus any other scalars a custom step returns; ``eval/``
-    entries at every ``eval_every``-th and the last step). With several runs (:mod:`rssbl_jax.runs`) each value
-    is an array over the runs and the writer gets ``loss/0``, ``loss/1``...
 
     Args:
       state: the initial state (:func:`init_train_state`), placed as ``train_step`` expects it.
@@ -176,8 +157,7 @@ def train(
       checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
       save_every: checkpoint interval in steps.
       max_to_keep: how many checkpoints to keep (``None`` keeps all).
-      replicated: ``True`` when ``train_step`` is a ``jax.pmap``: ``state`` is given unreplicated, replicated
-        over the local devices, and checkpoints hold one copy.
+      replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given unreplicated; checkpoints hold one copy.
       log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
       hook: ``hook(metrics)``, called with the dict above.
       writer: any object with clu's ``write_scalars(step, scalars)``; flushed at the end, closed by the caller.
@@ -189,11 +169,10 @@ def train(
       The final state (unreplicated when ``replicated``).
 
     Raises:
-      NonFiniteError: at the next read after a step with NaN/inf in loss, gradients, batch or the updated state
-        (naming that step; the last good checkpoint is kept), or instead of saving a non-finite state.
-      ValueError: ``num_steps`` below the state's or restored checkpoint's step; an interval below 1;
-        ``eval_fn`` with nowhere to report; and from :func:`restore_latest`.
-      RuntimeError: from :func:`restore_latest`.
+      NonFiniteError: at the read after a step with NaN/inf (naming it; nothing later is kept or saved), or
+        instead of saving a non-finite state.
+      ValueError: ``num_steps`` below the state's step; an interval below 1; ``eval_fn`` with nowhere to report.
+      ValueError, RuntimeError: from :func:`restore_latest`.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.1)
@@ -203,10 +182,8 @@ def train(
     >>> logged = []
     >>> final = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.zeros(3), num_steps=50,
     ...               log_every=20, hook=logged.append, eval_fn=lambda s: {"max": jnp.abs(s.trainable["lora_b"]).max()})
-    >>> int(final.step), [(m["step"], round(m["loss"], 4), round(m["eval/max"], 4)) for m in logged]
+    >>> int(final.step), [(m["step"], round(m["loss"], 4), round(m["eval/max"], 4)) for m in logged]  # 0.9333^(38, 20)
     (50, [(20, 0.0727, 0.2516), (40, 0.0046, 0.0633), (50, 0.0012, 0.0318)])
-
-    (``lora_b = 0.9333^t`` after ``t`` steps: step 20's loss is ``0.9333^38``, its evaluation ``0.9333^20``.)
     """
     for name, value in (("save_every", save_every), ("log_every", log_every), ("eval_every", eval_every or 1)):
         if value < 1:
@@ -241,7 +218,8 @@ def train(
             "(not steps to add), so this run would train nothing. Pass num_steps >= the step, or start afresh."
         )
     if replicated:
-        state = _replicate(state, jax.local_device_count())
+        n = jax.local_device_count()
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state)
 
     def save(current: TrainState, at: int) -> None:
         snapshot = _unreplicate(current) if replicated else current
@@ -249,13 +227,11 @@ def train(
         if bad:
             manager.wait_until_finished()
             good = manager.latest_step()
-            raise NonFiniteError(
+            message = (
                 f"refusing to save the state of step {at}: non-finite values in {', '.join(bad)}. Last good "
-                f"checkpoint: {f'step {good} in {checkpoint_dir}' if good is not None else 'none'}.",
-                step=at,
-                names=tuple(bad),
-                last_checkpoint=good,
+                f"checkpoint: {f'step {good} in {checkpoint_dir}' if good is not None else 'none'}."
             )
+            raise NonFiniteError(message, step=at, names=tuple(bad), last_checkpoint=good)
         saved = ocp.args.StandardSave(_saved_tree(snapshot))
         manager.save(at, args=ocp.args.Composite(state=saved, meta=ocp.args.JsonSave(_meta(snapshot))))
 
@@ -270,13 +246,11 @@ def train(
             saved = manager.latest_step()
         where = f"step {saved} in {checkpoint_dir}" if saved is not None else "none"
         in_runs = f" (runs {', '.join(map(str, runs))})" if runs else ""
-        raise NonFiniteError(
+        message = (
             f"non-finite values in {', '.join(bad)}{in_runs} at step {at}; training stopped before applying that "
-            f"step's update. Last good checkpoint: {where}.",
-            step=at,
-            names=bad,
-            last_checkpoint=saved,
+            f"step's update. Last good checkpoint: {where}."
         )
+        raise NonFiniteError(message, step=at, names=bad, last_checkpoint=saved)
 
     pending: list[tuple[int, dict[str, Any]]] = []  # (step index, metrics) not yet read on the host
     try:
