@@ -39,10 +39,7 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
     Args:
       states: one :class:`~rssbl_jax.TrainState` per run, all at the same step, with the same adapter and
         optimizer-state trees.
-      share_frozen: keep one copy of the frozen base (equal in every run); ``False`` stacks a base per run.
-
-    Returns:
-      A :class:`~rssbl_jax.TrainState` with a leading axis of ``len(states)`` (not on a shared frozen base).
+      share_frozen: keep one unstacked copy of the frozen base (equal in every run); ``False`` stacks a base per run.
 
     Raises:
       ValueError: for no runs, runs whose trees differ, or a shared base that differs (naming run and leaf).

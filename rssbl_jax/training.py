@@ -7,8 +7,8 @@ what an uninterrupted one would. A checkpoint holds adapters, optimizer state, s
 frozen base only the shapes (checked on restore). Orbax reads a flipped bit back without complaint, so each leaf's
 SHA-256 and the trees' structures are stored too: only damage sets a checkpoint aside, while a caller's mismatch
 (``adamw`` resumed after ``adam``) is an error that moves nothing. A step with NaN/inf is not applied and a
-non-finite state is never saved (:class:`NonFiniteError`). Metrics stay on the device until every ``log_every``
-steps, so the host keeps dispatching while the device computes. Many runs at once: :mod:`rssbl_jax.runs`.
+non-finite state is never saved (:class:`NonFiniteError`). Metrics stay on the device and are read every
+``log_every`` steps, so the host keeps dispatching while the device computes. Many runs: :mod:`rssbl_jax.runs`.
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ def train(
 
     With ``checkpoint_dir`` it first restores the newest intact checkpoint (:func:`restore_latest`), so re-running
     the command after a crash ends with the params of an uninterrupted run. Every process makes the same call.
-    Metrics are read back (one host sync) every ``log_every`` steps, before each checkpoint and at the end, where
-    the finite checks since the last read are looked at; ``hook``/``writer`` then get the step's metrics
-    (:func:`make_train_step`'s and any other scalars of a custom step; arrays over runs for :mod:`rssbl_jax.runs`,
-    written as ``loss/0``, ``loss/1``...)::
+    Metrics are read back (one host sync, which also looks at the finite checks since the last read) every
+    ``log_every`` steps, before each checkpoint and at the end; at every ``log_every``-th and the last step
+    ``hook``/``writer`` get the step's metrics (:func:`make_train_step`'s and any other scalars of a custom step;
+    arrays over runs for :mod:`rssbl_jax.runs`, written as ``loss/0``, ``loss/1``...)::
 
         {"step": int, "loss": float, "grad_norm": float, "eval/<name>": float, ...}
 
@@ -160,7 +160,8 @@ def train(
       replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given unreplicated; checkpoints hold one copy.
       log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
       hook: ``hook(metrics)``, called with the dict above.
-      writer: any object with clu's ``write_scalars(step, scalars)``; flushed at the end, closed by the caller.
+      writer: clu's ``write_scalars(step, scalars)`` interface (:class:`rssbl_jax.writers.TensorBoardWriter`);
+        flushed at the end, closed by the caller.
       eval_fn: ``eval_fn(state) -> {name: scalar}`` (state unreplicated); needs ``hook`` or ``writer``.
       eval_every: evaluation interval in steps (default ``log_every``).
       on_step: deprecated, use ``hook``: ``on_step(step, loss)`` after every step (a host sync per step).
