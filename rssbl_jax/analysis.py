@@ -1,17 +1,15 @@
 r"""What an adapter learned, as numbers: effective and joint ranks of ΔW(p), principal angles, responses over p.
 
-For an adapted layer the update at an operating point is ``ΔW(p) = W'(p) - W`` with ``W'(p)`` the merged kernel
-(:func:`rssbl_jax.merge`). RSSBilinearLoRA's update ``s A diag(g(p)) B`` keeps the same column and row spaces for
-every ``p``, so stacked over any set of conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork
-can move its subspaces with ``p``. These functions measure that on a grid of conditions, for any model:
+The update at an operating point is ``ΔW(p) = W'(p) - W``, ``W'(p)`` the merged kernel (:func:`rssbl_jax.merge`).
+RSSBilinearLoRA's ``s A diag(g(p)) B`` keeps its column and row spaces for every ``p``, so stacked over any set of
+conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork can move its subspaces with ``p``. These
+functions measure that on a grid of conditions, for any model:
 
 >>> import jax, jax.numpy as jnp
 >>> from rssbl_jax import RSSBilinearLoRADense, analysis
 >>> layer = RSSBilinearLoRADense(6, rank=2, lora_alpha=2.0)
->>> x, p = jnp.ones((1, 5)), jnp.ones(2)
->>> params = layer.init(jax.random.key(0), x, p)["params"]
->>> params["lora_b"] = jax.random.normal(jax.random.key(1), params["lora_b"].shape)
->>> params["lora_c"] = jax.random.normal(jax.random.key(2), params["lora_c"].shape)
+>>> params = layer.init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))["params"]
+>>> params |= {k: jax.random.normal(jax.random.key(i), params[k].shape) for i, k in ((1, "lora_b"), (2, "lora_c"))}
 >>> deltas = analysis.delta_weights(params, layer.adapter_config, "", analysis.condition_grid(-1.0, 1.0, 5, 2))
 >>> deltas.shape, int(analysis.joint_rank(deltas, 0.999).maximum)
 ((25, 5, 6), 2)
@@ -31,22 +29,17 @@ from rssbl_jax.merge import merge
 
 
 def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
-    r"""The number of singular values that hold ``energy`` of the squared Frobenius norm.
+    r"""The number of singular values (an int scalar in ``[0, min(m, n)]``) that hold ``energy`` of ``‖M‖²_F``.
 
     .. math::
 
         \operatorname{rank}_e(M) = \min\{k : \textstyle\sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}
 
-    A matrix whose Frobenius norm is ``≤ atol`` has rank 0 (use ``atol`` to call float32 round-off zero, e.g.
-    ``1e-5 * ‖W‖`` for an update of a base kernel ``W``). Works under ``jit`` and ``vmap``.
-
     Args:
       matrix: ``[m, n]``.
       energy: the fraction of ``‖M‖²_F`` to hold, in ``(0, 1]``.
-      atol: norms up to this count as zero.
-
-    Returns:
-      An integer scalar in ``[0, min(m, n)]``.
+      atol: a Frobenius norm up to this gives rank 0 (to call float32 round-off zero, e.g. ``1e-5 * ‖W‖`` for an
+        update of a base kernel ``W``).
 
     >>> import jax.numpy as jnp
     >>> int(effective_rank(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.8))
@@ -88,8 +81,8 @@ def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *
         r_\text{in} = \operatorname{rank}_e\big[\Delta W(p_1)\,\cdots\,\Delta W(p_K)\big], \qquad
         r_\text{out} = \operatorname{rank}_e\big[\Delta W(p_1); \cdots; \Delta W(p_K)\big]
 
-    RSSBilinearLoRA's ``ΔW(p) = s A diag(g(p)) B`` has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on
-    the LoRA branch has ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``.
+    RSSBilinearLoRA has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has
+    ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``.
 
     Args:
       deltas: ``[K, d_in, d_out]``.
@@ -117,16 +110,15 @@ def principal_angles(a: Float[ArrayLike, "n k1"], b: Float[ArrayLike, "n k2"]) -
 
         \cos\theta_i = \sigma_i(Q_a^\top Q_b), \qquad a = Q_a R_a,\ b = Q_b R_b
 
-    0 means a shared direction, π/2 an orthogonal one. The columns of each argument must be linearly independent
-    (pass the top singular vectors of an update, not the update itself).
+    0 is a shared direction, π/2 an orthogonal one. Columns must be linearly independent (pass an update's top
+    singular vectors, not the update).
 
     >>> import jax.numpy as jnp
     >>> angles = principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])
     >>> [round(float(t), 4) for t in angles]
     [0.0, 1.5708]
     """
-    qa = jnp.linalg.qr(jnp.asarray(a))[0]
-    qb = jnp.linalg.qr(jnp.asarray(b))[0]
+    qa, qb = (jnp.linalg.qr(jnp.asarray(m))[0] for m in (a, b))
     cosines = jnp.linalg.svd(qa.T @ qb, compute_uv=False)
     return jnp.arccos(jnp.clip(cosines, -1.0, 1.0))  # singular values descend, so angles ascend
 
@@ -143,23 +135,20 @@ def _at(tree: Any, path: str) -> Any:
 def delta_weights(
     params: Any, config: Any, layer_path: str, operating_params: Float[ArrayLike, "K d_p"]
 ) -> Float[Array, "K d_in d_out"]:
-    r"""``ΔW(p_k) = W'(p_k) - W`` of one adapted layer at ``K`` operating points, via :func:`rssbl_jax.merge`.
+    r"""``ΔW(p_k) = W'(p_k) - W``, ``[K, *kernel.shape]``, of one adapted layer at ``K`` operating points.
 
     .. math::
 
         \Delta W(p) = s\, A\,\mathrm{diag}\big(g(\hat p)\big)\,B
 
-    computed with ``jax.vmap`` over ``merge(params, p, config)``, so the gate family and the ``p`` normalisation
-    come from ``config`` exactly as in training.
+    with ``jax.vmap`` over ``merge(params, p, config)``: gate family and ``p`` normalisation come from ``config``
+    as in training.
 
     Args:
       params: a model's params tree (or one layer's params, with ``layer_path=""``).
       config: the :class:`~rssbl_jax.AdapterConfig` (or an adapted model / layer carrying one).
-      layer_path: the layer's path in ``params``, keys joined by ``/`` (``"dense_0"``, ``"block_0/attention/query"``).
+      layer_path: the layer's path in ``params``, keys joined by ``/`` (``"block_0/attention/query"``).
       operating_params: ``[K, d_p]``.
-
-    Returns:
-      ``[K, *kernel.shape]``: the merged kernel minus the base kernel at each operating point.
 
     >>> import jax, jax.numpy as jnp
     >>> from rssbl_jax import RSSBilinearLoRADense
@@ -206,9 +195,8 @@ def plot_response(
 ) -> Any:
     """Plot a response over a sweep of one operating parameter: ``values [K, ...]`` against ``grid[:, axis]``.
 
-    Every output channel (the trailing axes of ``values``, flattened) is one line; ``train_range`` shades the range
-    the adapter was trained on, so extrapolation is visible. Needs matplotlib (``pip install 'rssbl_jax[plot]'``).
-    Returns the axes.
+    One line per output channel (trailing axes of ``values``, flattened); ``train_range`` shades the training range
+    so extrapolation is visible. Needs matplotlib (``pip install 'rssbl_jax[plot]'``). Returns the axes.
 
     >>> import jax.numpy as jnp, matplotlib
     >>> matplotlib.use("Agg")

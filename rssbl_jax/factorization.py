@@ -14,9 +14,9 @@ Conv          ``Conv``                kernel ``(*window, c_in, c_out)``  ``(*win
 Embed         ``Embed``               embedding ``(vocab, features)``    ``(vocab, r)``           ``(r, features)``
 ============  ======================  =================================  =======================  ==================
 
-An Einsum kernel whose contracted axes all come before its output axes uses the compact ``(*in, r)``/``(r, *out)``
-layout instead. ``A`` of a Conv is a convolution with the layer's strides, padding and dilations and ``B`` a 1×1
-convolution (PEFT's approach); ``A`` of an Embed is a lookup table, ``A x = A[ids]``.
+An Einsum kernel whose contracted axes all precede its output axes uses the compact ``(*in, r)``/``(r, *out)``
+layout. A Conv's ``A`` is a convolution with the layer's strides, padding and dilations, ``B`` a 1×1 convolution
+(PEFT's approach); an Embed's ``A`` is a lookup table, ``A x = A[ids]``.
 
 >>> import flax.linen as nn
 >>> kind_of(nn.Dense(3)).name, kind_of(nn.Embed(10, 4)).kernel_name
@@ -43,12 +43,11 @@ PrecisionLike = Any
 class Factorization(NamedTuple):
     """How one layer kind factors its kernel: the factor shapes and the maps ``x ↦ A x`` and ``h ↦ B h``.
 
-    ``down(x, lora_a)`` returns rank-space activations ``[..., r]`` whose leading axes are the input's
-    non-contracted axes in order (so ``p`` of shape ``[*lead, d_p]`` broadcasts over tokens/pixels);
-    ``up(h, lora_b)`` returns an array of the layer's output shape. ``kernel_name`` is the base weight the
-    factors fold into (``"kernel"``, or ``"embedding"`` for Embed); ``integer_inputs`` marks a lookup (Embed), whose
-    input has no feature axis. ``up_add(y, h, lora_b)``, when set, returns ``y + up(h, lora_b)`` without
-    materialising the update (:func:`rssbl_jax.fastpath.add_low_rank`).
+    ``down(x, lora_a)`` gives ``[..., r]`` whose leading axes are the input's non-contracted axes in order (so
+    ``p [*lead, d_p]`` broadcasts over tokens/pixels); ``up(h, lora_b)`` gives the layer's output shape;
+    ``kernel_name`` is the base weight the factors fold into; ``integer_inputs`` marks a lookup (Embed, no feature
+    axis); ``up_add(y, h, lora_b)``, when set, is ``y + up(h, lora_b)`` without materialising the update
+    (:func:`rssbl_jax.fastpath.add_low_rank`).
     """
 
     kind: str
@@ -90,25 +89,22 @@ def dense_factorization(
     return Factorization("Dense", (d_in, rank), (rank, d_out), down, up, up_add=up_add)
 
 
-def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
-    return tuple(sorted(ax if ax >= 0 else ndim + ax for ax in axes))
+def _tensordot_up(precision: PrecisionLike) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    return lambda h, b: jnp.tensordot(h, b, axes=1, precision=precision)
 
 
 def dense_general_factorization(
     kernel_shape: Sequence[int], axis: Sequence[int], x_ndim: int, rank: int, precision: PrecisionLike = None
 ) -> Factorization:
     """DenseGeneral kernel ``(*in, *features)`` contracting input ``axis``: ``A (*in, r)``, ``B (r, *features)``."""
-    axis = _normalize_axes(axis, x_ndim)
+    axis = tuple(sorted(ax if ax >= 0 else x_ndim + ax for ax in axis))
     n_in = len(axis)
     in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])
 
     def down(x, a):
         return jax.lax.dot_general(x, a, ((axis, tuple(range(n_in))), ((), ())), precision=precision)
 
-    def up(h, b):
-        return jnp.tensordot(h, b, axes=1, precision=precision)
-
-    return Factorization("DenseGeneral", (*in_shape, rank), (rank, *out_shape), down, up)
+    return Factorization("DenseGeneral", (*in_shape, rank), (rank, *out_shape), down, _tensordot_up(precision))
 
 
 def einsum_factorization(
@@ -118,13 +114,8 @@ def einsum_factorization(
 
     Kernel axes that also index the input and the output (per-slice weights) are not supported.
     """
-    operands, out, _ = opt_einsum.parser.parse_einsum_input(
-        (
-            equation,
-            jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
-            jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
-        )
-    )
+    shapes = [jax.ShapeDtypeStruct(tuple(shape), jnp.float32) for shape in (x_shape, kernel_shape)]
+    operands, out, _ = opt_einsum.parser.parse_einsum_input((equation, *shapes))
     lhs, rhs = operands.split(",")
     shared = [c for c in rhs if c in lhs and c in out]
     if shared or len(set(rhs)) != len(rhs) or any(c not in lhs and c not in out for c in rhs):
@@ -140,8 +131,7 @@ def einsum_factorization(
             f"kernel and the result."
         )
     size = dict(zip(rhs, kernel_shape, strict=True))
-    in_shape = tuple(size[c] for c in in_labels)
-    out_shape = tuple(size[c] for c in out_labels)
+    in_shape, out_shape = (tuple(size[c] for c in labels) for labels in (in_labels, out_labels))
     h_labels = "".join(dict.fromkeys(c for c in lhs if c in out))
     r_label = next(c for c in string.ascii_letters if c not in operands + out)
     compact = all(rhs.index(i) < rhs.index(o) for i in in_labels for o in out_labels)
@@ -181,8 +171,8 @@ def conv_factorization(
 ) -> Factorization:
     """Conv kernel ``(*window, c_in, c_out)``: ``A`` a conv ``(*window, c_in, r)`` like the layer's, ``B (r, c_out)``.
 
-    ``A x`` is computed by ``flax.linen.Conv`` itself (same strides, padding modes, dilations and batch
-    handling as the base layer), so the update matches the layer's output grid exactly.
+    ``A x`` is ``flax.linen.Conv`` itself (the base layer's strides, padding, dilations, batch handling), so the
+    update matches the layer's output grid exactly.
     """
     c_out = kernel_shape[-1]
     rank_conv = RankConv(
@@ -200,10 +190,7 @@ def conv_factorization(
     def down(x, a):
         return rank_conv.apply({"params": {"kernel": a}}, x)
 
-    def up(h, b):
-        return jnp.tensordot(h, b, axes=1, precision=precision)
-
-    return Factorization("Conv", (*kernel_shape[:-1], rank), (rank, c_out), down, up)
+    return Factorization("Conv", (*kernel_shape[:-1], rank), (rank, c_out), down, _tensordot_up(precision))
 
 
 def embed_factorization(embedding_shape: Sequence[int], rank: int, precision: PrecisionLike = None) -> Factorization:
@@ -213,19 +200,10 @@ def embed_factorization(embedding_shape: Sequence[int], rank: int, precision: Pr
     def down(ids, a):
         return jnp.take(a, ids, axis=0)
 
-    def up(h, b):
-        return jnp.tensordot(h, b, axes=1, precision=precision)
-
-    return Factorization("Embed", (vocab, rank), (rank, features), down, up, "embedding", True)
+    return Factorization("Embed", (vocab, rank), (rank, features), down, _tensordot_up(precision), "embedding", True)
 
 
-# --------------------------------------------------------------------------------------------------
-# The registry: one entry per kind, for linen and NNX alike
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_nothing(module: Any, path: str) -> None:
-    del module, path
+# The registry: one entry per kind, for linen and NNX alike.
 
 
 def _check_dense_general(module: Any, path: str) -> None:
@@ -267,16 +245,8 @@ def _einsum(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEF
 def _conv(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
     del x_shape, args, kwargs, thresholds
     kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
-    return conv_factorization(
-        kernel_shape,
-        rank,
-        kernel_size=kernel_size,
-        strides=module.strides,
-        padding=module.padding,
-        input_dilation=module.input_dilation,
-        kernel_dilation=module.kernel_dilation,
-        precision=module.precision,
-    )
+    grid = {k: getattr(module, k) for k in ("strides", "padding", "input_dilation", "kernel_dilation")}
+    return conv_factorization(kernel_shape, rank, kernel_size=kernel_size, precision=module.precision, **grid)
 
 
 def _embed(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
@@ -287,10 +257,10 @@ def _embed(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFA
 class LayerKind(NamedTuple):
     """One adaptable layer kind: its linen and NNX classes, base weight name, validation and factorization.
 
-    ``factorize(module, kernel_shape, rank, x_shape, call_args, call_kwargs, *, thresholds=...)`` builds the kind's
-    :class:`Factorization` (``x_shape=None``: factor shapes only, before any call; ``thresholds``: the
-    :class:`~rssbl_jax.fastpath.Thresholds` of the fused Dense add);
-    ``check(module, path)`` raises when the layer's configuration cannot be adapted.
+    ``factorize(module, kernel_shape, rank, x_shape, call_args, call_kwargs, *, thresholds=...)`` builds the
+    :class:`Factorization` (``x_shape=None``: factor shapes only, before any call; ``thresholds``: the fused Dense
+    add's :class:`~rssbl_jax.fastpath.Thresholds`); ``check(module, path)`` raises for a configuration that cannot
+    be adapted.
     """
 
     name: str
@@ -302,11 +272,11 @@ class LayerKind(NamedTuple):
 
 
 KINDS = (
-    LayerKind("Dense", nn.Dense, nnx.Linear, "kernel", _check_nothing, _dense),
+    LayerKind("Dense", nn.Dense, nnx.Linear, "kernel", lambda module, path: None, _dense),
     LayerKind("DenseGeneral", nn.DenseGeneral, nnx.LinearGeneral, "kernel", _check_dense_general, _dense_general),
-    LayerKind("Einsum", nn.Einsum, nnx.Einsum, "kernel", _check_nothing, _einsum),
+    LayerKind("Einsum", nn.Einsum, nnx.Einsum, "kernel", lambda module, path: None, _einsum),
     LayerKind("Conv", nn.Conv, nnx.Conv, "kernel", _check_conv, _conv),
-    LayerKind("Embed", nn.Embed, nnx.Embed, "embedding", _check_nothing, _embed),
+    LayerKind("Embed", nn.Embed, nnx.Embed, "embedding", lambda module, path: None, _embed),
 )
 """Every adaptable kind. Types match exactly: a subclass may change what ``__call__`` computes."""
 

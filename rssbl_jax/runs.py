@@ -7,26 +7,13 @@ Runs ``i = 1..R`` (seeds, learning rates, data draws) take their steps together,
     \theta^{(i)}_{t+1} = \theta^{(i)}_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta^{(i)}_t \cup W,
     \text{batch}^{(i)}_t, k^{(i)}_t);\ \eta^{(i)}\big),
 
-each exactly as :func:`rssbl_jax.make_train_step` would take it alone (up to float rounding), in one program.
-Each run is a :class:`~rssbl_jax.TrainState` of its own (:func:`rssbl_jax.init_train_state` with its own key and
-adapter initialisation); :func:`stack_runs` stacks them on a leading axis. A learning rate ``η⁽ⁱ⁾`` (or any
-numeric hyperparameter) differs per run when the optimizer is made with ``optax.inject_hyperparams``: the value
-then lives in the optimizer state, which is stacked with the rest, and the one compiled step reads each run's
-own. The frozen base ``W`` is one copy for every run (not ``R``) unless ``share_frozen=False`` (e.g. a base per
-data draw).
-
-:func:`train_many` runs :func:`rssbl_jax.train` on the stack: checkpoints, non-finite checks (naming the runs
-that failed) and metric hooks (one value per run) work as for one run.
-
->>> import jax, jax.numpy as jnp, optax
->>> from rssbl_jax import init_train_state, make_train_step
->>> sgd = optax.inject_hyperparams(optax.sgd)
->>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
->>> states = [init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.2)]
->>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] ** 2)
->>> finals = train_many(states, make_train_step(loss, sgd(learning_rate=0.1)), lambda step: None, 1, batch_axis=None)
->>> [round(float(f.trainable["lora_b"][0]), 4) for f in finals]   # 1 - 2 lr for each run's own lr
-[0.8, 0.6]
+each as :func:`rssbl_jax.make_train_step` would take it alone (up to float rounding), in one program.
+:func:`stack_runs` stacks the runs' own :class:`~rssbl_jax.TrainState` (own key, own adapter initialisation) on a
+leading axis. A learning rate ``η⁽ⁱ⁾`` (or any numeric hyperparameter) differs per run when the optimizer is made
+with ``optax.inject_hyperparams``: the value then lives in the stacked optimizer state, so the one compiled step
+reads each run's own. The frozen base ``W`` is one copy for all runs unless ``share_frozen=False`` (a base per
+data draw). :func:`train_many` runs :func:`rssbl_jax.train` on the stack: checkpoints, non-finite checks (naming
+the failed runs) and hooks (a value per run) work as for one run.
 """
 
 from __future__ import annotations
@@ -51,17 +38,11 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
 
     Args:
       states: one :class:`~rssbl_jax.TrainState` per run, all at the same step, with the same adapter and
-        optimizer-state trees (e.g. ``optax.inject_hyperparams(optax.adam)(learning_rate=lr)`` for each ``lr``).
-      share_frozen: keep one copy of the frozen base (it must be the same in every run); ``False`` stacks the
-        runs' bases too (a base per run).
-
-    Returns:
-      A :class:`~rssbl_jax.TrainState` whose leaves have a leading axis of ``len(states)``, the frozen base's
-      too when ``share_frozen`` is ``False``.
+        optimizer-state trees.
+      share_frozen: keep one unstacked copy of the frozen base (equal in every run); ``False`` stacks a base per run.
 
     Raises:
-      ValueError: for no runs, runs whose trees differ (naming the run), or a shared base that differs
-        (naming the run and the leaf).
+      ValueError: for no runs, runs whose trees differ, or a shared base that differs (naming run and leaf).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from rssbl_jax import init_train_state
@@ -69,8 +50,8 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
     >>> sgd = optax.inject_hyperparams(optax.sgd)
     >>> states = [init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.2, 0.3)]
     >>> runs = stack_runs(states)
-    >>> runs.step.shape, runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape
-    ((3,), (3, 2), (2,))
+    >>> runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape
+    ((3, 2), (2,))
     >>> [round(float(lr), 4) for lr in runs.opt_state.hyperparams["learning_rate"]]
     [0.1, 0.2, 0.3]
     """
@@ -85,10 +66,8 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
                     f"{jax.tree.structure(getattr(first, name))}. Every run needs the same model and optimizer."
                 )
         if share_frozen:
-            pairs = zip(
-                jax.tree_util.tree_flatten_with_path(first.frozen)[0], jax.tree.leaves(state.frozen), strict=True
-            )
-            for (path, a), b in pairs:
+            paths = jax.tree_util.tree_flatten_with_path(first.frozen)[0]
+            for (path, a), b in zip(paths, jax.tree.leaves(state.frozen), strict=True):
                 if a is not b and not (np.shape(a) == np.shape(b) and np.array_equal(a, b)):
                     raise ValueError(
                         f"run {i}'s frozen '{path_str(path)}' differs from run 0's; runs that share_frozen share one "
@@ -105,9 +84,6 @@ def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainS
       state: a state with a leading run axis.
       share_frozen: whether its frozen base is one copy (as given to :func:`stack_runs`).
 
-    Returns:
-      ``[state of run 0, state of run 1, ...]``.
-
     >>> import jax, jax.numpy as jnp, optax
     >>> from rssbl_jax import init_train_state
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
@@ -116,13 +92,10 @@ def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainS
     >>> len(runs), runs[2].trainable["lora_b"].shape, bool((runs[2].rng == states[2].rng).all())
     (4, (2,), True)
     """
-    n = int(np.shape(state.step)[0])
-    axes = _axes(share_frozen)
+    axes = list(zip(state, _axes(share_frozen), strict=True))
     return [
-        TrainState(
-            *(x if axis is None else jax.tree.map(lambda a, i=i: a[i], x) for x, axis in zip(state, axes, strict=True))
-        )
-        for i in range(n)
+        TrainState(*(x if axis is None else jax.tree.map(lambda a, i=i: a[i], x) for x, axis in axes))
+        for i in range(int(np.shape(state.step)[0]))
     ]
 
 
@@ -130,10 +103,8 @@ def vmap_train_step(train_step: StepFn, *, batch_axis: int | None = 0, share_fro
     """A train step over a stack of runs: ``jax.vmap`` of ``train_step`` over the leading run axis.
 
     Args:
-      train_step: :func:`rssbl_jax.make_train_step`'s step (not yet jitted or pmapped); it must leave the frozen
-        base as it is, which that step does.
-      batch_axis: the run axis of the batch: ``0`` when every run has its own batch (``batch[i]`` is run ``i``'s:
-        other seeds or data draws), ``None`` when all runs train on the same batch.
+      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted (it leaves the frozen base as it is).
+      batch_axis: ``0`` when ``batch[i]`` is run ``i``'s own batch, ``None`` when all runs share one batch.
       share_frozen: whether the state's frozen base is one copy (see :func:`stack_runs`).
 
     Returns:
@@ -166,21 +137,18 @@ def train_many(
 ) -> list[TrainState]:
     """Train several runs at once (one compiled, vmapped step) with :func:`rssbl_jax.train`.
 
-    The same as ``[train(s, jax.jit(train_step), one_batch_fn(i), num_steps) for i, s in enumerate(states)]`` up
-    to float rounding, where run ``i``'s batches are ``batch_fn(step)[i]`` (``batch_axis=0``) or
-    ``batch_fn(step)`` (``None``).
+    The same as ``train(s, jax.jit(train_step), ...)`` for each run ``s`` up to float rounding, run ``i``
+    training on ``batch_fn(step)[i]`` (``batch_axis=0``) or ``batch_fn(step)`` (``None``).
 
     Args:
       states: one :class:`~rssbl_jax.TrainState` per run (see :func:`stack_runs`).
-      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted (its optimizer is any of the runs': with
-        ``optax.inject_hyperparams`` each run's hyperparameters are read from its own optimizer state).
+      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted, with any run's optimizer (under
+        ``optax.inject_hyperparams`` each run reads its hyperparameters from its own optimizer state).
       batch_fn: ``batch_fn(step) -> batch``, with a leading run axis when ``batch_axis=0``.
       num_steps: total number of steps of every run.
-      batch_axis: ``0`` for a batch per run, ``None`` for one batch shared by every run.
-      share_frozen: one copy of the frozen base for all runs (see :func:`stack_runs`).
-      **train_kwargs: passed to :func:`rssbl_jax.train` (``checkpoint_dir``, ``log_every``, ``hook``,
-        ``writer``, ``eval_fn`` ...); the hook's values and ``eval_fn``'s are per run (arrays over the runs; the
-        writer gets ``loss/0``, ``loss/1``...). ``eval_fn`` receives the stacked state.
+      batch_axis, share_frozen: as in :func:`vmap_train_step`.
+      **train_kwargs: passed to :func:`rssbl_jax.train`; hook values are arrays over the runs, ``eval_fn`` gets
+        the stacked state.
 
     Returns:
       The final state of each run, in order.
@@ -188,8 +156,7 @@ def train_many(
     >>> import jax, jax.numpy as jnp, optax
     >>> from rssbl_jax import init_train_state, make_train_step
     >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}
-    >>> adam = optax.inject_hyperparams(optax.adam)
-    >>> lrs = (0.003, 0.03)
+    >>> adam, lrs = optax.inject_hyperparams(optax.adam), (0.003, 0.03)
     >>> states = [init_train_state(params, adam(learning_rate=lr), jax.random.key(0)) for lr in lrs]
     >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
     >>> logged = []

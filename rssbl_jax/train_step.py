@@ -7,11 +7,10 @@ Only the trainable half of the params (:func:`rssbl_jax.partition`) is different
     \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
     \qquad k_t = \mathrm{fold\_in}(k, t)
 
-A step whose loss, gradients, batch, new adapters or new optimizer state hold NaN/inf is not applied (unless it
-was made with ``check_finite=False``). The step is
-one pure function: the caller chooses ``jax.jit`` (with shardings, :func:`state_partition_specs`), ``jax.pmap``
-or ``jax.vmap`` over runs. :mod:`rssbl_jax.training` holds the loop and :mod:`rssbl_jax.train_checkpoints` the
-checkpoints; both use this module, and neither is needed to take one step.
+A step whose loss, gradients, batch or updated state hold NaN/inf is not applied (unless ``check_finite=False``).
+The step is pure, so the caller chooses ``jax.jit`` (with :func:`state_partition_specs`), ``jax.pmap`` or
+``jax.vmap`` over runs; the loop (:mod:`rssbl_jax.training`) and checkpoints (:mod:`rssbl_jax.train_checkpoints`)
+build on this module and are not needed to take one step.
 """
 
 from __future__ import annotations
@@ -37,20 +36,17 @@ class TrainState(NamedTuple):
     """Everything a training run carries from step to step.
 
     Attributes:
-      step: int32 scalar, the number of steps taken; also the data position (step ``t`` trains on
-        ``batch_fn(t)``).
-      trainable: the ``lora_*`` half of the params (``None`` at frozen leaves), see :func:`rssbl_jax.partition`.
-      frozen: the base half (``None`` at adapter leaves); never updated and not checkpointed.
+      step: int32 scalar, the steps taken; also the data position (step ``t`` trains on ``batch_fn(t)``).
+      trainable: the adapter half of the params (``None`` at frozen leaves), see :func:`rssbl_jax.partition`.
+      frozen: the base half (``None`` at adapter leaves); never updated nor checkpointed.
       opt_state: the optimizer state of ``trainable``.
       rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
     >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
-    >>> state._fields
-    ('step', 'trainable', 'frozen', 'opt_state', 'rng')
-    >>> state.trainable["kernel"], state.frozen["lora_b"]
-    (None, None)
+    >>> state._fields, state.trainable["kernel"], state.frozen["lora_b"]
+    (('step', 'trainable', 'frozen', 'opt_state', 'rng'), None, None)
     """
 
     step: jax.Array
@@ -71,18 +67,16 @@ def init_train_state(
     """Split ``params`` into trainable adapters and frozen base and initialise ``tx`` on the adapters only.
 
     Args:
-      params: a whole params tree (base + ``lora_*`` leaves), e.g. ``variables["params"]``.
-      tx: the optimizer of the adapters (plain, e.g. ``optax.adamw(1e-3)``: it only ever sees the
-        trainable half, so no :func:`rssbl_jax.freeze_base` is needed).
+      params: a whole params tree (base + adapter leaves), e.g. ``variables["params"]``.
+      tx: the adapters' optimizer, plain (e.g. ``optax.adamw(1e-3)``; it sees only the trainable half, so no
+        :func:`rssbl_jax.freeze_base`).
       rng: a PRNG key (typed or raw) for the loss function's randomness.
-      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`
-        (adapters by identity, plus ``modules_to_save``).
-      trainable: a tree of bools with ``params``' structure that overrides which leaves train (e.g. an ablation
-        that freezes some adapter factors). Default: :func:`rssbl_jax.trainable_mask`.
+      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`.
+      trainable: a tree of bools with ``params``' structure overriding which leaves train (e.g. an ablation
+        freezing some adapter factors). Default: :func:`rssbl_jax.trainable_mask`.
 
     Returns:
-      A :class:`TrainState` at step 0. Float32 params give float32 optimizer state, whatever the model's
-      compute ``dtype``.
+      A :class:`TrainState` at step 0 (float32 params give float32 optimizer state, whatever the compute dtype).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> state = init_train_state({"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)),
@@ -93,17 +87,10 @@ def init_train_state(
     trainable, frozen = partition(params, config, mask=trainable)
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        frozen=frozen,
-        opt_state=tx.init(trainable),
-        rng=jnp.asarray(rng, jnp.uint32),
-    )
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable), jnp.asarray(rng, jnp.uint32))
 
 
 def _finite_leaves(tree: PyTree) -> dict[str, jax.Array]:
-    """``{path: all finite}`` for every floating leaf of ``tree``."""
     return {
         _path_str(path): jnp.all(jnp.isfinite(leaf))
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -125,32 +112,25 @@ def make_train_step(
 ) -> StepFn:
     r"""A pure train step ``(state, batch) -> (state, metrics)`` that updates only the adapters.
 
-    The step differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies
-    ``tx`` and checks that the loss, the gradients and every floating leaf of ``batch`` (the operating
-    parameters ``p`` included) are finite. If any is not, the returned state is the input state unchanged and
-    ``metrics["finite"]`` says which; :func:`rssbl_jax.train` then stops with a
-    :class:`~rssbl_jax.training.NonFiniteError`.
-
-    Wrap the step in ``jax.jit`` (with ``in_shardings``/``out_shardings`` for a mesh; the loss is then a
-    mean over the global batch and XLA inserts the reductions) or in ``jax.pmap(step, axis_name=...)`` with
-    the same ``axis_name`` given here (loss, gradients and checks are ``pmean``-ed/combined over it).
+    The step differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies ``tx``
+    and checks the loss, the gradients, every floating leaf of ``batch`` (``p`` included) and the updated state
+    for NaN/inf; if any fails, the state comes back unchanged and ``metrics["finite"]`` says which
+    (:func:`rssbl_jax.train` then raises :class:`~rssbl_jax.training.NonFiniteError`). Wrap it in ``jax.jit``
+    (with shardings on a mesh, where XLA inserts the reductions) or ``jax.pmap`` with the same ``axis_name``.
 
     Args:
-      loss_fn: ``loss_fn(params, batch, rng) -> scalar``, with the whole params tree (adapters and base).
-        For mixed precision build the model with ``dtype=jnp.bfloat16`` and keep the params float32: the
-        gradients and optimizer state stay float32.
+      loss_fn: ``loss_fn(params, batch, rng) -> scalar`` on the whole params tree. For mixed precision build the
+        model with ``dtype=jnp.bfloat16`` and keep float32 params: gradients and optimizer state stay float32.
       tx: the adapters' optimizer, the one given to :func:`init_train_state`.
-      axis_name: the ``pmap`` axis name, or ``None`` under ``jit``/single device.
-      check_finite: ``False`` drops the checks and always applies the update (``metrics["finite"]`` is then
-        empty): for many small runs inside one ``jax.lax.scan``, where a diverged run should simply show as a
-        non-finite loss and the checks (a reduction over every leaf, every step) are not wanted.
+      axis_name: the ``pmap`` axis (loss, gradients and checks are combined over it), or ``None``.
+      check_finite: ``False`` drops the checks (a reduction over every leaf, every step) and always applies the
+        update, with empty ``metrics["finite"]``: for many small runs inside one ``jax.lax.scan``, where a
+        diverged run simply shows a non-finite loss.
 
     Returns:
-      ``step(state, batch) -> (state, metrics)`` with ``metrics = {"loss": float32 scalar, "grad_norm": float32
-      scalar (the global L2 norm of the adapters' gradients), "applied": bool (every check passed and the update
-      was applied), "finite": {"loss": bool, "grads": bool, "batch/<path>": bool, "params/<path>": bool,
-      "opt_state/<path>": bool, ...}}`` (one ``params``/``opt_state`` entry per floating leaf of the updated
-      adapters and optimizer state). The loss and gradient norm are those of ``state`` before the update.
+      ``step(state, batch) -> (state, metrics)``, ``metrics = {"loss": f32, "grad_norm": f32 (global L2 norm of
+      the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
+      "opt_state/<path>": bool}}``; loss and gradient norm are those before the update.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.5)
@@ -159,10 +139,8 @@ def make_train_step(
     >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch["y"]) ** 2)
     >>> step = jax.jit(make_train_step(loss, tx))
     >>> state, metrics = step(state, {"y": jnp.zeros(2)})
-    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"])
-    (1, [0.0, 0.0], 2.0)
-    >>> round(float(metrics["grad_norm"]), 4)   # |2 (b - y)| at b = (1, 1), y = 0
-    2.8284
+    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"]), metrics["grad_norm"].round(4)
+    (1, [0.0, 0.0], 2.0, Array(2.8284, dtype=float32))
     >>> state, metrics = step(state, {"y": jnp.array([0.0, jnp.nan])})   # not applied
     >>> int(state.step), bool(metrics["applied"]), bool(metrics["finite"]["batch/y"])
     (1, False, False)
@@ -173,10 +151,7 @@ def make_train_step(
         if axis_name is not None:  # under pmap each device draws its own randomness (e.g. dropout masks)
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
-        def objective(trainable: PyTree) -> jax.Array:
-            return loss_fn(combine(trainable, state.frozen), batch, rng)
-
-        loss, grads = jax.value_and_grad(objective)(state.trainable)
+        loss, grads = jax.value_and_grad(lambda t: loss_fn(combine(t, state.frozen), batch, rng))(state.trainable)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -210,16 +185,14 @@ def make_train_step(
 def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: PyTree) -> TrainState:
     """Partition specs for a whole :class:`TrainState`, given the specs of the params.
 
-    The adapters and the optimizer's copies of them (e.g. Adam's moments, found with
-    ``optax.tree_map_params``) take the params' specs; the frozen base takes its own; the step, the rng and
-    the optimizer's scalars are replicated. Map with :func:`rssbl_jax.sharding.named_shardings` for
-    ``jax.jit``'s ``in_shardings``/``out_shardings``.
+    The adapters and the optimizer's copies of them (e.g. Adam's moments, via ``optax.tree_map_params``) take
+    the params' specs, the frozen base its own; step, rng and optimizer scalars are replicated. Map with
+    :func:`rssbl_jax.sharding.named_shardings` for ``jax.jit``.
 
     Args:
       state: the state (arrays or ``jax.ShapeDtypeStruct``).
       tx: its optimizer.
-      param_specs: a ``PartitionSpec`` tree over the whole params (e.g.
-        :func:`rssbl_jax.sharding.adapter_partition_specs`).
+      param_specs: a ``PartitionSpec`` tree over the whole params (:func:`rssbl_jax.sharding.adapter_partition_specs`).
 
     Returns:
       A :class:`TrainState` of ``PartitionSpec``.
