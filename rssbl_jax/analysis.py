@@ -31,6 +31,8 @@ from rssbl_jax.merge import merge
 def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
     r"""The number of singular values (an int scalar in ``[0, min(m, n)]``) that hold ``energy`` of ``‖M‖²_F``.
 
+    Works under ``jit`` and ``vmap``.
+
     .. math::
 
         \operatorname{rank}_e(M) = \min\{k : \textstyle\sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}

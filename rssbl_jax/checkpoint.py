@@ -13,7 +13,8 @@ writer gets :class:`CheckpointBusyError`), staged, verified, fsynced and swapped
 the whole old or the whole new checkpoint (with the two-rename fallback off Linux, between the renames the old one
 is at ``.adapters.old``: loads say so, the next write puts it back). On ``gs://`` (other remote schemes are not
 supported yet: orbax writes its commit file only there) orbax writes in place and commits last
-(``commit_success.txt``); loads refuse an uncommitted checkpoint. ``force=True`` deletes the old one first, so a
+(``commit_success.txt``); loads refuse an uncommitted checkpoint (an uncommitted leftover is replaced by the next
+save, with or without ``force``). ``force=True`` deletes the old one first, so a
 crashed overwrite leaves no committed checkpoint, never a mix that loads; two writers at once give one of them or a
 checkpoint whose digests refuse it.
 """

@@ -7,8 +7,8 @@ r"""The update and the fold: the one place the RSSBilinearLoRA update is compute
 on its own; :mod:`rssbl_jax.contract` (the ``p`` contract), :mod:`rssbl_jax.gates`, :mod:`rssbl_jax.fastpath` and
 :mod:`rssbl_jax.factorization` (Dense, DenseGeneral, Einsum, Conv, Embed) hold the rest, their names importable
 from here. Flax's kernel convention (``x @ kernel``): ``kernel (d_in, d_out)``, ``lora_a (d_in, r)``,
-``lora_b (r, d_out)``, ``lora_c`` and ``lora_s (d_p, r)``; the mlp gate has ``lora_c (hidden, r)``,
-``lora_c0 (r,)``, ``lora_gate_w (d_p, hidden)``, ``lora_gate_b (hidden,)``.
+``lora_b (r, d_out)``, ``lora_c`` and ``lora_s (d_p, r)``; the affine and mlp gates add ``lora_c0 (r,)``; the mlp
+gate has ``lora_c (hidden, r)``, ``lora_gate_w (d_p, hidden)``, ``lora_gate_b (hidden,)``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from rssbl_jax.fastpath import SWEEP_MAX_BASIS as SWEEP_MAX_BASIS
 from rssbl_jax.fastpath import add_low_rank as add_low_rank
 from rssbl_jax.fastpath import sweep_coefficients as sweep_coefficients
 from rssbl_jax.gates import Factors, LeafSpecs, PrecisionLike
+from rssbl_jax.gates import Initializer as Initializer
 from rssbl_jax.gates import check_factors as check_factors
 from rssbl_jax.gates import d_p_of as d_p_of
 from rssbl_jax.gates import default_lora_c_init as default_lora_c_init
@@ -60,10 +61,11 @@ def adapter_update(
 
     :math:`\Delta y = s\, B\big((A\, \mathrm{dropout}(x)) \odot g(\hat p) + S \hat p\big)`, computed as
     ``up(modulate(down(x, A), p), s · B)`` (``s`` folded into ``B``; arrays in the compute dtype). Dropout acts when
-    ``layer.lora_dropout > 0`` and ``dropout_rng`` is given. With ``add_to`` (the base output) it returns
-    ``add_to + Δy`` via :func:`modulated_add`: fused for Dense, one matmul under ``jax.vmap`` over ``p`` up to
-    ``thresholds.sweep_max_basis`` (the fused add's threshold is :func:`dense_factorization`'s). Raises
-    ``ValueError`` at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when either does not fit.
+    ``layer.lora_dropout > 0`` and ``dropout_rng`` is given. With ``add_to`` (the base output) it returns ``add_to +
+    Δy`` via :func:`~rssbl_jax.fastpath.modulated_add`: fused for Dense, one matmul under ``jax.vmap`` over ``p`` up to
+    ``thresholds.sweep_max_basis`` (the fused add's threshold is :func:`dense_factorization`'s). Raises ``ValueError``
+    at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when ``p`` does not fit ``x`` (checked against the
+    layer's own input, before any reshape) or the factors do not fit ``layer``.
 
     >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
@@ -184,8 +186,9 @@ def rss_dense(
     r"""The original formulation's dense layer on plain arrays: ``x @ kernel + bias`` plus :func:`rss_update`.
 
     :math:`y = W x + b + \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`. The update is added in the bias-add pass
-    (:func:`add_low_rank`) and swept as one matmul under ``jax.vmap`` over ``p`` (:func:`modulated_add`) as
-    ``thresholds`` allow; ``ValueError`` when ``x``, ``bias`` or ``p`` does not fit.
+    (:func:`~rssbl_jax.fastpath.add_low_rank`) and swept as one matmul under ``jax.vmap`` over ``p``
+    (:func:`~rssbl_jax.fastpath.modulated_add`) as ``thresholds`` allow; ``ValueError`` when ``x``, ``bias`` or ``p``
+    does not fit.
 
     >>> import numpy as np
     >>> a, bb, c, s = np.ones((2, 1)), np.zeros((1, 2)), np.ones((1, 1)), np.zeros((1, 1))

@@ -69,8 +69,8 @@ def dense_factorization(
 ) -> Factorization:
     """Dense kernel ``(d_in, d_out)``: ``A (d_in, r)``, ``B (r, d_out)``; the matmuls run on 2-D rows.
 
-    (XLA differentiates a 2-D ``x @ A`` faster than a 3-D one on CPU.) ``up_add`` is :func:`add_low_rank` with
-    ``fused_max_b_size`` (:class:`~rssbl_jax.fastpath.Thresholds`).
+    (XLA differentiates a 2-D ``x @ A`` faster than a 3-D one on CPU.) ``up_add`` is
+    :func:`~rssbl_jax.fastpath.add_low_rank` with ``fused_max_b_size`` (:class:`~rssbl_jax.fastpath.Thresholds`).
     """
     d_in, d_out = kernel_shape
 

@@ -79,7 +79,8 @@ def add_low_rank(
 
     :math:`y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}`. For ``r × d_out ≤ fused_max_b_size`` it is a
     broadcast-multiply-reduce that XLA fuses into the elementwise pass over ``y`` a bias add makes, so the update is
-    never written and read back (at d = 1024 on CPU that round trip was most of the adapter's forward cost).
+    never written and read back (at d = 1024 on CPU, writing the update and reading it back was most of the
+    adapter's forward cost).
     Derivatives use the matmul form (``custom_jvp``, tangent ``ẏ + ḣ b + h ḃ``, transposed to ``∂h = ȳ bᵀ``,
     ``∂b = hᵀ ȳ``): the reduce form would transpose into a reduction over ``n`` that XLA does not turn back into a
     matmul. Forward mode works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.

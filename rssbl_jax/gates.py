@@ -2,7 +2,10 @@ r"""The gate family as objects: one class per gate, registered by the name an :c
 
 :math:`g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p,\ \Delta y = s\, B((A x) \odot g(\hat p) + b(\hat p))`.
 The gates are :class:`Linear` (the default), :class:`Affine` and :class:`MLP`; with ``scalar_gate=True`` each has
-one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every rank, as CoLoRA. Why objects in one
+one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every rank, as CoLoRA. Their leaves:
+:class:`Linear` ``lora_c (d_p, r)``; :class:`Affine` adds ``lora_c0 (r,)``; :class:`MLP` has ``lora_gate_w (d_p,
+hidden)``, ``lora_gate_b (hidden,)``, ``lora_c (hidden, r)``, ``lora_c0 (r,)``; the shift ``lora_s (d_p, r)`` is the
+same for all. Why objects in one
 registry: parameter creation, shape checks, the update, the fold, the sweep basis of :mod:`rssbl_jax.fastpath`,
 :func:`rssbl_jax.init_principal` and d_p discovery ask the :class:`Gate` instead of switching on a string, so a new
 gate is one registered subclass; since ``g`` is affine in ``φ(p̂)``, the update at a fixed ``p0`` is still
@@ -46,7 +49,8 @@ def width(layer: Any) -> int:
 class Gate:
     """One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
 
-    Override what differs from the linear gate: the methods and ``features_are_p`` (``φ(p̂) = p̂``: ``S p̂`` shares the
+    Override what differs from the linear gate: ``leaves``, ``features`` (φ), ``directions`` (C), ``constant``
+    (g0), ``d_p`` and ``fixed_offset`` where they differ, and ``features_are_p`` (``φ(p̂) = p̂``: ``S p̂`` shares the
     sweep basis), ``optional`` (leaves that may be absent), ``linear_leaves`` (all zero gives ``g ≡ 0``, as
     :func:`rssbl_jax.init_principal` starts it).
     """

@@ -83,7 +83,8 @@ class Adapted(nn.Module):
         object.__setattr__(self, "_bound", self.base.module.clone(parent=self.scope))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` with the adapted layers under ``p`` (a keyword): ``[d_p]`` or ``[batch, d_p]``."""
+        """``model(*args, **kwargs)`` with the adapted layers under ``p`` (a keyword): ``[d_p]`` or ``[batch, d_p]``
+        (then every adapted layer's input leads with the batch axis)."""
         return self._run(None, args, kwargs)
 
     @nn.nowrap

@@ -44,8 +44,9 @@ class RSSBilinearLoRADense(nn.Module):
     from ``p`` at ``init``. ``p`` is ``[d_p]`` or ``[*lead, d_p]``, ``lead`` a prefix of ``x``'s leading axes (else a
     ``ValueError`` naming ``d_p`` and both shapes, at trace time).
 
-    ``B = 0`` at init (:func:`rssbl_jax.core.adapter_params`; the options guide explains the ``p = 0`` pitfall);
-    ``init`` warns when a concrete ``p`` has all-zero rows, where the linear gate and shift vanish, without ``p_mean``.
+    ``B = 0`` at init (:func:`rssbl_jax.core.adapter_params`; ``docs/guides/options.md`` explains the ``p = 0``
+    pitfall); ``init`` warns when a concrete ``p`` has all-zero rows, where the linear gate and shift vanish, without
+    ``p_mean``.
 
     Attributes:
       features: output width ``d_out``.

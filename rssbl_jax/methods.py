@@ -76,7 +76,7 @@ class RSS:
 
     Attributes:
       thresholds: when the fast paths (the add inside ``y``'s pass, the sweep under ``jax.vmap`` over ``p``,
-        :func:`rssbl_jax.core.modulated_add`) are taken (:class:`rssbl_jax.fastpath.Thresholds`).
+        :func:`rssbl_jax.fastpath.modulated_add`) are taken (:class:`rssbl_jax.fastpath.Thresholds`).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject

@@ -253,7 +253,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     with each layer's settings read from the layer. Takes an :class:`Adapted` (merges its ``model``) or a model
     holding adapted layers; the result has the unmodified model's classes and state tree, and the adapted model's
     output at ``p0``. For a batch of points, ``jax.vmap`` :func:`rssbl_jax.merge` over
-    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()``.
+    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()`` with ``adapted.config``.
 
     Raises:
       ValueError: the model holds no adapted layer (e.g. merged already), a layer's method cannot be folded (checked

@@ -12,7 +12,8 @@ qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``para
 
 A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
 recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
-differentiated. :func:`merge` folds the update into it (errors measured in BENCHMARKS.md, "Quantised base").
+differentiated. :func:`merge` folds the update into the dequantised kernel, then re-quantises it or not
+(``requantize``; errors measured in BENCHMARKS.md, "Quantised base").
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
 >>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")

@@ -178,7 +178,7 @@ def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tupl
     another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls it.
 
     Args:
-      checkpoint_dir: the directory :func:`train` saves into: local, or remote such as ``gs://bucket/run``.
+      checkpoint_dir: the directory :func:`rssbl_jax.training.train` saves into: local, or remote such as ``gs://bucket/run``.
       state: a :class:`TrainState` of the model being trained, placed on its devices; its frozen half is kept,
         its shapes, dtypes and shardings are the expected ones.
 

@@ -122,7 +122,8 @@ def make_train_step(
       loss_fn: ``loss_fn(params, batch, rng) -> scalar`` on the whole params tree. For mixed precision build the
         model with ``dtype=jnp.bfloat16`` and keep float32 params: gradients and optimizer state stay float32.
       tx: the adapters' optimizer, the one given to :func:`init_train_state`.
-      axis_name: the ``pmap`` axis (loss, gradients and checks are combined over it), or ``None``.
+      axis_name: the ``pmap`` axis (loss, gradients and checks are combined over it: the loss is then a mean over
+        the global batch), or ``None``.
       check_finite: ``False`` drops the checks (a reduction over every leaf, every step) and always applies the
         update, with empty ``metrics["finite"]``: for many small runs inside one ``jax.lax.scan``, where a
         diverged run simply shows a non-finite loss.

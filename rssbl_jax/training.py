@@ -155,7 +155,7 @@ def train(
         (:func:`rssbl_jax.sharding.shard_batch`); a leading device axis with ``replicated``.
       num_steps: total number of steps of the run (not steps to add).
       checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
-      save_every: checkpoint interval in steps.
+      save_every: checkpoint interval in steps (and one at the end).
       max_to_keep: how many checkpoints to keep (``None`` keeps all).
       replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given unreplicated; checkpoints hold one copy.
       log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
@@ -163,7 +163,7 @@ def train(
       writer: clu's ``write_scalars(step, scalars)`` interface (:class:`rssbl_jax.writers.TensorBoardWriter`);
         flushed at the end, closed by the caller.
       eval_fn: ``eval_fn(state) -> {name: scalar}`` (state unreplicated); needs ``hook`` or ``writer``.
-      eval_every: evaluation interval in steps (default ``log_every``).
+      eval_every: evaluation interval in steps (default ``log_every``), and at the last step.
       on_step: deprecated, use ``hook``: ``on_step(step, loss)`` after every step (a host sync per step).
 
     Returns:
@@ -172,7 +172,8 @@ def train(
     Raises:
       NonFiniteError: at the read after a step with NaN/inf (naming it; nothing later is kept or saved), or
         instead of saving a non-finite state.
-      ValueError: ``num_steps`` below the state's step; an interval below 1; ``eval_fn`` with nowhere to report.
+      ValueError: ``num_steps`` below the step of ``state`` or of the restored checkpoint; an interval below 1;
+        ``eval_fn`` with nowhere to report.
       ValueError, RuntimeError: from :func:`restore_latest`.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -183,7 +184,8 @@ def train(
     >>> logged = []
     >>> final = train(state, jax.jit(make_train_step(loss, tx)), lambda step: jnp.zeros(3), num_steps=50,
     ...               log_every=20, hook=logged.append, eval_fn=lambda s: {"max": jnp.abs(s.trainable["lora_b"]).max()})
-    >>> int(final.step), [(m["step"], round(m["loss"], 4), round(m["eval/max"], 4)) for m in logged]  # 0.9333^(38, 20)
+    >>> # lora_b = 0.9333^t: at step 20 the step's loss is 0.9333^38, the eval after it 0.9333^20
+    >>> int(final.step), [(m["step"], round(m["loss"], 4), round(m["eval/max"], 4)) for m in logged]
     (50, [(20, 0.0727, 0.2516), (40, 0.0046, 0.0633), (50, 0.0012, 0.0318)])
     """
     for name, value in (("save_every", save_every), ("log_every", log_every), ("eval_every", eval_every or 1)):
