@@ -80,11 +80,11 @@ class RSS:
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
-    >>> adapted = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=RSS())         # s = 1
+    >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=RSS(), shift=True)
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])                                        # p per example
     >>> f = adapted.init(jax.random.key(0), x, p=p)["params"] | {"lora_b": jnp.ones((1, 2))}   # B as if trained
     >>> delta = ((x @ f["lora_a"]) * (p @ f["lora_c"]) + p @ f["lora_s"]) @ f["lora_b"]
-    >>> bool(jnp.allclose(adapted.apply({"params": f}, x, p=p), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": f}, x, p=p), x @ f["kernel"] + delta))
     True
     """
 
@@ -141,10 +141,10 @@ class LoRA:
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
-    >>> adapted, x = inject(nn.Dense(2), "", rank=1, lora_alpha=2.0, method=LoRA()), jnp.ones((1, 3))   # s = 2
+    >>> adapted, x = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=2.0, method=LoRA()), jnp.ones((1, 3))
     >>> f = adapted.init(jax.random.key(0), x)["params"] | {"lora_b": jnp.ones((1, 2))}      # no p
     >>> delta = 2 * x @ f["lora_a"] @ f["lora_b"]
-    >>> bool(jnp.allclose(adapted.apply({"params": f}, x), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": f}, x), x @ f["kernel"] + delta))
     True
     """
 
@@ -174,11 +174,11 @@ class LoRAConcat:
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
-    >>> adapted = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=LoRAConcat())
+    >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=LoRAConcat())
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0, -1.0]])
     >>> f = adapted.init(jax.random.key(0), x, p=p)["params"] | {"lora_b": jnp.ones((1, 2))}
     >>> delta = (x @ f["lora_a"] + p @ f["lora_ap"]) @ f["lora_b"]
-    >>> bool(jnp.allclose(adapted.apply({"params": f}, x, p=p), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": f}, x, p=p), x @ f["kernel"] + delta))
     True
     """
 
@@ -215,11 +215,11 @@ class FiLM:
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
-    >>> adapted = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=FiLM(0.0))        # s = 1, o = 0
+    >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=FiLM(0.0))  # s = 1, o = 0
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])
     >>> f = adapted.init(jax.random.key(0), x, p=p)["params"] | {"lora_b": jnp.ones((1, 2))}
     >>> delta = (p @ f["lora_gamma"]) * (x @ f["lora_a"] @ f["lora_b"]) + p @ f["lora_beta"]
-    >>> bool(jnp.allclose(adapted.apply({"params": f}, x, p=p), x @ f["kernel"] + f["bias"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": f}, x, p=p), x @ f["kernel"] + delta))
     True
     """
 
