@@ -71,10 +71,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     part = config.get("part", "main")
     if part not in ("main", "ablation", "convergence", "render"):
         raise ValueError(f"unknown part {part!r}; expected 'main', 'ablation', 'convergence' or 'render'.")
+    run_draws = tuple(config.get("run_draws", range(config.draws)))
+    if not run_draws or any(d not in range(config.draws) for d in run_draws):
+        raise ValueError(f"run_draws must name draws in 0..{config.draws - 1}; got {run_draws}.")
     for name in config.workloads if part != "render" else ():
         draws = range(config.draws) if part in ("main", "ablation") else range(1)
         if part in ("main", "ablation"):
-            draws = [d for d in config.get("run_draws", draws) if d in draws]
+            draws = tuple(config.get("run_draws", draws))
         methods = {"main": config.methods, "ablation": config.get("ablation_methods", ())}.get(
             part, ("frozen", *config.convergence_methods)
         )

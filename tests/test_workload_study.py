@@ -32,6 +32,15 @@ def test_the_config_pre_registers_one_headline_variant_per_family():
     assert config.anchor == "centre"
 
 
+@pytest.mark.parametrize("run_draws", [(2,), (), (0, -1)])
+def test_run_draws_outside_the_draws_is_refused_before_any_training(tmp_path, run_draws):
+    config = _tiny()
+    config.run_draws = run_draws
+    with pytest.raises(ValueError, match=r"run_draws must name draws in 0\.\.1; got"):
+        workload_study.run(config, tmp_path)
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
 def test_a_draw_moves_the_data_and_the_pretraining_seeds():
     config = study_config.get_config()
     base = workloads._surrogate_config("ks", config, 0)
