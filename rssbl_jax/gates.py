@@ -199,7 +199,13 @@ def d_p_of(factors: Factors, layer: Any) -> int:
 
 
 def d_p_from_shapes(shapes: Mapping[str, Sequence[int]], layer: Any) -> int | None:
-    """d_p from the adapter leaves created so far, ``None`` before they exist (lazy front-ends: take it from ``p``)."""
+    """d_p from the adapter leaves created so far, ``None`` before they exist (lazy front-ends: take it from ``p``).
+
+    >>> from rssbl_jax.config import LayerConfig
+    >>> layer = LayerConfig(rank=2, lora_alpha=2.0, scale=1.0, gate="mlp")
+    >>> d_p_from_shapes({"lora_c": (16, 2), "lora_gate_w": (3, 16)}, layer), d_p_from_shapes({}, layer)
+    (3, None)
+    """
     try:
         return get(layer.gate).d_p(shapes)
     except KeyError:

@@ -39,7 +39,11 @@ def as_patterns(patterns: str | Iterable[str] | None, name: str = "patterns") ->
 
 
 def as_pairs(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]] | None, name: str) -> tuple[tuple[str, Any], ...]:
-    """``{regex: value}`` (or ``(regex, value)`` pairs) as a tuple of pairs, in order, regexes checked."""
+    """``{regex: value}`` (or ``(regex, value)`` pairs) as a tuple of pairs, in order, regexes checked.
+
+    >>> as_pairs({".*/value": 4}, "rank_pattern")
+    (('.*/value', 4),)
+    """
     items = tuple((mapping or {}).items()) if isinstance(mapping, Mapping) or mapping is None else tuple(mapping)
     as_patterns([pattern for pattern, _ in items], name)
     return tuple((pattern, value) for pattern, value in items)
