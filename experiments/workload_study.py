@@ -75,9 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     if not run_draws or any(d not in range(config.draws) for d in run_draws):
         raise ValueError(f"run_draws must name draws in 0..{config.draws - 1}; got {run_draws}.")
     for name in config.workloads if part != "render" else ():
-        draws = range(config.draws) if part in ("main", "ablation") else range(1)
-        if part in ("main", "ablation"):
-            draws = tuple(config.get("run_draws", draws))
+        draws = run_draws if part in ("main", "ablation") else range(1)
         methods = {"main": config.methods, "ablation": config.get("ablation_methods", ())}.get(
             part, ("frozen", *config.convergence_methods)
         )

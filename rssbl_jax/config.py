@@ -235,7 +235,8 @@ class AdapterConfig:
         rank = self.rank if path is None else patterns.first_match(self.rank_pattern, path, self.rank)
         alpha = self.lora_alpha if path is None else patterns.first_match(self.alpha_pattern, path, self.lora_alpha)
         scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-        shared = {name: getattr(self, name) for name in LayerConfig._fields[3:]}  # every field after ``scale``
+        resolved = ("rank", "lora_alpha", "scale")
+        shared = {name: getattr(self, name) for name in LayerConfig._fields if name not in resolved}
         return LayerConfig(rank=rank, lora_alpha=alpha, scale=scale, **shared)
 
     def use_shift(self, has_bias: bool) -> bool:
