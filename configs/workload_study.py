@@ -13,6 +13,15 @@
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks1200 \
         --config.workloads="('ks',)" --config.ks.steps=1200 --config.run_draws="(0,)"
         # part 5: KS at twice the steps, one draw per command ((0,), (1,), (2,)), then --config.part=convergence
+        # with --config.convergence_methods="('lora_concat','film_layer0','rss','full_ft','hypernet1_shift')"
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks1200 \
+        --config.workloads="('ks',)" --config.ks.steps=1200 --config.part=ablation \
+        --config.ablation_methods="('film_branch_affine0','film_layer_affine0','rss_r6','rss_affine_r6','rss_r8')"
+        # part 6 on KS: the learnable-offset FiLM at 1200 steps, and RSS matched on parameters (below)
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.workloads="('battery',)" --config.part=ablation \
+        --config.ablation_methods="('film_branch_affine0','film_layer_affine0','rss_r6','rss_affine_r6','rss_r8')"
+        # part 6 on the battery (its part 4 methods again, with the parameter-matched RSS)
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
@@ -30,6 +39,11 @@ condition for every method, ``anchor="centre"``, so the offset-0 forms are silen
 * ``full_ft``; and the plain ``lora`` and the ``frozen`` base as references.
 
 Paired ratios use ``rss`` and ``rss_affine`` as references. No other variant is run here.
+
+Part 6, named before it ran and reported apart: RSS matched on parameters. At rank 4, FiLM on the layer trains 1.5x
+RSS's parameters and the hypernetwork 2x. ``rss_r6`` and ``rss_affine_r6`` (rank 6, scale ``alpha/r`` kept) match
+``film_layer0`` and ``film_layer_affine0`` within 7 %; ``rss_r8`` matches ``hypernet1_shift`` within 1 %. Their
+ratios are also shown against the two FiLM layers.
 """
 
 import ml_collections

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import time
 
 import matplotlib
@@ -303,7 +304,10 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             out += [f"### Variants run apart from the pre-registered ones ({metric})", "",
                     "The same protocol and draws; not in the tables above, so their Holm families are their own.",
                     "", *error_table(extra, metric), ""]  # fmt: skip
-            for ref in (m for m in ("rss", "rss_affine") if any(r["method"] == m for r in main)):
+            refs = ["rss", "rss_affine"]
+            if any(re.fullmatch(r".+_r[0-9]+", r["method"]) for r in extra):  # rank variants: matched on parameters
+                refs += ["film_layer0", "film_layer_affine0"]
+            for ref in (m for m in refs if any(r["method"] == m for r in main + extra)):
                 pairs = [r for r in main if r["method"] == ref] + extra
                 out += [f"Paired ratio variant / `{ref}`:", "", *ratio_table(pairs, metric, ref), ""]
         if parts.get("convergence"):

@@ -57,6 +57,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -239,10 +240,16 @@ def adapted_model(work: Workload, method: str, targets: str, config: ml_collecti
     ``p`` is standardised *outside* the model (:meth:`Workload.standardise`), the same for every method:
     ``AdapterConfig(p_mean, p_std)`` is applied by RSS's gate only, so the plug-in baselines of
     :mod:`experiments.adapters` would otherwise see raw physical units (``L ≈ 64``) while RSS sees ``p̂``.
+
+    A suffix ``_r<k>`` runs the method at rank ``k`` with the scale ``α/r`` kept (``rss_r6``: RSS matched on
+    parameters to FiLM on the layer at rank 4); ``lora_wide`` is LoRA at ``config.wide_rank``.
     """
     rank, alpha = config.rank, config.lora_alpha
     if method == "lora_wide":  # more rank at the same scale α/r, to match RSS's parameter count
         rank, alpha = config.wide_rank, config.lora_alpha * config.wide_rank / config.rank
+    if matched := re.fullmatch(r"(.+)_r([1-9][0-9]*)", method):  # e.g. rss_r6: rank 6 at the same scale α/r
+        method, rank = matched[1], int(matched[2])
+        alpha = config.lora_alpha * rank / config.rank
     name = f"hypernet{config.hyper_hidden}" if method == "hypernet" else method
     name = f"hypernet{config.hyper_hidden}_nou" if method == "hypernet_nou" else name
     return name, adapters.inject(work.model, name, TARGETS[targets], rank, alpha)

@@ -294,3 +294,19 @@ def test_references_table_reads_the_frozen_record():
     assert "| train | 0.100 | 0.300 | 0.600 | – |" in text
     assert "| heldout | 0.200 | 0.300 | 0.600 | 1.000 |" in text
     assert "| nominal | 15.0 | 1.000 |" in text
+
+
+def test_a_rank_suffix_changes_the_rank_and_keeps_the_scale(ks, config):
+    """``rss_r6``: RSS at rank 6 with the scale α/r of rank 4 (the parameter-matched variants); every RSS leaf grows
+    with the rank, so the trainable count grows by 6/4."""
+    x, p = _examples(ks)
+    counts = {}
+    for method in ("rss", "rss_r6"):
+        name, adapted = workloads.adapted_model(ks, method, "all", config)
+        assert name == "rss"
+        rank = 6 if method == "rss_r6" else config.rank
+        assert adapted.adapter_config.rank == rank
+        assert adapted.adapter_config.lora_alpha / rank == pytest.approx(config.lora_alpha / config.rank)
+        variables = adapted.init(jax.random.key(0), x, p=p)
+        counts[method] = adapters.count_trainable(variables["params"], name)
+    assert counts["rss_r6"] * config.rank == counts["rss"] * 6
