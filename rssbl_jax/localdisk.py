@@ -1,16 +1,14 @@
 """Replace a directory on local disk so that a crash at any point leaves the whole old or the whole new one.
 
-Used by :mod:`rssbl_jax.checkpoint` on local paths (remote ones rely on orbax's commit). Writing ``dir/name`` uses:
-
-- ``.name.lock``: an exclusive, non-blocking ``fcntl.flock`` held for the whole write (POSIX only). A second writer
-  fails at once with :class:`CheckpointBusyError`; the kernel releases a holder's lock when it exits, even by
-  ``kill -9``, so a leftover lock file is simply taken by the next writer. ``flock`` is per host: on a network file
-  system it is as good as that file system's locks.
-- ``.name.new``: the new directory, written completely, verified by the caller and fsynced; then one atomic
-  ``renameat2(RENAME_EXCHANGE)`` (Linux) swaps it with the old one, which is deleted. Elsewhere the swap is two
-  renames through ``.name.old``; a kill between them leaves the old directory there and the next write puts it
-  back first. The next write also removes a killed or failed writer's partial copies (orbax's threads may still
-  write into them, so they are not removed at once).
+Used by :mod:`rssbl_jax.checkpoint` on local paths (remote ones rely on orbax's commit). Writing ``dir/name``
+holds an exclusive, non-blocking ``fcntl.flock`` on ``.name.lock`` for the whole write (POSIX only; per host, so
+on a network file system as good as its locks): a second writer fails at once with :class:`CheckpointBusyError`,
+and as the kernel releases the lock when its holder exits, even by ``kill -9``, the next writer simply takes a
+leftover lock file. The new directory is written completely to ``.name.new``, verified by the caller, fsynced,
+then swapped with the old one (deleted) by one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere by two
+renames through ``.name.old``, and a kill between them leaves the old one there for the next write to put back.
+The next write also removes a killed or failed writer's partial copies (orbax's threads may still write into them,
+so they are not removed at once).
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "out")
@@ -141,16 +139,11 @@ def replace_directory(
 ) -> None:
     """Write a directory with ``write(staging)`` and swap it in at ``path``: locked, staged, verified, fsynced.
 
-    Args:
-      path: the absolute local path of the directory.
-      write: writes the new directory at the path it is given.
-      verify: raises if the directory at the path it is given is not what was meant to be written.
-      is_ours: whether a directory is a whole one of this kind (only then is an interrupted swap's ``.old`` put back).
-      check_existing: called (under the lock) when ``path`` exists; raises to refuse replacing it.
-      on_stage: called with ``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``, ``"done"`` (fault tests).
-
-    Raises:
-      CheckpointBusyError: when another writer holds the lock of ``path``.
+    ``path`` is absolute and local; ``verify(staging)`` raises if the new directory is not what was meant;
+    ``is_ours(directory)``: whether it is a whole one of this kind (only then is an interrupted swap's ``.old`` put
+    back); ``check_existing(path)``, called under the lock when ``path`` exists, raises to refuse replacing it;
+    ``on_stage`` gets ``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``, ``"done"`` (for fault tests).
+    Raises :class:`CheckpointBusyError` when another writer holds the lock of ``path``.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with exclusive(path):

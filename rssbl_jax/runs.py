@@ -8,12 +8,12 @@ Runs ``i = 1..R`` (seeds, learning rates, data draws) take their steps together,
     \text{batch}^{(i)}_t, k^{(i)}_t);\ \eta^{(i)}\big),
 
 each as :func:`rssbl_jax.make_train_step` would take it alone (up to float rounding), in one program.
-:func:`stack_runs` stacks the runs' own :class:`~rssbl_jax.TrainState` (own key, own adapter initialisation) on a
-leading axis. A learning rate ``η⁽ⁱ⁾`` (or any numeric hyperparameter) differs per run when the optimizer is made
-with ``optax.inject_hyperparams``: the value then lives in the stacked optimizer state, so the one compiled step
-reads each run's own. The frozen base ``W`` is one copy for all runs unless ``share_frozen=False`` (a base per
-data draw). :func:`train_many` runs :func:`rssbl_jax.train` on the stack: checkpoints, non-finite checks (naming
-the failed runs) and hooks (a value per run) work as for one run.
+:func:`stack_runs` stacks the runs' own :class:`~rssbl_jax.TrainState` (own key and adapter initialisation). A
+learning rate ``η⁽ⁱ⁾`` (or any numeric hyperparameter) differs per run under ``optax.inject_hyperparams``: it then
+lives in the stacked optimizer state, where the one compiled step reads each run's own. The frozen base ``W`` is
+one copy for all runs unless ``share_frozen=False`` (a base per data draw). :func:`train_many` runs
+:func:`rssbl_jax.train` on the stack: checkpoints, non-finite checks (naming the failed runs) and hooks (a value
+per run) work as for one run.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
     """Stack runs' states on a new leading axis (the run axis) for :func:`vmap_train_step`.
 
     Args:
-      states: one :class:`~rssbl_jax.TrainState` per run, all at the same step, with the same adapter and
-        optimizer-state trees.
+      states: one :class:`~rssbl_jax.TrainState` per run, all at one step, with the same adapter and optimizer trees.
       share_frozen: keep one unstacked copy of the frozen base (equal in every run); ``False`` stacks a base per run.
 
     Raises:
@@ -50,10 +49,8 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
     >>> sgd = optax.inject_hyperparams(optax.sgd)
     >>> states = [init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.2, 0.3)]
     >>> runs = stack_runs(states)
-    >>> runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape
-    ((3, 2), (2,))
-    >>> [round(float(lr), 4) for lr in runs.opt_state.hyperparams["learning_rate"]]
-    [0.1, 0.2, 0.3]
+    >>> runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape, runs.opt_state.hyperparams["learning_rate"]
+    ((3, 2), (2,), Array([0.1, 0.2, 0.3], dtype=float32))
     """
     if not states:
         raise ValueError("stack_runs needs at least one run's state; got none.")
@@ -78,16 +75,13 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
 
 
 def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainState]:
-    """The runs of a stacked state, one :class:`~rssbl_jax.TrainState` each (the inverse of :func:`stack_runs`).
+    """The runs of a stacked ``state``, one :class:`~rssbl_jax.TrainState` each (the inverse of :func:`stack_runs`).
 
-    Args:
-      state: a state with a leading run axis.
-      share_frozen: whether its frozen base is one copy (as given to :func:`stack_runs`).
+    ``share_frozen``: whether its frozen base is one copy (as given to :func:`stack_runs`).
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from rssbl_jax import init_train_state
+    >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> states = [init_train_state(params, optax.sgd(0.1), jax.random.key(seed)) for seed in range(4)]
+    >>> states = [rssbl_jax.init_train_state(params, optax.sgd(0.1), jax.random.key(seed)) for seed in range(4)]
     >>> runs = unstack_runs(stack_runs(states))
     >>> len(runs), runs[2].trainable["lora_b"].shape, bool((runs[2].rng == states[2].rng).all())
     (4, (2,), True)
@@ -107,8 +101,7 @@ def vmap_train_step(train_step: StepFn, *, batch_axis: int | None = 0, share_fro
       batch_axis: ``0`` when ``batch[i]`` is run ``i``'s own batch, ``None`` when all runs share one batch.
       share_frozen: whether the state's frozen base is one copy (see :func:`stack_runs`).
 
-    Returns:
-      ``step(runs, batch) -> (runs, metrics)``, every metric with a leading run axis; wrap it in ``jax.jit``.
+    Returns ``step(runs, batch) -> (runs, metrics)``, every metric with a leading run axis; wrap it in ``jax.jit``.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from rssbl_jax import init_train_state, make_train_step
@@ -135,23 +128,18 @@ def train_many(
     share_frozen: bool = True,
     **train_kwargs: Any,
 ) -> list[TrainState]:
-    """Train several runs at once (one compiled, vmapped step) with :func:`rssbl_jax.train`.
+    """Train several runs at once (one compiled, vmapped step) with :func:`rssbl_jax.train`; their final states.
 
-    The same as ``train(s, jax.jit(train_step), ...)`` for each run ``s`` up to float rounding, run ``i``
-    training on ``batch_fn(step)[i]`` (``batch_axis=0``) or ``batch_fn(step)`` (``None``).
+    The same, in order, as ``train(s, jax.jit(train_step), ...)`` for each run ``s`` (up to float rounding).
 
     Args:
       states: one :class:`~rssbl_jax.TrainState` per run (see :func:`stack_runs`).
-      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted, with any run's optimizer (under
-        ``optax.inject_hyperparams`` each run reads its hyperparameters from its own optimizer state).
-      batch_fn: ``batch_fn(step) -> batch``, with a leading run axis when ``batch_axis=0``.
+      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted, with any run's optimizer (see the module).
+      batch_fn: ``batch_fn(step) -> batch``: run ``i`` trains on ``batch_fn(step)[i]`` when ``batch_axis=0``.
       num_steps: total number of steps of every run.
       batch_axis, share_frozen: as in :func:`vmap_train_step`.
       **train_kwargs: passed to :func:`rssbl_jax.train`; hook values are arrays over the runs, ``eval_fn`` gets
         the stacked state.
-
-    Returns:
-      The final state of each run, in order.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from rssbl_jax import init_train_state, make_train_step
@@ -159,13 +147,10 @@ def train_many(
     >>> adam, lrs = optax.inject_hyperparams(optax.adam), (0.003, 0.03)
     >>> states = [init_train_state(params, adam(learning_rate=lr), jax.random.key(0)) for lr in lrs]
     >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
-    >>> logged = []
     >>> finals = train_many(states, make_train_step(loss, adam(learning_rate=lrs[0])), lambda step: jnp.zeros(3),
-    ...                     100, batch_axis=None, log_every=100, hook=logged.append)
+    ...                     100, batch_axis=None)
     >>> [round(float(f.trainable["lora_b"][0]), 2) for f in finals]   # Adam moves by about lr per step
     [0.72, 0.01]
-    >>> logged[0]["step"], [round(float(v), 3) for v in logged[0]["loss"]]   # step 100's loss, per run
-    (100, [0.517, 0.0])
     """
     if train_kwargs.get("replicated"):
         raise ValueError("train_many compiles one vmapped step with jax.jit; replicated (pmap) is not supported.")

@@ -1,11 +1,11 @@
 """Training checkpoints: the saving and restoring half of :func:`rssbl_jax.training.train`.
 
 Each step is one orbax checkpoint (orbax commits it) in an ``etils.epath`` directory, local or remote such as
-``gs://``. Beside the arrays it stores metadata: every saved leaf's shape, dtype and SHA-256 (the digests of adapter
-checkpoints, :func:`rssbl_jax.digests.array_sha256`), the frozen base's shapes, and the tree structures of the
-adapters and the optimizer state. A restore tries the newest step first, sets damaged steps aside as
-``<step>.corrupt``, and refuses, naming what changed, a checkpoint of another architecture or optimizer. Kept apart
-from the loop (one concern per module); :mod:`rssbl_jax.training` re-exports :func:`restore_latest`.
+``gs://``: adapters, optimizer state, step and rng, beside metadata. Orbax reads a flipped bit back without
+complaint, so the metadata holds every saved leaf's shape, dtype and SHA-256 (:func:`rssbl_jax.digests.array_sha256`,
+as adapter checkpoints), the frozen base's shapes (the base itself is the caller's), and the adapters' and
+optimizer state's tree structures: :func:`restore_latest` can then tell damage from a change of architecture or
+optimizer. Kept apart from the loop (one concern per module); :mod:`rssbl_jax.training` re-exports it.
 """
 
 from __future__ import annotations
@@ -132,17 +132,11 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
             f"checkpoint {where} has format {found!r}, not this rssbl_jax's {_FORMAT!r} (written by a newer release?); "
             "upgrade rssbl_jax to resume from it. The checkpoint is kept."
         )
-    if not (
-        isinstance(meta, dict)
-        and meta.get("format") == _FORMAT
-        and isinstance(meta.get("leaves"), dict)
-        and isinstance(meta.get("frozen"), dict)
-    ):
+    if found != _FORMAT or not all(isinstance(meta.get(key), dict) for key in ("leaves", "frozen")):
         raise _Corrupt("metadata is not a rssbl_jax training checkpoint's (damaged or written by something else)")
     if "sha256" in meta and meta["sha256"] != json_sha256(meta):  # absent before it was stored
         raise _Corrupt("metadata does not match its SHA-256 digest (the metadata file is damaged)")
-    expected = _describe(_saved_tree(state), digest=False)
-    _compare("parameter", meta["leaves"], expected, where)
+    _compare("parameter", meta["leaves"], _describe(_saved_tree(state), digest=False), where)
     _compare("frozen base parameter", meta["frozen"], _describe(state.frozen, digest=False), where)
     saved_structure = meta.get("structure")  # absent in checkpoints written before it was stored
     if isinstance(saved_structure, dict):
@@ -164,9 +158,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, state: TrainState) 
     for path, entry in meta["leaves"].items():
         if got[path]["sha256"] != entry["sha256"]:
             raise _Corrupt(f"'{path}' does not match its SHA-256 digest (the data file is damaged)")
-    return state._replace(
-        step=restored["step"], trainable=restored["trainable"], opt_state=restored["opt_state"], rng=restored["rng"]
-    )
+    return state._replace(**restored)  # step, trainable, opt_state, rng: the keys of _saved_tree
 
 
 def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tuple[TrainState, int | None]:
@@ -175,15 +167,13 @@ def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tupl
     Newest first; one that cannot be read or fails its SHA-256 digests is skipped with a warning and renamed
     ``<step>.corrupt`` (so it blocks no later save). One of another architecture or optimizer (a leaf of the
     adapters, optimizer state or frozen base missing, added or of another shape or dtype; or the same leaves in
-    another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls it.
+    another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls
+    it. Returns ``(state, step)``, or ``(state, None)`` when there is none (the directory is created if missing).
 
     Args:
-      checkpoint_dir: the directory :func:`rssbl_jax.training.train` saves into: local, or remote such as ``gs://bucket/run``.
+      checkpoint_dir: the directory :func:`rssbl_jax.training.train` saves into, local or remote (``gs://bucket/run``).
       state: a :class:`TrainState` of the model being trained, placed on its devices; its frozen half is kept,
         its shapes, dtypes and shardings are the expected ones.
-
-    Returns:
-      ``(state, step)``, or ``(state, None)`` when there is no checkpoint (the directory is created if missing).
 
     Raises:
       ValueError: for a checkpoint of another architecture or optimizer, naming both paths/shapes/trees.
@@ -214,11 +204,10 @@ def _restore_newest(manager: ocp.CheckpointManager, state: TrainState) -> tuple[
     for candidate in sorted(manager.all_steps(), reverse=True):
         try:
             restored, step = _restore_step(manager, candidate, state), candidate
+            break
         except _Corrupt as error:
             logger.warning("skipping checkpoint %s/%d: %s", checkpoint_dir, candidate, error)
             failures.append((candidate, str(error)))
-            continue
-        break
     if failures:
         _quarantine(checkpoint_dir, [s for s, _ in failures])
         manager.reload()

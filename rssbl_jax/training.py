@@ -1,14 +1,13 @@
 """A small training loop for adapters: a pure train step, resumable orbax checkpoints, non-finite guards.
 
-The step (:mod:`rssbl_jax.train_step`, re-exported here with :mod:`rssbl_jax.train_checkpoints`' names) is pure,
-so the caller picks one device, ``jax.jit`` on a mesh (:mod:`rssbl_jax.sharding`), ``jax.pmap`` or several
-processes. Step ``t`` trains on ``batch_fn(t)`` with key ``fold_in(k, t)``: a run resumed at ``t`` replays exactly
-what an uninterrupted one would. A checkpoint holds adapters, optimizer state, step and rng; of the caller's
-frozen base only the shapes (checked on restore). Orbax reads a flipped bit back without complaint, so each leaf's
-SHA-256 and the trees' structures are stored too: only damage sets a checkpoint aside, while a caller's mismatch
-(``adamw`` resumed after ``adam``) is an error that moves nothing. A step with NaN/inf is not applied and a
-non-finite state is never saved (:class:`NonFiniteError`). Metrics stay on the device and are read every
-``log_every`` steps, so the host keeps dispatching while the device computes. Many runs: :mod:`rssbl_jax.runs`.
+The step (:mod:`rssbl_jax.train_step`, re-exported here with :func:`restore_latest`) is pure, so the caller picks
+one device, ``jax.jit`` on a mesh (:mod:`rssbl_jax.sharding`), ``jax.pmap`` or several processes. Step ``t``
+trains on ``batch_fn(t)`` with key ``fold_in(k, t)``: a run resumed at ``t`` replays exactly what an
+uninterrupted one would. Checkpoints (:mod:`rssbl_jax.train_checkpoints`) hold adapters, optimizer state, step
+and rng, digests and tree structures: damage sets one aside, a caller's mismatch (``adamw`` after ``adam``) is an
+error that moves nothing. A step with NaN/inf is not applied and a non-finite state is never saved
+(:class:`NonFiniteError`). Metrics stay on the device and are read every ``log_every`` steps, so the host keeps
+dispatching while the device computes. Many runs: :mod:`rssbl_jax.runs`.
 """
 
 from __future__ import annotations
@@ -46,13 +45,11 @@ class NonFiniteError(FloatingPointError):
       last_checkpoint: the step of the last good checkpoint, or ``None``.
 
     >>> import jax, jax.numpy as jnp, optax
-    >>> tx = optax.sgd(0.1)
-    >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, tx, jax.random.key(0))
-    >>> loss = lambda params, batch, rng: jnp.sum(params["lora_b"] * batch)
+    >>> params, tx = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}, optax.sgd(0.1)
+    >>> step_fn = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] * batch), tx))
     >>> batches = lambda step: jnp.full(2, jnp.nan) if step == 2 else jnp.ones(2)   # bad data at step 2
     >>> try:
-    ...     train(state, jax.jit(make_train_step(loss, tx)), batches, num_steps=5)
+    ...     train(init_train_state(params, tx, jax.random.key(0)), step_fn, batches, num_steps=5)
     ... except NonFiniteError as error:
     ...     print(error.step, error.names, error.last_checkpoint)
     2 ('batch/(root)', 'grads', 'loss') None
@@ -140,13 +137,11 @@ def train(
     """Run ``train_step`` until ``num_steps`` steps are done, saving and resuming orbax checkpoints.
 
     With ``checkpoint_dir`` it first restores the newest intact checkpoint (:func:`restore_latest`), so re-running
-    the command after a crash ends with the params of an uninterrupted run. Every process makes the same call.
-    Metrics are read back (one host sync, which also looks at the finite checks since the last read) every
-    ``log_every`` steps, before each checkpoint and at the end; at every ``log_every``-th and the last step
-    ``hook``/``writer`` get the step's metrics (:func:`make_train_step`'s and any other scalars of a custom step;
-    arrays over runs for :mod:`rssbl_jax.runs`, written as ``loss/0``, ``loss/1``...)::
-
-        {"step": int, "loss": float, "grad_norm": float, "eval/<name>": float, ...}
+    after a crash ends with the params of an uninterrupted run. Every process makes the same call. Metrics are read
+    (one host sync, also of the finite checks since the last) every ``log_every`` steps, before each checkpoint and
+    at the end; at every ``log_every``-th and the last step ``hook``/``writer`` get ``{"step": int, "loss": float,
+    "grad_norm": float, "eval/<name>": float, ...}`` (any other scalars of a custom step; arrays over runs for
+    :mod:`rssbl_jax.runs`, written as ``loss/0``, ``loss/1``...).
 
     Args:
       state: the initial state (:func:`init_train_state`), placed as ``train_step`` expects it.
@@ -157,24 +152,21 @@ def train(
       checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
       save_every: checkpoint interval in steps (and one at the end).
       max_to_keep: how many checkpoints to keep (``None`` keeps all).
-      replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given unreplicated; checkpoints hold one copy.
+      replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given and returned unreplicated; checkpoints hold
+        one copy.
       log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
-      hook: ``hook(metrics)``, called with the dict above.
+      hook: ``hook(metrics)``, called with the metrics dict.
       writer: clu's ``write_scalars(step, scalars)`` interface (:class:`rssbl_jax.writers.TensorBoardWriter`);
         flushed at the end, closed by the caller.
       eval_fn: ``eval_fn(state) -> {name: scalar}`` (state unreplicated); needs ``hook`` or ``writer``.
       eval_every: evaluation interval in steps (default ``log_every``), and at the last step.
       on_step: deprecated, use ``hook``: ``on_step(step, loss)`` after every step (a host sync per step).
 
-    Returns:
-      The final state (unreplicated when ``replicated``).
-
     Raises:
       NonFiniteError: at the read after a step with NaN/inf (naming it; nothing later is kept or saved), or
         instead of saving a non-finite state.
       ValueError: ``num_steps`` below the step of ``state`` or of the restored checkpoint; an interval below 1;
-        ``eval_fn`` with nowhere to report.
-      ValueError, RuntimeError: from :func:`restore_latest`.
+        ``eval_fn`` with nowhere to report; and, with ``RuntimeError``, from :func:`restore_latest`.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.1)

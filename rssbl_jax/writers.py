@@ -1,9 +1,7 @@
 """Training metrics as TensorBoard event files, through tensorboardX, behind clu's metric-writer interface.
 
-:func:`rssbl_jax.train` writes through any object with clu's ``write_scalars(step, scalars)``
-(``train(..., writer=TensorBoardWriter(logdir))``). clu's own writers need TensorFlow or PyTorch; this one needs
-only ``tensorboardX`` (pure Python, in the ``plot`` extra: ``pip install 'rssbl_jax[plot]'``), imported when a
-writer is made, so the core install does not need it.
+clu's own writers need TensorFlow or PyTorch; this one needs only ``tensorboardX`` (pure Python, in the ``plot``
+extra: ``pip install 'rssbl_jax[plot]'``), imported when a writer is made, so the core install does not need it.
 """
 
 from __future__ import annotations
@@ -16,8 +14,8 @@ from typing import Any
 class TensorBoardWriter:
     """Scalars to TensorBoard event files in ``logdir`` (``tensorboard --logdir <logdir>`` shows them).
 
-    Has the methods of clu's ``MetricWriter`` that :func:`rssbl_jax.train` uses (``write_scalars``, ``flush``,
-    ``close``) and closes on leaving a ``with`` block.
+    The ``writer`` of :func:`rssbl_jax.train`: has clu ``MetricWriter``'s ``write_scalars``, ``flush`` and ``close``,
+    and closes on leaving a ``with`` block.
 
     Args:
       logdir: the event files' directory (created if missing); one per run (``runs/demo/rss``, ``runs/demo/lora``)
