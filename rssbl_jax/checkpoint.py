@@ -7,14 +7,12 @@ Orbax/tensorstore read a flipped bit back without complaint, so every load recom
 version is claimed) and raises :class:`CheckpointCorruptError`, naming checkpoint and leaf, on a mismatch or an
 unreadable file. A newer format version is refused; nothing is repaired on load.
 
-Crash safety (docs/guides/checkpoints.md): on local disk (:mod:`rssbl_jax.localdisk`) a write is locked (a second
-writer gets :class:`CheckpointBusyError`), staged, verified, fsynced and swapped in, so a kill leaves the whole old
-or the whole new checkpoint (off Linux, between two renames the old one is at ``.adapters.old``: loads say so, the
-next write puts it back). On ``gs://`` (other remote schemes are unsupported: orbax writes a commit file only
-there) orbax writes in place and commits last (``commit_success.txt``); loads refuse an uncommitted checkpoint,
-which the next save replaces, ``force`` or not. ``force=True`` deletes the old one first, so a crashed overwrite
-leaves no committed checkpoint, never a mix that loads; two writers at once give one of them or a checkpoint
-whose digests refuse it.
+Crash safety (at length in docs/guides/checkpoints.md): on local disk, :mod:`rssbl_jax.localdisk` locks (a second
+writer gets :class:`CheckpointBusyError`), stages, verifies, fsyncs and swaps, so a kill leaves the whole old or
+the whole new checkpoint. On ``gs://`` (other remote schemes are unsupported: orbax writes a commit file only
+there) orbax writes in place and commits last; loads refuse an uncommitted checkpoint, the next save replaces it.
+``force=True`` deletes the old one first there, so a crashed overwrite leaves no committed checkpoint, never a mix
+that loads; two writers at once give one of them or a checkpoint whose digests refuse it.
 """
 
 from __future__ import annotations
@@ -106,9 +104,8 @@ def save_adapters(
       ValueError: when ``params`` holds no adapter layer, a layer's rank differs from the config's, or a pattern of
         the config matches no adapted layer.
 
-    >>> import tempfile, jax, jax.numpy as jnp
-    >>> from rssbl_jax import RSSBilinearLoRADense
-    >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
+    >>> import tempfile, jax, jax.numpy as jnp, rssbl_jax
+    >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> save_adapters(path := tempfile.mkdtemp() + "/adapters", params, layer.adapter_config)
     >>> restored, config = load_adapters(path, params, layer.adapter_config)
@@ -317,7 +314,7 @@ def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
 
     Raises:
       FileNotFoundError: when there is no complete (committed) checkpoint at ``path``.
-      CheckpointCorruptError: when the stored config does not match its SHA-256 digest.
+      CheckpointCorruptError: when the stored config cannot be read or does not match its SHA-256 digest.
       ValueError: when the format version is newer than this library's, or older than the whole config's.
 
     >>> import tempfile, jax.numpy as jnp
@@ -344,12 +341,11 @@ def load_adapters(path: str | os.PathLike, params: PyTree, config: AdapterConfig
 
     Raises:
       ValueError: naming each differing config field with both values, or the first mismatched path and shapes.
-      FileNotFoundError: when there is no complete checkpoint at ``path``.
-      CheckpointCorruptError: when a leaf or the config does not match its SHA-256 digest, or cannot be read.
+      FileNotFoundError, CheckpointCorruptError: as :func:`load_adapter_config`, or for a leaf that does not match
+        its SHA-256 digest or cannot be read.
 
-    >>> import tempfile, jax, jax.numpy as jnp
-    >>> from rssbl_jax import RSSBilinearLoRADense
-    >>> layer = RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
+    >>> import tempfile, jax, jax.numpy as jnp, rssbl_jax
+    >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=4.0)
     >>> fresh = layer.init(jax.random.key(1), jnp.ones((1, 3)), jnp.ones(2))["params"]
     >>> save_adapters(path := tempfile.mkdtemp() + "/adapters", {**fresh, "lora_b": jnp.ones((2, 4))}, layer)
     >>> restored, config = load_adapters(path, fresh, layer)

@@ -1,8 +1,7 @@
-"""Paths and digests shared by the adapter checkpoints and the training checkpoints.
+"""Paths and SHA-256 digests shared by :mod:`rssbl_jax.checkpoint` and :mod:`rssbl_jax.train_checkpoints`.
 
-Both live on ``etils.epath`` paths (local disk, ``gs://`` and the rest) and store a SHA-256 per leaf and one of
-their JSON config; one definition keeps a digest meaning the same in :mod:`rssbl_jax.checkpoint` and
-:mod:`rssbl_jax.train_checkpoints`.
+Both live on ``etils.epath`` paths and store a digest per leaf and one of their JSON config; one definition keeps
+a digest meaning the same in both.
 """
 
 from __future__ import annotations

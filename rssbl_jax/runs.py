@@ -43,11 +43,10 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
     Raises:
       ValueError: for no runs, runs whose trees differ, or a shared base that differs (naming run and leaf).
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from rssbl_jax import init_train_state
+    >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
     >>> sgd = optax.inject_hyperparams(optax.sgd)
-    >>> states = [init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.2, 0.3)]
+    >>> states = [rssbl_jax.init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (.1, .2, .3)]
     >>> runs = stack_runs(states)
     >>> runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape, runs.opt_state.hyperparams["learning_rate"]
     ((3, 2), (2,), Array([0.1, 0.2, 0.3], dtype=float32))
@@ -103,14 +102,13 @@ def vmap_train_step(train_step: StepFn, *, batch_axis: int | None = 0, share_fro
 
     Returns ``step(runs, batch) -> (runs, metrics)``, every metric with a leading run axis; wrap it in ``jax.jit``.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from rssbl_jax import init_train_state, make_train_step
+    >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
     >>> sgd = optax.inject_hyperparams(optax.sgd)
-    >>> runs = stack_runs([init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.5)])
+    >>> runs = [rssbl_jax.init_train_state(params, sgd(learning_rate=lr), jax.random.key(0)) for lr in (0.1, 0.5)]
     >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch) ** 2)
-    >>> step = jax.jit(vmap_train_step(make_train_step(loss, sgd(learning_rate=0.1)), batch_axis=None))
-    >>> runs, metrics = step(runs, jnp.zeros(2))
+    >>> step = jax.jit(vmap_train_step(rssbl_jax.make_train_step(loss, sgd(learning_rate=0.1)), batch_axis=None))
+    >>> runs, metrics = step(stack_runs(runs), jnp.zeros(2))
     >>> [round(float(b), 4) for b in runs.trainable["lora_b"][:, 0]], metrics["loss"].tolist()   # b - 2 lr b
     ([0.8, 0.0], [2.0, 2.0])
     """
@@ -141,14 +139,13 @@ def train_many(
       **train_kwargs: passed to :func:`rssbl_jax.train`; hook values are arrays over the runs, ``eval_fn`` gets
         the stacked state.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from rssbl_jax import init_train_state, make_train_step
+    >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}
     >>> adam, lrs = optax.inject_hyperparams(optax.adam), (0.003, 0.03)
-    >>> states = [init_train_state(params, adam(learning_rate=lr), jax.random.key(0)) for lr in lrs]
+    >>> states = [rssbl_jax.init_train_state(params, adam(learning_rate=lr), jax.random.key(0)) for lr in lrs]
     >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
-    >>> finals = train_many(states, make_train_step(loss, adam(learning_rate=lrs[0])), lambda step: jnp.zeros(3),
-    ...                     100, batch_axis=None)
+    >>> finals = train_many(states, rssbl_jax.make_train_step(loss, adam(learning_rate=lrs[0])),
+    ...                     lambda step: jnp.zeros(3), 100, batch_axis=None)
     >>> [round(float(f.trainable["lora_b"][0]), 2) for f in finals]   # Adam moves by about lr per step
     [0.72, 0.01]
     """

@@ -165,27 +165,23 @@ def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tupl
     """Restore the newest good checkpoint in ``checkpoint_dir`` into the layout (shardings) of ``state``.
 
     Newest first; one that cannot be read or fails its SHA-256 digests is skipped with a warning and renamed
-    ``<step>.corrupt`` (so it blocks no later save). One of another architecture or optimizer (a leaf of the
-    adapters, optimizer state or frozen base missing, added or of another shape or dtype; or the same leaves in
-    another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls
-    it. Returns ``(state, step)``, or ``(state, None)`` when there is none (the directory is created if missing).
+    ``<step>.corrupt`` (so it blocks no later save); if none is intact, a ``RuntimeError`` lists each step's reason.
+    One of another architecture or optimizer (a leaf of the adapters, optimizer state or frozen base missing, added
+    or of another shape or dtype; or the same leaves in another tree, e.g. ``adamw`` state for ``adam``'s) is kept
+    and raises a ``ValueError`` naming both paths, shapes or trees. In several processes, every process calls it.
+    Returns ``(state, step)``, or ``(state, None)`` when there is none (the directory is created if missing).
 
     Args:
       checkpoint_dir: the directory :func:`rssbl_jax.training.train` saves into, local or remote (``gs://bucket/run``).
       state: a :class:`TrainState` of the model being trained, placed on its devices; its frozen half is kept,
         its shapes, dtypes and shardings are the expected ones.
 
-    Raises:
-      ValueError: for a checkpoint of another architecture or optimizer, naming both paths/shapes/trees.
-      RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
-
-    >>> import tempfile, jax, jax.numpy as jnp, optax
-    >>> from rssbl_jax.training import init_train_state, make_train_step, train
+    >>> import tempfile, jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, tx := optax.sgd(0.1), jax.random.key(0))
-    >>> step_fn = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] * batch), tx))
-    >>> _ = train(state, step_fn, lambda step: jnp.ones(2), 4, checkpoint_dir=(directory := tempfile.mkdtemp()))
-    >>> restored, step = restore_latest(directory, state)   # e.g. in a new process, after a crash
+    >>> state = rssbl_jax.init_train_state(params, tx := optax.sgd(0.1), jax.random.key(0))
+    >>> step_fn = jax.jit(rssbl_jax.make_train_step(lambda params, batch, rng: jnp.sum(params["lora_b"] * batch), tx))
+    >>> _ = rssbl_jax.train(state, step_fn, lambda step: jnp.ones(2), 4, checkpoint_dir=(path := tempfile.mkdtemp()))
+    >>> restored, step = restore_latest(path, state)   # e.g. in a new process, after a crash
     >>> step, [round(float(v), 3) for v in restored.trainable["lora_b"]]
     (4, [0.6, 0.6])
     """

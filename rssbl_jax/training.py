@@ -150,16 +150,13 @@ def train(
         (:func:`rssbl_jax.sharding.shard_batch`); a leading device axis with ``replicated``.
       num_steps: total number of steps of the run (not steps to add).
       checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
-      save_every: checkpoint interval in steps (and one at the end).
-      max_to_keep: how many checkpoints to keep (``None`` keeps all).
-      replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given and returned unreplicated; checkpoints hold
-        one copy.
-      log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
-      hook: ``hook(metrics)``, called with the metrics dict.
+      save_every, max_to_keep: checkpoint interval in steps (and one at the end); how many are kept (``None``: all).
+      replicated: ``True`` for a ``jax.pmap`` step; ``state`` is given and returned unreplicated, checkpoints hold one.
+      log_every, hook: interval of the host reads, finite checks and ``hook(metrics)``/``writer`` calls.
       writer: clu's ``write_scalars(step, scalars)`` interface (:class:`rssbl_jax.writers.TensorBoardWriter`);
         flushed at the end, closed by the caller.
-      eval_fn: ``eval_fn(state) -> {name: scalar}`` (state unreplicated); needs ``hook`` or ``writer``.
-      eval_every: evaluation interval in steps (default ``log_every``), and at the last step.
+      eval_fn, eval_every: ``eval_fn(state) -> {name: scalar}`` (state unreplicated), called every ``eval_every``
+        steps (default ``log_every``) and at the last step; needs ``hook`` or ``writer``.
       on_step: deprecated, use ``hook``: ``on_step(step, loss)`` after every step (a host sync per step).
 
     Raises:
@@ -169,8 +166,7 @@ def train(
         ``eval_fn`` with nowhere to report; and, with ``RuntimeError``, from :func:`restore_latest`.
 
     >>> import jax, jax.numpy as jnp, optax
-    >>> tx = optax.sgd(0.1)
-    >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}
+    >>> params, tx = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}, optax.sgd(0.1)
     >>> state = init_train_state(params, tx, jax.random.key(0))
     >>> loss = lambda params, batch, rng: jnp.mean((params["lora_b"] - batch) ** 2)
     >>> logged = []

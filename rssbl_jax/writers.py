@@ -17,9 +17,7 @@ class TensorBoardWriter:
     The ``writer`` of :func:`rssbl_jax.train`: has clu ``MetricWriter``'s ``write_scalars``, ``flush`` and ``close``,
     and closes on leaving a ``with`` block.
 
-    Args:
-      logdir: the event files' directory (created if missing); one per run (``runs/demo/rss``, ``runs/demo/lora``)
-        shows one curve per run.
+    ``logdir``, created if missing, is one per run (``runs/demo/rss``, ``runs/demo/lora``: one curve per run).
 
     >>> import glob, tempfile
     >>> with TensorBoardWriter(logdir := tempfile.mkdtemp()) as writer:
