@@ -173,10 +173,9 @@ def _write(
     config: dict[str, Any],
     *,
     force: bool,
-    on_stage: Callable[[str], object] | None = None,
+    on_stage: Callable[[str], object] = lambda stage: None,
 ) -> None:
     """Write a prepared checkpoint locally or remotely; ``on_stage(name)`` marks each stage."""
-    on_stage = on_stage or (lambda stage: None)
     if is_local(path):  # locked, staged, verified, then swapped in
         localdisk.replace_directory(
             str(path),
