@@ -91,14 +91,12 @@ def save_adapters(
 ) -> None:
     """Save only the adapter leaves of ``params`` and their whole :class:`~rssbl_jax.AdapterConfig` to ``path``.
 
-    What is atomic on which kind of path: see the module docstring.
-
     Args:
       path: the checkpoint directory, local or remote (``gs://bucket/run/adapters``); must not exist unless ``force``.
       params: a params tree holding adapters (linen ``variables["params"]``, a pure state dict of ``adapted.model``),
         or an NNX model holding adapters (``save_adapters(path, adapted)``).
       config: the AdapterConfig trained with, or the adapted model / layer carrying it; default: ``params``' own.
-      force: overwrite an existing adapter checkpoint at ``path``.
+      force: overwrite an existing adapter checkpoint at ``path`` (what is atomic where: the module docstring).
 
     Raises:
       ValueError: when ``params`` holds no adapter layer, a layer's rank differs from the config's, or a pattern of
