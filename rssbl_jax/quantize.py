@@ -5,10 +5,11 @@ r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters
     y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
 ``Q(W)`` is the base kernel stored quantised (any ``qtype`` qwix knows: int8, int4, nf4, fp8, ...) and computed by
-qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. Nothing is quantised here:
-:func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and :func:`rssbl_jax.inject` /
-:func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs with qwix's interception off
-(:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own products see the quantised kernel.
+qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. :func:`quantize_base` is
+``qwix.quantize_model`` with a weight-only ``PtqProvider``; :func:`rssbl_jax.inject` / :func:`rssbl_jax.nnx.inject`
+compose with it because the adapter's update runs with qwix's interception off
+(:func:`rssbl_jax.inject.outside_quantizer`), so only the base layer's own products see the quantised kernel.
+``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as below), not a bare root layer.
 
 A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
 recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
@@ -22,8 +23,6 @@ differentiated. :func:`merge` folds the update into the dequantised kernel, then
 >>> layer = variables["params"]["layers_0"]
 >>> str(layer["kernel"].array.qvalue.dtype), str(layer["lora_a"].dtype), adapted.apply(variables, x, p=p).shape
 ('int8', 'float32', (3, 4))
-
-``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as here), not a bare root layer.
 """
 
 from __future__ import annotations
@@ -111,8 +110,7 @@ def dequantize(params: PyTree) -> PyTree:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> params = model.init(jax.random.key(0), x := jnp.ones((2, 8)))["params"]
-    >>> float_params = quantize.dequantize(params)
-    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": float_params}, x),
+    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": quantize.dequantize(params)}, x),
     ...                   model.apply({"params": params}, x), atol=1e-6))
     True
     """
@@ -125,16 +123,15 @@ def dequantize(params: PyTree) -> PyTree:
 def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     """Quantise a float (e.g. pretrained) params tree like ``abstract_quantized`` (``qwix.quantize_params``).
 
-    ``abstract_quantized``: the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves absent
-    from it (adapters of a float adapted tree) are kept.
+    ``abstract_quantized`` is the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves
+    absent from it (adapters of a float adapted tree) are kept.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> pretrained = nn.Sequential([nn.Dense(4)]).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
-    >>> params = quantize.quantize_params(pretrained, abstract)
-    >>> error = quantize.dequantize(params)["layers_0"]["kernel"] - pretrained["layers_0"]["kernel"]
-    >>> float(jnp.abs(error).max()) < 0.01
+    >>> kernel = quantize.dequantize(quantize.quantize_params(pretrained, abstract))["layers_0"]["kernel"]
+    >>> float(jnp.abs(kernel - pretrained["layers_0"]["kernel"]).max()) < 0.01
     True
     """
     qwix, _ = _qwix()
@@ -154,12 +151,8 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
     (up to half a quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load
     into the unquantised model and match the adapted one to float round-off, at float memory.
 
-    Args:
-      params: the adapted quantised model's params (``variables["params"]``).
-      operating_params: ``p0`` of shape ``[d_p]``.
-      config: the :class:`~rssbl_jax.AdapterConfig` (or the adapted model).
-      requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
-      merge_kwargs: passed to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
+    ``params`` (the adapted quantised model's), ``operating_params`` (``p0 [d_p]``), ``config`` and ``merge_kwargs``
+    (``add_bias``, ``precision``) are as for :func:`rssbl_jax.merge`; ``requantize=False`` returns float kernels.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
@@ -168,7 +161,6 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
     >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
     >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
     (['bias', 'kernel'], 'int8')
-    >>> y = model.apply({"params": merged}, x)     # the quantised model, no adapters
     """
     _qwix()
     from qwix._src.core import qarray
@@ -190,8 +182,8 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
-    Adapter leaves (:func:`rssbl_jax.tree.adapter_leaf_paths`) are not counted. ``packed=True`` counts sub-byte
-    types at their width (``int4``/``nf4``: half a byte, as XLA stores them), ``packed=False`` a byte each.
+    ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA stores them),
+    ``packed=False`` a byte each.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")

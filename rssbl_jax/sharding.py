@@ -1,16 +1,11 @@
 """Partition specs for adapter params that follow their base kernel; batch specs; placing trees on a mesh.
 
-Given the base model's specs (those a user already has for ``kernel`` and ``bias``), each adapted layer's factors
-follow its kernel, so no factor is ever gathered more than the kernel itself. For a Dense ``kernel (d_in, d_out)``
-with spec ``P(i, o)``: ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)`` ``P(None, o)``, ``bias``
-``P(o)`` unless given, and ``lora_c``, ``lora_s (d_p, r)`` are replicated (``P()``). Kernels with more axes
-(``DenseGeneral``, ``Conv``) work the same way: ``lora_a``'s leading axes take the kernel's leading (input) specs,
-``lora_b``'s trailing axes its trailing (output) specs, wherever the sizes agree; an axis of another size is
-replicated. Per-example inputs, targets and ``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``); a
-shared ``p [d_p]`` is replicated.
-
-Everything here returns ordinary ``PartitionSpec`` trees for ``jax.jit``'s ``in_shardings``/``out_shardings`` or
-``jax.device_put``; nothing replaces JAX's own partitioner.
+Each adapter's factors follow the base kernel's spec, so no factor is gathered more than the kernel itself: for a
+Dense ``kernel (d_in, d_out)`` with ``P(i, o)``, ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)``
+``P(None, o)``, ``bias`` ``P(o)`` unless given, ``lora_c``, ``lora_s (d_p, r)`` ``P()``; kernels with more axes
+(``DenseGeneral``, ``Conv``) as :func:`rssbl_jax.tree.axes_from_kernel` says. Per-example inputs, targets and
+``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated. The results are
+ordinary ``PartitionSpec`` trees for ``jax.jit``'s shardings or ``jax.device_put``; JAX's partitioner does the rest.
 """
 
 from __future__ import annotations
@@ -43,7 +38,7 @@ def _padded(spec: PartitionSpec, ndim: int, path: str) -> tuple[Any, ...]:
 
 
 def _base_lookup(base_specs: PyTree | SpecRules):
-    """A function ``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
+    """``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
     if isinstance(base_specs, (list, tuple)) and len(base_specs) > 0:
         if all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and _is_spec(r[1]) for r in base_specs):
             rules = patterns.as_pairs(base_specs, "base_specs")
@@ -60,25 +55,20 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
 
     Args:
-      params: a params tree (arrays or ``jax.ShapeDtypeStruct``), e.g. ``variables["params"]``.
-      base_specs: the base leaves' specs: a ``PartitionSpec`` tree at their paths (with or without the ``lora_*``
-        leaves; extra entries ignored), or ``(regex, PartitionSpec)`` rules, first ``re.fullmatch`` of the whole
-        ``/``-joined path wins (``".*/mlp/kernel"`` matches ``"block_0/mlp/kernel"``). A ``bias`` without a spec
-        follows its kernel's output axes; any other base leaf without one is an error.
-      mesh: when given, every spec is checked against it with :func:`validate_specs`.
-
-    Returns:
-      ``params``' structure with a ``PartitionSpec`` at every leaf (the rule of the module docstring).
+      params: arrays or ``jax.ShapeDtypeStruct``, e.g. ``variables["params"]``.
+      base_specs: a ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored), or
+        ``(regex, PartitionSpec)`` rules, first ``re.fullmatch`` of the ``/``-joined path wins (``".*/mlp/kernel"``).
+        A ``bias`` without a spec follows its kernel's output axes; any other base leaf without one is an error.
+      mesh: when given, every spec is checked with :func:`validate_specs`.
 
     Raises:
       ValueError: naming the path: a base leaf has no spec, a spec has more entries than the leaf has axes, an
         adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
-    >>> from jax.sharding import PartitionSpec as P
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
     >>> params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8)), jnp.ones((2, 3)))["params"]
-    >>> specs = adapter_partition_specs(params, [("kernel", P(None, "model"))])
+    >>> specs = adapter_partition_specs(params, [("kernel", jax.P(None, "model"))])
     >>> specs["lora_a"], specs["lora_b"], specs["lora_c"], specs["bias"]
     (P(None, None), P(None, 'model'), P(), P('model',))
     """
@@ -129,18 +119,11 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
 def validate_specs(tree: PyTree, specs: PyTree, mesh: Mesh) -> None:
     """Check that every spec names axes of ``mesh`` whose sizes divide the leaf's dimensions.
 
-    Args:
-      tree: arrays or ``jax.ShapeDtypeStruct``.
-      specs: a ``PartitionSpec`` tree with ``tree``'s structure (or a prefix of it).
-      mesh: the mesh the specs are meant for.
-
-    Raises:
-      ValueError: for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
+    ``tree`` holds arrays or ``jax.ShapeDtypeStruct``; ``specs`` has its structure (or a prefix of it). Raises
+    ``ValueError`` for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
 
     >>> import numpy as np, jax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> validate_specs({"kernel": np.ones((4, 6))}, {"kernel": P(None, "model")}, mesh)
+    >>> validate_specs({"kernel": np.ones((4, 6))}, {"kernel": jax.P(None, "model")}, jax.make_mesh((1,), ("model",)))
     """
     flat_specs, spec_tree = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)
     subtrees = jax.tree.structure(specs, is_leaf=_is_spec).flatten_up_to(tree)
@@ -184,9 +167,8 @@ def batch_spec(data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
 def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
     """The spec of the operating parameters: sharded with the batch when per-example, replicated when shared.
 
-    Args:
-      operating_params: ``p`` (an array or anything with ``.shape``): ``[d_p]`` or ``[batch, ..., d_p]``.
-      data_axis: the mesh axis (or axes) the batch is sharded over.
+    ``operating_params`` is ``p`` (anything with ``.shape``), ``[d_p]`` or ``[batch, ..., d_p]``; ``data_axis`` the
+    mesh axis (or axes) the batch is sharded over.
 
     >>> import numpy as np
     >>> operating_params_spec(np.ones((32, 3))), operating_params_spec(np.ones(3))
@@ -199,9 +181,7 @@ def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
     """A tree of ``NamedSharding(mesh, spec)`` for a tree of specs (``None`` entries stay ``None``).
 
     >>> import jax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((1,), ("data",))
-    >>> shardings = named_shardings(mesh, {"x": P("data"), "y": None})
+    >>> shardings = named_shardings(jax.make_mesh((1,), ("data",)), {"x": jax.P("data"), "y": None})
     >>> shardings["x"].spec, shardings["y"]
     (P('data',), None)
     """
@@ -211,17 +191,12 @@ def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     """Place a params tree on ``mesh`` (``jax.device_put`` with ``NamedSharding``), after checking the specs fit.
 
-    Every process must pass the same values (as with parameters from one seed or one checkpoint).
-
-    Args:
-      params: arrays.
-      mesh: the device mesh.
-      specs: a ``PartitionSpec`` tree with ``params``' structure, e.g. from :func:`adapter_partition_specs`.
+    ``specs`` has ``params``' structure (e.g. from :func:`adapter_partition_specs`). Every process must pass the same
+    values (as with parameters from one random key or one checkpoint).
 
     >>> import numpy as np, jax
-    >>> from jax.sharding import PartitionSpec as P
     >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> shard_params({"kernel": np.ones((4, 6))}, mesh, {"kernel": P(None, "model")})["kernel"].sharding.spec
+    >>> shard_params({"kernel": np.ones((4, 6))}, mesh, {"kernel": jax.P(None, "model")})["kernel"].sharding.spec
     P(None, 'model')
     """
     validate_specs(params, specs, mesh)
@@ -231,11 +206,9 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None = None) -> PyTree:
     """Global arrays from each process's part of a batch (``jax.make_array_from_process_local_data``).
 
-    Args:
-      batch: a tree of host arrays, this process's rows (in a single process, the whole batch).
-      mesh: the (global) device mesh.
-      specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading axis
-        over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
+    ``batch`` holds this process's rows as host arrays (in a single process, the whole batch); ``mesh`` is global;
+    ``specs`` a ``PartitionSpec`` or a tree prefix of ``batch`` of them, ``None`` sharding every leading axis over the
+    mesh's first axis (use :func:`operating_params_spec` for ``p``).
 
     >>> import numpy as np, jax
     >>> mesh = jax.make_mesh((1,), ("data",))
@@ -252,15 +225,10 @@ def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None 
 
 
 def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple[str, ...] = "data") -> slice:
-    """The rows of a global batch that this process feeds to :func:`shard_batch` (its devices' rows).
+    """The rows of a global batch of ``global_batch_size`` that this process feeds to :func:`shard_batch`.
 
-    Args:
-      mesh: the global mesh.
-      global_batch_size: rows of the global batch.
-      data_axis: the mesh axis (or axes) the batch is sharded over.
-
-    Raises:
-      ValueError: when this process's devices do not hold one contiguous range of rows.
+    ``data_axis`` is the mesh axis (or axes) the batch is sharded over. ``ValueError`` when this process's devices
+    do not hold one contiguous range of rows.
 
     >>> import jax
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
