@@ -31,17 +31,12 @@ from rssbl_jax.merge import merge
 def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
     r"""The number of singular values (an int scalar in ``[0, min(m, n)]``) that hold ``energy`` of ``‖M‖²_F``.
 
-    Works under ``jit`` and ``vmap``.
-
     .. math::
 
         \operatorname{rank}_e(M) = \min\{k : \textstyle\sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}
 
-    Args:
-      matrix: ``[m, n]``.
-      energy: the fraction of ``‖M‖²_F`` to hold, in ``(0, 1]``.
-      atol: a Frobenius norm up to this gives rank 0 (to call float32 round-off zero, e.g. ``1e-5 * ‖W‖`` for an
-        update of a base kernel ``W``).
+    ``energy`` is in ``(0, 1]``; a Frobenius norm up to ``atol`` gives rank 0 (to call float32 round-off zero, e.g.
+    ``1e-5 * ‖W‖`` for an update of a base kernel ``W``). Works under ``jit`` and ``vmap``.
 
     >>> import jax.numpy as jnp
     >>> int(effective_rank(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.8))
@@ -84,11 +79,8 @@ def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *
         r_\text{out} = \operatorname{rank}_e\big[\Delta W(p_1); \cdots; \Delta W(p_K)\big]
 
     RSSBilinearLoRA has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has
-    ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``.
-
-    Args:
-      deltas: ``[K, d_in, d_out]``.
-      energy, atol: as in :func:`effective_rank` (``atol`` applies to the stacked matrix).
+    ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``. ``energy`` and ``atol`` are as in :func:`effective_rank`
+    (``atol`` applies to the stacked matrix).
 
     >>> import jax.numpy as jnp
     >>> a, b = jnp.ones((4, 1)), jnp.ones((1, 3))
@@ -143,18 +135,12 @@ def delta_weights(
 
         \Delta W(p) = s\, A\,\mathrm{diag}\big(g(\hat p)\big)\,B
 
-    with ``jax.vmap`` over ``merge(params, p, config)``: gate family and ``p`` normalisation come from ``config``
-    as in training.
+    computed as ``jax.vmap`` over :func:`rssbl_jax.merge`, so gate and ``p`` normalisation come from ``config`` (an
+    :class:`~rssbl_jax.AdapterConfig`, or an adapted model or layer carrying one) as in training. ``layer_path`` is
+    the layer's keys joined by ``/`` (``"block_0/attention/query"``; ``""`` when ``params`` is one layer's).
 
-    Args:
-      params: a model's params tree (or one layer's params, with ``layer_path=""``).
-      config: the :class:`~rssbl_jax.AdapterConfig` (or an adapted model / layer carrying one).
-      layer_path: the layer's path in ``params``, keys joined by ``/`` (``"block_0/attention/query"``).
-      operating_params: ``[K, d_p]``.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from rssbl_jax import RSSBilinearLoRADense
-    >>> layer = RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
+    >>> import jax, jax.numpy as jnp, rssbl_jax
+    >>> layer = rssbl_jax.RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 2)), jnp.ones(1))["params"]
     >>> delta_weights(params, layer.adapter_config, "", jnp.array([[0.0], [1.0]])).shape   # B = 0 at init: zeros
     (2, 2, 3)
