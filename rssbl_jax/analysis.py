@@ -31,14 +31,10 @@ from rssbl_jax.merge import merge
 def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
     r"""The number of singular values (an int scalar in ``[0, min(m, n)]``) that hold ``energy`` of ``‖M‖²_F``.
 
-    .. math::
-
-        \operatorname{rank}_e(M) = \min\{k : \textstyle\sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}
-
-    ``energy`` is in ``(0, 1]``; a Frobenius norm up to ``atol`` gives rank 0 (to call float32 round-off zero, e.g.
+    :math:`\operatorname{rank}_e(M) = \min\{k : \sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}` with ``energy``
+    :math:`e \in (0, 1]`; a Frobenius norm up to ``atol`` gives rank 0 (to call float32 round-off zero, e.g.
     ``1e-5 * ‖W‖`` for an update of a base kernel ``W``). Works under ``jit`` and ``vmap``.
 
-    >>> import jax.numpy as jnp
     >>> int(effective_rank(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.8))
     1
     """
@@ -56,7 +52,6 @@ def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, ato
 class JointRank(NamedTuple):
     """Effective ranks of updates stacked over conditions: their common input span and output span.
 
-    >>> import jax.numpy as jnp
     >>> int(JointRank(jnp.array(2), jnp.array(3)).maximum)
     3
     """
@@ -82,9 +77,7 @@ def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *
     ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``. ``energy`` and ``atol`` are as in :func:`effective_rank`
     (``atol`` applies to the stacked matrix).
 
-    >>> import jax.numpy as jnp
-    >>> a, b = jnp.ones((4, 1)), jnp.ones((1, 3))
-    >>> joint = joint_rank(jnp.stack([a @ b, 2 * a @ b]))
+    >>> joint = joint_rank(jnp.stack([jnp.ones((4, 3)), 2 * jnp.ones((4, 3))]))
     >>> int(joint.inputs), int(joint.outputs)
     (1, 1)
     """
@@ -100,16 +93,11 @@ def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *
 def principal_angles(a: Float[ArrayLike, "n k1"], b: Float[ArrayLike, "n k2"]) -> Float[Array, " k"]:
     r"""Principal angles (radians, ascending) between the column spaces of ``a`` and ``b``, ``k = min(k1, k2)``.
 
-    .. math::
+    :math:`\cos\theta_i = \sigma_i(Q_a^\top Q_b)` with :math:`a = Q_a R_a,\ b = Q_b R_b`: 0 is a shared direction,
+    π/2 an orthogonal one. Columns must be linearly independent (pass an update's top singular vectors, not the
+    update).
 
-        \cos\theta_i = \sigma_i(Q_a^\top Q_b), \qquad a = Q_a R_a,\ b = Q_b R_b
-
-    0 is a shared direction, π/2 an orthogonal one. Columns must be linearly independent (pass an update's top
-    singular vectors, not the update).
-
-    >>> import jax.numpy as jnp
-    >>> angles = principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])
-    >>> [round(float(t), 4) for t in angles]
+    >>> [round(float(t), 4) for t in principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])]
     [0.0, 1.5708]
     """
     qa, qb = (jnp.linalg.qr(jnp.asarray(m))[0] for m in (a, b))
@@ -131,13 +119,10 @@ def delta_weights(
 ) -> Float[Array, "K d_in d_out"]:
     r"""``ΔW(p_k) = W'(p_k) - W``, ``[K, *kernel.shape]``, of one adapted layer at ``K`` operating points.
 
-    .. math::
-
-        \Delta W(p) = s\, A\,\mathrm{diag}\big(g(\hat p)\big)\,B
-
-    computed as ``jax.vmap`` over :func:`rssbl_jax.merge`, so gate and ``p`` normalisation come from ``config`` (an
-    :class:`~rssbl_jax.AdapterConfig`, or an adapted model or layer carrying one) as in training. ``layer_path`` is
-    the layer's keys joined by ``/`` (``"block_0/attention/query"``; ``""`` when ``params`` is one layer's).
+    That is :math:`s\, A\,\mathrm{diag}(g(\hat p))\,B`, computed with ``jax.vmap`` over :func:`rssbl_jax.merge`, so
+    gate and ``p`` normalisation come from ``config`` (an :class:`~rssbl_jax.AdapterConfig`, or an adapted model or
+    layer carrying one) as in training. ``layer_path`` is the layer's keys joined by ``/``
+    (``"block_0/attention/query"``; ``""`` when ``params`` is one layer's).
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
@@ -155,7 +140,6 @@ def delta_weights(
 def response_curve(fn: Callable[[Any], Any], grid: Any) -> Any:
     """``fn`` at every point of ``grid`` (a leading axis of conditions, or a pytree of them), with ``jax.vmap``.
 
-    >>> import jax.numpy as jnp
     >>> response_curve(lambda p: jnp.sum(p**2), condition_grid(-1.0, 1.0, 3, 1)).tolist()
     [1.0, 0.0, 1.0]
     """
