@@ -2,16 +2,15 @@ r"""Principal-subspace initialisation (in the spirit of PiSSA / OLoRA) that keep
 
 PiSSA starts LoRA from the kernel's top-``r`` singular directions and subtracts them from the frozen kernel. A
 conditioned update ``ΔW(p) = s A diag(g(p)) B`` cannot be cancelled by a fixed residual for every ``p``; instead the
-gate starts at zero:
+gate starts at zero (kernel convention, ``W (d_in, d_out)``):
 
 .. math::
 
-    W = U \Sigma V^\top, \qquad A = U_r \Sigma_r^{1/2}, \qquad B = \Sigma_r^{1/2} V_r^\top, \qquad
-    C = 0,\ c_0 = 0,\ S = 0
+    W = U \Sigma V^\top, \quad A = U_r \Sigma_r^{1/2}, \quad B = \Sigma_r^{1/2} V_r^\top, \quad C = 0,\ c_0 = 0,\ S = 0
 
-(kernel convention, ``W (d_in, d_out)``). Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, the
-kernel is untouched (merging stays exact), training starts since ``∂L/∂C ≠ 0`` (``A`` and ``B`` are non-zero), and
-the rank-space directions are the kernel's principal ones from the first step.
+Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, the kernel is untouched (merging stays exact),
+training starts since ``∂L/∂C ≠ 0`` (``A`` and ``B`` are non-zero), and the rank-space directions are the kernel's
+principal ones from the first step.
 """
 
 from __future__ import annotations
@@ -35,10 +34,8 @@ def init_principal(params: PyTree, config: Any) -> PyTree:
     For nested mappings (linen params, an NNX pure state dict) whose factors use the compact layout (Dense,
     DenseGeneral, Conv, Embed, Einsum with input axes first); the kernel is read as a ``(prod(in), prod(out))``
     matrix. The gate is zeroed through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`).
-
-    Raises:
-      ValueError: a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero), or
-        a layer whose factors do not use the compact layout.
+    ``ValueError`` for a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero) or
+    a layer whose factors do not use the compact layout.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)

@@ -63,7 +63,6 @@ def partition(params: PyTree, config: Any = None, *, mask: PyTree | None = None)
     w.r.t. ``trainable`` alone and :func:`combine` restores the tree. ``mask`` is a tree of bools with ``params``'
     structure (e.g. an ablation that freezes some adapter factors).
 
-    >>> import jax.numpy as jnp
     >>> trainable, frozen = partition({"dense": {k: jnp.ones(1) for k in ("kernel", "lora_a", "lora_b", "lora_c")}})
     >>> trainable["dense"]["kernel"] is None, frozen["dense"]["lora_a"] is None
     (True, True)
@@ -106,7 +105,6 @@ def freeze_base(
     transforms**: ``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))`` would count the frozen base's
     usually far larger gradients and shrink every adapter step by that factor (300× in the case that found it).
 
-    >>> import jax, jax.numpy as jnp, optax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(2), "lora_b": jnp.ones(2), "lora_c": jnp.ones(2)}
     >>> grads = {"kernel": jnp.full(2, 300.0), "lora_a": jnp.zeros(2), "lora_b": jnp.array([3.0, 4.0]),
     ...          "lora_c": jnp.zeros(2)}                                          # |g_A| = 5

@@ -13,8 +13,7 @@ compose with it because the adapter's update runs with qwix's interception off
 
 A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
 recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
-differentiated. :func:`merge` folds the update into the dequantised kernel, then re-quantises it or not
-(``requantize``; errors measured in BENCHMARKS.md, "Quantised base").
+differentiated; :func:`merge` folds adapters into it (errors measured in BENCHMARKS.md, "Quantised base").
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
 >>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
@@ -141,23 +140,17 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
 def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: bool, **merge_kwargs: Any) -> PyTree:
     r"""Merge every adapted layer at ``p0`` onto a quantised base: re-quantised, or dequantised, as asked.
 
-    .. math::
-
-        W' = \begin{cases} Q\big(D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B\big) & \text{requantize} \\
-                           D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B & \text{otherwise} \end{cases}
-
-    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (``qtype``, channel axes, tiles,
-    calibration). The fold is exact; re-quantising recomputes the scales, so the whole merged kernel is rounded again
-    (up to half a quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load
-    into the unquantised model and match the adapted one to float round-off, at float memory.
-
-    ``params`` (the adapted quantised model's), ``operating_params`` (``p0 [d_p]``), ``config`` and ``merge_kwargs``
-    (``add_bias``, ``precision``) are as for :func:`rssbl_jax.merge`; ``requantize=False`` returns float kernels.
+    :math:`W' = D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B`, with ``D`` qwix's dequantisation; ``requantize=True``
+    quantises it again with ``Q``, the kernel's own recipe (``qtype``, channel axes, tiles, calibration). The fold is
+    exact; re-quantising recomputes the scales, so the whole merged kernel is rounded again (up to half a
+    quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load into the
+    unquantised model and match the adapted one to float round-off, at float memory. ``params``, ``operating_params``
+    (``p0 [d_p]``), ``config`` and ``merge_kwargs`` (``add_bias``, ``precision``) are as for :func:`rssbl_jax.merge`.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
-    >>> params = adapted.init(jax.random.key(0), x := jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
+    >>> params = adapted.init(jax.random.key(0), jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
     >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
     >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
     (['bias', 'kernel'], 'int8')

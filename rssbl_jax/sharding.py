@@ -180,7 +180,6 @@ def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...
 def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
     """A tree of ``NamedSharding(mesh, spec)`` for a tree of specs (``None`` entries stay ``None``).
 
-    >>> import jax
     >>> shardings = named_shardings(jax.make_mesh((1,), ("data",)), {"x": jax.P("data"), "y": None})
     >>> shardings["x"].spec, shardings["y"]
     (P('data',), None)
@@ -230,7 +229,6 @@ def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple
     ``data_axis`` is the mesh axis (or axes) the batch is sharded over. ``ValueError`` when this process's devices
     do not hold one contiguous range of rows.
 
-    >>> import jax
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
     slice(0, 16, None)
     """

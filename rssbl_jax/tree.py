@@ -2,12 +2,10 @@
 
 An *adapter layer* is a mapping in a params tree holding both ``lora_a`` and ``lora_b`` (every LoRA-family adapter
 does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add its own leaves);
-its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base. A leaf merely
-*named* ``lora_a`` outside an adapter layer stays a base leaf.
-
-Why a module of its own: partitioning, merging, principal initialisation, checkpoints, sharding and quantisation all
-ask "is this an adapter layer, and which leaves are the adapter?"; this is the one answer, and it imports neither
-linen nor the update, so a tree utility does not pull in the whole method to check a few names.
+its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base; a leaf merely
+*named* ``lora_a`` elsewhere stays a base leaf. Partitioning, merging, principal initialisation, checkpoints,
+sharding and quantisation all ask this one module, which imports neither linen nor the update, so a tree utility
+does not pull in the whole method to check a few names.
 """
 
 from __future__ import annotations
@@ -57,8 +55,7 @@ def map_adapter_layers(params: PyTree, fn: Callable[[str, Mapping], Any]) -> tup
     Descends mappings (rebuilt as ``dict``), lists and tuples, not adapter layers; paths are keys and indices joined
     by ``/`` (the root is ``""``), as :func:`rssbl_jax.patterns.path_str` writes them. Other nodes are kept as is.
 
-    >>> tree, found = map_adapter_layers([{"lora_a": 1, "lora_b": 2, "kernel": 3}], lambda path, node: node["kernel"])
-    >>> tree, found
+    >>> map_adapter_layers([{"lora_a": 1, "lora_b": 2, "kernel": 3}], lambda path, node: node["kernel"])
     ([3], ['0'])
     """
     found: list[str] = []
