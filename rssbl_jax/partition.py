@@ -156,16 +156,11 @@ class ParameterCount(NamedTuple):
 def count_parameters(params: PyTree, config: Any = None) -> ParameterCount:
     r"""Count frozen base and trainable parameters (:func:`trainable_mask`), per layer and in total.
 
-    For a Dense layer with the linear gate this gives
+    A Dense layer with the linear gate has :math:`d_{in} d_{out} + d_{out}` base and :math:`r (d_{in} + d_{out}) +
+    2 r d_p` trainable parameters (LoRA, then ``C`` and ``S``).
 
-    .. math::
-
-        \underbrace{d_{in} d_{out} + d_{out}}_{\text{base}}, \qquad
-        \underbrace{r (d_{in} + d_{out})}_{\text{LoRA}} + \underbrace{2 r d_p}_{C,\ S}\ \text{trainable.}
-
-    >>> import numpy as np
     >>> shape = {"kernel": (4, 3), "bias": (3,), "lora_a": (4, 2), "lora_b": (2, 3), "lora_c": (1, 2), "lora_s": (1, 2)}
-    >>> count_parameters({"dense": {k: np.zeros(s) for k, s in shape.items()}}).per_layer
+    >>> count_parameters({"dense": {k: jnp.zeros(s) for k, s in shape.items()}}).per_layer
     {'dense': (15, 18)}
     """
     mask = jax.tree_util.tree_leaves(trainable_mask(params, config))

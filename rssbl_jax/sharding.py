@@ -54,16 +54,13 @@ def _base_lookup(base_specs: PyTree | SpecRules):
 def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, mesh: Mesh | None = None) -> PyTree:
     """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
 
-    Args:
-      params: arrays or ``jax.ShapeDtypeStruct``, e.g. ``variables["params"]``.
-      base_specs: a ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored), or
-        ``(regex, PartitionSpec)`` rules, first ``re.fullmatch`` of the ``/``-joined path wins (``".*/mlp/kernel"``).
-        A ``bias`` without a spec follows its kernel's output axes; any other base leaf without one is an error.
-      mesh: when given, every spec is checked with :func:`validate_specs`.
-
-    Raises:
-      ValueError: naming the path: a base leaf has no spec, a spec has more entries than the leaf has axes, an
-        adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
+    ``params`` holds arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``). ``base_specs`` is a
+    ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored) or ``(regex,
+    PartitionSpec)`` rules, the first ``re.fullmatch`` of the ``/``-joined path winning (``".*/mlp/kernel"``); a
+    ``bias`` without a spec follows its kernel's output axes, any other base leaf without one is an error. With
+    ``mesh``, every spec is checked by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf without
+    a spec, a spec with more entries than its leaf has axes, an adapter with no ``kernel`` beside it, or a spec that
+    does not fit ``mesh``.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
@@ -167,8 +164,7 @@ def batch_spec(data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
 def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
     """The spec of the operating parameters: sharded with the batch when per-example, replicated when shared.
 
-    ``operating_params`` is ``p`` (anything with ``.shape``), ``[d_p]`` or ``[batch, ..., d_p]``; ``data_axis`` the
-    mesh axis (or axes) the batch is sharded over.
+    ``operating_params`` is ``p`` (anything with ``.shape``), ``[d_p]`` or ``[batch, ..., d_p]``.
 
     >>> import numpy as np
     >>> operating_params_spec(np.ones((32, 3))), operating_params_spec(np.ones(3))
@@ -209,9 +205,8 @@ def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None 
     ``specs`` a ``PartitionSpec`` or a tree prefix of ``batch`` of them, ``None`` sharding every leading axis over the
     mesh's first axis (use :func:`operating_params_spec` for ``p``).
 
-    >>> import numpy as np, jax
-    >>> mesh = jax.make_mesh((1,), ("data",))
-    >>> shard_batch({"x": np.ones((4, 2))}, mesh)["x"].sharding.spec
+    >>> import numpy as np
+    >>> shard_batch({"x": np.ones((4, 2))}, jax.make_mesh((1,), ("data",)))["x"].sharding.spec
     P('data',)
     """
     shardings = named_shardings(mesh, batch_spec(mesh.axis_names[0]) if specs is None else specs)
@@ -224,10 +219,9 @@ def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None 
 
 
 def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple[str, ...] = "data") -> slice:
-    """The rows of a global batch of ``global_batch_size`` that this process feeds to :func:`shard_batch`.
+    """The rows of a global batch, sharded over ``data_axis``, that this process feeds to :func:`shard_batch`.
 
-    ``data_axis`` is the mesh axis (or axes) the batch is sharded over. ``ValueError`` when this process's devices
-    do not hold one contiguous range of rows.
+    ``ValueError`` when this process's devices do not hold one contiguous range of the ``global_batch_size`` rows.
 
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
     slice(0, 16, None)
