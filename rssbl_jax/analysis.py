@@ -1,17 +1,15 @@
 r"""What an adapter learned, as numbers: effective and joint ranks of ΔW(p), principal angles, responses over p.
 
-The update at an operating point is ``ΔW(p) = W'(p) - W``, ``W'(p)`` the merged kernel (:func:`rssbl_jax.merge`).
-RSSBilinearLoRA's ``s A diag(g(p)) B`` keeps its column and row spaces for every ``p``, so stacked over any set of
-conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork can move its subspaces with ``p``. These
-functions measure that on a grid of conditions, for any model:
+RSSBilinearLoRA's update ``ΔW(p) = s A diag(g(p)) B`` (:func:`delta_weights`) keeps its column and row spaces for
+every ``p``, so stacked over any set of conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork
+can move its subspaces with ``p``. These functions measure that on a grid of conditions, for any model:
 
->>> import jax, jax.numpy as jnp
->>> from rssbl_jax import RSSBilinearLoRADense, analysis
->>> layer = RSSBilinearLoRADense(6, rank=2, lora_alpha=2.0)
+>>> import rssbl_jax
+>>> layer = rssbl_jax.RSSBilinearLoRADense(6, rank=2, lora_alpha=2.0)
 >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))["params"]
 >>> params |= {k: jax.random.normal(jax.random.key(i), params[k].shape) for i, k in ((1, "lora_b"), (2, "lora_c"))}
->>> deltas = analysis.delta_weights(params, layer.adapter_config, "", analysis.condition_grid(-1.0, 1.0, 5, 2))
->>> deltas.shape, int(analysis.joint_rank(deltas, 0.999).maximum)
+>>> deltas = delta_weights(params, layer.adapter_config, "", condition_grid(-1.0, 1.0, 5, 2))
+>>> deltas.shape, int(joint_rank(deltas, 0.999).maximum)
 ((25, 5, 6), 2)
 """
 

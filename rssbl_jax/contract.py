@@ -46,9 +46,8 @@ def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
 def normalize_operating_params(p: jax.Array, layer: Any) -> jax.Array:
     """``(p - p_mean) / p_std`` over the last axis when ``layer`` has a normalisation, else ``p``.
 
-    The one place ``p`` is standardised: the gates (:func:`rssbl_jax.gates.gate_and_shift`, so
-    :func:`rssbl_jax.core.fold` folds it in), the sweep basis and injection before any other
-    :class:`~rssbl_jax.methods.AdapterMethod`'s ``update``, so every method sees the same ``p̂``.
+    The one place ``p`` is standardised (:func:`rssbl_jax.gates.gate_and_shift`, so :func:`rssbl_jax.core.fold` too;
+    the sweep basis; injection, before any other method's ``update``), so every method sees the same ``p̂``.
 
     >>> from rssbl_jax.config import LayerConfig
     >>> normalize_operating_params(jnp.array([[14.0]]), LayerConfig(1, 1.0, 1.0, p_mean=(10.0,), p_std=(2.0,))).tolist()

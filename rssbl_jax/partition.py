@@ -16,9 +16,7 @@ import optax
 
 from rssbl_jax import patterns
 from rssbl_jax.config import AdapterConfig, as_config
-from rssbl_jax.tree import adapter_layers, adapter_leaf_paths, leaves
-
-PyTree = Any
+from rssbl_jax.tree import PyTree, adapter_layers, adapter_leaf_paths, leaves
 
 
 def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
@@ -123,11 +121,9 @@ def freeze_base(
 class ParameterCount(NamedTuple):
     """Base (frozen) and trainable parameter counts, per layer (``{path: (base, trainable)}``) and in total.
 
-    >>> print(ParameterCount(per_layer={"dense": (15, 18)}, base=15, trainable=18))
-    layer          base     trainable
-    dense            15            18
-    total            15            18
-    trainable fraction: 54.5455% of 33
+    >>> count = ParameterCount(per_layer={"dense": (15, 18)}, base=15, trainable=18)
+    >>> count.total, round(count.trainable_fraction, 3), str(count).splitlines()[-1]
+    (33, 0.545, 'trainable fraction: 54.5455% of 33')
     """
 
     per_layer: dict[str, tuple[int, int]]

@@ -4,18 +4,17 @@ r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters
 
     y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-``Q(W)`` is the base kernel stored quantised (any ``qtype`` qwix knows: int8, int4, nf4, fp8, ...) and computed by
+``Q(W)``, the base kernel, is stored quantised (int8, int4, nf4, fp8 or any ``qtype`` qwix knows) and computed by
 qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. :func:`quantize_base` is
 ``qwix.quantize_model`` with a weight-only ``PtqProvider``; :func:`rssbl_jax.inject` / :func:`rssbl_jax.nnx.inject`
-compose with it because the adapter's update runs with qwix's interception off
-(:func:`rssbl_jax.inject.outside_quantizer`), so only the base layer's own products see the quantised kernel.
-``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as below), not a bare root layer.
+compose with it because the update runs with qwix's interception off (:func:`rssbl_jax.inject.outside_quantizer`), so
+only the base layer's own products see the quantised kernel. ``qwix.quantize_model`` subclasses the model it is
+given, so adapt layers inside it (as below), not a bare root layer. A quantised kernel is a ``WithAux`` leaf (qwix's
+``QArray`` of ``qvalue`` and per-channel ``scale``, plus its recipe), frozen by :func:`rssbl_jax.partition` and
+:func:`rssbl_jax.freeze_base`, so no integer leaf is differentiated; :func:`merge` folds adapters into it (errors
+measured in BENCHMARKS.md, "Quantised base").
 
-A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
-recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
-differentiated; :func:`merge` folds adapters into it (errors measured in BENCHMARKS.md, "Quantised base").
-
->>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+>>> import flax.linen as nn, rssbl_jax
 >>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
 >>> adapted = rssbl_jax.inject(model, r"layers_\d", rank=2, lora_alpha=4.0)
 >>> variables = adapted.init(jax.random.key(0), x := jnp.ones((3, 16)), p=(p := jnp.ones((3, 2))))
@@ -59,20 +58,16 @@ def quantize_base(
 ) -> Any:
     r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
 
-    Linen: ``model.init`` (or ``inject(...).init``) creates the quantised kernels; qwix refuses float kernels given
-    to ``apply`` (quantise a pretrained tree with :func:`quantize_params`). NNX: pass the model's inputs as for
-    ``qwix.quantize_model`` (an adapted NNX model may be quantised; its inputs then include ``p=...``).
+    ``qtype`` is ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes; ``module_path`` a
+    regex (fullmatch) over the layer paths whose kernels are quantised (adapters never are); ``tile_size`` qwix's
+    sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel). A linen ``model``'s
+    ``init`` (or ``inject(...).init``) creates the quantised kernels; qwix refuses float kernels given to ``apply``
+    (quantise a pretrained tree with :func:`quantize_params`). An NNX ``model``, adapted or not, takes its inputs as
+    ``qwix.quantize_model`` does (with ``p=...`` once adapted).
 
-    Args:
-      model: a linen or NNX model (unadapted, or NNX already adapted).
-      qtype: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes.
-      module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
-      tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "nf4")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> str(quantize.quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)   # nf4 codes in 4 bits
+    >>> import flax.linen as nn
+    >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "nf4").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> str(quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)  # nf4 codes in 4 bits
     'uint4'
     """
     qwix, _ = _qwix()
@@ -88,11 +83,11 @@ def _is_quantized(x: Any) -> bool:
 def quantized_kernels(params: PyTree) -> dict[str, Any]:
     """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
-    {'layers_0/kernel': (8, 4)}"""
+    >>> import flax.linen as nn
+    >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "int8").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> {path: q.qvalue.shape for path, q in quantized_kernels(params).items()}
+    {'layers_0/kernel': (8, 4)}
+    """
     return {path: leaf.array for path, leaf in _quantized_leaves(params).items()}
 
 

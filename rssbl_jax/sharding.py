@@ -18,11 +18,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rssbl_jax import patterns
-from rssbl_jax.tree import BASE_WEIGHT_NAMES, adapter_leaf_paths, axes_from_kernel, is_adapter_leaf_name
+from rssbl_jax.tree import BASE_WEIGHT_NAMES, PyTree, adapter_leaf_paths, axes_from_kernel, is_adapter_leaf_name
 
 _path_str = patterns.path_str
-
-PyTree = Any
 SpecRules = Sequence[tuple[str, PartitionSpec]]
 
 
@@ -54,13 +52,12 @@ def _base_lookup(base_specs: PyTree | SpecRules):
 def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, mesh: Mesh | None = None) -> PyTree:
     """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
 
-    ``params`` holds arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``). ``base_specs`` is a
+    ``params`` holds arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``); ``base_specs`` is a
     ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored) or ``(regex,
-    PartitionSpec)`` rules, the first ``re.fullmatch`` of the ``/``-joined path winning (``".*/mlp/kernel"``); a
-    ``bias`` without a spec follows its kernel's output axes, any other base leaf without one is an error. With
-    ``mesh``, every spec is checked by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf without
-    a spec, a spec with more entries than its leaf has axes, an adapter with no ``kernel`` beside it, or a spec that
-    does not fit ``mesh``.
+    PartitionSpec)`` rules, the first ``re.fullmatch`` of the ``/``-joined path winning (``".*/mlp/kernel"``). With
+    ``mesh``, every spec is checked by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf other
+    than a ``bias`` without a spec, a spec with more entries than its leaf has axes, an adapter with no ``kernel``
+    beside it, or a spec that does not fit ``mesh``.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
@@ -71,8 +68,6 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     """
     lookup = _base_lookup(base_specs)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    shapes = {_path_str(path): tuple(leaf.shape) for path, leaf in flat}
-    base: dict[str, tuple[Any, ...]] = {}
     given: dict[str, tuple[Any, Any, PartitionSpec]] = {}
     adapter_paths = adapter_leaf_paths(params)
     for path, leaf in flat:
@@ -84,15 +79,15 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
             continue  # derived from the kernel below
         if spec is None:
             raise ValueError(f"no partition spec for base parameter '{name}' of shape {tuple(leaf.shape)}.")
-        base[name] = _padded(spec, len(leaf.shape), name)
+        _padded(spec, len(leaf.shape), name)  # raises for a spec with more entries than the leaf has axes
         given[name] = (path, leaf, spec)
 
     def kernel_of(path: Sequence[Any], what: str) -> tuple[tuple[Any, ...], tuple[int, ...]]:
         candidates = (_path_str((*path[:-1], jax.tree_util.DictKey(weight))) for weight in BASE_WEIGHT_NAMES)
-        kernel = next((candidate for candidate in candidates if candidate in base), None)
+        kernel = next((candidate for candidate in candidates if candidate in given), None)
         if kernel is None:
             raise ValueError(f"'{_path_str(path)}' ({what}) has no 'kernel' beside it to take its partition spec from.")
-        return base[kernel], shapes[kernel]
+        return tuple(given[kernel][2]), tuple(given[kernel][1].shape)  # axes_from_kernel pads the spec to the kernel
 
     def spec_for(path: Sequence[Any], leaf: Any) -> PartitionSpec:
         name, key = _path_str(path), getattr(path[-1], "key", None)
