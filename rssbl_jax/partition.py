@@ -103,9 +103,8 @@ def freeze_base(
     transforms**: ``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))`` would count the frozen base's
     usually far larger gradients and shrink every adapter step by that factor (300× in the case that found it).
 
-    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(2), "lora_b": jnp.ones(2), "lora_c": jnp.ones(2)}
-    >>> grads = {"kernel": jnp.full(2, 300.0), "lora_a": jnp.zeros(2), "lora_b": jnp.array([3.0, 4.0]),
-    ...          "lora_c": jnp.zeros(2)}                                          # |g_A| = 5
+    >>> params = {k: jnp.ones(2) for k in ("kernel", "lora_a", "lora_b", "lora_c")}  # trainable gradient norm 5:
+    >>> grads = {k: jnp.zeros(2) for k in params} | {"kernel": jnp.full(2, 300.0), "lora_b": jnp.array([3.0, 4.0])}
     >>> tx = freeze_base(optax.sgd(1.0), clip_global_norm=1.0)
     >>> new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
     >>> new["kernel"].tolist(), [round(v, 4) for v in new["lora_b"].tolist()]   # base kept; adapter step of norm 1
@@ -140,11 +139,9 @@ class ParameterCount(NamedTuple):
 
     def __str__(self) -> str:
         width = max([len("layer"), *(len(k) for k in self.per_layer)])
+        rows = [*self.per_layer.items(), ("total", (self.base, self.trainable))]
         lines = [f"{'layer':<{width}}  {'base':>12}  {'trainable':>12}"]
-        lines += [
-            f"{name:<{width}}  {base:>12,}  {trainable:>12,}" for name, (base, trainable) in self.per_layer.items()
-        ]
-        lines.append(f"{'total':<{width}}  {self.base:>12,}  {self.trainable:>12,}")
+        lines += [f"{name:<{width}}  {base:>12,}  {trainable:>12,}" for name, (base, trainable) in rows]
         lines.append(f"trainable fraction: {self.trainable_fraction:.4%} of {self.total:,}")
         return "\n".join(lines)
 
@@ -162,7 +159,6 @@ def count_parameters(params: PyTree, config: Any = None) -> ParameterCount:
     mask = jax.tree_util.tree_leaves(trainable_mask(params, config))
     per_layer: dict[str, list[int]] = {}
     for (layer, _, leaf), trains in zip(leaves(params), mask, strict=True):
-        counts = per_layer.setdefault(layer or "(root)", [0, 0])
-        counts[1 if trains else 0] += int(math.prod(jnp.shape(leaf)))
+        per_layer.setdefault(layer or "(root)", [0, 0])[1 if trains else 0] += int(math.prod(jnp.shape(leaf)))
     table = {k: (v[0], v[1]) for k, v in per_layer.items()}
     return ParameterCount(table, sum(v[0] for v in table.values()), sum(v[1] for v in table.values()))

@@ -101,10 +101,10 @@ def dequantize(params: PyTree) -> PyTree:
 
     The unquantised model computes with the result what the quantised one does, up to float round-off.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> import flax.linen as nn
+    >>> model = quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> params = model.init(jax.random.key(0), x := jnp.ones((2, 8)))["params"]
-    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": quantize.dequantize(params)}, x),
+    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": dequantize(params)}, x),
     ...                   model.apply({"params": params}, x), atol=1e-6))
     True
     """
@@ -142,12 +142,12 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
     unquantised model and match the adapted one to float round-off, at float memory. ``params``, ``operating_params``
     (``p0 [d_p]``), ``config`` and ``merge_kwargs`` (``add_bias``, ``precision``) are as for :func:`rssbl_jax.merge`.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
-    >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
+    >>> import flax.linen as nn, rssbl_jax
+    >>> model = quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> adapted = rssbl_jax.inject(model, "layers_0", rank=2, lora_alpha=4.0)
     >>> params = adapted.init(jax.random.key(0), jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
-    >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
-    >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
+    >>> merged = rssbl_jax.quantize.merge(params, p0, adapted.config, requantize=True)
+    >>> sorted(merged["layers_0"]), str(quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
     (['bias', 'kernel'], 'int8')
     """
     _qwix()

@@ -161,8 +161,7 @@ def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...
 
     ``operating_params`` is ``p`` (anything with ``.shape``), ``[d_p]`` or ``[batch, ..., d_p]``.
 
-    >>> import numpy as np
-    >>> operating_params_spec(np.ones((32, 3))), operating_params_spec(np.ones(3))
+    >>> operating_params_spec(jax.numpy.ones((32, 3))), operating_params_spec(jax.numpy.ones(3))
     (P('data',), P())
     """
     return PartitionSpec() if len(operating_params.shape) <= 1 else PartitionSpec(data_axis)

@@ -127,10 +127,7 @@ def axes_from_kernel(
     shape, kernel_shape = tuple(shape), tuple(kernel_shape)
     kernel_axes = (*kernel_axes, *(None,) * (len(kernel_shape) - len(kernel_axes)))
     if name == "lora_a":  # (*in, r): leading axes follow the kernel's leading axes
-        lead = [
-            axis if i < len(kernel_shape) and kernel_shape[i] == size else None
-            for i, (size, axis) in enumerate(zip(shape[:-1], kernel_axes, strict=False))
-        ]
+        lead = [axis if n == k else None for n, axis, k in zip(shape[:-1], kernel_axes, kernel_shape, strict=False)]
         return (*lead, *(None,) * (len(shape) - len(lead)))
     if name in ("lora_b", "bias"):  # (r, *out) / (*out): trailing axes follow the kernel's trailing axes
         n_out = len(shape) - 1 if name == "lora_b" else len(shape)
