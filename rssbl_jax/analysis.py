@@ -66,14 +66,10 @@ class JointRank(NamedTuple):
 def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *, atol: float = 0.0) -> JointRank:
     r"""Effective ranks of the updates ``ΔW(p_k)`` (kernel convention ``[d_in, d_out]``) over ``K`` conditions.
 
-    .. math::
-
-        r_\text{in} = \operatorname{rank}_e\big[\Delta W(p_1)\,\cdots\,\Delta W(p_K)\big], \qquad
-        r_\text{out} = \operatorname{rank}_e\big[\Delta W(p_1); \cdots; \Delta W(p_K)\big]
-
-    RSSBilinearLoRA has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has
-    ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``. ``energy`` and ``atol`` are as in :func:`effective_rank`
-    (``atol`` applies to the stacked matrix).
+    :math:`r_\text{in} = \operatorname{rank}_e[\Delta W(p_1) \cdots \Delta W(p_K)]` (side by side) and
+    :math:`r_\text{out} = \operatorname{rank}_e[\Delta W(p_1); \cdots; \Delta W(p_K)]` (stacked). RSSBilinearLoRA
+    has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has ``r_in ≤ r`` but ``r_out``
+    up to ``min(d_out, r K)``. ``energy`` and ``atol`` (applied to each joined matrix) are as in :func:`effective_rank`.
 
     >>> joint = joint_rank(jnp.stack([jnp.ones((4, 3)), 2 * jnp.ones((4, 3))]))
     >>> int(joint.inputs), int(joint.outputs)
@@ -92,8 +88,7 @@ def principal_angles(a: Float[ArrayLike, "n k1"], b: Float[ArrayLike, "n k2"]) -
     r"""Principal angles (radians, ascending) between the column spaces of ``a`` and ``b``, ``k = min(k1, k2)``.
 
     :math:`\cos\theta_i = \sigma_i(Q_a^\top Q_b)` with :math:`a = Q_a R_a,\ b = Q_b R_b`: 0 is a shared direction,
-    π/2 an orthogonal one. Columns must be linearly independent (pass an update's top singular vectors, not the
-    update).
+    π/2 an orthogonal one. Columns must be linearly independent (an update's top singular vectors, not the update).
 
     >>> [round(float(t), 4) for t in principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])]
     [0.0, 1.5708]
@@ -119,8 +114,7 @@ def delta_weights(
 
     That is :math:`s\, A\,\mathrm{diag}(g(\hat p))\,B`, computed with ``jax.vmap`` over :func:`rssbl_jax.merge`, so
     gate and ``p`` normalisation come from ``config`` (an :class:`~rssbl_jax.AdapterConfig`, or an adapted model or
-    layer carrying one) as in training. ``layer_path`` is the layer's keys joined by ``/``
-    (``"block_0/attention/query"``; ``""`` when ``params`` is one layer's).
+    layer carrying one) as in training. ``layer_path`` is as :mod:`rssbl_jax.patterns` writes paths (``""``: one layer).
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)

@@ -6,8 +6,7 @@ r"""The operating-parameter contract: which shapes of ``p`` a layer accepts, and
     (\ell_1, \dots, \ell_k)\ \text{a prefix of}\ x\text{'s leading axes}, \qquad \hat p = (p - \mu) / \sigma
 
 Every front-end and every :class:`~rssbl_jax.methods.AdapterMethod` relies on these two rules, so they sit in a
-module that imports nothing else of the library: ``p`` can be checked and standardised without importing the
-update, the gates or the fast paths.
+module importing nothing else of the library, neither the update nor the gates nor the fast paths.
 """
 
 from __future__ import annotations

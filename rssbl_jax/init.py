@@ -24,18 +24,16 @@ import numpy as np
 
 from rssbl_jax import gates, tree
 from rssbl_jax.config import as_config
-
-PyTree = Any
+from rssbl_jax.tree import PyTree
 
 
 def init_principal(params: PyTree, config: Any) -> PyTree:
     """Set every adapted layer's ``A``, ``B`` to its kernel's top singular directions and its gate and shift to 0.
 
-    For nested mappings (linen params, an NNX pure state dict) whose factors use the compact layout (Dense,
-    DenseGeneral, Conv, Embed, Einsum with input axes first); the kernel is read as a ``(prod(in), prod(out))``
-    matrix. The gate is zeroed through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`).
-    ``ValueError`` for a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero) or
-    a layer whose factors do not use the compact layout.
+    For nested mappings (linen params, an NNX pure state dict) in the compact layout (Dense, DenseGeneral, Conv,
+    Embed, Einsum with input axes first), the kernel read as a ``(prod(in), prod(out))`` matrix; the gate is zeroed
+    through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`). ``ValueError`` for another
+    layout or a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero).
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)

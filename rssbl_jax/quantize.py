@@ -32,8 +32,7 @@ import jax.numpy as jnp
 
 from rssbl_jax import patterns, tree
 from rssbl_jax.merge import merge as merge_params
-
-PyTree = Any
+from rssbl_jax.tree import PyTree
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4", "fp8": jnp.float8_e4m3fn}
 """Short names of common weight formats; any other ``qtype`` qwix accepts can be passed as is."""
