@@ -162,8 +162,6 @@ def plot_response(
     One line per output channel (trailing axes of ``values``, flattened); ``train_range`` shades the training range
     so extrapolation is visible. Needs matplotlib (``pip install 'rssbl_jax[plot]'``). Returns the axes.
 
-    >>> import jax.numpy as jnp, matplotlib
-    >>> matplotlib.use("Agg")
     >>> grid = condition_grid(-2.0, 2.0, 5, 1)
     >>> ax = plot_response(grid, response_curve(lambda p: jnp.stack([p[0], p[0] ** 2]), grid), train_range=(-1, 1))
     >>> len(ax.lines)

@@ -35,10 +35,9 @@ def init_principal(params: PyTree, config: Any) -> PyTree:
     through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`). ``ValueError`` for another
     layout or a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero).
 
-    >>> import jax, jax.numpy as jnp, rssbl_jax
+    >>> import jax, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
-    >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))
-    >>> params = init_principal(layer.init(jax.random.key(0), x, p)["params"], layer.adapter_config)
+    >>> params = init_principal(layer.init(jax.random.key(0), jnp.ones(5), jnp.ones(2))["params"], layer.adapter_config)
     >>> bool(jnp.abs(params["lora_b"]).max() > 0), float(jnp.abs(params["lora_c"]).max())
     (True, 0.0)
     """

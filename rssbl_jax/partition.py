@@ -26,8 +26,7 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
     :class:`~rssbl_jax.AdapterConfig` (or a model carrying one): ``ValueError`` for an adapter layer it does not adapt
     or a ``modules_to_save`` matching no leaf.
 
-    >>> tree = {"dense": {"kernel": 0.0, "lora_a": 0.0, "lora_b": 0.0, "lora_c": 0.0}, "mine": {"lora_a": 0.0}}
-    >>> trainable_mask(tree)
+    >>> trainable_mask({"dense": {"kernel": 0.0, "lora_a": 0.0, "lora_b": 0.0, "lora_c": 0.0}, "mine": {"lora_a": 0.0}})
     {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True, 'lora_c': True}, 'mine': {'lora_a': False}}
     """
     cfg: AdapterConfig | None = None if config is None else as_config(config, "trainable_mask")
@@ -75,8 +74,7 @@ def combine(*trees: PyTree) -> PyTree:
     """Inverse of :func:`partition`: at each leaf take the first tree's value that is not ``None``.
 
     >>> import numpy as np
-    >>> trainable, frozen = {"kernel": None, "lora_a": np.ones(1)}, {"kernel": np.zeros(1), "lora_a": None}
-    >>> combine(trainable, frozen)
+    >>> combine({"kernel": None, "lora_a": np.ones(1)}, {"kernel": np.zeros(1), "lora_a": None})
     {'kernel': array([0.]), 'lora_a': array([1.])}
     """
     if not trees:

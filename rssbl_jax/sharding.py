@@ -114,8 +114,7 @@ def validate_specs(tree: PyTree, specs: PyTree, mesh: Mesh) -> None:
     ``tree`` holds arrays or ``jax.ShapeDtypeStruct``; ``specs`` has its structure (or a prefix of it). Raises
     ``ValueError`` for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
 
-    >>> import numpy as np, jax
-    >>> validate_specs({"kernel": np.ones((4, 6))}, {"kernel": jax.P(None, "model")}, jax.make_mesh((1,), ("model",)))
+    >>> validate_specs({"x": jax.numpy.ones((4, 6))}, {"x": jax.P(None, "model")}, jax.make_mesh((1,), ("model",)))
     """
     flat_specs, spec_tree = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)
     subtrees = jax.tree.structure(specs, is_leaf=_is_spec).flatten_up_to(tree)
@@ -183,9 +182,8 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     ``specs`` has ``params``' structure (e.g. from :func:`adapter_partition_specs`). Every process must pass the same
     values (as with parameters from one random key or one checkpoint).
 
-    >>> import numpy as np, jax
     >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> shard_params({"kernel": np.ones((4, 6))}, mesh, {"kernel": jax.P(None, "model")})["kernel"].sharding.spec
+    >>> shard_params({"x": jax.numpy.ones((4, 6))}, mesh, {"x": jax.P(None, "model")})["x"].sharding.spec
     P(None, 'model')
     """
     validate_specs(params, specs, mesh)
