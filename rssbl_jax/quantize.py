@@ -5,14 +5,13 @@ r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters
     y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
 ``Q(W)``, the base kernel, is stored quantised (int8, int4, nf4, fp8 or any ``qtype`` qwix knows) and computed by
-qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. :func:`quantize_base` is
+qwix's ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. :func:`quantize_base` is
 ``qwix.quantize_model`` with a weight-only ``PtqProvider``; :func:`rssbl_jax.inject` / :func:`rssbl_jax.nnx.inject`
-compose with it because the update runs with qwix's interception off (:func:`rssbl_jax.inject.outside_quantizer`), so
-only the base layer's own products see the quantised kernel. ``qwix.quantize_model`` subclasses the model it is
-given, so adapt layers inside it (as below), not a bare root layer. A quantised kernel is a ``WithAux`` leaf (qwix's
-``QArray`` of ``qvalue`` and per-channel ``scale``, plus its recipe), frozen by :func:`rssbl_jax.partition` and
-:func:`rssbl_jax.freeze_base`, so no integer leaf is differentiated; :func:`merge` folds adapters into it (errors
-measured in BENCHMARKS.md, "Quantised base").
+compose with it as the update runs with qwix's interception off (:func:`rssbl_jax.inject.outside_quantizer`): only
+the base layer's products see ``Q(W)``. ``qwix.quantize_model`` subclasses the model it is given, so adapt layers
+inside it (as below), not a bare root layer. A quantised kernel is a ``WithAux`` leaf (a ``QArray`` of ``qvalue``
+and per-channel ``scale``, plus its recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`
+so no integer leaf is differentiated; :func:`merge` folds adapters into it (errors: BENCHMARKS.md, "Quantised base").
 
 >>> import flax.linen as nn, rssbl_jax
 >>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
@@ -58,11 +57,10 @@ def quantize_base(
     r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
 
     ``qtype`` is ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes; ``module_path`` a
-    regex (fullmatch) over the layer paths whose kernels are quantised (adapters never are); ``tile_size`` qwix's
-    sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel). A linen ``model``'s
-    ``init`` (or ``inject(...).init``) creates the quantised kernels; qwix refuses float kernels given to ``apply``
-    (quantise a pretrained tree with :func:`quantize_params`). An NNX ``model``, adapted or not, takes its inputs as
-    ``qwix.quantize_model`` does (with ``p=...`` once adapted).
+    regex (fullmatch) over layer paths whose kernels are quantised (adapters never are); ``tile_size`` qwix's
+    sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel). Linen: ``init``
+    (or ``inject(...).init``) creates the quantised kernels, ``apply`` refuses float ones (quantise a pretrained tree
+    with :func:`quantize_params`). NNX: pass the model's inputs (with ``p=...`` once adapted) as to ``quantize_model``.
 
     >>> import flax.linen as nn
     >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "nf4").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
@@ -134,12 +132,11 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
 def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: bool, **merge_kwargs: Any) -> PyTree:
     r"""Merge every adapted layer at ``p0`` onto a quantised base: re-quantised, or dequantised, as asked.
 
-    :math:`W' = D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B`, with ``D`` qwix's dequantisation; ``requantize=True``
-    quantises it again with ``Q``, the kernel's own recipe (``qtype``, channel axes, tiles, calibration). The fold is
-    exact; re-quantising recomputes the scales, so the whole merged kernel is rounded again (up to half a
-    quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load into the
-    unquantised model and match the adapted one to float round-off, at float memory. ``params``, ``operating_params``
-    (``p0 [d_p]``), ``config`` and ``merge_kwargs`` (``add_bias``, ``precision``) are as for :func:`rssbl_jax.merge`.
+    :math:`W' = D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B` exactly, ``D`` being qwix's dequantisation.
+    ``requantize=True`` quantises it again with ``Q``, the kernel's own recipe (``qtype``, channel axes, tiles,
+    calibration), recomputing the scales: the whole kernel is rounded again (up to half a step per weight) at the
+    quantised model's memory. Dequantised kernels load into the unquantised model, matching the adapted one to float
+    round-off at float memory. Arguments as for :func:`rssbl_jax.merge` (``merge_kwargs``: ``add_bias``, ``precision``).
 
     >>> import flax.linen as nn, rssbl_jax
     >>> model = quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
