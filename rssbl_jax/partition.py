@@ -93,8 +93,7 @@ def freeze_base(
     r"""Wrap ``tx`` so it updates only the trainable leaves (:func:`trainable_mask`) and leaves every other unchanged.
 
     Built on ``optax.partition``: trainable leaves go through ``tx``, the others through the stateless
-    ``optax.set_to_zero()`` (no optimizer state for the base), so ``optax.apply_updates`` adds exact zeros and
-    frozen leaves stay bit-identical (IEEE's one exception: ``-0.0 + 0.0 = +0.0``).
+    ``optax.set_to_zero()``, so frozen leaves stay bit-identical (exact zero updates; ``-0.0`` becomes ``+0.0``).
 
     ``config`` is as for :func:`trainable_mask`. ``clip_global_norm=c`` clips the trainable gradients by their global
     norm alone before ``tx``, :math:`g_A \leftarrow g_A \min(1, c / \lVert g_A \rVert)`. **Order matters for whole-tree

@@ -2,10 +2,10 @@
 
 Each adapter's factors follow the base kernel's spec, so no factor is gathered more than the kernel itself: for a
 Dense ``kernel (d_in, d_out)`` with ``P(i, o)``, ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)``
-``P(None, o)``, ``bias`` ``P(o)`` unless given, ``lora_c``, ``lora_s (d_p, r)`` ``P()``; kernels with more axes
-(``DenseGeneral``, ``Conv``) as :func:`rssbl_jax.tree.axes_from_kernel` says. Per-example inputs, targets and
-``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated. The results are
-ordinary ``PartitionSpec`` trees for ``jax.jit``'s shardings or ``jax.device_put``; JAX's partitioner does the rest.
+``P(None, o)``, ``bias`` ``P(o)`` unless given, ``lora_c``, ``lora_s (d_p, r)`` ``P()``; more axes (``DenseGeneral``,
+``Conv``): :func:`rssbl_jax.tree.axes_from_kernel`. Per-example inputs, targets and ``p [batch, d_p]`` are sharded
+along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated. The results are plain ``PartitionSpec`` trees
+for ``jax.jit`` or ``jax.device_put``.
 """
 
 from __future__ import annotations

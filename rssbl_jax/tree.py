@@ -3,8 +3,7 @@
 An *adapter layer* is a mapping in a params tree holding both ``lora_a`` and ``lora_b`` (every LoRA-family adapter
 does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add its own leaves);
 its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base; a leaf merely
-*named* ``lora_a`` elsewhere stays a base leaf. Partitioning, merging, initialisation, checkpoints, sharding and
-quantisation all ask this one module, which imports neither linen nor the update (so as not to pull in the method).
+*named* ``lora_a`` elsewhere stays a base leaf. Tree utilities ask this module, free of linen and the update.
 """
 
 from __future__ import annotations
