@@ -8,9 +8,8 @@ gate starts at zero (kernel convention, ``W (d_in, d_out)``):
 
     W = U \Sigma V^\top, \quad A = U_r \Sigma_r^{1/2}, \quad B = \Sigma_r^{1/2} V_r^\top, \quad C = 0,\ c_0 = 0,\ S = 0
 
-Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, the kernel is untouched (merging stays exact),
-training starts since ``∂L/∂C ≠ 0`` (``A`` and ``B`` are non-zero), and the rank-space directions are the kernel's
-principal ones from the first step.
+Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, its kernel untouched (merging stays exact), yet
+training starts (``∂L/∂C ≠ 0`` as ``A``, ``B`` are non-zero) in the kernel's principal directions.
 """
 
 from __future__ import annotations

@@ -31,11 +31,10 @@ def merge(
     silently differ. Every adapter layer (:func:`rssbl_jax.tree.is_adapter_layer`) of ``params`` (one layer's or a
     whole tree: linen params, an NNX pure state dict) becomes its base leaves, the update folded into ``kernel`` (or
     ``embedding``) by :func:`rssbl_jax.core.fold`, per slice for ``nn.scan``-stacked adapters; the rest is unchanged,
-    so the result loads into the unmodified architecture. A pure function of arrays:
-    ``jax.vmap(lambda q: merge(params, q, config))(ps)`` merges a batch of points. ``precision`` is the fold's;
-    ``HIGHEST`` (run once) matches the adapted model to float32 round-off on GPU and TPU. ``add_bias=True`` gives a
-    bias-free layer with a shift a ``bias`` for ``s (S p̂0) B`` (without it this raises: Flax silently ignores a
-    ``bias`` leaf in a ``use_bias=False`` layer).
+    so the result loads into the unmodified architecture. ``precision`` is the fold's; ``HIGHEST`` (run once) matches
+    the adapted model to float32 round-off on GPU and TPU. ``add_bias=True`` gives a bias-free layer with a shift a
+    ``bias`` for ``s (S p̂0) B`` (without it this raises: Flax silently ignores a ``bias`` leaf in a ``use_bias=False``
+    layer). Pure in arrays: ``jax.vmap(lambda q: merge(params, q, config))(ps)`` merges a batch of points.
 
     ``TypeError`` if ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha``, the pre-0.2 API). ``ValueError``
     for no adapted layer; an adapter layer without a kernel or its gate's leaves (another method's, which has no

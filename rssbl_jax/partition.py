@@ -56,9 +56,8 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
 def partition(params: PyTree, config: Any = None, *, mask: PyTree | None = None) -> tuple[PyTree, PyTree]:
     """Split any params tree into ``(trainable, frozen)`` by :func:`trainable_mask` or by ``mask``.
 
-    Both keep the full structure with ``None`` where the other holds the leaf, so ``jax.grad`` can differentiate
-    w.r.t. ``trainable`` alone and :func:`combine` restores the tree. ``mask`` is a tree of bools with ``params``'
-    structure (e.g. an ablation that freezes some adapter factors).
+    Both keep the full structure (``None`` where the other holds the leaf): ``jax.grad`` can take ``trainable`` alone,
+    :func:`combine` restores the tree. ``mask``: bools in ``params``' structure (e.g. to freeze some adapter factors).
 
     >>> trainable, frozen = partition({"dense": {k: jnp.ones(1) for k in ("kernel", "lora_a", "lora_b", "lora_c")}})
     >>> trainable["dense"]["kernel"] is None, frozen["dense"]["lora_a"] is None
