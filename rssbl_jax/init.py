@@ -23,10 +23,9 @@ import numpy as np
 
 from rssbl_jax import gates, tree
 from rssbl_jax.config import as_config
-from rssbl_jax.tree import PyTree
 
 
-def init_principal(params: PyTree, config: Any) -> PyTree:
+def init_principal(params: tree.PyTree, config: Any) -> tree.PyTree:
     """Set every adapted layer's ``A``, ``B`` to its kernel's top singular directions and its gate and shift to 0.
 
     For nested mappings (linen params, an NNX pure state dict) in the compact layout (Dense, DenseGeneral, Conv,

@@ -4,10 +4,9 @@ A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"`
 every pattern must match the *whole* path: ``"query"`` matches a root-level ``query`` only, ``".*/query"`` every
 ``query`` at any depth.
 
->>> matches([r".*/query", "head"], "block_0/attention/query"), matches([r"query"], "block_0/attention/query")
-(True, False)
->>> first_match(((r".*/value", 4), (r".*", 8)), "block_0/attention/value", default=16)
-4
+>>> path = "block_0/attention/query"
+>>> matches([r".*/query", "head"], path), matches([r"query"], path), first_match(((r".*/key", 4), (".*", 8)), path, 16)
+(True, False, 8)
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@ Each adapter's factors follow the base kernel's spec, so no factor is gathered m
 Dense ``kernel (d_in, d_out)`` with ``P(i, o)``, ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)``
 ``P(None, o)``, ``bias`` ``P(o)`` unless given, ``lora_c``, ``lora_s (d_p, r)`` ``P()``; more axes (``DenseGeneral``,
 ``Conv``): :func:`rssbl_jax.tree.axes_from_kernel`. Per-example inputs, targets and ``p [batch, d_p]`` are sharded
-along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated. The results are plain ``PartitionSpec`` trees
-for ``jax.jit`` or ``jax.device_put``.
+along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated; the results are plain ``PartitionSpec`` trees.
 """
 
 from __future__ import annotations
