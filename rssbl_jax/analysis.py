@@ -172,8 +172,7 @@ def plot_response(
     grid, values = np.asarray(grid), np.asarray(values)
     if grid.ndim != 2 or values.shape[0] != grid.shape[0]:
         raise ValueError(f"grid must be [K, d_p] and values [K, ...]; got grid {grid.shape}, values {values.shape}.")
-    if ax is None:
-        ax = plt.figure(figsize=(5, 3)).gca()
+    ax = plt.figure(figsize=(5, 3)).gca() if ax is None else ax
     lines = values.reshape(values.shape[0], -1)
     for i in range(lines.shape[1]):
         ax.plot(grid[:, axis], lines[:, i], label=None if labels is None else labels[i])

@@ -83,8 +83,7 @@ def quantized_kernels(params: PyTree) -> dict[str, Any]:
     >>> import flax.linen as nn
     >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "int8").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> {path: q.qvalue.shape for path, q in quantized_kernels(params).items()}
-    {'layers_0/kernel': (8, 4)}
-    """
+    {'layers_0/kernel': (8, 4)}"""
     return {path: leaf.array for path, leaf in _quantized_leaves(params).items()}
 
 

@@ -181,9 +181,8 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     ``specs`` has ``params``' structure (e.g. from :func:`adapter_partition_specs`). Every process must pass the same
     values (as with parameters from one random key or one checkpoint).
 
-    >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> shard_params({"x": jax.numpy.ones((4, 6))}, mesh, {"x": jax.P(None, "model")})["x"].sharding.spec
-    P(None, 'model')
+    >>> shard_params({"x": jax.numpy.ones(6)}, jax.make_mesh((1,), ("m",)), {"x": jax.P("m")})["x"].sharding.spec
+    P('m',)
     """
     validate_specs(params, specs, mesh)
     return jax.device_put(params, named_shardings(mesh, specs))
