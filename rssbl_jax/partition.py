@@ -1,8 +1,7 @@
 """Which leaves train: adapters known by identity, plus ``modules_to_save``; partition, combine, freeze, count.
 
-Adapter layers and leaves are those :mod:`rssbl_jax.tree` defines, so a user's own leaf merely named ``lora_a``
-stays frozen. With an :class:`~rssbl_jax.AdapterConfig`, every adapter layer must be one the config adapts (else an
-error names it), and base leaves whose path fully matches ``config.modules_to_save`` train too.
+Adapter layers and leaves are those :mod:`rssbl_jax.tree` defines (a user's leaf merely named ``lora_a`` stays frozen);
+with an :class:`~rssbl_jax.AdapterConfig`, base leaves fully matching ``config.modules_to_save`` train too.
 """
 
 from __future__ import annotations

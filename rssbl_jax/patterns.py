@@ -1,8 +1,7 @@
 """Path patterns: one matching rule (``re.fullmatch``) for injection, merge, sharding, checkpoints and partitioning.
 
-A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root layer is ``""``), and
-every pattern must match the *whole* path: ``"query"`` matches a root-level ``query`` only, ``".*/query"`` every
-``query`` at any depth.
+A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root is ``""``), and every
+pattern must match the *whole* path: ``"query"`` matches only a root-level ``query``, ``".*/query"`` any ``query``.
 
 >>> path = "block_0/attention/query"
 >>> matches([r".*/query", "head"], path), matches([r"query"], path), first_match(((r".*/key", 4), (".*", 8)), path, 16)

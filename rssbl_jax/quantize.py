@@ -165,8 +165,7 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
-    ``packed=True`` counts sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA stores them),
-    ``packed=False`` a byte each.
+    ``packed``: sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA stores them), else a byte each.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")

@@ -52,11 +52,10 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
     """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
 
     ``params`` holds arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``); ``base_specs`` is a
-    ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored) or ``(regex,
-    PartitionSpec)`` rules, the first ``re.fullmatch`` of the ``/``-joined path winning (``".*/mlp/kernel"``). With
-    ``mesh``, every spec is checked by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf other
-    than a ``bias`` without a spec, a spec with more entries than its leaf has axes, an adapter with no ``kernel``
-    beside it, or a spec that does not fit ``mesh``.
+    ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored) or ``(regex, spec)``
+    rules, the first ``re.fullmatch`` of the path winning (``".*/mlp/kernel"``). With ``mesh``, every spec is checked
+    by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf other than a ``bias`` without a spec, a
+    spec with more entries than its leaf has axes, or an adapter with no ``kernel`` beside it.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
