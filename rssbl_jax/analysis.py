@@ -1,17 +1,15 @@
 r"""What an adapter learned, as numbers: effective and joint ranks of ΔW(p), principal angles, responses over p.
 
-The update at an operating point is ``ΔW(p) = W'(p) - W``, ``W'(p)`` the merged kernel (:func:`rssbl_jax.merge`).
-RSSBilinearLoRA's ``s A diag(g(p)) B`` keeps its column and row spaces for every ``p``, so stacked over any set of
-conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork can move its subspaces with ``p``. These
-functions measure that on a grid of conditions, for any model:
+RSSBilinearLoRA's update ``ΔW(p) = s A diag(g(p)) B`` (:func:`delta_weights`) keeps its column and row spaces for
+every ``p``, so stacked over any set of conditions it still has rank ``≤ r``; output-space FiLM or a hypernetwork
+can move its subspaces with ``p``. These functions measure that on a grid of conditions, for any model:
 
->>> import jax, jax.numpy as jnp
->>> from rssbl_jax import RSSBilinearLoRADense, analysis
->>> layer = RSSBilinearLoRADense(6, rank=2, lora_alpha=2.0)
+>>> import rssbl_jax
+>>> layer = rssbl_jax.RSSBilinearLoRADense(6, rank=2, lora_alpha=2.0)
 >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5)), jnp.ones(2))["params"]
 >>> params |= {k: jax.random.normal(jax.random.key(i), params[k].shape) for i, k in ((1, "lora_b"), (2, "lora_c"))}
->>> deltas = analysis.delta_weights(params, layer.adapter_config, "", analysis.condition_grid(-1.0, 1.0, 5, 2))
->>> deltas.shape, int(analysis.joint_rank(deltas, 0.999).maximum)
+>>> deltas = delta_weights(params, layer.adapter_config, "", condition_grid(-1.0, 1.0, 5, 2))
+>>> deltas.shape, int(joint_rank(deltas, 0.999).maximum)
 ((25, 5, 6), 2)
 """
 
@@ -31,19 +29,10 @@ from rssbl_jax.merge import merge
 def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
     r"""The number of singular values (an int scalar in ``[0, min(m, n)]``) that hold ``energy`` of ``‖M‖²_F``.
 
-    Works under ``jit`` and ``vmap``.
+    :math:`\operatorname{rank}_e(M) = \min\{k : \sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}` with ``energy``
+    :math:`e \in (0, 1]`; a Frobenius norm up to ``atol`` gives rank 0 (to call float32 round-off zero, e.g.
+    ``1e-5 * ‖W‖`` for an update of a base kernel ``W``). Works under ``jit`` and ``vmap``.
 
-    .. math::
-
-        \operatorname{rank}_e(M) = \min\{k : \textstyle\sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}
-
-    Args:
-      matrix: ``[m, n]``.
-      energy: the fraction of ``‖M‖²_F`` to hold, in ``(0, 1]``.
-      atol: a Frobenius norm up to this gives rank 0 (to call float32 round-off zero, e.g. ``1e-5 * ‖W‖`` for an
-        update of a base kernel ``W``).
-
-    >>> import jax.numpy as jnp
     >>> int(effective_rank(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.8))
     1
     """
@@ -61,7 +50,6 @@ def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, ato
 class JointRank(NamedTuple):
     """Effective ranks of updates stacked over conditions: their common input span and output span.
 
-    >>> import jax.numpy as jnp
     >>> int(JointRank(jnp.array(2), jnp.array(3)).maximum)
     3
     """
@@ -78,21 +66,12 @@ class JointRank(NamedTuple):
 def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *, atol: float = 0.0) -> JointRank:
     r"""Effective ranks of the updates ``ΔW(p_k)`` (kernel convention ``[d_in, d_out]``) over ``K`` conditions.
 
-    .. math::
+    :math:`r_\text{in} = \operatorname{rank}_e[\Delta W(p_1) \cdots \Delta W(p_K)]` (side by side) and
+    :math:`r_\text{out} = \operatorname{rank}_e[\Delta W(p_1); \cdots; \Delta W(p_K)]` (stacked). RSSBilinearLoRA
+    has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has ``r_in ≤ r`` but ``r_out``
+    up to ``min(d_out, r K)``. ``energy`` and ``atol`` (applied to each joined matrix) are as in :func:`effective_rank`.
 
-        r_\text{in} = \operatorname{rank}_e\big[\Delta W(p_1)\,\cdots\,\Delta W(p_K)\big], \qquad
-        r_\text{out} = \operatorname{rank}_e\big[\Delta W(p_1); \cdots; \Delta W(p_K)\big]
-
-    RSSBilinearLoRA has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has
-    ``r_in ≤ r`` but ``r_out`` up to ``min(d_out, r K)``.
-
-    Args:
-      deltas: ``[K, d_in, d_out]``.
-      energy, atol: as in :func:`effective_rank` (``atol`` applies to the stacked matrix).
-
-    >>> import jax.numpy as jnp
-    >>> a, b = jnp.ones((4, 1)), jnp.ones((1, 3))
-    >>> joint = joint_rank(jnp.stack([a @ b, 2 * a @ b]))
+    >>> joint = joint_rank(jnp.stack([jnp.ones((4, 3)), 2 * jnp.ones((4, 3))]))
     >>> int(joint.inputs), int(joint.outputs)
     (1, 1)
     """
@@ -108,16 +87,10 @@ def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *
 def principal_angles(a: Float[ArrayLike, "n k1"], b: Float[ArrayLike, "n k2"]) -> Float[Array, " k"]:
     r"""Principal angles (radians, ascending) between the column spaces of ``a`` and ``b``, ``k = min(k1, k2)``.
 
-    .. math::
+    :math:`\cos\theta_i = \sigma_i(Q_a^\top Q_b)` with :math:`a = Q_a R_a,\ b = Q_b R_b`: 0 is a shared direction,
+    π/2 an orthogonal one. Columns must be linearly independent (an update's top singular vectors, not the update).
 
-        \cos\theta_i = \sigma_i(Q_a^\top Q_b), \qquad a = Q_a R_a,\ b = Q_b R_b
-
-    0 is a shared direction, π/2 an orthogonal one. Columns must be linearly independent (pass an update's top
-    singular vectors, not the update).
-
-    >>> import jax.numpy as jnp
-    >>> angles = principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])
-    >>> [round(float(t), 4) for t in angles]
+    >>> [round(float(t), 4) for t in principal_angles(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:])]
     [0.0, 1.5708]
     """
     qa, qb = (jnp.linalg.qr(jnp.asarray(m))[0] for m in (a, b))
@@ -139,22 +112,12 @@ def delta_weights(
 ) -> Float[Array, "K d_in d_out"]:
     r"""``ΔW(p_k) = W'(p_k) - W``, ``[K, *kernel.shape]``, of one adapted layer at ``K`` operating points.
 
-    .. math::
+    That is :math:`s\, A\,\mathrm{diag}(g(\hat p))\,B`, computed with ``jax.vmap`` over :func:`rssbl_jax.merge`, so
+    gate and ``p`` normalisation come from ``config`` (an :class:`~rssbl_jax.AdapterConfig`, or an adapted model or
+    layer carrying one) as in training. ``layer_path`` is as :mod:`rssbl_jax.patterns` writes paths (``""``: one layer).
 
-        \Delta W(p) = s\, A\,\mathrm{diag}\big(g(\hat p)\big)\,B
-
-    with ``jax.vmap`` over ``merge(params, p, config)``: gate family and ``p`` normalisation come from ``config``
-    as in training.
-
-    Args:
-      params: a model's params tree (or one layer's params, with ``layer_path=""``).
-      config: the :class:`~rssbl_jax.AdapterConfig` (or an adapted model / layer carrying one).
-      layer_path: the layer's path in ``params``, keys joined by ``/`` (``"block_0/attention/query"``).
-      operating_params: ``[K, d_p]``.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from rssbl_jax import RSSBilinearLoRADense
-    >>> layer = RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
+    >>> import jax, jax.numpy as jnp, rssbl_jax
+    >>> layer = rssbl_jax.RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 2)), jnp.ones(1))["params"]
     >>> delta_weights(params, layer.adapter_config, "", jnp.array([[0.0], [1.0]])).shape   # B = 0 at init: zeros
     (2, 2, 3)
@@ -169,7 +132,6 @@ def delta_weights(
 def response_curve(fn: Callable[[Any], Any], grid: Any) -> Any:
     """``fn`` at every point of ``grid`` (a leading axis of conditions, or a pytree of them), with ``jax.vmap``.
 
-    >>> import jax.numpy as jnp
     >>> response_curve(lambda p: jnp.sum(p**2), condition_grid(-1.0, 1.0, 3, 1)).tolist()
     [1.0, 0.0, 1.0]
     """
@@ -200,8 +162,6 @@ def plot_response(
     One line per output channel (trailing axes of ``values``, flattened); ``train_range`` shades the training range
     so extrapolation is visible. Needs matplotlib (``pip install 'rssbl_jax[plot]'``). Returns the axes.
 
-    >>> import jax.numpy as jnp, matplotlib
-    >>> matplotlib.use("Agg")
     >>> grid = condition_grid(-2.0, 2.0, 5, 1)
     >>> ax = plot_response(grid, response_curve(lambda p: jnp.stack([p[0], p[0] ** 2]), grid), train_range=(-1, 1))
     >>> len(ax.lines)
@@ -212,8 +172,7 @@ def plot_response(
     grid, values = np.asarray(grid), np.asarray(values)
     if grid.ndim != 2 or values.shape[0] != grid.shape[0]:
         raise ValueError(f"grid must be [K, d_p] and values [K, ...]; got grid {grid.shape}, values {values.shape}.")
-    if ax is None:
-        ax = plt.figure(figsize=(5, 3)).gca()
+    ax = plt.figure(figsize=(5, 3)).gca() if ax is None else ax
     lines = values.reshape(values.shape[0], -1)
     for i in range(lines.shape[1]):
         ax.plot(grid[:, axis], lines[:, i], label=None if labels is None else labels[i])

@@ -6,8 +6,7 @@ r"""The operating-parameter contract: which shapes of ``p`` a layer accepts, and
     (\ell_1, \dots, \ell_k)\ \text{a prefix of}\ x\text{'s leading axes}, \qquad \hat p = (p - \mu) / \sigma
 
 Every front-end and every :class:`~rssbl_jax.methods.AdapterMethod` relies on these two rules, so they sit in a
-module that imports nothing else of the library: ``p`` can be checked and standardised without importing the
-update, the gates or the fast paths.
+module importing nothing else of the library, neither the update nor the gates nor the fast paths.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ def lead_axes(x_shape: Sequence[int], p_shape: Sequence[int], d_p: int) -> int:
 def normalize_operating_params(p: jax.Array, layer: Any) -> jax.Array:
     """``(p - p_mean) / p_std`` over the last axis when ``layer`` has a normalisation, else ``p``.
 
-    The one place ``p`` is standardised: the gates (:func:`rssbl_jax.gates.gate_and_shift`, so
-    :func:`rssbl_jax.core.fold` folds it in), the sweep basis and injection before any other
-    :class:`~rssbl_jax.methods.AdapterMethod`'s ``update``, so every method sees the same ``p̂``.
+    The one place ``p`` is standardised (:func:`rssbl_jax.gates.gate_and_shift`, so :func:`rssbl_jax.core.fold` too;
+    the sweep basis; injection, before any other method's ``update``), so every method sees the same ``p̂``.
 
     >>> from rssbl_jax.config import LayerConfig
     >>> normalize_operating_params(jnp.array([[14.0]]), LayerConfig(1, 1.0, 1.0, p_mean=(10.0,), p_std=(2.0,))).tolist()

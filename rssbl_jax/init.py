@@ -2,16 +2,14 @@ r"""Principal-subspace initialisation (in the spirit of PiSSA / OLoRA) that keep
 
 PiSSA starts LoRA from the kernel's top-``r`` singular directions and subtracts them from the frozen kernel. A
 conditioned update ``ΔW(p) = s A diag(g(p)) B`` cannot be cancelled by a fixed residual for every ``p``; instead the
-gate starts at zero:
+gate starts at zero (kernel convention, ``W (d_in, d_out)``):
 
 .. math::
 
-    W = U \Sigma V^\top, \qquad A = U_r \Sigma_r^{1/2}, \qquad B = \Sigma_r^{1/2} V_r^\top, \qquad
-    C = 0,\ c_0 = 0,\ S = 0
+    W = U \Sigma V^\top, \quad A = U_r \Sigma_r^{1/2}, \quad B = \Sigma_r^{1/2} V_r^\top, \quad C = 0,\ c_0 = 0,\ S = 0
 
-(kernel convention, ``W (d_in, d_out)``). Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, the
-kernel is untouched (merging stays exact), training starts since ``∂L/∂C ≠ 0`` (``A`` and ``B`` are non-zero), and
-the rank-space directions are the kernel's principal ones from the first step.
+Then ``ΔW(p) = 0`` for every ``p``: the model is exactly its base, its kernel untouched (merging stays exact), yet
+training starts (``∂L/∂C ≠ 0`` as ``A``, ``B`` are non-zero) in the kernel's principal directions.
 """
 
 from __future__ import annotations
@@ -26,24 +24,18 @@ import numpy as np
 from rssbl_jax import gates, tree
 from rssbl_jax.config import as_config
 
-PyTree = Any
 
-
-def init_principal(params: PyTree, config: Any) -> PyTree:
+def init_principal(params: tree.PyTree, config: Any) -> tree.PyTree:
     """Set every adapted layer's ``A``, ``B`` to its kernel's top singular directions and its gate and shift to 0.
 
-    For nested mappings (linen params, an NNX pure state dict) whose factors use the compact layout (Dense,
-    DenseGeneral, Conv, Embed, Einsum with input axes first); the kernel is read as a ``(prod(in), prod(out))``
-    matrix. The gate is zeroed through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`).
+    For nested mappings (linen params, an NNX pure state dict) in the compact layout (Dense, DenseGeneral, Conv,
+    Embed, Einsum with input axes first), the kernel read as a ``(prod(in), prod(out))`` matrix; the gate is zeroed
+    through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`). ``ValueError`` for another
+    layout or a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero).
 
-    Raises:
-      ValueError: a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero), or
-        a layer whose factors do not use the compact layout.
-
-    >>> import jax, jax.numpy as jnp, rssbl_jax
+    >>> import jax, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)
-    >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))
-    >>> params = init_principal(layer.init(jax.random.key(0), x, p)["params"], layer.adapter_config)
+    >>> params = init_principal(layer.init(jax.random.key(0), jnp.ones(5), jnp.ones(2))["params"], layer.adapter_config)
     >>> bool(jnp.abs(params["lora_b"]).max() > 0), float(jnp.abs(params["lora_c"]).max())
     (True, 0.0)
     """

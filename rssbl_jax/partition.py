@@ -1,9 +1,7 @@
 """Which leaves train: adapters known by identity, plus ``modules_to_save``; partition, combine, freeze, count.
 
-An *adapter layer* is what :mod:`rssbl_jax.tree` says: a mapping holding both ``lora_a`` and ``lora_b``; its
-``lora_*`` leaves are the adapter. A leaf merely *named* ``lora_a`` outside an adapter layer (a user's own
-parameter) stays frozen. With an :class:`~rssbl_jax.AdapterConfig`, every adapter layer must be one the config
-adapts (else an error names it), and base leaves whose path fully matches ``config.modules_to_save`` train too.
+Adapter layers and leaves are those :mod:`rssbl_jax.tree` defines (a user's leaf merely named ``lora_a`` stays frozen);
+with an :class:`~rssbl_jax.AdapterConfig`, base leaves fully matching ``config.modules_to_save`` train too.
 """
 
 from __future__ import annotations
@@ -17,23 +15,17 @@ import optax
 
 from rssbl_jax import patterns
 from rssbl_jax.config import AdapterConfig, as_config
-from rssbl_jax.tree import adapter_layers, adapter_leaf_paths, leaves
-
-PyTree = Any
+from rssbl_jax.tree import PyTree, adapter_layers, adapter_leaf_paths, leaves
 
 
 def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
     """A tree of bools: ``True`` at the leaves that train (adapters by identity, plus ``modules_to_save``).
 
-    Args:
-      params: any params tree (linen ``variables["params"]``, an NNX pure state dict).
-      config: optional :class:`~rssbl_jax.AdapterConfig` (or a model carrying one).
+    ``params`` is any params tree (linen ``variables["params"]``, an NNX pure state dict); ``config`` an optional
+    :class:`~rssbl_jax.AdapterConfig` (or a model carrying one): ``ValueError`` for an adapter layer it does not adapt
+    or a ``modules_to_save`` matching no leaf.
 
-    Raises:
-      ValueError: with a config, for an adapter layer it does not adapt or a ``modules_to_save`` matching no leaf.
-
-    >>> tree = {"dense": {"kernel": 0.0, "lora_a": 0.0, "lora_b": 0.0, "lora_c": 0.0}, "mine": {"lora_a": 0.0}}
-    >>> trainable_mask(tree)
+    >>> trainable_mask({"dense": {"kernel": 0.0, "lora_a": 0.0, "lora_b": 0.0, "lora_c": 0.0}, "mine": {"lora_a": 0.0}})
     {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True, 'lora_c': True}, 'mine': {'lora_a': False}}
     """
     cfg: AdapterConfig | None = None if config is None else as_config(config, "trainable_mask")
@@ -63,18 +55,12 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
 def partition(params: PyTree, config: Any = None, *, mask: PyTree | None = None) -> tuple[PyTree, PyTree]:
     """Split any params tree into ``(trainable, frozen)`` by :func:`trainable_mask` or by ``mask``.
 
-    Both keep the full structure with ``None`` where the other holds the leaf, so ``jax.grad`` can differentiate
-    w.r.t. ``trainable`` alone and :func:`combine` restores the tree. ``mask`` is a tree of bools with ``params``'
-    structure (e.g. an ablation that freezes some adapter factors).
+    Both keep the full structure (``None`` where the other holds the leaf): ``jax.grad`` can take ``trainable`` alone,
+    :func:`combine` restores the tree. ``mask``: bools in ``params``' structure (e.g. to freeze some adapter factors).
 
-    >>> import jax.numpy as jnp
-    >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)),
-    ...                     "lora_c": jnp.ones((1, 1))}}
-    >>> trainable, frozen = partition(params)
+    >>> trainable, frozen = partition({"dense": {k: jnp.ones(1) for k in ("kernel", "lora_a", "lora_b", "lora_c")}})
     >>> trainable["dense"]["kernel"] is None, frozen["dense"]["lora_a"] is None
     (True, True)
-    >>> jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), combine(trainable, frozen), params))
-    True
     """
     mask = trainable_mask(params, config) if mask is None else mask
     trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
@@ -86,8 +72,7 @@ def combine(*trees: PyTree) -> PyTree:
     """Inverse of :func:`partition`: at each leaf take the first tree's value that is not ``None``.
 
     >>> import numpy as np
-    >>> trainable, frozen = {"kernel": None, "lora_a": np.ones(1)}, {"kernel": np.zeros(1), "lora_a": None}
-    >>> combine(trainable, frozen)
+    >>> combine({"kernel": None, "lora_a": np.ones(1)}, {"kernel": np.zeros(1), "lora_a": None})
     {'kernel': array([0.]), 'lora_a': array([1.])}
     """
     if not trees:
@@ -106,28 +91,15 @@ def freeze_base(
     r"""Wrap ``tx`` so it updates only the trainable leaves (:func:`trainable_mask`) and leaves every other unchanged.
 
     Built on ``optax.partition``: trainable leaves go through ``tx``, the others through the stateless
-    ``optax.set_to_zero()`` (no optimizer state for the base), so ``optax.apply_updates`` adds exact zeros and
-    frozen leaves stay bit-identical (IEEE's one exception: ``-0.0 + 0.0 = +0.0``).
+    ``optax.set_to_zero()``, so frozen leaves stay bit-identical (exact zero updates; ``-0.0`` becomes ``+0.0``).
 
-    **Order matters for whole-tree transforms** such as ``optax.clip_by_global_norm``: with
-    ``clip_global_norm=c`` (or the clip inside ``freeze_base``) the norm is the trainable gradients' alone,
-
-    .. math::
-
-        g_A \leftarrow g_A \cdot \min\Big(1, \frac{c}{\lVert g_A \rVert}\Big);
-
-    outside (``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))``) it would count the frozen base's
+    ``config`` is as for :func:`trainable_mask`. ``clip_global_norm=c`` clips the trainable gradients by their global
+    norm alone before ``tx``, :math:`g_A \leftarrow g_A \min(1, c / \lVert g_A \rVert)`. **Order matters for whole-tree
+    transforms**: ``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))`` would count the frozen base's
     usually far larger gradients and shrink every adapter step by that factor (300× in the case that found it).
 
-    Args:
-      tx: the trainable leaves' optimizer.
-      config: optional :class:`~rssbl_jax.AdapterConfig` (or a model carrying one), for :func:`trainable_mask`.
-      clip_global_norm: if given, clip the trainable gradients to this global norm before ``tx``.
-
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(2), "lora_b": jnp.ones(2), "lora_c": jnp.ones(2)}
-    >>> grads = {"kernel": jnp.full(2, 300.0), "lora_a": jnp.zeros(2), "lora_b": jnp.array([3.0, 4.0]),
-    ...          "lora_c": jnp.zeros(2)}                                          # |g_A| = 5
+    >>> params = {k: jnp.ones(2) for k in ("kernel", "lora_a", "lora_b", "lora_c")}  # trainable gradient norm 5:
+    >>> grads = {k: jnp.zeros(2) for k in params} | {"kernel": jnp.full(2, 300.0), "lora_b": jnp.array([3.0, 4.0])}
     >>> tx = freeze_base(optax.sgd(1.0), clip_global_norm=1.0)
     >>> new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
     >>> new["kernel"].tolist(), [round(v, 4) for v in new["lora_b"].tolist()]   # base kept; adapter step of norm 1
@@ -144,13 +116,8 @@ class ParameterCount(NamedTuple):
     """Base (frozen) and trainable parameter counts, per layer (``{path: (base, trainable)}``) and in total.
 
     >>> count = ParameterCount(per_layer={"dense": (15, 18)}, base=15, trainable=18)
-    >>> count.total, round(count.trainable_fraction, 3)
-    (33, 0.545)
-    >>> print(count)
-    layer          base     trainable
-    dense            15            18
-    total            15            18
-    trainable fraction: 54.5455% of 33
+    >>> count.total, round(count.trainable_fraction, 3), str(count).splitlines()[-1]
+    (33, 0.545, 'trainable fraction: 54.5455% of 33')
     """
 
     per_layer: dict[str, tuple[int, int]]
@@ -167,11 +134,9 @@ class ParameterCount(NamedTuple):
 
     def __str__(self) -> str:
         width = max([len("layer"), *(len(k) for k in self.per_layer)])
+        rows = [*self.per_layer.items(), ("total", (self.base, self.trainable))]
         lines = [f"{'layer':<{width}}  {'base':>12}  {'trainable':>12}"]
-        lines += [
-            f"{name:<{width}}  {base:>12,}  {trainable:>12,}" for name, (base, trainable) in self.per_layer.items()
-        ]
-        lines.append(f"{'total':<{width}}  {self.base:>12,}  {self.trainable:>12,}")
+        lines += [f"{name:<{width}}  {base:>12,}  {trainable:>12,}" for name, (base, trainable) in rows]
         lines.append(f"trainable fraction: {self.trainable_fraction:.4%} of {self.total:,}")
         return "\n".join(lines)
 
@@ -179,24 +144,16 @@ class ParameterCount(NamedTuple):
 def count_parameters(params: PyTree, config: Any = None) -> ParameterCount:
     r"""Count frozen base and trainable parameters (:func:`trainable_mask`), per layer and in total.
 
-    For a Dense layer with the linear gate this gives
+    A Dense layer with the linear gate has :math:`d_{in} d_{out} + d_{out}` base and :math:`r (d_{in} + d_{out}) +
+    2 r d_p` trainable parameters (LoRA, then ``C`` and ``S``).
 
-    .. math::
-
-        \underbrace{d_{in} d_{out} + d_{out}}_{\text{base}}, \qquad
-        \underbrace{r (d_{in} + d_{out})}_{\text{LoRA}} + \underbrace{2 r d_p}_{C,\ S}\ \text{trainable.}
-
-    >>> import numpy as np
-    >>> tree = {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3),
-    ...                   "lora_a": np.zeros((4, 2)), "lora_b": np.zeros((2, 3)),
-    ...                   "lora_c": np.zeros((1, 2)), "lora_s": np.zeros((1, 2))}}
-    >>> count_parameters(tree).per_layer
+    >>> shape = {"kernel": (4, 3), "bias": (3,), "lora_a": (4, 2), "lora_b": (2, 3), "lora_c": (1, 2), "lora_s": (1, 2)}
+    >>> count_parameters({"dense": {k: jnp.zeros(s) for k, s in shape.items()}}).per_layer
     {'dense': (15, 18)}
     """
     mask = jax.tree_util.tree_leaves(trainable_mask(params, config))
     per_layer: dict[str, list[int]] = {}
     for (layer, _, leaf), trains in zip(leaves(params), mask, strict=True):
-        counts = per_layer.setdefault(layer or "(root)", [0, 0])
-        counts[1 if trains else 0] += int(math.prod(jnp.shape(leaf)))
+        per_layer.setdefault(layer or "(root)", [0, 0])[1 if trains else 0] += int(math.prod(jnp.shape(leaf)))
     table = {k: (v[0], v[1]) for k, v in per_layer.items()}
     return ParameterCount(table, sum(v[0] for v in table.values()), sum(v[1] for v in table.values()))

@@ -1,13 +1,11 @@
 """Path patterns: one matching rule (``re.fullmatch``) for injection, merge, sharding, checkpoints and partitioning.
 
-A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root layer is ``""``), and
-every pattern must match the *whole* path: ``"query"`` matches a root-level ``query`` only, ``".*/query"`` every
-``query`` at any depth.
+A layer's path is its params' keys joined by ``/`` (``"block_0/attention/query"``; the root is ``""``), and every
+pattern must match the *whole* path: ``"query"`` matches only a root-level ``query``, ``".*/query"`` any ``query``.
 
->>> matches([r".*/query", "head"], "block_0/attention/query"), matches([r"query"], "block_0/attention/query")
-(True, False)
->>> first_match(((r".*/value", 4), (r".*", 8)), "block_0/attention/value", default=16)
-4
+>>> path = "block_0/attention/query"
+>>> matches([r".*/query", "head"], path), matches([r"query"], path), first_match(((r".*/key", 4), (".*", 8)), path, 16)
+(True, False, 8)
 """
 
 from __future__ import annotations

@@ -4,26 +4,22 @@ r"""Conditional QLoRA: a frozen base quantised by qwix, RSSBilinearLoRA adapters
 
     y = Q(W)\, x + b + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
 
-``Q(W)`` is the base kernel stored quantised (any ``qtype`` qwix knows: int8, int4, nf4, fp8, ...) and computed by
-qwix's own ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. Nothing is quantised here:
-:func:`quantize_base` is ``qwix.quantize_model`` with a weight-only ``PtqProvider``, and :func:`rssbl_jax.inject` /
-:func:`rssbl_jax.nnx.inject` compose with it because the adapter's update runs with qwix's interception off
-(:func:`rssbl_jax.inject.outside_quantizer`): only the base layer's own products see the quantised kernel.
+``Q(W)``, the base kernel, is stored quantised (int8, int4, nf4, fp8 or any ``qtype`` qwix knows) and computed by
+qwix's ``dot_general``/``einsum``; ``A``, ``B``, ``C``, ``S`` stay in ``param_dtype``. :func:`quantize_base` is
+``qwix.quantize_model`` with a weight-only ``PtqProvider``; :func:`rssbl_jax.inject` / :func:`rssbl_jax.nnx.inject`
+compose with it as the update runs with qwix's interception off (:func:`rssbl_jax.inject.outside_quantizer`): only
+the base layer's products see ``Q(W)``. ``qwix.quantize_model`` subclasses the model it is given, so adapt layers
+inside it (as below), not a bare root layer. A quantised kernel is a ``WithAux`` leaf (a ``QArray`` of ``qvalue``
+and per-channel ``scale``, plus its recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`
+so no integer leaf is differentiated; :func:`merge` folds adapters into it (errors: BENCHMARKS.md, "Quantised base").
 
-A quantised kernel is a ``WithAux`` leaf (qwix's ``QArray`` of ``qvalue`` and per-channel ``scale``, plus its
-recipe), frozen by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`, so no integer leaf is
-differentiated. :func:`merge` folds the update into the dequantised kernel, then re-quantises it or not
-(``requantize``; errors measured in BENCHMARKS.md, "Quantised base").
-
->>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax
+>>> import flax.linen as nn, rssbl_jax
 >>> model = rssbl_jax.quantize.quantize_base(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)]), "int8")
 >>> adapted = rssbl_jax.inject(model, r"layers_\d", rank=2, lora_alpha=4.0)
 >>> variables = adapted.init(jax.random.key(0), x := jnp.ones((3, 16)), p=(p := jnp.ones((3, 2))))
 >>> layer = variables["params"]["layers_0"]
 >>> str(layer["kernel"].array.qvalue.dtype), str(layer["lora_a"].dtype), adapted.apply(variables, x, p=p).shape
 ('int8', 'float32', (3, 4))
-
-``qwix.quantize_model`` subclasses the model it is given, so adapt layers inside it (as here), not a bare root layer.
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ import jax.numpy as jnp
 
 from rssbl_jax import patterns, tree
 from rssbl_jax.merge import merge as merge_params
-
-PyTree = Any
+from rssbl_jax.tree import PyTree
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4", "fp8": jnp.float8_e4m3fn}
 """Short names of common weight formats; any other ``qtype`` qwix accepts can be passed as is."""
@@ -61,20 +56,15 @@ def quantize_base(
 ) -> Any:
     r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
 
-    Linen: ``model.init`` (or ``inject(...).init``) creates the quantised kernels; qwix refuses float kernels given
-    to ``apply`` (quantise a pretrained tree with :func:`quantize_params`). NNX: pass the model's inputs as for
-    ``qwix.quantize_model`` (an adapted NNX model may be quantised; its inputs then include ``p=...``).
+    ``qtype`` is ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes; ``module_path`` a
+    regex (fullmatch) over layer paths whose kernels are quantised (adapters never are); ``tile_size`` qwix's
+    sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel). Linen: ``init``
+    (or ``inject(...).init``) creates the quantised kernels, ``apply`` refuses float ones (quantise a pretrained tree
+    with :func:`quantize_params`). NNX: pass the model's inputs (with ``p=...`` once adapted) as to ``quantize_model``.
 
-    Args:
-      model: a linen or NNX model (unadapted, or NNX already adapted).
-      qtype: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes.
-      module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
-      tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "nf4")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> str(quantize.quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)   # nf4 codes in 4 bits
+    >>> import flax.linen as nn
+    >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "nf4").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> str(quantized_kernels(params)["layers_0/kernel"].qvalue.dtype)  # nf4 codes in 4 bits
     'uint4'
     """
     qwix, _ = _qwix()
@@ -90,10 +80,9 @@ def _is_quantized(x: Any) -> bool:
 def quantized_kernels(params: PyTree) -> dict[str, Any]:
     """The quantised leaves of ``params`` (qwix ``QArray``s) by path: what the base stores.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> {path: q.qvalue.shape for path, q in quantize.quantized_kernels(params).items()}
+    >>> import flax.linen as nn
+    >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "int8").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> {path: q.qvalue.shape for path, q in quantized_kernels(params).items()}
     {'layers_0/kernel': (8, 4)}"""
     return {path: leaf.array for path, leaf in _quantized_leaves(params).items()}
 
@@ -108,11 +97,10 @@ def dequantize(params: PyTree) -> PyTree:
 
     The unquantised model computes with the result what the quantised one does, up to float round-off.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> import flax.linen as nn
+    >>> model = quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> params = model.init(jax.random.key(0), x := jnp.ones((2, 8)))["params"]
-    >>> float_params = quantize.dequantize(params)
-    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": float_params}, x),
+    >>> bool(jnp.allclose(nn.Sequential([nn.Dense(4)]).apply({"params": dequantize(params)}, x),
     ...                   model.apply({"params": params}, x), atol=1e-6))
     True
     """
@@ -125,16 +113,15 @@ def dequantize(params: PyTree) -> PyTree:
 def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
     """Quantise a float (e.g. pretrained) params tree like ``abstract_quantized`` (``qwix.quantize_params``).
 
-    ``abstract_quantized``: the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves absent
-    from it (adapters of a float adapted tree) are kept.
+    ``abstract_quantized`` is the quantised model's params (``jax.eval_shape`` of its ``init`` will do); leaves
+    absent from it (adapters of a float adapted tree) are kept.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> pretrained = nn.Sequential([nn.Dense(4)]).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
     >>> abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8))))["params"]
-    >>> params = quantize.quantize_params(pretrained, abstract)
-    >>> error = quantize.dequantize(params)["layers_0"]["kernel"] - pretrained["layers_0"]["kernel"]
-    >>> float(jnp.abs(error).max()) < 0.01
+    >>> kernel = quantize.dequantize(quantize.quantize_params(pretrained, abstract))["layers_0"]["kernel"]
+    >>> float(jnp.abs(kernel - pretrained["layers_0"]["kernel"]).max()) < 0.01
     True
     """
     qwix, _ = _qwix()
@@ -144,31 +131,19 @@ def quantize_params(params: PyTree, abstract_quantized: PyTree) -> PyTree:
 def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: bool, **merge_kwargs: Any) -> PyTree:
     r"""Merge every adapted layer at ``p0`` onto a quantised base: re-quantised, or dequantised, as asked.
 
-    .. math::
+    :math:`W' = D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B` exactly, ``D`` being qwix's dequantisation.
+    ``requantize=True`` quantises it again with ``Q``, the kernel's own recipe (``qtype``, channel axes, tiles,
+    calibration), recomputing the scales: the whole kernel is rounded again (up to half a step per weight) at the
+    quantised model's memory. Dequantised kernels load into the unquantised model, matching the adapted one to float
+    round-off at float memory. Arguments as for :func:`rssbl_jax.merge` (``merge_kwargs``: ``add_bias``, ``precision``).
 
-        W' = \begin{cases} Q\big(D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B\big) & \text{requantize} \\
-                           D(Q(W)) + s\, A\,\mathrm{diag}(g(\hat p_0))\,B & \text{otherwise} \end{cases}
-
-    with ``D`` qwix's dequantisation and ``Q`` the kernel's own recipe (``qtype``, channel axes, tiles,
-    calibration). The fold is exact; re-quantising recomputes the scales, so the whole merged kernel is rounded again
-    (up to half a quantisation step per weight) but keeps the quantised model's memory. Dequantised kernels load
-    into the unquantised model and match the adapted one to float round-off, at float memory.
-
-    Args:
-      params: the adapted quantised model's params (``variables["params"]``).
-      operating_params: ``p0`` of shape ``[d_p]``.
-      config: the :class:`~rssbl_jax.AdapterConfig` (or the adapted model).
-      requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
-      merge_kwargs: passed to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax, rssbl_jax.quantize as quantize
-    >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
-    >>> adapted = rssbl_jax.inject(model, r"layers_0", rank=2, lora_alpha=4.0)
-    >>> params = adapted.init(jax.random.key(0), x := jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
-    >>> merged = quantize.merge(params, p0, adapted.config, requantize=True)
-    >>> sorted(merged["layers_0"]), str(quantize.quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
+    >>> import flax.linen as nn, rssbl_jax
+    >>> model = quantize_base(nn.Sequential([nn.Dense(4)]), "int8")
+    >>> adapted = rssbl_jax.inject(model, "layers_0", rank=2, lora_alpha=4.0)
+    >>> params = adapted.init(jax.random.key(0), jnp.ones((2, 8)), p=(p0 := jnp.ones(3)))["params"]
+    >>> merged = rssbl_jax.quantize.merge(params, p0, adapted.config, requantize=True)
+    >>> sorted(merged["layers_0"]), str(quantized_kernels(merged)["layers_0/kernel"].qvalue.dtype)
     (['bias', 'kernel'], 'int8')
-    >>> y = model.apply({"params": merged}, x)     # the quantised model, no adapters
     """
     _qwix()
     from qwix._src.core import qarray
@@ -190,8 +165,7 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
 def base_bytes(params: PyTree, *, packed: bool = True) -> int:
     """Bytes of the non-adapter leaves of ``params`` (the frozen base), quantised ``qvalue``s at their bit width.
 
-    Adapter leaves (:func:`rssbl_jax.tree.adapter_leaf_paths`) are not counted. ``packed=True`` counts sub-byte
-    types at their width (``int4``/``nf4``: half a byte, as XLA stores them), ``packed=False`` a byte each.
+    ``packed``: sub-byte types at their width (``int4``/``nf4``: half a byte, as XLA stores them), else a byte each.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, rssbl_jax.quantize as quantize
     >>> model = quantize.quantize_base(nn.Sequential([nn.Dense(256, use_bias=False)]), "int4")

@@ -1,16 +1,10 @@
 """Partition specs for adapter params that follow their base kernel; batch specs; placing trees on a mesh.
 
-Given the base model's specs (those a user already has for ``kernel`` and ``bias``), each adapted layer's factors
-follow its kernel, so no factor is ever gathered more than the kernel itself. For a Dense ``kernel (d_in, d_out)``
-with spec ``P(i, o)``: ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)`` ``P(None, o)``, ``bias``
-``P(o)`` unless given, and ``lora_c``, ``lora_s (d_p, r)`` are replicated (``P()``). Kernels with more axes
-(``DenseGeneral``, ``Conv``) work the same way: ``lora_a``'s leading axes take the kernel's leading (input) specs,
-``lora_b``'s trailing axes its trailing (output) specs, wherever the sizes agree; an axis of another size is
-replicated. Per-example inputs, targets and ``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``); a
-shared ``p [d_p]`` is replicated.
-
-Everything here returns ordinary ``PartitionSpec`` trees for ``jax.jit``'s ``in_shardings``/``out_shardings`` or
-``jax.device_put``; nothing replaces JAX's own partitioner.
+Each adapter's factors follow the base kernel's spec, so no factor is gathered more than the kernel itself: for a
+Dense ``kernel (d_in, d_out)`` with ``P(i, o)``, ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)``
+``P(None, o)``, ``bias`` ``P(o)`` unless given, ``lora_c``, ``lora_s (d_p, r)`` ``P()``; more axes (``DenseGeneral``,
+``Conv``): :func:`rssbl_jax.tree.axes_from_kernel`. Per-example inputs, targets and ``p [batch, d_p]`` are sharded
+along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated; the results are plain ``PartitionSpec`` trees.
 """
 
 from __future__ import annotations
@@ -23,11 +17,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rssbl_jax import patterns
-from rssbl_jax.tree import BASE_WEIGHT_NAMES, adapter_leaf_paths, axes_from_kernel, is_adapter_leaf_name
+from rssbl_jax.tree import BASE_WEIGHT_NAMES, PyTree, adapter_leaf_paths, axes_from_kernel, is_adapter_leaf_name
 
 _path_str = patterns.path_str
-
-PyTree = Any
 SpecRules = Sequence[tuple[str, PartitionSpec]]
 
 
@@ -43,7 +35,7 @@ def _padded(spec: PartitionSpec, ndim: int, path: str) -> tuple[Any, ...]:
 
 
 def _base_lookup(base_specs: PyTree | SpecRules):
-    """A function ``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
+    """``path -> PartitionSpec | None`` for base (non-adapter) leaves."""
     if isinstance(base_specs, (list, tuple)) and len(base_specs) > 0:
         if all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and _is_spec(r[1]) for r in base_specs):
             rules = patterns.as_pairs(base_specs, "base_specs")
@@ -59,33 +51,21 @@ def _base_lookup(base_specs: PyTree | SpecRules):
 def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, mesh: Mesh | None = None) -> PyTree:
     """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
 
-    Args:
-      params: a params tree (arrays or ``jax.ShapeDtypeStruct``), e.g. ``variables["params"]``.
-      base_specs: the base leaves' specs: a ``PartitionSpec`` tree at their paths (with or without the ``lora_*``
-        leaves; extra entries ignored), or ``(regex, PartitionSpec)`` rules, first ``re.fullmatch`` of the whole
-        ``/``-joined path wins (``".*/mlp/kernel"`` matches ``"block_0/mlp/kernel"``). A ``bias`` without a spec
-        follows its kernel's output axes; any other base leaf without one is an error.
-      mesh: when given, every spec is checked against it with :func:`validate_specs`.
-
-    Returns:
-      ``params``' structure with a ``PartitionSpec`` at every leaf (the rule of the module docstring).
-
-    Raises:
-      ValueError: naming the path: a base leaf has no spec, a spec has more entries than the leaf has axes, an
-        adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
+    ``params`` holds arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``); ``base_specs`` is a
+    ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored) or ``(regex, spec)``
+    rules, the first ``re.fullmatch`` of the path winning (``".*/mlp/kernel"``). With ``mesh``, every spec is checked
+    by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf other than a ``bias`` without a spec, a
+    spec with more entries than its leaf has axes, or an adapter with no ``kernel`` beside it.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
-    >>> from jax.sharding import PartitionSpec as P
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
     >>> params = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((2, 8)), jnp.ones((2, 3)))["params"]
-    >>> specs = adapter_partition_specs(params, [("kernel", P(None, "model"))])
+    >>> specs = adapter_partition_specs(params, [("kernel", jax.P(None, "model"))])
     >>> specs["lora_a"], specs["lora_b"], specs["lora_c"], specs["bias"]
     (P(None, None), P(None, 'model'), P(), P('model',))
     """
     lookup = _base_lookup(base_specs)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    shapes = {_path_str(path): tuple(leaf.shape) for path, leaf in flat}
-    base: dict[str, tuple[Any, ...]] = {}
     given: dict[str, tuple[Any, Any, PartitionSpec]] = {}
     adapter_paths = adapter_leaf_paths(params)
     for path, leaf in flat:
@@ -97,15 +77,15 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
             continue  # derived from the kernel below
         if spec is None:
             raise ValueError(f"no partition spec for base parameter '{name}' of shape {tuple(leaf.shape)}.")
-        base[name] = _padded(spec, len(leaf.shape), name)
+        _padded(spec, len(leaf.shape), name)  # raises for a spec with more entries than the leaf has axes
         given[name] = (path, leaf, spec)
 
     def kernel_of(path: Sequence[Any], what: str) -> tuple[tuple[Any, ...], tuple[int, ...]]:
         candidates = (_path_str((*path[:-1], jax.tree_util.DictKey(weight))) for weight in BASE_WEIGHT_NAMES)
-        kernel = next((candidate for candidate in candidates if candidate in base), None)
+        kernel = next((candidate for candidate in candidates if candidate in given), None)
         if kernel is None:
             raise ValueError(f"'{_path_str(path)}' ({what}) has no 'kernel' beside it to take its partition spec from.")
-        return base[kernel], shapes[kernel]
+        return tuple(given[kernel][2]), tuple(given[kernel][1].shape)  # axes_from_kernel pads the spec to the kernel
 
     def spec_for(path: Sequence[Any], leaf: Any) -> PartitionSpec:
         name, key = _path_str(path), getattr(path[-1], "key", None)
@@ -129,18 +109,10 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
 def validate_specs(tree: PyTree, specs: PyTree, mesh: Mesh) -> None:
     """Check that every spec names axes of ``mesh`` whose sizes divide the leaf's dimensions.
 
-    Args:
-      tree: arrays or ``jax.ShapeDtypeStruct``.
-      specs: a ``PartitionSpec`` tree with ``tree``'s structure (or a prefix of it).
-      mesh: the mesh the specs are meant for.
+    ``tree`` holds arrays or ``jax.ShapeDtypeStruct``; ``specs`` has its structure (or a prefix of it). Raises
+    ``ValueError`` for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
 
-    Raises:
-      ValueError: for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
-
-    >>> import numpy as np, jax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> validate_specs({"kernel": np.ones((4, 6))}, {"kernel": P(None, "model")}, mesh)
+    >>> validate_specs({"x": jax.numpy.ones((4, 6))}, {"x": jax.P(None, "model")}, jax.make_mesh((1,), ("model",)))
     """
     flat_specs, spec_tree = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)
     subtrees = jax.tree.structure(specs, is_leaf=_is_spec).flatten_up_to(tree)
@@ -184,12 +156,9 @@ def batch_spec(data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
 def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
     """The spec of the operating parameters: sharded with the batch when per-example, replicated when shared.
 
-    Args:
-      operating_params: ``p`` (an array or anything with ``.shape``): ``[d_p]`` or ``[batch, ..., d_p]``.
-      data_axis: the mesh axis (or axes) the batch is sharded over.
+    ``operating_params`` is ``p`` (anything with ``.shape``), ``[d_p]`` or ``[batch, ..., d_p]``.
 
-    >>> import numpy as np
-    >>> operating_params_spec(np.ones((32, 3))), operating_params_spec(np.ones(3))
+    >>> operating_params_spec(jax.numpy.ones((32, 3))), operating_params_spec(jax.numpy.ones(3))
     (P('data',), P())
     """
     return PartitionSpec() if len(operating_params.shape) <= 1 else PartitionSpec(data_axis)
@@ -198,10 +167,7 @@ def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...
 def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
     """A tree of ``NamedSharding(mesh, spec)`` for a tree of specs (``None`` entries stay ``None``).
 
-    >>> import jax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((1,), ("data",))
-    >>> shardings = named_shardings(mesh, {"x": P("data"), "y": None})
+    >>> shardings = named_shardings(jax.make_mesh((1,), ("data",)), {"x": jax.P("data"), "y": None})
     >>> shardings["x"].spec, shardings["y"]
     (P('data',), None)
     """
@@ -211,18 +177,11 @@ def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     """Place a params tree on ``mesh`` (``jax.device_put`` with ``NamedSharding``), after checking the specs fit.
 
-    Every process must pass the same values (as with parameters from one seed or one checkpoint).
+    ``specs`` has ``params``' structure (e.g. from :func:`adapter_partition_specs`). Every process must pass the same
+    values (as with parameters from one random key or one checkpoint).
 
-    Args:
-      params: arrays.
-      mesh: the device mesh.
-      specs: a ``PartitionSpec`` tree with ``params``' structure, e.g. from :func:`adapter_partition_specs`.
-
-    >>> import numpy as np, jax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> shard_params({"kernel": np.ones((4, 6))}, mesh, {"kernel": P(None, "model")})["kernel"].sharding.spec
-    P(None, 'model')
+    >>> shard_params({"x": jax.numpy.ones(6)}, jax.make_mesh((1,), ("m",)), {"x": jax.P("m")})["x"].sharding.spec
+    P('m',)
     """
     validate_specs(params, specs, mesh)
     return jax.device_put(params, named_shardings(mesh, specs))
@@ -231,15 +190,12 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None = None) -> PyTree:
     """Global arrays from each process's part of a batch (``jax.make_array_from_process_local_data``).
 
-    Args:
-      batch: a tree of host arrays, this process's rows (in a single process, the whole batch).
-      mesh: the (global) device mesh.
-      specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading axis
-        over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
+    ``batch`` holds this process's rows as host arrays (in a single process, the whole batch); ``mesh`` is global;
+    ``specs`` a ``PartitionSpec`` or a tree prefix of ``batch`` of them, ``None`` sharding every leading axis over the
+    mesh's first axis (use :func:`operating_params_spec` for ``p``).
 
-    >>> import numpy as np, jax
-    >>> mesh = jax.make_mesh((1,), ("data",))
-    >>> shard_batch({"x": np.ones((4, 2))}, mesh)["x"].sharding.spec
+    >>> import numpy as np
+    >>> shard_batch({"x": np.ones((4, 2))}, jax.make_mesh((1,), ("data",)))["x"].sharding.spec
     P('data',)
     """
     shardings = named_shardings(mesh, batch_spec(mesh.axis_names[0]) if specs is None else specs)
@@ -252,17 +208,10 @@ def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None 
 
 
 def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple[str, ...] = "data") -> slice:
-    """The rows of a global batch that this process feeds to :func:`shard_batch` (its devices' rows).
+    """The rows of a global batch, sharded over ``data_axis``, that this process feeds to :func:`shard_batch`.
 
-    Args:
-      mesh: the global mesh.
-      global_batch_size: rows of the global batch.
-      data_axis: the mesh axis (or axes) the batch is sharded over.
+    ``ValueError`` when this process's devices do not hold one contiguous range of the ``global_batch_size`` rows.
 
-    Raises:
-      ValueError: when this process's devices do not hold one contiguous range of rows.
-
-    >>> import jax
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
     slice(0, 16, None)
     """

@@ -2,12 +2,8 @@
 
 An *adapter layer* is a mapping in a params tree holding both ``lora_a`` and ``lora_b`` (every LoRA-family adapter
 does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add its own leaves);
-its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base. A leaf merely
-*named* ``lora_a`` outside an adapter layer stays a base leaf.
-
-Why a module of its own: partitioning, merging, principal initialisation, checkpoints, sharding and quantisation all
-ask "is this an adapter layer, and which leaves are the adapter?"; this is the one answer, and it imports neither
-linen nor the update, so a tree utility does not pull in the whole method to check a few names.
+its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base; a leaf merely
+*named* ``lora_a`` elsewhere stays a base leaf. Tree utilities ask this module, free of linen and the update.
 """
 
 from __future__ import annotations
@@ -57,8 +53,7 @@ def map_adapter_layers(params: PyTree, fn: Callable[[str, Mapping], Any]) -> tup
     Descends mappings (rebuilt as ``dict``), lists and tuples, not adapter layers; paths are keys and indices joined
     by ``/`` (the root is ``""``), as :func:`rssbl_jax.patterns.path_str` writes them. Other nodes are kept as is.
 
-    >>> tree, found = map_adapter_layers([{"lora_a": 1, "lora_b": 2, "kernel": 3}], lambda path, node: node["kernel"])
-    >>> tree, found
+    >>> map_adapter_layers([{"lora_a": 1, "lora_b": 2, "kernel": 3}], lambda path, node: node["kernel"])
     ([3], ['0'])
     """
     found: list[str] = []
@@ -123,17 +118,13 @@ def axes_from_kernel(
     trailing ones, where the sizes agree (else, e.g. an Einsum factor's axis of size 1, ``None``); the rank axis and
     every other leaf (``C``, ``S``, the gate's) are replicated (``None``).
 
-    >>> axes_from_kernel("lora_a", (8, 4), ("embed", "mlp"), (8, 16)), axes_from_kernel("lora_b", (4, 16),
-    ...                  ("embed", "mlp"), (8, 16)), axes_from_kernel("lora_c", (3, 4), ("embed", "mlp"), (8, 16))
-    (('embed', None), (None, 'mlp'), (None, None))
+    >>> [axes_from_kernel(n, s, ("in", "out"), (8, 16)) for n, s in [("lora_a", (8, 4)), ("lora_b", (4, 16))]]
+    [('in', None), (None, 'out')]
     """
     shape, kernel_shape = tuple(shape), tuple(kernel_shape)
     kernel_axes = (*kernel_axes, *(None,) * (len(kernel_shape) - len(kernel_axes)))
     if name == "lora_a":  # (*in, r): leading axes follow the kernel's leading axes
-        lead = [
-            axis if i < len(kernel_shape) and kernel_shape[i] == size else None
-            for i, (size, axis) in enumerate(zip(shape[:-1], kernel_axes, strict=False))
-        ]
+        lead = [axis if n == k else None for n, axis, k in zip(shape[:-1], kernel_axes, kernel_shape, strict=False)]
         return (*lead, *(None,) * (len(shape) - len(lead)))
     if name in ("lora_b", "bias"):  # (r, *out) / (*out): trailing axes follow the kernel's trailing axes
         n_out = len(shape) - 1 if name == "lora_b" else len(shape)
