@@ -27,7 +27,7 @@ import dataclasses
 import inspect
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -36,8 +36,8 @@ import numpy as np
 from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import core, tree
-from rssbl_jax.config import AdapterConfig, LayerConfig
+from rssbl_jax import core, patterns, tree
+from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import Factorization, LayerKind
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
 from rssbl_jax.methods import AdapterMethod
@@ -245,6 +245,20 @@ def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
             f"operating parameters and hide from it. Choose another name: AdapterConfig(p_keyword=...) or "
             f"inject(..., p_keyword='operating_params')."
         )
+
+
+def check_targets(
+    config: AdapterConfig, adaptable: Mapping[str, str], candidates: Sequence[str], adapted: Sequence[str]
+) -> None:
+    """Raise when a target matches none of ``candidates`` (listing ``adaptable``), or a pattern no ``adapted`` path."""
+    listing = "\n".join(f"  {path or repr(path)}  ({kind})" for path, kind in adaptable.items()) or "  (none)"
+    for pattern in config.targets:
+        if not any(patterns.matches([pattern], path) for path in candidates):
+            raise ValueError(
+                f"target pattern {pattern!r} matches no adaptable layer (regex fullmatch on the layer path). "
+                f"Adaptable paths:\n{listing}"
+            )
+    check_patterns_used(config, adapted)
 
 
 def outside_quantizer(fn: Any) -> Any:

@@ -26,9 +26,9 @@ from flax import linen as nn
 from flax.core import meta
 
 from rssbl_jax import apply, patterns
-from rssbl_jax.apply import apply_adapter, check_keyword_free, linen_leaves, make_config, metadata_holder
+from rssbl_jax.apply import apply_adapter, check_keyword_free, check_targets, linen_leaves, make_config, metadata_holder
 from rssbl_jax.apply import outside_quantizer as outside_quantizer
-from rssbl_jax.config import AdapterConfig, check_patterns_used
+from rssbl_jax.config import AdapterConfig
 from rssbl_jax.factorization import kind_of
 from rssbl_jax.methods import RSS, AdapterMethod
 from rssbl_jax.tree import adapter_layers, adapter_leaf_paths
@@ -137,7 +137,7 @@ class Adapted(nn.Module):
             else:
                 out = fun(model, *args, **kwargs)
         if fun is None:  # another method may legitimately skip some layers
-            _check_targets(self.config, seen, adapted)
+            check_targets(self.config, seen, list(seen), adapted)
         return out
 
     def _interceptor(self, seen: dict[str, str], adapted: list[str], p: Any):
@@ -180,18 +180,6 @@ class Adapted(nn.Module):
             self.method, layer, factorization, x, p, y, factors, dtype=module.dtype,
             precision=getattr(module, "precision", None), dropout_rng=rng, where=where, keyword=self.config.p_keyword,
         )  # fmt: skip
-
-
-def _check_targets(config: AdapterConfig, seen: Mapping[str, str], adapted: Sequence[str]) -> None:
-    """Raise when a target regex matches no adaptable layer, or an override regex matches no adapted one."""
-    listing = "\n".join(f"  {path or repr(path)}  ({kind})" for path, kind in seen.items()) or "  (none)"
-    for pattern in config.targets:
-        if not any(patterns.matches([pattern], path) for path in seen):
-            raise ValueError(
-                f"target pattern {pattern!r} matches no adaptable layer (regex fullmatch on the layer path). "
-                f"Adaptable paths:\n{listing}"
-            )
-    check_patterns_used(config, adapted)
 
 
 def inject(
