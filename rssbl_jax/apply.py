@@ -1,23 +1,19 @@
-r"""The one function that applies an adapter, used by the linen layer, linen injection and NNX alike.
+r"""The one function that applies an adapter (:func:`apply_adapter`), for the linen layer, linen injection and NNX.
 
 Each front-end only finds the base output ``y``, its input ``x`` and the adapter leaves its own way (a linen scope,
-an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: leaves with the one sharding
-rule (:func:`leaf_specs`), factorizations (:func:`factorize`), ``d_p`` (:func:`d_p_of`), checks, normalisation,
-dropout and dtype promotion around ``method.adapt`` (:func:`apply_adapter`), the linear gate's pitfall
-(:func:`warn_if_silent`).
+an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: leaves and their sharding
+(:func:`leaf_specs`), factorizations, ``d_p``, checks, normalisation, dropout, dtype promotion, the linear gate's
+``p = 0`` pitfall (:func:`warn_if_silent`).
 
 .. math::
 
     y' = y + \Delta y(x, \hat p), \qquad \hat p = (p - \mu) / \sigma
 
->>> import jax.numpy as jnp
->>> from rssbl_jax import core, methods
->>> from rssbl_jax.config import LayerConfig
+>>> from rssbl_jax import methods
 >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, p_mean=(1.0,), p_std=(2.0,))
->>> factorization = core.dense_factorization((3, 2), rank=1)
 >>> factors = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.ones((1, 1))}
->>> apply_adapter(methods.RSS(), layer, factorization, jnp.ones((1, 3)), jnp.array([5.0]), jnp.zeros((1, 2)),
-...               factors).tolist()                                         # 3 * (5 - 1) / 2
+>>> apply_adapter(methods.RSS(), layer, core.dense_factorization((3, 2), rank=1), jnp.ones((1, 3)), jnp.array([5.0]),
+...               jnp.zeros((1, 2)), factors).tolist()                      # 3 * (5 - 1) / 2
 [[6.0, 6.0]]
 """
 
@@ -60,13 +56,10 @@ def leaf_specs(
 ) -> dict[str, Leaf]:  # fmt: skip
     """The adapter leaves of one layer: the method's ``params`` with ``initializers`` overrides and sharding names.
 
-    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`.
+    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`. An
+    ``initializers`` key that names no leaf of the method is a ``ValueError``.
 
-    Raises:
-      ValueError: when an ``initializers`` key names no leaf of the method.
-
-    >>> from rssbl_jax import core, methods
-    >>> from rssbl_jax.config import LayerConfig
+    >>> from rssbl_jax import methods
     >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
     ...                    shift=False, kernel_names=("embed", "mlp"), kernel_shape=(8, 16))
     >>> specs["lora_a"].names, specs["lora_b"].names, specs["lora_c"].names
@@ -100,8 +93,8 @@ def factorize(
     """``kind.factorize`` for ``module`` with the method's thresholds: what every front-end builds on.
 
     >>> import flax.linen as nn
-    >>> from rssbl_jax import factorization, fastpath, methods
-    >>> method = methods.RSS(thresholds=fastpath.Thresholds(fused_max_b_size=0))
+    >>> from rssbl_jax import factorization, methods
+    >>> method = methods.RSS(thresholds=Thresholds(fused_max_b_size=0))
     >>> factorize(factorization.kind_of(nn.Dense(4)), nn.Dense(4), (3, 4), method, rank=2).b_shape
     (2, 4)
     """
@@ -111,11 +104,7 @@ def factorize(
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
-    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
-
-    Raises:
-      ValueError: when the method uses ``p`` and ``p`` is ``None`` or a scalar.
-    """
+    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``, else ``ValueError``); 1 for a method without ``p``."""
     if not method.uses_p:
         return 1 if p is None or jnp.ndim(p) == 0 else jnp.shape(p)[-1]
     if p is None:
@@ -154,10 +143,8 @@ def apply_adapter(
 
     In order: refuse ``p = None`` when the method uses ``p``; promote ``x``, ``p``, the factors to ``dtype`` (or
     inferred); dropout on ``x`` (only with ``dropout_rng``); ``p̂ = (p - p_mean) / p_std``; ``method.adapt``; check
-    the output shape and cast to ``y``'s dtype.
-
-    Raises:
-      ValueError: prefixed with ``where``, naming ``d_p`` and the shapes when ``p`` does not fit the layer.
+    the output shape and cast to ``y``'s dtype. A ``p`` that does not fit the layer is a ``ValueError`` prefixed with
+    ``where``, naming ``d_p`` and the shapes.
     """
     if p is None and method.uses_p:
         raise ValueError(
