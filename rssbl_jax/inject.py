@@ -122,12 +122,10 @@ class Adapted(nn.Module):
         seen: dict[str, str] = {}
         adapted: list[str] = []
         with nn.intercept_methods(self._interceptor(seen, adapted, p)):
-            if fun is None:
-                out = model(*args, **kwargs)
-            elif isinstance(fun, str):
+            if isinstance(fun, str):
                 out = getattr(model, fun)(*args, **kwargs)
             else:
-                out = fun(model, *args, **kwargs)
+                out = model(*args, **kwargs) if fun is None else fun(model, *args, **kwargs)
         if fun is None:  # another method may legitimately skip some layers
             check_targets(self.config, seen, list(seen), adapted)
         return out

@@ -39,7 +39,6 @@ class OperatingParams(nnx.Variable):
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
     >>> layer.operating_params.get_value() is None
     True
-
     """
 
 
@@ -110,7 +109,7 @@ def factors_of(layer: nnx.Module) -> dict[str, Any]:
 
 
 def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, args: tuple, kwargs: dict):
-    """``y`` (the base layer's output) plus the layer's update."""
+    """``y`` (the base layer's output) plus the update."""
     info: AdapterInfo = layer.rss_adapter
     kind = kind_of_class(base)
     x = jnp.asarray(x)
@@ -151,7 +150,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
     Args:
       in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
         ``nnx.Linear`` (``param_dtype`` also for the adapters).
-      rank, lora_alpha, d_p: adapter rank ``r`` (the update is scaled by ``lora_alpha / rank``); ``p``'s size.
+      rank, lora_alpha, d_p: adapter rank ``r`` (update scaled by ``lora_alpha / rank``); number of operating params.
       gate, gate_offset, gate_hidden, shift, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
         :class:`rssbl_jax.AdapterConfig` (``shift``: learn ``S p``, ``lora_s``).
       initializers, rngs: ``{leaf name: initializer}`` overrides; the ``nnx.Rngs`` for initial values and dropout.

@@ -41,7 +41,6 @@ class TrainState(NamedTuple):
       opt_state: the optimizer state of ``trainable``.
       rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
 
-    >>> import jax, jax.numpy as jnp, optax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
     >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
     >>> state._fields, state.trainable["kernel"], state.frozen["lora_b"]
@@ -69,13 +68,11 @@ def init_train_state(
 
     Args:
       params: a whole params tree (base + adapter leaves), e.g. ``variables["params"]``.
-      tx: the adapters' optimizer, plain (e.g. ``optax.adamw(1e-3)``: it sees only the adapters, no
-        :func:`rssbl_jax.freeze_base`).
+      tx: the adapters' optimizer, plain: it sees only the adapters (no :func:`rssbl_jax.freeze_base`).
       rng: a PRNG key (typed or raw) for the loss function's randomness.
-      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`.
-      trainable: a bool tree over ``params`` overriding which leaves train (default :func:`rssbl_jax.trainable_mask`).
+      config, trainable: the :class:`~rssbl_jax.AdapterConfig` (or adapted model) for
+        :func:`rssbl_jax.trainable_mask`, or a bool tree over ``params`` saying which leaves train.
 
-    >>> import jax, jax.numpy as jnp, optax
     >>> params = {"kernel": jnp.ones(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(1))
     >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
     >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
@@ -117,8 +114,8 @@ def make_train_step(
       tx: the adapters' optimizer, the one given to :func:`init_train_state`.
       axis_name: the ``pmap`` axis over which loss, gradients and checks are combined (the loss is then a mean over
         the global batch), or ``None``.
-      check_finite: ``False`` drops the checks (a reduction over every leaf, every step) and always applies the
-        update, ``metrics["finite"]`` empty: for many small runs in one ``jax.lax.scan``, where a diverged run
+      check_finite: ``False`` skips the checks (a reduction over every leaf, every step; ``metrics["finite"]`` is
+        empty) and always applies the update: for many small runs in one ``jax.lax.scan``, where a diverged run
         simply shows a non-finite loss.
 
     Returns:
@@ -126,7 +123,6 @@ def make_train_step(
       adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
       "opt_state/<path>": bool}}``; loss and gradient norm are those before the update.
 
-    >>> import jax, jax.numpy as jnp, optax
     >>> tx = optax.sgd(0.5)
     >>> params = {"w": jnp.zeros(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(2))
     >>> state = init_train_state(params, tx, jax.random.key(0))
@@ -187,7 +183,6 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
       tx: its optimizer.
       param_specs: a ``PartitionSpec`` tree over the whole params (:func:`rssbl_jax.sharding.adapter_partition_specs`).
 
-    >>> import jax, jax.numpy as jnp, optax
     >>> from jax.sharding import PartitionSpec as P
     >>> tx = optax.adam(1e-3)
     >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones(2), "lora_c": jnp.ones(1)}
