@@ -93,15 +93,8 @@ def factorize(
     >>> factorize(factorization.kind_of(nn.Dense(4)), nn.Dense(4), (3, 4), method, rank=2).b_shape
     (2, 4)
     """
-    return kind.factorize(
-        module,
-        kernel_shape,
-        rank,
-        x_shape,
-        args,
-        dict(kwargs or {}),
-        thresholds=getattr(method, "thresholds", DEFAULT_THRESHOLDS),
-    )
+    thresholds = getattr(method, "thresholds", DEFAULT_THRESHOLDS)
+    return kind.factorize(module, kernel_shape, rank, x_shape, args, dict(kwargs or {}), thresholds=thresholds)
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
@@ -286,12 +279,8 @@ def linen_leaves(
     the input, not as a shape mismatch. A partitioned ``kernel_box`` gives leaves annotated the same way.
     """
     if module.has_variable("params", "lora_a"):
-        names = method.params(layer, factorization, 1, shift=shift)
-        return {
-            name: meta.unbox(module.get_variable("params", name))
-            for name in names
-            if module.has_variable("params", name)
-        }
+        names = [n for n in method.params(layer, factorization, 1, shift=shift) if module.has_variable("params", n)]
+        return {name: meta.unbox(module.get_variable("params", name)) for name in names}
     partitioned = isinstance(kernel_box, meta.Partitioned)
     specs = leaf_specs(
         method, layer, factorization, d_p_of(p, method, keyword), shift=shift, initializers=initializers,

@@ -189,11 +189,10 @@ def inject(
     and ``save_adapters`` take.
 
     Args:
-      model: the linen model (not modified).
-      config: an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes over layer paths).
+      model, config: the linen model (not modified); an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes).
       rank, lora_alpha, settings: with targets, the config's fields as keywords (PEFT's ``target_modules`` too).
-      param_dtype: dtype of the adapter parameters.
-      method: an :class:`~rssbl_jax.AdapterMethod`, e.g. a baseline of :mod:`rssbl_jax.methods` (default: RSS).
+      param_dtype, method: the adapters' dtype; an :class:`~rssbl_jax.AdapterMethod` (default RSS, or a baseline of
+        :mod:`rssbl_jax.methods`).
       initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).
 
     Raises:

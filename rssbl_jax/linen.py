@@ -25,10 +25,7 @@ SETTINGS = tuple("gate gate_offset gate_hidden shift use_rslora lora_dropout lor
 _DEFAULT = {field.name: field.default for field in dataclasses.fields(AdapterConfig)}
 
 Initializer = jax.nn.initializers.Initializer
-
 default_kernel_init = nn.initializers.lecun_normal()
-default_lora_a_init = core.default_lora_a_init
-default_lora_c_init = gates.default_lora_c_init
 
 
 class RSSBilinearLoRADense(nn.Module):

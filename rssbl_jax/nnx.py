@@ -2,7 +2,8 @@ r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an e
 
 The update (:func:`rssbl_jax.inject`'s math) is applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen. The
 factors are :class:`RSSBilinearLoRAParam`, an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
-``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters.
+``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters (as below;
+``docs/guides/adapt.md`` trains and merges an injected model).
 
 How ``p`` reaches the layers: the model's code does not pass it on, so ``adapted(*args, p=p)`` writes ``p`` into the
 one :class:`OperatingParams` variable its adapted layers share and restores the old value afterwards, also on an
@@ -16,15 +17,10 @@ composition (a wrapper around the base layer, as ``nnx.LoRALinear``), which move
 ``<layer>/base/kernel``, off the paths of pretrained checkpoints and linen-adapted trees, and still needs a way to
 hand ``p`` past the model's code.
 
->>> import optax
 >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
 >>> adapted = inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
->>> optimizer, x, p = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=nnx.LoRAParam), jnp.ones((4, 3)), jnp.ones((4, 2))
->>> grads = nnx.grad(lambda m: jnp.mean(m(x, p=p) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
->>> _ = optimizer.update(adapted, grads)
->>> merged = merge(adapted, p[0])                       # plain nnx.Linear layers at p0
->>> bool(jnp.allclose(merged(x), adapted(x, p=p[0]), atol=1e-6))
-True
+>>> {i: sorted(leaves) for i, leaves in nnx.state(adapted, nnx.LoRAParam).to_pure_dict()["model"]["layers"].items()}
+{0: ['lora_a', 'lora_b', 'lora_c', 'lora_s'], 2: ['lora_a', 'lora_b', 'lora_c', 'lora_s']}
 """
 
 from __future__ import annotations

@@ -41,10 +41,8 @@ class TrainState(NamedTuple):
       opt_state: the optimizer state of ``trainable``.
       rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
 
-    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
-    >>> state._fields, state.trainable["kernel"], state.frozen["lora_b"]
-    (('step', 'trainable', 'frozen', 'opt_state', 'rng'), None, None)
+    >>> TrainState._fields
+    ('step', 'trainable', 'frozen', 'opt_state', 'rng')
     """
 
     step: jax.Array
@@ -105,8 +103,10 @@ def make_train_step(
     It differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies ``tx`` and
     checks the loss, the gradients, every floating leaf of ``batch`` (``p`` included) and the updated state for
     NaN/inf; if any fails, the state comes back unchanged and ``metrics["finite"]`` says which (:func:`rssbl_jax.train`
-    then raises :class:`~rssbl_jax.training.NonFiniteError`). Wrap it in ``jax.jit`` (with shardings on a mesh, where
-    XLA inserts the reductions) or in ``jax.pmap`` with the same ``axis_name``.
+    then raises :class:`~rssbl_jax.training.NonFiniteError`). ``metrics = {"loss": f32, "grad_norm": f32 (global L2
+    norm of the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
+    "opt_state/<path>": bool}}``, loss and gradient norm from before the update. Wrap the step in ``jax.jit`` (with
+    shardings on a mesh, where XLA inserts the reductions) or in ``jax.pmap`` with the same ``axis_name``.
 
     Args:
       loss_fn: ``loss_fn(params, batch, rng) -> scalar`` on the whole params tree. For mixed precision build the
@@ -118,16 +118,9 @@ def make_train_step(
         empty) and always applies the update: for many small runs in one ``jax.lax.scan``, where a diverged run
         simply shows a non-finite loss.
 
-    Returns:
-      ``step(state, batch) -> (state, metrics)``, ``metrics = {"loss": f32, "grad_norm": f32 (global L2 norm of the
-      adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
-      "opt_state/<path>": bool}}``; loss and gradient norm are those before the update.
-
-    >>> tx = optax.sgd(0.5)
-    >>> params = {"w": jnp.zeros(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(2))
-    >>> state = init_train_state(params, tx, jax.random.key(0))
+    >>> tx, params = optax.sgd(0.5), {"w": jnp.zeros(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(2))
     >>> step = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum((params["lora_b"] - batch) ** 2), tx))
-    >>> state, metrics = step(state, jnp.zeros(2))
+    >>> state, metrics = step(init_train_state(params, tx, jax.random.key(0)), jnp.zeros(2))
     >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"])
     (1, [0.0, 0.0], 2.0)
     >>> state, metrics = step(state, jnp.array([0.0, jnp.nan]))   # not applied
@@ -152,9 +145,7 @@ def make_train_step(
                            "finite": {}}  # fmt: skip
 
         finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
-            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
-                finite["batch/" + (_path_str(path) or "(root)")] = jnp.all(jnp.isfinite(leaf))
+        finite |= {f"batch/{name or '(root)'}": ok for name, ok in _finite_leaves(batch).items()}
         # The optimizer can make NaN from finite gradients (e.g. Adam with eps=0 on a zero gradient).
         finite |= {f"params/{name}": ok for name, ok in _finite_leaves(trainable).items()}
         finite |= {f"opt_state/{name}": ok for name, ok in _finite_leaves(opt_state).items()}
@@ -184,11 +175,10 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
       param_specs: a ``PartitionSpec`` tree over the whole params (:func:`rssbl_jax.sharding.adapter_partition_specs`).
 
     >>> from jax.sharding import PartitionSpec as P
-    >>> tx = optax.adam(1e-3)
     >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones(2), "lora_c": jnp.ones(1)}
-    >>> state = init_train_state(params, tx, jax.random.key(0))
-    >>> specs = state_partition_specs(state, tx, {"kernel": P("model", None), "lora_a": P("model", None),
-    ...                                           "lora_b": P(), "lora_c": P()})
+    >>> specs = {"kernel": P("model", None), "lora_a": P("model", None), "lora_b": P(), "lora_c": P()}
+    >>> tx = optax.adam(1e-3)
+    >>> specs = state_partition_specs(init_train_state(params, tx, jax.random.key(0)), tx, specs)
     >>> specs.opt_state[0].mu["lora_a"], specs.opt_state[0].count, specs.frozen["kernel"]
     (P('model', None), P(), P('model', None))
     """
