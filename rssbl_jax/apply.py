@@ -109,10 +109,9 @@ def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
 
 
 def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str) -> None:
-    """Warn (once per call site) when ``p`` has all-zero rows where the method's update vanishes identically.
+    """Warn (once per call site) when ``p`` has all-zero rows, where ``C p̂`` and ``S p̂`` vanish (nothing is learnt).
 
-    ``C p̂`` and ``S p̂`` are 0 at ``p̂ = 0``, so the adapter learns nothing for such rows. Only a concrete ``p`` is
-    inspected; the linen front-ends call it at ``init`` (NNX's ``inject`` sees no ``p`` then).
+    Only a concrete ``p`` is inspected; the linen front-ends call it at ``init`` (NNX's ``inject`` sees no ``p``).
     """
     if p is None or layer.p_mean is not None or not method.vanishes_at_zero(layer) or isinstance(p, jax.core.Tracer):
         return
@@ -245,9 +244,8 @@ def check_targets(
 def outside_quantizer(fn: Any) -> Any:
     """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
 
-    qwix quantises every ``dot_general``/``einsum`` operand that is a param of the current module: inside an adapted
-    layer ``lora_a``/``lora_b`` too. The base call stays intercepted (quantised kernel); the update runs outside, in
-    full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
+    qwix quantises every ``dot_general``/``einsum`` operand that is a param of the current module, ``lora_a``/``lora_b``
+    too: the base call stays quantised, the update in full precision (conditional QLoRA: :mod:`rssbl_jax.quantize`).
     """
     if "qwix" not in sys.modules:  # qwix quantises only models it was imported to quantise
         return fn

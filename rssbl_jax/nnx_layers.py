@@ -150,7 +150,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
     Args:
       in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
         ``nnx.Linear`` (``param_dtype`` also for the adapters).
-      rank, lora_alpha, d_p: adapter rank ``r`` (update scaled by ``lora_alpha / rank``); number of operating params.
+      rank, lora_alpha, d_p: adapter rank ``r``; update scale ``lora_alpha / rank``; number of operating parameters.
       gate, gate_offset, gate_hidden, shift, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
         :class:`rssbl_jax.AdapterConfig` (``shift``: learn ``S p``, ``lora_s``).
       initializers, rngs: ``{leaf name: initializer}`` overrides; the ``nnx.Rngs`` for initial values and dropout.
