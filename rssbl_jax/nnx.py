@@ -1,7 +1,7 @@
 r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an existing NNX model.
 
-The update (:func:`rssbl_jax.inject`'s math) is applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen. The
-factors are :class:`RSSBilinearLoRAParam`, an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
+The update (:func:`rssbl_jax.inject.inject`'s math) is applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen.
+The factors are :class:`RSSBilinearLoRAParam`, an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
 ``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters (as below;
 ``docs/guides/adapt.md`` trains and merges an injected model).
 
@@ -159,8 +159,8 @@ def inject(
 ) -> Adapted:
     r"""A copy (``nnx.clone``) of an NNX model, the layers an ``AdapterConfig`` targets adapted; ``model`` unchanged.
 
-    The NNX counterpart of :func:`rssbl_jax.inject`: each ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and
-    ``Embed`` whose path (attribute names joined by ``/``, e.g. ``"blocks/0/query"``) the config adapts becomes its
+    The NNX counterpart of :func:`rssbl_jax.inject.inject`: each ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``
+    and ``Embed`` whose path (attribute names joined by ``/``, e.g. ``"blocks/0/query"``) the config adapts becomes its
     ``RSSBilinearLoRA*`` subclass: the same base variables plus :class:`RSSBilinearLoRAParam` factors laid out as in
     :mod:`rssbl_jax.factorization` (linen's state tree, too). ``B = 0`` at init: the output is unchanged.
 
@@ -213,10 +213,10 @@ def inject(
 def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     r"""A copy of an adapted NNX model with every adapted layer folded back into its base class at ``p0``.
 
-    The fold is :func:`rssbl_jax.merge`'s, with each layer's settings read from the layer. Takes an :class:`Adapted`
-    (merges its ``model``) or a model holding adapted layers; the result has the unmodified model's classes and state
-    tree, and the adapted model's output at ``p0``. For a batch of points, ``jax.vmap`` :func:`rssbl_jax.merge` over
-    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()`` with ``adapted.config``.
+    The fold is :func:`rssbl_jax.merge.merge`'s, with each layer's settings read from the layer. Takes an
+    :class:`Adapted` (merges its ``model``) or a model holding adapted layers; the result has the unmodified model's
+    classes and state tree, and the adapted model's output at ``p0``. For a batch of points, ``jax.vmap``
+    :func:`rssbl_jax.merge.merge` over ``nnx.state(adapted.model, nnx.Param).to_pure_dict()`` with ``adapted.config``.
 
     Raises:
       ValueError: the model holds no adapted layer (e.g. merged already), a layer's method cannot be folded (checked
