@@ -1,23 +1,19 @@
-r"""The one function that applies an adapter, used by the linen layer, linen injection and NNX alike.
+r"""The one function that applies an adapter (:func:`apply_adapter`), for the linen layer, linen injection and NNX.
 
 Each front-end only finds the base output ``y``, its input ``x`` and the adapter leaves its own way (a linen scope,
-an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: leaves with the one sharding
-rule (:func:`leaf_specs`), factorizations (:func:`factorize`), ``d_p`` (:func:`d_p_of`), checks, normalisation,
-dropout and dtype promotion around ``method.adapt`` (:func:`apply_adapter`), the linear gate's pitfall
-(:func:`warn_if_silent`).
+an NNX attribute); the rest is written once here, so the front-ends cannot drift apart: leaves and their sharding
+(:func:`leaf_specs`), factorizations, ``d_p``, checks, normalisation, dropout, dtype promotion, the linear gate's
+``p = 0`` pitfall (:func:`warn_if_silent`).
 
 .. math::
 
     y' = y + \Delta y(x, \hat p), \qquad \hat p = (p - \mu) / \sigma
 
->>> import jax.numpy as jnp
->>> from rssbl_jax import core, methods
->>> from rssbl_jax.config import LayerConfig
+>>> from rssbl_jax import methods
 >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, p_mean=(1.0,), p_std=(2.0,))
->>> factorization = core.dense_factorization((3, 2), rank=1)
 >>> factors = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.ones((1, 1))}
->>> apply_adapter(methods.RSS(), layer, factorization, jnp.ones((1, 3)), jnp.array([5.0]), jnp.zeros((1, 2)),
-...               factors).tolist()                                         # 3 * (5 - 1) / 2
+>>> apply_adapter(methods.RSS(), layer, core.dense_factorization((3, 2), rank=1), jnp.ones((1, 3)), jnp.array([5.0]),
+...               jnp.zeros((1, 2)), factors).tolist()                      # 3 * (5 - 1) / 2
 [[6.0, 6.0]]
 """
 
@@ -27,7 +23,7 @@ import dataclasses
 import inspect
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -36,10 +32,10 @@ import numpy as np
 from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
-from rssbl_jax import core, tree
-from rssbl_jax.config import AdapterConfig, LayerConfig
+from rssbl_jax import core, patterns, tree
+from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import Factorization, LayerKind
-from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS
 from rssbl_jax.methods import AdapterMethod
 
 Initializer = jax.nn.initializers.Initializer
@@ -60,13 +56,10 @@ def leaf_specs(
 ) -> dict[str, Leaf]:  # fmt: skip
     """The adapter leaves of one layer: the method's ``params`` with ``initializers`` overrides and sharding names.
 
-    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`.
+    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`. An
+    ``initializers`` key that names no leaf of the method is a ``ValueError``.
 
-    Raises:
-      ValueError: when an ``initializers`` key names no leaf of the method.
-
-    >>> from rssbl_jax import core, methods
-    >>> from rssbl_jax.config import LayerConfig
+    >>> from rssbl_jax import methods
     >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
     ...                    shift=False, kernel_names=("embed", "mlp"), kernel_shape=(8, 16))
     >>> specs["lora_a"].names, specs["lora_b"].names, specs["lora_c"].names
@@ -88,16 +81,11 @@ def leaf_specs(
     }
 
 
-def thresholds_of(method: AdapterMethod) -> Thresholds:
-    """The fast-path :class:`~rssbl_jax.fastpath.Thresholds` a method computes with (the defaults if it has none)."""
-    return getattr(method, "thresholds", DEFAULT_THRESHOLDS)
-
-
 def factorize(
     kind: LayerKind, module: Any, kernel_shape: tuple[int, ...], method: AdapterMethod, rank: int,
     x_shape: tuple[int, ...] | None = None, args: tuple = (), kwargs: Mapping[str, Any] | None = None,
 ) -> Factorization:  # fmt: skip
-    """``kind.factorize`` for ``module`` with the method's thresholds: what every front-end builds on.
+    """``kind.factorize`` for ``module`` with the method's fast-path thresholds (the defaults if it has none).
 
     >>> import flax.linen as nn
     >>> from rssbl_jax import factorization, fastpath, methods
@@ -105,17 +93,12 @@ def factorize(
     >>> factorize(factorization.kind_of(nn.Dense(4)), nn.Dense(4), (3, 4), method, rank=2).b_shape
     (2, 4)
     """
-    return kind.factorize(
-        module, kernel_shape, rank, x_shape, args, dict(kwargs or {}), thresholds=thresholds_of(method)
-    )
+    thresholds = getattr(method, "thresholds", DEFAULT_THRESHOLDS)
+    return kind.factorize(module, kernel_shape, rank, x_shape, args, dict(kwargs or {}), thresholds=thresholds)
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
-    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
-
-    Raises:
-      ValueError: when the method uses ``p`` and ``p`` is ``None`` or a scalar.
-    """
+    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``, else ``ValueError``); 1 for a method without ``p``."""
     if not method.uses_p:
         return 1 if p is None or jnp.ndim(p) == 0 else jnp.shape(p)[-1]
     if p is None:
@@ -126,10 +109,9 @@ def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
 
 
 def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str) -> None:
-    """Warn (once per call site) when ``p`` has all-zero rows where the method's update vanishes identically.
+    """Warn (once per call site) when ``p`` has all-zero rows, where ``C p̂`` and ``S p̂`` vanish (nothing is learnt).
 
-    ``C p̂`` and ``S p̂`` are 0 at ``p̂ = 0``, so the adapter learns nothing for such rows. Only a concrete ``p`` is
-    inspected; the linen front-ends call it at ``init`` (NNX's ``inject`` sees no ``p`` then).
+    Only a concrete ``p`` is inspected; the linen front-ends call it at ``init`` (NNX's ``inject`` sees no ``p``).
     """
     if p is None or layer.p_mean is not None or not method.vanishes_at_zero(layer) or isinstance(p, jax.core.Tracer):
         return
@@ -154,10 +136,8 @@ def apply_adapter(
 
     In order: refuse ``p = None`` when the method uses ``p``; promote ``x``, ``p``, the factors to ``dtype`` (or
     inferred); dropout on ``x`` (only with ``dropout_rng``); ``p̂ = (p - p_mean) / p_std``; ``method.adapt``; check
-    the output shape and cast to ``y``'s dtype.
-
-    Raises:
-      ValueError: prefixed with ``where``, naming ``d_p`` and the shapes when ``p`` does not fit the layer.
+    the output shape and cast to ``y``'s dtype. A ``p`` that does not fit the layer is a ``ValueError`` prefixed with
+    ``where``, naming ``d_p`` and the shapes.
     """
     if p is None and method.uses_p:
         raise ValueError(
@@ -247,12 +227,25 @@ def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
         )
 
 
+def check_targets(
+    config: AdapterConfig, adaptable: Mapping[str, str], candidates: Sequence[str], adapted: Sequence[str]
+) -> None:
+    """Raise when a target matches none of ``candidates`` (listing ``adaptable``), or a pattern no ``adapted`` path."""
+    listing = "\n".join(f"  {path or repr(path)}  ({kind})" for path, kind in adaptable.items()) or "  (none)"
+    for pattern in config.targets:
+        if not any(patterns.matches([pattern], path) for path in candidates):
+            raise ValueError(
+                f"target pattern {pattern!r} matches no adaptable layer (regex fullmatch on the layer path). "
+                f"Adaptable paths:\n{listing}"
+            )
+    check_patterns_used(config, adapted)
+
+
 def outside_quantizer(fn: Any) -> Any:
     """``fn`` run with qwix's op interception switched off, when qwix is loaded; ``fn`` itself otherwise.
 
-    qwix quantises every ``dot_general``/``einsum`` operand that is a param of the current module: inside an adapted
-    layer ``lora_a``/``lora_b`` too. The base call stays intercepted (quantised kernel); the update runs outside, in
-    full precision (conditional QLoRA, :mod:`rssbl_jax.quantize`).
+    qwix quantises every ``dot_general``/``einsum`` operand that is a param of the current module, ``lora_a``/``lora_b``
+    too: the base call stays quantised, the update in full precision (conditional QLoRA: :mod:`rssbl_jax.quantize`).
     """
     if "qwix" not in sys.modules:  # qwix quantises only models it was imported to quantise
         return fn
@@ -284,12 +277,8 @@ def linen_leaves(
     the input, not as a shape mismatch. A partitioned ``kernel_box`` gives leaves annotated the same way.
     """
     if module.has_variable("params", "lora_a"):
-        names = method.params(layer, factorization, 1, shift=shift)
-        return {
-            name: meta.unbox(module.get_variable("params", name))
-            for name in names
-            if module.has_variable("params", name)
-        }
+        names = [n for n in method.params(layer, factorization, 1, shift=shift) if module.has_variable("params", n)]
+        return {name: meta.unbox(module.get_variable("params", name)) for name in names}
     partitioned = isinstance(kernel_box, meta.Partitioned)
     specs = leaf_specs(
         method, layer, factorization, d_p_of(p, method, keyword), shift=shift, initializers=initializers,

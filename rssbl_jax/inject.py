@@ -1,17 +1,15 @@
 r"""Adapt an existing, unmodified Flax linen model by layer-path patterns (method interception, as qwix does).
 
 While the model runs, every layer of a kind in :data:`rssbl_jax.factorization.KINDS` that the config adapts adds
-the update of :func:`rssbl_jax.apply.apply_adapter` (the linen layer's and NNX's function) to its output, with
-``lora_*`` leaves beside its kernel. The model's code is untouched: its params are its own tree plus ``lora_*``
-leaves (pretrained weights load with :func:`load_base`), partitioned by :func:`rssbl_jax.tree.axes_from_kernel`.
+:func:`rssbl_jax.apply.apply_adapter`'s update to its output. The params are the model's own tree plus ``lora_*``
+leaves beside each adapted kernel (pretrained weights load with :func:`load_base`), partitioned by
+:func:`rssbl_jax.tree.axes_from_kernel`.
 
-Why ``p`` is an argument: ``adapted.apply(variables, x, p=p)`` builds, for that call only, the interceptor that
-hands ``p`` to every adapted layer. Nothing outlives the call, so a ``jax.jit``-traced function computes with the
-``p`` it is given, never one captured at trace time.
-
-Why :class:`Adapted` shares the wrapped model's scope: its params stay the wrapped model's tree (no prefix), so
-``tabulate`` lists the ``lora_*`` leaves, it nests in larger linen modules, and targets name paths in the wrapped
-model wherever it sits.
+Why ``p`` is an argument: ``adapted.apply(variables, x, p=p)`` builds the interceptor that hands ``p`` to every
+adapted layer for that call only, so a ``jax.jit``-traced function computes with the ``p`` it is given, never one
+captured at trace time. Why :class:`Adapted` shares the wrapped model's scope: its params stay the wrapped model's
+tree (no prefix), so ``tabulate`` lists the ``lora_*`` leaves, it nests in larger linen modules, and targets name
+paths in the wrapped model wherever it sits.
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ from flax import linen as nn
 from flax.core import meta
 
 from rssbl_jax import apply, patterns
-from rssbl_jax.apply import apply_adapter, check_keyword_free, linen_leaves, make_config, metadata_holder
+from rssbl_jax.apply import apply_adapter, check_keyword_free, check_targets, linen_leaves, make_config, metadata_holder
 from rssbl_jax.apply import outside_quantizer as outside_quantizer
-from rssbl_jax.config import AdapterConfig, check_patterns_used
+from rssbl_jax.config import AdapterConfig
 from rssbl_jax.factorization import kind_of
 from rssbl_jax.methods import RSS, AdapterMethod
 from rssbl_jax.tree import adapter_layers, adapter_leaf_paths
@@ -47,16 +45,10 @@ class Adapted(nn.Module):
     r"""An unmodified linen ``model`` whose adapted layers carry a rank-space update modulated by ``p``: a linen module.
 
     Built by :func:`inject`; ``init``, ``apply``, ``tabulate`` and calls as a submodule hand ``p`` (the keyword
-    ``config.p_keyword``) to every adapted layer. ``lora_dropout`` acts only with a ``"dropout"`` rng.
+    ``config.p_keyword``) to every adapted layer. ``lora_dropout`` acts only with a ``"dropout"`` rng. Fields, as
+    :func:`inject`'s arguments: ``base`` (the wrapped model, where linen does not adopt it; read it as ``model``),
+    ``config`` (what merge and checkpoints take), ``param_dtype``, ``method``, ``initializers`` (a tuple of pairs).
 
-    Attributes:
-      model: the linen model (not modified); a property reading ``base``, where linen does not adopt it.
-      config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
-      param_dtype: dtype of the adapter parameters.
-      method: the :class:`~rssbl_jax.AdapterMethod` computing the update (:class:`~rssbl_jax.RSS` by default).
-      initializers: ``{leaf name: initializer}`` overrides of the method's leaves, as a tuple of pairs.
-
-    >>> import jax, jax.numpy as jnp
     >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
     >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
     True
@@ -83,8 +75,8 @@ class Adapted(nn.Module):
         object.__setattr__(self, "_bound", self.base.module.clone(parent=self.scope))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` with the adapted layers under ``p`` (a keyword): ``[d_p]`` or ``[batch, d_p]``
-        (then every adapted layer's input leads with the batch axis)."""
+        """``model(*args, **kwargs)``, adapted layers under the keyword ``p``: ``[d_p]``, or ``[batch, d_p]`` when every
+        adapted layer's input leads with the batch axis."""
         return self._run(None, args, kwargs)
 
     @nn.nowrap
@@ -130,14 +122,12 @@ class Adapted(nn.Module):
         seen: dict[str, str] = {}
         adapted: list[str] = []
         with nn.intercept_methods(self._interceptor(seen, adapted, p)):
-            if fun is None:
-                out = model(*args, **kwargs)
-            elif isinstance(fun, str):
+            if isinstance(fun, str):
                 out = getattr(model, fun)(*args, **kwargs)
             else:
-                out = fun(model, *args, **kwargs)
+                out = model(*args, **kwargs) if fun is None else fun(model, *args, **kwargs)
         if fun is None:  # another method may legitimately skip some layers
-            _check_targets(self.config, seen, adapted)
+            check_targets(self.config, seen, list(seen), adapted)
         return out
 
     def _interceptor(self, seen: dict[str, str], adapted: list[str], p: Any):
@@ -182,18 +172,6 @@ class Adapted(nn.Module):
         )  # fmt: skip
 
 
-def _check_targets(config: AdapterConfig, seen: Mapping[str, str], adapted: Sequence[str]) -> None:
-    """Raise when a target regex matches no adaptable layer, or an override regex matches no adapted one."""
-    listing = "\n".join(f"  {path or repr(path)}  ({kind})" for path, kind in seen.items()) or "  (none)"
-    for pattern in config.targets:
-        if not any(patterns.matches([pattern], path) for path in seen):
-            raise ValueError(
-                f"target pattern {pattern!r} matches no adaptable layer (regex fullmatch on the layer path). "
-                f"Adaptable paths:\n{listing}"
-            )
-    check_patterns_used(config, adapted)
-
-
 def inject(
     model: nn.Module, config: AdapterConfig | str | Sequence[str] | None = None, rank: int | None = None,
     lora_alpha: float | None = None, *, param_dtype: Any = jnp.float32, method: Any = None,
@@ -207,28 +185,23 @@ def inject(
 
     for every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed`` layer ``ℓ`` whose path (params keys joined
     by ``/``, e.g. ``"block_0/attention/query"``) fully matches a target and no ``exclude``. ``B = 0`` at init.
+    ``adapted.init(key, *args, p=p)`` reads ``d_p`` from ``p``; ``adapted.config`` is what ``partition``, ``merge``
+    and ``save_adapters`` take.
 
     Args:
-      model: the linen model (not modified).
-      config: an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes over layer paths).
+      model, config: the linen model (not modified); an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes).
       rank, lora_alpha, settings: with targets, the config's fields as keywords (PEFT's ``target_modules`` too).
-      param_dtype: dtype of the adapter parameters.
-      method: an :class:`~rssbl_jax.AdapterMethod`, e.g. a baseline of :mod:`rssbl_jax.methods` (default: RSS).
+      param_dtype, method: the adapters' dtype; an :class:`~rssbl_jax.AdapterMethod` (default RSS, or a baseline of
+        :mod:`rssbl_jax.methods`).
       initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).
-
-    Returns:
-      an :class:`Adapted` module; ``adapted.init(key, *args, p=p)`` reads ``d_p`` from ``p``; ``adapted.config`` is
-      what ``partition``, ``merge`` and ``save_adapters`` take.
 
     Raises:
       TypeError: naming an unknown keyword.
       ValueError: when the model's ``__call__`` already takes ``p_keyword``; at the first call, when a target matches
         no adaptable layer (the error lists them) or a pattern matches no adapted one.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
-    >>> adapted = inject(model, r"layers_0", rank=2, lora_alpha=4.0)
-    >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))
+    >>> adapted, x, p = inject(model, r"layers_0", rank=2, lora_alpha=4.0), jnp.ones((3, 5)), jnp.ones((3, 2))
     >>> variables = adapted.init(jax.random.key(0), x, p=p)
     >>> bool(jnp.all(adapted.apply(variables, x, p=p) == model.apply(variables, x)))   # B = 0 at init
     True
@@ -250,7 +223,6 @@ def inject(
 def adaptable_paths(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
     """The paths and kinds of the layers of a linen ``model`` that :func:`inject` can adapt (by ``jax.eval_shape``).
 
-    >>> import jax.numpy as jnp, flax.linen as nn
     >>> adaptable_paths(nn.Sequential([nn.Dense(8), nn.Conv(4, (3,))]), jnp.ones((2, 6, 3)))
     {'layers_0': 'Dense', 'layers_1': 'Conv'}
     """
@@ -277,19 +249,13 @@ def _flat(tree: PyTree) -> dict[str, Any]:
 def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     """Replace every non-adapter leaf of an adapted model's ``variables`` by the pretrained one.
 
-    Args:
-      variables: the adapted model's variables (or params); its adapter leaves are kept.
-      pretrained: the model's params, or variables (every collection, e.g. ``batch_stats``); paths and shapes must
-        match exactly, values keep their dtype.
+    ``variables`` are the adapted model's variables (or params), its adapter leaves kept; ``pretrained`` the model's
+    params, or variables (every collection, e.g. ``batch_stats``). Paths and shapes must match exactly (else a
+    ``ValueError`` naming the first path missing, unexpected or of another shape); values keep their dtype.
 
-    Raises:
-      ValueError: naming the first path that is missing, unexpected or of another shape.
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> model = nn.Dense(3)
-    >>> adapted = inject(model, "", rank=1, lora_alpha=1.0)   # the root layer's path is ""
-    >>> variables = adapted.init(jax.random.key(0), jnp.ones((1, 2)), p=jnp.ones(1))
-    >>> pretrained = model.init(jax.random.key(1), jnp.ones((1, 2)))["params"]
+    >>> model, x = nn.Dense(3), jnp.ones((1, 2))
+    >>> variables = inject(model, "", rank=1, lora_alpha=1.0).init(jax.random.key(0), x, p=jnp.ones(1))  # root: ""
+    >>> pretrained = model.init(jax.random.key(1), x)["params"]
     >>> loaded = load_base(variables, pretrained)["params"]
     >>> bool(jnp.all(loaded["kernel"] == pretrained["kernel"])), sorted(loaded)
     (True, ['bias', 'kernel', 'lora_a', 'lora_b', 'lora_c', 'lora_s'])

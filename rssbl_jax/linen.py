@@ -1,7 +1,7 @@
 """Flax linen front-end: a thin ``nn.Module`` over :func:`rssbl_jax.apply.apply_adapter`.
 
-``p`` is the layer's second argument on every call; nothing is stored between calls, so a traced function always
-computes with the ``p`` it was given.
+``p`` is the layer's second argument on every call; nothing is stored between calls, so a traced function computes
+with the ``p`` it was given.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ SETTINGS = tuple("gate gate_offset gate_hidden shift use_rslora lora_dropout lor
 _DEFAULT = {field.name: field.default for field in dataclasses.fields(AdapterConfig)}
 
 Initializer = jax.nn.initializers.Initializer
-
 default_kernel_init = nn.initializers.lecun_normal()
-default_lora_a_init = core.default_lora_a_init
-default_lora_c_init = gates.default_lora_c_init
 
 
 class RSSBilinearLoRADense(nn.Module):
@@ -42,15 +39,12 @@ class RSSBilinearLoRADense(nn.Module):
     ``bias`` are ``nn.Dense``'s, so a Dense checkpoint loads unchanged; the adapter adds ``lora_a (d_in, r)``,
     ``lora_b (r, d_out)``, ``lora_c (d_p, r)``, ``lora_s (d_p, r)`` (and the affine and MLP gates' leaves), ``d_p``
     from ``p`` at ``init``. ``p`` is ``[d_p]`` or ``[*lead, d_p]``, ``lead`` a prefix of ``x``'s leading axes (else a
-    ``ValueError`` naming ``d_p`` and both shapes, at trace time).
-
-    ``B = 0`` at init (:func:`rssbl_jax.core.adapter_params`; ``docs/guides/options.md`` explains the ``p = 0``
-    pitfall); ``init`` warns when a concrete ``p`` has all-zero rows, where the linear gate and shift vanish, without
-    ``p_mean``.
+    ``ValueError`` naming ``d_p`` and both shapes, at trace time). ``B = 0`` at init
+    (:func:`rssbl_jax.core.adapter_params`); ``init`` warns when a concrete ``p`` has all-zero rows, where the linear
+    gate and shift vanish, without ``p_mean`` (the ``p = 0`` pitfall of ``docs/guides/options.md``).
 
     Attributes:
-      features: output width ``d_out``.
-      rank: adapter rank ``r``.
+      features, rank: output width ``d_out``; adapter rank ``r``.
       lora_alpha: the update is multiplied by ``lora_alpha / rank`` (PEFT's convention).
       use_bias: whether the base layer has a bias.
       gate, gate_offset, gate_hidden, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
@@ -58,17 +52,13 @@ class RSSBilinearLoRADense(nn.Module):
       shift: whether to learn the shift ``S p`` (``None``: where the layer has a bias).
       config: the :class:`~rssbl_jax.AdapterConfig` of :meth:`from_config`; ``None``: the one of the fields above.
       deterministic: disable ``lora_dropout`` (also a ``__call__`` argument); dropout uses the ``"dropout"`` rng.
-      dtype: compute dtype; inferred from inputs and params when ``None``.
-      param_dtype: dtype of all parameters.
-      precision: matmul precision, as in ``nn.Dense``.
+      dtype, param_dtype: compute dtype (``None``: inferred from inputs and params); dtype of all parameters.
+      precision, kernel_init, bias_init: as in ``nn.Dense``.
       thresholds: when the fast paths are taken (:class:`rssbl_jax.fastpath.Thresholds`); same output either way.
-      kernel_init, bias_init: initialisers of the base ``kernel`` and ``bias``.
       lora_a_init_fn, lora_b_init, lora_c_init, lora_s_init: initialiser overrides (``None``: the defaults).
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = RSSBilinearLoRADense(features=4, rank=2, lora_alpha=4.0)
-    >>> x, p = jnp.ones((3, 5)), jnp.ones((3, 2))           # per-example p
-    >>> variables = layer.init(jax.random.key(0), x, p)
+    >>> layer, x, p = RSSBilinearLoRADense(features=4, rank=2, lora_alpha=4.0), jnp.ones((3, 5)), jnp.ones((3, 2))
+    >>> variables = layer.init(jax.random.key(0), x, p)                    # per-example p
     >>> layer.apply(variables, x, p).shape, layer.adapter_config.scale
     ((3, 4), 2.0)
     """

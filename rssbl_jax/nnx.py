@@ -1,42 +1,26 @@
 r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an existing NNX model.
 
-.. math::
+The update (:func:`rssbl_jax.inject.inject`'s math) is applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen.
+The factors are :class:`RSSBilinearLoRAParam`, an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
+``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters (as below;
+``docs/guides/adapt.md`` trains and merges an injected model).
 
-    y = f(x) + s\, B\big((A x) \odot g(\hat p) + S \hat p\big)
+How ``p`` reaches the layers: the model's code does not pass it on, so ``adapted(*args, p=p)`` writes ``p`` into the
+one :class:`OperatingParams` variable its adapted layers share and restores the old value afterwards, also on an
+error (a standalone :class:`RSSBilinearLoRALinear` takes ``p`` as its second argument). The variable is graph state,
+so ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and ``nnx.remat`` trace it as an input: a traced function computes with
+the ``p`` of the call that runs it, never one captured at trace time (a ``jax.jit`` closing over the model captures
+it as a constant, like the weights: use ``nnx.jit``). A nested ``adapted(x, p=p2)`` or :func:`operating_params` block
+uses ``p2``; between calls it is ``None``, and a layer reached without ``p`` says how to pass it. Rejected: a
+thread-local context, invisible to the tracer, so one entered outside ``nnx.jit`` is baked into the trace;
+composition (a wrapper around the base layer, as ``nnx.LoRALinear``), which moves the base weights to
+``<layer>/base/kernel``, off the paths of pretrained checkpoints and linen-adapted trees, and still needs a way to
+hand ``p`` past the model's code.
 
-applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen. Adapter factors are :class:`RSSBilinearLoRAParam`,
-an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, ``nnx.state(model, nnx.LoRAParam)`` and
-every tool built on ``LoRAParam`` select exactly the adapters.
-
-How ``p`` reaches the layers. An unmodified model's code does not pass ``p`` on, so ``adapted(*args, p=p)`` writes
-``p`` into the one :class:`OperatingParams` variable all its adapted layers share, runs the model and restores the
-previous value, also when the model raises; a standalone :class:`RSSBilinearLoRALinear` also takes ``p`` as its
-second argument. The variable is graph state like the weights, so ``nnx.jit``, ``nnx.vmap``, ``nnx.scan`` and
-``nnx.remat`` pass it as an input of the trace: a traced function computes with the ``p`` of the call that runs it,
-never one captured when it was traced, and a nested ``adapted(x, p=p2)`` or :func:`operating_params` block uses
-``p2``. Between calls it holds ``None``, and a layer reached without ``p`` raises an error saying how to pass it. (A
-``jax.jit`` closing over an NNX model captures its weights and this variable as constants alike; pass the model to
-``nnx.jit``, as NNX asks for its weights.) Rejected alternatives: a thread-local context is invisible to the tracer,
-so one entered outside ``nnx.jit`` gets baked into the trace; composition (a wrapper holding the base layer and
-``self.lora``, as ``nnx.LoRALinear``) moves the base weights to ``<layer>/base/kernel``, so pretrained checkpoints
-and linen-adapted trees no longer share paths, and still needs a way to hand ``p`` past the model's code.
-
-:func:`inject` works on a copy (``nnx.clone``, as qwix's ``quantize_nnx_model``), the caller's model is unchanged;
-each targeted layer becomes its RSSBilinearLoRA subclass (``nnx.Linear`` → :class:`RSSBilinearLoRALinear`), keeping
-every path and attribute of the base layer.
-
->>> import jax.numpy as jnp, optax
->>> from flax import nnx
->>> from rssbl_jax import nnx as rss_nnx
 >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
->>> adapted = rss_nnx.inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
->>> optimizer = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=nnx.LoRAParam)      # only the adapters
->>> x, p = jnp.ones((4, 3)), jnp.ones((4, 2))
->>> grads = nnx.grad(lambda m: jnp.mean(m(x, p=p) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
->>> _ = optimizer.update(adapted, grads)
->>> merged = rss_nnx.merge(adapted, p[0])                       # plain nnx.Linear layers at p0
->>> bool(jnp.allclose(merged(x), adapted(x, p=p[0]), atol=1e-6))
-True
+>>> adapted = inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
+>>> {i: sorted(leaves) for i, leaves in nnx.state(adapted, nnx.LoRAParam).to_pure_dict()["model"]["layers"].items()}
+{0: ['lora_a', 'lora_b', 'lora_c', 'lora_s'], 2: ['lora_a', 'lora_b', 'lora_c', 'lora_s']}
 """
 
 from __future__ import annotations
@@ -50,8 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rssbl_jax import core, patterns
-from rssbl_jax.apply import check_keyword_free, make_config
-from rssbl_jax.config import AdapterConfig, check_patterns_used
+from rssbl_jax.apply import check_keyword_free, check_targets, make_config
+from rssbl_jax.config import AdapterConfig
 from rssbl_jax.factorization import kind_of
 from rssbl_jax.methods import RSS, AdapterMethod
 from rssbl_jax.nnx_layers import ADAPTED_CLASS, BASE_CLASS, add_adapters, factors_of, holding, kernel_of, kind_of_class
@@ -73,7 +57,6 @@ def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
 
     For calling a method other than ``__call__`` (``adapted(x, p=p)`` does this itself); restored on exit.
 
-    >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(1))
     >>> with operating_params(adapted, jnp.ones(2)):
     ...     adapted.model(jnp.ones((4, 3))).shape
@@ -108,9 +91,8 @@ class Adapted(nnx.Module):
 
     Built by :func:`inject`. ``model`` is the adapted copy (the original paths plus ``lora_*`` beside each adapted
     kernel); ``config`` (:class:`~rssbl_jax.AdapterConfig`) and ``method`` (:class:`~rssbl_jax.AdapterMethod`) are
-    static attributes. ``p``, under the keyword ``config.p_keyword``, is held for the call in :attr:`operating_params`.
+    static; ``p`` (keyword ``config.p_keyword``) is held for the call in :attr:`operating_params`.
 
-    >>> import jax.numpy as jnp
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
     >>> adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))).shape, adapted.config.gate
     ((4, 2), 'linear')
@@ -142,14 +124,13 @@ class Adapted(nnx.Module):
 def trainable(config: Any) -> Any:
     """An NNX filter for what trains: the adapters (``nnx.LoRAParam``) and the config's ``modules_to_save``.
 
-    Use it where ``nnx.LoRAParam`` would go (``nnx.Optimizer``'s ``wrt``, ``nnx.DiffState``, ``nnx.state``).
-    ``modules_to_save`` patterns match leaf paths relative to ``adapted.model`` (``"head/bias"``), as in linen.
+    Use it where ``nnx.LoRAParam`` would go (``nnx.Optimizer``'s ``wrt``, ``nnx.DiffState``, ``nnx.state``);
+    ``modules_to_save`` matches leaf paths relative to ``adapted.model`` (``"head/bias"``), as in linen.
 
-    >>> net = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
-    >>> adapted = inject(net, "layers/0", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(2),
-    ...                  modules_to_save=["layers/1/bias"])
-    >>> sorted("/".join(map(str, path[1:])) for path, _ in nnx.state(adapted, trainable(adapted)).flat_state())
-    ['layers/0/lora_a', 'layers/0/lora_b', 'layers/0/lora_c', 'layers/0/lora_s', 'layers/1/bias']
+    >>> adapted = inject(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(2),
+    ...                  modules_to_save=["bias"])
+    >>> sorted(nnx.state(adapted, trainable(adapted)).to_pure_dict()["model"])
+    ['bias', 'lora_a', 'lora_b', 'lora_c', 'lora_s']
     """
     extra = (config if isinstance(config, AdapterConfig) else config.config).modules_to_save
 
@@ -176,21 +157,16 @@ def inject(
     method: AdapterMethod | None = None,
     **settings: Any,
 ) -> Adapted:
-    r"""A copy of an NNX model whose layers targeted by an ``AdapterConfig`` are adapted; ``model`` is unchanged.
+    r"""A copy (``nnx.clone``) of an NNX model, the layers an ``AdapterConfig`` targets adapted; ``model`` unchanged.
 
-    .. math::
-
-        y_\ell = f_\ell(x_\ell) + s_\ell\, B_\ell\big((A_\ell x_\ell) \odot g_\ell(\hat p) + S_\ell \hat p\big)
-
-    Each ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` whose path (attribute names joined by
-    ``/``, e.g. ``"blocks/0/attention/query"``) the config adapts becomes the matching ``RSSBilinearLoRA*`` layer: the
-    same base variables plus :class:`RSSBilinearLoRAParam` factors laid out as in :mod:`rssbl_jax.factorization`, so
-    NNX and linen adapters of one model have the same state tree. ``B = 0`` at init: the output is unchanged.
+    The NNX counterpart of :func:`rssbl_jax.inject.inject`: each ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``
+    and ``Embed`` whose path (attribute names joined by ``/``, e.g. ``"blocks/0/query"``) the config adapts becomes its
+    ``RSSBilinearLoRA*`` subclass: the same base variables plus :class:`RSSBilinearLoRAParam` factors laid out as in
+    :mod:`rssbl_jax.factorization` (linen's state tree, too). ``B = 0`` at init: the output is unchanged.
 
     Args:
-      model: the NNX model (not modified).
-      config, rank, lora_alpha, settings: an ``AdapterConfig``, or targets (regexes over layer paths; PEFT's
-        ``target_modules`` works too) with the config's fields.
+      model, config, rank, lora_alpha, settings: the NNX model; an ``AdapterConfig``, or targets (regexes over
+        layer paths; PEFT's ``target_modules`` too) with the config's fields.
       d_p, rngs: the number of operating parameters (not needed by a method that ignores ``p``); the ``nnx.Rngs``.
       param_dtype, initializers: the adapters' dtype; ``{leaf name: initializer}`` overrides.
       method: what the adapters compute (an :class:`~rssbl_jax.AdapterMethod`; :class:`~rssbl_jax.methods.RSS`).
@@ -200,10 +176,8 @@ def inject(
         or the model's ``__call__`` already takes an argument named ``p_keyword``.
       TypeError: naming an unknown keyword.
 
-    >>> import jax.numpy as jnp
     >>> net = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
-    >>> adapted = inject(net, "layers/0", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
-    >>> x = jnp.ones((4, 3))
+    >>> adapted, x = inject(net, "layers/0", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2)), jnp.ones((4, 3))
     >>> bool(jnp.all(adapted(x, p=jnp.ones((4, 2))) == net(x))), type(net.layers[0]).__name__  # B = 0; net as it was
     (True, 'Linear')
     """
@@ -219,16 +193,9 @@ def inject(
     check_keyword_free(type(model).__call__, cfg.p_keyword, f"{type(model).__name__}.__call__")
     model = nnx.clone(model)
     modules = {patterns.path_str(path): module for path, module in nnx.iter_modules(model)}
-    adaptable = {path: kind_of(m) for path, m in modules.items() if kind_of(m) is not None}
-    listing = "\n".join(f"  {path or repr(path)}  ({kind.name})" for path, kind in adaptable.items()) or "  (none)"
-    for pattern in cfg.targets:
-        if not any(cfg.adapts(path) and patterns.matches([pattern], path) for path in adaptable):
-            raise ValueError(
-                f"target pattern {pattern!r} matches no adaptable layer (regex fullmatch on the layer path). "
-                f"Adaptable paths:\n{listing}"
-            )
+    adaptable = {path: kind for path, m in modules.items() if (kind := kind_of(m)) is not None}
     adapted = [path for path in adaptable if cfg.adapts(path)]
-    check_patterns_used(cfg, adapted)
+    check_targets(cfg, {path: kind.name for path, kind in adaptable.items()}, adapted, adapted)
     variable = OperatingParams(None)
     for path in adapted:
         layer, kind = modules[path], adaptable[path]
@@ -246,20 +213,15 @@ def inject(
 def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
     r"""A copy of an adapted NNX model with every adapted layer folded back into its base class at ``p0``.
 
-    .. math::
-
-        W' = W + s\, A\,\mathrm{diag}\big(g(\hat p_0)\big)\,B, \qquad b' = b + s\,(S \hat p_0)\,B
-
-    with each layer's settings read from the layer. Takes an :class:`Adapted` (merges its ``model``) or a model
-    holding adapted layers; the result has the unmodified model's classes and state tree, and the adapted model's
-    output at ``p0``. For a batch of points, ``jax.vmap`` :func:`rssbl_jax.merge` over
-    ``nnx.state(adapted.model, nnx.Param).to_pure_dict()`` with ``adapted.config``.
+    The fold is :func:`rssbl_jax.merge.merge`'s, with each layer's settings read from the layer. Takes an
+    :class:`Adapted` (merges its ``model``) or a model holding adapted layers; the result has the unmodified model's
+    classes and state tree, and the adapted model's output at ``p0``. For a batch of points, ``jax.vmap``
+    :func:`rssbl_jax.merge.merge` over ``nnx.state(adapted.model, nnx.Param).to_pure_dict()`` with ``adapted.config``.
 
     Raises:
       ValueError: the model holds no adapted layer (e.g. merged already), a layer's method cannot be folded (checked
         before anything is folded), ``p0`` is not ``[d_p]``, or a bias-free layer learned a shift.
 
-    >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(0))
     >>> type(merge(layer, jnp.ones(1))).__name__
     'Linear'

@@ -1,9 +1,7 @@
-r"""The NNX adapted layers: :class:`RSSBilinearLoRALinear` and the injected kinds, over one call path.
+r"""The NNX adapted layers (exported by :mod:`rssbl_jax.nnx`, which explains how ``p`` reaches them).
 
-Every adapted layer is its base class plus :class:`RSSBilinearLoRAParam` leaves and an :class:`OperatingParams`
-variable; its call is the base class's output plus :func:`rssbl_jax.apply.apply_adapter`'s update, with ``p`` given
-to the call or written into that variable by the enclosing :class:`rssbl_jax.nnx.Adapted` (see :mod:`rssbl_jax.nnx`,
-which exports these names).
+Each is its base class plus :class:`RSSBilinearLoRAParam` leaves and an :class:`OperatingParams` variable; its call
+adds :func:`rssbl_jax.apply.apply_adapter`'s update to the base class's output.
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ class RSSBilinearLoRAParam(nnx.LoRAParam):
     """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ...); an ``nnx.LoRAParam``.
 
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
-    >>> type(layer.lora_c).__name__, isinstance(layer.lora_c, nnx.LoRAParam), isinstance(layer.kernel, nnx.LoRAParam)
-    ('RSSBilinearLoRAParam', True, False)
+    >>> isinstance(layer.lora_c, nnx.LoRAParam), isinstance(layer.kernel, nnx.LoRAParam)
+    (True, False)
     """
 
 
@@ -111,7 +109,7 @@ def factors_of(layer: nnx.Module) -> dict[str, Any]:
 
 
 def _update(layer: nnx.Module, base: type, x: jax.Array, p: Any, y: jax.Array, args: tuple, kwargs: dict):
-    """``y`` (the base layer's output) plus the layer's update."""
+    """``y`` (the base layer's output) plus the update."""
     info: AdapterInfo = layer.rss_adapter
     kind = kind_of_class(base)
     x = jnp.asarray(x)
@@ -152,19 +150,14 @@ class RSSBilinearLoRALinear(nnx.Linear):
     Args:
       in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as in
         ``nnx.Linear`` (``param_dtype`` also for the adapters).
-      rank, lora_alpha: adapter rank ``r``; the update is scaled by ``lora_alpha / rank``.
-      d_p: number of operating parameters.
+      rank, lora_alpha, d_p: adapter rank ``r``; update scale ``lora_alpha / rank``; number of operating parameters.
       gate, gate_offset, gate_hidden, shift, use_rslora, lora_dropout, lora_a_init, p_mean, p_std: as in
         :class:`rssbl_jax.AdapterConfig` (``shift``: learn ``S p``, ``lora_s``).
-      initializers: ``{leaf name: initializer}`` overrides of the adapter leaves.
-      rngs: the ``nnx.Rngs`` for initial values and dropout masks.
+      initializers, rngs: ``{leaf name: initializer}`` overrides; the ``nnx.Rngs`` for initial values and dropout.
 
-    >>> import jax.numpy as jnp
     >>> layer = RSSBilinearLoRALinear(5, 4, rank=2, lora_alpha=4.0, d_p=3, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 7, 5)), jnp.ones((2, 3))).shape          # per-example p, broadcast over tokens
     (2, 7, 4)
-    >>> sorted(nnx.state(layer, nnx.LoRAParam).to_pure_dict())
-    ['lora_a', 'lora_b', 'lora_c', 'lora_s']
     """
 
     def __init__(
@@ -220,60 +213,52 @@ class RSSBilinearLoRALinear(nnx.Linear):
 class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
     """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
 
-    >>> import jax.numpy as jnp, rssbl_jax
-    >>> adapted = rssbl_jax.nnx.inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0,
-    ...                                d_p=1, rngs=nnx.Rngs(1))                     # "" is the root layer's path
+    >>> from rssbl_jax.nnx import inject                                      # "" is the root layer's path
+    >>> adapted = inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((3, 8)), p=jnp.ones(1)).shape
     ((8, 2), (2, 2, 4), (3, 2, 4))
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.LinearGeneral`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.LinearGeneral, inputs, args, kwargs)
 
 
 class RSSBilinearLoRAEinsum(nnx.Einsum):
     """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`.
 
-    >>> import jax.numpy as jnp, rssbl_jax
-    >>> adapted = rssbl_jax.nnx.inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", rank=2,
-    ...                                lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
+    >>> from rssbl_jax.nnx import inject
+    >>> adapted = inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((3, 5, 8)), p=jnp.ones((3, 1))).shape
     ((8, 2), (2, 2, 4), (3, 5, 2, 4))
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Einsum`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.Einsum, inputs, args, kwargs)
 
 
 class RSSBilinearLoRAConv(nnx.Conv):
     """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1.
 
-    >>> import jax.numpy as jnp, rssbl_jax
-    >>> adapted = rssbl_jax.nnx.inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", rank=2,
-    ...                                lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
+    >>> from rssbl_jax.nnx import inject
+    >>> adapted = inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones(1)).shape
     ((3, 3, 3, 2), (2, 4), (2, 6, 6, 4))
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Conv`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.Conv, inputs, args, kwargs)
 
 
 class RSSBilinearLoRAEmbed(nnx.Embed):
     """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``.
 
-    >>> import jax.numpy as jnp, rssbl_jax
-    >>> adapted = rssbl_jax.nnx.inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1,
-    ...                                rngs=nnx.Rngs(1))
+    >>> from rssbl_jax.nnx import inject
+    >>> adapted = inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted(jnp.array([[1, 2, 3]]), p=jnp.ones((1, 1))).shape
     ((10, 2), (1, 3, 4))
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Embed`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.Embed, inputs, args, kwargs)
 
 

@@ -1,4 +1,4 @@
-r"""The train state and the pure train step: what :func:`rssbl_jax.train` and :mod:`rssbl_jax.runs` iterate.
+r"""The train state and the pure train step that :func:`rssbl_jax.train` and :mod:`rssbl_jax.runs` iterate.
 
 Only the trainable half of the params (:func:`rssbl_jax.partition`) is differentiated and updated:
 
@@ -7,10 +7,9 @@ Only the trainable half of the params (:func:`rssbl_jax.partition`) is different
     \theta_{t+1} = \theta_t + \mathrm{tx}\big(\nabla_\theta\, L(\theta_t \cup W, \text{batch}_t, k_t)\big),
     \qquad k_t = \mathrm{fold\_in}(k, t)
 
-A step whose loss, gradients, batch or updated state hold NaN/inf is not applied (unless ``check_finite=False``).
-The step is pure, so the caller chooses ``jax.jit`` (with :func:`state_partition_specs`), ``jax.pmap`` or
-``jax.vmap`` over runs; the loop (:mod:`rssbl_jax.training`) and checkpoints (:mod:`rssbl_jax.train_checkpoints`)
-build on this module and are not needed to take one step.
+A step with NaN/inf in its loss, gradients, batch or new state is not applied (:func:`make_train_step`). It is pure:
+the caller picks ``jax.jit`` (with :func:`state_partition_specs`), ``jax.pmap`` or ``jax.vmap`` over runs; the loop
+(:mod:`rssbl_jax.training`) and checkpoints (:mod:`rssbl_jax.train_checkpoints`) build on it.
 """
 
 from __future__ import annotations
@@ -42,11 +41,8 @@ class TrainState(NamedTuple):
       opt_state: the optimizer state of ``trainable``.
       rng: ``uint32`` key data (``jax.random.key_data``); step ``t`` gets ``fold_in(key, t)``.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
-    >>> state._fields, state.trainable["kernel"], state.frozen["lora_b"]
-    (('step', 'trainable', 'frozen', 'opt_state', 'rng'), None, None)
+    >>> TrainState._fields
+    ('step', 'trainable', 'frozen', 'opt_state', 'rng')
     """
 
     step: jax.Array
@@ -64,23 +60,19 @@ def init_train_state(
     config: Any = None,
     trainable: PyTree | None = None,
 ) -> TrainState:
-    """Split ``params`` into trainable adapters and frozen base and initialise ``tx`` on the adapters only.
+    """A :class:`TrainState` at step 0: ``params`` split into adapters and frozen base, ``tx`` on the adapters.
+
+    Float32 params give float32 optimizer state, whatever the compute dtype.
 
     Args:
       params: a whole params tree (base + adapter leaves), e.g. ``variables["params"]``.
-      tx: the adapters' optimizer, plain (e.g. ``optax.adamw(1e-3)``; it sees only the trainable half, so no
-        :func:`rssbl_jax.freeze_base`).
+      tx: the adapters' optimizer, plain: it sees only the adapters (no :func:`rssbl_jax.freeze_base`).
       rng: a PRNG key (typed or raw) for the loss function's randomness.
-      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`.
-      trainable: a tree of bools with ``params``' structure overriding which leaves train (e.g. an ablation
-        freezing some adapter factors). Default: :func:`rssbl_jax.trainable_mask`.
+      config, trainable: the :class:`~rssbl_jax.AdapterConfig` (or adapted model) for
+        :func:`rssbl_jax.trainable_mask`, or a bool tree over ``params`` saying which leaves train.
 
-    Returns:
-      A :class:`TrainState` at step 0 (float32 params give float32 optimizer state, whatever the compute dtype).
-
-    >>> import jax, jax.numpy as jnp, optax
-    >>> state = init_train_state({"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2)),
-    ...                           "lora_c": jnp.ones((1, 1))}, optax.sgd(0.1), jax.random.key(0))
+    >>> params = {"kernel": jnp.ones(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(1))
+    >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
     >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
     (0, None, None, dtype('uint32'))
     """
@@ -104,46 +96,35 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_train_step(
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    *,
-    axis_name: str | None = None,
-    check_finite: bool = True,
+    loss_fn: LossFn, tx: optax.GradientTransformation, *, axis_name: str | None = None, check_finite: bool = True
 ) -> StepFn:
     r"""A pure train step ``(state, batch) -> (state, metrics)`` that updates only the adapters.
 
-    The step differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies ``tx``
-    and checks the loss, the gradients, every floating leaf of ``batch`` (``p`` included) and the updated state
-    for NaN/inf; if any fails, the state comes back unchanged and ``metrics["finite"]`` says which
-    (:func:`rssbl_jax.train` then raises :class:`~rssbl_jax.training.NonFiniteError`). Wrap it in ``jax.jit``
-    (with shardings on a mesh, where XLA inserts the reductions) or ``jax.pmap`` with the same ``axis_name``.
+    It differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies ``tx`` and
+    checks the loss, the gradients, every floating leaf of ``batch`` (``p`` included) and the updated state for
+    NaN/inf; if any fails, the state comes back unchanged and ``metrics["finite"]`` says which (:func:`rssbl_jax.train`
+    then raises :class:`~rssbl_jax.training.NonFiniteError`). ``metrics = {"loss": f32, "grad_norm": f32 (global L2
+    norm of the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
+    "opt_state/<path>": bool}}``, loss and gradient norm from before the update. Wrap the step in ``jax.jit`` (with
+    shardings on a mesh, where XLA inserts the reductions) or in ``jax.pmap`` with the same ``axis_name``.
 
     Args:
       loss_fn: ``loss_fn(params, batch, rng) -> scalar`` on the whole params tree. For mixed precision build the
         model with ``dtype=jnp.bfloat16`` and keep float32 params: gradients and optimizer state stay float32.
       tx: the adapters' optimizer, the one given to :func:`init_train_state`.
-      axis_name: the ``pmap`` axis (loss, gradients and checks are combined over it: the loss is then a mean over
+      axis_name: the ``pmap`` axis over which loss, gradients and checks are combined (the loss is then a mean over
         the global batch), or ``None``.
-      check_finite: ``False`` drops the checks (a reduction over every leaf, every step) and always applies the
-        update, with empty ``metrics["finite"]``: for many small runs inside one ``jax.lax.scan``, where a
-        diverged run simply shows a non-finite loss.
+      check_finite: ``False`` skips the checks (a reduction over every leaf, every step; ``metrics["finite"]`` is
+        empty) and always applies the update: for many small runs in one ``jax.lax.scan``, where a diverged run
+        simply shows a non-finite loss.
 
-    Returns:
-      ``step(state, batch) -> (state, metrics)``, ``metrics = {"loss": f32, "grad_norm": f32 (global L2 norm of
-      the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
-      "opt_state/<path>": bool}}``; loss and gradient norm are those before the update.
-
-    >>> import jax, jax.numpy as jnp, optax
-    >>> tx = optax.sgd(0.5)
-    >>> params = {"w": jnp.zeros(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
-    >>> state = init_train_state(params, tx, jax.random.key(0))
-    >>> loss = lambda params, batch, rng: jnp.sum((params["lora_b"] - batch["y"]) ** 2)
-    >>> step = jax.jit(make_train_step(loss, tx))
-    >>> state, metrics = step(state, {"y": jnp.zeros(2)})
-    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"]), metrics["grad_norm"].round(4)
-    (1, [0.0, 0.0], 2.0, Array(2.8284, dtype=float32))
-    >>> state, metrics = step(state, {"y": jnp.array([0.0, jnp.nan])})   # not applied
-    >>> int(state.step), bool(metrics["applied"]), bool(metrics["finite"]["batch/y"])
+    >>> tx, params = optax.sgd(0.5), {"w": jnp.zeros(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(2))
+    >>> step = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum((params["lora_b"] - batch) ** 2), tx))
+    >>> state, metrics = step(init_train_state(params, tx, jax.random.key(0)), jnp.zeros(2))
+    >>> int(state.step), state.trainable["lora_b"].tolist(), float(metrics["loss"])
+    (1, [0.0, 0.0], 2.0)
+    >>> state, metrics = step(state, jnp.array([0.0, jnp.nan]))   # not applied
+    >>> int(state.step), bool(metrics["applied"]), bool(metrics["finite"]["batch/(root)"])
     (1, False, False)
     """
 
@@ -164,9 +145,7 @@ def make_train_step(
                            "finite": {}}  # fmt: skip
 
         finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
-            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
-                finite["batch/" + (_path_str(path) or "(root)")] = jnp.all(jnp.isfinite(leaf))
+        finite |= {f"batch/{name or '(root)'}": ok for name, ok in _finite_leaves(batch).items()}
         # The optimizer can make NaN from finite gradients (e.g. Adam with eps=0 on a zero gradient).
         finite |= {f"params/{name}": ok for name, ok in _finite_leaves(trainable).items()}
         finite |= {f"opt_state/{name}": ok for name, ok in _finite_leaves(opt_state).items()}
@@ -184,10 +163,10 @@ def make_train_step(
 
 
 def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: PyTree) -> TrainState:
-    """Partition specs for a whole :class:`TrainState`, given the specs of the params.
+    """A :class:`TrainState` of ``PartitionSpec`` for ``state``, given ``param_specs`` over the whole params.
 
-    The adapters and the optimizer's copies of them (e.g. Adam's moments, via ``optax.tree_map_params``) take
-    the params' specs, the frozen base its own; step, rng and optimizer scalars are replicated. Map with
+    The adapters and the optimizer's copies of them (e.g. Adam's moments, via ``optax.tree_map_params``) take the
+    params' specs, the frozen base its own; step, rng and optimizer scalars are replicated. Map with
     :func:`rssbl_jax.sharding.named_shardings` for ``jax.jit``.
 
     Args:
@@ -195,17 +174,11 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
       tx: its optimizer.
       param_specs: a ``PartitionSpec`` tree over the whole params (:func:`rssbl_jax.sharding.adapter_partition_specs`).
 
-    Returns:
-      A :class:`TrainState` of ``PartitionSpec``.
-
-    >>> import jax, jax.numpy as jnp, optax
     >>> from jax.sharding import PartitionSpec as P
+    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones(2), "lora_c": jnp.ones(1)}
+    >>> specs = {"kernel": P("model", None), "lora_a": P("model", None), "lora_b": P(), "lora_c": P()}
     >>> tx = optax.adam(1e-3)
-    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones((1, 2)),
-    ...           "lora_c": jnp.ones((1, 1))}
-    >>> state = init_train_state(params, tx, jax.random.key(0))
-    >>> specs = state_partition_specs(state, tx, {"kernel": P("model", None), "lora_a": P("model", None),
-    ...                                           "lora_b": P(), "lora_c": P()})
+    >>> specs = state_partition_specs(init_train_state(params, tx, jax.random.key(0)), tx, specs)
     >>> specs.opt_state[0].mu["lora_a"], specs.opt_state[0].count, specs.frozen["kernel"]
     (P('model', None), P(), P('model', None))
     """
