@@ -25,9 +25,8 @@ from rssbl_jax import core
 from rssbl_jax.config import LayerConfig
 from rssbl_jax.core import Factorization
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
+from rssbl_jax.gates import LeafSpecs as Specs
 
-Initializer = jax.nn.initializers.Initializer
-Specs = dict[str, tuple[tuple[int, ...], Initializer]]
 zeros = nn.initializers.zeros_init()
 lecun = nn.initializers.lecun_normal()
 
@@ -117,10 +116,6 @@ def _out_shape(factorization: Factorization) -> tuple[int, ...]:
     return tuple(b_shape)
 
 
-def _a_init(factorization: Factorization) -> Initializer:
-    return nn.initializers.normal(1.0) if factorization.integer_inputs else core.default_lora_a_init
-
-
 def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
     return b * jnp.asarray(layer.scale, b.dtype)
 
@@ -132,8 +127,7 @@ class LoRA:
     >>> from rssbl_jax import inject
     >>> adapted, x = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=2.0, method=LoRA()), jnp.ones((1, 3))
     >>> f = adapted.init(jax.random.key(0), x)["params"] | {"lora_b": jnp.ones((1, 2))}      # no p
-    >>> delta = 2 * x @ f["lora_a"] @ f["lora_b"]
-    >>> bool(jnp.allclose(adapted.apply({"params": f}, x), x @ f["kernel"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": f}, x), x @ f["kernel"] + 2 * x @ f["lora_a"] @ f["lora_b"]))
     True
     """
 
@@ -142,7 +136,8 @@ class LoRA:
 
     def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
         del layer, d_p, shift
-        return {"lora_a": (factorization.a_shape, _a_init(factorization)), "lora_b": (factorization.b_shape, zeros)}
+        a_init = nn.initializers.normal(1.0) if factorization.integer_inputs else core.default_lora_a_init
+        return {"lora_a": (factorization.a_shape, a_init), "lora_b": (factorization.b_shape, zeros)}
 
     def branch(self, factorization, x, factors, layer):
         """``s B A x``, the update every baseline builds on."""
