@@ -31,8 +31,7 @@ LORA_A_INITS = ("lora", "gaussian")
 class LayerConfig(NamedTuple):
     """The settings of one adapted layer, resolved from an :class:`AdapterConfig` by its path (hashable, static).
 
-    Fields mean what :class:`AdapterConfig`'s do; ``rank`` and ``lora_alpha`` are after ``rank_pattern`` /
-    ``alpha_pattern``, and ``scale`` is ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
+    Fields mean what :class:`AdapterConfig`'s do, ``rank`` and ``lora_alpha`` after the patterns, with their ``scale``.
 
     >>> AdapterConfig(rank=4, lora_alpha=8.0, rank_pattern={"head": 2}).resolve("head").scale
     4.0

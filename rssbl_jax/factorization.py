@@ -37,8 +37,7 @@ from flax import linen as nn
 from flax import nnx
 
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds, add_low_rank
-
-PrecisionLike = Any
+from rssbl_jax.gates import PrecisionLike
 
 
 class Factorization(NamedTuple):

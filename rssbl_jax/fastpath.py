@@ -6,10 +6,6 @@ for a sweep :math:`p_1, \dots, p_K`. Why a module of its own: both change *how* 
 arguments (:class:`Thresholds`, carried from :func:`rssbl_jax.core.adapter_update` and
 :func:`rssbl_jax.core.dense_factorization` to the trace), not globals read while tracing: a global set later does
 nothing to a function already jitted, and two models in one program could not use different limits.
-
->>> import numpy as np
->>> add_low_rank(np.zeros((1, 2)), np.ones((1, 1)), np.ones((1, 2)), fused_max_b_size=0).tolist()   # matmul form
-[[1.0, 1.0]]
 """
 
 from __future__ import annotations
@@ -79,8 +75,7 @@ def add_low_rank(
     reduce form would transpose into a reduction over ``n`` that XLA does not turn back into a matmul. Forward mode
     works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.
 
-    >>> import numpy as np
-    >>> add_low_rank(np.zeros((2, 3)), np.ones((2, 1)), np.arange(3.0)[None]).tolist()
+    >>> add_low_rank(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.arange(3.0)[None]).tolist()
     [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
     """
     y, h, b = jnp.asarray(y), jnp.asarray(h), jnp.asarray(b)
