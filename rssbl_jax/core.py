@@ -148,7 +148,6 @@ def rss_update(
 ) -> Float[Array, "*batch d_out"]:
     r"""The original formulation's dense update on plain arrays: :func:`adapter_update` for a Dense kernel.
 
-    :math:`\Delta y = \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`, i.e.
     ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``; ``ValueError`` when ``x`` or ``p`` does not fit.
 
     >>> a, b, c, s = jnp.ones((3, 1)), jnp.ones((1, 4)), jnp.array([[0.5]]), jnp.array([[1.0]])
@@ -224,11 +223,10 @@ def fold(
 ) -> MergedDense:
     r"""Fold the adapter of any kernel kind into it at one operating point ``p0``.
 
-    :math:`W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`, :math:`b' = b + s\, (S \hat p_0)\, B`,
-    with ``g`` and ``S p̂0`` from :func:`gate_and_shift` as in the update. Factors are compact or aligned, as
-    :mod:`rssbl_jax.factorization` lays them out. Stacked adapters (``nn.scan``: ``lora_c (L, d_p, r)``) fold slice
-    by slice; a layer without bias gets one; dtypes are kept. ``ValueError`` when ``p`` is not ``[d_p]`` or the factors
-    do not fit the kernel.
+    :math:`W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`, :math:`b' = b + s\, (S \hat p_0)\, B`
+    (:func:`gate_and_shift`; factors compact or aligned, :mod:`rssbl_jax.factorization`). Stacked adapters (``nn.scan``:
+    ``lora_c (L, d_p, r)``) fold slice by slice; a layer without bias gets one; dtypes are kept. ``ValueError`` when
+    ``p`` is not ``[d_p]`` or the factors do not fit the kernel.
 
     >>> f = dict(lora_a=jnp.ones((2, 1)), lora_b=jnp.ones((1, 2)), lora_c=jnp.array([[2.0]]), lora_c0=jnp.ones(1))
     >>> merged = fold(jnp.zeros((2, 2)), None, f, jnp.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))  # 1 + 2p

@@ -1,7 +1,7 @@
 r"""The two fast paths of the update: the fused Dense add (``custom_jvp``) and the sweep over ``p`` (``custom_vmap``).
 
-:math:`y + h B` in one elementwise pass, and :math:`y_k = y + \mathrm{up}(Z_0) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m)`
-for a sweep :math:`p_1, \dots, p_K`. Why a module of its own: both change *how* the update is computed, never
+:func:`add_low_rank` adds :math:`h B` in one elementwise pass; :func:`modulated_add` computes a sweep
+:math:`p_1, \dots, p_K` as one matmul. Why a module of its own: both change *how* the update is computed, never
 *what*, and each has a derivative or batching rule the rest of the library need not read. Their thresholds are
 arguments (:class:`Thresholds`, carried from :func:`rssbl_jax.core.adapter_update` and
 :func:`rssbl_jax.core.dense_factorization` to the trace), not globals read while tracing: a global set later does

@@ -34,14 +34,12 @@ lecun = nn.initializers.lecun_normal()
 class AdapterMethod(Protocol):
     """What an adapter computes: the extension point of every front-end (linen layer, ``inject``, NNX).
 
-    Attributes:
-      uses_p: whether the output depends on ``p``; a method that does not (:class:`LoRA`) needs no ``p``.
-      mergeable: whether :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only).
-
-    ``params(layer, factorization, d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the
-    trainable prefix) with ``lora_a``, ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``:
-    ``y + Δy`` (``Δy`` may join ``y``'s pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``),
-    all in the compute dtype; scale ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
+    ``uses_p``: whether the output depends on ``p`` (:class:`LoRA` needs no ``p``); ``mergeable``: whether
+    :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only). ``params(layer, factorization,
+    d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the trainable prefix) with ``lora_a``,
+    ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``: ``y + Δy`` (``Δy`` may join ``y``'s
+    pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``), all in the compute dtype; scale
+    ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
 
     >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
     >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
