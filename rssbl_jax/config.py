@@ -110,8 +110,7 @@ class AdapterConfig:
     r"""Every setting of an RSSBilinearLoRA adapter; frozen and hashable, so it is a static argument under ``jit``.
 
     Attributes:
-      rank: default adapter rank ``r``.
-      lora_alpha: default scaling numerator (> 0); the update is multiplied by ``lora_alpha / rank``.
+      rank, lora_alpha: default rank ``r`` and scaling numerator (> 0); the update is multiplied by ``lora_alpha / r``.
       targets: regexes (``re.fullmatch``) over layer paths to adapt; ``()`` for a model built from
         :class:`rssbl_jax.RSSBilinearLoRADense` layers, where every such layer is an adapter.
       exclude: regexes of layer paths never adapted, even when a target matches.
@@ -120,8 +119,7 @@ class AdapterConfig:
       gate_offset: ``linear``'s constant ``g0`` (0: the original formula; 1: ``1 + C p``, which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
-      scalar_gate: one gate value shared by every rank (``C`` of shape ``(d_p, 1)``, ``c0`` of shape ``(1,)``):
-        ``ΔW(p) = g(p̂) B A``, CoLoRA's scalar coefficient per layer.
+      scalar_gate: one gate value for every rank (``C (d_p, 1)``, ``c0 (1,)``): ``ΔW(p) = g(p̂) B A``, as CoLoRA.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
