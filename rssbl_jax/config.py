@@ -2,7 +2,7 @@ r"""``AdapterConfig``: every setting of an adapter, in one frozen object that tr
 
 The adapted model exposes it (``adapted.config``, ``RSSBilinearLoRADense.adapter_config``), checkpoints store it,
 and :func:`rssbl_jax.merge` and :func:`rssbl_jax.load_adapters` read it, so no setting can silently differ
-between training, saving, loading and merging.
+between training, saving, loading and merging. For the layer at path ``ℓ``,
 
 .. math::
 
@@ -11,12 +11,6 @@ between training, saving, loading and merging.
     \qquad \hat p = \frac{p - \mu}{\sigma}
 
 with the gate ``g`` a member of :mod:`rssbl_jax.gates` (``AdapterConfig.gate``; its leaves are listed there).
-
->>> config = AdapterConfig(rank=8, lora_alpha=16.0, alpha_pattern={r".*/value": 4.0})
->>> config.scale, config.resolve("block_0/attention/value").scale
-(2.0, 0.5)
->>> AdapterConfig.from_dict(config.to_dict()) == config
-True
 """
 
 from __future__ import annotations
@@ -37,8 +31,7 @@ LORA_A_INITS = ("lora", "gaussian")
 class LayerConfig(NamedTuple):
     """The settings of one adapted layer, resolved from an :class:`AdapterConfig` by its path (hashable, static).
 
-    Fields mean what :class:`AdapterConfig`'s do; ``rank`` and ``lora_alpha`` are after ``rank_pattern`` /
-    ``alpha_pattern``, and ``scale`` is ``lora_alpha / rank`` (``lora_alpha / sqrt(rank)`` with rsLoRA).
+    Fields mean what :class:`AdapterConfig`'s do, ``rank`` and ``lora_alpha`` after the patterns, with their ``scale``.
 
     >>> AdapterConfig(rank=4, lora_alpha=8.0, rank_pattern={"head": 2}).resolve("head").scale
     4.0
@@ -86,7 +79,6 @@ _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
 def _bool(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
-    """A flag from a bool (Python's or numpy's), 0 or 1, or the strings "true"/"false"/"1"/"0" (any case)."""
     if value is None and allow_none:
         return None
     if isinstance(value, str):
@@ -118,34 +110,32 @@ class AdapterConfig:
     r"""Every setting of an RSSBilinearLoRA adapter; frozen and hashable, so it is a static argument under ``jit``.
 
     Attributes:
-      rank: default adapter rank ``r``.
-      lora_alpha: default scaling numerator (> 0); the update is multiplied by ``lora_alpha / rank``.
+      rank, lora_alpha: default rank ``r`` and scaling numerator (> 0); the update is multiplied by ``lora_alpha / r``.
       targets: regexes (``re.fullmatch``) over layer paths to adapt; ``()`` for a model built from
         :class:`rssbl_jax.RSSBilinearLoRADense` layers, where every such layer is an adapter.
       exclude: regexes of layer paths never adapted, even when a target matches.
       rank_pattern, alpha_pattern: ``{regex: value}`` per-path overrides, as PEFT's; the first full match wins.
-      gate: ``"linear"`` (``g0 + C p``, the original formulation's; default), ``"affine"`` (``c0 + C p``, ``c0``
-        learnable), ``"mlp"`` (``c0 + C tanh(W p + b)``), or any name registered with :func:`rssbl_jax.gates.register`.
+      gate: ``"linear"`` (default), ``"affine"``, ``"mlp"`` (:mod:`rssbl_jax.gates`) or any name registered there.
       gate_offset: ``linear``'s constant ``g0`` (0: the original formula; 1: ``1 + C p``, which starts as plain
         LoRA); for ``affine`` and ``mlp`` the initial value of the learnable ``c0``.
       gate_hidden: hidden width of the ``mlp`` gate.
-      scalar_gate: one gate value shared by every rank (``C`` of shape ``(d_p, 1)``, ``c0`` of shape ``(1,)``):
-        ``ΔW(p) = g(p̂) B A``, CoLoRA's scalar coefficient per layer.
+      scalar_gate: one gate value for every rank (``C (d_p, 1)``, ``c0 (1,)``): ``ΔW(p) = g(p̂) B A``, as CoLoRA.
       shift: learn the shift ``S p`` on every target (``True``), none (``False``) or, by default (``None``), only on
         targets with a bias, so every adapted model merges into the unmodified architecture.
       use_rslora: scale by ``lora_alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``lora_alpha / rank``.
       lora_dropout: dropout rate on the adapter's input ``x`` (before ``A``) while training.
-      lora_a_init: ``"lora"`` (PEFT's Kaiming-uniform) or ``"gaussian"`` (``N(0, 1/r²)``); ``B`` starts at 0.
+      lora_a_init: one of :data:`LORA_A_INITS`; ``B`` starts at 0.
       p_mean, p_std: ``p̂ = (p - p_mean) / p_std``, applied in every adapted layer and folded in by
         :func:`rssbl_jax.merge`; ``None``: ``p`` is used as given.
       p_keyword: the keyword an injected model takes ``p`` under (``adapted.apply(..., p=p)``).
       modules_to_save: regexes over *leaf* paths of base parameters trained too (a head, a LayerNorm), PEFT's
         ``modules_to_save``; read by :func:`rssbl_jax.partition` and :func:`rssbl_jax.freeze_base`.
 
-    Parsing is strict, so a config from JSON, YAML or a command line means what it says: the flags take a bool, 0,
-    1 or ``"true"``/``"false"``/``"1"``/``"0"`` in any case (``"yes"`` or ``2`` is an error naming the field); a
-    pattern field given one string takes it as one regex; ``rank_pattern``/``alpha_pattern`` take a mapping or
-    ``(regex, value)`` pairs; ``p_mean``/``p_std`` numbers, not a string; ``p_keyword`` an identifier, no keyword.
+    Parsing is strict, so a config from JSON, YAML or a command line means what it says: the flags take a bool
+    (Python's or numpy's), 0, 1 or ``"true"``/``"false"``/``"1"``/``"0"`` in any case (``"yes"`` or ``2`` is an error
+    naming the field); a pattern field given one string takes it as one regex; ``rank_pattern``/``alpha_pattern``
+    take a mapping or ``(regex, value)`` pairs; ``p_mean``/``p_std`` numbers, not a string; ``p_keyword`` an
+    identifier, no keyword.
 
     >>> config = AdapterConfig(rank=4, lora_alpha=8.0, targets=r".*/(query|value)", gate="affine")
     >>> config.adapts("block_0/attention/query"), config.adapts("block_0/mlp"), config.scale
@@ -301,8 +291,7 @@ class AdapterConfig:
 def as_config(config: Any, where: str) -> AdapterConfig:
     """The :class:`AdapterConfig` of ``config``: itself, or the ``.config``/``.adapter_config`` of an adapted model.
 
-    Raises:
-      TypeError: naming ``where`` when ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha`` number).
+    ``TypeError`` naming ``where`` when ``config`` carries none (e.g. a bare ``lora_alpha`` number).
     """
     if isinstance(config, AdapterConfig):
         return config

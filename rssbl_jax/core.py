@@ -1,14 +1,11 @@
 r"""The update and the fold: the one place the RSSBilinearLoRA update is computed, and its merge at a point.
 
-:math:`\Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big),\ \hat p = (p - \mu) / \sigma`.
-:func:`adapter_update` computes it for every layer kind (a :class:`Factorization` supplies ``x ↦ A x`` and
-``h ↦ B h``; ``s`` is folded into ``B`` here only), :func:`adapter_params` names the leaves for every front-end and
-:func:`fold` merges at one operating point with the same gate. Why the split: each concern can be read and changed
-on its own; :mod:`rssbl_jax.contract` (the ``p`` contract), :mod:`rssbl_jax.gates`, :mod:`rssbl_jax.fastpath` and
-:mod:`rssbl_jax.factorization` (Dense, DenseGeneral, Einsum, Conv, Embed) hold the rest, their names importable
-from here. Flax's kernel convention (``x @ kernel``): ``kernel (d_in, d_out)``, ``lora_a (d_in, r)``,
-``lora_b (r, d_out)``, ``lora_c`` and ``lora_s (d_p, r)``; the affine and mlp gates add ``lora_c0 (r,)``; the mlp
-gate has ``lora_c (hidden, r)``, ``lora_gate_w (d_p, hidden)``, ``lora_gate_b (hidden,)``.
+:math:`\Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big),\ \hat p = (p - \mu) / \sigma`:
+:func:`adapter_update` computes it for every layer kind, :func:`adapter_params` names the leaves for every front-end
+and :func:`fold` merges at one operating point with the same gate. So each concern reads and changes on its own, the
+rest lives in :mod:`rssbl_jax.contract` (the ``p`` contract), :mod:`rssbl_jax.gates` (the gates and their leaves),
+:mod:`rssbl_jax.fastpath` and :mod:`rssbl_jax.factorization` (the layer kinds), their names importable from here.
+Flax's kernel convention (``x @ kernel``): ``kernel (d_in, d_out)``, ``lora_a (d_in, r)``, ``lora_b (r, d_out)``.
 """
 
 from __future__ import annotations
@@ -60,18 +57,15 @@ def adapter_update(
     r"""The update of any layer kind, the one function that computes it.
 
     :math:`\Delta y = s\, B\big((A\, \mathrm{dropout}(x)) \odot g(\hat p) + S \hat p\big)`, computed as
-    ``up(modulate(down(x, A), p), s · B)`` (``s`` folded into ``B``; arrays in the compute dtype). Dropout acts when
-    ``layer.lora_dropout > 0`` and ``dropout_rng`` is given. With ``add_to`` (the base output) it returns ``add_to +
-    Δy`` via :func:`~rssbl_jax.fastpath.modulated_add`: fused for Dense, one matmul under ``jax.vmap`` over ``p`` up to
-    ``thresholds.sweep_max_basis`` (the fused add's threshold is :func:`dense_factorization`'s). Raises ``ValueError``
-    at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when ``p`` does not fit ``x`` (checked against the
-    layer's own input, before any reshape) or the factors do not fit ``layer``.
+    ``up(modulate(down(x, A), p), s · B)`` in the compute dtype (dropout when ``layer.lora_dropout > 0`` and
+    ``dropout_rng`` is given). With ``add_to`` (the base output) it returns ``add_to + Δy`` through the fast paths of
+    :func:`~rssbl_jax.fastpath.modulated_add` as ``thresholds`` allow (the fused add's: :func:`dense_factorization`).
+    Raises ``ValueError`` at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when ``p`` does not fit ``x``
+    (checked against the layer's own input, before any reshape) or the factors do not fit ``layer``.
 
-    >>> import numpy as np
-    >>> from rssbl_jax.config import LayerConfig
     >>> factorization = dense_factorization((3, 2), rank=1)
-    >>> factors = {"lora_a": np.ones((3, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]])}
-    >>> adapter_update(factorization, np.ones((1, 3)), np.array([0.5]), factors, LayerConfig(1, 1.0, 1.0)).tolist()
+    >>> factors = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.array([[2.0]])}
+    >>> adapter_update(factorization, jnp.ones((1, 3)), jnp.array([0.5]), factors, LayerConfig(1, 1.0, 1.0)).tolist()
     [[3.0, 3.0]]
     """
     if operating_params is None:
@@ -154,12 +148,10 @@ def rss_update(
 ) -> Float[Array, "*batch d_out"]:
     r"""The original formulation's dense update on plain arrays: :func:`adapter_update` for a Dense kernel.
 
-    :math:`\Delta y = \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`, i.e.
     ``scale * (((x @ A) * (gate_offset + p @ C) + p @ S) @ B)``; ``ValueError`` when ``x`` or ``p`` does not fit.
 
-    >>> import numpy as np
-    >>> a, b, c, s = np.ones((3, 1)), np.ones((1, 4)), np.array([[0.5]]), np.array([[1.0]])
-    >>> rss_update(np.ones((2, 3)), np.array([2.0]), a, b, c, s, scale=2.0).tolist()[0]  # 2 * (3 * (0.5*2) + 1*2)
+    >>> a, b, c, s = jnp.ones((3, 1)), jnp.ones((1, 4)), jnp.array([[0.5]]), jnp.array([[1.0]])
+    >>> rss_update(jnp.ones((2, 3)), jnp.array([2.0]), a, b, c, s, scale=2.0).tolist()[0]  # 2 * (3 * (0.5*2) + 1*2)
     [10.0, 10.0, 10.0, 10.0]
     """
     _check_dense(x, lora_a, lora_b)
@@ -185,14 +177,11 @@ def rss_dense(
 ) -> Float[Array, "*batch d_out"]:
     r"""The original formulation's dense layer on plain arrays: ``x @ kernel + bias`` plus :func:`rss_update`.
 
-    :math:`y = W x + b + \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`. The update is added in the bias-add pass
-    (:func:`~rssbl_jax.fastpath.add_low_rank`) and swept as one matmul under ``jax.vmap`` over ``p``
-    (:func:`~rssbl_jax.fastpath.modulated_add`) as ``thresholds`` allow; ``ValueError`` when ``x``, ``bias`` or ``p``
-    does not fit.
+    :math:`y = W x + b + \alpha\, B\big((A x) \odot (g_0 + C p) + S p\big)`, with the fast paths of
+    :func:`adapter_update` as ``thresholds`` allow; ``ValueError`` when ``x``, ``bias`` or ``p`` does not fit.
 
-    >>> import numpy as np
-    >>> a, bb, c, s = np.ones((2, 1)), np.zeros((1, 2)), np.ones((1, 1)), np.zeros((1, 1))
-    >>> rss_dense(np.ones((1, 2)), np.ones(1), np.eye(2), np.zeros(2), a, bb, c, s, scale=1.0).tolist()  # B = 0
+    >>> a, bb, c, s = jnp.ones((2, 1)), jnp.zeros((1, 2)), jnp.ones((1, 1)), jnp.zeros((1, 1))
+    >>> rss_dense(jnp.ones((1, 2)), jnp.ones(1), jnp.eye(2), jnp.zeros(2), a, bb, c, s, scale=1.0).tolist()  # B = 0
     [[1.0, 1.0]]
     """
     _check_dense(x, lora_a, lora_b)
@@ -234,17 +223,13 @@ def fold(
 ) -> MergedDense:
     r"""Fold the adapter of any kernel kind into it at one operating point ``p0``.
 
-    :math:`W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`, :math:`b' = b + s\, (S \hat p_0)\, B`,
-    with ``g`` and ``S p̂0`` from :func:`gate_and_shift` as in the update. Factors are compact (``lora_a (*in, r)``,
-    ``lora_b (r, *out)``, ``kernel (*in, *out)``: Dense, DenseGeneral, Conv, Embed, input-first Einsum) or aligned
-    (both with the kernel's axes, the other factor's set to 1: interleaved Einsum). Stacked adapters (``nn.scan``:
+    :math:`W' = W + s \sum_k g(\hat p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`, :math:`b' = b + s\, (S \hat p_0)\, B`
+    (:func:`gate_and_shift`; factors compact or aligned, :mod:`rssbl_jax.factorization`). Stacked adapters (``nn.scan``:
     ``lora_c (L, d_p, r)``) fold slice by slice; a layer without bias gets one; dtypes are kept. ``ValueError`` when
     ``p`` is not ``[d_p]`` or the factors do not fit the kernel.
 
-    >>> import numpy as np
-    >>> from rssbl_jax.config import LayerConfig
-    >>> f = {"lora_a": np.ones((2, 1)), "lora_b": np.ones((1, 2)), "lora_c": np.array([[2.0]]), "lora_c0": np.ones(1)}
-    >>> merged = fold(np.zeros((2, 2)), None, f, np.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))  # 1 + 2p
+    >>> f = dict(lora_a=jnp.ones((2, 1)), lora_b=jnp.ones((1, 2)), lora_c=jnp.array([[2.0]]), lora_c0=jnp.ones(1))
+    >>> merged = fold(jnp.zeros((2, 2)), None, f, jnp.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))  # 1 + 2p
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[2.0, 2.0], [2.0, 2.0]], [0.0, 0.0])
     """
@@ -313,9 +298,8 @@ def merge_kernel(
     :math:`W' = W + \alpha \sum_k (g_0 + C p_0)_k\, A_{\ldots k} \otimes B_{k \ldots}`,
     :math:`b' = b + \alpha\, (S p_0)\, B`.
 
-    >>> import numpy as np
-    >>> a, b = np.ones((3, 1)), np.ones((1, 2, 4))  # DenseGeneral: in (3,), features (2, 4)
-    >>> merged = merge_kernel(np.zeros((3, 2, 4)), None, a, b, np.ones((1, 1)), None, np.array([2.0]), scale=0.5)
+    >>> a, b = jnp.ones((3, 1)), jnp.ones((1, 2, 4))  # DenseGeneral: in (3,), features (2, 4)
+    >>> merged = merge_kernel(jnp.zeros((3, 2, 4)), None, a, b, jnp.ones((1, 1)), None, jnp.array([2.0]), scale=0.5)
     >>> merged.kernel.shape, float(merged.kernel[0, 0, 0]), merged.bias.shape
     ((3, 2, 4), 1.0, (2, 4))
     """
@@ -340,9 +324,8 @@ def merge_dense(
 
     :math:`W' = W + \alpha\, A \,\mathrm{diag}(g_0 + C p_0)\, B`, :math:`b' = b + \alpha\, (S p_0)\, B`.
 
-    >>> import numpy as np
-    >>> a, b, c, s = np.array([[1.0], [0.0]]), np.array([[0.0, 1.0]]), np.array([[2.0]]), np.array([[3.0]])
-    >>> merged = merge_dense(np.zeros((2, 2)), np.zeros(2), a, b, c, s, np.array([0.5]), scale=1.0)  # g = 2p, S p = 3p
+    >>> a, b, c, s = jnp.array([[1.0], [0.0]]), jnp.array([[0.0, 1.0]]), jnp.array([[2.0]]), jnp.array([[3.0]])
+    >>> merged = merge_dense(jnp.zeros((2, 2)), jnp.zeros(2), a, b, c, s, jnp.array([0.5]), scale=1.0)  # g=2p, Sp=3p
     >>> merged.kernel.tolist(), merged.bias.tolist()
     ([[0.0, 1.0], [0.0, 0.0]], [0.0, 1.5])
     """

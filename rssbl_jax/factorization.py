@@ -14,9 +14,10 @@ Conv          ``Conv``                kernel ``(*window, c_in, c_out)``  ``(*win
 Embed         ``Embed``               embedding ``(vocab, features)``    ``(vocab, r)``           ``(r, features)``
 ============  ======================  =================================  =======================  ==================
 
-An Einsum kernel whose contracted axes all precede its output axes uses the compact ``(*in, r)``/``(r, *out)``
-layout. A Conv's ``A`` is a convolution with the layer's strides, padding and dilations, ``B`` a 1×1 convolution
-(PEFT's approach); an Embed's ``A`` is a lookup table, ``A x = A[ids]``.
+Factors are compact, ``(*in, r)``/``(r, *out)``, except for an Einsum kernel whose contracted axes do not all precede
+its output axes: aligned, each factor keeping the kernel's axes with the other factor's set to 1. A Conv's ``A`` is a
+convolution with the layer's strides, padding and dilations, ``B`` a 1×1 convolution (PEFT's approach); an Embed's
+``A`` is a lookup table, ``A x = A[ids]``.
 
 >>> import flax.linen as nn
 >>> kind_of(nn.Dense(3)).name, kind_of(nn.Embed(10, 4)).kernel_name
@@ -36,8 +37,7 @@ from flax import linen as nn
 from flax import nnx
 
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds, add_low_rank
-
-PrecisionLike = Any
+from rssbl_jax.gates import PrecisionLike
 
 
 class Factorization(NamedTuple):
@@ -70,7 +70,7 @@ def dense_factorization(
     """Dense kernel ``(d_in, d_out)``: ``A (d_in, r)``, ``B (r, d_out)``; the matmuls run on 2-D rows.
 
     (XLA differentiates a 2-D ``x @ A`` faster than a 3-D one on CPU.) ``up_add`` is
-    :func:`~rssbl_jax.fastpath.add_low_rank` with ``fused_max_b_size`` (:class:`~rssbl_jax.fastpath.Thresholds`).
+    :func:`~rssbl_jax.fastpath.add_low_rank` with ``fused_max_b_size``.
     """
     d_in, d_out = kernel_shape
 
@@ -171,8 +171,7 @@ def conv_factorization(
 ) -> Factorization:
     """Conv kernel ``(*window, c_in, c_out)``: ``A`` a conv ``(*window, c_in, r)`` like the layer's, ``B (r, c_out)``.
 
-    ``A x`` is ``flax.linen.Conv`` itself (the base layer's strides, padding, dilations, batch handling), so the
-    update matches the layer's output grid exactly.
+    ``A x`` is ``flax.linen.Conv`` itself (the layer's strides, padding, dilations, batches): the same output grid.
     """
     c_out = kernel_shape[-1]
     rank_conv = RankConv(
@@ -201,9 +200,6 @@ def embed_factorization(embedding_shape: Sequence[int], rank: int, precision: Pr
         return jnp.take(a, ids, axis=0)
 
     return Factorization("Embed", (vocab, rank), (rank, features), down, _tensordot_up(precision), "embedding", True)
-
-
-# The registry: one entry per kind, for linen and NNX alike.
 
 
 def _check_dense_general(module: Any, path: str) -> None:
@@ -258,9 +254,8 @@ class LayerKind(NamedTuple):
     """One adaptable layer kind: its linen and NNX classes, base weight name, validation and factorization.
 
     ``factorize(module, kernel_shape, rank, x_shape, call_args, call_kwargs, *, thresholds=...)`` builds the
-    :class:`Factorization` (``x_shape=None``: factor shapes only, before any call; ``thresholds``: the fused Dense
-    add's :class:`~rssbl_jax.fastpath.Thresholds`); ``check(module, path)`` raises for a configuration that cannot
-    be adapted.
+    :class:`Factorization` (``x_shape=None``: factor shapes only, before any call; ``thresholds``: for the fused
+    Dense add); ``check(module, path)`` raises for a configuration that cannot be adapted.
     """
 
     name: str

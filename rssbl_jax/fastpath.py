@@ -1,15 +1,11 @@
 r"""The two fast paths of the update: the fused Dense add (``custom_jvp``) and the sweep over ``p`` (``custom_vmap``).
 
-:math:`y + h B` in one elementwise pass, and :math:`y_k = y + \mathrm{up}(Z_0) + \sum_m c_m(p_k)\, \mathrm{up}(Z_m)`
-for a sweep :math:`p_1, \dots, p_K`. Why a module of its own: both change *how* the update is computed, never
+:func:`add_low_rank` adds :math:`h B` in one elementwise pass; :func:`modulated_add` computes a sweep
+:math:`p_1, \dots, p_K` as one matmul. Why a module of its own: both change *how* the update is computed, never
 *what*, and each has a derivative or batching rule the rest of the library need not read. Their thresholds are
 arguments (:class:`Thresholds`, carried from :func:`rssbl_jax.core.adapter_update` and
 :func:`rssbl_jax.core.dense_factorization` to the trace), not globals read while tracing: a global set later does
 nothing to a function already jitted, and two models in one program could not use different limits.
-
->>> import numpy as np
->>> add_low_rank(np.zeros((1, 2)), np.ones((1, 1)), np.ones((1, 2)), fused_max_b_size=0).tolist()   # matmul form
-[[1.0, 1.0]]
 """
 
 from __future__ import annotations
@@ -28,10 +24,10 @@ FUSED_MAX_B_SIZE = 32768
 """Default of :attr:`Thresholds.fused_max_b_size`: up to this many elements of ``B`` (``r × d_out``)
 :func:`add_low_rank` adds ``h B`` inside the output's elementwise loop; above it, a matmul and an add.
 
-The loop reads all of ``B`` per row, so it pays while ``B`` stays in cache. CPU, fused / matmul time (forward,
-step): 0.71-0.78 at ``r × d_out`` = 16384, 0.94-0.97 at 32768, 1.03-1.22 at 65536 (BENCHMARKS.md). The matmul form
-keeps one ``n × d_out`` array per layer (pod-shaped model: step temporaries 230 MiB against 198 MiB fused); pass
-``Thresholds(fused_max_b_size=2**62)`` to trade that speed back for the memory."""
+The loop reads all of ``B`` per row, so it pays while ``B`` stays in cache: on CPU, fused / matmul time 0.71-0.78 at
+``r × d_out`` = 16384, 0.94-0.97 at 32768, 1.03-1.22 at 65536 (BENCHMARKS.md). The matmul form keeps one
+``n × d_out`` array per layer (pod-shaped model: step temporaries 230 MiB against 198 MiB fused);
+``Thresholds(fused_max_b_size=2**62)`` trades that speed back for the memory."""
 
 SWEEP_MAX_BASIS = 128
 """Default of :attr:`Thresholds.sweep_max_basis`: the largest basis ``M`` :func:`modulated_add` sweeps through.
@@ -41,12 +37,7 @@ CPU, d = 1024, K = 256: the sweep took 1.03-1.15× the time of writing the outpu
 
 
 class Thresholds(NamedTuple):
-    """When each fast path is taken (:data:`FUSED_MAX_B_SIZE`, :data:`SWEEP_MAX_BASIS`); hashable, so static in ``jit``.
-
-    Attributes:
-      fused_max_b_size: the largest ``B`` (``r × d_out`` elements) added in the output's elementwise pass.
-      sweep_max_basis: the largest condition basis ``M`` swept as one matmul under ``jax.vmap`` over ``p``.
-    """
+    """When each fast path runs (:data:`FUSED_MAX_B_SIZE`, :data:`SWEEP_MAX_BASIS`); hashable: static in ``jit``."""
 
     fused_max_b_size: int = FUSED_MAX_B_SIZE
     sweep_max_basis: int = SWEEP_MAX_BASIS
@@ -79,14 +70,12 @@ def add_low_rank(
 
     :math:`y'_{ne} = y_{ne} + \sum_{k<r} h_{nk}\, b_{ke}`. For ``r × d_out ≤ fused_max_b_size`` it is a
     broadcast-multiply-reduce that XLA fuses into the elementwise pass over ``y`` a bias add makes, so the update is
-    never written and read back (at d = 1024 on CPU, writing the update and reading it back was most of the
-    adapter's forward cost).
-    Derivatives use the matmul form (``custom_jvp``, tangent ``ẏ + ḣ b + h ḃ``, transposed to ``∂h = ȳ bᵀ``,
-    ``∂b = hᵀ ȳ``): the reduce form would transpose into a reduction over ``n`` that XLA does not turn back into a
-    matmul. Forward mode works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.
+    never written and read back (at d = 1024 on CPU, that was most of the adapter's forward cost). Derivatives use
+    the matmul form (``custom_jvp``, tangent ``ẏ + ḣ b + h ḃ``, transposed to ``∂h = ȳ bᵀ``, ``∂b = hᵀ ȳ``): the
+    reduce form would transpose into a reduction over ``n`` that XLA does not turn back into a matmul. Forward mode
+    works too. Above the threshold, or with a ``precision``, it is ``y + h @ b``.
 
-    >>> import numpy as np
-    >>> add_low_rank(np.zeros((2, 3)), np.ones((2, 1)), np.arange(3.0)[None]).tolist()
+    >>> add_low_rank(jnp.zeros((2, 3)), jnp.ones((2, 1)), jnp.arange(3.0)[None]).tolist()
     [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
     """
     y, h, b = jnp.asarray(y), jnp.asarray(h), jnp.asarray(b)

@@ -1,17 +1,15 @@
 r"""The gate family as objects: one class per gate, registered by the name an :class:`~rssbl_jax.AdapterConfig` uses.
 
 :math:`g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p,\ \Delta y = s\, B((A x) \odot g(\hat p) + b(\hat p))`.
-The gates are :class:`Linear` (the default), :class:`Affine` and :class:`MLP`; with ``scalar_gate=True`` each has
-one column (``C (m, 1)``, ``c0 (1,)``): one value per condition for every rank, as CoLoRA. Their leaves:
-:class:`Linear` ``lora_c (d_p, r)``; :class:`Affine` adds ``lora_c0 (r,)``; :class:`MLP` has ``lora_gate_w (d_p,
-hidden)``, ``lora_gate_b (hidden,)``, ``lora_c (hidden, r)``, ``lora_c0 (r,)``; the shift ``lora_s (d_p, r)`` is the
-same for all. Why objects in one
-registry: parameter creation, shape checks, the update, the fold, the sweep basis of :mod:`rssbl_jax.fastpath`,
-:func:`rssbl_jax.init_principal` and d_p discovery ask the :class:`Gate` instead of switching on a string, so a new
-gate is one registered subclass; since ``g`` is affine in ``φ(p̂)``, the update at a fixed ``p0`` is still
-``B diag(g(p̂0)) A`` plus a bias, and merge and the sweep serve it unchanged.
+The gates, each with its leaves: :class:`Linear` (the default) ``lora_c (d_p, r)``; :class:`Affine` adds
+``lora_c0 (r,)``; :class:`MLP` has ``lora_gate_w (d_p, hidden)``, ``lora_gate_b (hidden,)``, ``lora_c (hidden, r)``,
+``lora_c0 (r,)``; the shift ``lora_s (d_p, r)`` is the same for all. With ``scalar_gate=True``, ``C (m, 1)`` and
+``c0 (1,)``: one value per condition for every rank, as CoLoRA. Why objects in one registry: parameter creation,
+shape checks, the update, the fold, the sweep basis of :mod:`rssbl_jax.fastpath`, :func:`rssbl_jax.init_principal`
+and d_p discovery ask the :class:`Gate` instead of switching on a string, so a new gate is one registered subclass;
+since ``g`` is affine in ``φ(p̂)``, the update at a fixed ``p0`` is still ``B diag(g(p̂0)) A`` plus a bias, and merge
+and the sweep serve it unchanged.
 
->>> import jax.numpy as jnp
 >>> class Cubic(Gate):             # register(Cubic) would make gate="cubic" work everywhere
 ...     name = "cubic"
 ...     def features(self, p, factors, *, precision=None):
@@ -49,10 +47,9 @@ def width(layer: Any) -> int:
 class Gate:
     """One member of the gate family, ``g(p̂) = g0 + φ(p̂) C``; subclass it and :func:`register` it.
 
-    Override what differs from the linear gate: ``leaves``, ``features`` (φ), ``directions`` (C), ``constant``
-    (g0), ``d_p`` and ``fixed_offset`` where they differ, and ``features_are_p`` (``φ(p̂) = p̂``: ``S p̂`` shares the
-    sweep basis), ``optional`` (leaves that may be absent), ``linear_leaves`` (all zero gives ``g ≡ 0``, as
-    :func:`rssbl_jax.init_principal` starts it).
+    Override the methods that differ from the linear gate's, and the class attributes ``features_are_p``
+    (``φ(p̂) = p̂``: ``S p̂`` shares the sweep basis), ``optional`` (leaves that may be absent), ``linear_leaves`` (all
+    zero gives ``g ≡ 0``, as :func:`rssbl_jax.init_principal` starts it).
     """
 
     name: ClassVar[str] = ""
@@ -243,16 +240,13 @@ def check_factors(factors: Factors, layer: Any) -> None:
 def gate_and_shift(
     p: Float[ArrayLike, "n d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
 ) -> tuple[Float[Array, "n r"], Float[Array, "n r"] | None]:
-    r"""The rank-wise gate ``g(p̂)`` and shift ``S p̂`` for rows ``p [n, d_p]``: where ``p`` acts.
+    r"""``(gate [n, r], shift [n, r] or None)``: ``g(p̂)`` and ``S p̂`` for rows ``p [n, d_p]``, where ``p`` acts.
 
-    :math:`\hat p = (p - \mu)/\sigma,\ g(\hat p) = g_0 + \phi(\hat p)\, C,\ b(\hat p) = S \hat p`, with ``g0`` and
-    ``φ`` from the layer's gate (:func:`get`); ``factors`` hold ``lora_c``, ``lora_s`` and what the gate needs.
-    Returns ``(gate [n, r], shift [n, r] or None)``.
+    :math:`\hat p = (p - \mu)/\sigma`, then the layer's gate (:func:`get`) and ``lora_s`` as in the module's formula.
 
-    >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
-    >>> factors = {"lora_c": np.array([[3.0]]), "lora_c0": np.array([1.0])}
-    >>> gate_and_shift(np.array([[2.0]]), factors, LayerConfig(1, 1.0, 1.0, gate="affine"))[0].tolist()
+    >>> factors = {"lora_c": jnp.array([[3.0]]), "lora_c0": jnp.array([1.0])}
+    >>> gate_and_shift(jnp.array([[2.0]]), factors, LayerConfig(1, 1.0, 1.0, gate="affine"))[0].tolist()
     [[7.0]]
     """
     p = normalize_operating_params(jnp.asarray(p), layer)
@@ -275,10 +269,9 @@ def modulate(
     ``p`` is ``[d_p]`` or ``[*lead, d_p]`` (:func:`rssbl_jax.contract.lead_axes`), applied on a ``[lead, rest, r]``
     view of ``h``: no ``[..., r]`` copy of ``p``. Raises ``ValueError`` at trace time, naming ``d_p`` and the shapes.
 
-    >>> import numpy as np
     >>> from rssbl_jax.config import LayerConfig
-    >>> factors = {"lora_c": np.array([[2.0]]), "lora_s": np.array([[1.0]])}
-    >>> modulate(np.ones((2, 3, 1)), np.array([[1.0], [2.0]]), factors, LayerConfig(1, 1.0, 1.0))[:, 0, 0].tolist()
+    >>> factors = {"lora_c": jnp.array([[2.0]]), "lora_s": jnp.array([[1.0]])}
+    >>> modulate(jnp.ones((2, 3, 1)), jnp.array([[1.0], [2.0]]), factors, LayerConfig(1, 1.0, 1.0))[:, 0, 0].tolist()
     [3.0, 6.0]
     """
     h, p = jnp.asarray(h), jnp.asarray(operating_params)

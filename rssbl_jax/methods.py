@@ -2,16 +2,9 @@ r"""Adapter methods: RSSBilinearLoRA and the baselines it is compared with, behi
 
 An :class:`AdapterMethod` says which leaves an adapted layer holds (``params``) and what it outputs (``adapt``);
 :func:`rssbl_jax.apply.apply_adapter` does the rest for every front-end, so every method reaches every layer kind
-through the same factorizations ``down(x, A)``, ``up(h, B)``. With ``s`` the scale (``lora_alpha / rank``, or
-``/ sqrt(rank)`` with rsLoRA), ``branch = s B A x`` and ``y`` the base output:
-
-- :class:`RSS`: ``Δy = s B((A x) ⊙ g(p) + S p)``, the config's gate; leaves ``lora_c``, ``lora_s``, the gate's own.
-- :class:`LoRA`: ``Δy = branch`` (ignores ``p``).
-- :class:`LoRAConcat`: ``Δy = s B (A x + A_p p)``, ``p`` concatenated to the input; leaf ``lora_ap (d_p, r)``.
-- :class:`FiLM` on the branch: ``Δy = (o + γ(p)) ⊙ branch + Β p``; on the layer:
-  ``Δy = o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``; leaves ``lora_gamma``, ``lora_beta``.
-- :class:`HyperNet`: ``Δy = s B(p)(A(p) x + S p)``, ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``; leaves
-  ``lora_hyper_*``.
+through the same factorizations ``down(x, A)``, ``up(h, B)``. The methods, each class giving its ``Δy`` and leaves
+(``s`` the layer's scale, ``y`` the base output): :class:`RSS`, :class:`LoRA`, :class:`LoRAConcat` (``p``
+concatenated to the input), :class:`FiLM` (output-space, on the LoRA branch or the whole layer), :class:`HyperNet`.
 
 Every method starts at ``Δy = 0`` (``B``-like factors, ``Β``, ``S`` and the heads feeding ``B`` are zero) with a
 non-zero gradient for ``p ≠ 0`` on its multiplicative factors: ``Γ`` starts random only on the branch with offset
@@ -32,9 +25,8 @@ from rssbl_jax import core
 from rssbl_jax.config import LayerConfig
 from rssbl_jax.core import Factorization
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
+from rssbl_jax.gates import LeafSpecs as Specs
 
-Initializer = jax.nn.initializers.Initializer
-Specs = dict[str, tuple[tuple[int, ...], Initializer]]
 zeros = nn.initializers.zeros_init()
 lecun = nn.initializers.lecun_normal()
 
@@ -42,17 +34,14 @@ lecun = nn.initializers.lecun_normal()
 class AdapterMethod(Protocol):
     """What an adapter computes: the extension point of every front-end (linen layer, ``inject``, NNX).
 
-    Attributes:
-      uses_p: whether the output depends on ``p``; a method that does not (:class:`LoRA`) needs no ``p``.
-      mergeable: whether :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only).
+    ``uses_p``: whether the output depends on ``p`` (:class:`LoRA` needs no ``p``); ``mergeable``: whether
+    :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only). ``params(layer, factorization,
+    d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the trainable prefix) with ``lora_a``,
+    ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``: ``y + Δy`` (``Δy`` may join ``y``'s
+    pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``), all in the compute dtype; scale
+    ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
 
-    ``params(layer, factorization, d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the
-    trainable prefix) with ``lora_a``, ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``:
-    ``y + Δy`` (``Δy`` may join ``y``'s pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``),
-    all in the compute dtype; scale ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
-
-    >>> from rssbl_jax import config, core
-    >>> layer, factorization = config.LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
+    >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
     >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
     {'lora_a': (3, 2), 'lora_b': (2, 4), 'lora_c': (5, 2), 'lora_s': (5, 2)}
     """
@@ -74,11 +63,9 @@ class AdapterMethod(Protocol):
 class RSS:
     r"""RSSBilinearLoRA: ``y + s B((A x) ⊙ g(p̂) + S p̂)`` with the config's gate, by :func:`core.adapter_update`.
 
-    Attributes:
-      thresholds: when the fast paths (the add inside ``y``'s pass, the sweep under ``jax.vmap`` over ``p``,
-        :func:`rssbl_jax.fastpath.modulated_add`) are taken (:class:`rssbl_jax.fastpath.Thresholds`).
+    Leaves ``lora_c``, ``lora_s`` and the gate's own (:mod:`rssbl_jax.gates`). ``thresholds``: when the fast paths of
+    :func:`rssbl_jax.fastpath.modulated_add` are taken (:class:`rssbl_jax.fastpath.Thresholds`).
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=RSS(), shift=True)
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])                                        # p per example
@@ -127,10 +114,6 @@ def _out_shape(factorization: Factorization) -> tuple[int, ...]:
     return tuple(b_shape)
 
 
-def _a_init(factorization: Factorization) -> Initializer:
-    return nn.initializers.normal(1.0) if factorization.integer_inputs else core.default_lora_a_init
-
-
 def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
     return b * jnp.asarray(layer.scale, b.dtype)
 
@@ -139,12 +122,10 @@ def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
 class LoRA:
     """Plain LoRA: ``y + s B A x``; it ignores ``p``, so an adapted model built with it needs none.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted, x = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=2.0, method=LoRA()), jnp.ones((1, 3))
     >>> f = adapted.init(jax.random.key(0), x)["params"] | {"lora_b": jnp.ones((1, 2))}      # no p
-    >>> delta = 2 * x @ f["lora_a"] @ f["lora_b"]
-    >>> bool(jnp.allclose(adapted.apply({"params": f}, x), x @ f["kernel"] + delta))
+    >>> bool(jnp.allclose(adapted.apply({"params": f}, x), x @ f["kernel"] + 2 * x @ f["lora_a"] @ f["lora_b"]))
     True
     """
 
@@ -153,7 +134,8 @@ class LoRA:
 
     def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
         del layer, d_p, shift
-        return {"lora_a": (factorization.a_shape, _a_init(factorization)), "lora_b": (factorization.b_shape, zeros)}
+        a_init = nn.initializers.normal(1.0) if factorization.integer_inputs else core.default_lora_a_init
+        return {"lora_a": (factorization.a_shape, a_init), "lora_b": (factorization.b_shape, zeros)}
 
     def branch(self, factorization, x, factors, layer):
         """``s B A x``, the update every baseline builds on."""
@@ -172,7 +154,6 @@ class LoRA:
 class LoRAConcat:
     """LoRA with ``p`` concatenated to its input: ``y + s B (A x + A_p p)``, ``A_p`` = ``lora_ap (d_p, r)``.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=LoRAConcat())
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0, -1.0]])
@@ -206,6 +187,9 @@ class LoRAConcat:
 class FiLM:
     """Output-space FiLM on the LoRA branch (``on_layer=False``) or on the whole layer's output (``True``).
 
+    With ``branch = s B A x``: on the branch ``Δy = (o + γ(p)) ⊙ branch + Β p``, on the layer
+    ``Δy = o ⊙ branch + γ(p) ⊙ (y + branch) + Β p``; leaves ``lora_gamma`` (Γ), ``lora_beta`` (Β).
+
     Attributes:
       offset: the constant ``o``, or the learnable one's start (0: ``Δy = 0`` at ``p = 0`` like ``C p``; 1: an
         unconditioned update there, like ``1 + C p``).
@@ -213,7 +197,6 @@ class FiLM:
       learn_offset: learn ``o`` per output unit (``lora_gamma0``), as the affine gate learns ``c0``.
       hidden: 0 for ``γ(p) = Γ p``; otherwise the width of ``γ(p) = Γ tanh(W p + b)`` (as the MLP gate).
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=FiLM(0.0))  # s = 1, o = 0
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])
@@ -273,14 +256,15 @@ class FiLM:
 class HyperNet:
     r"""A hypernetwork that generates the LoRA factors from p: ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``.
 
+    ``Δy = s B(p)(A(p) x + S p)``; leaves ``lora_hyper_*``.
+
     Attributes:
       hidden: the width of ``tanh(P p)``; parameters grow as ``hidden · (d_p + |A| + |B|)``: the knob that matches
         it to another method on parameters (:meth:`count`, :meth:`width_for`).
       unconditioned: keep ``A0``, ``B0`` (``u = 1``); else ``lora_a``/``lora_b`` are the heads ``H_a``/``H_b``.
       shift: add a rank-space shift ``S p`` (``lora_s (d_p, r)``, zero at init), as RSS's.
 
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> from rssbl_jax import core, inject
+    >>> from rssbl_jax import inject
     >>> method = HyperNet(hidden=2)
     >>> adapted = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=method)
     >>> f = adapted.init(jax.random.key(0), jnp.ones((4, 3)), p=jnp.ones((4, 1)))["params"]
@@ -322,7 +306,6 @@ class HyperNet:
     ) -> int:
         """The largest width whose :meth:`count` on this layer is at most ``budget`` (at least 1).
 
-        >>> from rssbl_jax import core
         >>> HyperNet.width_for(1000, core.dense_factorization((16, 16), 4), 2)   # 2·6 + 128·7 = 908 ≤ 1000 < 1038
         6
         """
