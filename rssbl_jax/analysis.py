@@ -29,9 +29,14 @@ from rssbl_jax.merge import merge
 def effective_rank(matrix: Float[ArrayLike, "m n"], energy: float = 0.99, *, atol: float = 0.0) -> Int[Array, ""]:
     r"""The number of singular values (an int scalar in ``[0, min(m, n)]``) that hold ``energy`` of ``‖M‖²_F``.
 
-    :math:`\operatorname{rank}_e(M) = \min\{k : \sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}` with ``energy``
-    :math:`e \in (0, 1]`; a Frobenius norm up to ``atol`` gives rank 0 (to call float32 round-off zero, e.g.
-    ``1e-5 * ‖W‖`` for an update of a base kernel ``W``). Works under ``jit`` and ``vmap``.
+    :math:`\operatorname{rank}_e(M) = \min\{k : \sum_{i \le k} \sigma_i^2 \ge e \sum_i \sigma_i^2\}`. Works under
+    ``jit`` and ``vmap``.
+
+    Args:
+      matrix: ``[m, n]``.
+      energy: :math:`e`, the fraction of ``‖M‖²_F`` to hold, in ``(0, 1]``.
+      atol: a Frobenius norm up to this gives rank 0 (to call float32 round-off zero, e.g. ``1e-5 * ‖W‖`` for an
+        update of a base kernel ``W``).
 
     >>> int(effective_rank(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.8))
     1
@@ -69,7 +74,11 @@ def joint_rank(deltas: Float[ArrayLike, "K d_in d_out"], energy: float = 0.99, *
     :math:`r_\text{in} = \operatorname{rank}_e[\Delta W(p_1) \cdots \Delta W(p_K)]` (side by side) and
     :math:`r_\text{out} = \operatorname{rank}_e[\Delta W(p_1); \cdots; \Delta W(p_K)]` (stacked). RSSBilinearLoRA
     has ``r_in, r_out ≤ r`` over any conditions; output-space FiLM on the LoRA branch has ``r_in ≤ r`` but ``r_out``
-    up to ``min(d_out, r K)``. ``energy`` and ``atol`` (applied to each joined matrix) are as in :func:`effective_rank`.
+    up to ``min(d_out, r K)``.
+
+    Args:
+      deltas: ``[K, d_in, d_out]``.
+      energy, atol: as in :func:`effective_rank` (``atol`` applies to each joined matrix).
 
     >>> joint = joint_rank(jnp.stack([jnp.ones((4, 3)), 2 * jnp.ones((4, 3))]))
     >>> int(joint.inputs), int(joint.outputs)
@@ -113,8 +122,13 @@ def delta_weights(
     r"""``ΔW(p_k) = W'(p_k) - W``, ``[K, *kernel.shape]``, of one adapted layer at ``K`` operating points.
 
     That is :math:`s\, A\,\mathrm{diag}(g(\hat p))\,B`, computed with ``jax.vmap`` over :func:`rssbl_jax.merge`, so
-    gate and ``p`` normalisation come from ``config`` (an :class:`~rssbl_jax.AdapterConfig`, or an adapted model or
-    layer carrying one) as in training. ``layer_path`` is as :mod:`rssbl_jax.patterns` writes paths (``""``: one layer).
+    gate and ``p`` normalisation come from ``config`` as in training.
+
+    Args:
+      params: a model's params tree (or one layer's params, with ``layer_path=""``).
+      config: an :class:`~rssbl_jax.AdapterConfig`, or an adapted model or layer carrying one.
+      layer_path: the layer's path in ``params``, as :mod:`rssbl_jax.patterns` writes paths.
+      operating_params: ``[K, d_p]``.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(3, rank=1, lora_alpha=1.0)

@@ -56,8 +56,10 @@ def leaf_specs(
 ) -> dict[str, Leaf]:  # fmt: skip
     """The adapter leaves of one layer: the method's ``params`` with ``initializers`` overrides and sharding names.
 
-    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`. An
-    ``initializers`` key that names no leaf of the method is a ``ValueError``.
+    With the kernel's partition names and shape, leaf names follow :func:`rssbl_jax.tree.axes_from_kernel`.
+
+    Raises:
+      ValueError: when an ``initializers`` key names no leaf of the method.
 
     >>> from rssbl_jax import methods
     >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
@@ -98,7 +100,11 @@ def factorize(
 
 
 def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
-    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``, else ``ValueError``); 1 for a method without ``p``."""
+    """``d_p`` from ``p`` (``[d_p]`` or ``[*lead, d_p]``); 1 for a method without ``p``.
+
+    Raises:
+      ValueError: when the method uses ``p`` and ``p`` is ``None`` or a scalar.
+    """
     if not method.uses_p:
         return 1 if p is None or jnp.ndim(p) == 0 else jnp.shape(p)[-1]
     if p is None:
@@ -136,8 +142,10 @@ def apply_adapter(
 
     In order: refuse ``p = None`` when the method uses ``p``; promote ``x``, ``p``, the factors to ``dtype`` (or
     inferred); dropout on ``x`` (only with ``dropout_rng``); ``p̂ = (p - p_mean) / p_std``; ``method.adapt``; check
-    the output shape and cast to ``y``'s dtype. A ``p`` that does not fit the layer is a ``ValueError`` prefixed with
-    ``where``, naming ``d_p`` and the shapes.
+    the output shape and cast to ``y``'s dtype.
+
+    Raises:
+      ValueError: prefixed with ``where``, naming ``d_p`` and the shapes when ``p`` does not fit the layer.
     """
     if p is None and method.uses_p:
         raise ValueError(

@@ -291,7 +291,8 @@ class AdapterConfig:
 def as_config(config: Any, where: str) -> AdapterConfig:
     """The :class:`AdapterConfig` of ``config``: itself, or the ``.config``/``.adapter_config`` of an adapted model.
 
-    ``TypeError`` naming ``where`` when ``config`` carries none (e.g. a bare ``lora_alpha`` number).
+    Raises:
+      TypeError: naming ``where`` when ``config`` carries none (e.g. a bare ``lora_alpha`` number).
     """
     if isinstance(config, AdapterConfig):
         return config

@@ -30,8 +30,11 @@ def init_principal(params: tree.PyTree, config: Any) -> tree.PyTree:
 
     For nested mappings (linen params, an NNX pure state dict) in the compact layout (Dense, DenseGeneral, Conv,
     Embed, Einsum with input axes first), the kernel read as a ``(prod(in), prod(out))`` matrix; the gate is zeroed
-    through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`). ``ValueError`` for another
-    layout or a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot start at zero).
+    through the leaves it is linear in (:attr:`rssbl_jax.gates.Gate.linear_leaves`).
+
+    Raises:
+      ValueError: another layout, or a gate with a fixed offset (the linear gate with ``gate_offset != 0`` cannot
+        start at zero).
 
     >>> import jax, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0)

@@ -185,8 +185,6 @@ def inject(
 
     for every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed`` layer ``ℓ`` whose path (params keys joined
     by ``/``, e.g. ``"block_0/attention/query"``) fully matches a target and no ``exclude``. ``B = 0`` at init.
-    ``adapted.init(key, *args, p=p)`` reads ``d_p`` from ``p``; ``adapted.config`` is what ``partition``, ``merge``
-    and ``save_adapters`` take.
 
     Args:
       model, config: the linen model (not modified); an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes).
@@ -194,6 +192,10 @@ def inject(
       param_dtype, method: the adapters' dtype; an :class:`~rssbl_jax.AdapterMethod` (default RSS, or a baseline of
         :mod:`rssbl_jax.methods`).
       initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).
+
+    Returns:
+      an :class:`Adapted` module; ``adapted.init(key, *args, p=p)`` reads ``d_p`` from ``p``; ``adapted.config`` is
+      what ``partition``, ``merge`` and ``save_adapters`` take.
 
     Raises:
       TypeError: naming an unknown keyword.
@@ -249,9 +251,13 @@ def _flat(tree: PyTree) -> dict[str, Any]:
 def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     """Replace every non-adapter leaf of an adapted model's ``variables`` by the pretrained one.
 
-    ``variables`` are the adapted model's variables (or params), its adapter leaves kept; ``pretrained`` the model's
-    params, or variables (every collection, e.g. ``batch_stats``). Paths and shapes must match exactly (else a
-    ``ValueError`` naming the first path missing, unexpected or of another shape); values keep their dtype.
+    Args:
+      variables: the adapted model's variables (or params); its adapter leaves are kept.
+      pretrained: the model's params, or variables (every collection, e.g. ``batch_stats``); paths and shapes must
+        match exactly, values keep their dtype.
+
+    Raises:
+      ValueError: naming the first path that is missing, unexpected or of another shape.
 
     >>> model, x = nn.Dense(3), jnp.ones((1, 2))
     >>> variables = inject(model, "", rank=1, lora_alpha=1.0).init(jax.random.key(0), x, p=jnp.ones(1))  # root: ""

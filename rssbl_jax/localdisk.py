@@ -139,11 +139,16 @@ def replace_directory(
 ) -> None:
     """Write a directory with ``write(staging)`` and swap it in at ``path``: locked, staged, verified, fsynced.
 
-    ``path`` is absolute and local; ``verify(staging)`` raises if the new directory is not what was meant;
-    ``is_ours(directory)``: whether it is a whole one of this kind (only then is an interrupted swap's ``.old`` put
-    back); ``check_existing(path)``, called under the lock when ``path`` exists, raises to refuse replacing it;
-    ``on_stage`` gets ``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``, ``"done"`` (for fault tests).
-    Raises :class:`CheckpointBusyError` when another writer holds the lock of ``path``.
+    Args:
+      path: the absolute local path of the directory.
+      write: writes the new directory at the path it is given.
+      verify: raises if the directory at the path it is given is not what was meant to be written.
+      is_ours: whether a directory is a whole one of this kind (only then is an interrupted swap's ``.old`` put back).
+      check_existing: called (under the lock) when ``path`` exists; raises to refuse replacing it.
+      on_stage: called with ``"locked"``, ``"staged"``, ``"verified"``, ``"swapped"``, ``"done"`` (fault tests).
+
+    Raises:
+      CheckpointBusyError: when another writer holds the lock of ``path``.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with exclusive(path):

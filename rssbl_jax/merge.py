@@ -26,20 +26,25 @@ def merge(
 
         W' = W + s\, A\,\mathrm{diag}\big(g(\hat p_0)\big)\,B, \qquad b' = b + s\, (S \hat p_0)\, B
 
-    Rank, scale, gate and ``p`` normalisation come from ``config`` (an :class:`~rssbl_jax.AdapterConfig`, or the
-    adapted model or layer carrying one), the one the model trained with, so nothing is restated and nothing can
-    silently differ. Every adapter layer (:func:`rssbl_jax.tree.is_adapter_layer`) of ``params`` (one layer's or a
-    whole tree: linen params, an NNX pure state dict) becomes its base leaves, the update folded into ``kernel`` (or
-    ``embedding``) by :func:`rssbl_jax.core.fold`, per slice for ``nn.scan``-stacked adapters; the rest is unchanged,
-    so the result loads into the unmodified architecture. ``precision`` is the fold's; ``HIGHEST`` (run once) matches
-    the adapted model to float32 round-off on GPU and TPU. ``add_bias=True`` gives a bias-free layer with a shift a
-    ``bias`` for ``s (S p̂0) B`` (without it this raises: Flax silently ignores a ``bias`` leaf in a ``use_bias=False``
-    layer). Pure in arrays: ``jax.vmap(lambda q: merge(params, q, config))(ps)`` merges a batch of points.
+    Rank, scale, gate and ``p`` normalisation come from the config the model trained with, so nothing is restated and
+    nothing can silently differ. Every adapter layer (:func:`rssbl_jax.tree.is_adapter_layer`) becomes its base
+    leaves, the update folded into ``kernel`` (or ``embedding``) by :func:`rssbl_jax.core.fold`, per slice for
+    ``nn.scan``-stacked adapters; the rest is unchanged, so the result loads into the unmodified architecture. Pure in
+    arrays: ``jax.vmap(lambda q: merge(params, q, config))(ps)`` merges a batch of points.
 
-    ``TypeError`` if ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha``, the pre-0.2 API). ``ValueError``
-    for no adapted layer; an adapter layer without a kernel or its gate's leaves (another method's, which has no
-    fold); factors that do not fit the resolved rank (a forgotten ``rank_pattern``); a path the config does not
-    adapt; ``operating_params`` not ``[d_p]``; an unused pattern; a shift without bias or ``add_bias``.
+    Args:
+      params: one layer's params or a whole tree (linen params, an NNX pure state dict).
+      operating_params: ``p0 [d_p]``.
+      config: an :class:`~rssbl_jax.AdapterConfig`, or the adapted model or layer that carries one.
+      add_bias: give a bias-free layer with a shift a ``bias`` for ``s (S p̂0) B`` (without it this raises: Flax
+        silently ignores a ``bias`` leaf in a ``use_bias=False`` layer).
+      precision: of the fold; ``HIGHEST`` (run once) matches the adapted model to float32 round-off on GPU and TPU.
+
+    Raises:
+      TypeError: ``config`` carries no AdapterConfig (e.g. a bare ``lora_alpha``, the pre-0.2 API).
+      ValueError: no adapted layer; an adapter layer without a kernel or its gate's leaves (another method's, which
+        has no fold); factors that do not fit the resolved rank (a forgotten ``rank_pattern``); a path the config
+        does not adapt; ``operating_params`` not ``[d_p]``; an unused pattern; a shift without bias or ``add_bias``.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer, p0 = rssbl_jax.RSSBilinearLoRADense(4, rank=2, lora_alpha=2.0), jnp.array([0.5])
