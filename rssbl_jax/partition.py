@@ -21,9 +21,12 @@ from rssbl_jax.tree import PyTree, adapter_layers, adapter_leaf_paths, leaves
 def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
     """A tree of bools: ``True`` at the leaves that train (adapters by identity, plus ``modules_to_save``).
 
-    ``params`` is any params tree (linen ``variables["params"]``, an NNX pure state dict); ``config`` an optional
-    :class:`~rssbl_jax.AdapterConfig` (or a model carrying one): ``ValueError`` for an adapter layer it does not adapt
-    or a ``modules_to_save`` matching no leaf.
+    Args:
+      params: any params tree (linen ``variables["params"]``, an NNX pure state dict).
+      config: optional :class:`~rssbl_jax.AdapterConfig` (or a model carrying one).
+
+    Raises:
+      ValueError: with a config, for an adapter layer it does not adapt or a ``modules_to_save`` matching no leaf.
 
     >>> trainable_mask({"dense": {"kernel": 0.0, "lora_a": 0.0, "lora_b": 0.0, "lora_c": 0.0}, "mine": {"lora_a": 0.0}})
     {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True, 'lora_c': True}, 'mine': {'lora_a': False}}
@@ -93,10 +96,15 @@ def freeze_base(
     Built on ``optax.partition``: trainable leaves go through ``tx``, the others through the stateless
     ``optax.set_to_zero()``, so frozen leaves stay bit-identical (exact zero updates; ``-0.0`` becomes ``+0.0``).
 
-    ``config`` is as for :func:`trainable_mask`. ``clip_global_norm=c`` clips the trainable gradients by their global
-    norm alone before ``tx``, :math:`g_A \leftarrow g_A \min(1, c / \lVert g_A \rVert)`. **Order matters for whole-tree
-    transforms**: ``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))`` would count the frozen base's
-    usually far larger gradients and shrink every adapter step by that factor (300× in the case that found it).
+    **Order matters for whole-tree transforms**: ``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))`` would
+    count the frozen base's usually far larger gradients and shrink every adapter step by that factor (300× in the
+    case that found it).
+
+    Args:
+      tx: the trainable leaves' optimizer.
+      config: as for :func:`trainable_mask`.
+      clip_global_norm: :math:`c`: before ``tx``, :math:`g_A \leftarrow g_A \min(1, c / \lVert g_A \rVert)`, the
+        trainable gradients' global norm alone.
 
     >>> params = {k: jnp.ones(2) for k in ("kernel", "lora_a", "lora_b", "lora_c")}  # trainable gradient norm 5:
     >>> grads = {k: jnp.zeros(2) for k in params} | {"kernel": jnp.full(2, 300.0), "lora_b": jnp.array([3.0, 4.0])}

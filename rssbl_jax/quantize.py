@@ -56,11 +56,15 @@ def quantize_base(
 ) -> Any:
     r"""The model with its kernels quantised by qwix (weight-only PTQ); inject adapters into the result.
 
-    ``qtype`` is ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes; ``module_path`` a
-    regex (fullmatch) over layer paths whose kernels are quantised (adapters never are); ``tile_size`` qwix's
-    sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel). Linen: ``init``
-    (or ``inject(...).init``) creates the quantised kernels, ``apply`` refuses float ones (quantise a pretrained tree
-    with :func:`quantize_params`). NNX: pass the model's inputs (with ``p=...`` once adapted) as to ``quantize_model``.
+    Linen: ``init`` (or ``inject(...).init``) creates the quantised kernels, ``apply`` refuses float ones (quantise a
+    pretrained tree with :func:`quantize_params`).
+
+    Args:
+      model: a linen or NNX model (unadapted, or NNX already adapted).
+      qtype: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or any ``weight_qtype`` qwix takes.
+      model_inputs, model_inputs_kwargs: NNX only: the inputs, as for ``quantize_model`` (with ``p=...`` once adapted).
+      module_path: regex (fullmatch) over layer paths whose kernels are quantised; adapters are never quantised.
+      tile_size: qwix's sub-channel tile along the contracted axis (e.g. 64 or 128 for 4-bit; ``None``: per channel).
 
     >>> import flax.linen as nn
     >>> params = quantize_base(nn.Sequential([nn.Dense(4)]), "nf4").init(jax.random.key(0), jnp.ones((1, 8)))["params"]
@@ -135,7 +139,12 @@ def merge(params: PyTree, operating_params: Any, config: Any, *, requantize: boo
     ``requantize=True`` quantises it again with ``Q``, the kernel's own recipe (``qtype``, channel axes, tiles,
     calibration), recomputing the scales: the whole kernel is rounded again (up to half a step per weight) at the
     quantised model's memory. Dequantised kernels load into the unquantised model, matching the adapted one to float
-    round-off at float memory. Arguments as for :func:`rssbl_jax.merge` (``merge_kwargs``: ``add_bias``, ``precision``).
+    round-off at float memory.
+
+    Args:
+      params, operating_params, config: as for :func:`rssbl_jax.merge`.
+      requantize: ``True`` to keep the quantised format, ``False`` to return float kernels.
+      merge_kwargs: passed to :func:`rssbl_jax.merge` (``add_bias``, ``precision``).
 
     >>> import flax.linen as nn, rssbl_jax
     >>> model = quantize_base(nn.Sequential([nn.Dense(4)]), "int8")

@@ -76,7 +76,9 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
 def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainState]:
     """The runs of a stacked ``state``, one :class:`~rssbl_jax.TrainState` each (the inverse of :func:`stack_runs`).
 
-    ``share_frozen``: whether its frozen base is one copy (as given to :func:`stack_runs`).
+    Args:
+      state: a state with a leading run axis.
+      share_frozen: whether its frozen base is one copy (as given to :func:`stack_runs`).
 
     >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
@@ -100,7 +102,8 @@ def vmap_train_step(train_step: StepFn, *, batch_axis: int | None = 0, share_fro
       batch_axis: ``0`` when ``batch[i]`` is run ``i``'s own batch, ``None`` when all runs share one batch.
       share_frozen: whether the state's frozen base is one copy (see :func:`stack_runs`).
 
-    Returns ``step(runs, batch) -> (runs, metrics)``, every metric with a leading run axis; wrap it in ``jax.jit``.
+    Returns:
+      ``step(runs, batch) -> (runs, metrics)``, every metric with a leading run axis; wrap it in ``jax.jit``.
 
     >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}
@@ -126,9 +129,9 @@ def train_many(
     share_frozen: bool = True,
     **train_kwargs: Any,
 ) -> list[TrainState]:
-    """Train several runs at once (one compiled, vmapped step) with :func:`rssbl_jax.train`; their final states.
+    """Train several runs at once (one compiled, vmapped step) with :func:`rssbl_jax.train`.
 
-    The same, in order, as ``train(s, jax.jit(train_step), ...)`` for each run ``s`` (up to float rounding).
+    The same as ``train(s, jax.jit(train_step), ...)`` for each run ``s`` (up to float rounding).
 
     Args:
       states: one :class:`~rssbl_jax.TrainState` per run (see :func:`stack_runs`).
@@ -138,6 +141,9 @@ def train_many(
       batch_axis, share_frozen: as in :func:`vmap_train_step`.
       **train_kwargs: passed to :func:`rssbl_jax.train`; hook values are arrays over the runs, ``eval_fn`` gets
         the stacked state.
+
+    Returns:
+      The final state of each run, in order.
 
     >>> import jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}
