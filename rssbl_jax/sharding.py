@@ -51,11 +51,18 @@ def _base_lookup(base_specs: PyTree | SpecRules):
 def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, mesh: Mesh | None = None) -> PyTree:
     """Partition specs for a whole adapted params tree, adapter factors following their layer's kernel.
 
-    ``params`` holds arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``); ``base_specs`` is a
-    ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored) or ``(regex, spec)``
-    rules, the first ``re.fullmatch`` of the path winning (``".*/mlp/kernel"``). With ``mesh``, every spec is checked
-    by :func:`validate_specs`. A ``ValueError`` names the path of a base leaf other than a ``bias`` without a spec, a
-    spec with more entries than its leaf has axes, or an adapter with no ``kernel`` beside it.
+    Args:
+      params: arrays or ``jax.ShapeDtypeStruct`` (e.g. ``variables["params"]``).
+      base_specs: a ``PartitionSpec`` tree at the base leaves' paths (``lora_*`` and extra entries ignored), or
+        ``(regex, spec)`` rules, the first ``re.fullmatch`` of the path winning (``".*/mlp/kernel"``).
+      mesh: when given, every spec is checked against it with :func:`validate_specs`.
+
+    Returns:
+      ``params``' structure with a ``PartitionSpec`` at every leaf (the rule of the module docstring).
+
+    Raises:
+      ValueError: naming the path: a base leaf other than a ``bias`` has no spec, a spec has more entries than its
+        leaf has axes, or an adapter has no ``kernel`` beside it.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)
@@ -109,8 +116,13 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
 def validate_specs(tree: PyTree, specs: PyTree, mesh: Mesh) -> None:
     """Check that every spec names axes of ``mesh`` whose sizes divide the leaf's dimensions.
 
-    ``tree`` holds arrays or ``jax.ShapeDtypeStruct``; ``specs`` has its structure (or a prefix of it). Raises
-    ``ValueError`` for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
+    Args:
+      tree: arrays or ``jax.ShapeDtypeStruct``.
+      specs: a ``PartitionSpec`` tree with ``tree``'s structure (or a prefix of it).
+      mesh: the mesh the specs are meant for.
+
+    Raises:
+      ValueError: for the first spec that does not fit, naming the path, shape, spec and mesh axis sizes.
 
     >>> validate_specs({"x": jax.numpy.ones((4, 6))}, {"x": jax.P(None, "model")}, jax.make_mesh((1,), ("model",)))
     """
@@ -156,7 +168,9 @@ def batch_spec(data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
 def operating_params_spec(operating_params: Any, data_axis: str | tuple[str, ...] = "data") -> PartitionSpec:
     """The spec of the operating parameters: sharded with the batch when per-example, replicated when shared.
 
-    ``operating_params`` is ``p`` (anything with ``.shape``), ``[d_p]`` or ``[batch, ..., d_p]``.
+    Args:
+      operating_params: ``p`` (anything with ``.shape``): ``[d_p]`` or ``[batch, ..., d_p]``.
+      data_axis: the mesh axis (or axes) the batch is sharded over.
 
     >>> operating_params_spec(jax.numpy.ones((32, 3))), operating_params_spec(jax.numpy.ones(3))
     (P('data',), P())
@@ -177,8 +191,12 @@ def named_shardings(mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
     """Place a params tree on ``mesh`` (``jax.device_put`` with ``NamedSharding``), after checking the specs fit.
 
-    ``specs`` has ``params``' structure (e.g. from :func:`adapter_partition_specs`). Every process must pass the same
-    values (as with parameters from one random key or one checkpoint).
+    Every process must pass the same values (as with parameters from one random key or one checkpoint).
+
+    Args:
+      params: arrays.
+      mesh: the device mesh.
+      specs: a ``PartitionSpec`` tree with ``params``' structure, e.g. from :func:`adapter_partition_specs`.
 
     >>> shard_params({"x": jax.numpy.ones(6)}, jax.make_mesh((1,), ("m",)), {"x": jax.P("m")})["x"].sharding.spec
     P('m',)
@@ -190,9 +208,11 @@ def shard_params(params: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None = None) -> PyTree:
     """Global arrays from each process's part of a batch (``jax.make_array_from_process_local_data``).
 
-    ``batch`` holds this process's rows as host arrays (in a single process, the whole batch); ``mesh`` is global;
-    ``specs`` a ``PartitionSpec`` or a tree prefix of ``batch`` of them, ``None`` sharding every leading axis over the
-    mesh's first axis (use :func:`operating_params_spec` for ``p``).
+    Args:
+      batch: a tree of host arrays, this process's rows (in a single process, the whole batch).
+      mesh: the (global) device mesh.
+      specs: a ``PartitionSpec`` or a tree prefix of ``batch`` of them; ``None`` shards every leaf's leading axis
+        over the mesh's first axis. Use :func:`operating_params_spec` for ``p``.
 
     >>> import numpy as np
     >>> shard_batch({"x": np.ones((4, 2))}, jax.make_mesh((1,), ("data",)))["x"].sharding.spec
@@ -208,9 +228,15 @@ def shard_batch(batch: PyTree, mesh: Mesh, specs: PyTree | PartitionSpec | None 
 
 
 def local_batch_slice(mesh: Mesh, global_batch_size: int, data_axis: str | tuple[str, ...] = "data") -> slice:
-    """The rows of a global batch, sharded over ``data_axis``, that this process feeds to :func:`shard_batch`.
+    """The rows of a global batch that this process feeds to :func:`shard_batch` (its devices' rows).
 
-    ``ValueError`` when this process's devices do not hold one contiguous range of the ``global_batch_size`` rows.
+    Args:
+      mesh: the global mesh.
+      global_batch_size: rows of the global batch.
+      data_axis: the mesh axis (or axes) the batch is sharded over.
+
+    Raises:
+      ValueError: when this process's devices do not hold one contiguous range of rows.
 
     >>> local_batch_slice(jax.make_mesh((1,), ("data",)), 16)
     slice(0, 16, None)
