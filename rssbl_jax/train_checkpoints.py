@@ -165,16 +165,21 @@ def restore_latest(checkpoint_dir: str | os.PathLike, state: TrainState) -> tupl
     """Restore the newest good checkpoint in ``checkpoint_dir`` into the layout (shardings) of ``state``.
 
     Newest first; one that cannot be read or fails its SHA-256 digests is skipped with a warning and renamed
-    ``<step>.corrupt`` (so it blocks no later save); if none is intact, a ``RuntimeError`` lists each step's reason.
-    One of another architecture or optimizer (a leaf of the adapters, optimizer state or frozen base missing, added
-    or of another shape or dtype; or the same leaves in another tree, e.g. ``adamw`` state for ``adam``'s) is kept
-    and raises a ``ValueError`` naming both paths, shapes or trees. In several processes, every process calls it.
-    Returns ``(state, step)``, or ``(state, None)`` when there is none (the directory is created if missing).
+    ``<step>.corrupt`` (so it blocks no later save). One of another architecture or optimizer (a leaf of the
+    adapters, optimizer state or frozen base missing, added or of another shape or dtype; or the same leaves in
+    another tree, e.g. ``adamw`` state for ``adam``'s) is kept and raises. In several processes, every process calls it.
 
     Args:
       checkpoint_dir: the directory :func:`rssbl_jax.training.train` saves into, local or remote (``gs://bucket/run``).
       state: a :class:`TrainState` of the model being trained, placed on its devices; its frozen half is kept,
         its shapes, dtypes and shardings are the expected ones.
+
+    Returns:
+      ``(state, step)``, or ``(state, None)`` when there is no checkpoint (the directory is created if missing).
+
+    Raises:
+      ValueError: for a checkpoint of another architecture or optimizer, naming both paths, shapes or trees.
+      RuntimeError: when checkpoints exist but none is readable and intact (each step's reason listed).
 
     >>> import tempfile, jax, jax.numpy as jnp, optax, rssbl_jax
     >>> params = {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(2)}

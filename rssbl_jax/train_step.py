@@ -60,9 +60,7 @@ def init_train_state(
     config: Any = None,
     trainable: PyTree | None = None,
 ) -> TrainState:
-    """A :class:`TrainState` at step 0: ``params`` split into adapters and frozen base, ``tx`` on the adapters.
-
-    Float32 params give float32 optimizer state, whatever the compute dtype.
+    """Split ``params`` into trainable adapters and frozen base and initialise ``tx`` on the adapters only.
 
     Args:
       params: a whole params tree (base + adapter leaves), e.g. ``variables["params"]``.
@@ -70,6 +68,9 @@ def init_train_state(
       rng: a PRNG key (typed or raw) for the loss function's randomness.
       config, trainable: the :class:`~rssbl_jax.AdapterConfig` (or adapted model) for
         :func:`rssbl_jax.trainable_mask`, or a bool tree over ``params`` saying which leaves train.
+
+    Returns:
+      A :class:`TrainState` at step 0 (float32 params give float32 optimizer state, whatever the compute dtype).
 
     >>> params = {"kernel": jnp.ones(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(1))
     >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
@@ -103,10 +104,8 @@ def make_train_step(
     It differentiates ``loss_fn`` w.r.t. ``state.trainable`` (the frozen half is a constant), applies ``tx`` and
     checks the loss, the gradients, every floating leaf of ``batch`` (``p`` included) and the updated state for
     NaN/inf; if any fails, the state comes back unchanged and ``metrics["finite"]`` says which (:func:`rssbl_jax.train`
-    then raises :class:`~rssbl_jax.training.NonFiniteError`). ``metrics = {"loss": f32, "grad_norm": f32 (global L2
-    norm of the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
-    "opt_state/<path>": bool}}``, loss and gradient norm from before the update. Wrap the step in ``jax.jit`` (with
-    shardings on a mesh, where XLA inserts the reductions) or in ``jax.pmap`` with the same ``axis_name``.
+    then raises :class:`~rssbl_jax.training.NonFiniteError`). Wrap the step in ``jax.jit`` (with shardings on a mesh,
+    where XLA inserts the reductions) or in ``jax.pmap`` with the same ``axis_name``.
 
     Args:
       loss_fn: ``loss_fn(params, batch, rng) -> scalar`` on the whole params tree. For mixed precision build the
@@ -117,6 +116,11 @@ def make_train_step(
       check_finite: ``False`` skips the checks (a reduction over every leaf, every step; ``metrics["finite"]`` is
         empty) and always applies the update: for many small runs in one ``jax.lax.scan``, where a diverged run
         simply shows a non-finite loss.
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)``, ``metrics = {"loss": f32, "grad_norm": f32 (global L2 norm of
+      the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
+      "opt_state/<path>": bool}}``; loss and gradient norm are those before the update.
 
     >>> tx, params = optax.sgd(0.5), {"w": jnp.zeros(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(2))
     >>> step = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum((params["lora_b"] - batch) ** 2), tx))
@@ -163,7 +167,7 @@ def make_train_step(
 
 
 def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, param_specs: PyTree) -> TrainState:
-    """A :class:`TrainState` of ``PartitionSpec`` for ``state``, given ``param_specs`` over the whole params.
+    """Partition specs for a whole :class:`TrainState`, given the specs of the params.
 
     The adapters and the optimizer's copies of them (e.g. Adam's moments, via ``optax.tree_map_params``) take the
     params' specs, the frozen base its own; step, rng and optimizer scalars are replicated. Map with
@@ -173,6 +177,9 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
       state: the state (arrays or ``jax.ShapeDtypeStruct``).
       tx: its optimizer.
       param_specs: a ``PartitionSpec`` tree over the whole params (:func:`rssbl_jax.sharding.adapter_partition_specs`).
+
+    Returns:
+      A :class:`TrainState` of ``PartitionSpec``.
 
     >>> from jax.sharding import PartitionSpec as P
     >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones(2), "lora_c": jnp.ones(1)}

@@ -151,13 +151,16 @@ def train(
       num_steps: total number of steps of the run (not steps to add).
       checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
       save_every, max_to_keep: checkpoint interval in steps (and one at the end); how many are kept (``None``: all).
-      replicated: ``True`` for a ``jax.pmap`` step; ``state`` is given and returned unreplicated, checkpoints hold one.
+      replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given unreplicated; checkpoints hold one copy.
       log_every, hook: interval of the host reads, finite checks and ``hook(metrics)``/``writer`` calls.
       writer: clu's ``write_scalars(step, scalars)`` interface (:class:`rssbl_jax.writers.TensorBoardWriter`);
         flushed at the end, closed by the caller.
       eval_fn, eval_every: ``eval_fn(state) -> {name: scalar}`` (state unreplicated), called every ``eval_every``
         steps (default ``log_every``) and at the last step; needs ``hook`` or ``writer``.
       on_step: deprecated, use ``hook``: ``on_step(step, loss)`` after every step (a host sync per step).
+
+    Returns:
+      The final state (unreplicated when ``replicated``).
 
     Raises:
       NonFiniteError: at the read after a step with NaN/inf (naming it; nothing later is kept or saved), or

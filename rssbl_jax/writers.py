@@ -15,8 +15,11 @@ class TensorBoardWriter:
     """Scalars to TensorBoard event files in ``logdir`` (``tensorboard --logdir <logdir>`` shows them).
 
     The ``writer`` of :func:`rssbl_jax.train`: has clu ``MetricWriter``'s ``write_scalars``, ``flush`` and ``close``,
-    and closes on leaving a ``with`` block. ``logdir`` is created if missing; one per run (``runs/demo/rss``,
-    ``runs/demo/lora``) shows one curve per run.
+    and closes on leaving a ``with`` block.
+
+    Args:
+      logdir: the event files' directory (created if missing); one per run (``runs/demo/rss``, ``runs/demo/lora``)
+        shows one curve per run.
 
     >>> import glob, tempfile
     >>> with TensorBoardWriter(logdir := tempfile.mkdtemp()) as writer:
