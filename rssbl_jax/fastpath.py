@@ -37,7 +37,12 @@ CPU, d = 1024, K = 256: the sweep took 1.03-1.15× the time of writing the outpu
 
 
 class Thresholds(NamedTuple):
-    """When each fast path runs (:data:`FUSED_MAX_B_SIZE`, :data:`SWEEP_MAX_BASIS`); hashable: static in ``jit``."""
+    """When each fast path runs (:data:`FUSED_MAX_B_SIZE`, :data:`SWEEP_MAX_BASIS`); hashable: static in ``jit``.
+
+    Attributes:
+      fused_max_b_size: the largest ``B`` (``r × d_out`` elements) added in the output's elementwise pass.
+      sweep_max_basis: the largest condition basis ``M`` swept as one matmul under ``jax.vmap`` over ``p``.
+    """
 
     fused_max_b_size: int = FUSED_MAX_B_SIZE
     sweep_max_basis: int = SWEEP_MAX_BASIS

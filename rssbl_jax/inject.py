@@ -45,9 +45,12 @@ class Adapted(nn.Module):
     r"""An unmodified linen ``model`` whose adapted layers carry a rank-space update modulated by ``p``: a linen module.
 
     Built by :func:`inject`; ``init``, ``apply``, ``tabulate`` and calls as a submodule hand ``p`` (the keyword
-    ``config.p_keyword``) to every adapted layer. ``lora_dropout`` acts only with a ``"dropout"`` rng. Fields, as
-    :func:`inject`'s arguments: ``base`` (the wrapped model, where linen does not adopt it; read it as ``model``),
-    ``config`` (what merge and checkpoints take), ``param_dtype``, ``method``, ``initializers`` (a tuple of pairs).
+    ``config.p_keyword``) to every adapted layer. ``lora_dropout`` acts only with a ``"dropout"`` rng.
+
+    Attributes:
+      base: the wrapped linen model (not modified), where linen does not adopt it; read it as ``model``.
+      config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
+      param_dtype, method, initializers: as :func:`inject`'s arguments (``initializers`` as a tuple of pairs).
 
     >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
     >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table

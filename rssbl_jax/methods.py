@@ -34,12 +34,14 @@ lecun = nn.initializers.lecun_normal()
 class AdapterMethod(Protocol):
     """What an adapter computes: the extension point of every front-end (linen layer, ``inject``, NNX).
 
-    ``uses_p``: whether the output depends on ``p`` (:class:`LoRA` needs no ``p``); ``mergeable``: whether
-    :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only). ``params(layer, factorization,
-    d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the trainable prefix) with ``lora_a``,
-    ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``: ``y + Δy`` (``Δy`` may join ``y``'s
-    pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``), all in the compute dtype; scale
-    ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
+    ``params(layer, factorization, d_p, *, shift)``: ``{leaf name: (shape, initializer)}``, names ``lora_*`` (the
+    trainable prefix) with ``lora_a``, ``lora_b``. ``adapt(y, factorization, x, p, factors, layer, *, precision)``:
+    ``y + Δy`` (``Δy`` may join ``y``'s pass); ``x`` after dropout, ``p`` normalised (``None`` without ``uses_p``),
+    all in the compute dtype; scale ``layer.scale``. ``vanishes_at_zero(layer)``: ``Δy ≡ 0`` where ``p̂ = 0``.
+
+    Attributes:
+      uses_p: whether the output depends on ``p``; a method that does not (:class:`LoRA`) needs no ``p``.
+      mergeable: whether :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only).
 
     >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
     >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
@@ -63,8 +65,11 @@ class AdapterMethod(Protocol):
 class RSS:
     r"""RSSBilinearLoRA: ``y + s B((A x) ⊙ g(p̂) + S p̂)`` with the config's gate, by :func:`core.adapter_update`.
 
-    Leaves ``lora_c``, ``lora_s`` and the gate's own (:mod:`rssbl_jax.gates`). ``thresholds``: when the fast paths of
-    :func:`rssbl_jax.fastpath.modulated_add` are taken (:class:`rssbl_jax.fastpath.Thresholds`).
+    Leaves ``lora_c``, ``lora_s`` and the gate's own (:mod:`rssbl_jax.gates`).
+
+    Attributes:
+      thresholds: when the fast paths of :func:`rssbl_jax.fastpath.modulated_add` are taken (a
+        :class:`rssbl_jax.fastpath.Thresholds`).
 
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=RSS(), shift=True)
