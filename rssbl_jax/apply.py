@@ -9,7 +9,7 @@ an NNX attribute); the rest is written once here, so the front-ends cannot drift
 
     y' = y + \Delta y(x, \hat p), \qquad \hat p = (p - \mu) / \sigma
 
->>> from rssbl_jax import methods
+>>> from rssbl_jax import LayerConfig, core, methods
 >>> layer = LayerConfig(rank=1, lora_alpha=1.0, scale=1.0, p_mean=(1.0,), p_std=(2.0,))
 >>> factors = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.ones((1, 1))}
 >>> apply_adapter(methods.RSS(), layer, core.dense_factorization((3, 2), rank=1), jnp.ones((1, 3)), jnp.array([5.0]),
@@ -35,7 +35,7 @@ from flax.linen.dtypes import promote_dtype
 from rssbl_jax import core, patterns, tree
 from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import Factorization, LayerKind
-from rssbl_jax.fastpath import DEFAULT_THRESHOLDS
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
 from rssbl_jax.methods import AdapterMethod
 
 Initializer = jax.nn.initializers.Initializer
@@ -61,7 +61,7 @@ def leaf_specs(
     Raises:
       ValueError: when an ``initializers`` key names no leaf of the method.
 
-    >>> from rssbl_jax import methods
+    >>> from rssbl_jax import LayerConfig, core, methods
     >>> specs = leaf_specs(methods.RSS(), LayerConfig(2, 2.0, 1.0), core.dense_factorization((8, 16), 2), 3,
     ...                    shift=False, kernel_names=("embed", "mlp"), kernel_shape=(8, 16))
     >>> specs["lora_a"].names, specs["lora_b"].names, specs["lora_c"].names
@@ -83,6 +83,11 @@ def leaf_specs(
     }
 
 
+def thresholds_of(method: AdapterMethod) -> Thresholds:
+    """The fast-path :class:`~rssbl_jax.fastpath.Thresholds` a method computes with (the defaults if it has none)."""
+    return getattr(method, "thresholds", DEFAULT_THRESHOLDS)
+
+
 def factorize(
     kind: LayerKind, module: Any, kernel_shape: tuple[int, ...], method: AdapterMethod, rank: int,
     x_shape: tuple[int, ...] | None = None, args: tuple = (), kwargs: Mapping[str, Any] | None = None,
@@ -95,7 +100,7 @@ def factorize(
     >>> factorize(factorization.kind_of(nn.Dense(4)), nn.Dense(4), (3, 4), method, rank=2).b_shape
     (2, 4)
     """
-    thresholds = getattr(method, "thresholds", DEFAULT_THRESHOLDS)
+    thresholds = thresholds_of(method)
     return kind.factorize(module, kernel_shape, rank, x_shape, args, dict(kwargs or {}), thresholds=thresholds)
 
 
@@ -115,8 +120,9 @@ def d_p_of(p: Any, method: AdapterMethod, keyword: str = "p") -> int:
 
 
 def warn_if_silent(method: AdapterMethod, layer: LayerConfig, p: Any, where: str) -> None:
-    """Warn (once per call site) when ``p`` has all-zero rows, where ``C p̂`` and ``S p̂`` vanish (nothing is learnt).
+    """Warn (once per call site) when ``p`` has all-zero rows where the method's update vanishes and ``p_mean`` is None.
 
+    Such rows learn nothing: ``method.vanishes_at_zero(layer)`` (``Δy ≡ 0`` at ``p̂ = 0``, as ``C p̂`` and ``S p̂``).
     Only a concrete ``p`` is inspected; the linen front-ends call it at ``init`` (NNX's ``inject`` sees no ``p``).
     """
     if p is None or layer.p_mean is not None or not method.vanishes_at_zero(layer) or isinstance(p, jax.core.Tracer):
@@ -238,7 +244,14 @@ def check_keyword_free(fn: Any, keyword: str, where: str) -> None:
 def check_targets(
     config: AdapterConfig, adaptable: Mapping[str, str], candidates: Sequence[str], adapted: Sequence[str]
 ) -> None:
-    """Raise when a target matches none of ``candidates`` (listing ``adaptable``), or a pattern no ``adapted`` path."""
+    """Raise if a target matches no ``candidates`` path (listing ``adaptable``) or a pattern matches no ``adapted`` one.
+
+    >>> from rssbl_jax.config import AdapterConfig
+    >>> check_targets(AdapterConfig(1, 1.0, targets=("mlp",)), {"attn": "Dense"}, ["attn"], [])
+    Traceback (most recent call last):
+    ValueError: target pattern 'mlp' matches no adaptable layer (regex fullmatch on the layer path). Adaptable paths:
+      attn  (Dense)
+    """
     listing = "\n".join(f"  {path or repr(path)}  ({kind})" for path, kind in adaptable.items()) or "  (none)"
     for pattern in config.targets:
         if not any(patterns.matches([pattern], path) for path in candidates):

@@ -9,10 +9,12 @@ unreadable file. A newer format version is refused; nothing is repaired on load.
 
 Crash safety (at length in docs/guides/checkpoints.md): on local disk, :mod:`rssbl_jax.localdisk` locks (a second
 writer gets :class:`CheckpointBusyError`), stages, verifies, fsyncs and swaps, so a kill leaves the whole old or
-the whole new checkpoint. On ``gs://`` (other remote schemes are unsupported: orbax writes a commit file only
-there) orbax writes in place and commits last; loads refuse an uncommitted checkpoint, the next save replaces it.
-``force=True`` deletes the old one first there, so a crashed overwrite leaves no committed checkpoint, never a mix
-that loads; two writers at once give one of them or a checkpoint whose digests refuse it.
+the whole new checkpoint (off Linux, between two renames, the old one sits at ``.<name>.old``: loads say so, the next
+write puts it back). On ``gs://`` (other remote schemes are unsupported: orbax writes a commit file only there)
+orbax writes in place and commits last (``commit_success.txt``); loads refuse an uncommitted checkpoint, the next
+save replaces it, with or without ``force``. ``force=True`` deletes the old one first there, so a crashed overwrite
+leaves no committed checkpoint, never a mix that loads; two writers at once give one of them or a checkpoint whose
+digests refuse it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CheckpointCorruptError(ValueError):
 class LoadedAdapters(NamedTuple):
     """What :func:`load_adapters` returns: the params (or NNX model) with the saved adapters, and their config.
 
+    >>> from rssbl_jax import AdapterConfig
     >>> LoadedAdapters(params={}, config=AdapterConfig(rank=2, lora_alpha=4.0)).config.scale
     2.0
     """
@@ -171,9 +174,10 @@ def _write(
     config: dict[str, Any],
     *,
     force: bool,
-    on_stage: Callable[[str], object] = lambda stage: None,
+    on_stage: Callable[[str], object] | None = None,
 ) -> None:
     """Write a prepared checkpoint locally or remotely; ``on_stage(name)`` marks each stage."""
+    on_stage = on_stage or (lambda stage: None)
     if is_local(path):  # locked, staged, verified, then swapped in
         localdisk.replace_directory(
             str(path),
@@ -310,13 +314,14 @@ def load_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """The :class:`~rssbl_jax.AdapterConfig` stored beside the adapters of the checkpoint at ``path``.
 
     Raises:
-      FileNotFoundError: when there is no complete (committed) checkpoint at ``path``.
+      FileNotFoundError: when there is no complete (committed) checkpoint at ``path``; after an interrupted
+        overwrite it names the previous checkpoint, left at ``.<name>.old``.
       CheckpointCorruptError: when the stored config cannot be read or does not match its SHA-256 digest.
       ValueError: when the format version is newer than this library's, or older than the whole config's.
 
-    >>> import tempfile, jax.numpy as jnp
+    >>> import tempfile, rssbl_jax
     >>> params = {"lora_a": jnp.ones((3, 2)), "lora_c": jnp.ones((2, 2)), "lora_b": jnp.ones((2, 4))}
-    >>> config = AdapterConfig(rank=2, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
+    >>> config = rssbl_jax.AdapterConfig(rank=2, lora_alpha=4.0, p_mean=[0.0, 1.0], p_std=[1.0, 2.0])
     >>> save_adapters(path := tempfile.mkdtemp() + "/adapters", params, config)
     >>> load_adapter_config(path) == config
     True

@@ -2,9 +2,10 @@ r"""The update and the fold: the one place the RSSBilinearLoRA update is compute
 
 :math:`\Delta y = s\, B\big((A x) \odot g(\hat p) + S \hat p\big),\ \hat p = (p - \mu) / \sigma`:
 :func:`adapter_update` computes it for every layer kind, :func:`adapter_params` names the leaves for every front-end
-and :func:`fold` merges at one operating point with the same gate. So each concern reads and changes on its own, the
-rest lives in :mod:`rssbl_jax.contract` (the ``p`` contract), :mod:`rssbl_jax.gates` (the gates and their leaves),
-:mod:`rssbl_jax.fastpath` and :mod:`rssbl_jax.factorization` (the layer kinds), their names importable from here.
+and :func:`fold` merges at one operating point with the same gate. Split so each concern can be read and changed on
+its own; the rest lives in :mod:`rssbl_jax.contract` (the ``p`` contract), :mod:`rssbl_jax.gates` (the gates and
+their leaves), :mod:`rssbl_jax.fastpath` and :mod:`rssbl_jax.factorization` (the layer kinds), their names importable
+from here.
 Flax's kernel convention (``x @ kernel``): ``kernel (d_in, d_out)``, ``lora_a (d_in, r)``, ``lora_b (r, d_out)``.
 """
 
@@ -59,10 +60,12 @@ def adapter_update(
     :math:`\Delta y = s\, B\big((A\, \mathrm{dropout}(x)) \odot g(\hat p) + S \hat p\big)`, computed as
     ``up(modulate(down(x, A), p), s · B)`` in the compute dtype (dropout when ``layer.lora_dropout > 0`` and
     ``dropout_rng`` is given). With ``add_to`` (the base output) it returns ``add_to + Δy`` through the fast paths of
-    :func:`~rssbl_jax.fastpath.modulated_add` as ``thresholds`` allow (the fused add's: :func:`dense_factorization`).
+    :func:`~rssbl_jax.fastpath.modulated_add` as ``thresholds`` allow (the fused add's threshold is applied by
+    :func:`dense_factorization`).
     Raises ``ValueError`` at trace time, naming ``d_p`` and the shapes of ``x`` and ``p``, when ``p`` does not fit ``x``
     (checked against the layer's own input, before any reshape) or the factors do not fit ``layer``.
 
+    >>> from rssbl_jax import LayerConfig
     >>> factorization = dense_factorization((3, 2), rank=1)
     >>> factors = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2)), "lora_c": jnp.array([[2.0]])}
     >>> adapter_update(factorization, jnp.ones((1, 3)), jnp.array([0.5]), factors, LayerConfig(1, 1.0, 1.0)).tolist()
@@ -228,6 +231,7 @@ def fold(
     ``lora_c (L, d_p, r)``) fold slice by slice; a layer without bias gets one; dtypes are kept. ``ValueError`` when
     ``p`` is not ``[d_p]`` or the factors do not fit the kernel.
 
+    >>> from rssbl_jax import LayerConfig
     >>> f = dict(lora_a=jnp.ones((2, 1)), lora_b=jnp.ones((1, 2)), lora_c=jnp.array([[2.0]]), lora_c0=jnp.ones(1))
     >>> merged = fold(jnp.zeros((2, 2)), None, f, jnp.array([0.5]), LayerConfig(1, 1.0, 1.0, gate="affine"))  # 1 + 2p
     >>> merged.kernel.tolist(), merged.bias.tolist()

@@ -38,6 +38,7 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 def array_sha256(array: Any) -> str:
     """The SHA-256 of an array's bytes in C order (the digest both kinds of checkpoint store per leaf).
 
+    >>> import hashlib, numpy as np
     >>> array_sha256(np.zeros(2, np.float32)) == hashlib.sha256(bytes(8)).hexdigest()
     True
     """

@@ -24,9 +24,9 @@ FUSED_MAX_B_SIZE = 32768
 """Default of :attr:`Thresholds.fused_max_b_size`: up to this many elements of ``B`` (``r × d_out``)
 :func:`add_low_rank` adds ``h B`` inside the output's elementwise loop; above it, a matmul and an add.
 
-The loop reads all of ``B`` per row, so it pays while ``B`` stays in cache: on CPU, fused / matmul time 0.71-0.78 at
-``r × d_out`` = 16384, 0.94-0.97 at 32768, 1.03-1.22 at 65536 (BENCHMARKS.md). The matmul form keeps one
-``n × d_out`` array per layer (pod-shaped model: step temporaries 230 MiB against 198 MiB fused);
+The loop reads all of ``B`` per row, so it pays while ``B`` stays in cache: on CPU, fused / matmul time (forward and
+train step) 0.71-0.78 at ``r × d_out`` = 16384, 0.94-0.97 at 32768, 1.03-1.22 at 65536 (BENCHMARKS.md). The matmul
+form keeps one ``n × d_out`` array per layer (pod-shaped model: step temporaries 230 MiB against 198 MiB fused);
 ``Thresholds(fused_max_b_size=2**62)`` trades that speed back for the memory."""
 
 SWEEP_MAX_BASIS = 128

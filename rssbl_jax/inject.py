@@ -52,6 +52,7 @@ class Adapted(nn.Module):
       config: the :class:`~rssbl_jax.AdapterConfig`; merge and checkpoints take it (or this object).
       param_dtype, method, initializers: as :func:`inject`'s arguments (``initializers`` as a tuple of pairs).
 
+    >>> import flax.linen as nn
     >>> adapted = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), "layers_0", rank=2, lora_alpha=2.0)
     >>> "lora_c" in adapted.tabulate(jax.random.key(0), jnp.ones((1, 3)), p=jnp.ones(2))   # the summary table
     True
@@ -190,10 +191,11 @@ def inject(
     by ``/``, e.g. ``"block_0/attention/query"``) fully matches a target and no ``exclude``. ``B = 0`` at init.
 
     Args:
-      model, config: the linen model (not modified); an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes).
+      model: the linen model (not modified).
+      config: an :class:`~rssbl_jax.AdapterConfig`, or its targets (regexes over layer paths).
       rank, lora_alpha, settings: with targets, the config's fields as keywords (PEFT's ``target_modules`` too).
-      param_dtype, method: the adapters' dtype; an :class:`~rssbl_jax.AdapterMethod` (default RSS, or a baseline of
-        :mod:`rssbl_jax.methods`).
+      param_dtype: dtype of the adapter parameters.
+      method: an :class:`~rssbl_jax.AdapterMethod`, e.g. a baseline of :mod:`rssbl_jax.methods` (default: RSS).
       initializers: ``{leaf name: initializer}`` overrides (principal-subspace start: :func:`rssbl_jax.init_principal`).
 
     Returns:
@@ -205,6 +207,7 @@ def inject(
       ValueError: when the model's ``__call__`` already takes ``p_keyword``; at the first call, when a target matches
         no adaptable layer (the error lists them) or a pattern matches no adapted one.
 
+    >>> import flax.linen as nn
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
     >>> adapted, x, p = inject(model, r"layers_0", rank=2, lora_alpha=4.0), jnp.ones((3, 5)), jnp.ones((3, 2))
     >>> variables = adapted.init(jax.random.key(0), x, p=p)
@@ -228,6 +231,7 @@ def inject(
 def adaptable_paths(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
     """The paths and kinds of the layers of a linen ``model`` that :func:`inject` can adapt (by ``jax.eval_shape``).
 
+    >>> import flax.linen as nn
     >>> adaptable_paths(nn.Sequential([nn.Dense(8), nn.Conv(4, (3,))]), jnp.ones((2, 6, 3)))
     {'layers_0': 'Dense', 'layers_1': 'Conv'}
     """
@@ -262,6 +266,7 @@ def load_base(variables: PyTree, pretrained: PyTree) -> PyTree:
     Raises:
       ValueError: naming the first path that is missing, unexpected or of another shape.
 
+    >>> import flax.linen as nn
     >>> model, x = nn.Dense(3), jnp.ones((1, 2))
     >>> variables = inject(model, "", rank=1, lora_alpha=1.0).init(jax.random.key(0), x, p=jnp.ones(1))  # root: ""
     >>> pretrained = model.init(jax.random.key(1), x)["params"]

@@ -26,6 +26,8 @@ _DEFAULT = {field.name: field.default for field in dataclasses.fields(AdapterCon
 
 Initializer = jax.nn.initializers.Initializer
 default_kernel_init = nn.initializers.lecun_normal()
+default_lora_a_init = core.default_lora_a_init
+default_lora_c_init = gates.default_lora_c_init
 
 
 class RSSBilinearLoRADense(nn.Module):
@@ -101,6 +103,7 @@ class RSSBilinearLoRADense(nn.Module):
     def from_config(cls, features: int, config: AdapterConfig, **kwargs: Any) -> RSSBilinearLoRADense:
         """A layer with the settings of ``config`` (patterns not applied), which :attr:`adapter_config` returns.
 
+        >>> from rssbl_jax import AdapterConfig
         >>> config = AdapterConfig(rank=2, lora_alpha=4.0, gate="affine", targets=("hidden",))
         >>> RSSBilinearLoRADense.from_config(8, config).adapter_config == config
         True

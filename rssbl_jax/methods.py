@@ -25,6 +25,7 @@ from rssbl_jax import core
 from rssbl_jax.config import LayerConfig
 from rssbl_jax.core import Factorization
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
+from rssbl_jax.gates import Initializer as Initializer
 from rssbl_jax.gates import LeafSpecs as Specs
 
 zeros = nn.initializers.zeros_init()
@@ -43,6 +44,7 @@ class AdapterMethod(Protocol):
       uses_p: whether the output depends on ``p``; a method that does not (:class:`LoRA`) needs no ``p``.
       mergeable: whether :func:`rssbl_jax.nnx.merge` can fold it into the base kernel (:class:`RSS` only).
 
+    >>> from rssbl_jax import LayerConfig, core
     >>> layer, factorization = LayerConfig(2, 2.0, 1.0), core.dense_factorization((3, 4), rank=2)
     >>> {name: shape for name, (shape, _) in RSS().params(layer, factorization, 5, shift=True).items()}
     {'lora_a': (3, 2), 'lora_b': (2, 4), 'lora_c': (5, 2), 'lora_s': (5, 2)}
@@ -71,6 +73,7 @@ class RSS:
       thresholds: when the fast paths of :func:`rssbl_jax.fastpath.modulated_add` are taken (a
         :class:`rssbl_jax.fastpath.Thresholds`).
 
+    >>> import flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=RSS(), shift=True)
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])                                        # p per example
@@ -127,6 +130,7 @@ def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
 class LoRA:
     """Plain LoRA: ``y + s B A x``; it ignores ``p``, so an adapted model built with it needs none.
 
+    >>> import flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted, x = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=2.0, method=LoRA()), jnp.ones((1, 3))
     >>> f = adapted.init(jax.random.key(0), x)["params"] | {"lora_b": jnp.ones((1, 2))}      # no p
@@ -159,6 +163,7 @@ class LoRA:
 class LoRAConcat:
     """LoRA with ``p`` concatenated to its input: ``y + s B (A x + A_p p)``, ``A_p`` = ``lora_ap (d_p, r)``.
 
+    >>> import flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=LoRAConcat())
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0, -1.0]])
@@ -202,6 +207,7 @@ class FiLM:
       learn_offset: learn ``o`` per output unit (``lora_gamma0``), as the affine gate learns ``c0``.
       hidden: 0 for ``γ(p) = Γ p``; otherwise the width of ``γ(p) = Γ tanh(W p + b)`` (as the MLP gate).
 
+    >>> import flax.linen as nn
     >>> from rssbl_jax import inject
     >>> adapted = inject(nn.Dense(2, use_bias=False), "", rank=1, lora_alpha=1.0, method=FiLM(0.0))  # s = 1, o = 0
     >>> x, p = jnp.ones((1, 3)), jnp.array([[2.0]])
@@ -269,7 +275,8 @@ class HyperNet:
       unconditioned: keep ``A0``, ``B0`` (``u = 1``); else ``lora_a``/``lora_b`` are the heads ``H_a``/``H_b``.
       shift: add a rank-space shift ``S p`` (``lora_s (d_p, r)``, zero at init), as RSS's.
 
-    >>> from rssbl_jax import inject
+    >>> import flax.linen as nn
+    >>> from rssbl_jax import core, inject
     >>> method = HyperNet(hidden=2)
     >>> adapted = inject(nn.Dense(2), "", rank=1, lora_alpha=1.0, method=method)
     >>> f = adapted.init(jax.random.key(0), jnp.ones((4, 3)), p=jnp.ones((4, 1)))["params"]
@@ -311,6 +318,7 @@ class HyperNet:
     ) -> int:
         """The largest width whose :meth:`count` on this layer is at most ``budget`` (at least 1).
 
+        >>> from rssbl_jax import core
         >>> HyperNet.width_for(1000, core.dense_factorization((16, 16), 4), 2)   # 2·6 + 128·7 = 908 ≤ 1000 < 1038
         6
         """

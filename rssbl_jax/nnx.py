@@ -3,7 +3,7 @@ r"""Flax NNX front-end: an RSSBilinearLoRA linear layer, and injection into an e
 The update (:func:`rssbl_jax.inject.inject`'s math) is applied by :func:`rssbl_jax.apply.apply_adapter`, as in linen.
 The factors are :class:`RSSBilinearLoRAParam`, an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``,
 ``nnx.state(model, nnx.LoRAParam)`` and every tool built on ``LoRAParam`` select exactly the adapters (as below;
-``docs/guides/adapt.md`` trains and merges an injected model).
+the guide "Adapt an existing model", ``docs/guides/adapt.md``, trains and merges an injected model).
 
 How ``p`` reaches the layers: the model's code does not pass it on, so ``adapted(*args, p=p)`` writes ``p`` into the
 one :class:`OperatingParams` variable its adapted layers share and restores the old value afterwards, also on an
@@ -17,6 +17,7 @@ composition (a wrapper around the base layer, as ``nnx.LoRALinear``), which move
 ``<layer>/base/kernel``, off the paths of pretrained checkpoints and linen-adapted trees, and still needs a way to
 hand ``p`` past the model's code.
 
+>>> from flax import nnx
 >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
 >>> adapted = inject(model, r"layers/\d", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2))
 >>> {i: sorted(leaves) for i, leaves in nnx.state(adapted, nnx.LoRAParam).to_pure_dict()["model"]["layers"].items()}
@@ -57,6 +58,7 @@ def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
 
     For calling a method other than ``__call__`` (``adapted(x, p=p)`` does this itself); restored on exit.
 
+    >>> from flax import nnx
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(1))
     >>> with operating_params(adapted, jnp.ones(2)):
     ...     adapted.model(jnp.ones((4, 3))).shape
@@ -78,6 +80,7 @@ def operating_params(model: nnx.Module, p: jax.Array) -> Iterator[None]:
 def adaptable_paths(model: nnx.Module) -> dict[str, str]:
     """Paths and kinds of the layers :func:`inject` can adapt: Linear, LinearGeneral, Einsum, Conv and Embed.
 
+    >>> from flax import nnx
     >>> adaptable_paths(nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Embed(8, 1, rngs=nnx.Rngs(0))))
     {'layers/0': 'Dense', 'layers/2': 'Embed'}
     """
@@ -93,6 +96,7 @@ class Adapted(nnx.Module):
     kernel); ``config`` (:class:`~rssbl_jax.AdapterConfig`) and ``method`` (:class:`~rssbl_jax.AdapterMethod`) are
     static; ``p`` (keyword ``config.p_keyword``) is held for the call in :attr:`operating_params`.
 
+    >>> from flax import nnx
     >>> adapted = inject(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), "", rank=1, lora_alpha=2.0, d_p=2, rngs=nnx.Rngs(1))
     >>> adapted(jnp.ones((4, 3)), p=jnp.ones((4, 2))).shape, adapted.config.gate
     ((4, 2), 'linear')
@@ -127,6 +131,7 @@ def trainable(config: Any) -> Any:
     Use it where ``nnx.LoRAParam`` would go (``nnx.Optimizer``'s ``wrt``, ``nnx.DiffState``, ``nnx.state``);
     ``modules_to_save`` matches leaf paths relative to ``adapted.model`` (``"head/bias"``), as in linen.
 
+    >>> from flax import nnx
     >>> adapted = inject(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(2),
     ...                  modules_to_save=["bias"])
     >>> sorted(nnx.state(adapted, trainable(adapted)).to_pure_dict()["model"])
@@ -162,11 +167,13 @@ def inject(
     The NNX counterpart of :func:`rssbl_jax.inject.inject`: each ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``
     and ``Embed`` whose path (attribute names joined by ``/``, e.g. ``"blocks/0/query"``) the config adapts becomes its
     ``RSSBilinearLoRA*`` subclass: the same base variables plus :class:`RSSBilinearLoRAParam` factors laid out as in
-    :mod:`rssbl_jax.factorization` (linen's state tree, too). ``B = 0`` at init: the output is unchanged.
+    :mod:`rssbl_jax.factorization`, so the NNX and linen adapters of one model have the same state tree. ``B = 0`` at
+    init: the output is unchanged.
 
     Args:
-      model, config, rank, lora_alpha, settings: the NNX model; an ``AdapterConfig``, or targets (regexes over
-        layer paths; PEFT's ``target_modules`` too) with the config's fields.
+      model: the NNX model (not modified).
+      config, rank, lora_alpha, settings: an ``AdapterConfig``, or targets (regexes over layer paths; PEFT's
+        ``target_modules`` too) with the config's fields.
       d_p, rngs: the number of operating parameters (not needed by a method that ignores ``p``); the ``nnx.Rngs``.
       param_dtype, initializers: the adapters' dtype; ``{leaf name: initializer}`` overrides.
       method: what the adapters compute (an :class:`~rssbl_jax.AdapterMethod`; :class:`~rssbl_jax.methods.RSS`).
@@ -176,6 +183,7 @@ def inject(
         or the model's ``__call__`` already takes an argument named ``p_keyword``.
       TypeError: naming an unknown keyword.
 
+    >>> from flax import nnx
     >>> net = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
     >>> adapted, x = inject(net, "layers/0", rank=2, lora_alpha=4.0, d_p=2, rngs=nnx.Rngs(2)), jnp.ones((4, 3))
     >>> bool(jnp.all(adapted(x, p=jnp.ones((4, 2))) == net(x))), type(net.layers[0]).__name__  # B = 0; net as it was
@@ -195,6 +203,7 @@ def inject(
     modules = {patterns.path_str(path): module for path, module in nnx.iter_modules(model)}
     adaptable = {path: kind for path, m in modules.items() if (kind := kind_of(m)) is not None}
     adapted = [path for path in adaptable if cfg.adapts(path)]
+    # NNX: only adapted paths are candidates (a target matching excluded layers alone raises)
     check_targets(cfg, {path: kind.name for path, kind in adaptable.items()}, adapted, adapted)
     variable = OperatingParams(None)
     for path in adapted:
@@ -222,6 +231,7 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
       ValueError: the model holds no adapted layer (e.g. merged already), a layer's method cannot be folded (checked
         before anything is folded), ``p0`` is not ``[d_p]``, or a bias-free layer learned a shift.
 
+    >>> from flax import nnx
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=1, rngs=nnx.Rngs(0))
     >>> type(merge(layer, jnp.ones(1))).__name__
     'Linear'

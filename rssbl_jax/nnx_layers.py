@@ -27,6 +27,7 @@ default_kernel_init = nnx.initializers.lecun_normal()
 class RSSBilinearLoRAParam(nnx.LoRAParam):
     """An RSSBilinearLoRA adapter factor (``lora_a``, ``lora_b``, ``lora_c``, ...); an ``nnx.LoRAParam``.
 
+    >>> from flax import nnx
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
     >>> isinstance(layer.lora_c, nnx.LoRAParam), isinstance(layer.kernel, nnx.LoRAParam)
     (True, False)
@@ -36,6 +37,7 @@ class RSSBilinearLoRAParam(nnx.LoRAParam):
 class OperatingParams(nnx.Variable):
     """The operating parameters ``p`` of the call in progress (``None`` between calls); graph state, not a Param.
 
+    >>> from flax import nnx
     >>> layer = RSSBilinearLoRALinear(3, 2, rank=1, lora_alpha=1.0, d_p=2, rngs=nnx.Rngs(0))
     >>> layer.operating_params.get_value() is None
     True
@@ -155,6 +157,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
         :class:`rssbl_jax.AdapterConfig` (``shift``: learn ``S p``, ``lora_s``).
       initializers, rngs: ``{leaf name: initializer}`` overrides; the ``nnx.Rngs`` for initial values and dropout.
 
+    >>> from flax import nnx
     >>> layer = RSSBilinearLoRALinear(5, 4, rank=2, lora_alpha=4.0, d_p=3, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 7, 5)), jnp.ones((2, 3))).shape          # per-example p, broadcast over tokens
     (2, 7, 4)
@@ -213,6 +216,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
 class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
     """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
 
+    >>> from flax import nnx
     >>> from rssbl_jax.nnx import inject                                      # "" is the root layer's path
     >>> adapted = inject(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((3, 8)), p=jnp.ones(1)).shape
@@ -220,12 +224,14 @@ class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``nnx.LinearGeneral`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.LinearGeneral, inputs, args, kwargs)
 
 
 class RSSBilinearLoRAEinsum(nnx.Einsum):
     """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`.
 
+    >>> from flax import nnx
     >>> from rssbl_jax.nnx import inject
     >>> adapted = inject(nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((3, 5, 8)), p=jnp.ones((3, 1))).shape
@@ -233,12 +239,14 @@ class RSSBilinearLoRAEinsum(nnx.Einsum):
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``nnx.Einsum`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.Einsum, inputs, args, kwargs)
 
 
 class RSSBilinearLoRAConv(nnx.Conv):
     """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1.
 
+    >>> from flax import nnx
     >>> from rssbl_jax.nnx import inject
     >>> adapted = inject(nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted.model.lora_b.shape, adapted(jnp.ones((2, 6, 6, 3)), p=jnp.ones(1)).shape
@@ -246,12 +254,14 @@ class RSSBilinearLoRAConv(nnx.Conv):
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``nnx.Conv`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.Conv, inputs, args, kwargs)
 
 
 class RSSBilinearLoRAEmbed(nnx.Embed):
     """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``.
 
+    >>> from flax import nnx
     >>> from rssbl_jax.nnx import inject
     >>> adapted = inject(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), "", rank=2, lora_alpha=2.0, d_p=1, rngs=nnx.Rngs(1))
     >>> adapted.model.lora_a.shape, adapted(jnp.array([[1, 2, 3]]), p=jnp.ones((1, 1))).shape
@@ -259,6 +269,7 @@ class RSSBilinearLoRAEmbed(nnx.Embed):
     """
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The ``nnx.Embed`` output plus the update under the adapted model's ``p``."""
         return adapted_call(self, nnx.Embed, inputs, args, kwargs)
 
 

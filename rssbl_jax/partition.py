@@ -98,7 +98,7 @@ def freeze_base(
 
     **Order matters for whole-tree transforms**: ``optax.chain(optax.clip_by_global_norm(c), freeze_base(tx))`` would
     count the frozen base's usually far larger gradients and shrink every adapter step by that factor (300× in the
-    case that found it).
+    case that found it); use ``clip_global_norm=c`` or ``freeze_base(optax.chain(optax.clip_by_global_norm(c), tx))``.
 
     Args:
       tx: the trainable leaves' optimizer.
@@ -106,6 +106,7 @@ def freeze_base(
       clip_global_norm: :math:`c`: before ``tx``, :math:`g_A \leftarrow g_A \min(1, c / \lVert g_A \rVert)`, the
         trainable gradients' global norm alone.
 
+    >>> import optax
     >>> params = {k: jnp.ones(2) for k in ("kernel", "lora_a", "lora_b", "lora_c")}  # trainable gradient norm 5:
     >>> grads = {k: jnp.zeros(2) for k in params} | {"kernel": jnp.full(2, 300.0), "lora_b": jnp.array([3.0, 4.0])}
     >>> tx = freeze_base(optax.sgd(1.0), clip_global_norm=1.0)

@@ -2,9 +2,10 @@
 
 Each adapter's factors follow the base kernel's spec, so no factor is gathered more than the kernel itself: for a
 Dense ``kernel (d_in, d_out)`` with ``P(i, o)``, ``lora_a (d_in, r)`` gets ``P(i, None)``, ``lora_b (r, d_out)``
-``P(None, o)``, ``bias`` ``P(o)`` unless given, ``lora_c``, ``lora_s (d_p, r)`` ``P()``; more axes (``DenseGeneral``,
-``Conv``): :func:`rssbl_jax.tree.axes_from_kernel`. Per-example inputs, targets and ``p [batch, d_p]`` are sharded
-along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated; the results are plain ``PartitionSpec`` trees.
+``P(None, o)``, ``bias`` ``P(o)`` unless given; ``lora_c`` and ``lora_s (d_p, r)`` are replicated, ``P()``; more axes
+(``DenseGeneral``, ``Conv``): :func:`rssbl_jax.tree.axes_from_kernel`. Per-example inputs, targets and
+``p [batch, d_p]`` are sharded along the batch (``P(data_axis)``), a shared ``p [d_p]`` replicated; the results are
+plain ``PartitionSpec`` trees.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def adapter_partition_specs(params: PyTree, base_specs: PyTree | SpecRules, *, m
 
     Raises:
       ValueError: naming the path: a base leaf other than a ``bias`` has no spec, a spec has more entries than its
-        leaf has axes, or an adapter has no ``kernel`` beside it.
+        leaf has axes, an adapter has no ``kernel`` beside it, or (with ``mesh``) a spec does not fit.
 
     >>> import jax, jax.numpy as jnp, rssbl_jax
     >>> layer = rssbl_jax.RSSBilinearLoRADense(features=16, rank=4, lora_alpha=8.0)

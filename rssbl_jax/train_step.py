@@ -66,12 +66,14 @@ def init_train_state(
       params: a whole params tree (base + adapter leaves), e.g. ``variables["params"]``.
       tx: the adapters' optimizer, plain: it sees only the adapters (no :func:`rssbl_jax.freeze_base`).
       rng: a PRNG key (typed or raw) for the loss function's randomness.
-      config, trainable: the :class:`~rssbl_jax.AdapterConfig` (or adapted model) for
-        :func:`rssbl_jax.trainable_mask`, or a bool tree over ``params`` saying which leaves train.
+      config: the :class:`~rssbl_jax.AdapterConfig` (or adapted model), for :func:`rssbl_jax.trainable_mask`.
+      trainable: a bool tree over ``params`` saying which leaves train, overriding ``config``; default:
+        :func:`rssbl_jax.trainable_mask`.
 
     Returns:
       A :class:`TrainState` at step 0 (float32 params give float32 optimizer state, whatever the compute dtype).
 
+    >>> import optax
     >>> params = {"kernel": jnp.ones(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(1))
     >>> state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
     >>> int(state.step), state.trainable["kernel"], state.frozen["lora_a"], state.rng.dtype
@@ -122,6 +124,7 @@ def make_train_step(
       the adapter gradients), "applied": bool, "finite": {"loss", "grads", "batch/<path>", "params/<path>",
       "opt_state/<path>": bool}}``; loss and gradient norm are those before the update.
 
+    >>> import optax
     >>> tx, params = optax.sgd(0.5), {"w": jnp.zeros(2)} | dict.fromkeys(["lora_a", "lora_b", "lora_c"], jnp.ones(2))
     >>> step = jax.jit(make_train_step(lambda params, batch, rng: jnp.sum((params["lora_b"] - batch) ** 2), tx))
     >>> state, metrics = step(init_train_state(params, tx, jax.random.key(0)), jnp.zeros(2))
@@ -181,6 +184,7 @@ def state_partition_specs(state: TrainState, tx: optax.GradientTransformation, p
     Returns:
       A :class:`TrainState` of ``PartitionSpec``.
 
+    >>> import optax
     >>> from jax.sharding import PartitionSpec as P
     >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones(2), "lora_c": jnp.ones(1)}
     >>> specs = {"kernel": P("model", None), "lora_a": P("model", None), "lora_b": P(), "lora_c": P()}

@@ -138,10 +138,10 @@ def train(
 
     With ``checkpoint_dir`` it first restores the newest intact checkpoint (:func:`restore_latest`), so re-running
     after a crash ends with the params of an uninterrupted run. Every process makes the same call. Metrics are read
-    (one host sync, also of the finite checks since the last) every ``log_every`` steps, before each checkpoint and
-    at the end; at every ``log_every``-th and the last step ``hook``/``writer`` get ``{"step": int, "loss": float,
-    "grad_norm": float, "eval/<name>": float, ...}`` (any other scalars of a custom step; arrays over runs for
-    :mod:`rssbl_jax.runs`, written as ``loss/0``, ``loss/1``...).
+    (one host sync, also of the finite checks since the previous read) every ``log_every`` steps, before each
+    checkpoint and at the end; at every ``log_every``-th and the last step ``hook``/``writer`` get
+    ``{"step": int, "loss": float, "grad_norm": float, "eval/<name>": float, ...}`` (any other scalars of a custom
+    step; arrays over runs for :mod:`rssbl_jax.runs`, written as ``loss/0``, ``loss/1``...).
 
     Args:
       state: the initial state (:func:`init_train_state`), placed as ``train_step`` expects it.
@@ -152,7 +152,8 @@ def train(
       checkpoint_dir: where to save and resume, local or remote (``gs://bucket/run``); ``None`` for none.
       save_every, max_to_keep: checkpoint interval in steps (and one at the end); how many are kept (``None``: all).
       replicated: ``True`` for a ``jax.pmap`` step: ``state`` is given unreplicated; checkpoints hold one copy.
-      log_every, hook: interval of the host reads, finite checks and ``hook(metrics)``/``writer`` calls.
+      log_every: interval of the host reads, finite checks and ``hook``/``writer`` calls.
+      hook: ``hook(metrics)``, called with the dict above.
       writer: clu's ``write_scalars(step, scalars)`` interface (:class:`rssbl_jax.writers.TensorBoardWriter`);
         flushed at the end, closed by the caller.
       eval_fn, eval_every: ``eval_fn(state) -> {name: scalar}`` (state unreplicated), called every ``eval_every``
@@ -166,7 +167,8 @@ def train(
       NonFiniteError: at the read after a step with NaN/inf (naming it; nothing later is kept or saved), or
         instead of saving a non-finite state.
       ValueError: ``num_steps`` below the step of ``state`` or of the restored checkpoint; an interval below 1;
-        ``eval_fn`` with nowhere to report; and, with ``RuntimeError``, from :func:`restore_latest`.
+        ``eval_fn`` with nowhere to report; or from :func:`restore_latest`.
+      RuntimeError: from :func:`restore_latest`, when checkpoints exist but none is intact.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> params, tx = {"lora_a": jnp.ones(1), "lora_c": jnp.ones(1), "lora_b": jnp.ones(3)}, optax.sgd(0.1)

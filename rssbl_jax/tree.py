@@ -3,7 +3,9 @@
 An *adapter layer* is a mapping in a params tree holding both ``lora_a`` and ``lora_b`` (every LoRA-family adapter
 does; RSSBilinearLoRA adds ``lora_c``, a plug-in :class:`~rssbl_jax.methods.AdapterMethod` may add its own leaves);
 its ``lora_*`` leaves are the adapter, the rest (``kernel`` or ``embedding``, ``bias``) its base; a leaf merely
-*named* ``lora_a`` elsewhere stays a base leaf. Tree utilities ask this module, free of linen and the update.
+*named* ``lora_a`` elsewhere stays a base leaf. Partitioning, merging, principal initialisation, checkpoints,
+sharding and quantisation all take their one answer to "is this an adapter layer?" from here, without importing
+linen or the update.
 """
 
 from __future__ import annotations
