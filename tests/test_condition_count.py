@@ -1,5 +1,6 @@
 """The condition-count sweep, the Holm–Bonferroni correction and the condition designs, against hand computations."""
 
+import json
 import math
 
 import jax
@@ -244,3 +245,28 @@ def test_absolute_tables_multiply_by_the_rebuilt_base(tmp_path):
     text = report.absolute_tables(summary, config)
     g = stats.log_interval(rel * base["interpolation"][:, None])
     assert f"{g.estimate:.3g} [{g.low:.3g}, {g.high:.3g}]" in text
+
+
+def test_lr_check_report_picks_each_methods_rate_and_pairs_them(tmp_path):
+    """Two methods × two rates × one count, errors chosen so that the training-condition pick and the held-out
+    (oracle) pick differ for ``b``: the report pairs each method at its own pick, by hand in log space."""
+    rng = np.random.default_rng(0)
+    noise = np.exp(rng.normal(0.0, 0.05, (3, 2)))
+    errors = {  # (method, lr) -> (seen, interpolation) scales
+        ("a", 0.01): (1.0, 1.0), ("a", 0.1): (2.0, 3.0),
+        ("b", 0.01): (3.0, 3.0), ("b", 0.1): (0.5, 8.0),  # b fits the training conditions best at 0.1
+    }  # fmt: skip
+    for lr in (0.01, 0.1):
+        (tmp_path / f"lr{lr}").mkdir()
+        rows = [{"kind": "condition_count", "task": "t", "method": m, "count": 4, "lr": lr,
+                 "errors": {"seen": (seen * noise).tolist(), "interpolation": (interp * noise).tolist(),
+                            "extrapolation": (interp * noise).tolist()}}
+                for (m, rate), (seen, interp) in errors.items() if rate == lr]  # fmt: skip
+        (tmp_path / f"lr{lr}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = condition_count.lr_check_report(tmp_path, reference="a").read_text()
+    sweeps, oracle = text.split("## Each method at the rate with the lowest")[1:]
+    assert "`a` 0.01, `b` 0.1" in sweeps and "`a` 0.01, `b` 0.01" in oracle
+    # interpolation: b at 0.1 is 8 x a's at 0.01, b at 0.01 is 3 x (the noise cancels in the pair)
+    ratio = lambda table: float(table.split("| b | ")[1].split(" [")[0])  # noqa: E731
+    assert ratio(sweeps.split("interpolation, paired ratio")[1]) == pytest.approx(8.0, rel=1e-2)
+    assert ratio(oracle.split("interpolation, paired ratio")[1]) == pytest.approx(3.0, rel=1e-2)
