@@ -8,14 +8,14 @@
         --workdir results/condition_count/pendulum_lr_check --lr_report     # report.md over the rates
 
 The sweeps pick each method's learning rate by its validation error at the *training* conditions. At 4 training
-conditions that rewards fitting those 4, not generalising between them, and the hypernetwork picks lower rates than
-the others. Here each rate of the sweeps' grid is run on its own (a one-point grid, so every pick is flagged as an
-edge) for the methods behind ``rss_affine`` at K = 4 (``hypernet8`` in the pre-registered sweep, FiLM on the layer
-with a learnable offset in the ablation) and ``rss_affine`` itself, at K = 4 and 8, with the sweeps' draws, seeds
-and budget: the held-out error of each method at its best rate *chosen on the held-out conditions* (an oracle
-that favours no method) shows whether the edge survives a rate chosen for generalisation. Run after the sweeps
-and reported apart. The rate 0.0003, below the sweeps' grid, was added after the first six had run, because the
-hypernetwork's held-out optimum at K = 4 sat at the grid's lowest rate.
+conditions that rewards fitting those 4, not generalising between them, and the hypernetwork picks lower rates than the
+others. Here each rate of the sweeps' grid is run on its own (a one-point grid, so no tuning: one run per rate and draw
+× seed) for the methods behind ``rss_affine`` at K = 4 (``hypernet8`` in the pre-registered sweep, FiLM on the layer
+with a learnable offset in the ablation) and ``rss_affine`` itself, at K = 4 and 8, with the sweeps' draws, seeds and
+budget: the held-out error of each method at its best rate *chosen on the held-out conditions* (an oracle that favours
+no method) shows whether the edge survives a rate chosen for generalisation. Run after the sweeps and reported apart.
+The rate 0.0003, below the sweeps' grid, was added after the first six had run, because the hypernetwork's held-out
+optimum at K = 4 sat at the grid's lowest rate.
 """
 
 import ml_collections
