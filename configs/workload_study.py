@@ -22,6 +22,10 @@
         --config.workloads="('battery',)" --config.part=ablation \
         --config.ablation_methods="('film_branch_affine0','film_layer_affine0','rss_r6','rss_affine_r6','rss_r8')"
         # part 6 on the battery (its part 4 methods again, with the parameter-matched RSS)
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks1200 \
+        --config.workloads="('ks',)" --config.ks.steps=1200 --config.part=ablation \
+        --config.ablation_methods="('film_layer0_r2',)" --config.ablation_tag=r2
+        # part 6 on KS, the other side of the match: FiLM on the layer at rank 2 (RSS's parameter count)
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
@@ -70,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Part "ablation": variants run apart, after the pre-registered ones: FiLM with a learnable offset (initialised
     # to 0, the match of rss_affine) on the branch and on the layer.
     config.ablation_methods = ("film_branch_affine0", "film_layer_affine0")
+    config.ablation_tag = ""  # a later set of ablation methods writes <workload>_ablation_<tag>_draw<d>.jsonl
     config.convergence_methods = ("lora_concat", "film_layer0", "rss")  # one per kind (p as input, FiLM, rank space)
     config.draws = 3  # independent draws (data, conditions, re-pretrained base)
     config.run_draws = (0, 1, 2)  # the draws parts main and ablation run; e.g. (0,) to run one draw per command

@@ -92,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
                 records.append(record)
                 if config.get("progress", False):
                     print(f"{name} draw {draw} {method}: {record['seconds']:.0f} s", flush=True)
-            suffix = {"main": f"draw{draw}", "ablation": f"ablation_draw{draw}"}.get(part, "convergence")
+            tag = f"ablation_{config.ablation_tag}" if config.get("ablation_tag") else "ablation"  # a later set
+            suffix = {"main": f"draw{draw}", "ablation": f"{tag}_draw{draw}"}.get(part, "convergence")
             _write(workdir / f"{name}_{suffix}.jsonl", records)
     seconds = time.perf_counter() - start
     write_report(workdir)

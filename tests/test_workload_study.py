@@ -91,8 +91,15 @@ def test_two_draws_train_tune_and_report(tmp_path):
     workload_study.run(config, tmp_path / "out", data_dir)
     config.part, config.ablation_methods = "ablation", ("film_layer_affine0",)
     workload_study.run(config, tmp_path / "out", data_dir)
+    config.ablation_methods, config.ablation_tag = ("film_layer0_r2",), "later"  # a later set, in its own files
+    workload_study.run(config, tmp_path / "out", data_dir)
     parts = workload_study.read(tmp_path / "out")["ks"]
-    assert [r["method"] for r in parts["ablation"]] == ["film_layer_affine0"] * 2  # every draw, apart from main
+    assert sorted(r["method"] for r in parts["ablation"]) == ["film_layer0_r2"] * 2 + ["film_layer_affine0"] * 2
+    trainable = {
+        m: {r["trainable"] for r in parts["ablation"] if r["method"] == m}
+        for m in ("film_layer0_r2", "film_layer_affine0")
+    }
+    assert max(trainable["film_layer0_r2"]) < min(trainable["film_layer_affine0"])  # rank 2 against rank 4
     assert {r["steps"] for r in parts["ablation"]} == {config.ks.steps}  # the main part's budget, not the longer one
     main = parts["main"]
     assert sorted({r["draw"] for r in main}) == [0, 1]
@@ -109,4 +116,5 @@ def test_two_draws_train_tune_and_report(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "paired ratio method / `rss`" in text and "Convergence check" in text
     assert "Paired ratio variant / `rss`" in text and "| film_layer_affine0 |" in text
+    assert "Paired ratio variant / `film_layer_affine0`" in text  # rank variants are also paired with the FiLM layers
     assert (tmp_path / "out" / "ks.png").exists()
