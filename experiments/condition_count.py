@@ -45,7 +45,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import stats, train  # noqa: E402
+from experiments import report, stats, train  # noqa: E402
 from experiments.tasks import Split, Task, make_draws  # noqa: E402
 
 SPLITS = ("interpolation", "extrapolation")
@@ -368,24 +368,14 @@ def lr_check_report(workdir: str | pathlib.Path, reference: str = "rss_affine") 
         out += [f"## Each method at the rate with the lowest {title}", "",
                 "Rates: " + "; ".join(f"K = {c}: " + ", ".join(f"`{m}` {chosen[(m, c)]:g}" for m in methods)
                                       for c in counts) + ".", ""]  # fmt: skip
+        others = [m for m in methods if m != reference]
         for split in ("interpolation", "extrapolation"):
-            cells, pvalues = {}, {}
-            for m in methods:
-                for c in counts:
-                    if m != reference:
-                        a = np.asarray(rec[(m, c, chosen[(m, c)])]["errors"][split])
-                        b = np.asarray(rec[(reference, c, chosen[(reference, c)])]["errors"][split])
-                        cells[(m, c)], pvalues[(m, c)] = stats.paired_ratio(a, b), stats.paired_pvalue(a, b)
-            adjusted = dict(zip(pvalues, stats.holm(list(pvalues.values())), strict=True))
+            at_pick = {(m, c): rec[(m, c, lr)]["errors"][split] for (m, c), lr in chosen.items()}
+            cells = report.holm_ratios([(at_pick[(m, c)], at_pick[(reference, c)]) for m in others for c in counts])
             header = "| method | " + " | ".join(f"K = {c}" for c in counts) + " |"
             out += [f"{split}, paired ratio method / `{reference}`:", "", header, "|---|" + "---:|" * len(counts)]
-            for m in (m for m in methods if m != reference):
-                row = []
-                for c in counts:
-                    r = cells[(m, c)]
-                    mark = (" **>1**" if r.estimate > 1 else " **<1**") if adjusted[(m, c)] < 0.05 else ""
-                    row.append(f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]{mark}")
-                out.append(f"| {m} | " + " | ".join(row) + " |")
+            for i, m in enumerate(others):
+                out.append(f"| {m} | " + " | ".join(cells[i * len(counts) : (i + 1) * len(counts)]) + " |")
             out.append("")
     path = workdir / "report.md"
     path.write_text("\n".join(out))

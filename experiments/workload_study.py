@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import time
 
 import matplotlib
@@ -306,7 +305,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
                     "The same protocol and draws; not in the tables above, so their Holm families are their own.",
                     "", *error_table(extra, metric), ""]  # fmt: skip
             refs = ["rss", "rss_affine"]
-            if any(re.fullmatch(r".+_r[0-9]+", r["method"]) for r in extra):  # rank variants: matched on parameters
+            if any(workloads.RANK_SUFFIX.fullmatch(r["method"]) for r in extra):  # rank variants: matched on parameters
                 refs += ["film_layer0", "film_layer_affine0", "hypernet1_shift"]
             for ref in (m for m in refs if any(r["method"] == m for r in main + extra)):
                 pairs = [r for r in main if r["method"] == ref] + extra

@@ -234,6 +234,9 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
+RANK_SUFFIX = re.compile(r"(.+)_r([1-9][0-9]*)")  # a method at another rank: ``<method>_r<k>``
+
+
 def adapted_model(work: Workload, method: str, targets: str, config: ml_collections.ConfigDict):
     """The method injected into the surrogate's ``targets`` layers; it is called with the standardised ``p̂``.
 
@@ -247,7 +250,7 @@ def adapted_model(work: Workload, method: str, targets: str, config: ml_collecti
     rank, alpha = config.rank, config.lora_alpha
     if method == "lora_wide":  # more rank at the same scale α/r, to match RSS's parameter count
         rank, alpha = config.wide_rank, config.lora_alpha * config.wide_rank / config.rank
-    if matched := re.fullmatch(r"(.+)_r([1-9][0-9]*)", method):  # e.g. rss_r6: rank 6 at the same scale α/r
+    if matched := RANK_SUFFIX.fullmatch(method):  # e.g. rss_r6: rank 6 at the same scale α/r
         method, rank = matched[1], int(matched[2])
         alpha = config.lora_alpha * rank / config.rank
     name = f"hypernet{config.hyper_hidden}" if method == "hypernet" else method
