@@ -45,6 +45,7 @@ from experiments import workloads  # noqa: E402
 SETS = ("train", "heldout", "extrapolated", "nominal")
 CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
 EQUIVALENCE = 0.10  # a tie shown by TOST: the paired ratio within [1/1.1, 1.1]
+LEVEL = 0.03  # "level" in the matched-parameter tables: TOST shows the paired ratio within [1/1.03, 1.03]
 
 
 def _sub(config: ml_collections.ConfigDict, steps_factor: int = 1) -> ml_collections.ConfigDict:
@@ -305,11 +306,16 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
                     "The same protocol and draws; not in the tables above, so their Holm families are their own.",
                     "", *error_table(extra, metric), ""]  # fmt: skip
             refs = ["rss", "rss_affine"]
-            if any(workloads.RANK_SUFFIX.fullmatch(r["method"]) for r in extra):  # rank variants: matched on parameters
+            matched = any(workloads.RANK_SUFFIX.fullmatch(r["method"]) for r in extra)  # rank variants
+            if matched:
                 refs += ["film_layer0", "film_layer_affine0", "hypernet1_shift"]
             for ref in (m for m in refs if any(r["method"] == m for r in main + extra)):
                 pairs = [r for r in main if r["method"] == ref] + extra
                 out += [f"Paired ratio variant / `{ref}`:", "", *ratio_table(pairs, metric, ref), ""]
+                if matched:  # "level" at matched parameters means shown equivalent within ±LEVEL
+                    out += [f"Equivalence of variant and `{ref}` within ±{LEVEL:.0%} (TOST; 90 % interval; **≈**: "
+                            "shown after Holm over this table):", "",
+                            *equivalence_table(pairs, metric, ref, margin=LEVEL), ""]  # fmt: skip
         if parts.get("convergence"):
             metric = workloads.METRICS[name][0]
             out += [f"### Convergence check (draw 0, {metric})", "",

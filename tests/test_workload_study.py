@@ -81,6 +81,26 @@ def test_errors_are_draws_by_seeds_and_ratios_are_the_paired_draw_level_ones():
     assert [c.strip() for c in lines[2].split("|")[2:6]] == report_lib.holm_ratios(pairs)
 
 
+def test_level_at_matched_parameters_is_an_equivalence_test_within_three_percent():
+    rng = np.random.default_rng(1)
+    rss = _records(rng, ("rss",))
+
+    def scaled(name, factor, noise):  # the same draws and seeds as rss, times factor, with per-run noise
+        out = []
+        for r in rss:
+            m = {s: {"one_step": (np.asarray(v["one_step"]) * factor * rng.uniform(1 - noise, 1 + noise, 1)).tolist()}
+                 for s, v in r["metrics"].items()}  # fmt: skip
+            out.append(r | {"method": name, "metrics": m})
+        return out
+
+    records = rss + scaled("tight", 1.0, 0.002) + scaled("off", 1.05, 0.002)
+    lines = workload_study.equivalence_table(records, "one_step", "rss", margin=workload_study.LEVEL)
+    tight, off = lines[2], lines[3]
+    assert tight.startswith("| tight |") and tight.count("**≈**") == len(workload_study.SETS)
+    assert off.startswith("| off |") and "**≈**" not in off  # 5 % off is outside ±3 %
+    assert "**≈**" in workload_study.equivalence_table(records, "one_step", "rss", margin=0.10)[3]  # inside ±10 %
+
+
 @pytest.mark.slow
 def test_two_draws_train_tune_and_report(tmp_path):
     config = _tiny()
@@ -117,4 +137,5 @@ def test_two_draws_train_tune_and_report(tmp_path):
     assert "paired ratio method / `rss`" in text and "Convergence check" in text
     assert "Paired ratio variant / `rss`" in text and "| film_layer_affine0 |" in text
     assert "Paired ratio variant / `film_layer_affine0`" in text  # rank variants are also paired with the FiLM layers
+    assert "Equivalence of variant and `film_layer_affine0` within ±3%" in text
     assert (tmp_path / "out" / "ks.png").exists()
