@@ -16,6 +16,18 @@ budget: the held-out error of each method at its best rate *chosen on the held-o
 no method) shows whether the edge survives a rate chosen for generalisation. Run after the sweeps and reported apart.
 The rate 0.0003, below the sweeps' grid, was added after the first six had run, because the hypernetwork's held-out
 optimum at K = 4 sat at the grid's lowest rate.
+
+``hypernet8`` trains 8.6x ``rss_affine``'s parameters on the pendulum (9,912 against 1,156). The closest
+hypernetwork in size, width 1 (``hypernet1``), was run afterwards with the same seven rates into its own
+workdir, beside ``rss_affine`` again (whose runs must come out as before):
+
+    for lr in 0.0003 0.001 0.003 0.01 0.03 0.1 0.3; do
+      python -m experiments.condition_count --config configs/condition_count_pendulum_lr_check.py \
+          --workdir results/condition_count/pendulum_lr_check_width1/lr$lr --config.learning_rates="($lr,)" \
+          --config.methods="('rss_affine','hypernet1')"
+    done
+    python -m experiments.condition_count --config configs/condition_count_pendulum_lr_check.py \
+        --workdir results/condition_count/pendulum_lr_check_width1 --lr_report
 """
 
 import ml_collections
