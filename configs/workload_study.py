@@ -26,6 +26,19 @@
         --config.workloads="('ks',)" --config.ks.steps=1200 --config.part=ablation \
         --config.ablation_methods="('film_layer0_r2',)" --config.ablation_tag=r2
         # part 6 on KS, the other side of the match: FiLM on the layer at rank 2 (RSS's parameter count)
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks2400 \
+        --config.workloads="('ks',)" --config.ks.steps=2400 --config.methods="('frozen','full_ft','rss')" \
+        --config.run_draws="(0,)"
+        # part 7: full fine-tuning and the linear gate on KS at 2,400 steps, one draw per command ((1,), (2,), (0,)),
+        # then --config.part=convergence --config.convergence_methods="('full_ft','rss')" (4,800 steps on draw 0)
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.workloads="('battery',)" --config.part=convergence \
+        --config.convergence_methods="('lora_concat','film_layer0','rss','full_ft','hypernet1_shift')"
+        # part 3 on the battery again, with full fine-tuning and the hypernetwork checked too
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study \
+        --config.workloads="('battery',)" --config.part=ablation --config.ablation_tag=mlp \
+        --config.ablation_methods="('rss_mlp','film_branch_mlp0','film_layer_mlp0')"
+        # part 8: the MLP-conditioned forms of RSS's gate and of FiLM (8 hidden units each), on the battery
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
