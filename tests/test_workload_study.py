@@ -81,6 +81,20 @@ def test_errors_are_draws_by_seeds_and_ratios_are_the_paired_draw_level_ones():
     assert [c.strip() for c in lines[2].split("|")[2:6]] == report_lib.holm_ratios(pairs)
 
 
+def test_the_per_draw_table_has_each_draws_seed_mean_and_its_ratio_to_the_reference():
+    rng = np.random.default_rng(2)
+    records = _records(rng, ("frozen", "lora", "rss"))
+    lines = workload_study.per_draw_table(records, "one_step", "rss")
+    assert lines[0] == "| method | draw 0 | draw 1 | draw 2 |" and len(lines) == 4  # frozen is left out
+    lora = [np.asarray(r["metrics"]["heldout"]["one_step"], np.float64) for r in records if r["method"] == "lora"]
+    rss = [np.asarray(r["metrics"]["heldout"]["one_step"], np.float64) for r in records if r["method"] == "rss"]
+    for d, cell in enumerate(lines[2].strip("|").split("|")[1:]):
+        per_seed = lora[d].mean(axis=1), rss[d].mean(axis=1)  # each seed's mean over the conditions
+        ratio = np.exp(np.mean(np.log(per_seed[0] / per_seed[1])))
+        assert cell.strip() == f"{per_seed[0].mean():.4g} ({ratio:.3g})"
+    assert lines[3].startswith("| rss |") and "(" not in lines[3]
+
+
 def test_level_at_matched_parameters_is_an_equivalence_test_within_three_percent():
     rng = np.random.default_rng(1)
     rss = _records(rng, ("rss",))
