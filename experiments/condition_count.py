@@ -336,6 +336,7 @@ def lr_check_report(workdir: str | pathlib.Path, reference: str = "rss_affine") 
     rec = {(r["method"], r["count"], lr): r for lr in lrs for r in runs[lr]}
     methods = list(dict.fromkeys(r["method"] for lr in lrs for r in runs[lr]))
     counts = sorted({r["count"] for lr in lrs for r in runs[lr]})
+    trainable = {r["method"]: r.get("trainable") for lr in lrs for r in runs[lr]}
 
     def geo(m: str, c: int, lr: float, split: str) -> float:
         return stats.log_interval(np.asarray(rec[(m, c, lr)]["errors"][split], np.float64)).estimate
@@ -343,6 +344,8 @@ def lr_check_report(workdir: str | pathlib.Path, reference: str = "rss_affine") 
     out = ["# Learning-rate diagnostic: error at every rate", "",
            f"Rates {lrs}, one run per rate (every draw × seed); geometric mean over draws × seeds [95 % interval "
            "over draws] of the relative MSE.", ""]  # fmt: skip
+    if None not in trainable.values():
+        out += ["Trainable parameters: " + ", ".join(f"`{m}` {trainable[m]:,}" for m in methods) + ".", ""]
     for split in ("interpolation", "extrapolation"):
         for c in counts:
             out += [

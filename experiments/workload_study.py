@@ -303,8 +303,8 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
                         f"(intervals over {len(draws) - 1} draws).", "",
                         *ratio_table(later, metric, "rss"), ""]  # fmt: skip
             if metric == workloads.METRICS[name][0]:
-                out += [f"### {metric}, held-out, per draw: mean over seeds (ratio to `rss`)", "",
-                        *per_draw_table(main, metric, "rss"), ""]  # fmt: skip
+                out += [f"### {metric}, held-out, per draw: mean over seeds (geometric mean over seeds of the "
+                        "ratio to `rss`)", "", *per_draw_table(main, metric, "rss"), ""]  # fmt: skip
             out += [f"### {metric}: equivalence to `rss` within ±{EQUIVALENCE:.0%} (TOST)", "",
                     "90 % draw-level interval of method / `rss`; **≈**: the ratio is shown to lie in "
                     f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over "

@@ -259,11 +259,13 @@ def test_lr_check_report_picks_each_methods_rate_and_pairs_them(tmp_path):
     for lr in (0.01, 0.1):
         (tmp_path / f"lr{lr}").mkdir()
         rows = [{"kind": "condition_count", "task": "t", "method": m, "count": 4, "lr": lr,
+                 "trainable": {"a": 1156, "b": 2198}[m],
                  "errors": {"seen": (seen * noise).tolist(), "interpolation": (interp * noise).tolist(),
                             "extrapolation": (interp * noise).tolist()}}
                 for (m, rate), (seen, interp) in errors.items() if rate == lr]  # fmt: skip
         (tmp_path / f"lr{lr}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = condition_count.lr_check_report(tmp_path, reference="a").read_text()
+    assert "Trainable parameters: `a` 1,156, `b` 2,198." in text
     sweeps, oracle = text.split("## Each method at the rate with the lowest")[1:]
     assert "`a` 0.01, `b` 0.1" in sweeps and "`a` 0.01, `b` 0.01" in oracle
     # interpolation: b at 0.1 is 8 x a's at 0.01, b at 0.01 is 3 x (the noise cancels in the pair)
