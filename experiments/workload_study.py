@@ -322,7 +322,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             out += [f"### Variants run apart from the pre-registered ones ({metric})", "",
                     "The same protocol and draws; not in the tables above, so their Holm families are their own.",
                     "", *error_table(extra, metric), ""]  # fmt: skip
-            refs = ["rss", "rss_affine"]
+            refs = ["rss", "rss_affine", "rss_mlp"]  # rss_mlp: the MLP-conditioned forms pair with it
             matched = any(workloads.RANK_SUFFIX.fullmatch(r["method"]) for r in extra)  # rank variants
             if matched:
                 refs += ["film_layer0", "film_layer_affine0", "hypernet1_shift"]
