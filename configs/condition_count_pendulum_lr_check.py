@@ -18,8 +18,8 @@ The rate 0.0003, below the sweeps' grid, was added after the first six had run, 
 optimum at K = 4 sat at the grid's lowest rate.
 
 ``hypernet8`` trains 8.6x ``rss_affine``'s parameters on the pendulum (9,912 against 1,156). The closest
-hypernetwork in size, width 1 (``hypernet1``, 2,198 parameters), was run afterwards with the same seven rates into its own
-workdir, beside ``rss_affine`` again (whose runs must come out as before):
+hypernetwork in size, width 1 (``hypernet1``, 2,198 parameters), was run afterwards with the same seven rates into its
+own workdir, beside ``rss_affine`` again (whose runs must come out as before):
 
     for lr in 0.0003 0.001 0.003 0.01 0.03 0.1 0.3; do
       python -m experiments.condition_count --config configs/condition_count_pendulum_lr_check.py \

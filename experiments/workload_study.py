@@ -22,12 +22,14 @@ r"""The workload study with independent draws: pre-registered methods on KS and 
    when its held-out error at the longer budget is within 10 % of the shorter one's (both at their own chosen
    rate, mean over the same seeds).
 
-Records: ``<workload>_draw<d>.jsonl`` (one per method) and ``<workload>_convergence.jsonl``; ``report.md`` is
-rebuilt from every record in the workdir after each part (``--config.part=render`` only rebuilds it).
+Records: ``<workload>_draw<d>.jsonl`` (one per method, with the UTC time its run began) and
+``<workload>_convergence.jsonl``; ``report.md`` is rebuilt from every record in the workdir after each part
+(``--config.part=render`` only rebuilds it).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 import time
@@ -87,8 +89,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
             load_s = time.perf_counter() - t
             records = []
             for method in methods:
+                started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
                 record = workloads.run_method(work, method, "all", sub, seed=draw)
-                record |= {"draw": draw, "part": part, "data_and_base_s": load_s}
+                # started_utc: set against the config's commit time, it shows the run came after it
+                record |= {"draw": draw, "part": part, "data_and_base_s": load_s, "started_utc": started}
                 records.append(record)
                 if config.get("progress", False):
                     print(f"{name} draw {draw} {method}: {record['seconds']:.0f} s", flush=True)

@@ -135,6 +135,7 @@ def test_two_draws_train_tune_and_report(tmp_path):
     }
     assert max(trainable["film_layer0_r2"]) < min(trainable["film_layer_affine0"])  # rank 2 against rank 4
     assert {r["steps"] for r in parts["ablation"]} == {config.ks.steps}  # the main part's budget, not the longer one
+    assert all(r["started_utc"].endswith("+00:00") for r in parts["ablation"])  # when each run began, in UTC
     main = parts["main"]
     assert sorted({r["draw"] for r in main}) == [0, 1]
     frozen = {r["draw"]: r for r in main if r["method"] == "frozen"}
