@@ -39,6 +39,12 @@
         --config.workloads="('battery',)" --config.part=ablation --config.ablation_tag=mlp \
         --config.ablation_methods="('rss_mlp','film_branch_mlp0','film_layer_mlp0')"
         # part 8: the MLP-conditioned forms of RSS's gate and of FiLM (8 hidden units each), on the battery
+    python -m experiments.workload_study --config configs/workload_study.py \
+        --workdir results/workload_study_battery800 \
+        --config.workloads="('battery',)" --config.battery.steps=800 --config.methods="('frozen','full_ft','rss')" \
+        --config.run_draws="(0,)"
+        # part 9: full fine-tuning and the linear gate on the battery at 800 steps (its check found full_ft not
+        # converged at 400), one draw per command ((0,), (1,), (2,))
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
