@@ -45,6 +45,11 @@
         --config.run_draws="(0,)"
         # part 9: full fine-tuning and the linear gate on the battery at 800 steps (its check found full_ft not
         # converged at 400), one draw per command ((0,), (1,), (2,))
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks4800 \
+        --config.workloads="('ks',)" --config.ks.steps=4800 --config.methods="('frozen','full_ft','rss')" \
+        --config.run_draws="(1,)"
+        # part 10: the same two on KS at 4,800 steps (part 7's check found full_ft not converged at 2,400), one
+        # draw per command ((1,), (2,), (0,); draw 0 repeats part 7's convergence records)
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
