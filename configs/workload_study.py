@@ -44,7 +44,8 @@
         --config.workloads="('battery',)" --config.battery.steps=800 --config.methods="('frozen','full_ft','rss')" \
         --config.run_draws="(0,)"
         # part 9: full fine-tuning and the linear gate on the battery at 800 steps (its check found full_ft not
-        # converged at 400), one draw per command ((0,), (1,), (2,))
+        # converged at 400), one draw per command ((0,), (1,), (2,)), then --config.part=convergence
+        # --config.convergence_methods="('full_ft','rss')" (1,600 steps on draw 0)
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_ks4800 \
         --config.workloads="('ks',)" --config.ks.steps=4800 --config.methods="('frozen','full_ft','rss')" \
         --config.run_draws="(1,)"
