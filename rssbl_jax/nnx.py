@@ -15,7 +15,10 @@ uses ``p2``; between calls it is ``None``, and a layer reached without ``p`` say
 thread-local context, invisible to the tracer, so one entered outside ``nnx.jit`` is baked into the trace;
 composition (a wrapper around the base layer, as ``nnx.LoRALinear``), which moves the base weights to
 ``<layer>/base/kernel``, off the paths of pretrained checkpoints and linen-adapted trees, and still needs a way to
-hand ``p`` past the model's code.
+hand ``p`` past the model's code. Kept: a class swap on each adapted layer of the clone, to a subclass of its own
+class whose ``__call__`` adds the update (:func:`merge` swaps back). The layer keeps its paths, its ``isinstance`` and
+its caller's code; the subclass holds no ``p``, only the shared variable, so it cannot leave a stale one in a trace
+(qwix, too, swaps a class, the root model's, and intercepts the products inside its call).
 
 >>> from flax import nnx
 >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
