@@ -84,6 +84,11 @@ class Gate:
         del layer
         return 0.0
 
+    def vanishes_at_zero(self, layer: Any) -> bool:
+        """Whether ``g(0) = 0`` whatever the leaves hold, so rows with ``p̂ = 0`` learn nothing (``False``: unknown)."""
+        del layer
+        return False
+
     def __call__(
         self, p: Float[ArrayLike, "n d_p"], factors: Factors, layer: Any, *, precision: PrecisionLike = None
     ) -> Float[Array, "n r"]:
@@ -144,6 +149,9 @@ class Linear(Gate):
 
     def fixed_offset(self, layer: Any) -> float:
         return layer.gate_offset
+
+    def vanishes_at_zero(self, layer: Any) -> bool:
+        return layer.gate_offset == 0
 
 
 @register

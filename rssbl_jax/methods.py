@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rssbl_jax import core
+from rssbl_jax import core, gates
 from rssbl_jax.config import LayerConfig
 from rssbl_jax.core import Factorization
 from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
@@ -97,7 +97,7 @@ class RSS:
         )
 
     def vanishes_at_zero(self, layer: LayerConfig) -> bool:
-        return layer.gate == "linear" and layer.gate_offset == 0
+        return gates.get(layer.gate).vanishes_at_zero(layer)
 
 
 def _rows(x_shape: tuple[int, ...], p: jax.Array, d_p: int, integer_inputs: bool) -> tuple[jax.Array, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import chex
 import jax
@@ -312,3 +313,32 @@ def test_registering_a_taken_name_or_an_unknown_gate_is_an_error():
         gates.register(Other)
     with pytest.raises(ValueError, match=r"gate must be one of \('linear', 'affine', 'mlp'.*got gate='cubic'"):
         rssbl_jax.AdapterConfig(rank=2, lora_alpha=2.0, gate="cubic")
+
+
+@gates.register
+class PureQuadraticGate(gates.Gate):
+    """``g(p̂) = (p̂ ⊙ p̂) C``: zero at ``p̂ = 0`` whatever ``C`` holds, and it says so."""
+
+    name = "pure_quadratic_test"
+    features_are_p = False
+
+    def features(self, p, factors, *, precision=None):
+        return p * p
+
+    def vanishes_at_zero(self, layer):
+        return True
+
+
+def test_the_silent_at_zero_warning_asks_the_gate_not_its_name():
+    p = jnp.asarray([[0.0, 0.0], [1.0, 0.5]])
+    layer = rssbl_jax.RSSBilinearLoRADense(3, rank=2, lora_alpha=2.0, gate="pure_quadratic_test")
+    with pytest.warns(UserWarning, match="1 of 2 rows of p are all 0"):
+        params = layer.init(jax.random.key(0), X[:2], p)["params"]
+    grad_b = [
+        jax.grad(lambda q, i=i: jnp.sum(layer.apply({"params": q}, X[i], p[i]) ** 2))(params)["lora_b"] for i in (0, 1)
+    ]
+    assert float(jnp.abs(grad_b[0]).max()) == 0.0 < float(jnp.abs(grad_b[1]).max())  # the p = 0 row cannot train B
+    with warnings.catch_warnings():  # a registered gate that says nothing (QuadraticGate, c0 learnable) is quiet
+        warnings.simplefilter("error")
+        quiet = rssbl_jax.RSSBilinearLoRADense(3, rank=2, lora_alpha=2.0, gate="quadratic_test")
+        quiet.init(jax.random.key(0), X[:2], p)
