@@ -2,7 +2,8 @@
 
 An entry is one ``.npz`` file named ``<name>-<key>.npz`` in the cache directory, where ``key`` is the SHA-256
 (first 16 hex digits) of the canonical JSON of the entry's configuration, the versions of the packages that
-produced it, and :data:`SCHEMA` (bumped when the generating code changes what it writes). The configuration is
+produced it, the source text of the modules that produced it (``sources``: an entry built by other code is never
+reused, which a key of configuration and versions alone allowed), and :data:`SCHEMA`. The configuration is
 stored inside the file as well. Writes go to a temporary file in the same directory and are renamed into place
 (``os.replace`` is atomic on POSIX), so an interrupted or concurrent run never leaves a half-written entry.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import os
 import tempfile
@@ -59,17 +61,26 @@ def package_versions(packages: Sequence[str]) -> dict[str, str]:
     return versions
 
 
-def cache_key(config: Any, packages: Sequence[str] = ()) -> str:
-    """The hash that names an entry: its configuration, the versions of ``packages`` and :data:`SCHEMA`.
+def source_digest(sources: Sequence[Any]) -> str:
+    """SHA-256 of the source text of ``sources`` (modules or functions), in order; ``""`` for none."""
+    if not sources:
+        return ""
+    return hashlib.sha256("\0".join(inspect.getsource(s) for s in sources).encode()).hexdigest()
+
+
+def cache_key(config: Any, packages: Sequence[str] = (), sources: Sequence[Any] = ()) -> str:
+    """The hash that names an entry: its configuration, the versions of ``packages``, the source of ``sources`` and
+    :data:`SCHEMA`.
 
     >>> cache_key({"a": 1, "b": (2.0, 3)}) == cache_key({"b": [2.0, 3], "a": 1})
     True
     >>> cache_key({"a": 1}) == cache_key({"a": 2})
     False
     """
-    blob = json.dumps(
-        {"config": _jsonable(config), "versions": package_versions(packages), "schema": SCHEMA}, sort_keys=True
-    )
+    key = {"config": _jsonable(config), "versions": package_versions(packages), "schema": SCHEMA}
+    if sources:
+        key["sources"] = source_digest(sources)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -79,6 +90,7 @@ def cached_arrays(
     build: Callable[[], Mapping[str, np.ndarray]],
     *,
     packages: Sequence[str] = (),
+    sources: Sequence[Any] = (),
     data_dir: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
     """Load ``name``'s arrays for ``config`` from the cache, or ``build()`` them and store them atomically.
@@ -93,7 +105,7 @@ def cached_arrays(
     (1, [0, 1, 2])
     """
     directory = cache_dir(data_dir)
-    path = directory / f"{name}-{cache_key(config, packages)}.npz"
+    path = directory / f"{name}-{cache_key(config, packages, sources)}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:
             return {k: stored[k] for k in stored.files if k != "__config__"}

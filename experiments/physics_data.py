@@ -35,7 +35,8 @@ def battery_data(
         with tqdm.tqdm(total=battery.num_simulations(config), desc="PyBaMM SPMe", disable=not progress) as bar:
             return battery.battery_dataset(config, bar.update)
 
-    return cache.cached_arrays("battery", config, build, packages=BATTERY_PACKAGES, data_dir=data_dir)
+    return cache.cached_arrays("battery", config, build, packages=BATTERY_PACKAGES, sources=(battery,),
+                               data_dir=data_dir)  # fmt: skip
 
 
 def ks_data(
@@ -50,7 +51,7 @@ def ks_data(
         with tqdm.tqdm(total=pde.num_conditions(config), desc="exponax KS", disable=not progress) as bar:
             return pde.ks_dataset(config, bar.update)
 
-    return cache.cached_arrays("ks", config, build, packages=KS_PACKAGES, data_dir=data_dir)
+    return cache.cached_arrays("ks", config, build, packages=KS_PACKAGES, sources=(pde,), data_dir=data_dir)
 
 
 def sobol_conditions(box: tuple[tuple[float, float], ...], n: int, seed: int) -> np.ndarray:
@@ -83,7 +84,8 @@ def condition_set(
             return battery.battery_condition_set(config, pde.name_key(name), conditions, n, bar.update)
 
     arrays = cache.cached_arrays(f"{'ks' if ks else 'battery'}-set", key, build,
-                                 packages=KS_PACKAGES if ks else BATTERY_PACKAGES, data_dir=data_dir)  # fmt: skip
+                                 packages=KS_PACKAGES if ks else BATTERY_PACKAGES, sources=(pde if ks else battery,),
+                                 data_dir=data_dir)  # fmt: skip
     return {"conditions": conditions.astype(np.float32), **arrays}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ ATTENTION_TARGETS = r".*/attention/(query|key|value|out)"
 MLP_TARGETS = r".*/mlp_(in|out)"
 ALL_TARGETS = r".*/(attention/(query|key|value|out)|mlp_(in|out))"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+SOURCES = (sys.modules[__name__],)  # a base cached by other code (this module) is not reused
 
 # ------------------------------------------------------------------------------------------------ models
 
@@ -262,7 +264,9 @@ def pretrained(
             seconds = time.perf_counter() - start
         return cache.flatten_params(params) | {"__seconds__": np.float64(seconds)}
 
-    flat = cache.cached_arrays(f"surrogate-{config.name}", config, build_params, packages=PACKAGES, data_dir=data_dir)
+    flat = cache.cached_arrays(
+        f"surrogate-{config.name}", config, build_params, packages=PACKAGES, sources=SOURCES, data_dir=data_dir
+    )
     flat = {k: v for k, v in flat.items() if k != "__seconds__"}
     return build(config), jax.tree.map(jnp.asarray, cache.unflatten_params(flat))
 
@@ -270,7 +274,7 @@ def pretrained(
 def pretrain_seconds(name: str, data_dir: str | os.PathLike | None = None) -> float:
     """The wall time the cached pretraining of ``name`` took when it ran (read from its cache entry)."""
     config = SURROGATES[name]
-    path = cache.cache_dir(data_dir) / f"surrogate-{config.name}-{cache.cache_key(config, PACKAGES)}.npz"
+    path = cache.cache_dir(data_dir) / f"surrogate-{config.name}-{cache.cache_key(config, PACKAGES, SOURCES)}.npz"
     with np.load(path) as stored:
         return float(stored["__seconds__"])
 

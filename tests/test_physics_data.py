@@ -137,6 +137,22 @@ def test_cache_reuses_entries_keyed_by_config_and_writes_atomically(tmp_path):
     assert cache.cache_key({"n": 3}, ("numpy",)) != cache.cache_key({"n": 3})
 
 
+def test_an_entry_built_by_other_code_is_not_reused(tmp_path):
+    # the same configuration and versions, other generating code: a different key, so a fresh build
+    def old_pretrain():
+        return {"w": np.zeros(2)}
+
+    def new_pretrain():
+        return {"w": np.ones(2)}
+
+    old = cache.cached_arrays("base", {"n": 2}, old_pretrain, sources=(old_pretrain,), data_dir=tmp_path)
+    new = cache.cached_arrays("base", {"n": 2}, new_pretrain, sources=(new_pretrain,), data_dir=tmp_path)
+    assert old["w"].tolist() == [0.0, 0.0] and new["w"].tolist() == [1.0, 1.0]
+    again = cache.cached_arrays("base", {"n": 2}, old_pretrain, sources=(old_pretrain,), data_dir=tmp_path)
+    assert again["w"].tolist() == [0.0, 0.0] and len(list(tmp_path.glob("base-*.npz"))) == 2
+    assert cache.cache_key({"n": 2}, (), (surrogates,)) != cache.cache_key({"n": 2})  # the bases' key holds the module
+
+
 def test_cache_leaves_nothing_when_build_fails(tmp_path):
     def build():
         raise RuntimeError("boom")
