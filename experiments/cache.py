@@ -62,9 +62,7 @@ def package_versions(packages: Sequence[str]) -> dict[str, str]:
 
 
 def source_digest(sources: Sequence[Any]) -> str:
-    """SHA-256 of the source text of ``sources`` (modules or functions), in order; ``""`` for none."""
-    if not sources:
-        return ""
+    """SHA-256 of the source text of ``sources`` (modules or functions), in order."""
     return hashlib.sha256("\0".join(inspect.getsource(s) for s in sources).encode()).hexdigest()
 
 
@@ -82,6 +80,17 @@ def cache_key(config: Any, packages: Sequence[str] = (), sources: Sequence[Any] 
         key["sources"] = source_digest(sources)
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def entry_path(
+    name: str,
+    config: Any,
+    packages: Sequence[str] = (),
+    sources: Sequence[Any] = (),
+    data_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Where the entry ``name`` for ``config`` (built with ``packages`` and ``sources``) lives in the cache."""
+    return cache_dir(data_dir) / f"{name}-{cache_key(config, packages, sources)}.npz"
 
 
 def cached_arrays(
@@ -104,14 +113,13 @@ def cached_arrays(
     >>> len(calls), b["x"].tolist()
     (1, [0, 1, 2])
     """
-    directory = cache_dir(data_dir)
-    path = directory / f"{name}-{cache_key(config, packages, sources)}.npz"
+    path = entry_path(name, config, packages, sources, data_dir)
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:
             return {k: stored[k] for k in stored.files if k != "__config__"}
     arrays = {k: np.asarray(v) for k, v in build().items()}
     meta = json.dumps({"config": _jsonable(config), "versions": package_versions(packages), "schema": SCHEMA})
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".npz.tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".npz.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, __config__=np.array(meta), **arrays)

@@ -274,7 +274,7 @@ def pretrained(
 def pretrain_seconds(name: str, data_dir: str | os.PathLike | None = None) -> float:
     """The wall time the cached pretraining of ``name`` took when it ran (read from its cache entry)."""
     config = SURROGATES[name]
-    path = cache.cache_dir(data_dir) / f"surrogate-{config.name}-{cache.cache_key(config, PACKAGES, SOURCES)}.npz"
+    path = cache.entry_path(f"surrogate-{config.name}", config, PACKAGES, SOURCES, data_dir)
     with np.load(path) as stored:
         return float(stored["__seconds__"])
 

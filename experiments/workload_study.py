@@ -42,7 +42,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import report as report_lib  # noqa: E402
-from experiments import workloads  # noqa: E402
+from experiments import stats, workloads  # noqa: E402
 
 SETS = ("train", "heldout", "extrapolated", "nominal")
 CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
@@ -175,7 +175,8 @@ def per_draw_table(records: list[dict], metric: str, reference: str, set_name: s
         e = errors(records, m, set_name, metric)
         cells = [f"{v:.4g}" for v in e.mean(axis=1)]
         if ref is not None and m != reference:
-            cells = [f"{c} ({q:.3g})" for c, q in zip(cells, np.exp(np.log(e / ref).mean(axis=1)), strict=True)]
+            ratios = [stats.paired_ratio(e[d][None], ref[d][None]).estimate for d in range(len(draws))]
+            cells = [f"{c} ({q:.3g})" for c, q in zip(cells, ratios, strict=True)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
