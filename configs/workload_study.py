@@ -51,6 +51,15 @@
         --config.run_draws="(1,)"
         # part 10: the same two on KS at 4,800 steps (part 7's check found full_ft not converged at 2,400), one
         # draw per command ((1,), (2,), (0,); draw 0 repeats part 7's convergence records)
+    python -m experiments.workload_study --config configs/workload_study.py \
+        --workdir results/workload_study_battery1600 \
+        --config.workloads="('battery',)" --config.battery.steps=1600 --config.methods="('frozen','full_ft','rss')" \
+        --config.run_draws="(1,)"
+        # part 11: full fine-tuning and the linear gate on the battery at 1,600 and 3,200 steps (part 9's check found
+        # full_ft not converged at 800), one draw per command ((1,), (2,), (0,)); the same with
+        # --workdir results/workload_study_battery3200 --config.battery.steps=3200 ((0,), (1,), (2,)), both
+        # budgets side by side; full_ft counts as converged at 1,600 on a draw if 3,200 changes its held-out
+        # error by less than 10 %
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
