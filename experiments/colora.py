@@ -112,7 +112,7 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps, alpha=0.0)
     optimizer = optax.adam(schedule)
     everything = jax.tree.map(lambda _: True, jax.tree.map(lambda v: v[0], params))  # CoLoRA trains W, A, B too
-    states = jax.vmap(lambda p, k: rssbl_jax.init_train_state(p, optimizer, k, trainable=everything))(params, seeds)
+    states = rssbl_jax.init_runs(params, optimizer, seeds, trainable=everything)
     n_snap, n_pts = y_tr.shape[0], x.shape[0]
     s_batch = min(config.snapshots_per_step, n_snap)
     points = point_sampler(arrays["grid_shape"], config.points_per_step, config.points_stride)
@@ -126,19 +126,16 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
         pred = model.apply(p, jnp.broadcast_to(x[pts], (s_batch, p_batch, x.shape[1])), mt_tr[rows])
         return jnp.mean(jnp.linalg.norm(target - pred, axis=(1, 2)) / jnp.linalg.norm(target, axis=(1, 2)))
 
-    # the library's step (no per-step checks), with the step's batch drawn from the key it is given as its batch
+    # the library's step (no per-step checks) over the seeds, each step's batch drawn from the key it is given
     train_step = rssbl_jax.make_train_step(lambda p, key, rng: loss_fn(p, key), optimizer, check_finite=False)
-
-    def step(state, key):
-        state, metrics = train_step(state, key)
-        return state, metrics["loss"]
+    step = rssbl_jax.vmap_train_step(train_step)
 
     every = max(1, config.steps // config.curve_points)
 
     @jax.jit
     def chunk(states, keys):  # keys [seeds, every]
-        states, losses = jax.vmap(lambda st, k: jax.lax.scan(step, st, k))(states, keys)
-        return states, losses.mean(axis=1)
+        states, metrics = jax.lax.scan(step, states, keys.swapaxes(0, 1))
+        return states, metrics["loss"].T.mean(axis=1)
 
     rng = np.random.default_rng(config.seed)
     sub = jnp.asarray(np.sort(rng.choice(n_pts, min(config.curve_eval_points, n_pts), replace=False)))

@@ -337,15 +337,19 @@ def run_method(
     shapes = jax.eval_shape(init, root)
     mask = adapters.trainable_mask(shapes, name)
 
+    steps, batch = config[work.name].steps, config[work.name].batch
+    schedule = optax.cosine_decay_schedule(1.0, steps)
+
+    def optimizer(lr):  # Adam on globally clipped gradients; the step is -(lr · cosine(count)) times its update
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), _descend(lr, schedule))
+
     @jax.jit
-    def init_runs(keys):  # one compile: per-run trainable leaves, and the frozen ones once (shared by every run)
-        trainable = jax.vmap(lambda k: rssbl_jax.partition(init(k), mask=mask)[0])(keys)
-        return trainable, rssbl_jax.partition(init(keys[0]), mask=mask)[1]
+    def init_runs(keys):  # one compile: per-run adapters and optimizer state, the frozen base once (every run's)
+        return rssbl_jax.init_runs(jax.vmap(init)(keys), optimizer(1.0), keys, trainable=mask)
 
     def run_keys(runs):
         return jnp.stack([jax.random.fold_in(jax.random.fold_in(root, d), s) for d, s, _ in runs])
 
-    steps, batch = config[work.name].steps, config[work.name].batch
     record: dict[str, Any] = {
         "workload": work.name,
         "method": method,
@@ -361,33 +365,25 @@ def run_method(
         record |= {"anchor": work.anchor, "replay_trajectories": list(work.replay)}
     if method == "frozen":
         reported = [(d, 0, 0.0) for d in range(draws)]
-        _, frozen = init_runs(run_keys(reported))
+        frozen = init_runs(run_keys(reported)).frozen
         record |= {"runs": reported, "lr": None, "edge": False, "step_ms_per_run": 0.0, "memory_mb": None}
         record["metrics"] = evaluate(work, adapted, None, frozen, [orders[d] for d, _, _ in reported], config)
         record["seconds"] = time.perf_counter() - start
         return record
 
-    schedule = optax.cosine_decay_schedule(1.0, steps)
-
-    def optimizer(lr):  # Adam on globally clipped gradients; the step is -(lr · cosine(count)) times its update
-        return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), _descend(lr, schedule))
-
-    def one_step(trainable, state, lr, key, idx, frozen, data, step):
-        """One run's step: the library's train step (:func:`rssbl_jax.make_train_step`, no finite checks); its
-        ``rng`` (the run key folded with the step) draws the batch from the run's training rows."""
-        rows_of_run, n_rows = idx
+    def one_step(run, inputs):
+        """One run's step: the library's train step (:func:`rssbl_jax.make_train_step`, no finite checks) at the
+        run's learning rate; its ``rng`` (the run key folded with the step) draws the batch from the run's rows."""
+        lr, (rows_of_run, n_rows), data = inputs
 
         def loss_fn(params, data, rng):
             rows = rows_of_run[jax.random.randint(rng, (batch,), 0, n_rows)]
             return _loss(adapted, params, *(data[f][rows] for f in ("x", "y", "w", "p")), scale)
 
-        train_step = rssbl_jax.make_train_step(loss_fn, optimizer(lr), check_finite=False)
-        run = rssbl_jax.TrainState(step, trainable, frozen, state, jax.random.key_data(key))
-        run, metrics = train_step(run, data)
-        return run.trainable, run.opt_state, metrics["loss"]
+        return rssbl_jax.make_train_step(loss_fn, optimizer(lr), check_finite=False)(run, data)
 
-    step_fn = jax.jit(jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, None, None)), donate_argnums=(0, 1))
-    init_state = jax.jit(jax.vmap(optimizer(1.0).init))
+    # the runs' steps at once (the frozen base shared); the state is donated, so the base comes back with it
+    step_fn = jax.jit(rssbl_jax.vmap_train_step(one_step, batch_axis=(0, 0, None)), donate_argnums=0)
 
     @jax.jit
     def validate(trainable, idx, frozen, data):  # sequential over runs: low memory
@@ -409,16 +405,14 @@ def run_method(
     def train(runs):
         """Train ``runs`` [(draw, seed, lr)] at once: trained leaves, per-step losses [steps, R], val losses [R]."""
         t = time.perf_counter()
-        trainable, frozen = init_runs(run_keys(runs))
-        state = init_state(trainable)
-        jax.block_until_ready(state)
+        state = jax.block_until_ready(init_runs(run_keys(runs)))
         timings["init_s"] += time.perf_counter() - t
         draw = np.array([d for d, _, _ in runs])
         idx = (jnp.asarray(train_idx[draw]), jnp.asarray(n_rows[draw]))
-        args = (jnp.asarray([lr for _, _, lr in runs], jnp.float32), run_keys(runs), idx)
+        args = (jnp.asarray([lr for _, _, lr in runs], jnp.float32), idx, data)
         if len(runs) not in compiled:
             t = time.perf_counter()
-            compiled[len(runs)] = step_fn.lower(trainable, state, *args, frozen, data, jnp.int32(0)).compile()
+            compiled[len(runs)] = step_fn.lower(state, args).compile()
             timings["compile_s"] += time.perf_counter() - t
             memory = compiled[len(runs)].memory_analysis()
             if memory is not None:
@@ -429,24 +423,24 @@ def run_method(
         val_rows = jnp.asarray(val_idx[draw])
         t = time.perf_counter()
         for i in range(steps):
-            trainable, state, loss = compiled[len(runs)](trainable, state, *args, frozen, data, jnp.int32(i))
-            losses.append(loss)
+            state, metrics = compiled[len(runs)](state, args)
+            losses.append(metrics["loss"])
             if i + 1 in at_steps:  # timed apart: steps_s stays the training steps' time
-                jax.block_until_ready(trainable)
+                jax.block_until_ready(state)
                 v = time.perf_counter()
-                curve.append(jax.block_until_ready(validate(trainable, val_rows, frozen, data)))
+                curve.append(jax.block_until_ready(validate(state.trainable, val_rows, state.frozen, data)))
                 timings["curve_s"] = timings.get("curve_s", 0.0) + time.perf_counter() - v
                 t += time.perf_counter() - v
-        jax.block_until_ready(trainable)
+        jax.block_until_ready(state)
         timings["steps_s"] += time.perf_counter() - t
         if points:
             val_curve["loss"] += np.asarray(jnp.stack(curve)).T.astype(np.float64).tolist()
             val_curve["runs"] += [list(r) for r in runs]
         run_steps[0] += steps * len(runs)
         t = time.perf_counter()
-        val = np.asarray(validate(trainable, jnp.asarray(val_idx[draw]), frozen, data))
+        val = np.asarray(validate(state.trainable, jnp.asarray(val_idx[draw]), state.frozen, data))
         timings["val_s"] += time.perf_counter() - t
-        return trainable, frozen, np.asarray(jnp.stack(losses)), val
+        return state.trainable, state.frozen, np.asarray(jnp.stack(losses)), val
 
     if draw_lrs is None:
         stage1 = [(d, 0, lr) for d in range(draws) for lr in lrs]

@@ -39,6 +39,7 @@ from rssbl_jax.partition import count_parameters as count_parameters
 from rssbl_jax.partition import freeze_base as freeze_base
 from rssbl_jax.partition import partition as partition
 from rssbl_jax.partition import trainable_mask as trainable_mask
+from rssbl_jax.runs import init_runs as init_runs
 from rssbl_jax.runs import stack_runs as stack_runs
 from rssbl_jax.runs import train_many as train_many
 from rssbl_jax.runs import unstack_runs as unstack_runs

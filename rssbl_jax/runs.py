@@ -8,7 +8,9 @@ Runs ``i = 1..R`` (seeds, learning rates, data draws) take their steps together,
     \text{batch}^{(i)}_t, k^{(i)}_t);\ \eta^{(i)}\big),
 
 each as :func:`rssbl_jax.make_train_step` would take it alone (up to float rounding), in one program.
-:func:`stack_runs` stacks the runs' own :class:`~rssbl_jax.TrainState` (own key and adapter initialisation). A
+:func:`stack_runs` stacks the runs' own :class:`~rssbl_jax.TrainState` (own key and adapter initialisation);
+:func:`init_runs` builds the stack in one traced call from params already stacked (``jax.vmap(model.init)(keys)``),
+for runs that start and train inside ``jax.jit`` (a ``jax.lax.scan`` over :func:`vmap_train_step`). A
 learning rate ``η⁽ⁱ⁾`` (or any numeric hyperparameter) differs per run under ``optax.inject_hyperparams``: it then
 lives in the stacked optimizer state, where the one compiled step reads each run's own. The frozen base ``W`` is
 one copy for all runs unless ``share_frozen=False`` (a base per data draw). :func:`train_many` runs
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rssbl_jax.patterns import path_str
-from rssbl_jax.training import Batch, StepFn, TrainState, train
+from rssbl_jax.training import Batch, StepFn, TrainState, init_train_state, train
 
 
 def _axes(share_frozen: bool) -> TrainState:
@@ -61,16 +63,53 @@ def stack_runs(states: Sequence[TrainState], *, share_frozen: bool = True) -> Tr
                     f"run {i}'s {name} has another tree than run 0's: {jax.tree.structure(getattr(state, name))} vs "
                     f"{jax.tree.structure(getattr(first, name))}. Every run needs the same model and optimizer."
                 )
-        if share_frozen:
-            paths = jax.tree_util.tree_flatten_with_path(first.frozen)[0]
-            for (path, a), b in zip(paths, jax.tree.leaves(state.frozen), strict=True):
-                if a is not b and not (np.shape(a) == np.shape(b) and np.array_equal(a, b)):
-                    raise ValueError(
-                        f"run {i}'s frozen '{path_str(path)}' differs from run 0's; runs that share_frozen share one "
-                        "base. Pass share_frozen=False to stack a base per run."
-                    )
+    if share_frozen:
+        _check_shared(first.frozen, [state.frozen for state in states])
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     return stacked._replace(frozen=first.frozen) if share_frozen else stacked
+
+
+def init_runs(params: Any, tx: Any, rngs: jax.Array, *, trainable: Any = None, share_frozen: bool = True) -> TrainState:
+    """The stacked state of ``R`` runs from stacked ``params`` (a leading run axis on every leaf), traceable.
+
+    Run ``i`` is :func:`rssbl_jax.init_train_state` of ``params[i]`` with key ``rngs[i]``, as :func:`stack_runs`
+    of those states would be, without leaving the device: call it under ``jax.jit`` (with the stacked init in the same
+    function, XLA never builds the ``R`` copies of a shared base).
+
+    Args:
+      params: the whole params tree of every run, leaves ``[R, ...]``.
+      tx: the runs' optimizer; per-run hyperparameters can live in its state (``optax.inject_hyperparams``) or in the
+        step's batch (see :func:`vmap_train_step`).
+      rngs: ``[R]`` keys, typed or raw.
+      trainable: a bool tree over one run's params, as in :func:`rssbl_jax.init_train_state`.
+      share_frozen: keep run 0's frozen leaves only; the caller vouches that every run's base is the same (a loaded
+        base; checked when ``params`` is concrete). ``False`` keeps a base per run (e.g. one per data draw).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> params = jax.vmap(lambda k: {"kernel": jnp.ones(2), "lora_b": jax.random.normal(k, (2,))})(keys)
+    >>> runs = init_runs(params, optax.adam(1e-2), keys)
+    >>> runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape, runs.step.shape
+    ((3, 2), (2,), (3,))
+    """
+    states = jax.vmap(lambda p, k: init_train_state(p, tx, k, trainable=trainable))(params, rngs)
+    if not share_frozen:
+        return states
+    frozen = jax.tree.map(lambda a: a[0], states.frozen)
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(states.frozen)):
+        _check_shared(frozen, [jax.tree.map(lambda a, i=i: a[i], states.frozen) for i in range(len(rngs))])
+    return states._replace(frozen=frozen)
+
+
+def _check_shared(first: Any, others: Sequence[Any]) -> None:
+    paths = jax.tree_util.tree_flatten_with_path(first)[0]
+    for i, tree in enumerate(others):
+        for (path, a), b in zip(paths, jax.tree.leaves(tree), strict=True):
+            if a is not b and not (np.shape(a) == np.shape(b) and np.array_equal(a, b)):
+                raise ValueError(
+                    f"run {i}'s frozen '{path_str(path)}' differs from run 0's; runs that share_frozen share one "
+                    "base. Pass share_frozen=False to stack a base per run."
+                )
 
 
 def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainState]:
@@ -94,12 +133,15 @@ def unstack_runs(state: TrainState, *, share_frozen: bool = True) -> list[TrainS
     ]
 
 
-def vmap_train_step(train_step: StepFn, *, batch_axis: int | None = 0, share_frozen: bool = True) -> StepFn:
+def vmap_train_step(train_step: StepFn, *, batch_axis: Any = 0, share_frozen: bool = True) -> StepFn:
     """A train step over a stack of runs: ``jax.vmap`` of ``train_step`` over the leading run axis.
 
     Args:
-      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted (it leaves the frozen base as it is).
-      batch_axis: ``0`` when ``batch[i]`` is run ``i``'s own batch, ``None`` when all runs share one batch.
+      train_step: :func:`rssbl_jax.make_train_step`'s step, not jitted (it leaves the frozen base as it is), or any
+        ``(state, batch) -> (state, metrics)`` built on it (e.g. one that reads its run's learning rate from the batch
+        and builds its optimizer with it).
+      batch_axis: ``0`` when ``batch[i]`` is run ``i``'s own batch, ``None`` when all runs share one batch, or a tree
+        prefix of the batch with ``0``/``None`` per part (``jax.vmap``'s ``in_axes``): ``({"lr": 0}, None)``.
       share_frozen: whether the state's frozen base is one copy (see :func:`stack_runs`).
 
     Returns:

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import rssbl_jax
 from rssbl_jax import runs, training
 from tests.workers import common
 
@@ -45,10 +46,10 @@ def batches(step):
     return jax.tree.map(lambda *xs: np.stack(xs), *draws)
 
 
-def one_by_one(states):
+def one_by_one(states, optimizer=adamw):
     finals, losses = [], []
     for i, state in enumerate(states):
-        step = jax.jit(training.make_train_step(noisy_loss, adamw(learning_rate=LRS[i], weight_decay=1e-2)))
+        step = jax.jit(training.make_train_step(noisy_loss, optimizer(learning_rate=LRS[i], weight_decay=1e-2)))
         logged = []
         finals.append(
             training.train(
@@ -181,3 +182,42 @@ def test_unchecked_step_scanned_and_vmapped_matches_the_checked_step_and_lets_a_
     assert int(after.step) == 1 and metrics["finite"] == {} and bool(metrics["applied"])
     assert not bool(jnp.isfinite(metrics["loss"]))
     assert not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(after.trainable))
+
+
+def test_runs_started_and_scanned_inside_jit_equal_the_runs_one_by_one():
+    """init_runs + a lax.scan of vmap_train_step, all in one jit, with each run's learning rate in its batch."""
+    states = [s._replace(opt_state=optax.adamw(1.0).init(s.trainable)) for s in run_states()]
+    expected, expected_losses = one_by_one(states, optax.adamw)
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[rssbl_jax.combine(s.trainable, s.frozen) for s in states])
+    keys = jnp.stack([jax.random.key(i) for i in range(len(LRS))])
+
+    def one_step(state, inputs):  # the run's optimizer is built with the learning rate its batch carries
+        lr, batch = inputs
+        return training.make_train_step(noisy_loss, optax.adamw(lr, weight_decay=1e-2))(state, batch)
+
+    @jax.jit
+    def start_and_train(params, keys, lrs, data):
+        start = runs.init_runs(params, optax.adamw(1.0, weight_decay=1e-2), keys)
+        step = runs.vmap_train_step(one_step, batch_axis=(0, 0))
+        final, metrics = jax.lax.scan(lambda s, batch: step(s, (lrs, batch)), start, data)
+        return start, final, metrics["loss"]
+
+    data = jax.tree.map(lambda *xs: np.stack(xs), *[batches(t) for t in range(STEPS)])  # [steps, runs, ...]
+    start, final, losses = start_and_train(params, keys, jnp.asarray(LRS), data)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(runs.stack_runs(states)), strict=True):
+        np.testing.assert_array_equal(a, b)  # the traced start is the host-stacked one, base included once
+    assert start.frozen["hidden"]["kernel"].shape == (common.D_IN, common.HIDDEN)
+    for got, want in zip(runs.unstack_runs(final), expected, strict=True):
+        assert_states_close(got, want)
+        assert int(got.step) == STEPS
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+
+
+def test_init_runs_checks_a_shared_base_when_it_can():
+    states = run_states(share_frozen=False)  # every run has its own base
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[rssbl_jax.combine(s.trainable, s.frozen) for s in states])
+    keys = jax.random.split(jax.random.key(0), len(LRS))
+    with pytest.raises(ValueError, match=r"run 1's frozen 'head/bias' differs from run 0's.*share_frozen=False"):
+        runs.init_runs(params, optax.sgd(0.1), keys)
+    own = runs.init_runs(params, optax.sgd(0.1), keys, share_frozen=False)
+    np.testing.assert_array_equal(own.frozen["hidden"]["kernel"][2], states[2].frozen["hidden"]["kernel"])
