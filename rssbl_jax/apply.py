@@ -35,7 +35,7 @@ from flax.linen.dtypes import promote_dtype
 from rssbl_jax import core, patterns, tree
 from rssbl_jax.config import AdapterConfig, LayerConfig, check_patterns_used
 from rssbl_jax.factorization import Factorization, LayerKind
-from rssbl_jax.fastpath import DEFAULT_THRESHOLDS, Thresholds
+from rssbl_jax.fastpath import DEFAULT_THRESHOLDS
 from rssbl_jax.methods import AdapterMethod
 
 Initializer = jax.nn.initializers.Initializer
@@ -83,11 +83,6 @@ def leaf_specs(
     }
 
 
-def thresholds_of(method: AdapterMethod) -> Thresholds:
-    """The fast-path :class:`~rssbl_jax.fastpath.Thresholds` a method computes with (the defaults if it has none)."""
-    return getattr(method, "thresholds", DEFAULT_THRESHOLDS)
-
-
 def factorize(
     kind: LayerKind, module: Any, kernel_shape: tuple[int, ...], method: AdapterMethod, rank: int,
     x_shape: tuple[int, ...] | None = None, args: tuple = (), kwargs: Mapping[str, Any] | None = None,
@@ -100,7 +95,7 @@ def factorize(
     >>> factorize(factorization.kind_of(nn.Dense(4)), nn.Dense(4), (3, 4), method, rank=2).b_shape
     (2, 4)
     """
-    thresholds = thresholds_of(method)
+    thresholds = getattr(method, "thresholds", DEFAULT_THRESHOLDS)
     return kind.factorize(module, kernel_shape, rank, x_shape, args, dict(kwargs or {}), thresholds=thresholds)
 
 

@@ -16,6 +16,7 @@ with the gate ``g`` a member of :mod:`rssbl_jax.gates` (``AdapterConfig.gate``; 
 from __future__ import annotations
 
 import dataclasses
+import json
 import keyword
 import math
 import numbers
@@ -239,13 +240,7 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` inverts it exactly."""
-        out: dict[str, Any] = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        for name, value in out.items():
-            if name in ("rank_pattern", "alpha_pattern"):
-                out[name] = [list(pair) for pair in value]
-            elif isinstance(value, tuple):
-                out[name] = list(value)
-        return out
+        return json.loads(json.dumps({field.name: getattr(self, field.name) for field in dataclasses.fields(self)}))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
@@ -258,15 +253,7 @@ class AdapterConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown AdapterConfig fields {unknown}; known fields are {sorted(names)}.")
-        kwargs = dict(data)
-        for key in ("rank_pattern", "alpha_pattern"):  # JSON has lists where the config has tuples
-            value = kwargs.get(key)
-            if value is not None and not isinstance(value, (str, Mapping)):
-                kwargs[key] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in value)
-        for key in ("targets", "exclude", "modules_to_save", "p_mean", "p_std"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
+        return cls(**data)  # JSON's lists become the config's tuples in __post_init__
 
     def differences(self, other: AdapterConfig) -> list[tuple[str, Any, Any]]:
         """``(field, self's value, other's value)`` for every field that differs.

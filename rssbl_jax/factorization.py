@@ -217,19 +217,16 @@ def _check_conv(module: Any, path: str) -> None:
 
 
 def _dense(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds: Thresholds = DEFAULT_THRESHOLDS):
-    del x_shape, args, kwargs
     return dense_factorization(kernel_shape, rank, module.precision, fused_max_b_size=thresholds.fused_max_b_size)
 
 
 def _dense_general(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
-    del args, kwargs, thresholds
     axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
     x_ndim = len(x_shape) if x_shape is not None else max(len(axis) + 1, *(abs(a) + 1 for a in axis))
     return dense_general_factorization(kernel_shape, axis, x_ndim, rank, module.precision)
 
 
 def _einsum(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
-    del thresholds
     equation = kwargs.get("einsum_str", args[0] if args else None) or module.einsum_str
     equation = equation.replace(" ", "")
     if x_shape is None:  # any input with the right number of axes gives the factor shapes
@@ -239,14 +236,12 @@ def _einsum(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEF
 
 
 def _conv(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
-    del x_shape, args, kwargs, thresholds
     kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
     grid = {k: getattr(module, k) for k in ("strides", "padding", "input_dilation", "kernel_dilation")}
     return conv_factorization(kernel_shape, rank, kernel_size=kernel_size, precision=module.precision, **grid)
 
 
 def _embed(module, kernel_shape, rank, x_shape, args, kwargs, *, thresholds=DEFAULT_THRESHOLDS):
-    del x_shape, args, kwargs, thresholds
     return embed_factorization(kernel_shape, rank, getattr(module, "precision", None))
 
 

@@ -67,7 +67,6 @@ class Gate:
 
     def features(self, p: jax.Array, factors: Factors, *, precision: PrecisionLike = None) -> jax.Array:
         """``φ(p̂)`` for rows ``p̂ [n, d_p]``: ``[n, m]``."""
-        del factors, precision
         return p
 
     def directions(self, factors: Factors) -> jax.Array:
@@ -76,17 +75,14 @@ class Gate:
 
     def constant(self, factors: Factors, layer: Any) -> Any:
         """``g0``: ``None`` (zero), a scalar, or an ``[r]`` array."""
-        del factors, layer
         return None
 
     def fixed_offset(self, layer: Any) -> float:
         """The part of ``g0`` no leaf can change (0 unless the gate has a constant offset)."""
-        del layer
         return 0.0
 
     def vanishes_at_zero(self, layer: Any) -> bool:
         """Whether ``g(0) = 0`` whatever the leaves hold, so rows with ``p̂ = 0`` learn nothing (``False``: unknown)."""
-        del layer
         return False
 
     def __call__(
@@ -144,7 +140,6 @@ class Linear(Gate):
         return {"lora_c": ((d_p, width(layer)), init)}
 
     def constant(self, factors: Factors, layer: Any) -> Any:
-        del factors
         return layer.gate_offset or None
 
     def fixed_offset(self, layer: Any) -> float:
@@ -167,7 +162,6 @@ class Affine(Gate):
         }
 
     def constant(self, factors: Factors, layer: Any) -> Any:
-        del layer
         return factors["lora_c0"]
 
 

@@ -126,8 +126,19 @@ def _scaled(b: jax.Array, layer: LayerConfig) -> jax.Array:
     return b * jnp.asarray(layer.scale, b.dtype)
 
 
+class _Baseline:
+    """What the baselines share: they read ``p`` (LoRA excepted), never fold into the kernel, and are not silent at
+    ``p̂ = 0`` (FiLM's offset-0 branch form excepted)."""
+
+    uses_p = True
+    mergeable = False
+
+    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class LoRA(_Baseline):
     """Plain LoRA: ``y + s B A x``; it ignores ``p``, so an adapted model built with it needs none.
 
     >>> import flax.linen as nn
@@ -139,10 +150,8 @@ class LoRA:
     """
 
     uses_p = False
-    mergeable = False
 
     def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
-        del layer, d_p, shift
         a_init = nn.initializers.normal(1.0) if factorization.integer_inputs else core.default_lora_a_init
         return {"lora_a": (factorization.a_shape, a_init), "lora_b": (factorization.b_shape, zeros)}
 
@@ -151,16 +160,11 @@ class LoRA:
         return factorization.up(factorization.down(x, factors["lora_a"]), _scaled(factors["lora_b"], layer))
 
     def adapt(self, y, factorization, x, p, factors, layer, *, precision=None):
-        del p, precision
         return y + self.branch(factorization, x, factors, layer).astype(y.dtype)
-
-    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
-        del layer
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRAConcat:
+class LoRAConcat(_Baseline):
     """LoRA with ``p`` concatenated to its input: ``y + s B (A x + A_p p)``, ``A_p`` = ``lora_ap (d_p, r)``.
 
     >>> import flax.linen as nn
@@ -173,11 +177,7 @@ class LoRAConcat:
     True
     """
 
-    uses_p = True
-    mergeable = False
-
     def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
-        del shift
         return LoRA().params(layer, factorization, d_p, shift=False) | {
             "lora_ap": ((d_p, layer.rank), core.default_lora_a_init)
         }
@@ -188,13 +188,9 @@ class LoRAConcat:
         h = h + _per_lead(jnp.matmul(p2, factors["lora_ap"], precision=precision), h)
         return y + factorization.up(h, _scaled(factors["lora_b"], layer)).astype(y.dtype)
 
-    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
-        del layer
-        return False
-
 
 @dataclasses.dataclass(frozen=True)
-class FiLM:
+class FiLM(_Baseline):
     """Output-space FiLM on the LoRA branch (``on_layer=False``) or on the whole layer's output (``True``).
 
     With ``branch = s B A x``: on the branch ``Δy = (o + γ(p)) ⊙ branch + Β p``, on the layer
@@ -221,11 +217,8 @@ class FiLM:
     on_layer: bool = False
     learn_offset: bool = False
     hidden: int = 0
-    uses_p = True
-    mergeable = False
 
     def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
-        del shift
         out = math.prod(_out_shape(factorization))
         specs = LoRA().params(layer, factorization, d_p, shift=False)
         gamma_init = lecun if (self.offset == 0 and not self.on_layer) else zeros
@@ -259,12 +252,11 @@ class FiLM:
         return y + delta.astype(y.dtype)
 
     def vanishes_at_zero(self, layer: LayerConfig) -> bool:
-        del layer
         return self.offset == 0 and not self.learn_offset and not self.hidden
 
 
 @dataclasses.dataclass(frozen=True)
-class HyperNet:
+class HyperNet(_Baseline):
     r"""A hypernetwork that generates the LoRA factors from p: ``[A(p); B(p)] = u·[A0; B0] + H tanh(P p)``.
 
     ``Δy = s B(p)(A(p) x + S p)``; leaves ``lora_hyper_*``.
@@ -288,11 +280,8 @@ class HyperNet:
     hidden: int
     unconditioned: bool = True
     shift: bool = False
-    uses_p = True
-    mergeable = False
 
     def params(self, layer: LayerConfig, factorization: Factorization, d_p: int, *, shift: bool) -> Specs:
-        del shift
         a_size, b_size = math.prod(factorization.a_shape), math.prod(factorization.b_shape)
         specs = {"lora_hyper_p": ((d_p, self.hidden), lecun)}
         if self.unconditioned:
@@ -352,7 +341,3 @@ class HyperNet:
             delta = jax.vmap(one)(xs, a, b, s)
             delta = delta.reshape(*x.shape[:n_lead], *delta.shape[2:])
         return y + delta.astype(y.dtype)
-
-    def vanishes_at_zero(self, layer: LayerConfig) -> bool:
-        del layer
-        return False

@@ -87,7 +87,8 @@ def init_runs(params: Any, tx: Any, rngs: jax.Array, *, trainable: Any = None, s
 
     >>> import jax, jax.numpy as jnp, optax
     >>> keys = jax.random.split(jax.random.key(0), 3)
-    >>> params = jax.vmap(lambda k: {"kernel": jnp.ones(2), "lora_b": jax.random.normal(k, (2,))})(keys)
+    >>> layer = lambda k: {"kernel": jnp.ones(2), "lora_a": jnp.ones(1), "lora_b": jax.random.normal(k, (2,))}
+    >>> params = jax.vmap(layer)(keys)   # each run's own adapters, one base
     >>> runs = init_runs(params, optax.adam(1e-2), keys)
     >>> runs.trainable["lora_b"].shape, runs.frozen["kernel"].shape, runs.step.shape
     ((3, 2), (2,), (3,))

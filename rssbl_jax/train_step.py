@@ -93,11 +93,6 @@ def _finite_leaves(tree: PyTree) -> dict[str, jax.Array]:
     }
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def make_train_step(
     loss_fn: LossFn, tx: optax.GradientTransformation, *, axis_name: str | None = None, check_finite: bool = True
 ) -> StepFn:
@@ -151,7 +146,7 @@ def make_train_step(
             return state, {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm, "applied": jnp.array(True),
                            "finite": {}}  # fmt: skip
 
-        finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
+        finite = {"loss": jnp.isfinite(loss), "grads": jnp.all(jnp.stack([True, *_finite_leaves(grads).values()]))}
         finite |= {f"batch/{name or '(root)'}": ok for name, ok in _finite_leaves(batch).items()}
         # The optimizer can make NaN from finite gradients (e.g. Adam with eps=0 on a zero gradient).
         finite |= {f"params/{name}": ok for name, ok in _finite_leaves(trainable).items()}

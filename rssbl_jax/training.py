@@ -217,36 +217,29 @@ def train(
         n = jax.local_device_count()
         state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state)
 
-    def save(current: TrainState, at: int) -> None:
-        snapshot = _unreplicate(current) if replicated else current
-        bad = _nonfinite(snapshot)
-        if bad:
-            manager.wait_until_finished()
-            good = manager.latest_step()
-            message = (
-                f"refusing to save the state of step {at}: non-finite values in {', '.join(bad)}. Last good "
-                f"checkpoint: {f'step {good} in {checkpoint_dir}' if good is not None else 'none'}."
-            )
-            raise NonFiniteError(message, step=at, names=tuple(bad), last_checkpoint=good)
-        saved = ocp.args.StandardSave(_saved_tree(snapshot))
-        manager.save(at, args=ocp.args.Composite(state=saved, meta=ocp.args.JsonSave(_meta(snapshot))))
-
-    def check(pending: list[tuple[int, dict[str, Any]]]) -> None:
-        found = _first_nonfinite(pending, replicated)
-        if found is None:
-            return
-        at, bad, runs = found
+    def stop(at: int, names: tuple[str, ...], what: str) -> None:
         saved = last_saved
         if manager is not None:
             manager.wait_until_finished()
             saved = manager.latest_step()
         where = f"step {saved} in {checkpoint_dir}" if saved is not None else "none"
-        in_runs = f" (runs {', '.join(map(str, runs))})" if runs else ""
-        message = (
-            f"non-finite values in {', '.join(bad)}{in_runs} at step {at}; training stopped before applying that "
-            f"step's update. Last good checkpoint: {where}."
-        )
-        raise NonFiniteError(message, step=at, names=bad, last_checkpoint=saved)
+        raise NonFiniteError(f"{what}. Last good checkpoint: {where}.", step=at, names=names, last_checkpoint=saved)
+
+    def save(current: TrainState, at: int) -> None:
+        snapshot = _unreplicate(current) if replicated else current
+        bad = tuple(_nonfinite(snapshot))
+        if bad:
+            stop(at, bad, f"refusing to save the state of step {at}: non-finite values in {', '.join(bad)}")
+        saved = ocp.args.StandardSave(_saved_tree(snapshot))
+        manager.save(at, args=ocp.args.Composite(state=saved, meta=ocp.args.JsonSave(_meta(snapshot))))
+
+    def check(pending: list[tuple[int, dict[str, Any]]]) -> None:
+        found = _first_nonfinite(pending, replicated)
+        if found is not None:
+            at, bad, runs = found
+            in_runs = f" (runs {', '.join(map(str, runs))})" if runs else ""
+            stop(at, bad, f"non-finite values in {', '.join(bad)}{in_runs} at step {at}; training stopped before "
+                          "applying that step's update")  # fmt: skip
 
     pending: list[tuple[int, dict[str, Any]]] = []  # (step index, metrics) not yet read on the host
     try:
