@@ -60,6 +60,12 @@
         # --workdir results/workload_study_battery3200 --config.battery.steps=3200 ((0,), (1,), (2,)), both
         # budgets side by side; full_ft counts as converged at 1,600 on a draw if 3,200 changes its held-out
         # error by less than 10 %
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_draw0 \
+        --config.workloads="('battery',)" --config.run_draws="(0,)"
+        # draw 0 of parts 1 and 2 again (the same for "('ks',)"), with the current code and so a clean clone's base:
+        # every earlier part loaded draw 0's base from a stale cache entry; the report pairs it with the main-part
+        # records of draws 1 and 2 from results/workload_study (copied: those reproduce bit for bit), to measure
+        # what the stale base moved in the headline tables
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
