@@ -62,10 +62,9 @@
         # error by less than 10 %
     python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_draw0 \
         --config.workloads="('battery',)" --config.run_draws="(0,)"
-        # draw 0 of parts 1 and 2 again (the same for "('ks',)"), with the current code and so a clean clone's base:
-        # every earlier part loaded draw 0's base from a stale cache entry; the report pairs it with the main-part
-        # records of draws 1 and 2 from results/workload_study (copied: those reproduce bit for bit), to measure
-        # what the stale base moved in the headline tables
+        # draw 0 of parts 1 and 2 again (the same for "('ks',)"), with the current code and the base it builds:
+        # every record is bit-identical to the committed ones of results/workload_study (so no report of its own);
+        # parts 9 and 10's draw 0, made on a base built differently (RESULTS, status), were rerun by their commands
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
