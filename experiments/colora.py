@@ -126,7 +126,7 @@ def train_method(method: str, config: ml_collections.ConfigDict, arrays: dict[st
         pred = model.apply(p, jnp.broadcast_to(x[pts], (s_batch, p_batch, x.shape[1])), mt_tr[rows])
         return jnp.mean(jnp.linalg.norm(target - pred, axis=(1, 2)) / jnp.linalg.norm(target, axis=(1, 2)))
 
-    # the library's step (no per-step checks) over the seeds, each step's batch drawn from the key it is given
+    # the library's step (no per-step checks) vmapped over the runs, each step's batch drawn from the key it is given
     train_step = rssbl_jax.make_train_step(lambda p, key, rng: loss_fn(p, key), optimizer, check_finite=False)
     step = rssbl_jax.vmap_train_step(train_step)
 
