@@ -92,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
                 started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
                 record = workloads.run_method(work, method, "all", sub, seed=draw)
                 # started_utc: set against the config's commit time, it shows the run came after it
-                record |= {"draw": draw, "part": part, "data_and_base_s": load_s, "started_utc": started}
+                record |= {"draw": draw, "part": part, "data_and_base_s": load_s, "started_utc": started,
+                           "pretrain_steps": work.pretrain_config.steps}  # fmt: skip
                 records.append(record)
                 if config.get("progress", False):
                     print(f"{name} draw {draw} {method}: {record['seconds']:.0f} s", flush=True)
@@ -292,8 +293,10 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             next(r["data_and_base_s"] for r in main if r["draw"] == d) for d in draws
         )
         anchor = trained.get("anchor", "none")
+        # records from before the field was added used the surrogates' own pretraining budget
+        base = f"; base pretrained {trained['pretrain_steps']} steps" if "pretrain_steps" in trained else ""
         out += [f"## {name}", "", f"{len(draws)} draws × {sorted(seeds)} seeds at the chosen rate; "
-                f"{trained['steps']} steps of batch {trained['batch']}; anchor `{anchor}`; training and "
+                f"{trained['steps']} steps of batch {trained['batch']}{base}; anchor `{anchor}`; training and "
                 f"evaluation {seconds / 60:.1f} min (sum over records, data and bases included).", ""]  # fmt: skip
         for metric in workloads.METRICS[name]:
             out += [f"### {metric}: absolute error", "", *error_table(main, metric), ""]

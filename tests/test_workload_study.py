@@ -52,6 +52,16 @@ def test_a_draw_moves_the_data_and_the_pretraining_seeds():
     assert battery.seed == 1 and battery.data.seed == 1
 
 
+def test_the_base_pretraining_budget_is_the_surrogates_own_unless_the_config_names_one():
+    config = study_config.get_config()
+    for name, own in (("ks", 1500), ("battery", 1000)):
+        assert workloads._surrogate_config(name, config, 1).steps == own
+        config[name].pretrain_steps = 4 * own
+        longer = workloads._surrogate_config(name, config, 1)
+        assert (longer.steps, longer.seed) == (4 * own, 1)
+        assert longer.warmup == workloads._surrogate_config(name, study_config.get_config(), 1).warmup
+
+
 def _records(rng, methods, draws=3, seeds=3, conditions=4):
     out = []
     for m in methods:
@@ -148,7 +158,9 @@ def test_two_draws_train_tune_and_report(tmp_path):
         assert len(r["val_curve"]["steps"]) == 2 and len(r["val_curve"]["by_run"]) == 3 + config.seeds_at_lr
     assert [r["method"] for r in parts["convergence"]] == ["frozen", "rss"]
     assert parts["convergence"][1]["steps"] == 2 * config.ks.steps
+    assert {r["pretrain_steps"] for r in main} == {config.ks.pretrain_steps}  # the tiny config's base budget
     text = (tmp_path / "out" / "report.md").read_text()
+    assert f"steps of batch {config.ks.batch}; base pretrained {config.ks.pretrain_steps} steps;" in text
     assert "paired ratio method / `rss`" in text and "Convergence check" in text
     assert "Paired ratio variant / `rss`" in text and "| film_layer_affine0 |" in text
     assert "Paired ratio variant / `film_layer_affine0`" in text  # rank variants are also paired with the FiLM layers
