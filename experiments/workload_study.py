@@ -42,7 +42,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import report as report_lib  # noqa: E402
-from experiments import stats, workloads  # noqa: E402
+from experiments import stats, surrogates, workloads  # noqa: E402
 
 SETS = ("train", "heldout", "extrapolated", "nominal")
 CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
@@ -72,13 +72,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     part = config.get("part", "main")
-    if part not in ("main", "ablation", "convergence", "render"):
-        raise ValueError(f"unknown part {part!r}; expected 'main', 'ablation', 'convergence' or 'render'.")
+    if part not in ("main", "ablation", "convergence", "base", "render"):
+        raise ValueError(f"unknown part {part!r}; expected 'main', 'ablation', 'convergence', 'base' or 'render'.")
     run_draws = tuple(config.get("run_draws", range(config.draws)))
     if not run_draws or any(d not in range(config.draws) for d in run_draws):
         raise ValueError(f"run_draws must name draws in 0..{config.draws - 1}; got {run_draws}.")
     for name in config.workloads if part != "render" else ():
-        draws = run_draws if part in ("main", "ablation") else range(1)
+        draws = run_draws if part in ("main", "ablation", "base") else range(1)
+        if part == "base":
+            _base_part(config, name, draws, workdir, data_dir)
+            continue
         methods = {"main": config.methods, "ablation": config.get("ablation_methods", ())}.get(
             part, ("frozen", *config.convergence_methods)
         )
@@ -103,6 +106,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     seconds = time.perf_counter() - start
     write_report(workdir)
     return seconds
+
+
+def _base_part(config, name: str, draws, workdir: pathlib.Path, data_dir: str | None) -> None:
+    """Part ``base``: each draw's frozen base pretrained for ``base_factors`` times the config's budget (the
+    surrogate's own unless ``<workload>.pretrain_steps`` names one), evaluated on every set
+    (``<workload>_base_draw<d>.jsonl``)."""
+    own = config[name].get("pretrain_steps") or surrogates.SURROGATES[f"{name}_transformer"].steps
+    for draw in draws:
+        records = []
+        for factor in config.base_factors:
+            sub = _sub(config)
+            sub[name].pretrain_steps = int(factor * own)
+            t = time.perf_counter()
+            work = workloads.load_workload(name, sub, data_dir, draw=draw)
+            record = workloads.run_method(work, "frozen", "all", sub, seed=draw)
+            record |= {"draw": draw, "part": "base", "data_and_base_s": time.perf_counter() - t,
+                       "pretrain_steps": work.pretrain_config.steps}  # fmt: skip
+            records.append(record)
+            if config.get("progress", False):
+                print(f"{name} draw {draw} base pretrained {work.pretrain_config.steps} steps", flush=True)
+        _write(workdir / f"{name}_base_draw{draw}.jsonl", records)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -191,6 +215,22 @@ def persistence_table(records: list[dict]) -> list[str]:
     for s in SETS:
         keys = ("one_step", "persistence", "rollout_mean", "rollout_persistence_mean")
         lines.append(f"| {s} | " + " | ".join(report_lib._cell(errors(frozen, "frozen", s, k)) for k in keys) + " |")
+    return lines
+
+
+def base_table(records: list[dict], metric: str) -> list[str]:
+    """Part ``base``: the frozen base's error per set at each pretraining budget (draw-level mean ± half-width),
+    and its paired ratio to the smallest budget, Holm-corrected over the table."""
+    steps = sorted({r["pretrain_steps"] for r in records})
+    at = {n: {s: errors([r for r in records if r["pretrain_steps"] == n], "frozen", s, metric) for s in SETS}
+          for n in steps}  # fmt: skip
+    ratios = report_lib.holm_ratios([(at[n][s], at[steps[0]][s]) for n in steps[1:] for s in SETS])
+    lines = ["| pretraining steps | " + " | ".join(SETS) + " | " + " | ".join(f"/ {steps[0]}: {s}" for s in SETS)
+             + " |", "|---:|" + "---|" * 2 * len(SETS)]  # fmt: skip
+    for i, n in enumerate(steps):
+        cells = [report_lib._cell(at[n][s]) for s in SETS]
+        cells += ratios[(i - 1) * len(SETS) : i * len(SETS)] if i else ["1"] * len(SETS)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -283,6 +323,13 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
            "[median over draws × seeds]. Ratios: geometric-mean paired ratio [95 % draw-level interval], marks "
            "Holm-corrected over each table.", ""]  # fmt: skip
     for name, parts in read(workdir).items():
+        if parts.get("base"):
+            out += [f"## {name}: the frozen base against its pretraining budget", "",
+                    f"{len(parts['base']) // len({r['pretrain_steps'] for r in parts['base']})} draws; the same data, "
+                    "seed, learning rate, warm-up and cosine schedule at every budget. The `nominal` set is among "
+                    "the base's pretraining data.", ""]  # fmt: skip
+            for metric in workloads.METRICS[name]:
+                out += [f"### {metric}", "", *base_table(parts["base"], metric), ""]
         main = parts.get("main", [])
         if not main:
             continue

@@ -62,6 +62,24 @@ def test_the_base_pretraining_budget_is_the_surrogates_own_unless_the_config_nam
         assert longer.warmup == workloads._surrogate_config(name, study_config.get_config(), 1).warmup
 
 
+def test_the_base_part_pretrains_each_draws_base_at_every_budget_and_reports_it(tmp_path):
+    config = _tiny()
+    config.part, config.base_factors = "base", (1, 2)
+    workload_study.run(config, tmp_path / "out", tmp_path / "cache")
+    base = workload_study.read(tmp_path / "out")["ks"]["base"]
+    own = config.ks.pretrain_steps
+    assert sorted((r["draw"], r["pretrain_steps"]) for r in base) == [(0, own), (0, 2 * own), (1, own), (1, 2 * own)]
+    assert all(r["method"] == "frozen" for r in base)
+    e = {n: workload_study.errors([r for r in base if r["pretrain_steps"] == n], "frozen", "nominal", "one_step")
+         for n in (own, 2 * own)}  # fmt: skip
+    assert not np.array_equal(e[own], e[2 * own])  # another base
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## ks: the frozen base against its pretraining budget" in text and "2 draws;" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {2 * own} |"))
+    r = stats.paired_ratio(e[2 * own], e[own])
+    assert f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]" in row
+
+
 def _records(rng, methods, draws=3, seeds=3, conditions=4):
     out = []
     for m in methods:
