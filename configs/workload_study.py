@@ -85,6 +85,12 @@
         # at a budget if doubling it changes its nominal voltage error by less than 10 % (in-sample: the nominal set
         # is among its pretraining profiles) on every draw. KS with --config.base_factors="(1,2,4)" (its 8x, 12,000
         # steps, would take ~20 min a draw), the same criterion on its nominal one-step error.
+    python -m experiments.workload_study --config configs/workload_study.py --workdir results/workload_study_base4x \
+        --config.workloads="('battery',)" --config.battery.pretrain_steps=4000
+        # part 14: parts 1 and 2 again (every pre-registered method, every draw, their budgets) on the 4x bases of
+        # part 12; KS with --config.workloads="('ks',)" --config.ks.pretrain_steps=6000. Named when part 12's first
+        # draw showed the linear gate's held-out error falling by a quarter (KS) to a half (battery) on the 4x base:
+        # which of parts 1 and 2's conclusions hold on a better-trained base. Runs before part 13.
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
