@@ -10,6 +10,12 @@ from experiments import report as report_lib
 from experiments import stats, workload_study, workloads
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One data and base cache for the module's runs (the tiny data and bases are built once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def _tiny():
     config = workloads_tiny.get_config()
     study = study_config.get_config()
@@ -62,10 +68,10 @@ def test_the_base_pretraining_budget_is_the_surrogates_own_unless_the_config_nam
         assert longer.warmup == workloads._surrogate_config(name, study_config.get_config(), 1).warmup
 
 
-def test_the_base_part_pretrains_each_draws_base_at_every_budget_and_reports_it(tmp_path):
+def test_the_base_part_pretrains_each_draws_base_at_every_budget_and_reports_it(tmp_path, cache_dir):
     config = _tiny()
     config.part, config.base_factors = "base", (1, 2)
-    workload_study.run(config, tmp_path / "out", tmp_path / "cache")
+    workload_study.run(config, tmp_path / "out", cache_dir)
     base = workload_study.read(tmp_path / "out")["ks"]["base"]
     own = config.ks.pretrain_steps
     assert sorted((r["draw"], r["pretrain_steps"]) for r in base) == [(0, own), (0, 2 * own), (1, own), (1, 2 * own)]
@@ -144,10 +150,10 @@ def test_level_at_matched_parameters_is_an_equivalence_test_within_three_percent
 
 
 @pytest.mark.slow
-def test_two_draws_train_tune_and_report(tmp_path):
+def test_two_draws_train_tune_and_report(tmp_path, cache_dir):
     config = _tiny()
     config.learning_rates = (1e-6, 2e-6)  # far too small: the pick sits at the upper edge and the grid extends
-    data_dir = tmp_path / "cache"
+    data_dir = cache_dir
     workload_study.run(config, tmp_path / "out", data_dir)
     config.part = "convergence"
     workload_study.run(config, tmp_path / "out", data_dir)
