@@ -325,7 +325,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
     for name, parts in read(workdir).items():
         if parts.get("base"):
             out += [f"## {name}: the frozen base against its pretraining budget", "",
-                    f"{len(parts['base']) // len({r['pretrain_steps'] for r in parts['base']})} draws; the same data, "
+                    f"{len({r['draw'] for r in parts['base']})} draws; the same data, "
                     "seed, learning rate, warm-up and cosine schedule at every budget. The `nominal` set is among "
                     "the base's pretraining data.", ""]  # fmt: skip
             for metric in workloads.METRICS[name]:
