@@ -91,6 +91,16 @@
         # part 12; KS with --config.workloads="('ks',)" --config.ks.pretrain_steps=6000. Named when part 12's first
         # draw showed the linear gate's held-out error falling by a quarter (KS) to a half (battery) on the 4x base:
         # which of parts 1 and 2's conclusions hold on a better-trained base. Runs before part 13.
+    python -m experiments.workload_study --config configs/workload_study.py \
+        --workdir results/workload_study_ks4800_base4x --config.workloads="('ks',)" --config.ks.steps=4800 \
+        --config.ks.pretrain_steps=6000 --config.methods="('frozen','full_ft','rss')" --config.run_draws="(0,)"
+        # part 15: full_ft and the linear gate at twice part 12's budgets on its 4x bases, one draw per command
+        # ((0,), (1,), (2,)); the battery with --workdir results/workload_study_battery3200_base4x
+        # --config.workloads="('battery',)" --config.battery.steps=3200 --config.battery.pretrain_steps=4000. Why:
+        # part 12 left open whether full fine-tuning converges once the base is better trained. The criterion, named
+        # now: a method counts as converged at part 12's budget on a draw if the doubled budget changes its held-out
+        # error by less than 10 %; reported beside it, full_ft / rss held-out at the doubled budget against part 12's
+        # (KS 1 [0.849, 1.19], battery 0.802 [0.71, 0.906]). The two workloads run side by side.
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
