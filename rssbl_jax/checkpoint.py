@@ -34,7 +34,7 @@ from etils import epath
 from flax import nnx, traverse_util
 
 from rssbl_jax import gates, localdisk, patterns, tree
-from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
+from rssbl_jax.config import AdapterConfig, as_config, check_adapted, check_patterns_used
 from rssbl_jax.digests import array_sha256, as_path, is_local, json_sha256
 from rssbl_jax.localdisk import CheckpointBusyError as CheckpointBusyError
 
@@ -136,13 +136,7 @@ def _prepare(
             raise ValueError(
                 f"adapter layer {layer!r} is not an RSSBilinearLoRA adapter that this AdapterConfig describes: {error}"
             ) from None
-    foreign = [layer for layer in layers if not cfg.adapts(layer)]
-    if foreign:
-        raise ValueError(
-            f"adapter layers {foreign} are not adapted by the config (targets={cfg.targets}); save the params tree "
-            "whose paths the config was written for (for NNX: the adapted model itself, or "
-            "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
-        )
+    check_adapted(cfg, layers, "save")
     check_patterns_used(cfg, layers)
     for layer in layers:
         have, want = int(jnp.shape(by_layer[layer]["lora_a"])[-1]), cfg.resolve(layer).rank

@@ -20,7 +20,7 @@ import json
 import keyword
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rssbl_jax import gates, patterns
@@ -293,6 +293,17 @@ def as_config(config: Any, where: str) -> AdapterConfig:
         "settings such as lora_alpha and gate_offset are no longer restated separately, so they cannot differ "
         "from training."
     )
+
+
+def check_adapted(config: AdapterConfig, adapter_paths: Iterable[str], verb: str) -> None:
+    """Raise when an adapter layer's path is one the config does not adapt (a tree other than the one it describes)."""
+    foreign = sorted(path for path in adapter_paths if not config.adapts(path))
+    if foreign:
+        raise ValueError(
+            f"adapter layers {foreign} are not adapted by the config (targets={config.targets}, exclude="
+            f"{config.exclude}); {verb} the params tree whose paths the config was written for (for NNX: the "
+            "adapted model itself, or nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
+        )
 
 
 def check_patterns_used(config: AdapterConfig, adapted_paths: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ import jax
 from jaxtyping import ArrayLike, Float
 
 from rssbl_jax import core, tree
-from rssbl_jax.config import AdapterConfig, as_config, check_patterns_used
+from rssbl_jax.config import AdapterConfig, as_config, check_adapted, check_patterns_used
 
 
 def merge(
@@ -61,27 +61,15 @@ def merge(
             raise ValueError(
                 f"{where} is an adapter layer without a kernel or embedding to merge into; has {sorted(node)}."
             )
-        if not cfg.adapts(path):
-            raise ValueError(
-                f"{where} is an adapted layer that the config does not adapt (targets={cfg.targets}, exclude="
-                f"{cfg.exclude}); merge the params tree whose paths the config was written for."
-            )
+        check_adapted(cfg, [path], "merge")
         factors = {name: value for name, value in node.items() if tree.is_adapter_leaf_name(name)}
-        lora_s = factors.get("lora_s")
-        if "bias" not in node and lora_s is not None and not add_bias:
-            raise ValueError(
-                f"{where} has no bias but a shift S p (lora_s {lora_s.shape}): its merged shift is a "
-                "bias that a use_bias=False layer would silently ignore. Pass add_bias=True and load the result "
-                "into the layer built with use_bias=True, or adapt without shift (shift=False)."
-            )
-        try:
-            merged = core.fold(
-                node[kernel_name], node.get("bias"), factors, operating_params, cfg.resolve(path), precision=precision
-            )
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+        hint = "Pass add_bias=True and load the result into the layer built with use_bias=True, or adapt without shift"
+        merged = fold_at(
+            where, node[kernel_name], node.get("bias"), factors, operating_params, cfg.resolve(path),
+            precision=precision, hint=None if add_bias else hint + " (shift=False).",
+        )  # fmt: skip
         rest = {k: v for k, v in node.items() if k not in (kernel_name, "bias", *factors)}
-        if "bias" not in node and lora_s is None:
+        if "bias" not in node and factors.get("lora_s") is None:
             return {**rest, kernel_name: merged.kernel}
         return {**rest, kernel_name: merged.kernel, "bias": merged.bias}
 
@@ -90,3 +78,23 @@ def merge(
         raise ValueError("merge found no adapted layer (a mapping holding lora_a and lora_b beside its kernel).")
     check_patterns_used(cfg, found)
     return out
+
+
+def fold_at(
+    where: str, kernel: Any, bias: Any, factors: Mapping, operating_params: Any, layer: Any, *,
+    precision: Any, hint: str | None,
+) -> core.MergedDense:  # fmt: skip
+    """:func:`rssbl_jax.core.fold` for the layer at ``where``, its errors prefixed with ``where``.
+
+    A shift ``S p0`` folds into a bias, so a layer without one refuses it with ``hint`` (how to keep it) unless
+    ``hint`` is None (the caller adds the bias).
+    """
+    if bias is None and factors.get("lora_s") is not None and hint is not None:
+        raise ValueError(
+            f"{where} has no bias but a shift S p (lora_s {factors['lora_s'].shape}): its merged shift is a bias "
+            f"that a layer without one would silently ignore. {hint}"
+        )
+    try:
+        return core.fold(kernel, bias, factors, operating_params, layer, precision=precision)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None

@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rssbl_jax import core, patterns
+from rssbl_jax import patterns
 from rssbl_jax.apply import check_keyword_free, check_targets, make_config
 from rssbl_jax.config import AdapterConfig
 from rssbl_jax.factorization import kind_of
+from rssbl_jax.merge import fold_at
 from rssbl_jax.methods import RSS, AdapterMethod
 from rssbl_jax.nnx_layers import ADAPTED_CLASS, BASE_CLASS, add_adapters, factors_of, holding, kernel_of, kind_of_class
 from rssbl_jax.nnx_layers import AdapterInfo as AdapterInfo
@@ -255,17 +256,10 @@ def merge(model: nnx.Module, operating_params: jax.Array) -> nnx.Module:
         kernel = kernel_of(layer, kind_of_class(base))
         bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
         factors = factors_of(layer)
-        if bias is None and factors.get("lora_s") is not None:
-            raise ValueError(
-                f"{path or 'layer'} has no bias, so its shift S p0 B cannot be merged into "
-                f"{base.__name__}; inject with shift=None or False for bias-free layers."
-            )
-        try:
-            folded = core.fold(
-                kernel[...], bias, factors, operating_params, info.layer, precision=jax.lax.Precision.HIGHEST
-            )
-        except ValueError as error:
-            raise ValueError(f"{path or 'layer'}: {error}") from None
+        folded = fold_at(
+            path or "layer", kernel[...], bias, factors, operating_params, info.layer,
+            precision=jax.lax.Precision.HIGHEST, hint="Inject with shift=None or False for bias-free layers.",
+        )  # fmt: skip
         kernel[...] = folded.kernel
         if bias is not None:
             layer.bias[...] = folded.bias

@@ -138,6 +138,13 @@ def adapted_call(layer: nnx.Module, base: type, inputs: jax.Array, args: tuple, 
     return outside_quantizer(_update)(layer, base, inputs, p, y, args, kwargs)
 
 
+class _Injected(nnx.Module):
+    """The injected layers' call: the base class's output plus the update under the adapted model's ``p``."""
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        return adapted_call(self, BASE_CLASS[type(self)], inputs, args, kwargs)
+
+
 class RSSBilinearLoRALinear(nnx.Linear):
     r"""An ``nnx.Linear`` with a rank-space update modulated by operating parameters ``p``.
 
@@ -213,7 +220,7 @@ class RSSBilinearLoRALinear(nnx.Linear):
         return adapted_call(self, nnx.Linear, inputs, (), kwargs, operating_params)
 
 
-class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
+class RSSBilinearLoRALinearGeneral(_Injected, nnx.LinearGeneral):
     """An injected ``nnx.LinearGeneral``: ``lora_a (*in_features, r)``, ``lora_b (r, *out_features)``.
 
     >>> from flax import nnx
@@ -223,12 +230,8 @@ class RSSBilinearLoRALinearGeneral(nnx.LinearGeneral):
     ((8, 2), (2, 2, 4), (3, 2, 4))
     """
 
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.LinearGeneral`` output plus the update under the adapted model's ``p``."""
-        return adapted_call(self, nnx.LinearGeneral, inputs, args, kwargs)
 
-
-class RSSBilinearLoRAEinsum(nnx.Einsum):
+class RSSBilinearLoRAEinsum(_Injected, nnx.Einsum):
     """An injected ``nnx.Einsum``, factors laid out as in :mod:`rssbl_jax.factorization`.
 
     >>> from flax import nnx
@@ -238,12 +241,8 @@ class RSSBilinearLoRAEinsum(nnx.Einsum):
     ((8, 2), (2, 2, 4), (3, 5, 2, 4))
     """
 
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Einsum`` output plus the update under the adapted model's ``p``."""
-        return adapted_call(self, nnx.Einsum, inputs, args, kwargs)
 
-
-class RSSBilinearLoRAConv(nnx.Conv):
+class RSSBilinearLoRAConv(_Injected, nnx.Conv):
     """An injected ``nnx.Conv``: ``lora_a (*window, c_in, r)`` a conv, ``lora_b (r, c_out)`` 1×1.
 
     >>> from flax import nnx
@@ -253,12 +252,8 @@ class RSSBilinearLoRAConv(nnx.Conv):
     ((3, 3, 3, 2), (2, 4), (2, 6, 6, 4))
     """
 
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Conv`` output plus the update under the adapted model's ``p``."""
-        return adapted_call(self, nnx.Conv, inputs, args, kwargs)
 
-
-class RSSBilinearLoRAEmbed(nnx.Embed):
+class RSSBilinearLoRAEmbed(_Injected, nnx.Embed):
     """An injected ``nnx.Embed``: ``lora_a (vocab, r)`` a lookup table, ``lora_b (r, features)``.
 
     >>> from flax import nnx
@@ -267,10 +262,6 @@ class RSSBilinearLoRAEmbed(nnx.Embed):
     >>> adapted.model.lora_a.shape, adapted(jnp.array([[1, 2, 3]]), p=jnp.ones((1, 1))).shape
     ((10, 2), (1, 3, 4))
     """
-
-    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The ``nnx.Embed`` output plus the update under the adapted model's ``p``."""
-        return adapted_call(self, nnx.Embed, inputs, args, kwargs)
 
 
 ADAPTED_CLASS: dict[type, type] = {

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from rssbl_jax import patterns
-from rssbl_jax.config import AdapterConfig, as_config
+from rssbl_jax.config import AdapterConfig, as_config, check_adapted
 from rssbl_jax.tree import PyTree, adapter_layers, adapter_leaf_paths, leaves
 
 
@@ -34,13 +34,7 @@ def trainable_mask(params: PyTree, config: Any = None) -> PyTree:
     cfg: AdapterConfig | None = None if config is None else as_config(config, "trainable_mask")
     layers = set(adapter_layers(params))
     if cfg is not None:
-        foreign = sorted(layer for layer in layers if not cfg.adapts(layer))
-        if foreign:
-            raise ValueError(
-                f"adapter layers {foreign} are not adapted by the config (targets={cfg.targets}, exclude="
-                f"{cfg.exclude}); pass the params tree whose paths the config was written for (for NNX: "
-                "nnx.state(adapted.model, ...), not nnx.state(adapted, ...))."
-            )
+        check_adapted(cfg, layers, "pass")
         paths = [f"{layer}/{name}" if layer else name for layer, name, _ in leaves(params)]
         unmatched = patterns.unmatched(cfg.modules_to_save, paths)
         if unmatched:

@@ -216,6 +216,17 @@ def test_partition_with_the_config_checks_identity_and_trains_modules_to_save():
         rssbl_jax.partition(params, adapted.config.replace(targets=["hidden"]))
 
 
+def test_a_config_that_does_not_adapt_a_layer_is_refused_by_merge_and_save(tmp_path):
+    adapted, params = adapted_mlp()
+    narrow = adapted.config.replace(targets=["hidden"])
+    message = r"adapter layers \['head'\] are not adapted by the config \(targets=\('hidden',\)"
+    with pytest.raises(ValueError, match=message + r".*; merge the params tree"):
+        rssbl_jax.merge(params, P[0], narrow)
+    with pytest.raises(ValueError, match=message + r".*; save the params tree"):
+        rssbl_jax.save_adapters(tmp_path / "a", params, narrow)
+    assert not (tmp_path / "a").exists()
+
+
 def test_p_none_is_a_clear_error_everywhere():
     adapted, params = adapted_mlp()
     with pytest.raises(ValueError, match=r"operating parameters p=None"):

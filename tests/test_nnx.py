@@ -255,6 +255,10 @@ def test_inject_leaves_the_callers_model_unchanged_and_p_free_methods_need_no_p(
     np.testing.assert_array_equal(lora(x), model(x))  # B = 0, and no p needed
     with pytest.raises(ValueError, match=r"^a was adapted with LoRA\(\), which merge cannot fold"):
         rss_nnx.merge(lora, jnp.ones(1))
+    no_bias = rss_nnx.inject(nnx.Linear(4, 3, use_bias=False, rngs=nnx.Rngs(0)), "", 2, 2.0, d_p=1, shift=True,
+                             rngs=nnx.Rngs(1))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^layer has no bias but a shift S p \(lora_s \(1, 2\)\).*shift=None or Fals"):
+        rss_nnx.merge(no_bias, jnp.ones(1))  # its S p0 B would have no bias to go into
 
 
 def test_operating_params_reach_injected_layers_under_nnx_transforms(square):
