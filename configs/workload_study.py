@@ -101,6 +101,17 @@
         # now: a method counts as converged at part 12's budget on a draw if the doubled budget changes its held-out
         # error by less than 10 %; reported beside it, full_ft / rss held-out at the doubled budget against part 12's
         # (KS 1 [0.849, 1.19], battery 0.802 [0.71, 0.906]). The two workloads run side by side.
+    python -m experiments.workload_study --config configs/workload_study.py \
+        --workdir results/workload_study_base_fresh --config.workloads="('ks',)" --config.part=base \
+        --config.base_factors="(1,2,4,8)"
+        # part 16: part 13 one doubling further (KS 12,000 steps; the battery with --config.workloads="('battery',)"
+        # --config.base_factors="(1,2,4,8,16)", 16,000 steps), every draw, and each base also evaluated on fresh
+        # nominal trajectories: the next draw's (another data seed, the same nominal condition), which it never
+        # saw. Named when part 13 found neither base converged on its in-sample nominal error (the largest doubling,
+        # battery 4x to 8x, still -39 to -52 % per draw; KS 2x to 4x -35 to -42 %) and could not tell fitting the
+        # pretraining trajectories from learning the nominal system. The criterion, named now: a base counts as
+        # converged at a budget if doubling it changes its fresh-nominal error by less than 10 % on every draw; the
+        # in-sample nominal error is reported beside it. KS runs first, then the battery, after part 15's battery.
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the

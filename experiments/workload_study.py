@@ -29,6 +29,7 @@ Records: ``<workload>_draw<d>.jsonl`` (one per method, with the UTC time its run
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -41,8 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import physics_data, stats, surrogates, workloads  # noqa: E402
 from experiments import report as report_lib  # noqa: E402
-from experiments import stats, surrogates, workloads  # noqa: E402
 
 SETS = ("train", "heldout", "extrapolated", "nominal")
 CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
@@ -108,10 +109,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     return seconds
 
 
+def _fresh_nominal(name: str, config, data_dir: str | None, draw: int, work: workloads.Workload) -> dict:
+    """The nominal trajectories of the next draw (``(draw + 1) % draws``): the same nominal condition, trajectories
+    from another data seed, so none of them is among the ones ``draw``'s base was pretrained on."""
+    other = physics_data.split(
+        surrogates.load_data(workloads._surrogate_config(name, config, (draw + 1) % config.draws), data_dir), "nominal"
+    )
+    mine = work.sets["nominal"]
+    if not np.array_equal(other["conditions"], mine["conditions"]):
+        raise ValueError(f"draw {(draw + 1) % config.draws}'s nominal conditions differ from draw {draw}'s.")
+    key = "u" if name == "ks" else "x"
+    if any(np.array_equal(a, b) for a in other[key][0] for b in mine[key][0]):
+        raise ValueError(f"draw {(draw + 1) % config.draws} shares a nominal trajectory with draw {draw}.")
+    return other
+
+
 def _base_part(config, name: str, draws, workdir: pathlib.Path, data_dir: str | None) -> None:
     """Part ``base``: each draw's frozen base pretrained for ``base_factors`` times the config's budget (the
     surrogate's own unless ``<workload>.pretrain_steps`` names one), evaluated on every set
-    (``<workload>_base_draw<d>.jsonl``)."""
+    (``<workload>_base_draw<d>.jsonl``). With ``draws > 1`` also on fresh nominal trajectories (metrics set
+    ``nominal_fresh``, :func:`_fresh_nominal`): the nominal set is among the base's pretraining trajectories, so its
+    error alone cannot tell fitting those from learning the nominal system."""
     own = config[name].get("pretrain_steps") or surrogates.SURROGATES[f"{name}_transformer"].steps
     for draw in draws:
         records = []
@@ -121,6 +139,12 @@ def _base_part(config, name: str, draws, workdir: pathlib.Path, data_dir: str | 
             t = time.perf_counter()
             work = workloads.load_workload(name, sub, data_dir, draw=draw)
             record = workloads.run_method(work, "frozen", "all", sub, seed=draw)
+            if config.draws > 1:
+                fresh = dataclasses.replace(
+                    work, sets=work.sets | {"nominal": _fresh_nominal(name, config, data_dir, draw, work)}
+                )
+                record["metrics"]["nominal_fresh"] = workloads.run_method(fresh, "frozen", "all", sub, seed=draw)[
+                    "metrics"]["nominal"]  # fmt: skip
             record |= {"draw": draw, "part": "base", "data_and_base_s": time.perf_counter() - t,
                        "pretrain_steps": work.pretrain_config.steps}  # fmt: skip
             records.append(record)
@@ -222,14 +246,15 @@ def base_table(records: list[dict], metric: str) -> list[str]:
     """Part ``base``: the frozen base's error per set at each pretraining budget (draw-level mean ± half-width),
     and its paired ratio to the smallest budget, Holm-corrected over the table."""
     steps = sorted({r["pretrain_steps"] for r in records})
-    at = {n: {s: errors([r for r in records if r["pretrain_steps"] == n], "frozen", s, metric) for s in SETS}
+    sets = SETS + (("nominal_fresh",) if all("nominal_fresh" in r["metrics"] for r in records) else ())
+    at = {n: {s: errors([r for r in records if r["pretrain_steps"] == n], "frozen", s, metric) for s in sets}
           for n in steps}  # fmt: skip
-    ratios = report_lib.holm_ratios([(at[n][s], at[steps[0]][s]) for n in steps[1:] for s in SETS])
-    lines = ["| pretraining steps | " + " | ".join(SETS) + " | " + " | ".join(f"/ {steps[0]}: {s}" for s in SETS)
-             + " |", "|---:|" + "---|" * 2 * len(SETS)]  # fmt: skip
+    ratios = report_lib.holm_ratios([(at[n][s], at[steps[0]][s]) for n in steps[1:] for s in sets])
+    lines = ["| pretraining steps | " + " | ".join(sets) + " | " + " | ".join(f"/ {steps[0]}: {s}" for s in sets)
+             + " |", "|---:|" + "---|" * 2 * len(sets)]  # fmt: skip
     for i, n in enumerate(steps):
-        cells = [report_lib._cell(at[n][s]) for s in SETS]
-        cells += ratios[(i - 1) * len(SETS) : i * len(SETS)] if i else ["1"] * len(SETS)
+        cells = [report_lib._cell(at[n][s]) for s in sets]
+        cells += ratios[(i - 1) * len(sets) : i * len(sets)] if i else ["1"] * len(sets)
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
 

@@ -84,6 +84,18 @@ def test_the_base_part_pretrains_each_draws_base_at_every_budget_and_reports_it(
     row = next(line for line in text.splitlines() if line.startswith(f"| {2 * own} |"))
     r = stats.paired_ratio(e[2 * own], e[own])
     assert f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]" in row
+    # fresh nominal trajectories (the other draw's): another error than the in-sample nominal one, in the table
+    fresh = {n: workload_study.errors([r for r in base if r["pretrain_steps"] == n], "frozen", "nominal_fresh",
+                                      "one_step") for n in (own, 2 * own)}  # fmt: skip
+    assert np.all(np.isfinite(fresh[own])) and not np.allclose(fresh[own], e[own])
+    header = next(line for line in text.splitlines() if line.startswith("| pretraining steps |"))
+    assert header.endswith(f"| nominal | nominal_fresh | / {own}: train | / {own}: heldout | / {own}: extrapolated | "
+                           f"/ {own}: nominal | / {own}: nominal_fresh |")  # fmt: skip
+    r = stats.paired_ratio(fresh[2 * own], fresh[own])
+    assert f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]" in row.split("|")[-2]
+    work = workloads.load_workload("ks", workload_study._sub(config), cache_dir, draw=1)
+    with pytest.raises(ValueError, match="draw 1 shares a nominal trajectory with draw 0"):
+        workload_study._fresh_nominal("ks", config, cache_dir, 0, work)  # draw 1's own trajectories are not fresh
 
 
 def _records(rng, methods, draws=3, seeds=3, conditions=4):
