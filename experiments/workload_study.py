@@ -352,7 +352,9 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             out += [f"## {name}: the frozen base against its pretraining budget", "",
                     f"{len({r['draw'] for r in parts['base']})} draws; the same data, "
                     "seed, learning rate, warm-up and cosine schedule at every budget. The `nominal` set is among "
-                    "the base's pretraining data.", ""]  # fmt: skip
+                    "the base's pretraining data" + ("; `nominal_fresh` is the next draw's nominal trajectories, "
+                    "which it never saw." if all("nominal_fresh" in r["metrics"] for r in parts["base"]) else "."),
+                    ""]  # fmt: skip
             for metric in workloads.METRICS[name]:
                 out += [f"### {metric}", "", *base_table(parts["base"], metric), ""]
         main = parts.get("main", [])

@@ -81,6 +81,7 @@ def test_the_base_part_pretrains_each_draws_base_at_every_budget_and_reports_it(
     assert not np.array_equal(e[own], e[2 * own])  # another base
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## ks: the frozen base against its pretraining budget" in text and "2 draws;" in text
+    assert "`nominal_fresh` is the next draw's nominal trajectories, which it never saw." in text
     row = next(line for line in text.splitlines() if line.startswith(f"| {2 * own} |"))
     r = stats.paired_ratio(e[2 * own], e[own])
     assert f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]" in row
