@@ -116,6 +116,17 @@
         # the 16x battery one pretrain at ~20 min a draw each beside each other, over the time left, so KS ran
         # with --config.base_factors="(1,2,4)" (its bases cached: fresh-nominal errors only) and the battery alone
         # with (1,2,4,8,16).
+    python -m experiments.workload_study --config configs/workload_study.py \
+        --workdir results/workload_study_ks9600_base4x --config.workloads="('ks',)" --config.ks.steps=9600 \
+        --config.ks.pretrain_steps=6000 --config.methods="('frozen','full_ft','rss')" --config.run_draws="(0,)"
+        # part 17: part 15 one doubling further on KS (9,600 steps on the 4x bases), one draw per command ((0,),
+        # (1,), (2,)). Named when part 15 found neither full_ft (held-out -22 to -29 % per draw from 2,400 to 4,800
+        # steps) nor the linear gate (-10 to -15 %) converged on the 4x KS base. The criterion is part 15's: a
+        # method counts as converged at 4,800 steps on a draw if 9,600 changes its held-out error by less than
+        # 10 %; reported beside it, full_ft / rss held-out at 9,600 against part 15's (0.849 [0.692, 1.04]). The
+        # battery's doubling (--workdir results/workload_study_battery6400_base4x --config.workloads="('battery',)"
+        # --config.battery.steps=6400 --config.battery.pretrain_steps=4000) runs only on the draws that the time
+        # left allows, and is reported per draw.
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
