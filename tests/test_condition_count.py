@@ -223,6 +223,7 @@ def test_anti_damped_table_counts_the_draws_the_study_builds():
     assert tasks.anti_damped_table(config, (name,)).splitlines()[-1].startswith(f"| {name} | 0, 0 |")
 
 
+@pytest.mark.slow  # ~10 s: make test-slow runs it
 def test_absolute_tables_multiply_by_the_rebuilt_base(tmp_path):
     config = tiny.get_config()
     config.tasks = ("pendulum_corner",)

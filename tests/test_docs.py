@@ -99,6 +99,7 @@ def test_docs_execute_the_guides():
         assert call in text, call
 
 
+@pytest.mark.slow  # 5-20 s a block, a minute in all: make test-slow runs them (the README's example runs above)
 @pytest.mark.parametrize(
     "page,index,block", [pytest.param(*item, id=f"{item[0].relative_to(DOCS)}-{item[1]}") for item in DOC_BLOCKS]
 )
@@ -131,6 +132,7 @@ def documented_names() -> set[str]:
     return names
 
 
+@pytest.mark.slow  # ~20 s: a whole Sphinx build; make test-slow runs it
 def test_docs_build_without_warnings_and_document_every_public_name(tmp_path):
     """`make docs`' command, warnings as errors; every public function and class is in the site's inventory."""
     out = tmp_path / "html"

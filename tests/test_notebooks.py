@@ -144,10 +144,9 @@ CHECKS = {
 }
 
 
-# quickstart runs in the fast suite; the two longer notebooks (25-35 s each) in the slow one (make test-slow)
-@pytest.mark.parametrize(
-    "name", [n if n == "quickstart.ipynb" else pytest.param(n, marks=pytest.mark.slow) for n in NOTEBOOKS]
-)
+# every notebook runs in the slow suite (make test-slow): quickstart ~12 s, the other two 25-35 s each
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook(name, jupyter_dirs, tmp_path):
     # Started in colab/, as Jupyter starts a notebook opened from a checkout; rssbl_jax is installed in this venv.
     notebook, summary = execute(name, jupyter_dirs, tmp_path, ROOT / "colab", {})

@@ -199,6 +199,7 @@ def test_tiny_ks_surrogate_fits_its_nominal_condition(tmp_path):
     assert metrics["rollout"].shape == (1, 8)  # the horizon (10) clipped to the trajectories' 8 steps
 
 
+@pytest.mark.slow  # ~10 s: PyBaMM solves and a pretraining; make test-slow runs it
 def test_tiny_battery_surrogate_fits_its_nominal_condition(tmp_path):
     data_config = dataclasses.replace(TINY_BATTERY, nominal_profiles=8)
     model = {"samples": 32, "width": 32, "depth": 1, "heads": 2, "mlp": 64}

@@ -68,6 +68,7 @@ def test_the_base_pretraining_budget_is_the_surrogates_own_unless_the_config_nam
         assert longer.warmup == workloads._surrogate_config(name, study_config.get_config(), 1).warmup
 
 
+@pytest.mark.slow  # ~40 s: two draws' data and four bases pretrained; make test-slow runs it
 def test_the_base_part_pretrains_each_draws_base_at_every_budget_and_reports_it(tmp_path, cache_dir):
     config = _tiny()
     config.part, config.base_factors = "base", (1, 2)
