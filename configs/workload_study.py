@@ -115,7 +115,9 @@
         # in-sample nominal error is reported beside it. Amended before any result was seen: the 8x KS base and
         # the 16x battery one pretrain at ~20 min a draw each beside each other, over the time left, so KS ran
         # with --config.base_factors="(1,2,4)" (its bases cached: fresh-nominal errors only) and the battery alone
-        # with (1,2,4,8,16).
+        # with (1,2,4,8,16). The 8x KS base ran later, as first named, once part 17 had found full_ft still improving
+        # on the 4x KS base: --config.base_factors="(1,2,4,8)", one draw per command (--config.run_draws="(0,)",
+        # (1,), (2,)), the same workdir and criterion; it answers whether the 4x KS base is converged.
     python -m experiments.workload_study --config configs/workload_study.py \
         --workdir results/workload_study_ks9600_base4x --config.workloads="('ks',)" --config.ks.steps=9600 \
         --config.ks.pretrain_steps=6000 --config.methods="('frozen','full_ft','rss')" --config.run_draws="(0,)"
