@@ -160,7 +160,7 @@ from configs import workloads
 
 def get_config() -> ml_collections.ConfigDict:
     config = workloads.get_config()
-    config.part = "main"  # "main", "convergence" or "render"
+    config.part = "main"  # "main", "ablation", "convergence", "base", "budgets" or "render"
     config.anchor = "centre"
     config.methods = (
         "frozen",
@@ -195,4 +195,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.battery.pretrain_steps = 0
     config.base_factors = (1, 2, 4, 8)  # part "base": the frozen base at these multiples of its pretraining budget
     config.convergence_factor = 2
+    # Part "budgets" (records only, no training): each method's error paired across the step budgets of these
+    # workdirs, on the same base, draws and seeds.
+    config.budget_workdirs = tuple(
+        f"results/{w}"
+        for w in ("workload_study", "workload_study_ks1200", "workload_study_ks2400", "workload_study_ks4800",
+                  "workload_study_battery800", "workload_study_battery1600", "workload_study_battery3200",
+                  "workload_study_base4x", "workload_study_ks2400_base4x", "workload_study_ks4800_base4x",
+                  "workload_study_ks9600_base4x", "workload_study_battery1600_base4x",
+                  "workload_study_battery3200_base4x", "workload_study_battery6400_base4x")
+    )  # fmt: skip
     return config

@@ -73,8 +73,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     part = config.get("part", "main")
-    if part not in ("main", "ablation", "convergence", "base", "render"):
-        raise ValueError(f"unknown part {part!r}; expected 'main', 'ablation', 'convergence', 'base' or 'render'.")
+    if part not in ("main", "ablation", "convergence", "base", "budgets", "render"):
+        raise ValueError(
+            f"unknown part {part!r}; expected 'main', 'ablation', 'convergence', 'base', 'budgets' or 'render'."
+        )
+    if part == "budgets":
+        write_budget_report(workdir, config.budget_workdirs)
+        return time.perf_counter() - start
     run_draws = tuple(config.get("run_draws", range(config.draws)))
     if not run_draws or any(d not in range(config.draws) for d in run_draws):
         raise ValueError(f"run_draws must name draws in 0..{config.draws - 1}; got {run_draws}.")
@@ -344,6 +349,80 @@ def plot(records: list[dict], metric: str, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def budget_chains(workdirs) -> dict[tuple[str, int], list[tuple[int, list[dict]]]]:
+    """``{(workload, pretraining steps): [(steps, main records), ...]}``, budgets in increasing order, from the main
+    records of every workdir (records from before ``pretrain_steps`` was recorded used the surrogate's own budget).
+    Two workdirs with the same workload, base and budget are refused: a chain has one record set per budget."""
+    found: dict[tuple[str, int], dict[int, list[dict]]] = {}
+    for workdir in workdirs:
+        for name, parts in read(workdir).items():
+            trained = [r for r in parts.get("main", []) if r["method"] != "frozen"]
+            for steps in sorted({r["steps"] for r in trained}):
+                at = [r for r in parts["main"] if r["method"] == "frozen" or r["steps"] == steps]
+                base = trained[0].get("pretrain_steps") or surrogates.SURROGATES[f"{name}_transformer"].steps
+                chain = found.setdefault((name, base), {})
+                if steps in chain:
+                    raise ValueError(f"{name}, base {base} steps: two record sets at {steps} steps ({workdir}).")
+                chain[steps] = at
+    return {key: sorted(chain.items()) for key, chain in sorted(found.items())}
+
+
+def _common_draws(a: list[dict], b: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
+    """The records of the draws both sets ran (one set may run fewer draws); refused when the frozen bases differ,
+    so a chain never pairs adaptations of different bases."""
+    draws = sorted({r["draw"] for r in a} & {r["draw"] for r in b})
+    a, b = ([r for r in x if r["draw"] in draws] for x in (a, b))
+    for s in SETS:
+        if not np.allclose(errors(a, "frozen", s, metric), errors(b, "frozen", s, metric), rtol=1e-5):
+            raise ValueError(f"the frozen base's {s} {metric} error differs between budgets: not the same base.")
+    return a, b
+
+
+BUDGET_SETS = ("heldout", "extrapolated")  # the criterion's set, and the one furthest from the training data
+
+
+def budget_table(chain: list[tuple[int, list[dict]]], metric: str, cells=report_lib.holm_ratios) -> list[str]:
+    """Per method and step of the chain: its error at the larger budget / at the smaller one, paired on the draws
+    and seeds both ran (each budget at its own chosen rate), one cell per set of :data:`BUDGET_SETS`; ``cells``
+    makes the table's cells from its ``[(errors, reference), ...]`` pairs (default: ratios, Holm-corrected over
+    the table). A step that fewer than 2 draws ran has no interval and is left out."""
+    rows, pairs = [], []
+    for (n0, r0), (n1, r1) in zip(chain, chain[1:], strict=False):
+        r0, r1 = _common_draws(r0, r1, metric)
+        draws = sorted({r["draw"] for r in r0})
+        if len(draws) < 2:
+            continue
+        for m in (m for m in _methods(r1) if m != "frozen" and m in _methods(r0)):
+            rows.append(f"| {m} | {n0} → {n1} | {len(draws)} |")
+            pairs += [(errors(r1, m, s, metric), errors(r0, m, s, metric)) for s in BUDGET_SETS]
+    made = cells(pairs)
+    k = len(BUDGET_SETS)
+    lines = ["| method | steps | draws | " + " | ".join(BUDGET_SETS) + " |", "|---|---|---:|" + "---|" * k]
+    return lines + [f"{row} {' | '.join(made[i * k : (i + 1) * k])} |" for i, row in enumerate(rows)]
+
+
+def write_budget_report(workdir: str | pathlib.Path, workdirs) -> pathlib.Path:
+    """``report.md`` in ``workdir``: :func:`budget_table` for every chain of budgets found in ``workdirs``."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = ["# The error against the step budget, paired across budgets", "",
+           f"Records from {', '.join(f'`{w}`' for w in workdirs)}. Each row: a method's error at the larger budget "
+           "divided by its error at the smaller, on the same base, draws and seeds (each budget at its own chosen "
+           "learning rate); geometric-mean paired ratio [95 % draw-level interval], marks Holm-corrected over each "
+           f"table. The equivalence tables test the convergence criterion (a doubling changes the error by less than "
+           f"{CONVERGED:.0%}) as an interval: 90 % draw-level interval, **≈** when TOST shows the ratio within "
+           f"[{1 / (1 + CONVERGED):.3f}, {1 + CONVERGED:.2f}] after Holm over the table.", ""]  # fmt: skip
+    for (name, base), chain in budget_chains(workdirs).items():
+        metric = workloads.METRICS[name][0]
+        out += [f"## {name}, base pretrained {base} steps: budgets {', '.join(str(n) for n, _ in chain)}", "",
+                f"### {metric}: later budget / earlier budget", "", *budget_table(chain, metric), "",
+                f"### {metric}: equivalence within ±{CONVERGED:.0%}", "",
+                *budget_table(chain, metric, lambda p: report_lib.holm_equivalence(p, CONVERGED)), ""]  # fmt: skip
+    path = workdir / "report.md"
+    path.write_text("\n".join(out))
+    return path
 
 
 def write_report(workdir: str | pathlib.Path) -> pathlib.Path:

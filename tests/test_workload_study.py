@@ -163,6 +163,43 @@ def test_level_at_matched_parameters_is_an_equivalence_test_within_three_percent
     assert "**≈**" in workload_study.equivalence_table(records, "one_step", "rss", margin=0.10)[3]  # inside ±10 %
 
 
+def _budget_dir(path, records, steps, base=6000):
+    path.mkdir()
+    rows = [r | {"workload": "ks", "part": "main", "steps": 0 if r["method"] == "frozen" else steps,
+                 "pretrain_steps": base} for r in records]  # fmt: skip
+    workload_study._write(path / "ks_draw0.jsonl", rows)
+    return path
+
+
+def test_the_budget_report_pairs_each_method_across_budgets_on_the_same_base_draws_and_seeds(tmp_path):
+    rng = np.random.default_rng(3)
+    short = _records(rng, ("frozen", "lora", "rss"))
+    longer = [r if r["method"] == "frozen" else r | {"metrics": {s: {"one_step": (np.asarray(v["one_step"])
+              * rng.uniform(0.6, 0.7, (3, 1))).tolist()} for s, v in r["metrics"].items()}} for r in short]  # fmt: skip
+    dirs = [_budget_dir(tmp_path / "a", longer, 1200), _budget_dir(tmp_path / "b", short, 600)]
+    chains = workload_study.budget_chains(dirs)
+    assert list(chains) == [("ks", 6000)] and [n for n, _ in chains[("ks", 6000)]] == [600, 1200]  # in step order
+    lines = workload_study.budget_table(chains[("ks", 6000)], "one_step")
+    assert lines[0] == "| method | steps | draws | heldout | extrapolated |" and len(lines) == 4
+    lora = lines[2].split("|")
+    assert [c.strip() for c in lora[1:4]] == ["lora", "600 → 1200", "3"]
+    e = [workload_study.errors(r, "lora", "heldout", "one_step") for r in (longer, short)]
+    r = stats.paired_ratio(*e)
+    assert lora[4].strip().startswith(f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]") and r.high < 0.75
+    equivalence = workload_study.budget_table(chains[("ks", 6000)], "one_step", report_lib.holm_equivalence)
+    assert "**≈**" not in equivalence[2]  # a 35 % fall is not within ±10 %
+    text = workload_study.write_budget_report(tmp_path / "out", dirs).read_text()
+    assert "## ks, base pretrained 6000 steps: budgets 600, 1200" in text and lines[2] in text
+    # another base under the same label, or two record sets at one budget, are refused
+    other = [r | {"metrics": {s: {"one_step": (np.asarray(v["one_step"]) * 1.1).tolist()} for s, v in
+                              r["metrics"].items()}} if r["method"] == "frozen" else r for r in longer]  # fmt: skip
+    moved = workload_study.budget_chains([_budget_dir(tmp_path / "c", other, 1200), dirs[1]])[("ks", 6000)]
+    with pytest.raises(ValueError, match="frozen base's train one_step error differs between budgets"):
+        workload_study.budget_table(moved, "one_step")
+    with pytest.raises(ValueError, match="ks, base 6000 steps: two record sets at 600 steps"):
+        workload_study.budget_chains([dirs[1], _budget_dir(tmp_path / "d", short, 600)])
+
+
 @pytest.mark.slow
 def test_two_draws_train_tune_and_report(tmp_path, cache_dir):
     config = _tiny()
