@@ -18,4 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
     config = condition_count_pendulum_imperfect.get_config()
     config.steps = 4000
     config.learning_rates = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    # Added after the run, for the report only (no training changes): each cell paired against the 1,000-step sweep.
+    config.compare_with = "results/condition_count/pendulum_imperfect"
     return config

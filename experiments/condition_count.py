@@ -293,6 +293,42 @@ def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path, splits: tupl
     plt.close(fig)
 
 
+CONVERGED = 0.10  # the doubling criterion: every draw's error within 10 % when the budget doubles
+
+
+def budget_tables(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], task: str) -> list[str]:
+    """This sweep against ``earlier``, the same sweep (base, conditions, inputs, seeds) at a smaller budget: per split,
+    method and count, the paired ratio this / earlier (draw-level interval, Holm over the table), ``✓`` when every
+    draw's ratio (geometric mean over seeds) is within :data:`CONVERGED` of 1 (the criterion), and then the TOST
+    test of the ratio within that margin (90 % interval, **≈** when shown after Holm over the table)."""
+    now, then = _by(rows, task), _by(earlier, task)
+    cells = [k for k in now if k in then]
+    for k in cells:
+        if not np.allclose(now[k]["base_mse"]["interpolation"], then[k]["base_mse"]["interpolation"], rtol=1e-6):
+            raise ValueError(
+                f"{task} K={k[0]} {k[1]}: the frozen bases differ between the budgets: not the same sweep."
+            )
+    counts = sorted({c for c, _ in cells})
+    methods = list(dict.fromkeys(m for _, m in cells))
+    header = ["| method | " + " | ".join(f"K = {c}" for c in counts) + " |", "|---|" + "---:|" * len(counts)]
+    out: list[str] = []
+    for split in SPLITS:
+        pairs = [(now[(c, m)]["errors"][split], then[(c, m)]["errors"][split]) for m in methods for c in counts]
+        ratios = report.holm_ratios(pairs)
+        met = [bool(np.all(np.abs(np.exp(np.log(np.asarray(a) / np.asarray(b)).mean(axis=1)) - 1) < CONVERGED))
+               for a, b in pairs]  # fmt: skip
+        ratios = [r + (" ✓" if ok else "") for r, ok in zip(ratios, met, strict=True)]
+        tost = report.holm_equivalence(pairs, CONVERGED)
+        k = len(counts)
+        out += [f"{split}, this budget / the earlier one ({sum(met)} of {len(met)} cells meet the criterion, ✓):",
+                "", *header, *(f"| {m} | " + " | ".join(ratios[i * k : (i + 1) * k]) + " |"
+                                for i, m in enumerate(methods)), "",
+                f"{split}, equivalence of the two budgets within ±{CONVERGED:.0%} (TOST):", "", *header,
+                *(f"| {m} | " + " | ".join(tost[i * k : (i + 1) * k]) + " |" for i, m in enumerate(methods)),
+                ""]  # fmt: skip
+    return out
+
+
 def write(rows: list[dict[str, Any]], config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
     """``report.md`` and one ``<task>.png`` per task in ``workdir``; returns the report's path."""
     workdir = pathlib.Path(workdir)
@@ -316,6 +352,11 @@ def write(rows: list[dict[str, Any]], config: ml_collections.ConfigDict, workdir
         "",
     ]
     text = [*header, tables(rows, config), "", *[f"![{n}]({n})" for n in images], ""]
+    if config.get("compare_with"):
+        earlier = load(config.compare_with)
+        for task in dict.fromkeys(r["task"] for r in rows):
+            text += [f"## {task}: against the same sweep at a smaller budget (`{config.compare_with}`)", "",
+                     *budget_tables(rows, earlier, task)]  # fmt: skip
     path = workdir / "report.md"
     path.write_text("\n".join(text))
     return path

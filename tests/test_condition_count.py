@@ -273,3 +273,28 @@ def test_lr_check_report_picks_each_methods_rate_and_pairs_them(tmp_path):
     ratio = lambda table: float(table.split("| b | ")[1].split(" [")[0])  # noqa: E731
     assert ratio(sweeps.split("interpolation, paired ratio")[1]) == pytest.approx(8.0, rel=1e-2)
     assert ratio(oracle.split("interpolation, paired ratio")[1]) == pytest.approx(3.0, rel=1e-2)
+
+
+def test_budget_tables_pair_each_cell_across_budgets_and_apply_the_doubling_criterion():
+    """Two methods × one count: ``flat`` moves under 10 % on every draw (the criterion is met, and TOST shows it),
+    ``falls`` halves (a paired ratio of 0.5 by hand); a base that differs between the budgets is refused."""
+    rng = np.random.default_rng(1)
+    noise = np.exp(rng.normal(0.0, 0.05, (3, 2)))
+    then = {"flat": noise, "falls": 2.0 * noise}
+    now = {"flat": noise * np.exp(rng.normal(0.0, 0.002, (3, 2))), "falls": noise}
+
+    def rows(errors, base=1.0):
+        return [{"task": "t", "method": m, "count": 4, "base_mse": {"interpolation": [base] * 3},
+                 "errors": {s: e.tolist() for s in condition_count.SPLITS}} for m, e in errors.items()]  # fmt: skip
+
+    lines = condition_count.budget_tables(rows(now), rows(then), "t")
+    assert lines[0] == "interpolation, this budget / the earlier one (1 of 2 cells meet the criterion, ✓):"
+    flat, falls = lines[4], lines[5]
+    assert flat.startswith("| flat | 1") and flat.endswith("✓ |")
+    r = stats.paired_ratio(now["falls"], then["falls"])
+    assert falls.startswith(f"| falls | {r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]") and "✓" not in falls
+    assert r.estimate == pytest.approx(0.5, rel=1e-9)  # the noise cancels in the pair
+    tost = lines[lines.index("interpolation, equivalence of the two budgets within ±10% (TOST):") + 4 :][:2]
+    assert "**≈**" in tost[0] and "**≈**" not in tost[1]
+    with pytest.raises(ValueError, match="the frozen bases differ between the budgets"):
+        condition_count.budget_tables(rows(now, base=1.5), rows(then), "t")
