@@ -174,8 +174,9 @@ def _budget_dir(path, records, steps, base=6000):
 def test_the_budget_report_pairs_each_method_across_budgets_on_the_same_base_draws_and_seeds(tmp_path):
     rng = np.random.default_rng(3)
     short = _records(rng, ("frozen", "lora", "rss"))
-    longer = [r if r["method"] == "frozen" else r | {"metrics": {s: {"one_step": (np.asarray(v["one_step"])
-              * rng.uniform(0.6, 0.7, (3, 1))).tolist()} for s, v in r["metrics"].items()}} for r in short]  # fmt: skip
+    factor = {"frozen": (1.0, 1.0), "lora": (0.6, 0.7), "rss": (0.95, 1.05)}  # rss within the 10 % criterion
+    longer = [r | {"metrics": {s: {"one_step": (np.asarray(v["one_step"]) * rng.uniform(*factor[r["method"]],
+              (len(v["one_step"]), 1))).tolist()} for s, v in r["metrics"].items()}} for r in short]  # fmt: skip
     dirs = [_budget_dir(tmp_path / "a", longer, 1200), _budget_dir(tmp_path / "b", short, 600)]
     chains = workload_study.budget_chains(dirs)
     assert list(chains) == [("ks", 6000)] and [n for n, _ in chains[("ks", 6000)]] == [600, 1200]  # in step order
@@ -186,6 +187,7 @@ def test_the_budget_report_pairs_each_method_across_budgets_on_the_same_base_dra
     e = [workload_study.errors(r, "lora", "heldout", "one_step") for r in (longer, short)]
     r = stats.paired_ratio(*e)
     assert lora[4].strip().startswith(f"{r.estimate:.3g} [{r.low:.3g}, {r.high:.3g}]") and r.high < 0.75
+    assert "✓" not in lines[2] and lines[3].startswith("| rss |") and lines[3].split("|")[4].endswith("✓ ")
     equivalence = workload_study.budget_table(chains[("ks", 6000)], "one_step", report_lib.holm_equivalence)
     assert "**≈**" not in equivalence[2]  # a 35 % fall is not within ±10 %
     text = workload_study.write_budget_report(tmp_path / "out", dirs).read_text()
