@@ -260,7 +260,10 @@ def base_table(records: list[dict], metric: str) -> list[str]:
     sets = SETS + (("nominal_fresh",) if _has_fresh(records) else ())
     at = {n: {s: errors([r for r in records if r["pretrain_steps"] == n], "frozen", s, metric) for s in sets}
           for n in steps}  # fmt: skip
-    ratios = report_lib.holm_ratios([(at[n][s], at[steps[0]][s]) for n in steps[1:] for s in sets])
+    # a budget that fewer draws ran pairs with the smallest budget on those draws only (never broadcast over draws)
+    draws = {n: sorted({r["draw"] for r in records if r["pretrain_steps"] == n}) for n in steps}
+    first = {n: [draws[steps[0]].index(d) for d in draws[n]] for n in steps}
+    ratios = report_lib.holm_ratios([(at[n][s], at[steps[0]][s][first[n]]) for n in steps[1:] for s in sets])
     lines = ["| pretraining steps | " + " | ".join(sets) + " | " + " | ".join(f"/ {steps[0]}: {s}" for s in sets)
              + " |", "|---:|" + "---|" * 2 * len(sets)]  # fmt: skip
     for i, n in enumerate(steps):

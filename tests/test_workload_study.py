@@ -243,3 +243,15 @@ def test_two_draws_train_tune_and_report(tmp_path, cache_dir):
     assert "Paired ratio variant / `film_layer_affine0`" in text  # rank variants are also paired with the FiLM layers
     assert "Equivalence of variant and `film_layer_affine0` within ±3%" in text
     assert (tmp_path / "out" / "ks.png").exists()
+
+
+def test_a_base_budget_that_fewer_draws_ran_pairs_on_its_own_draws_only():
+    """The base table's ratio for a budget only draw 0 has reached is draw 0's own ratio, not one broadcast over
+    the smaller budget's three draws."""
+    rng = np.random.default_rng(4)
+    short = [r | {"pretrain_steps": 100} for r in _records(rng, ("frozen",))]
+    longer = [r | {"pretrain_steps": 200, "metrics": {s: {"one_step": (np.asarray(v["one_step"]) * 0.5).tolist()}
+              for s, v in r["metrics"].items()}} for r in short if r["draw"] == 0]  # fmt: skip
+    row = workload_study.base_table(short + longer, "one_step")[-1]
+    assert row.startswith("| 200 |")
+    assert [c.strip() for c in row.strip("|").split("|")[5:]] == ["0.5"] * 4  # one draw: its ratio, no interval
