@@ -42,14 +42,23 @@ def log_interval(errors: np.ndarray) -> Interval:
     return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half))
 
 
+def _paired(errors: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``errors / reference`` as float64 ``[draws, seeds]``; arrays of other shapes are refused, never broadcast
+    (one draw against three would pair every draw with the first)."""
+    errors, reference = np.asarray(errors, np.float64), np.asarray(reference, np.float64)
+    if errors.shape != reference.shape:
+        raise ValueError(f"paired errors must have the same [draws, seeds] shape; got {errors.shape} and "
+                         f"{reference.shape}.")  # fmt: skip
+    return errors / reference
+
+
 def paired_ratio(errors: np.ndarray, reference: np.ndarray) -> Interval:
     """``errors / reference`` on the same draws and seeds: geometric mean ratio and its draw-level 95% interval.
 
     Both arrays are ``[draws, seeds]`` from the same data draws; the log ratio is averaged over seeds per draw
     and the t-interval runs over draws. A ratio above 1 with ``low > 1`` means ``errors`` is worse on every
     plausible draw distribution, not only on these draws."""
-    ratio = np.asarray(errors, np.float64) / np.asarray(reference, np.float64)
-    return log_interval(ratio)
+    return log_interval(_paired(errors, reference))
 
 
 def median(errors: np.ndarray) -> float:
@@ -63,7 +72,7 @@ def paired_pvalue(errors: np.ndarray, reference: np.ndarray) -> float:
     The one-sample t-test of the draws' mean log ratios against 0 (``draws - 1`` degrees of freedom): the test
     whose 95% acceptance region is exactly the interval of :func:`paired_ratio`, so ``p < 0.05`` iff that interval
     excludes 1. ``nan`` with fewer than 2 draws."""
-    draw_logs = np.log(np.asarray(errors, np.float64) / np.asarray(reference, np.float64)).mean(axis=1)
+    draw_logs = np.log(_paired(errors, reference)).mean(axis=1)
     if draw_logs.shape[0] < 2:
         return float("nan")
     std = draw_logs.std(ddof=1)
@@ -84,7 +93,7 @@ def equivalence_pvalue(errors: np.ndarray, reference: np.ndarray, margin: float 
     >>> equivalence_pvalue(a * 1.01, a) < 0.05, equivalence_pvalue(a * 1.5, a) < 0.05
     (True, False)
     """
-    draw_logs = np.log(np.asarray(errors, np.float64) / np.asarray(reference, np.float64)).mean(axis=1)
+    draw_logs = np.log(_paired(errors, reference)).mean(axis=1)
     n, bound = draw_logs.shape[0], math.log1p(margin)
     if n < 2:
         return float("nan")

@@ -298,3 +298,10 @@ def test_budget_tables_pair_each_cell_across_budgets_and_apply_the_doubling_crit
     assert "**≈**" in tost[0] and "**≈**" not in tost[1]
     with pytest.raises(ValueError, match="the frozen bases differ between the budgets"):
         condition_count.budget_tables(rows(now, base=1.5), rows(then), "t")
+
+
+@pytest.mark.parametrize("fn", [stats.paired_ratio, stats.paired_pvalue, stats.equivalence_pvalue])
+def test_paired_statistics_refuse_arrays_of_other_shapes(fn):
+    """One draw against three is refused by name and shapes, never broadcast into three pairs."""
+    with pytest.raises(ValueError, match=r"same \[draws, seeds\] shape; got \(1, 2\) and \(3, 2\)"):
+        fn(np.ones((1, 2)), np.ones((3, 2)))
