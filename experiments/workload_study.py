@@ -326,6 +326,46 @@ def convergence_table(main: list[dict], longer: list[dict], metric: str) -> list
     return lines
 
 
+DIVERGED = 10.0  # a chosen-rate run whose final validation loss exceeds 10x the median of its method's on the draw
+
+
+def diverged_runs(records: list[dict]) -> dict[tuple[str, int], list[int]]:
+    """``{(method, draw): [seed positions]}``: the chosen-rate runs whose final validation loss is more than
+    :data:`DIVERGED` times the median of the method's chosen-rate runs on that draw (positions on the seed axis of
+    :func:`errors`)."""
+    out = {}
+    for r in records:
+        if "val_curve" not in r or not r["lr"]:
+            continue
+        final = {tuple(run): c[-1] for run, c in zip(r["val_curve"]["runs"], r["val_curve"]["by_run"], strict=True)}
+        losses = np.array([final[tuple(run)] for run in r["runs"]])  # in the order of the metrics' seed axis
+        bad = [i for i, v in enumerate(losses) if v > DIVERGED * np.median(losses)]
+        if bad:
+            out[(r["method"], r["draw"])] = bad
+    return out
+
+
+def without_diverged_table(records: list[dict], metric: str, reference: str = "rss") -> list[str]:
+    """The paired ratios method / ``reference`` again with each diverged run (:func:`diverged_runs`) and its pair
+    left out: per draw, the mean log ratio over the remaining seeds; interval over draws and Holm as above."""
+    bad = diverged_runs(records)
+    others = [m for m in _methods(records) if m not in (reference, "frozen")]
+    pairs = []
+    for m in others:
+        for s in SETS:
+            logs = np.log(errors(records, m, s, metric) / errors(records, reference, s, metric))
+            draws = sorted({r["draw"] for r in records})
+            keep = [[i for i in range(logs.shape[1]) if i not in bad.get((m, d), []) + bad.get((reference, d), [])]
+                    for d in draws]  # fmt: skip
+            per_draw = np.exp([logs[j, k].mean() for j, k in enumerate(keep)])[:, None]
+            pairs.append((per_draw, np.ones_like(per_draw)))
+    row = report_lib.holm_ratios(pairs)
+    lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
+    for i, m in enumerate(others):
+        lines.append(f"| {m} | " + " | ".join(row[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
+    return lines
+
+
 def cost_table(records: list[dict]) -> list[str]:
     lines = ["| method | trainable | ms/step/run | XLA MB (vmapped step) |", "|---|---:|---:|---:|"]
     for m in _methods(records):
@@ -480,6 +520,15 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             if metric == workloads.METRICS[name][0]:
                 out += [f"### {metric}, held-out, per draw: mean over seeds (geometric mean over seeds of the "
                         "ratio to `rss`)", "", *per_draw_table(main, metric, "rss"), ""]  # fmt: skip
+                bad = diverged_runs(main)
+                if bad and any(r["method"] == "rss" for r in main):
+                    out += [f"### {metric}: paired ratio method / `rss` without the runs that diverged", "",
+                            "Diverged (final validation loss over "
+                            f"{DIVERGED:g}× the median of the method's chosen-rate runs on the draw): "
+                            + "; ".join(f"`{m}` draw {d} seed {', '.join(map(str, i))}" for (m, d), i in bad.items())
+                            + ". Each is left out with its pair; a check added after such a run was seen, not part "
+                            "of the pre-registered comparison.", "",
+                            *without_diverged_table(main, metric), ""]  # fmt: skip
             out += [f"### {metric}: equivalence to `rss` within ±{EQUIVALENCE:.0%} (TOST)", "",
                     "90 % draw-level interval of method / `rss`; **≈**: the ratio is shown to lie in "
                     f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over "

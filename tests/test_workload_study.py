@@ -3,6 +3,7 @@ extends past an edge pick, statistics run over draws, and the report's ratios ar
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from configs import workload_study as study_config
 from configs import workloads_tiny
@@ -255,3 +256,23 @@ def test_a_base_budget_that_fewer_draws_ran_pairs_on_its_own_draws_only():
     row = workload_study.base_table(short + longer, "one_step")[-1]
     assert row.startswith("| 200 |")
     assert [c.strip() for c in row.strip("|").split("|")[5:]] == ["0.5"] * 4  # one draw: its ratio, no interval
+
+
+def test_a_diverged_run_is_named_and_the_ratios_are_given_again_without_it_and_its_pair():
+    rng = np.random.default_rng(5)
+    records = _records(rng, ("frozen", "lora", "rss"))
+    for r in records:
+        if r["method"] != "frozen":
+            r["runs"] = [[0, i, 0.01] for i in range(3)]
+            r["val_curve"] = {"steps": [1, 2], "runs": r["runs"], "by_run": [[1.0, 0.1], [1.0, 0.11], [1.0, 0.09]]}
+    rss2 = next(r for r in records if r["method"] == "rss" and r["draw"] == 2)
+    rss2["val_curve"]["by_run"][1] = [1.0, 5.0]  # seed 1 of draw 2 diverged
+    assert workload_study.diverged_runs(records) == {("rss", 2): [1]}
+    row = workload_study.without_diverged_table(records, "one_step")[2]
+    lora = workload_study.errors(records, "lora", "heldout", "one_step")
+    rss = workload_study.errors(records, "rss", "heldout", "one_step")
+    keep = [[0, 1, 2], [0, 1, 2], [0, 2]]
+    logs = np.array([np.log(lora[d, k] / rss[d, k]).mean() for d, k in enumerate(keep)])  # by hand
+    half = scipy.stats.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
+    expected = f"{np.exp(logs.mean()):.3g} [{np.exp(logs.mean() - half):.3g}, {np.exp(logs.mean() + half):.3g}]"
+    assert row.startswith("| lora |") and row.split("|")[3].strip().startswith(expected)
