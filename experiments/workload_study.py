@@ -21,6 +21,8 @@ r"""The workload study with independent draws: pre-registered methods on KS and 
    ``convergence_methods``, every rate of the grid. The criterion: the budget counts as converged for a method
    when its held-out error at the longer budget is within 10 % of the shorter one's (both at their own chosen
    rate, mean over the same seeds).
+6. **Budgets** (part ``budgets``, records only): each method's error at every budget paired with the budget before
+   on the same base, draws and seeds (:func:`budget_table`), the criterion above per draw and as a TOST interval.
 
 Records: ``<workload>_draw<d>.jsonl`` (one per method, with the UTC time its run began) and
 ``<workload>_convergence.jsonl``; ``report.md`` is rebuilt from every record in the workdir after each part
