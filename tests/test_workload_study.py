@@ -201,6 +201,11 @@ def test_the_budget_report_pairs_each_method_across_budgets_on_the_same_base_dra
         workload_study.budget_table(moved, "one_step")
     with pytest.raises(ValueError, match="ks, base 6000 steps: two record sets at 600 steps"):
         workload_study.budget_chains([dirs[1], _budget_dir(tmp_path / "d", short, 600)])
+    # the command's path: part "budgets" trains nothing and writes the same report
+    config = _tiny()
+    config.part, config.budget_workdirs = "budgets", tuple(str(d) for d in dirs)
+    workload_study.run(config, tmp_path / "cli")
+    assert (tmp_path / "cli" / "report.md").read_text() == text
 
 
 @pytest.mark.slow
