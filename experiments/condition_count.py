@@ -293,14 +293,12 @@ def plot(rows: list[dict[str, Any]], task: str, path: pathlib.Path, splits: tupl
     plt.close(fig)
 
 
-CONVERGED = 0.10  # the doubling criterion: every draw's error within 10 % when the budget doubles
-
-
 def budget_tables(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], task: str) -> list[str]:
     """This sweep against ``earlier``, the same sweep (base, conditions, inputs, seeds) at a smaller budget: per split,
     method and count, the paired ratio this / earlier (draw-level interval, Holm over the table), ``✓`` when every
-    draw's ratio (geometric mean over seeds) is within :data:`CONVERGED` of 1 (the criterion), and then the TOST
-    test of the ratio within that margin (90 % interval, **≈** when shown after Holm over the table)."""
+    draw's ratio (:func:`experiments.stats.per_draw_ratio`) is within :data:`experiments.stats.CONVERGED` of 1 (the
+    criterion), and then the TOST test of the ratio within that margin (90 % interval, **≈** when shown after Holm
+    over the table)."""
     now, then = _by(rows, task), _by(earlier, task)
     cells = [k for k in now if k in then]
     for k in cells:
@@ -315,15 +313,14 @@ def budget_tables(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], tas
     for split in SPLITS:
         pairs = [(now[(c, m)]["errors"][split], then[(c, m)]["errors"][split]) for m in methods for c in counts]
         ratios = report.holm_ratios(pairs)
-        met = [bool(np.all(np.abs(np.exp(np.log(np.asarray(a) / np.asarray(b)).mean(axis=1)) - 1) < CONVERGED))
-               for a, b in pairs]  # fmt: skip
+        met = [bool(np.all(np.abs(stats.per_draw_ratio(a, b) - 1) < stats.CONVERGED)) for a, b in pairs]
         ratios = [r + (" ✓" if ok else "") for r, ok in zip(ratios, met, strict=True)]
-        tost = report.holm_equivalence(pairs, CONVERGED)
+        tost = report.holm_equivalence(pairs, stats.CONVERGED)
         k = len(counts)
         out += [f"{split}, this budget / the earlier one ({sum(met)} of {len(met)} cells meet the criterion, ✓):",
                 "", *header, *(f"| {m} | " + " | ".join(ratios[i * k : (i + 1) * k]) + " |"
                                 for i, m in enumerate(methods)), "",
-                f"{split}, equivalence of the two budgets within ±{CONVERGED:.0%} (TOST):", "", *header,
+                f"{split}, equivalence of the two budgets within ±{stats.CONVERGED:.0%} (TOST):", "", *header,
                 *(f"| {m} | " + " | ".join(tost[i * k : (i + 1) * k]) + " |" for i, m in enumerate(methods)),
                 ""]  # fmt: skip
     return out

@@ -52,6 +52,15 @@ def _paired(errors: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return errors / reference
 
 
+CONVERGED = 0.10  # the convergence criterion of the budget doublings: every draw's error within 10 %
+
+
+def per_draw_ratio(errors: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``[draws]``: each draw's geometric mean over seeds of ``errors / reference`` (the draw's point of
+    :func:`paired_ratio`)."""
+    return np.exp(np.log(_paired(errors, reference)).mean(axis=1))
+
+
 def paired_ratio(errors: np.ndarray, reference: np.ndarray) -> Interval:
     """``errors / reference`` on the same draws and seeds: geometric mean ratio and its draw-level 95% interval.
 

@@ -48,7 +48,7 @@ from experiments import physics_data, stats, surrogates, workloads  # noqa: E402
 from experiments import report as report_lib  # noqa: E402
 
 SETS = ("train", "heldout", "extrapolated", "nominal")
-CONVERGED = 0.10  # the convergence criterion: held-out error within 10 % when the budget doubles
+CONVERGED = stats.CONVERGED  # the convergence criterion: held-out error within 10 % when the budget doubles
 EQUIVALENCE = 0.10  # a tie shown by TOST: the paired ratio within [1/1.1, 1.1]
 LEVEL = 0.03  # "level" in the matched-parameter tables: TOST shows the paired ratio within [1/1.03, 1.03]
 
@@ -237,7 +237,7 @@ def per_draw_table(records: list[dict], metric: str, reference: str, set_name: s
         e = errors(records, m, set_name, metric)
         cells = [f"{v:.4g}" for v in e.mean(axis=1)]
         if ref is not None and m != reference:
-            ratios = [stats.paired_ratio(e[d][None], ref[d][None]).estimate for d in range(len(draws))]
+            ratios = stats.per_draw_ratio(e, ref)
             cells = [f"{c} ({q:.3g})" for c, q in zip(cells, ratios, strict=True)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
@@ -333,8 +333,8 @@ DIVERGED = 10.0  # a chosen-rate run whose final validation loss exceeds 10x the
 
 def diverged_runs(records: list[dict]) -> dict[tuple[str, int], list[int]]:
     """``{(method, draw): [seed positions]}``: the chosen-rate runs whose final validation loss is more than
-    :data:`DIVERGED` times the median of the method's chosen-rate runs on that draw (positions on the seed axis of
-    :func:`errors`)."""
+    :data:`DIVERGED` times the median of the method's chosen-rate runs on that draw (positions on the axis of seeds
+    of :func:`errors`)."""
     out = {}
     for r in records:
         if "val_curve" not in r or not r["lr"]:
@@ -352,13 +352,13 @@ def without_diverged_table(records: list[dict], metric: str, reference: str = "r
     left out: per draw, the mean log ratio over the remaining seeds; interval over draws and Holm as above."""
     bad = diverged_runs(records)
     others = [m for m in _methods(records) if m not in (reference, "frozen")]
+    draws = sorted({r["draw"] for r in records})
     pairs = []
     for m in others:
+        left_out = [bad.get((m, d), []) + bad.get((reference, d), []) for d in draws]
         for s in SETS:
             logs = np.log(errors(records, m, s, metric) / errors(records, reference, s, metric))
-            draws = sorted({r["draw"] for r in records})
-            keep = [[i for i in range(logs.shape[1]) if i not in bad.get((m, d), []) + bad.get((reference, d), [])]
-                    for d in draws]  # fmt: skip
+            keep = [[i for i in range(logs.shape[1]) if i not in out] for out in left_out]
             per_draw = np.exp([logs[j, k].mean() for j, k in enumerate(keep)])[:, None]
             pairs.append((per_draw, np.ones_like(per_draw)))
     row = report_lib.holm_ratios(pairs)
