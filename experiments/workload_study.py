@@ -24,7 +24,8 @@ r"""The workload study with independent draws: pre-registered methods on KS and 
 6. **Budgets** (part ``budgets``, records only): each method's error at every budget paired with the budget before
    on the same base, draws and seeds (:func:`budget_table`), the criterion above per draw and as a TOST interval.
 
-Records: ``<workload>_draw<d>.jsonl`` (one per method, with the UTC time its run began) and
+Records: ``<workload>_draw<d>.jsonl`` (one per method, with the UTC time its run began; methods added to the same
+part later go to ``<workload>_draw<d>_<records_tag>.jsonl``, and a method is tabulated once every draw has it) and
 ``<workload>_convergence.jsonl``; ``report.md`` is rebuilt from every record in the workdir after each part
 (``--config.part=render`` only rebuilds it).
 """
@@ -109,7 +110,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir
                 if config.get("progress", False):
                     print(f"{name} draw {draw} {method}: {record['seconds']:.0f} s", flush=True)
             tag = f"ablation_{config.ablation_tag}" if config.get("ablation_tag") else "ablation"  # a later set
-            suffix = {"main": f"draw{draw}", "ablation": f"{tag}_draw{draw}"}.get(part, "convergence")
+            more = f"_{config.records_tag}" if config.get("records_tag") else ""  # methods added to a main part
+            suffix = {"main": f"draw{draw}{more}", "ablation": f"{tag}_draw{draw}"}.get(part, "convergence")
             _write(workdir / f"{name}_{suffix}.jsonl", records)
     seconds = time.perf_counter() - start
     write_report(workdir)
@@ -496,6 +498,8 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
         if not main:
             continue
         draws = sorted({r["draw"] for r in main})
+        partial = [m for m in _methods(main) if sorted(r["draw"] for r in main if r["method"] == m) != draws]
+        main = [r for r in main if r["method"] not in partial]  # tabulated once every draw has run
         seeds = {len(r["runs"]) for r in main if r["method"] != "frozen"}
         trained = next(r for r in main if r["method"] != "frozen")
         seconds = sum(r["seconds"] for r in main) + sum(
@@ -507,6 +511,8 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
         out += [f"## {name}", "", f"{len(draws)} draws × {sorted(seeds)} seeds at the chosen rate; "
                 f"{trained['steps']} steps of batch {trained['batch']}{base}; anchor `{anchor}`; training and "
                 f"evaluation {seconds / 60:.1f} min (sum over records, data and bases included).", ""]  # fmt: skip
+        if partial:
+            out += [f"Not tabulated until every draw has run: {', '.join(f'`{m}`' for m in partial)}.", ""]
         for metric in workloads.METRICS[name]:
             out += [f"### {metric}: absolute error", "", *error_table(main, metric), ""]
             for ref in ("rss", "rss_affine"):
