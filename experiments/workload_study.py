@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import pathlib
 import time
@@ -434,14 +435,17 @@ def budget_table(chain: list[tuple[int, list[dict]]], metric: str, cells=report_
     """Per method and step of the chain: its error at the larger budget / at the smaller one, paired on the draws
     and seeds both ran (each budget at its own chosen rate), one cell per set of :data:`BUDGET_SETS`; ``cells``
     makes the table's cells from its ``[(errors, reference), ...]`` pairs (default: ratios, Holm-corrected over
-    the table). A step that fewer than 2 draws ran has no interval and is left out."""
+    the table). A method that skipped budgets pairs its own consecutive ones (``600 → 4800``). A step that fewer
+    than 2 draws ran has no interval and is left out."""
     rows, pairs = [], []
-    for (n0, r0), (n1, r1) in zip(chain, chain[1:], strict=False):
+    for i, j in itertools.combinations(range(len(chain)), 2):  # in order: (0, 1), (0, 2), ..., (1, 2), ...
+        (n0, r0), (n1, r1) = chain[i], chain[j]
+        between = {m for _, r in chain[i + 1 : j] for m in _methods(r)}
         r0, r1 = _common_draws(r0, r1, metric)
         draws = sorted({r["draw"] for r in r0})
         if len(draws) < 2:
             continue
-        for m in (m for m in _methods(r1) if m != "frozen" and m in _methods(r0)):
+        for m in (m for m in _methods(r1) if m != "frozen" and m in _methods(r0) and m not in between):
             rows.append(f"| {m} | {n0} → {n1} | {len(draws)} |")
             pairs += [(errors(r1, m, s, metric), errors(r0, m, s, metric)) for s in BUDGET_SETS]
     made = cells(pairs)

@@ -193,6 +193,17 @@ def test_the_budget_report_pairs_each_method_across_budgets_on_the_same_base_dra
     assert "**≈**" not in equivalence[2]  # a 35 % fall is not within ±10 %
     text = workload_study.write_budget_report(tmp_path / "out", dirs).read_text()
     assert "## ks, base pretrained 6000 steps: budgets 600, 1200" in text and lines[2] in text
+    # a method that skipped a budget pairs its own consecutive budgets; the others keep their steps
+    longest = [r | {"metrics": {s: {"one_step": (np.asarray(v["one_step"]) * 0.9).tolist()} for s, v in
+                                r["metrics"].items()}} if r["method"] != "frozen" else r for r in longer]  # fmt: skip
+    skipped = [r for r in longer if r["method"] != "lora"]
+    three = workload_study.budget_chains(
+        [dirs[1], _budget_dir(tmp_path / "s", skipped, 1200), _budget_dir(tmp_path / "l", longest, 2400)]
+    )[("ks", 6000)]
+    steps = [row.split("|")[1:3] for row in workload_study.budget_table(three, "one_step")[2:]]
+    assert [[c.strip() for c in row] for row in steps] == [
+        ["rss", "600 → 1200"], ["lora", "600 → 2400"], ["rss", "1200 → 2400"]
+    ]  # fmt: skip
     # another base under the same label, or two record sets at one budget, are refused
     other = [r | {"metrics": {s: {"one_step": (np.asarray(v["one_step"]) * 1.1).tolist()} for s, v in
                               r["metrics"].items()}} if r["method"] == "frozen" else r for r in longer]  # fmt: skip
