@@ -37,6 +37,7 @@ import datetime
 import itertools
 import json
 import pathlib
+import re
 import time
 
 import matplotlib
@@ -178,6 +179,9 @@ def read(workdir: str | pathlib.Path) -> dict[str, dict[str, list[dict]]]:
     for path in sorted(pathlib.Path(workdir).glob("*.jsonl")):
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            tag = re.fullmatch(r".+_draw\d+_(.+)\.jsonl", path.name)  # records_tag: a later set of main methods
+            if tag and r["part"] == "main":
+                r["records_tag"] = tag.group(1)
             out.setdefault(r["workload"], {}).setdefault(r["part"], []).append(r)
     return out
 
@@ -481,6 +485,48 @@ def write_budget_report(workdir: str | pathlib.Path, workdirs) -> pathlib.Path:
     return path
 
 
+def _method_tables(name: str, main: list[dict], draws: list[int]) -> list[str]:
+    """The tables of one Holm family of methods: errors, paired ratios, per draw, without diverged runs, TOST, the
+    persistence reference (KS), tuning and the validation curves."""
+    out: list[str] = []
+    for metric in workloads.METRICS[name]:
+        out += [f"### {metric}: absolute error", "", *error_table(main, metric), ""]
+        for ref in ("rss", "rss_affine"):
+            if any(r["method"] == ref for r in main):
+                out += [f"### {metric}: paired ratio method / `{ref}`", "", *ratio_table(main, metric, ref), ""]
+        if len(draws) > 2 and metric == workloads.METRICS[name][0]:
+            later = [r for r in main if r["draw"] != draws[0]]
+            out += [f"### {metric}: paired ratio method / `rss` without draw {draws[0]}", "",
+                    f"Draw {draws[0]} is the workloads' default data and base, which the single-draw anchoring "
+                    "study had seen before this protocol was fixed; the same table over the other draws only "
+                    f"(intervals over {len(draws) - 1} draws).", "",
+                    *ratio_table(later, metric, "rss"), ""]  # fmt: skip
+        if metric == workloads.METRICS[name][0]:
+            out += [f"### {metric}, held-out, per draw: mean over seeds (geometric mean over seeds of the "
+                    "ratio to `rss`)", "", *per_draw_table(main, metric, "rss"), ""]  # fmt: skip
+            bad = diverged_runs(main)
+            if bad and any(r["method"] == "rss" for r in main):
+                out += [f"### {metric}: paired ratio method / `rss` without the runs that diverged", "",
+                        "Diverged (final validation loss over "
+                        f"{DIVERGED:g}× the median of the method's chosen-rate runs on the draw): "
+                        + "; ".join(f"`{m}` draw {d} seed {', '.join(map(str, i))}" for (m, d), i in bad.items())
+                        + ". Each is left out with its pair; a check added after such a run was seen, not part "
+                        "of the pre-registered comparison.", "",
+                        *without_diverged_table(main, metric), ""]  # fmt: skip
+        out += [f"### {metric}: equivalence to `rss` within ±{EQUIVALENCE:.0%} (TOST)", "",
+                "90 % draw-level interval of method / `rss`; **≈**: the ratio is shown to lie in "
+                f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over "
+                "the table). No mark means equivalence is not shown, not that a difference is.", "",
+                *equivalence_table(main, metric, "rss"), ""]  # fmt: skip
+    if name == "ks":
+        out += ["### The frozen base against persistence (relative L2)", "", *persistence_table(main), ""]
+    out += ["### Learning-rate tuning (seed 0 of each draw)", "", *tuning_table(main), ""]
+    curve = curve_table(main)
+    if curve:
+        out += ["### Validation loss along training (chosen rate; fraction of the final value)", "", *curve, ""]
+    return out
+
+
 def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
     """``report.md`` (and one plot per workload) from every record in ``workdir``."""
     workdir = pathlib.Path(workdir)
@@ -517,41 +563,16 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
                 f"evaluation {seconds / 60:.1f} min (sum over records, data and bases included).", ""]  # fmt: skip
         if partial:
             out += [f"Not tabulated until every draw has run: {', '.join(f'`{m}`' for m in partial)}.", ""]
-        for metric in workloads.METRICS[name]:
-            out += [f"### {metric}: absolute error", "", *error_table(main, metric), ""]
-            for ref in ("rss", "rss_affine"):
-                if any(r["method"] == ref for r in main):
-                    out += [f"### {metric}: paired ratio method / `{ref}`", "", *ratio_table(main, metric, ref), ""]
-            if len(draws) > 2 and metric == workloads.METRICS[name][0]:
-                later = [r for r in main if r["draw"] != draws[0]]
-                out += [f"### {metric}: paired ratio method / `rss` without draw {draws[0]}", "",
-                        f"Draw {draws[0]} is the workloads' default data and base, which the single-draw anchoring "
-                        "study had seen before this protocol was fixed; the same table over the other draws only "
-                        f"(intervals over {len(draws) - 1} draws).", "",
-                        *ratio_table(later, metric, "rss"), ""]  # fmt: skip
-            if metric == workloads.METRICS[name][0]:
-                out += [f"### {metric}, held-out, per draw: mean over seeds (geometric mean over seeds of the "
-                        "ratio to `rss`)", "", *per_draw_table(main, metric, "rss"), ""]  # fmt: skip
-                bad = diverged_runs(main)
-                if bad and any(r["method"] == "rss" for r in main):
-                    out += [f"### {metric}: paired ratio method / `rss` without the runs that diverged", "",
-                            "Diverged (final validation loss over "
-                            f"{DIVERGED:g}× the median of the method's chosen-rate runs on the draw): "
-                            + "; ".join(f"`{m}` draw {d} seed {', '.join(map(str, i))}" for (m, d), i in bad.items())
-                            + ". Each is left out with its pair; a check added after such a run was seen, not part "
-                            "of the pre-registered comparison.", "",
-                            *without_diverged_table(main, metric), ""]  # fmt: skip
-            out += [f"### {metric}: equivalence to `rss` within ±{EQUIVALENCE:.0%} (TOST)", "",
-                    "90 % draw-level interval of method / `rss`; **≈**: the ratio is shown to lie in "
-                    f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over "
-                    "the table). No mark means equivalence is not shown, not that a difference is.", "",
-                    *equivalence_table(main, metric, "rss"), ""]  # fmt: skip
-        if name == "ks":
-            out += ["### The frozen base against persistence (relative L2)", "", *persistence_table(main), ""]
-        out += ["### Learning-rate tuning (seed 0 of each draw)", "", *tuning_table(main), ""]
-        curve = curve_table(main)
-        if curve:
-            out += ["### Validation loss along training (chosen rate; fraction of the final value)", "", *curve, ""]
+        added = [r for r in main if r.get("records_tag")]  # methods added later: a Holm family of their own
+        main = [r for r in main if not r.get("records_tag")]
+        out += _method_tables(name, main, draws)
+        if added:
+            refs = [r for r in main if r["method"] in ("frozen", "rss") and r["method"] not in _methods(added)]
+            out += [f"## {name}: methods added later ({', '.join(f'`{m}`' for m in _methods(added))})", "",
+                    "Named in the config before they ran: the same draws, bases, seeds, budget and protocol as the "
+                    "records above, paired with the same `rss` runs; their tables are Holm families of their own, "
+                    "so the marks above keep the families they were named with.", "",
+                    *_method_tables(name, refs + added, draws)]  # fmt: skip
         if parts.get("ablation"):
             metric = workloads.METRICS[name][0]
             extra = parts["ablation"]
@@ -573,8 +594,8 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             metric = workloads.METRICS[name][0]
             out += [f"### Convergence check (draw 0, {metric})", "",
                     *convergence_table(main, parts["convergence"], metric), ""]  # fmt: skip
-        out += ["### Cost", "", *cost_table(main), ""]
-        plot(main, workloads.METRICS[name][0], workdir / f"{name}.png")
+        out += ["### Cost", "", *cost_table(main + added), ""]
+        plot(main + added, workloads.METRICS[name][0], workdir / f"{name}.png")
         out += [f"![{name}]({name}.png)", ""]
     path = workdir / "report.md"
     path.write_text("\n".join(out))
