@@ -141,8 +141,9 @@
         # results/workload_study_ks4800_base4x --config.workloads="('ks',)" --config.ks.steps=4800
         # --config.ks.pretrain_steps=6000 --config.records_tag=families and, for the time this machine has,
         # --config.methods="('film_layer0','hypernet1_shift','rss_affine')" first (FiLM on the layer was the best
-        # adapter on both 4x bases at part 14's short budgets); lora_concat and film_branch0 follow with
-        # --config.records_tag=families2 when time allows. Why: part 14 compared the families at budgets where
+        # adapter on both 4x bases at part 14's short budgets); lora_concat and film_branch0 follow when time
+        # allows, as two commands side by side (--config.methods="('lora_concat',)" --config.records_tag=families2;
+        # --config.methods="('film_branch0',)" --config.records_tag=families3; amended before they started). Why: part 14 compared the families at budgets where
         # none had converged. The comparison, named now: each method / rss held-out, paired, Holm over the table,
         # against the same ratio at part 14's budgets (battery film_layer0 0.928, KS 0.935; hypernet1_shift 1.12,
         # 1.1; lora_concat 1.15, 1.29; film_branch0 0.972, 1.01); a family's conclusion holds if the ratio stays on
