@@ -143,9 +143,9 @@
         # --config.methods="('film_layer0','hypernet1_shift','rss_affine')" first (FiLM on the layer was the best
         # adapter on both 4x bases at part 14's short budgets); lora_concat and film_branch0 follow when time
         # allows, as two commands side by side (--config.methods="('lora_concat',)" --config.records_tag=families2;
-        # --config.methods="('film_branch0',)" --config.records_tag=families3; amended before they started).
-        # Why: part 14 compared the families at budgets where none had converged. The comparison, named now: each method / rss held-out, paired, Holm over the table,
-        # against the same ratio at part 14's budgets (battery film_layer0 0.928, KS 0.935; hypernet1_shift 1.12,
+        # --config.methods="('film_branch0',)" --config.records_tag=families3; this note written minutes after
+        # they started, before any of their results). Why: part 14 compared the families at budgets where none had
+        # converged. The comparison, named now: each method / rss held-out, paired, Holm over the table, against the same ratio at part 14's budgets (battery film_layer0 0.928, KS 0.935; hypernet1_shift 1.12,
         # 1.1; lora_concat 1.15, 1.29; film_branch0 0.972, 1.01); a family's conclusion holds if the ratio stays on
         # the same side of 1. Only the linear gate is shown converged at these budgets; the other methods' doubling
         # is not run.
