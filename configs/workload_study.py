@@ -134,21 +134,21 @@
         --config.battery.steps=1600 --config.battery.pretrain_steps=4000 --config.records_tag=families \
         --config.methods="('lora_concat','film_branch0','film_layer0','hypernet1_shift','rss_affine')" \
         --config.run_draws="(0,)"
-        # part 18: every pre-registered family at the budget where the linear gate meets the convergence criterion
-        # on the 4x bases (battery 1,600 steps: 3,200 / 1,600 held-out 0.95 [0.91, 0.992]; KS 4,800: 9,600 / 4,800
-        # 0.914 [0.884, 0.945]), added to part 12's battery records and part 15's KS ones (the same
-        # draws, bases, seeds and protocol), one draw per command ((0,), (1,), (2,)). KS with --workdir
-        # results/workload_study_ks4800_base4x --config.workloads="('ks',)" --config.ks.steps=4800
-        # --config.ks.pretrain_steps=6000 --config.records_tag=families and, for the time this machine has,
+        # part 18: every pre-registered family at the budget where the linear gate meets the convergence criterion on
+        # the 4x bases (battery 1,600 steps: 3,200 / 1,600 held-out 0.95 [0.91, 0.992]; KS 4,800: 9,600 / 4,800 0.914
+        # [0.884, 0.945]), added to part 12's battery records and part 15's KS ones (the same draws, bases, seeds and
+        # protocol), one draw per command ((0,), (1,), (2,)). KS with --workdir results/workload_study_ks4800_base4x
+        # --config.workloads="('ks',)" --config.ks.steps=4800 --config.ks.pretrain_steps=6000
+        # --config.records_tag=families and, for the time this machine has,
         # --config.methods="('film_layer0','hypernet1_shift','rss_affine')" first (FiLM on the layer was the best
-        # adapter on both 4x bases at part 14's short budgets); lora_concat and film_branch0 follow when time
-        # allows, as two commands side by side (--config.methods="('lora_concat',)" --config.records_tag=families2;
-        # --config.methods="('film_branch0',)" --config.records_tag=families3; this note written minutes after
-        # they started, before any of their results). Why: part 14 compared the families at budgets where none had
-        # converged. The comparison, named now: each method / rss held-out, paired, Holm over the table, against the same ratio at part 14's budgets (battery film_layer0 0.928, KS 0.935; hypernet1_shift 1.12,
-        # 1.1; lora_concat 1.15, 1.29; film_branch0 0.972, 1.01); a family's conclusion holds if the ratio stays on
-        # the same side of 1. Only the linear gate is shown converged at these budgets; the other methods' doubling
-        # is not run.
+        # adapter on both 4x bases at part 14's short budgets); lora_concat and film_branch0 follow when time allows, as
+        # two commands side by side (--config.methods="('lora_concat',)" --config.records_tag=families2;
+        # --config.methods="('film_branch0',)" --config.records_tag=families3; this note written minutes after they
+        # started, before any of their results). Why: part 14 compared the families at budgets where none had converged.
+        # The comparison, named now: each method / rss held-out, paired, Holm over the table, against the same ratio at
+        # part 14's budgets (battery film_layer0 0.928, KS 0.935; hypernet1_shift 1.12, 1.1; lora_concat 1.15, 1.29;
+        # film_branch0 0.972, 1.01); a family's conclusion holds if the ratio stays on the same side of 1. Only the
+        # linear gate is shown converged at these budgets; the other methods' doubling is not run.
 
 A draw is independent: its own training and held-out conditions (stratified samples of the box), its own
 trajectories or load profiles and its own re-pretrained base (data and pretraining seeds move with the draw; the
