@@ -234,6 +234,9 @@ def test_two_draws_train_tune_and_report(tmp_path, cache_dir):
     workload_study.run(config, tmp_path / "out", data_dir)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Not tabulated" not in report and "| lora_concat |" in report
+    first_family, added = report.split("## ks: methods added later (`lora_concat`)")  # a Holm family of its own
+    added = added.split("### Cost")[0]  # the cost table lists every method
+    assert "| lora_concat |" not in first_family and "| lora_concat |" in added and "| lora |" not in added
     first = workload_study.read(tmp_path / "out")["ks"]["main"]
     assert sorted(r["method"] for r in first if r["draw"] == 0) == ["frozen", "lora", "lora_concat", "rss"]
     config.methods, config.records_tag, config.run_draws = ("frozen", "lora", "rss"), "", (0, 1)
