@@ -215,6 +215,13 @@ def error_table(records: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def _set_rows(methods: list[str], cells: list[str]) -> list[str]:
+    """A table with one row per method and one column per set of :data:`SETS`, ``cells`` in that order."""
+    k = len(SETS)
+    rows = [f"| {m} | " + " | ".join(cells[i * k : (i + 1) * k]) + " |" for i, m in enumerate(methods)]
+    return ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * k, *rows]
+
+
 def ratio_table(records: list[dict], metric: str, reference: str, cells=report_lib.holm_ratios) -> list[str]:
     """Paired ratios method / reference per set, Holm-corrected over the table (every method × set); ``cells``
     turns the table's ``[(errors, reference), ...]`` pairs into its cells (default: the paired ratios)."""
@@ -223,10 +230,7 @@ def ratio_table(records: list[dict], metric: str, reference: str, cells=report_l
     if any(a.shape != b.shape for a, b in pairs):
         raise ValueError(f"paired ratios against {reference}: the methods' [draws, seeds] shapes differ.")
     row = cells(pairs)
-    lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
-    for i, m in enumerate(others):
-        lines.append(f"| {m} | " + " | ".join(row[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
-    return lines
+    return _set_rows(others, row)
 
 
 def equivalence_table(records: list[dict], metric: str, reference: str, margin: float = EQUIVALENCE) -> list[str]:
@@ -369,10 +373,7 @@ def without_diverged_table(records: list[dict], metric: str, reference: str = "r
             per_draw = np.exp([logs[j, k].mean() for j, k in enumerate(keep)])[:, None]
             pairs.append((per_draw, np.ones_like(per_draw)))
     row = report_lib.holm_ratios(pairs)
-    lines = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
-    for i, m in enumerate(others):
-        lines.append(f"| {m} | " + " | ".join(row[i * len(SETS) : (i + 1) * len(SETS)]) + " |")
-    return lines
+    return _set_rows(others, row)
 
 
 def cost_table(records: list[dict]) -> list[str]:
@@ -485,9 +486,10 @@ def write_budget_report(workdir: str | pathlib.Path, workdirs) -> pathlib.Path:
     return path
 
 
-def _method_tables(name: str, main: list[dict], draws: list[int]) -> list[str]:
+def _method_tables(name: str, main: list[dict], draws: list[int], persistence: bool = False) -> list[str]:
     """The tables of one Holm family of methods: errors, paired ratios, per draw, without diverged runs, TOST, the
-    persistence reference (KS), tuning and the validation curves."""
+    frozen base against persistence (``persistence``: once per workload, it does not depend on the family), tuning
+    and the validation curves."""
     out: list[str] = []
     for metric in workloads.METRICS[name]:
         out += [f"### {metric}: absolute error", "", *error_table(main, metric), ""]
@@ -518,7 +520,7 @@ def _method_tables(name: str, main: list[dict], draws: list[int]) -> list[str]:
                 f"[{1 / (1 + EQUIVALENCE):.3f}, {1 + EQUIVALENCE:.2f}] (two one-sided tests, Holm-corrected over "
                 "the table). No mark means equivalence is not shown, not that a difference is.", "",
                 *equivalence_table(main, metric, "rss"), ""]  # fmt: skip
-    if name == "ks":
+    if persistence:
         out += ["### The frozen base against persistence (relative L2)", "", *persistence_table(main), ""]
     out += ["### Learning-rate tuning (seed 0 of each draw)", "", *tuning_table(main), ""]
     curve = curve_table(main)
@@ -565,7 +567,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             out += [f"Not tabulated until every draw has run: {', '.join(f'`{m}`' for m in partial)}.", ""]
         added = [r for r in main if r.get("records_tag")]  # methods added later: a Holm family of their own
         main = [r for r in main if not r.get("records_tag")]
-        out += _method_tables(name, main, draws)
+        out += _method_tables(name, main, draws, persistence=name == "ks")
         if added:
             refs = [r for r in main if r["method"] in ("frozen", "rss") and r["method"] not in _methods(added)]
             out += [f"## {name}: methods added later ({', '.join(f'`{m}`' for m in _methods(added))})", "",
